@@ -1,0 +1,1 @@
+//! ringcast client SDK (filled by the TCP protocol issue).

@@ -1,0 +1,55 @@
+//! ringcast wire protocol: the message types spoken over TCP and the frame
+//! codec that carries them. A pure codec — no I/O, no async — shared by the
+//! broker and the client SDK.
+//!
+//! The byte-level specification, written so that an SDK in another language
+//! can be built from it alone, is `docs/protocol.md`; the hex test vectors in
+//! `crates/protocol/tests/vectors.txt` are checked against this crate.
+//!
+//! # Layout
+//! - [`messages`]: [`ClientMessage`] (client → server), [`ServerMessage`]
+//!   (server → client) and the plain structs and enums inside them. Variant
+//!   order is the wire tag: new variants go at the end, and any change bumps
+//!   [`PROTOCOL_VERSION`].
+//! - [`frame`]: the frame layout (4-byte big-endian body length, then one
+//!   bincode-encoded message), the single bincode configuration,
+//!   [`encode_frame`], [`decode_body`], the incremental [`FrameDecoder`] and
+//!   [`ProtocolError`].
+//! - `codec` (feature `codec`): `tokio_util::codec` adapters over [`frame`].
+//!
+//! # Example
+//! ```
+//! use bytes::BytesMut;
+//! use ringcast_protocol::{encode_frame, ClientMessage, FrameDecoder};
+//!
+//! let mut wire = BytesMut::new();
+//! encode_frame(&ClientMessage::Ping { request_id: 7 }, &mut wire).unwrap();
+//! assert_eq!(&wire[..], &[0, 0, 0, 12, 0, 0, 0, 10, 0, 0, 0, 0, 0, 0, 0, 7]);
+//!
+//! let mut decoder = FrameDecoder::<ClientMessage>::default();
+//! let msg = decoder.decode(&mut wire).unwrap();
+//! assert_eq!(msg, Some(ClientMessage::Ping { request_id: 7 }));
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+#[cfg(feature = "codec")]
+pub mod codec;
+pub mod frame;
+pub mod messages;
+
+#[cfg(feature = "codec")]
+pub use codec::{ClientCodec, CodecError, FrameCodec, ServerCodec};
+pub use frame::{
+    decode_body, encode_frame, FrameDecoder, ProtocolError, DEFAULT_MAX_FRAME, FRAME_HEADER_LEN,
+};
+pub use messages::{
+    Ack, ClientMessage, ErrorCode, GapReason, Headers, NewEvent, ServerMessage, Start,
+    TopicSummary, WireEvent, WireGap, WireTopicInfo,
+};
+
+/// Version of this wire protocol, sent in `Hello` and `Welcome`.
+///
+/// Bumped on any change to the bytes on the wire, including a new variant.
+pub const PROTOCOL_VERSION: u16 = 1;

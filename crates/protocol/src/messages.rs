@@ -1,0 +1,521 @@
+//! Wire message types.
+//!
+//! Every type here is plain serde data so that bincode's serde path can lay it
+//! out (no `flatten`, no `skip*`, no internally tagged enums). Structs are
+//! encoded as their fields in declaration order; enums as a `u32` variant
+//! index (the *tag*, in declaration order) followed by the variant's fields.
+//! So **order is the protocol**: never reorder fields or variants, add new
+//! variants only at the end, and bump [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION)
+//! on any change. `docs/protocol.md` documents each type byte by byte.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Event headers: small string pairs (correlation id, causation id, user id…),
+/// kept in the order the publisher sent them; duplicate names are allowed.
+///
+/// # Wire
+/// `u64` count, then per pair the name and the value as strings.
+pub type Headers = Vec<(String, String)>;
+
+/// A message sent by a client to the server.
+///
+/// # Wire
+/// `u32` tag (the variant's position, shown on each variant), then its fields
+/// in order. The first frame of a connection must be [`ClientMessage::Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// Tag 0. Opens the session; answered by `Welcome`, or by `Error` and a close.
+    Hello {
+        /// The [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION) the client speaks.
+        protocol_version: u16,
+        /// Free-form client identification for logs (e.g. `"ringcast-rs/0.1"`).
+        client_name: String,
+        /// Opaque credentials (e.g. a token) when the server requires them.
+        credentials: Option<String>,
+    },
+    /// Tag 1. Appends one event to a topic; answered by `Published` with one ack.
+    Publish {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Topic name (1–255 bytes of `[A-Za-z0-9._:-]`).
+        topic: String,
+        /// Event type; versions are counted per (topic, type).
+        event_type: String,
+        /// Event headers.
+        headers: Headers,
+        /// Opaque payload (JSON by convention).
+        payload: Bytes,
+    },
+    /// Tag 2. Appends several events to one topic atomically, in order;
+    /// answered by `Published` with one ack per event.
+    PublishBatch {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Topic name.
+        topic: String,
+        /// The events, in the order they are to be appended.
+        events: Vec<NewEvent>,
+    },
+    /// Tag 3. Starts a subscription; answered by `Subscribed`, then events are
+    /// pushed as `Event`, `Gap` and `End` carrying `subscription_id`.
+    Subscribe {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Client-chosen id, unique among this connection's live subscriptions.
+        subscription_id: u64,
+        /// Topic name.
+        topic: String,
+        /// Event types to receive; empty means all types.
+        types: Vec<String>,
+        /// Where the subscription starts.
+        start: Start,
+    },
+    /// Tag 4. Ends a subscription; answered by `Unsubscribed`.
+    Unsubscribe {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// The subscription to end.
+        subscription_id: u64,
+    },
+    /// Tag 5. Reads retained events (one page); answered by `ServerMessage::History`.
+    History {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Topic name.
+        topic: String,
+        /// Return events with an offset greater than this (0 = from the start).
+        after: u64,
+        /// Event types to return; empty means all types.
+        types: Vec<String>,
+        /// Most events to return; the server may cap it further.
+        limit: u32,
+    },
+    /// Tag 6. Lists topics; answered by `Topics`.
+    ListTopics {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+    },
+    /// Tag 7. Describes one topic; answered by `ServerMessage::TopicInfo`.
+    TopicInfo {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Topic name.
+        topic: String,
+    },
+    /// Tag 8. Seals a topic (no more publishes; subscribers get `End`);
+    /// answered by `Ok`.
+    Seal {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Topic name.
+        topic: String,
+    },
+    /// Tag 9. Deletes a topic and its history; answered by `Ok`.
+    Delete {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Topic name.
+        topic: String,
+    },
+    /// Tag 10. Liveness probe; answered by `Pong`.
+    Ping {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+    },
+}
+
+/// One event of a [`ClientMessage::PublishBatch`].
+///
+/// # Wire
+/// `event_type` (string), `headers`, `payload` (bytes), in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEvent {
+    /// Event type.
+    pub event_type: String,
+    /// Event headers.
+    pub headers: Headers,
+    /// Opaque payload.
+    pub payload: Bytes,
+}
+
+/// Where a subscription starts.
+///
+/// # Wire
+/// `u32` tag: 0 `Live`, 1 `Earliest`, 2 `AfterOffset`, 3 `AfterVersions`,
+/// then the variant's fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Start {
+    /// Tag 0. Only events published after the subscription.
+    Live,
+    /// Tag 1. Every retained event, then live.
+    Earliest,
+    /// Tag 2. Events with an offset greater than `offset` in history `epoch`
+    /// (a resume); another epoch or a trimmed range yields a `Gap`.
+    AfterOffset {
+        /// The topic epoch the offset belongs to.
+        epoch: u64,
+        /// The last offset the client has seen.
+        offset: u64,
+    },
+    /// Tag 3. Per event type, events with a version greater than the given
+    /// one; types not named start live.
+    AfterVersions {
+        /// The topic epoch the versions belong to.
+        epoch: u64,
+        /// `(event type, last version seen)` pairs.
+        versions: Vec<(String, u64)>,
+    },
+}
+
+/// A message sent by the server to a client.
+///
+/// # Wire
+/// `u32` tag (the variant's position, shown on each variant), then its fields
+/// in order. Replies echo the request's `request_id`; pushed messages
+/// (`Event`, `Gap`, `End`) carry the client's `subscription_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// Tag 0. Accepts the `Hello`; announces the server's limits.
+    Welcome {
+        /// Server software version (e.g. `"0.1.0"`).
+        server_version: String,
+        /// The protocol version the server speaks on this connection.
+        protocol_version: u16,
+        /// Largest frame body, in bytes, the server accepts.
+        max_frame: u32,
+        /// Largest event payload, in bytes, the server accepts.
+        max_payload: u32,
+        /// Most concurrent subscriptions per connection.
+        max_subscriptions: u32,
+        /// The server sends `Heartbeat` after this many idle milliseconds.
+        heartbeat_ms: u32,
+    },
+    /// Tag 1. Acks a `Publish` (one ack) or `PublishBatch` (one per event, in order).
+    Published {
+        /// The request's id.
+        request_id: u64,
+        /// Where each event landed.
+        results: Vec<Ack>,
+    },
+    /// Tag 2. Confirms a `Subscribe`; pushes for it may follow at once.
+    Subscribed {
+        /// The request's id.
+        request_id: u64,
+        /// The subscription's id, as the client chose it.
+        subscription_id: u64,
+        /// The topic's current epoch.
+        epoch: u64,
+        /// The offset the next published event will get.
+        next_offset: u64,
+    },
+    /// Tag 3. Confirms an `Unsubscribe`; no push for it follows.
+    Unsubscribed {
+        /// The request's id.
+        request_id: u64,
+        /// The ended subscription.
+        subscription_id: u64,
+    },
+    /// Tag 4. Pushes one event to a subscription.
+    Event {
+        /// The subscription it is for.
+        subscription_id: u64,
+        /// The event.
+        event: WireEvent,
+    },
+    /// Tag 5. Pushes a gap: events the subscription should have seen are no
+    /// longer available; delivery continues live after it.
+    Gap {
+        /// The subscription it is for.
+        subscription_id: u64,
+        /// What was lost.
+        gap: WireGap,
+    },
+    /// Tag 6. Pushes the end of a sealed topic; the subscription is over.
+    End {
+        /// The subscription it is for.
+        subscription_id: u64,
+        /// Topic name.
+        topic: String,
+        /// The topic's last offset.
+        last_offset: u64,
+    },
+    /// Tag 7. One page of history for `ClientMessage::History`.
+    History {
+        /// The request's id.
+        request_id: u64,
+        /// Events in increasing offset order.
+        events: Vec<WireEvent>,
+        /// Pass as `after` to read the next page.
+        next_after: u64,
+        /// The oldest offset still retained.
+        first_available: u64,
+    },
+    /// Tag 8. Answers `ListTopics`.
+    Topics {
+        /// The request's id.
+        request_id: u64,
+        /// One summary per topic.
+        topics: Vec<TopicSummary>,
+    },
+    /// Tag 9. Answers `ClientMessage::TopicInfo`.
+    TopicInfo {
+        /// The request's id.
+        request_id: u64,
+        /// The topic's description.
+        info: WireTopicInfo,
+    },
+    /// Tag 10. Success without data, for `Seal` and `Delete`.
+    Ok {
+        /// The request's id.
+        request_id: u64,
+    },
+    /// Tag 11. Answers `Ping`.
+    Pong {
+        /// The request's id.
+        request_id: u64,
+    },
+    /// Tag 12. A request failed (`request_id` set; the connection lives on) or
+    /// the connection is being closed (`request_id` absent; see
+    /// [`ErrorCode::is_fatal`]).
+    Error {
+        /// The failed request's id, when the error answers one.
+        request_id: Option<u64>,
+        /// Machine-readable cause.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+    /// Tag 13. Sent when the connection has been idle for `heartbeat_ms`.
+    Heartbeat,
+    /// Tag 14. The server is going away; the connection closes after it.
+    Shutdown {
+        /// Why (e.g. `"server shutting down"`).
+        reason: String,
+    },
+}
+
+/// Where one published event landed.
+///
+/// # Wire
+/// `epoch`, `offset`, `version`: three `u64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Ack {
+    /// The topic's epoch.
+    pub epoch: u64,
+    /// The event's offset in the topic.
+    pub offset: u64,
+    /// The event's version within its (topic, type).
+    pub version: u64,
+}
+
+/// An event as delivered to subscribers and history readers.
+///
+/// # Wire
+/// `topic`, `offset`, `event_type`, `version`, `timestamp_ms`, `headers`,
+/// `payload`, in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEvent {
+    /// Topic name.
+    pub topic: String,
+    /// Offset in the topic (from 1, +1 per event).
+    pub offset: u64,
+    /// Event type.
+    pub event_type: String,
+    /// Version within (topic, type) (from 1, +1 per event of that type).
+    pub version: u64,
+    /// Broker-assigned time, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Event headers.
+    pub headers: Headers,
+    /// Opaque payload.
+    pub payload: Bytes,
+}
+
+/// Why a subscription skipped events.
+///
+/// # Wire
+/// `u32` tag: 0 `Retention`, 1 `EpochChanged`, 2 `SlowConsumer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum GapReason {
+    /// Tag 0. The events were trimmed or expired by retention.
+    Retention,
+    /// Tag 1. The client named another epoch: the topic's history restarted.
+    EpochChanged,
+    /// Tag 2. The subscriber fell behind and the ring overwrote unsent events.
+    SlowConsumer,
+}
+
+/// What a [`ServerMessage::Gap`] reports missing.
+///
+/// # Wire
+/// `topic`, `event_type` (option of string), `reason`, `epoch`, `requested`,
+/// `first_available`, `current`, in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireGap {
+    /// Topic name.
+    pub topic: String,
+    /// The event type whose versions have the gap, or `None` for the whole
+    /// topic (then the numbers below are offsets, else versions of that type).
+    pub event_type: Option<String>,
+    /// Why the events are missing.
+    pub reason: GapReason,
+    /// The topic's current epoch.
+    pub epoch: u64,
+    /// The offset (or version) after which the client asked to resume.
+    pub requested: u64,
+    /// The first offset (or version) still available.
+    pub first_available: u64,
+    /// The current (latest) offset (or version); delivery continues after it.
+    pub current: u64,
+}
+
+/// One line of a [`ServerMessage::Topics`] listing.
+///
+/// # Wire
+/// `name`, `epoch`, `last_offset`, `sealed` (bool), in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicSummary {
+    /// Topic name.
+    pub name: String,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Offset of the last event (0 when none was ever published).
+    pub last_offset: u64,
+    /// Whether the topic is sealed.
+    pub sealed: bool,
+}
+
+/// A topic's state and settings, answering `ClientMessage::TopicInfo`.
+///
+/// # Wire
+/// The fields in declaration order: `name`, `epoch`, `first_offset`,
+/// `last_offset`, `versions`, `max_events`, `max_age_ms`, `max_bytes`,
+/// `retained_events`, `retained_bytes`, `subscribers`, `sealed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireTopicInfo {
+    /// Topic name.
+    pub name: String,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Offset of the oldest retained event (`last_offset + 1` when none is retained).
+    pub first_offset: u64,
+    /// Offset of the last event (0 when none was ever published).
+    pub last_offset: u64,
+    /// `(event type, current version)` for every type ever published.
+    pub versions: Vec<(String, u64)>,
+    /// Retention bound on the number of events (0 = unbounded).
+    pub max_events: u64,
+    /// Retention bound on event age in milliseconds (0 = unbounded).
+    pub max_age_ms: u64,
+    /// Retention bound on retained payload bytes (0 = unbounded).
+    pub max_bytes: u64,
+    /// Events currently retained.
+    pub retained_events: u64,
+    /// Bytes currently retained.
+    pub retained_bytes: u64,
+    /// Live subscriptions on the topic.
+    pub subscribers: u32,
+    /// Whether the topic is sealed.
+    pub sealed: bool,
+}
+
+/// Machine-readable cause of a [`ServerMessage::Error`].
+///
+/// # Wire
+/// A `u32` tag equal to the variant's position, which is also its numeric
+/// code (`code as u32`); the table in `docs/protocol.md` lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u32)]
+pub enum ErrorCode {
+    /// 0. A frame could not be decoded (fatal).
+    BadFrame = 0,
+    /// 1. The first frame was not a valid `Hello`, or `Hello` came twice (fatal).
+    BadHello = 1,
+    /// 2. The `Hello` named a protocol version the server does not speak (fatal).
+    UnsupportedVersion = 2,
+    /// 3. A topic name is empty, too long, or has a forbidden byte.
+    InvalidTopic = 3,
+    /// 4. An event type is empty or otherwise invalid.
+    InvalidType = 4,
+    /// 5. An event payload exceeds `max_payload`.
+    PayloadTooLarge = 5,
+    /// 6. A frame exceeds `max_frame` (fatal).
+    FrameTooLarge = 6,
+    /// 7. The topic does not exist (and is not auto-created for this request).
+    TopicNotFound = 7,
+    /// 8. The topic is sealed: publishes are refused.
+    TopicSealed = 8,
+    /// 9. The connection already has `max_subscriptions` subscriptions.
+    TooManySubscriptions = 9,
+    /// 10. The server is at its connection limit (fatal, in place of `Welcome`).
+    TooManyConnections = 10,
+    /// 11. The server is at its topic limit; the topic was not created.
+    TooManyTopics = 11,
+    /// 12. No live subscription has this id.
+    UnknownSubscription = 12,
+    /// 13. A live subscription already has this id.
+    DuplicateSubscription = 13,
+    /// 14. The subscription's start is invalid (e.g. an offset or version ahead
+    /// of the topic's current one in the same epoch).
+    InvalidStart = 14,
+    /// 15. The server failed (e.g. storage error); the request may be retried.
+    Internal = 15,
+    /// 16. The server is shutting down and refuses new work (closes when
+    /// answering `Hello`; a `Shutdown` message precedes the close otherwise).
+    ShuttingDown = 16,
+    /// 17. Missing or wrong credentials (closes when answering `Hello`).
+    Unauthorized = 17,
+}
+
+impl ErrorCode {
+    /// Every code, in tag order (`ALL[n] as u32 == n`).
+    pub const ALL: [ErrorCode; 18] = [
+        ErrorCode::BadFrame,
+        ErrorCode::BadHello,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::InvalidTopic,
+        ErrorCode::InvalidType,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::TopicNotFound,
+        ErrorCode::TopicSealed,
+        ErrorCode::TooManySubscriptions,
+        ErrorCode::TooManyConnections,
+        ErrorCode::TooManyTopics,
+        ErrorCode::UnknownSubscription,
+        ErrorCode::DuplicateSubscription,
+        ErrorCode::InvalidStart,
+        ErrorCode::Internal,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Unauthorized,
+    ];
+
+    /// The numeric code, equal to the wire tag.
+    pub const fn as_u32(self) -> u32 {
+        self as u32
+    }
+
+    /// The code with this number, if any.
+    pub fn from_u32(code: u32) -> Option<ErrorCode> {
+        Self::ALL.get(usize::try_from(code).ok()?).copied()
+    }
+
+    /// Whether an error with this code always closes the connection.
+    ///
+    /// These codes mean the stream or the session cannot go on; the server
+    /// sends them with `request_id: None` and closes. Independently of the
+    /// code, *any* `Error` without a `request_id` is connection-level and is
+    /// followed by a close (e.g. `Unauthorized` or `ShuttingDown` answering
+    /// `Hello`); an `Error` with a `request_id` answers that request only.
+    pub const fn is_fatal(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::BadFrame
+                | ErrorCode::BadHello
+                | ErrorCode::UnsupportedVersion
+                | ErrorCode::FrameTooLarge
+                | ErrorCode::TooManyConnections
+        )
+    }
+}

@@ -1,0 +1,708 @@
+//! Shared by the integration tests: one sample of every message kind (the
+//! source of `tests/vectors.txt`) and proptest strategies for every type.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use bytes::{Bytes, BytesMut};
+use proptest::collection::vec;
+use proptest::option;
+use proptest::prelude::*;
+use ringcast_protocol::{
+    decode_body, encode_frame, Ack, ClientMessage, ErrorCode, GapReason, Headers, NewEvent,
+    ProtocolError, ServerMessage, Start, TopicSummary, WireEvent, WireGap, WireTopicInfo,
+    PROTOCOL_VERSION,
+};
+
+/// A message of either direction, so both can share one list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnyMessage {
+    Client(ClientMessage),
+    Server(ServerMessage),
+}
+
+impl AnyMessage {
+    /// The full frame (length prefix and body).
+    pub fn frame(&self) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        match self {
+            AnyMessage::Client(m) => encode_frame(m, &mut buf),
+            AnyMessage::Server(m) => encode_frame(m, &mut buf),
+        }
+        .expect("sample messages encode");
+        buf.to_vec()
+    }
+
+    /// Decodes a body as a message of the same direction as `self`.
+    pub fn decode_like(&self, body: &[u8]) -> Result<AnyMessage, ProtocolError> {
+        match self {
+            AnyMessage::Client(_) => decode_body(body).map(AnyMessage::Client),
+            AnyMessage::Server(_) => decode_body(body).map(AnyMessage::Server),
+        }
+    }
+}
+
+/// The variant name, by exhaustive match: adding a variant fails to compile
+/// here until a sample (and so a test vector) exists for it.
+pub fn client_variant(m: &ClientMessage) -> &'static str {
+    match m {
+        ClientMessage::Hello { .. } => "Hello",
+        ClientMessage::Publish { .. } => "Publish",
+        ClientMessage::PublishBatch { .. } => "PublishBatch",
+        ClientMessage::Subscribe { .. } => "Subscribe",
+        ClientMessage::Unsubscribe { .. } => "Unsubscribe",
+        ClientMessage::History { .. } => "History",
+        ClientMessage::ListTopics { .. } => "ListTopics",
+        ClientMessage::TopicInfo { .. } => "TopicInfo",
+        ClientMessage::Seal { .. } => "Seal",
+        ClientMessage::Delete { .. } => "Delete",
+        ClientMessage::Ping { .. } => "Ping",
+    }
+}
+
+/// See [`client_variant`].
+pub fn server_variant(m: &ServerMessage) -> &'static str {
+    match m {
+        ServerMessage::Welcome { .. } => "Welcome",
+        ServerMessage::Published { .. } => "Published",
+        ServerMessage::Subscribed { .. } => "Subscribed",
+        ServerMessage::Unsubscribed { .. } => "Unsubscribed",
+        ServerMessage::Event { .. } => "Event",
+        ServerMessage::Gap { .. } => "Gap",
+        ServerMessage::End { .. } => "End",
+        ServerMessage::History { .. } => "History",
+        ServerMessage::Topics { .. } => "Topics",
+        ServerMessage::TopicInfo { .. } => "TopicInfo",
+        ServerMessage::Ok { .. } => "Ok",
+        ServerMessage::Pong { .. } => "Pong",
+        ServerMessage::Error { .. } => "Error",
+        ServerMessage::Heartbeat => "Heartbeat",
+        ServerMessage::Shutdown { .. } => "Shutdown",
+    }
+}
+
+/// Every variant of `Start`, exhaustively (see [`client_variant`]).
+pub fn start_variant(s: &Start) -> &'static str {
+    match s {
+        Start::Live => "Live",
+        Start::Earliest => "Earliest",
+        Start::AfterOffset { .. } => "AfterOffset",
+        Start::AfterVersions { .. } => "AfterVersions",
+    }
+}
+
+/// Every variant of `GapReason`, exhaustively (see [`client_variant`]).
+pub fn gap_reason_variant(r: GapReason) -> &'static str {
+    match r {
+        GapReason::Retention => "Retention",
+        GapReason::EpochChanged => "EpochChanged",
+        GapReason::SlowConsumer => "SlowConsumer",
+    }
+}
+
+const EPOCH: u64 = 0x0123_4567_89ab_cdef;
+
+fn headers() -> Headers {
+    vec![("trace".to_owned(), "t1".to_owned())]
+}
+
+fn event(offset: u64) -> WireEvent {
+    WireEvent {
+        topic: "orders".to_owned(),
+        offset,
+        event_type: "created".to_owned(),
+        version: offset,
+        timestamp_ms: 1_700_000_000_000 + offset,
+        headers: headers(),
+        payload: Bytes::from_static(br#"{"id":1}"#),
+    }
+}
+
+fn subscribe(start: Start) -> ClientMessage {
+    ClientMessage::Subscribe {
+        request_id: 3,
+        subscription_id: 1,
+        topic: "orders".to_owned(),
+        types: vec!["created".to_owned()],
+        start,
+    }
+}
+
+fn gap(reason: GapReason, event_type: Option<&str>) -> ServerMessage {
+    ServerMessage::Gap {
+        subscription_id: 1,
+        gap: WireGap {
+            topic: "orders".to_owned(),
+            event_type: event_type.map(str::to_owned),
+            reason,
+            epoch: EPOCH,
+            requested: 10,
+            first_available: 42,
+            current: 50,
+        },
+    }
+}
+
+/// One sample per message kind, named `client.<Variant>[.<detail>]` or
+/// `server.<Variant>[.<detail>]`; the names are the keys of `vectors.txt`.
+pub fn samples() -> Vec<(&'static str, AnyMessage)> {
+    use AnyMessage::{Client as C, Server as S};
+    vec![
+        (
+            "client.Hello",
+            C(ClientMessage::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                client_name: "rc".to_owned(),
+                credentials: Some("tok".to_owned()),
+            }),
+        ),
+        (
+            "client.Hello.NoCredentials",
+            C(ClientMessage::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                client_name: "rc".to_owned(),
+                credentials: None,
+            }),
+        ),
+        (
+            "client.Publish",
+            C(ClientMessage::Publish {
+                request_id: 1,
+                topic: "orders".to_owned(),
+                event_type: "created".to_owned(),
+                headers: headers(),
+                payload: Bytes::from_static(br#"{"id":1}"#),
+            }),
+        ),
+        (
+            "client.PublishBatch",
+            C(ClientMessage::PublishBatch {
+                request_id: 2,
+                topic: "orders".to_owned(),
+                events: vec![
+                    NewEvent {
+                        event_type: "created".to_owned(),
+                        headers: Vec::new(),
+                        payload: Bytes::from_static(b"a"),
+                    },
+                    NewEvent {
+                        event_type: "paid".to_owned(),
+                        headers: headers(),
+                        payload: Bytes::new(),
+                    },
+                ],
+            }),
+        ),
+        ("client.Subscribe.Live", C(subscribe(Start::Live))),
+        ("client.Subscribe.Earliest", C(subscribe(Start::Earliest))),
+        (
+            "client.Subscribe.AfterOffset",
+            C(subscribe(Start::AfterOffset {
+                epoch: EPOCH,
+                offset: 41,
+            })),
+        ),
+        (
+            "client.Subscribe.AfterVersions",
+            C(subscribe(Start::AfterVersions {
+                epoch: EPOCH,
+                versions: vec![("created".to_owned(), 7), ("paid".to_owned(), 2)],
+            })),
+        ),
+        (
+            "client.Unsubscribe",
+            C(ClientMessage::Unsubscribe {
+                request_id: 4,
+                subscription_id: 1,
+            }),
+        ),
+        (
+            "client.History",
+            C(ClientMessage::History {
+                request_id: 5,
+                topic: "orders".to_owned(),
+                after: 0,
+                types: Vec::new(),
+                limit: 100,
+            }),
+        ),
+        (
+            "client.ListTopics",
+            C(ClientMessage::ListTopics { request_id: 6 }),
+        ),
+        (
+            "client.TopicInfo",
+            C(ClientMessage::TopicInfo {
+                request_id: 7,
+                topic: "orders".to_owned(),
+            }),
+        ),
+        (
+            "client.Seal",
+            C(ClientMessage::Seal {
+                request_id: 8,
+                topic: "orders".to_owned(),
+            }),
+        ),
+        (
+            "client.Delete",
+            C(ClientMessage::Delete {
+                request_id: 9,
+                topic: "orders".to_owned(),
+            }),
+        ),
+        ("client.Ping", C(ClientMessage::Ping { request_id: 10 })),
+        (
+            "server.Welcome",
+            S(ServerMessage::Welcome {
+                server_version: "0.1.0".to_owned(),
+                protocol_version: PROTOCOL_VERSION,
+                max_frame: 16 * 1024 * 1024,
+                max_payload: 1024 * 1024,
+                max_subscriptions: 1024,
+                heartbeat_ms: 15_000,
+            }),
+        ),
+        (
+            "server.Published",
+            S(ServerMessage::Published {
+                request_id: 2,
+                results: vec![
+                    Ack {
+                        epoch: EPOCH,
+                        offset: 51,
+                        version: 8,
+                    },
+                    Ack {
+                        epoch: EPOCH,
+                        offset: 52,
+                        version: 3,
+                    },
+                ],
+            }),
+        ),
+        (
+            "server.Subscribed",
+            S(ServerMessage::Subscribed {
+                request_id: 3,
+                subscription_id: 1,
+                epoch: EPOCH,
+                next_offset: 51,
+            }),
+        ),
+        (
+            "server.Unsubscribed",
+            S(ServerMessage::Unsubscribed {
+                request_id: 4,
+                subscription_id: 1,
+            }),
+        ),
+        (
+            "server.Event",
+            S(ServerMessage::Event {
+                subscription_id: 1,
+                event: event(42),
+            }),
+        ),
+        ("server.Gap.Retention", S(gap(GapReason::Retention, None))),
+        (
+            "server.Gap.EpochChanged",
+            S(gap(GapReason::EpochChanged, None)),
+        ),
+        (
+            "server.Gap.SlowConsumer",
+            S(gap(GapReason::SlowConsumer, Some("created"))),
+        ),
+        (
+            "server.End",
+            S(ServerMessage::End {
+                subscription_id: 1,
+                topic: "orders".to_owned(),
+                last_offset: 52,
+            }),
+        ),
+        (
+            "server.History",
+            S(ServerMessage::History {
+                request_id: 5,
+                events: vec![event(42), event(43)],
+                next_after: 43,
+                first_available: 42,
+            }),
+        ),
+        (
+            "server.Topics",
+            S(ServerMessage::Topics {
+                request_id: 6,
+                topics: vec![TopicSummary {
+                    name: "orders".to_owned(),
+                    epoch: EPOCH,
+                    last_offset: 52,
+                    sealed: false,
+                }],
+            }),
+        ),
+        (
+            "server.TopicInfo",
+            S(ServerMessage::TopicInfo {
+                request_id: 7,
+                info: WireTopicInfo {
+                    name: "orders".to_owned(),
+                    epoch: EPOCH,
+                    first_offset: 42,
+                    last_offset: 52,
+                    versions: vec![("created".to_owned(), 8), ("paid".to_owned(), 3)],
+                    max_events: 10_000,
+                    max_age_ms: 86_400_000,
+                    max_bytes: 64 * 1024 * 1024,
+                    retained_events: 11,
+                    retained_bytes: 512,
+                    subscribers: 2,
+                    sealed: true,
+                },
+            }),
+        ),
+        ("server.Ok", S(ServerMessage::Ok { request_id: 8 })),
+        ("server.Pong", S(ServerMessage::Pong { request_id: 10 })),
+        (
+            "server.Error",
+            S(ServerMessage::Error {
+                request_id: Some(1),
+                code: ErrorCode::TopicSealed,
+                message: "sealed".to_owned(),
+            }),
+        ),
+        (
+            "server.Error.Fatal",
+            S(ServerMessage::Error {
+                request_id: None,
+                code: ErrorCode::UnsupportedVersion,
+                message: "v9".to_owned(),
+            }),
+        ),
+        ("server.Heartbeat", S(ServerMessage::Heartbeat)),
+        (
+            "server.Shutdown",
+            S(ServerMessage::Shutdown {
+                reason: "bye".to_owned(),
+            }),
+        ),
+    ]
+}
+
+// ---- proptest strategies ------------------------------------------------
+
+/// Short strings with any Unicode scalar values.
+pub fn text() -> impl Strategy<Value = String> {
+    vec(any::<char>(), 0..12).prop_map(|chars| chars.into_iter().collect())
+}
+
+pub fn payload() -> impl Strategy<Value = Bytes> {
+    vec(any::<u8>(), 0..64).prop_map(Bytes::from)
+}
+
+pub fn header_list() -> impl Strategy<Value = Headers> {
+    vec((text(), text()), 0..4)
+}
+
+pub fn versions() -> impl Strategy<Value = Vec<(String, u64)>> {
+    vec((text(), any::<u64>()), 0..4)
+}
+
+pub fn start() -> impl Strategy<Value = Start> {
+    prop_oneof![
+        Just(Start::Live),
+        Just(Start::Earliest),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(epoch, offset)| Start::AfterOffset { epoch, offset }),
+        (any::<u64>(), versions())
+            .prop_map(|(epoch, versions)| Start::AfterVersions { epoch, versions }),
+    ]
+}
+
+pub fn new_event() -> impl Strategy<Value = NewEvent> {
+    (text(), header_list(), payload()).prop_map(|(event_type, headers, payload)| NewEvent {
+        event_type,
+        headers,
+        payload,
+    })
+}
+
+pub fn client_message() -> impl Strategy<Value = ClientMessage> {
+    prop_oneof![
+        (any::<u16>(), text(), option::of(text())).prop_map(
+            |(protocol_version, client_name, credentials)| ClientMessage::Hello {
+                protocol_version,
+                client_name,
+                credentials,
+            }
+        ),
+        (any::<u64>(), text(), text(), header_list(), payload()).prop_map(
+            |(request_id, topic, event_type, headers, payload)| ClientMessage::Publish {
+                request_id,
+                topic,
+                event_type,
+                headers,
+                payload,
+            }
+        ),
+        (any::<u64>(), text(), vec(new_event(), 0..4)).prop_map(|(request_id, topic, events)| {
+            ClientMessage::PublishBatch {
+                request_id,
+                topic,
+                events,
+            }
+        }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            text(),
+            vec(text(), 0..4),
+            start()
+        )
+            .prop_map(|(request_id, subscription_id, topic, types, start)| {
+                ClientMessage::Subscribe {
+                    request_id,
+                    subscription_id,
+                    topic,
+                    types,
+                    start,
+                }
+            }),
+        (any::<u64>(), any::<u64>()).prop_map(|(request_id, subscription_id)| {
+            ClientMessage::Unsubscribe {
+                request_id,
+                subscription_id,
+            }
+        }),
+        (
+            any::<u64>(),
+            text(),
+            any::<u64>(),
+            vec(text(), 0..4),
+            any::<u32>()
+        )
+            .prop_map(
+                |(request_id, topic, after, types, limit)| ClientMessage::History {
+                    request_id,
+                    topic,
+                    after,
+                    types,
+                    limit,
+                }
+            ),
+        any::<u64>().prop_map(|request_id| ClientMessage::ListTopics { request_id }),
+        (any::<u64>(), text())
+            .prop_map(|(request_id, topic)| ClientMessage::TopicInfo { request_id, topic }),
+        (any::<u64>(), text())
+            .prop_map(|(request_id, topic)| ClientMessage::Seal { request_id, topic }),
+        (any::<u64>(), text())
+            .prop_map(|(request_id, topic)| ClientMessage::Delete { request_id, topic }),
+        any::<u64>().prop_map(|request_id| ClientMessage::Ping { request_id }),
+    ]
+}
+
+pub fn wire_event() -> impl Strategy<Value = WireEvent> {
+    (
+        text(),
+        any::<u64>(),
+        text(),
+        any::<u64>(),
+        any::<u64>(),
+        header_list(),
+        payload(),
+    )
+        .prop_map(
+            |(topic, offset, event_type, version, timestamp_ms, headers, payload)| WireEvent {
+                topic,
+                offset,
+                event_type,
+                version,
+                timestamp_ms,
+                headers,
+                payload,
+            },
+        )
+}
+
+pub fn gap_reason() -> impl Strategy<Value = GapReason> {
+    prop_oneof![
+        Just(GapReason::Retention),
+        Just(GapReason::EpochChanged),
+        Just(GapReason::SlowConsumer),
+    ]
+}
+
+pub fn wire_gap() -> impl Strategy<Value = WireGap> {
+    (
+        text(),
+        option::of(text()),
+        gap_reason(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(topic, event_type, reason, epoch, requested, first_available, current)| WireGap {
+                topic,
+                event_type,
+                reason,
+                epoch,
+                requested,
+                first_available,
+                current,
+            },
+        )
+}
+
+pub fn ack() -> impl Strategy<Value = Ack> {
+    (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(epoch, offset, version)| Ack {
+        epoch,
+        offset,
+        version,
+    })
+}
+
+pub fn topic_summary() -> impl Strategy<Value = TopicSummary> {
+    (text(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
+        |(name, epoch, last_offset, sealed)| TopicSummary {
+            name,
+            epoch,
+            last_offset,
+            sealed,
+        },
+    )
+}
+
+pub fn wire_topic_info() -> impl Strategy<Value = WireTopicInfo> {
+    (
+        (text(), any::<u64>(), any::<u64>(), any::<u64>(), versions()),
+        (any::<u64>(), any::<u64>(), any::<u64>()),
+        (any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()),
+    )
+        .prop_map(
+            |(
+                (name, epoch, first_offset, last_offset, versions),
+                (max_events, max_age_ms, max_bytes),
+                (retained_events, retained_bytes, subscribers, sealed),
+            )| WireTopicInfo {
+                name,
+                epoch,
+                first_offset,
+                last_offset,
+                versions,
+                max_events,
+                max_age_ms,
+                max_bytes,
+                retained_events,
+                retained_bytes,
+                subscribers,
+                sealed,
+            },
+        )
+}
+
+pub fn error_code() -> impl Strategy<Value = ErrorCode> {
+    proptest::sample::select(ErrorCode::ALL.to_vec())
+}
+
+pub fn server_message() -> impl Strategy<Value = ServerMessage> {
+    prop_oneof![
+        (
+            text(),
+            any::<u16>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(
+                |(
+                    server_version,
+                    protocol_version,
+                    max_frame,
+                    max_payload,
+                    max_subscriptions,
+                    heartbeat_ms,
+                )| ServerMessage::Welcome {
+                    server_version,
+                    protocol_version,
+                    max_frame,
+                    max_payload,
+                    max_subscriptions,
+                    heartbeat_ms,
+                }
+            ),
+        (any::<u64>(), vec(ack(), 0..4)).prop_map(|(request_id, results)| {
+            ServerMessage::Published {
+                request_id,
+                results,
+            }
+        }),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+            |(request_id, subscription_id, epoch, next_offset)| ServerMessage::Subscribed {
+                request_id,
+                subscription_id,
+                epoch,
+                next_offset,
+            }
+        ),
+        (any::<u64>(), any::<u64>()).prop_map(|(request_id, subscription_id)| {
+            ServerMessage::Unsubscribed {
+                request_id,
+                subscription_id,
+            }
+        }),
+        (any::<u64>(), wire_event()).prop_map(|(subscription_id, event)| ServerMessage::Event {
+            subscription_id,
+            event
+        }),
+        (any::<u64>(), wire_gap()).prop_map(|(subscription_id, gap)| ServerMessage::Gap {
+            subscription_id,
+            gap
+        }),
+        (any::<u64>(), text(), any::<u64>()).prop_map(|(subscription_id, topic, last_offset)| {
+            ServerMessage::End {
+                subscription_id,
+                topic,
+                last_offset,
+            }
+        }),
+        (
+            any::<u64>(),
+            vec(wire_event(), 0..3),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(|(request_id, events, next_after, first_available)| {
+                ServerMessage::History {
+                    request_id,
+                    events,
+                    next_after,
+                    first_available,
+                }
+            }),
+        (any::<u64>(), vec(topic_summary(), 0..4))
+            .prop_map(|(request_id, topics)| ServerMessage::Topics { request_id, topics }),
+        (any::<u64>(), wire_topic_info())
+            .prop_map(|(request_id, info)| ServerMessage::TopicInfo { request_id, info }),
+        any::<u64>().prop_map(|request_id| ServerMessage::Ok { request_id }),
+        any::<u64>().prop_map(|request_id| ServerMessage::Pong { request_id }),
+        (option::of(any::<u64>()), error_code(), text()).prop_map(|(request_id, code, message)| {
+            ServerMessage::Error {
+                request_id,
+                code,
+                message,
+            }
+        }),
+        Just(ServerMessage::Heartbeat),
+        text().prop_map(|reason| ServerMessage::Shutdown { reason }),
+    ]
+}
+
+pub fn any_message() -> impl Strategy<Value = AnyMessage> {
+    prop_oneof![
+        client_message().prop_map(AnyMessage::Client),
+        server_message().prop_map(AnyMessage::Server),
+    ]
+}

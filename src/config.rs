@@ -1,0 +1,597 @@
+//! Daemon configuration: one serde struct per TOML section, defaults, env
+//! overrides and validation.
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file, environment
+//! variables `RINGCAST_<SECTION>_<KEY>`, command-line flags (applied by the
+//! binary). Every error names the offending key in one line.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use wildmatch::WildMatch;
+
+/// The default configuration file, shipped as `config/ringcast.toml` and
+/// embedded so `ringcastd --print-config` can show it.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/ringcast.toml");
+
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "RINGCAST_";
+
+/// A configuration problem, always naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path that failed.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key has the wrong type or is unknown.
+    #[error("{0}")]
+    Parse(String),
+    /// A key has a value of the right type that makes no sense.
+    #[error("invalid config: {key}: {message}")]
+    Invalid {
+        /// Dotted key path, e.g. `topics.max_events`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listeners.
+    pub server: ServerConfig,
+    /// Where and how durably events are stored.
+    pub storage: StorageConfig,
+    /// Retention and lifecycle defaults for topics.
+    pub topics: TopicsConfig,
+    /// Log filter and format.
+    pub log: LogConfig,
+    /// Engine-wide limits.
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: engine-wide limits, each refused with a clear error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest payload of one event.
+    pub max_payload: ByteSize,
+    /// Most topics alive at once.
+    pub max_topics: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let engine = crate::engine::Limits::default();
+        Self {
+            max_payload: ByteSize::b(engine.max_payload),
+            max_topics: engine.max_topics,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The engine's view of these limits.
+    pub fn engine(&self) -> crate::engine::Limits {
+        crate::engine::Limits {
+            max_payload: self.max_payload.as_u64(),
+            max_topics: self.max_topics,
+        }
+    }
+}
+
+/// `[server]`: network listeners.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the binary TCP protocol listener.
+    pub tcp_listen: SocketAddr,
+    /// Address of the HTTP listener (SSE bridge, REST API, health, metrics).
+    pub http_listen: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            tcp_listen: SocketAddr::from(([127, 0, 0, 1], 7411)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
+        }
+    }
+}
+
+/// When a publish is acknowledged relative to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Ack after the write is fsynced; concurrent publishes share one fsync.
+    #[default]
+    Fsync,
+    /// Ack after the write; fsync every `flush_interval`.
+    Interval,
+    /// No disk at all; a restart starts every topic over with a new epoch.
+    Memory,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fsync" => Ok(Self::Fsync),
+            "interval" => Ok(Self::Interval),
+            "memory" => Ok(Self::Memory),
+            other => Err(format!(
+                "unknown durability {other:?} (expected fsync, interval or memory)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Fsync => "fsync",
+            Self::Interval => "interval",
+            Self::Memory => "memory",
+        })
+    }
+}
+
+/// `[storage]`: the sled store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory holding the sled database.
+    pub data_dir: PathBuf,
+    /// Acknowledgement policy: `fsync`, `interval` or `memory`.
+    pub durability: Durability,
+    /// How often `interval` mode fsyncs.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            durability: Durability::Fsync,
+            flush_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// `[topics]`: retention and lifecycle defaults, with per-pattern overrides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Most events a topic retains.
+    pub max_events: u64,
+    /// Oldest event a topic retains; `0s` means no age limit.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Most payload+metadata bytes a topic retains.
+    pub max_bytes: ByteSize,
+    /// How long a sealed topic stays readable before it is removed.
+    #[serde(with = "humantime_serde")]
+    pub sealed_ttl: Duration,
+    /// Drop a topic with no publish and no subscriber for this long; `0s` = never.
+    #[serde(with = "humantime_serde")]
+    pub idle_ttl: Duration,
+    /// Create a topic on its first publish or subscribe.
+    pub auto_create: bool,
+    /// Per-topic overrides, first matching pattern wins.
+    #[serde(rename = "override")]
+    pub overrides: Vec<TopicOverride>,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            max_events: 10_000,
+            max_age: Duration::from_secs(24 * 3600),
+            max_bytes: ByteSize::mib(64),
+            sealed_ttl: Duration::from_secs(300),
+            idle_ttl: Duration::ZERO,
+            auto_create: true,
+            overrides: Vec::new(),
+        }
+    }
+}
+
+/// `[[topics.override]]`: settings for topics whose name matches `pattern`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicOverride {
+    /// Glob over topic names: `*` any run, `?` one character.
+    pub pattern: String,
+    /// Overrides `topics.max_events`.
+    pub max_events: Option<u64>,
+    /// Overrides `topics.max_age`.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// Overrides `topics.max_bytes`.
+    pub max_bytes: Option<ByteSize>,
+    /// Overrides `topics.sealed_ttl`.
+    #[serde(with = "humantime_serde")]
+    pub sealed_ttl: Option<Duration>,
+    /// Overrides `topics.idle_ttl`.
+    #[serde(with = "humantime_serde")]
+    pub idle_ttl: Option<Duration>,
+}
+
+/// The effective retention and lifecycle settings of one topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Most events retained (at least 1).
+    pub max_events: u64,
+    /// Oldest event retained; `None` = no age limit.
+    pub max_age: Option<Duration>,
+    /// Most bytes retained.
+    pub max_bytes: u64,
+    /// Removal delay after sealing.
+    pub sealed_ttl: Duration,
+    /// Idle expiry; `None` = never.
+    pub idle_ttl: Option<Duration>,
+}
+
+impl TopicsConfig {
+    /// The settings of `topic`: the first override whose pattern matches,
+    /// falling back key by key to the `[topics]` defaults.
+    pub fn retention_for(&self, topic: &str) -> Retention {
+        let o = self
+            .overrides
+            .iter()
+            .find(|o| WildMatch::new(&o.pattern).matches(topic));
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        Retention {
+            max_events: o.and_then(|o| o.max_events).unwrap_or(self.max_events),
+            max_age: nonzero(o.and_then(|o| o.max_age).unwrap_or(self.max_age)),
+            max_bytes: o
+                .and_then(|o| o.max_bytes)
+                .unwrap_or(self.max_bytes)
+                .as_u64(),
+            sealed_ttl: o.and_then(|o| o.sealed_ttl).unwrap_or(self.sealed_ttl),
+            idle_ttl: nonzero(o.and_then(|o| o.idle_ttl).unwrap_or(self.idle_ttl)),
+        }
+    }
+}
+
+/// Output format of the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`: tracing filter and output format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `RUST_LOG`-style filter; the `RUST_LOG` variable wins when set.
+    pub filter: String,
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the config: defaults, then `path` (if given), then the
+    /// `RINGCAST_*` variables among `env`; validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>().map_err(|e| {
+                    ConfigError::Parse(one_line(&format!("{}: {e}", path.display())))
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let config = Self::from_table(table)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no env, no validation); used by tests and `--print-config`.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let table = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Parse(one_line(&e.to_string())))?;
+        Self::from_table(table)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Self, ConfigError> {
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Parse(one_line(&format!(
+                "invalid config: {key}: {}",
+                e.into_inner()
+            )))
+        })
+    }
+
+    /// Checks values that have the right type but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.storage.data_dir.as_os_str().is_empty()
+            && self.storage.durability != Durability::Memory
+        {
+            return Err(ConfigError::invalid(
+                "storage.data_dir",
+                "must not be empty",
+            ));
+        }
+        if self.storage.durability == Durability::Interval && self.storage.flush_interval.is_zero()
+        {
+            return Err(ConfigError::invalid(
+                "storage.flush_interval",
+                "must be greater than 0 in interval mode",
+            ));
+        }
+        validate_retention("topics", self.topics.max_events, self.topics.max_bytes)?;
+        for (i, o) in self.topics.overrides.iter().enumerate() {
+            let key = format!("topics.override[{i}]");
+            if o.pattern.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.pattern"),
+                    "must not be empty",
+                ));
+            }
+            if let Some(bad) = o
+                .pattern
+                .chars()
+                .find(|c| !(crate::engine::is_topic_char(*c) || *c == '*' || *c == '?'))
+            {
+                return Err(ConfigError::invalid(
+                    format!("{key}.pattern"),
+                    format!("{bad:?} can never match a topic name (allowed: A-Z a-z 0-9 . _ : - and the wildcards * ?)"),
+                ));
+            }
+            validate_retention(
+                &key,
+                o.max_events.unwrap_or(1),
+                o.max_bytes.unwrap_or(ByteSize::b(1)),
+            )?;
+        }
+        if self.limits.max_payload.as_u64() == 0 {
+            return Err(ConfigError::invalid(
+                "limits.max_payload",
+                "must be at least 1 byte",
+            ));
+        }
+        if self.limits.max_topics == 0 {
+            return Err(ConfigError::invalid(
+                "limits.max_topics",
+                "must be at least 1",
+            ));
+        }
+        if self
+            .log
+            .filter
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            return Err(ConfigError::invalid(
+                "log.filter",
+                format!("{:?} is not a valid filter", self.log.filter),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn validate_retention(
+    section: &str,
+    max_events: u64,
+    max_bytes: ByteSize,
+) -> Result<(), ConfigError> {
+    if max_events == 0 {
+        return Err(ConfigError::invalid(
+            format!("{section}.max_events"),
+            "must be at least 1",
+        ));
+    }
+    if max_bytes.as_u64() == 0 {
+        return Err(ConfigError::invalid(
+            format!("{section}.max_bytes"),
+            "must be at least 1 byte",
+        ));
+    }
+    Ok(())
+}
+
+/// Applies `RINGCAST_<SECTION>_<KEY>=value` over the parsed file. The value
+/// is read as a TOML value when it parses as one (numbers, booleans, arrays),
+/// otherwise as a string.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    // Sorted so that errors are deterministic.
+    let vars: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    for (var, raw) in vars {
+        let rest = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+        let Some((section, key)) = rest.split_once('_') else {
+            return Err(ConfigError::invalid(
+                var,
+                "expected RINGCAST_<SECTION>_<KEY>",
+            ));
+        };
+        if !matches!(section, "server" | "storage" | "topics" | "log" | "limits") {
+            return Err(ConfigError::invalid(
+                var,
+                format!(
+                    "unknown section {section:?} (expected server, storage, topics, log or limits)"
+                ),
+            ));
+        }
+        let value = parse_env_value(&raw);
+        let entry = table
+            .entry(section.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(section_table) = entry else {
+            return Err(ConfigError::invalid(section, "must be a table"));
+        };
+        section_table.insert(key.to_owned(), value);
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    #[derive(Deserialize)]
+    struct Probe {
+        v: toml::Value,
+    }
+    match toml::from_str::<Probe>(&format!("v = {raw}")) {
+        Ok(p) => p.v,
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn shipped_config_equals_the_defaults() {
+        let shipped = Config::from_toml(DEFAULT_CONFIG_TOML).expect("shipped config parses");
+        assert_eq!(shipped, Config::default());
+        shipped.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn env_overrides_file_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[topics]\nmax_events = 7\nmax_age = \"1h\"\n").unwrap();
+        let c = Config::load(
+            Some(&path),
+            env(&[
+                ("RINGCAST_TOPICS_MAX_EVENTS", "5"),
+                ("RINGCAST_STORAGE_DURABILITY", "memory"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.topics.max_events, 5);
+        assert_eq!(c.topics.max_age, Duration::from_secs(3600));
+        assert_eq!(c.storage.durability, Durability::Memory);
+    }
+
+    #[test]
+    fn errors_name_the_key_in_one_line() {
+        let cases: Vec<(&str, Vec<(String, String)>, &str)> = vec![
+            (
+                "[topics]\nmax_events = \"many\"\n",
+                vec![],
+                "topics.max_events",
+            ),
+            ("[topics]\nmax_events = 0\n", vec![], "topics.max_events"),
+            (
+                "[storage]\ndurability = \"sometimes\"\n",
+                vec![],
+                "storage.durability",
+            ),
+            (
+                "[server]\ntcp_listen = \"nowhere\"\n",
+                vec![],
+                "server.tcp_listen",
+            ),
+            ("[topics]\nbogus = 1\n", vec![], "bogus"),
+            (
+                "",
+                env(&[("RINGCAST_TOPICS_MAX_AGE", "soon")]),
+                "topics.max_age",
+            ),
+            ("", env(&[("RINGCAST_NOPE_X", "1")]), "RINGCAST_NOPE_X"),
+            (
+                "[[topics.override]]\npattern = \"a/b*\"\n",
+                vec![],
+                "topics.override[0].pattern",
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for (i, (text, env, key)) in cases.into_iter().enumerate() {
+            let path = dir.path().join(format!("{i}.toml"));
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(Some(&path), env).unwrap_err().to_string();
+            assert!(err.contains(key), "case {i}: {err:?} does not name {key}");
+            assert!(!err.contains('\n'), "case {i}: {err:?} is not one line");
+        }
+    }
+
+    #[test]
+    fn first_matching_override_wins_key_by_key() {
+        let c = Config::from_toml(
+            r#"
+            [topics]
+            max_events = 100
+            [[topics.override]]
+            pattern = "division-*"
+            max_events = 5
+            [[topics.override]]
+            pattern = "division-a"
+            max_events = 9
+            max_bytes = "1KiB"
+            "#,
+        )
+        .unwrap();
+        let r = c.topics.retention_for("division-a");
+        assert_eq!(r.max_events, 5);
+        assert_eq!(r.max_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.topics.retention_for("other").max_events, 100);
+        assert_eq!(c.topics.retention_for("other").idle_ttl, None);
+    }
+}

@@ -1,0 +1,154 @@
+//! The values that flow through the engine: events, acks, starts, gaps.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// A published event as retained in a topic's ring. Shared by every
+/// subscriber through an `Arc`; the payload is never copied per subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Position in the topic, from 1, +1 per event, never reused.
+    pub offset: u64,
+    /// Position among the topic's events of this type, from 1.
+    pub version: u64,
+    /// Milliseconds since the Unix epoch, assigned by the broker.
+    pub timestamp_ms: u64,
+    /// The event's type (same alphabet as topic names).
+    pub event_type: Arc<str>,
+    /// Small string map: correlation id, causation id, user id, ...
+    pub headers: Vec<(String, String)>,
+    /// Opaque bytes; JSON by convention.
+    pub payload: Bytes,
+}
+
+impl Event {
+    /// Bytes this event counts against `max_bytes`: payload, type, headers
+    /// and a fixed per-event overhead for the struct itself.
+    pub fn retained_size(&self) -> u64 {
+        const OVERHEAD: usize = 64;
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        (self.payload.len() + self.event_type.len() + headers + OVERHEAD) as u64
+    }
+}
+
+/// An event as a publisher hands it in: the broker assigns the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// The event's type.
+    pub event_type: String,
+    /// Small string map carried with the event.
+    pub headers: Vec<(String, String)>,
+    /// Opaque bytes.
+    pub payload: Bytes,
+}
+
+impl NewEvent {
+    /// An event of `event_type` with `payload` and no headers.
+    pub fn new(event_type: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Self {
+            event_type: event_type.into(),
+            headers: Vec::new(),
+            payload: payload.into(),
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// What a publisher gets back per event once it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// The topic's epoch the event belongs to.
+    pub epoch: u64,
+    /// The event's offset.
+    pub offset: u64,
+    /// The event's version within its type.
+    pub version: u64,
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Only events published after the subscription.
+    Live,
+    /// Every retained event, then live.
+    Earliest,
+    /// Events with offset greater than `offset` in `epoch`.
+    AfterOffset {
+        /// The epoch the client's offset belongs to.
+        epoch: u64,
+        /// The last offset the client has.
+        offset: u64,
+    },
+    /// Per named type, events with a greater version; other types start live.
+    AfterVersions {
+        /// The epoch the client's versions belong to.
+        epoch: u64,
+        /// The last version the client has, per type.
+        versions: Vec<(String, u64)>,
+    },
+}
+
+/// Why a subscriber is told it missed events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GapReason {
+    /// What the client asked for is older than the retained window.
+    Retention,
+    /// The client's position belongs to another epoch of the topic.
+    EpochChanged,
+    /// The subscriber fell behind the ring while connected.
+    SlowConsumer,
+}
+
+impl GapReason {
+    /// The reason as written in docs, logs and the SSE bridge.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retention => "retention",
+            Self::EpochChanged => "epoch_changed",
+            Self::SlowConsumer => "slow_consumer",
+        }
+    }
+}
+
+/// The one explicit message that replaces events a subscriber cannot get.
+/// After it the subscription continues live.
+///
+/// For a whole-topic gap (`event_type` is `None`) the positions are offsets;
+/// for a per-type gap (resume by versions) they are versions of that type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    /// The topic.
+    pub topic: String,
+    /// The type the gap is about, or `None` for the whole topic.
+    pub event_type: Option<String>,
+    /// Why events were missed.
+    pub reason: GapReason,
+    /// The topic's current epoch.
+    pub epoch: u64,
+    /// The last position the client had (what it asked to resume after).
+    pub requested: u64,
+    /// The first position still retained (`current + 1` when none is).
+    pub first_available: u64,
+    /// The latest position; the subscription continues after it.
+    pub current: u64,
+}
+
+/// One item of a subscription's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// An event.
+    Event(Arc<Event>),
+    /// Events were missed; refetch state, the stream continues live.
+    Gap(Gap),
+    /// The topic was sealed (after its last event) or deleted; nothing follows.
+    End {
+        /// The topic's last offset.
+        last_offset: u64,
+    },
+}

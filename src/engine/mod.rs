@@ -1,0 +1,741 @@
+//! The topic log engine: the in-process API that every front end calls.
+//!
+//! `publish` → (store writer: assign, persist, group-commit) → topic ring →
+//! subscription cursors. See `docs/architecture.md` for the data flow.
+
+mod event;
+mod store;
+mod subscription;
+mod topic;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use tokio::sync::oneshot;
+
+pub use event::{Ack, Delivery, Event, Gap, GapReason, NewEvent, Start};
+pub use subscription::Subscription;
+
+use crate::config::{Config, Durability, Retention, TopicsConfig};
+use store::{Op, Store};
+use topic::{Topic, TopicState};
+
+/// Longest topic name or event type, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+/// Most headers on one event.
+pub const MAX_HEADERS: usize = 64;
+/// Most bytes of header keys and values on one event.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Why an engine call was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The topic name is empty, too long or has a character outside `[A-Za-z0-9._:-]`.
+    #[error("invalid topic name {0:?}: 1-255 bytes of A-Z a-z 0-9 . _ : -")]
+    InvalidTopic(String),
+    /// The event type is empty, too long or has a character outside `[A-Za-z0-9._:-]`.
+    #[error("invalid event type {0:?}: 1-255 bytes of A-Z a-z 0-9 . _ : -")]
+    InvalidType(String),
+    /// Headers exceed the count or size limit, or a key is empty.
+    #[error("invalid headers: {0}")]
+    InvalidHeaders(String),
+    /// The payload is larger than allowed.
+    #[error("payload of {size} bytes exceeds the limit of {max} bytes")]
+    PayloadTooLarge {
+        /// The payload's size.
+        size: usize,
+        /// The limit.
+        max: u64,
+    },
+    /// A batch with no events.
+    #[error("a batch must hold at least one event")]
+    EmptyBatch,
+    /// The topic does not exist (and auto-create is off, or it is a read).
+    #[error("topic {0:?} not found")]
+    TopicNotFound(String),
+    /// The topic is sealed: it takes no more events.
+    #[error("topic {0:?} is sealed")]
+    TopicSealed(String),
+    /// Creating the topic would exceed `max_topics`.
+    #[error("too many topics (limit {0})")]
+    TooManyTopics(usize),
+    /// The start position cannot be honoured (e.g. an offset in the future).
+    #[error("invalid start: {0}")]
+    InvalidStart(String),
+    /// The store failed; the operation did not happen.
+    #[error("storage error: {0}")]
+    Storage(String),
+    /// The engine is closing.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+}
+
+/// Engine-wide limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest payload of one event, in bytes.
+    pub max_payload: u64,
+    /// Most topics alive at once.
+    pub max_topics: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload: 1024 * 1024,
+            max_topics: 100_000,
+        }
+    }
+}
+
+/// Everything the engine needs to start.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Directory of the sled database (unused in memory mode).
+    pub data_dir: PathBuf,
+    /// Acknowledgement policy.
+    pub durability: Durability,
+    /// Fsync period of `interval` mode.
+    pub flush_interval: Duration,
+    /// Retention defaults and overrides.
+    pub topics: TopicsConfig,
+    /// Engine-wide limits.
+    pub limits: Limits,
+    /// How often age trimming and topic expiry run.
+    pub maintenance_interval: Duration,
+}
+
+impl EngineOptions {
+    /// Options taken from a daemon config.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            data_dir: config.storage.data_dir.clone(),
+            durability: config.storage.durability,
+            flush_interval: config.storage.flush_interval,
+            topics: config.topics.clone(),
+            limits: config.limits.engine(),
+            maintenance_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// In-memory options with default retention, for tests and benches.
+    pub fn memory() -> Self {
+        Self {
+            data_dir: PathBuf::new(),
+            durability: Durability::Memory,
+            flush_interval: Duration::from_millis(200),
+            topics: TopicsConfig::default(),
+            limits: Limits::default(),
+            maintenance_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// Persistent options under `dir` with `durability`, default retention.
+    pub fn persistent(dir: impl Into<PathBuf>, durability: Durability) -> Self {
+        Self {
+            data_dir: dir.into(),
+            durability,
+            ..Self::memory()
+        }
+    }
+}
+
+/// A page of retained events, as answered by [`Engine::history`].
+#[derive(Debug, Clone)]
+pub struct History {
+    /// The topic's epoch.
+    pub epoch: u64,
+    /// Matching events, in offset order.
+    pub events: Vec<Arc<Event>>,
+    /// Pass as `after` to get the next page.
+    pub next_after: u64,
+    /// The first retained offset (events before it are gone).
+    pub first_available: u64,
+    /// The last committed offset.
+    pub last_offset: u64,
+}
+
+/// A topic as listed by [`Engine::topics`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSummary {
+    /// The name.
+    pub name: String,
+    /// The current epoch.
+    pub epoch: u64,
+    /// The last committed offset.
+    pub last_offset: u64,
+    /// Whether publishes are refused.
+    pub sealed: bool,
+}
+
+/// Everything known about one topic, as answered by [`Engine::info`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// The name.
+    pub name: String,
+    /// The current epoch.
+    pub epoch: u64,
+    /// The first retained offset (`last_offset + 1` when none is retained).
+    pub first_offset: u64,
+    /// The last committed offset (0 before the first event).
+    pub last_offset: u64,
+    /// Current version per type, sorted by type.
+    pub versions: Vec<(String, u64)>,
+    /// Effective retention settings.
+    pub retention: Retention,
+    /// Events in the ring.
+    pub retained_events: u64,
+    /// Bytes in the ring.
+    pub retained_bytes: u64,
+    /// Live subscriptions.
+    pub subscribers: usize,
+    /// Whether publishes are refused.
+    pub sealed: bool,
+}
+
+/// Engine-wide gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Topics alive.
+    pub topics: u64,
+    /// Events retained over all rings.
+    pub retained_events: u64,
+    /// Bytes retained over all rings.
+    pub retained_bytes: u64,
+    /// Live subscriptions over all topics.
+    pub subscribers: u64,
+}
+
+/// The topic log engine. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    topics: DashMap<Arc<str>, Arc<Topic>>,
+    options: EngineOptions,
+    store: Option<Store>,
+    recovered_events: u64,
+    janitor: parking_lot::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("topics", &self.inner.topics.len())
+            .field("durability", &self.inner.options.durability)
+            .finish()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A random epoch id (never 0, so 0 can mean "no epoch" in clients).
+pub(crate) fn new_epoch() -> u64 {
+    loop {
+        // getrandom only fails without an OS entropy source; fall back to
+        // the clock rather than refuse to create topics.
+        let e = getrandom::u64().unwrap_or_else(|_| now_ms().wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        if e != 0 {
+            return e;
+        }
+    }
+}
+
+/// Whether `c` may appear in a topic name or event type.
+pub fn is_topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_NAME_LEN && s.chars().all(is_topic_char)
+}
+
+/// Checks a topic name: 1-255 bytes of `[A-Za-z0-9._:-]`.
+pub fn validate_topic(name: &str) -> Result<(), EngineError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidTopic(name.chars().take(300).collect()))
+    }
+}
+
+impl Engine {
+    /// Opens the engine: in memory, or recovering every topic from sled.
+    /// Starts the store writer and the maintenance thread.
+    pub fn open(options: EngineOptions) -> Result<Self, EngineError> {
+        let (store, topics, recovered_events) = match options.durability {
+            Durability::Memory => (None, Vec::new(), 0),
+            durability => {
+                let opened = store::Store::open(
+                    &options.data_dir,
+                    durability,
+                    options.flush_interval,
+                    &options.topics,
+                )?;
+                (Some(opened.store), opened.topics, opened.events)
+            }
+        };
+        let inner = Arc::new(Inner {
+            topics: topics.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            options,
+            store,
+            recovered_events,
+            janitor: parking_lot::Mutex::new(None),
+        });
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let weak = Arc::downgrade(&inner);
+        let interval = inner.options.maintenance_interval;
+        std::thread::Builder::new()
+            .name("ringcast-janitor".into())
+            .spawn(move || janitor(weak, stop_rx, interval))
+            .map_err(|e| EngineError::Storage(format!("cannot start maintenance thread: {e}")))?;
+        *inner.janitor.lock() = Some(stop_tx);
+        Ok(Self { inner })
+    }
+
+    /// The durability mode in use.
+    pub fn durability(&self) -> Durability {
+        self.inner.options.durability
+    }
+
+    /// Events rebuilt from disk at open.
+    pub fn recovered_events(&self) -> u64 {
+        self.inner.recovered_events
+    }
+
+    /// Publishes one event; resolves once it is acknowledged under the
+    /// durability mode.
+    pub async fn publish(&self, topic: &str, event: NewEvent) -> Result<Ack, EngineError> {
+        let mut acks = self.publish_batch(topic, vec![event]).await?;
+        acks.pop().ok_or(EngineError::EmptyBatch)
+    }
+
+    /// Publishes events atomically in order: the batch is validated as a
+    /// whole before any event is appended.
+    pub async fn publish_batch(
+        &self,
+        topic: &str,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Ack>, EngineError> {
+        validate_topic(topic)?;
+        if events.is_empty() {
+            return Err(EngineError::EmptyBatch);
+        }
+        let retention = self.inner.options.topics.retention_for(topic);
+        for e in &events {
+            self.validate_event(e, &retention)?;
+        }
+        loop {
+            let t = self.get_or_create(topic, self.inner.options.topics.auto_create)?;
+            match &self.inner.store {
+                None => {
+                    let now = now_ms();
+                    let mut state = t.state.write();
+                    if state.deleted {
+                        continue;
+                    }
+                    if state.sealed {
+                        return Err(EngineError::TopicSealed(topic.to_owned()));
+                    }
+                    let epoch = state.epoch;
+                    let mut acks = Vec::with_capacity(events.len());
+                    let mut assigned = Vec::with_capacity(events.len());
+                    // Memory mode commits at once, assigning on the
+                    // committed counters.
+                    for e in events {
+                        let (offset, version, event_type) = state.counters.assign(&e.event_type);
+                        acks.push(Ack {
+                            epoch,
+                            offset,
+                            version,
+                        });
+                        assigned.push(Arc::new(Event {
+                            offset,
+                            version,
+                            timestamp_ms: now,
+                            event_type,
+                            headers: e.headers,
+                            payload: e.payload,
+                        }));
+                    }
+                    state.push(assigned, now);
+                    drop(state);
+                    t.touch(now);
+                    t.wake();
+                    return Ok(acks);
+                }
+                Some(store) => {
+                    let (ack, rx) = oneshot::channel();
+                    {
+                        // Checked and queued under the lock so that a seal or
+                        // delete is ordered after every publish it let through.
+                        let state = t.state.read();
+                        if state.deleted {
+                            continue;
+                        }
+                        if state.sealed {
+                            return Err(EngineError::TopicSealed(topic.to_owned()));
+                        }
+                        store.send(Op::Append {
+                            topic: t.clone(),
+                            events,
+                            ack,
+                        })?;
+                    }
+                    return rx.await.map_err(|_| EngineError::ShuttingDown)?;
+                }
+            }
+        }
+    }
+
+    fn validate_event(&self, e: &NewEvent, retention: &Retention) -> Result<(), EngineError> {
+        if !valid_name(&e.event_type) {
+            return Err(EngineError::InvalidType(
+                e.event_type.chars().take(300).collect(),
+            ));
+        }
+        let max = self
+            .inner
+            .options
+            .limits
+            .max_payload
+            .min(retention.max_bytes);
+        if e.payload.len() as u64 > max {
+            return Err(EngineError::PayloadTooLarge {
+                size: e.payload.len(),
+                max,
+            });
+        }
+        if e.headers.len() > MAX_HEADERS {
+            return Err(EngineError::InvalidHeaders(format!(
+                "{} headers, at most {MAX_HEADERS}",
+                e.headers.len()
+            )));
+        }
+        let bytes: usize = e.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if bytes > MAX_HEADER_BYTES {
+            return Err(EngineError::InvalidHeaders(format!(
+                "{bytes} bytes, at most {MAX_HEADER_BYTES}"
+            )));
+        }
+        if e.headers.iter().any(|(k, _)| k.is_empty()) {
+            return Err(EngineError::InvalidHeaders("empty header name".into()));
+        }
+        Ok(())
+    }
+
+    /// Creates `name` if it does not exist (regardless of `auto_create`).
+    pub fn create(&self, name: &str) -> Result<(), EngineError> {
+        validate_topic(name)?;
+        self.get_or_create(name, true).map(|_| ())
+    }
+
+    fn get(&self, name: &str) -> Result<Arc<Topic>, EngineError> {
+        self.inner
+            .topics
+            .get(name)
+            .map(|t| t.value().clone())
+            .ok_or_else(|| EngineError::TopicNotFound(name.to_owned()))
+    }
+
+    fn get_or_create(&self, name: &str, create: bool) -> Result<Arc<Topic>, EngineError> {
+        if let Some(t) = self.inner.topics.get(name) {
+            return Ok(t.value().clone());
+        }
+        if !create {
+            return Err(EngineError::TopicNotFound(name.to_owned()));
+        }
+        let max = self.inner.options.limits.max_topics;
+        if self.inner.topics.len() >= max {
+            return Err(EngineError::TooManyTopics(max));
+        }
+        let name: Arc<str> = Arc::from(name);
+        match self.inner.topics.entry(name.clone()) {
+            Entry::Occupied(e) => Ok(e.get().clone()),
+            Entry::Vacant(e) => {
+                let retention = self.inner.options.topics.retention_for(&name);
+                let topic = Topic::new(
+                    name.clone(),
+                    TopicState::new(new_epoch(), retention),
+                    now_ms(),
+                );
+                if let Some(store) = &self.inner.store {
+                    // Persist the epoch even before the first event.
+                    store.send(Op::Touch {
+                        topic: topic.clone(),
+                    })?;
+                }
+                e.insert(topic.clone());
+                tracing::debug!(topic = %name, "topic created");
+                Ok(topic)
+            }
+        }
+    }
+
+    /// Subscribes to `topic` (created when `auto_create` is on), with an
+    /// optional type filter (empty = all types) and a start position.
+    pub fn subscribe(
+        &self,
+        topic: &str,
+        types: Vec<String>,
+        start: Start,
+    ) -> Result<Subscription, EngineError> {
+        validate_topic(topic)?;
+        if let Some(bad) = types.iter().find(|t| !valid_name(t)) {
+            return Err(EngineError::InvalidType(bad.chars().take(300).collect()));
+        }
+        let t = self.get_or_create(topic, self.inner.options.topics.auto_create)?;
+        Subscription::open(t, types, start)
+    }
+
+    /// Up to `limit` retained events with offset > `after` (of the given
+    /// types; empty = all), for paginated reads.
+    pub fn history(
+        &self,
+        topic: &str,
+        after: u64,
+        types: &[String],
+        limit: usize,
+    ) -> Result<History, EngineError> {
+        validate_topic(topic)?;
+        let t = self.get(topic)?;
+        let state = t.state.read();
+        let first = state.first_offset();
+        let mut offset = after.saturating_add(1).max(first);
+        let mut events = Vec::new();
+        while events.len() < limit {
+            let Some(e) = state.get(offset) else { break };
+            offset += 1;
+            if types.is_empty() || types.iter().any(|x| **x == *e.event_type) {
+                events.push(e.clone());
+            }
+        }
+        Ok(History {
+            epoch: state.epoch,
+            events,
+            next_after: offset - 1,
+            first_available: first,
+            last_offset: state.last_offset(),
+        })
+    }
+
+    /// Every live topic, sorted by name.
+    pub fn topics(&self) -> Vec<TopicSummary> {
+        let mut list: Vec<TopicSummary> = self
+            .inner
+            .topics
+            .iter()
+            .map(|t| {
+                let s = t.state.read();
+                TopicSummary {
+                    name: t.name.to_string(),
+                    epoch: s.epoch,
+                    last_offset: s.last_offset(),
+                    sealed: s.sealed,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Epoch, offsets, versions, retention and subscriber count of `topic`.
+    pub fn info(&self, topic: &str) -> Result<TopicInfo, EngineError> {
+        validate_topic(topic)?;
+        let t = self.get(topic)?;
+        let s = t.state.read();
+        let mut versions: Vec<(String, u64)> = s
+            .counters
+            .versions
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        versions.sort();
+        Ok(TopicInfo {
+            name: topic.to_owned(),
+            epoch: s.epoch,
+            first_offset: s.first_offset(),
+            last_offset: s.last_offset(),
+            versions,
+            retention: s.retention,
+            retained_events: s.ring.len() as u64,
+            retained_bytes: s.ring_bytes,
+            subscribers: t.subscribers.load(Ordering::Relaxed),
+            sealed: s.sealed,
+        })
+    }
+
+    /// Seals `topic`: publishes are refused from now on; subscribers get
+    /// `End` after the last event; the topic is removed after `sealed_ttl`.
+    pub async fn seal(&self, topic: &str) -> Result<(), EngineError> {
+        validate_topic(topic)?;
+        let t = self.get(topic)?;
+        match &self.inner.store {
+            None => {
+                {
+                    let mut s = t.state.write();
+                    s.sealed = true;
+                    s.sealed_at_ms.get_or_insert_with(now_ms);
+                }
+                t.wake();
+                Ok(())
+            }
+            Some(store) => {
+                let (ack, rx) = oneshot::channel();
+                {
+                    let mut s = t.state.write();
+                    s.sealed = true;
+                    store.send(Op::Seal {
+                        topic: t.clone(),
+                        ack,
+                    })?;
+                }
+                rx.await.map_err(|_| EngineError::ShuttingDown)?
+            }
+        }
+    }
+
+    /// Deletes `topic` and its stored events. Subscribers get `End`; a later
+    /// publish re-creates it with a new epoch, offsets from 1.
+    pub async fn delete(&self, topic: &str) -> Result<(), EngineError> {
+        validate_topic(topic)?;
+        match self.remove(topic, None)? {
+            Some(rx) => rx.await.map_err(|_| EngineError::ShuttingDown)?,
+            None => Ok(()),
+        }
+    }
+
+    /// Removes a topic from the map (only `expected` if given) and queues the
+    /// deletion of its records, in order with every earlier write.
+    fn remove(
+        &self,
+        name: &str,
+        expected: Option<&Arc<Topic>>,
+    ) -> Result<Option<oneshot::Receiver<Result<(), EngineError>>>, EngineError> {
+        let Entry::Occupied(entry) = self.inner.topics.entry(Arc::from(name)) else {
+            return Err(EngineError::TopicNotFound(name.to_owned()));
+        };
+        let t = entry.get().clone();
+        if expected.is_some_and(|e| !Arc::ptr_eq(e, &t)) {
+            return Ok(None);
+        }
+        let mut rx = None;
+        {
+            let mut s = t.state.write();
+            s.deleted = true;
+            if let Some(store) = &self.inner.store {
+                let (ack, r) = oneshot::channel();
+                store.send(Op::Delete {
+                    topic: t.clone(),
+                    ack,
+                })?;
+                rx = Some(r);
+            }
+        }
+        entry.remove();
+        t.wake();
+        tracing::info!(topic = name, "topic deleted");
+        Ok(rx)
+    }
+
+    /// Gauges over all topics.
+    pub fn stats(&self) -> EngineStats {
+        let mut stats = EngineStats::default();
+        for t in self.inner.topics.iter() {
+            let s = t.state.read();
+            stats.topics += 1;
+            stats.retained_events += s.ring.len() as u64;
+            stats.retained_bytes += s.ring_bytes;
+            stats.subscribers += t.subscribers.load(Ordering::Relaxed) as u64;
+        }
+        stats
+    }
+
+    /// Waits until everything acknowledged so far is on stable storage
+    /// (a no-op in memory mode).
+    pub async fn sync(&self) -> Result<(), EngineError> {
+        match &self.inner.store {
+            Some(store) => store.sync().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Runs age trimming and topic expiry as of `now`; the maintenance
+    /// thread calls it every `maintenance_interval`. Exposed so tests can
+    /// drive time.
+    #[doc(hidden)]
+    pub fn maintain_at(&self, now: SystemTime) {
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        maintain(&self.inner, self, now);
+    }
+
+    /// Stops maintenance, drains the writer, fsyncs and marks the store
+    /// clean. Publishes after this fail with `ShuttingDown`.
+    pub async fn close(&self) -> Result<(), EngineError> {
+        self.inner.janitor.lock().take();
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || match &inner.store {
+            Some(store) => store.close(),
+            None => Ok(()),
+        })
+        .await
+        .map_err(|e| EngineError::Storage(format!("close task failed: {e}")))?
+    }
+}
+
+fn janitor(inner: Weak<Inner>, stop: std::sync::mpsc::Receiver<()>, interval: Duration) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        let Some(inner) = inner.upgrade() else { return };
+        let engine = Engine {
+            inner: inner.clone(),
+        };
+        maintain(&inner, &engine, now_ms());
+    }
+}
+
+fn maintain(inner: &Inner, engine: &Engine, now: u64) {
+    let topics: Vec<Arc<Topic>> = inner.topics.iter().map(|t| t.value().clone()).collect();
+    for t in topics {
+        let (trimmed, expired) = {
+            let mut s = t.state.write();
+            let trimmed = s.trim(now) > 0;
+            let r = s.retention;
+            let ttl_ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            let sealed_out = s
+                .sealed_at_ms
+                .is_some_and(|at| now >= at.saturating_add(ttl_ms(r.sealed_ttl)));
+            let idle_out = r.idle_ttl.is_some_and(|ttl| {
+                t.subscribers.load(Ordering::Relaxed) == 0
+                    && now
+                        >= t.last_activity_ms
+                            .load(Ordering::Relaxed)
+                            .saturating_add(ttl_ms(ttl))
+            });
+            (trimmed, sealed_out || idle_out)
+        };
+        if expired {
+            match engine.remove(&t.name, Some(&t)) {
+                Ok(_) => tracing::info!(topic = %t.name, "topic expired"),
+                Err(e) => tracing::warn!(topic = %t.name, error = %e, "topic expiry failed"),
+            }
+        } else if trimmed {
+            if let Some(store) = &inner.store {
+                let _ = store.send(Op::Touch { topic: t.clone() });
+            }
+            t.wake();
+        }
+    }
+}

@@ -1,0 +1,749 @@
+//! The only module that touches sled: recovery, and the single writer
+//! thread that assigns offsets, group-commits batches and then publishes
+//! them to the rings.
+//!
+//! # Layout in sled (one tree, so one `apply_batch` is atomic)
+//! - `M` + topic name → [`TopicMeta`]: epoch, next offset, versions per
+//!   type, trimmed-through offset, sealed time. Rewritten with every batch
+//!   that touches the topic, so counters survive even when every event of a
+//!   type has been trimmed.
+//! - `E` + name length (u8) + name + first offset (u64 BE) → one record: the
+//!   events of one publish (or one slice of a large batch). Records are
+//!   deleted once every event in them is trimmed; recovery skips events at or
+//!   below `trimmed_through`.
+//! - `_run` → [`RunMarker`]: whether the last run closed cleanly.
+//!
+//! # Durability
+//! sled's `flush` ends in `sync_file_range`, which survives `kill -9` but not
+//! power loss, so `fsync` mode follows every flush with `fdatasync` of the
+//! data file (and of blob files when a record was large enough to become
+//! one). Concurrent publishes queue while a flush runs and share the next.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::event::{Ack, Event, NewEvent};
+use super::topic::{Counters, Topic, TopicState};
+use super::{now_ms, EngineError};
+use crate::config::{Durability, TopicsConfig};
+
+/// Largest record written; a bigger batch is split. Kept well under sled's
+/// blob threshold (a quarter of the segment size).
+const RECORD_MAX: usize = 256 * 1024;
+/// sled segment size: values above a quarter of it become blob files.
+const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
+const BLOB_THRESHOLD: usize = SEGMENT_SIZE / 4 - 64;
+/// Most operations folded into one batch.
+const MAX_OPS: usize = 4096;
+
+const META: u8 = b'M';
+const RECORD: u8 = b'E';
+const RUN_MARKER: &[u8] = b"_run";
+
+fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Persisted per-topic state.
+#[derive(Debug, Serialize, Deserialize)]
+struct TopicMeta {
+    epoch: u64,
+    next_offset: u64,
+    versions: Vec<(String, u64)>,
+    trimmed_through: u64,
+    sealed_at_ms: Option<u64>,
+}
+
+/// Whether the previous run closed cleanly, and in which mode.
+#[derive(Debug, Serialize, Deserialize)]
+struct RunMarker {
+    clean: bool,
+    durability: u8,
+}
+
+#[derive(Serialize)]
+struct StoredEventRef<'a> {
+    offset: u64,
+    version: u64,
+    timestamp_ms: u64,
+    event_type: &'a str,
+    headers: &'a [(String, String)],
+    payload: &'a serde_bytes::Bytes,
+}
+
+#[derive(Deserialize)]
+struct StoredEvent {
+    offset: u64,
+    version: u64,
+    timestamp_ms: u64,
+    event_type: String,
+    headers: Vec<(String, String)>,
+    payload: serde_bytes::ByteBuf,
+}
+
+fn meta_key(topic: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + topic.len());
+    k.push(META);
+    k.extend_from_slice(topic.as_bytes());
+    k
+}
+
+fn record_prefix(topic: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + topic.len() + 8);
+    k.push(RECORD);
+    // Topic names are 1..=255 bytes (validated), so the length fits a u8
+    // and no name's prefix is another's.
+    k.push(topic.len() as u8);
+    k.extend_from_slice(topic.as_bytes());
+    k
+}
+
+fn record_key(topic: &str, first_offset: u64) -> Vec<u8> {
+    let mut k = record_prefix(topic);
+    k.extend_from_slice(&first_offset.to_be_bytes());
+    k
+}
+
+fn storage_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Storage(e.to_string())
+}
+
+/// A topic as recovered from disk, ready to be installed in the engine.
+pub(crate) struct Recovered {
+    pub topic: Arc<Topic>,
+    writer: WriterTopic,
+}
+
+/// What the writer alone knows of a topic: counters including events not
+/// yet committed, and which records hold which offsets.
+struct WriterTopic {
+    topic: Arc<Topic>,
+    counters: Counters,
+    segments: VecDeque<(u64, u64)>,
+    sealed_at_ms: Option<u64>,
+}
+
+impl WriterTopic {
+    fn from_topic(topic: &Arc<Topic>) -> Self {
+        let state = topic.state.read();
+        Self {
+            topic: topic.clone(),
+            counters: state.counters.clone(),
+            segments: VecDeque::new(),
+            sealed_at_ms: state.sealed_at_ms,
+        }
+    }
+}
+
+/// A request to the writer thread.
+pub(crate) enum Op {
+    /// Assign, persist and commit events.
+    Append {
+        topic: Arc<Topic>,
+        events: Vec<NewEvent>,
+        ack: oneshot::Sender<Result<Vec<Ack>, EngineError>>,
+    },
+    /// Persist the seal after every earlier append.
+    Seal {
+        topic: Arc<Topic>,
+        ack: oneshot::Sender<Result<(), EngineError>>,
+    },
+    /// Remove every record and the meta of the topic.
+    Delete {
+        topic: Arc<Topic>,
+        ack: oneshot::Sender<Result<(), EngineError>>,
+    },
+    /// Rewrite the topic's meta and drop trimmed records.
+    Touch { topic: Arc<Topic> },
+    /// Flush and fsync everything before it.
+    Sync {
+        ack: oneshot::Sender<Result<(), EngineError>>,
+    },
+}
+
+/// Handle to the sled store and its writer thread.
+pub(crate) struct Store {
+    tx: mpsc::UnboundedSender<Op>,
+    db: sled::Db,
+    syncer: Arc<FileSync>,
+    writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    flusher: parking_lot::Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+}
+
+/// Forces sled's data to stable storage.
+struct FileSync {
+    dir: PathBuf,
+    data_file: File,
+}
+
+impl FileSync {
+    fn sync(&self, db: &sled::Db, blobs: bool) -> Result<(), EngineError> {
+        db.flush().map_err(storage_err)?;
+        self.data_file.sync_data().map_err(storage_err)?;
+        if blobs {
+            let dir = self.dir.join("blobs");
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    File::open(entry.path())
+                        .and_then(|f| f.sync_data())
+                        .map_err(storage_err)?;
+                }
+            }
+            File::open(&dir)
+                .and_then(|f| f.sync_all())
+                .map_err(storage_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`Store::open`] recovered.
+pub(crate) struct Opened {
+    pub store: Store,
+    pub topics: Vec<Arc<Topic>>,
+    pub events: u64,
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir`, rebuilds every topic
+    /// and starts the writer thread.
+    pub fn open(
+        dir: &Path,
+        durability: Durability,
+        flush_interval: Duration,
+        topics_config: &TopicsConfig,
+    ) -> Result<Opened, EngineError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| EngineError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .segment_size(SEGMENT_SIZE)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| EngineError::Storage(format!("cannot open {}: {e}", dir.display())))?;
+        let data_file = File::open(dir.join("db")).map_err(storage_err)?;
+        let syncer = Arc::new(FileSync {
+            dir: dir.to_owned(),
+            data_file,
+        });
+
+        let previous: Option<RunMarker> = db
+            .get(RUN_MARKER)
+            .map_err(storage_err)?
+            .and_then(|v| decode(&v).ok());
+        // An unclean stop in a mode that acks before fsync may have lost
+        // acknowledged events; their offsets would be reused. A new epoch
+        // makes resuming clients get `epoch_changed` instead of a silent hole.
+        let rotate = previous.is_some_and(|m| !m.clean && m.durability != 0);
+        let now = now_ms();
+        let mut recovered = Vec::new();
+        let mut events = 0;
+        for item in db.scan_prefix([META]) {
+            let (key, value) = item.map_err(storage_err)?;
+            let name = std::str::from_utf8(&key[1..]).map_err(storage_err)?;
+            let meta: TopicMeta = decode(&value)?;
+            let r = recover_topic(&db, name, meta, topics_config, now, rotate)?;
+            events += r.topic.state.read().ring.len() as u64;
+            recovered.push(r);
+        }
+        let marker = RunMarker {
+            clean: false,
+            durability: match durability {
+                Durability::Fsync => 0,
+                _ => 1,
+            },
+        };
+        db.insert(RUN_MARKER, encode(&marker)?)
+            .map_err(storage_err)?;
+        syncer.sync(&db, false)?;
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let topics: Vec<Arc<Topic>> = recovered.iter().map(|r| r.topic.clone()).collect();
+        let mut writer = Writer {
+            db: db.clone(),
+            syncer: syncer.clone(),
+            fsync: durability == Durability::Fsync,
+            topics: recovered
+                .into_iter()
+                .map(|r| (r.topic.name.clone(), r.writer))
+                .collect(),
+            dirty: HashMap::new(),
+        };
+        if rotate {
+            for t in &topics {
+                writer.dirty.insert(t.name.clone(), t.clone());
+            }
+        }
+        let writer = std::thread::Builder::new()
+            .name("ringcast-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(storage_err)?;
+
+        let flusher = (durability == Durability::Interval).then(|| {
+            let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+            let (db, syncer) = (db.clone(), syncer.clone());
+            let handle = std::thread::Builder::new()
+                .name("ringcast-flusher".into())
+                .spawn(move || {
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        stop_rx.recv_timeout(flush_interval)
+                    {
+                        if let Err(e) = syncer.sync(&db, true) {
+                            tracing::error!(error = %e, "periodic flush failed");
+                        }
+                    }
+                });
+            handle.map(|h| (stop_tx, h))
+        });
+        let flusher = flusher.transpose().map_err(storage_err)?;
+        Ok(Opened {
+            store: Store {
+                tx,
+                db,
+                syncer,
+                writer: parking_lot::Mutex::new(Some(writer)),
+                flusher: parking_lot::Mutex::new(flusher),
+            },
+            topics,
+            events,
+        })
+    }
+
+    /// Queues an operation for the writer.
+    pub fn send(&self, op: Op) -> Result<(), EngineError> {
+        self.tx.send(op).map_err(|_| EngineError::ShuttingDown)
+    }
+
+    /// Waits until everything queued so far is on stable storage.
+    pub async fn sync(&self) -> Result<(), EngineError> {
+        let (ack, rx) = oneshot::channel();
+        self.send(Op::Sync { ack })?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// Drains the writer, fsyncs, and marks the run clean. Blocking.
+    pub fn close(&self) -> Result<(), EngineError> {
+        if let Some((stop, handle)) = self.flusher.lock().take() {
+            drop(stop);
+            let _ = handle.join();
+        }
+        let (ack, rx) = oneshot::channel();
+        if self.tx.send(Op::Sync { ack }).is_ok() {
+            rx.blocking_recv()
+                .map_err(|_| EngineError::ShuttingDown)??;
+        }
+        let marker = RunMarker {
+            clean: true,
+            durability: 0,
+        };
+        self.db
+            .insert(RUN_MARKER, encode(&marker)?)
+            .map_err(storage_err)?;
+        self.syncer.sync(&self.db, true)?;
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some((stop, handle)) = self.flusher.lock().take() {
+            drop(stop);
+            let _ = handle.join();
+        }
+        // Closing the channel makes the writer finish what is queued and exit.
+        let (tx, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(handle) = self.writer.lock().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, EngineError> {
+    bincode::serde::encode_to_vec(value, bincode_config()).map_err(storage_err)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, EngineError> {
+    bincode::serde::decode_from_slice(bytes, bincode_config())
+        .map(|(v, _)| v)
+        .map_err(|e| EngineError::Storage(format!("corrupt record: {e}")))
+}
+
+fn recover_topic(
+    db: &sled::Db,
+    name: &str,
+    meta: TopicMeta,
+    config: &TopicsConfig,
+    now: u64,
+    rotate_epoch: bool,
+) -> Result<Recovered, EngineError> {
+    let mut state = TopicState::new(meta.epoch, config.retention_for(name));
+    state.counters.next_offset = meta.next_offset.max(1);
+    state.counters.versions = meta
+        .versions
+        .into_iter()
+        .map(|(t, v)| (Arc::<str>::from(t), v))
+        .collect();
+    state.sealed_at_ms = meta.sealed_at_ms;
+    state.sealed = meta.sealed_at_ms.is_some();
+    let mut segments = VecDeque::new();
+    for item in db.scan_prefix(record_prefix(name)) {
+        let (_, value) = item.map_err(storage_err)?;
+        let events: Vec<StoredEvent> = decode(&value)?;
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            continue;
+        };
+        segments.push_back((first.offset, last.offset));
+        for e in events {
+            if e.offset <= meta.trimmed_through {
+                continue;
+            }
+            if state.ring.back().is_some_and(|b| b.offset + 1 != e.offset) {
+                tracing::error!(
+                    topic = name,
+                    offset = e.offset,
+                    "hole in stored offsets; keeping the events after it"
+                );
+                state.ring.clear();
+                state.ring_bytes = 0;
+            }
+            let event_type: Arc<str> =
+                match state.counters.versions.get_key_value(e.event_type.as_str()) {
+                    Some((k, _)) => k.clone(),
+                    None => Arc::from(e.event_type),
+                };
+            let version = state
+                .counters
+                .versions
+                .entry(event_type.clone())
+                .or_insert(0);
+            *version = (*version).max(e.version);
+            let event = Arc::new(Event {
+                offset: e.offset,
+                version: e.version,
+                timestamp_ms: e.timestamp_ms,
+                event_type,
+                headers: e.headers,
+                payload: Bytes::from(e.payload.into_vec()),
+            });
+            state.counters.next_offset = state.counters.next_offset.max(e.offset + 1);
+            state.ring_bytes += event.retained_size();
+            state.ring.push_back(event);
+        }
+    }
+    state.trim(now);
+    if rotate_epoch {
+        state.epoch = super::new_epoch();
+        tracing::warn!(
+            topic = name,
+            "unclean stop in a non-fsync mode: topic gets a new epoch"
+        );
+    }
+    let topic = Topic::new(Arc::from(name), state, now);
+    let writer = WriterTopic {
+        counters: topic.state.read().counters.clone(),
+        topic: topic.clone(),
+        segments,
+        sealed_at_ms: meta.sealed_at_ms,
+    };
+    Ok(Recovered { topic, writer })
+}
+
+/// What to do with an operation once its batch is durable.
+enum Done {
+    Append {
+        topic: Arc<Topic>,
+        events: Vec<Arc<Event>>,
+        epoch: u64,
+        ack: oneshot::Sender<Result<Vec<Ack>, EngineError>>,
+    },
+    Seal {
+        topic: Arc<Topic>,
+        at: u64,
+        ack: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Reply(oneshot::Sender<Result<(), EngineError>>),
+}
+
+struct Writer {
+    db: sled::Db,
+    syncer: Arc<FileSync>,
+    fsync: bool,
+    topics: HashMap<Arc<str>, WriterTopic>,
+    /// Topics whose ring was trimmed since their records were last pruned.
+    dirty: HashMap<Arc<str>, Arc<Topic>>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
+        let mut ops = Vec::new();
+        loop {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(mpsc::error::TryRecvError::Empty) if !self.dirty.is_empty() => {}
+                Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
+                    Some(op) => ops.push(op),
+                    None => break,
+                },
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+            while ops.len() < MAX_OPS {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.process(std::mem::take(&mut ops));
+        }
+        self.process(Vec::new());
+        if let Err(e) = self.syncer.sync(&self.db, true) {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+
+    fn entry(&mut self, topic: &Arc<Topic>) -> &mut WriterTopic {
+        let wt = self
+            .topics
+            .entry(topic.name.clone())
+            .or_insert_with(|| WriterTopic::from_topic(topic));
+        if !Arc::ptr_eq(&wt.topic, topic) {
+            *wt = WriterTopic::from_topic(topic);
+        }
+        wt
+    }
+
+    fn process(&mut self, ops: Vec<Op>) {
+        let started = Instant::now();
+        let mut batch = sled::Batch::default();
+        let mut touched: HashMap<Arc<str>, Arc<Topic>> = std::mem::take(&mut self.dirty);
+        let mut done = Vec::with_capacity(ops.len());
+        let mut blobs = false;
+        let now = now_ms();
+        for op in ops {
+            match op {
+                Op::Append { topic, events, ack } => {
+                    let epoch = topic.state.read().epoch;
+                    let wt = self.entry(&topic);
+                    let events: Vec<Arc<Event>> = events
+                        .into_iter()
+                        .map(|e| {
+                            let (offset, version, event_type) = wt.counters.assign(&e.event_type);
+                            Arc::new(Event {
+                                offset,
+                                version,
+                                timestamp_ms: now,
+                                event_type,
+                                headers: e.headers,
+                                payload: e.payload,
+                            })
+                        })
+                        .collect();
+                    let mut start = 0;
+                    while start < events.len() {
+                        let mut end = start;
+                        let mut size = 0;
+                        while end < events.len() && (end == start || size < RECORD_MAX) {
+                            size += events[end].retained_size() as usize;
+                            end += 1;
+                        }
+                        let chunk = &events[start..end];
+                        let refs: Vec<StoredEventRef<'_>> = chunk
+                            .iter()
+                            .map(|e| StoredEventRef {
+                                offset: e.offset,
+                                version: e.version,
+                                timestamp_ms: e.timestamp_ms,
+                                event_type: &e.event_type,
+                                headers: &e.headers,
+                                payload: serde_bytes::Bytes::new(&e.payload),
+                            })
+                            .collect();
+                        match encode(&refs) {
+                            Ok(value) => {
+                                blobs |= value.len() > BLOB_THRESHOLD;
+                                let (first, last) =
+                                    (chunk[0].offset, chunk[chunk.len() - 1].offset);
+                                batch.insert(record_key(&topic.name, first), value);
+                                wt.segments.push_back((first, last));
+                            }
+                            Err(e) => tracing::error!(error = %e, "cannot encode record"),
+                        }
+                        start = end;
+                    }
+                    touched.insert(topic.name.clone(), topic.clone());
+                    done.push(Done::Append {
+                        topic,
+                        events,
+                        epoch,
+                        ack,
+                    });
+                }
+                Op::Seal { topic, ack } => {
+                    let wt = self.entry(&topic);
+                    let at = *wt.sealed_at_ms.get_or_insert(now);
+                    touched.insert(topic.name.clone(), topic.clone());
+                    done.push(Done::Seal { topic, at, ack });
+                }
+                Op::Delete { topic, ack } => {
+                    if let Some(wt) = self.topics.get(&topic.name) {
+                        if Arc::ptr_eq(&wt.topic, &topic) {
+                            // Records of this very batch are not in sled yet.
+                            for (first, _) in &wt.segments {
+                                batch.remove(record_key(&topic.name, *first));
+                            }
+                            self.topics.remove(&topic.name);
+                        }
+                    }
+                    for key in self
+                        .db
+                        .scan_prefix(record_prefix(&topic.name))
+                        .keys()
+                        .flatten()
+                    {
+                        batch.remove(key);
+                    }
+                    batch.remove(meta_key(&topic.name));
+                    if touched
+                        .get(&topic.name)
+                        .is_some_and(|t| Arc::ptr_eq(t, &topic))
+                    {
+                        touched.remove(&topic.name);
+                    }
+                    done.push(Done::Reply(ack));
+                }
+                Op::Touch { topic } => {
+                    touched.insert(topic.name.clone(), topic);
+                }
+                Op::Sync { ack } => done.push(Done::Reply(ack)),
+            }
+        }
+        for topic in touched.values() {
+            let (epoch, first, deleted) = {
+                let s = topic.state.read();
+                (s.epoch, s.first_offset(), s.deleted)
+            };
+            if deleted {
+                continue;
+            }
+            let wt = self.entry(topic);
+            while let Some(&(seg_first, seg_last)) = wt.segments.front() {
+                if seg_last >= first {
+                    break;
+                }
+                batch.remove(record_key(&topic.name, seg_first));
+                wt.segments.pop_front();
+            }
+            let meta = TopicMeta {
+                epoch,
+                next_offset: wt.counters.next_offset,
+                versions: wt
+                    .counters
+                    .versions
+                    .iter()
+                    .map(|(t, v)| (t.to_string(), *v))
+                    .collect(),
+                trimmed_through: first - 1,
+                sealed_at_ms: wt.sealed_at_ms,
+            };
+            match encode(&meta) {
+                Ok(value) => batch.insert(meta_key(&topic.name), value),
+                Err(e) => tracing::error!(error = %e, "cannot encode topic meta"),
+            }
+        }
+        let result = self
+            .db
+            .apply_batch(batch)
+            .map_err(storage_err)
+            .and_then(|()| {
+                if self.fsync || done.iter().any(|d| matches!(d, Done::Reply(_))) {
+                    self.syncer.sync(&self.db, blobs)
+                } else {
+                    Ok(())
+                }
+            });
+        tracing::trace!(ops = done.len(), elapsed = ?started.elapsed(), "batch written");
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "storage write failed; publishes in this batch are refused");
+            // Nothing of this batch reached the rings: rewind to what did.
+            for topic in touched.values() {
+                let wt = self.entry(topic);
+                let state = topic.state.read();
+                wt.counters = state.counters.clone();
+                let next = state.next_offset();
+                drop(state);
+                while wt.segments.back().is_some_and(|(f, _)| *f >= next) {
+                    wt.segments.pop_back();
+                }
+            }
+        }
+        let mut wake: HashMap<Arc<str>, Arc<Topic>> = HashMap::new();
+        for d in done {
+            match (d, &result) {
+                (
+                    Done::Append {
+                        topic,
+                        events,
+                        epoch,
+                        ack,
+                    },
+                    Ok(()),
+                ) => {
+                    let acks = events
+                        .iter()
+                        .map(|e| Ack {
+                            epoch,
+                            offset: e.offset,
+                            version: e.version,
+                        })
+                        .collect();
+                    let trimmed = {
+                        let mut state = topic.state.write();
+                        let before = state.first_offset();
+                        state.push(events, now);
+                        state.first_offset() != before
+                    };
+                    topic.touch(now);
+                    if trimmed {
+                        self.dirty.insert(topic.name.clone(), topic.clone());
+                    }
+                    wake.insert(topic.name.clone(), topic);
+                    let _ = ack.send(Ok(acks));
+                }
+                (Done::Seal { topic, at, ack }, Ok(())) => {
+                    topic.state.write().sealed_at_ms = Some(at);
+                    wake.insert(topic.name.clone(), topic);
+                    let _ = ack.send(Ok(()));
+                }
+                (Done::Reply(ack), Ok(())) => {
+                    let _ = ack.send(Ok(()));
+                }
+                (Done::Append { ack, .. }, Err(e)) => {
+                    let _ = ack.send(Err(e.clone()));
+                }
+                (Done::Seal { ack, .. } | Done::Reply(ack), Err(e)) => {
+                    let _ = ack.send(Err(e.clone()));
+                }
+            }
+        }
+        // Only live rings need pruning.
+        let dirty: HashSet<Arc<str>> = self
+            .dirty
+            .iter()
+            .filter(|(_, t)| t.state.read().deleted)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in dirty {
+            self.dirty.remove(&name);
+        }
+        for topic in wake.values() {
+            topic.wake();
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! A subscription: a cursor into a topic's ring.
+//!
+//! Replay and live are one mechanism — the cursor reads committed events
+//! from the ring until it reaches the end, then waits for the next commit —
+//! so there is no window between "history" and "live" in which an event can
+//! be lost or seen twice. A subscriber holds no events of its own beyond one
+//! small batch: when it falls behind the ring it gets `gap(slow_consumer)`
+//! and jumps to live.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use tokio::sync::watch;
+
+use super::event::{Delivery, Gap, GapReason, Start};
+use super::topic::{Topic, TopicState};
+use super::{now_ms, EngineError};
+
+/// Most deliveries taken from the ring per lock acquisition.
+const BATCH: usize = 256;
+/// Most ring entries examined per lock acquisition (bounds lock hold time
+/// when a type filter skips most events).
+const SCAN: usize = 4096;
+
+/// Per-type resume state of an `after_versions` start, active until the
+/// cursor reaches `live_from`.
+#[derive(Debug)]
+struct Resume {
+    /// Deliver an event of a named type only above this version.
+    after: HashMap<String, u64>,
+    /// From this offset on, every (filtered) event is delivered.
+    live_from: u64,
+}
+
+/// A stream of [`Delivery`] for one subscriber. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    topic: Arc<Topic>,
+    types: Option<Vec<String>>,
+    cursor: u64,
+    resume: Option<Resume>,
+    epoch: u64,
+    start_offset: u64,
+    queue: VecDeque<Delivery>,
+    rx: watch::Receiver<u64>,
+    finished: bool,
+}
+
+impl Subscription {
+    /// Registers a subscriber on `topic`, resolving `start` under the
+    /// topic's lock so that the first delivery continues exactly from it.
+    pub(crate) fn open(
+        topic: Arc<Topic>,
+        types: Vec<String>,
+        start: Start,
+    ) -> Result<Self, EngineError> {
+        let types = (!types.is_empty()).then_some(types);
+        let wants = |t: &str| types.as_ref().is_none_or(|ts| ts.iter().any(|x| x == t));
+        // Subscribe to notifications before reading the state: a commit
+        // after this point is seen either in the state or as a change.
+        let rx = topic.notify.subscribe();
+        let state = topic.state.read();
+        let mut queue = VecDeque::new();
+        let live = state.next_offset();
+        let whole_gap = |reason, requested: u64| Gap {
+            topic: topic.name.to_string(),
+            event_type: None,
+            reason,
+            epoch: state.epoch,
+            requested,
+            first_available: state.first_offset(),
+            current: state.last_offset(),
+        };
+        let mut resume = None;
+        let cursor = match start {
+            Start::Live => live,
+            Start::Earliest => state.first_offset(),
+            Start::AfterOffset { epoch, offset: _ } if epoch != state.epoch => {
+                queue.push_back(Delivery::Gap(whole_gap(GapReason::EpochChanged, 0)));
+                live
+            }
+            Start::AfterOffset { offset, .. } => {
+                if offset > state.last_offset() {
+                    return Err(EngineError::InvalidStart(format!(
+                        "offset {offset} is beyond the last offset {} of epoch {}",
+                        state.last_offset(),
+                        state.epoch
+                    )));
+                }
+                if offset + 1 < state.first_offset() {
+                    queue.push_back(Delivery::Gap(whole_gap(GapReason::Retention, offset)));
+                    live
+                } else {
+                    offset + 1
+                }
+            }
+            Start::AfterVersions { epoch, .. } if epoch != state.epoch => {
+                queue.push_back(Delivery::Gap(whole_gap(GapReason::EpochChanged, 0)));
+                live
+            }
+            Start::AfterVersions { versions, .. } => {
+                let (cursor, after) =
+                    resolve_versions(&topic.name, &state, versions, &wants, &mut queue)?;
+                if cursor < live {
+                    resume = Some(Resume {
+                        after,
+                        live_from: live,
+                    });
+                }
+                cursor
+            }
+        };
+        let epoch = state.epoch;
+        drop(state);
+        topic.subscribers.fetch_add(1, Ordering::Relaxed);
+        topic.touch(now_ms());
+        Ok(Self {
+            topic,
+            types,
+            cursor,
+            resume,
+            epoch,
+            start_offset: cursor,
+            queue,
+            rx,
+            finished: false,
+        })
+    }
+
+    /// The topic's epoch when the subscription started.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The offset the subscription started reading at.
+    pub fn start_offset(&self) -> u64 {
+        self.start_offset
+    }
+
+    /// The topic name.
+    pub fn topic(&self) -> &str {
+        &self.topic.name
+    }
+
+    /// The next delivery, waiting for one if needed; `None` after `End`.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        loop {
+            if let Some(d) = self.try_recv() {
+                return Some(d);
+            }
+            if self.finished {
+                return None;
+            }
+            // The sender lives in the topic we hold, so this cannot fail;
+            // treat it as an end all the same.
+            if self.rx.changed().await.is_err() {
+                self.finished = true;
+            }
+        }
+    }
+
+    /// The next delivery if one is ready now, without waiting.
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        loop {
+            if let Some(d) = self.queue.pop_front() {
+                return Some(d);
+            }
+            if self.finished {
+                return None;
+            }
+            self.rx.borrow_and_update();
+            if !self.fill() {
+                return self.queue.pop_front();
+            }
+        }
+    }
+
+    /// Turns the subscription into a `Stream` of deliveries.
+    pub fn into_stream(self) -> impl Stream<Item = Delivery> + Send + 'static {
+        futures_util::stream::unfold(
+            self,
+            |mut sub| async move { sub.recv().await.map(|d| (d, sub)) },
+        )
+    }
+
+    /// Reads from the ring into the queue. Returns true when it stopped
+    /// early (scan budget) and should be called again without waiting.
+    fn fill(&mut self) -> bool {
+        let topic = self.topic.clone();
+        let state = topic.state.read();
+        if state.deleted {
+            self.end(&state);
+            return false;
+        }
+        let first = state.first_offset();
+        if self.cursor < first {
+            self.queue.push_back(Delivery::Gap(Gap {
+                topic: self.topic.name.to_string(),
+                event_type: None,
+                reason: GapReason::SlowConsumer,
+                epoch: state.epoch,
+                requested: self.cursor - 1,
+                first_available: first,
+                current: state.last_offset(),
+            }));
+            self.cursor = state.next_offset();
+            self.resume = None;
+            tracing::warn!(topic = %self.topic.name, "subscriber fell behind the ring: gap(slow_consumer)");
+        }
+        let end = state.next_offset();
+        let mut scanned = 0;
+        while self.cursor < end && self.queue.len() < BATCH {
+            if scanned == SCAN {
+                return true;
+            }
+            scanned += 1;
+            // Offsets in the ring are contiguous and cursor >= first.
+            let Some(event) = state.get(self.cursor) else {
+                break;
+            };
+            self.cursor += 1;
+            if let Some(types) = &self.types {
+                if !types.iter().any(|t| **t == *event.event_type) {
+                    continue;
+                }
+            }
+            if let Some(resume) = &self.resume {
+                if event.offset < resume.live_from {
+                    match resume.after.get(&*event.event_type) {
+                        Some(v) if event.version > *v => {}
+                        _ => continue,
+                    }
+                }
+            }
+            self.queue.push_back(Delivery::Event(event.clone()));
+        }
+        if self
+            .resume
+            .as_ref()
+            .is_some_and(|r| self.cursor >= r.live_from)
+        {
+            self.resume = None;
+        }
+        if self.cursor >= end && state.is_ended() {
+            self.end(&state);
+        }
+        false
+    }
+
+    fn end(&mut self, state: &TopicState) {
+        self.queue.push_back(Delivery::End {
+            last_offset: state.last_offset(),
+        });
+        self.finished = true;
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.topic.subscribers.fetch_sub(1, Ordering::Relaxed);
+        self.topic.touch(now_ms());
+    }
+}
+
+/// Resolves an `after_versions` start: per named type, either the offset of
+/// its first missed event, or a per-type gap (then that type starts live).
+/// Returns the cursor and the per-type thresholds.
+fn resolve_versions(
+    topic: &str,
+    state: &TopicState,
+    versions: Vec<(String, u64)>,
+    wants: &impl Fn(&str) -> bool,
+    queue: &mut VecDeque<Delivery>,
+) -> Result<(u64, HashMap<String, u64>), EngineError> {
+    let mut after: HashMap<String, u64> = HashMap::new();
+    for (t, v) in versions {
+        if !wants(&t) {
+            continue;
+        }
+        let current = state.version_of(&t);
+        if v > current {
+            return Err(EngineError::InvalidStart(format!(
+                "version {v} of type {t:?} is beyond its current version {current} in epoch {}",
+                state.epoch
+            )));
+        }
+        after.insert(t, v);
+    }
+    // One pass over the ring: first retained version and first missed
+    // offset per named type that is behind.
+    let mut first_version: HashMap<&str, u64> = HashMap::new();
+    let mut first_missed: HashMap<&str, u64> = HashMap::new();
+    let behind = after
+        .iter()
+        .filter(|(t, v)| **v < state.version_of(t))
+        .count();
+    if behind > 0 {
+        for event in &state.ring {
+            let Some((t, v)) = after.get_key_value(&*event.event_type) else {
+                continue;
+            };
+            first_version.entry(t.as_str()).or_insert(event.version);
+            if event.version > *v {
+                first_missed.entry(t.as_str()).or_insert(event.offset);
+                if first_missed.len() == behind {
+                    break;
+                }
+            }
+        }
+    }
+    let mut cursor = state.next_offset();
+    let mut gaps = Vec::new();
+    for (t, v) in &after {
+        let current = state.version_of(t);
+        if *v == current {
+            continue;
+        }
+        match (first_version.get(t.as_str()), first_missed.get(t.as_str())) {
+            (Some(first), Some(offset)) if *first <= v + 1 => cursor = cursor.min(*offset),
+            (first, _) => gaps.push((
+                t.clone(),
+                *v,
+                first.copied().unwrap_or(current + 1),
+                current,
+            )),
+        }
+    }
+    gaps.sort();
+    for (t, requested, first_available, current) in gaps {
+        queue.push_back(Delivery::Gap(Gap {
+            topic: topic.to_owned(),
+            event_type: Some(t.clone()),
+            reason: GapReason::Retention,
+            epoch: state.epoch,
+            requested,
+            first_available,
+            current,
+        }));
+        // After the gap this type continues live.
+        after.insert(t, current);
+    }
+    Ok((cursor, after))
+}

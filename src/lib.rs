@@ -1,0 +1,16 @@
+//! ringcast: a pub/sub broker daemon whose subscribers, after a disconnect,
+//! get exactly what they missed — or one explicit `gap` — never a silent hole.
+//!
+//! # Layout
+//! - [`config`]: the daemon configuration (TOML, env overrides, validation).
+//! - [`engine`]: the topic log — rings, offsets, versions, epochs, retention,
+//!   subscriptions (cursors), and the sled store with group commit.
+//!
+//! Data flows one way: front end → [`engine::Engine::publish`] → store writer
+//! (assign, persist, fsync) → topic ring → subscription cursors → the
+//! connection's writer. See `docs/architecture.md`.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod engine;

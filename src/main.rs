@@ -1,0 +1,161 @@
+//! `ringcastd`: flags, config, tracing, then run the broker until a signal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ringcast::config::{Config, Durability, LogFormat, DEFAULT_CONFIG_TOML};
+use ringcast::engine::{Engine, EngineOptions};
+use tracing_subscriber::EnvFilter;
+
+/// The ringcast broker daemon.
+#[derive(Debug, Parser)]
+#[command(name = "ringcastd", version, about)]
+struct Args {
+    /// TOML config file (every key is optional; see config/ringcast.toml).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Overrides storage.data_dir.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Overrides server.tcp_listen.
+    #[arg(long, value_name = "ADDR")]
+    tcp_listen: Option<SocketAddr>,
+    /// Overrides server.http_listen.
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<SocketAddr>,
+    /// Overrides storage.durability: fsync, interval or memory.
+    #[arg(long)]
+    durability: Option<Durability>,
+    /// Prints the default config (every key, documented) and exits.
+    #[arg(long)]
+    print_config: bool,
+    /// Validates the config and exits.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            // --help and --version are not failures; real errors get one line.
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.render().to_string();
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("bad arguments");
+            eprintln!("ringcastd: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        print!("{DEFAULT_CONFIG_TOML}");
+        return ExitCode::SUCCESS;
+    }
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ringcastd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("config ok");
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ringcastd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("ringcastd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(args: &Args) -> anyhow::Result<Config> {
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(d) = &args.data_dir {
+        config.storage.data_dir = d.clone();
+    }
+    if let Some(a) = args.tcp_listen {
+        config.server.tcp_listen = a;
+    }
+    if let Some(a) = args.http_listen {
+        config.server.http_listen = a;
+    }
+    if let Some(d) = args.durability {
+        config.storage.durability = d;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn init_tracing(config: &Config) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    // Under systemd the journal stamps every line; don't stamp it twice.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match (config.log.format, journald) {
+        (LogFormat::Json, _) => builder.json().init(),
+        (LogFormat::Pretty, true) => builder.without_time().with_ansi(false).init(),
+        (LogFormat::Pretty, false) => builder.init(),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let options = EngineOptions::from_config(&config);
+    let engine = tokio::task::spawn_blocking(move || Engine::open(options)).await??;
+    let stats = engine.stats();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        tcp = %config.server.tcp_listen,
+        http = %config.server.http_listen,
+        data_dir = %config.storage.data_dir.display(),
+        durability = %config.storage.durability,
+        topics = stats.topics,
+        events = engine.recovered_events(),
+        "ringcastd started"
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    engine.close().await?;
+    tracing::info!("storage flushed; bye");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
