@@ -532,7 +532,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_in_one_line() {
-        let cases: Vec<(&str, Vec<(String, String)>, &str)> = vec![
+        type Case = (&'static str, Vec<(String, String)>, &'static str);
+        let cases: Vec<Case> = vec![
             (
                 "[topics]\nmax_events = \"many\"\n",
                 vec![],
