@@ -47,8 +47,9 @@ pub enum ClientMessage {
         /// Opaque payload (JSON by convention).
         payload: Bytes,
     },
-    /// Tag 2. Appends several events to one topic atomically, in order;
-    /// answered by `Published` with one ack per event.
+    /// Tag 2. Appends several events to one topic, in order; answered by
+    /// `Published` with one ack per event, in the same order. If any event is
+    /// invalid, none is appended.
     PublishBatch {
         /// Client-chosen id, echoed in the reply.
         request_id: u64,
@@ -428,43 +429,43 @@ pub struct WireTopicInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[repr(u32)]
 pub enum ErrorCode {
-    /// 0. A frame could not be decoded (fatal).
+    /// Code 0: A frame could not be decoded (fatal).
     BadFrame = 0,
-    /// 1. The first frame was not a valid `Hello`, or `Hello` came twice (fatal).
+    /// Code 1: The first frame was not a valid `Hello`, or `Hello` came twice (fatal).
     BadHello = 1,
-    /// 2. The `Hello` named a protocol version the server does not speak (fatal).
+    /// Code 2: The `Hello` named a protocol version the server does not speak (fatal).
     UnsupportedVersion = 2,
-    /// 3. A topic name is empty, too long, or has a forbidden byte.
+    /// Code 3: A topic name is empty, too long, or has a forbidden byte.
     InvalidTopic = 3,
-    /// 4. An event type is empty or otherwise invalid.
+    /// Code 4: An event type is empty or otherwise invalid.
     InvalidType = 4,
-    /// 5. An event payload exceeds `max_payload`.
+    /// Code 5: An event payload exceeds `max_payload`.
     PayloadTooLarge = 5,
-    /// 6. A frame exceeds `max_frame` (fatal).
+    /// Code 6: A frame exceeds `max_frame` (fatal).
     FrameTooLarge = 6,
-    /// 7. The topic does not exist (and is not auto-created for this request).
+    /// Code 7: The topic does not exist (and is not auto-created for this request).
     TopicNotFound = 7,
-    /// 8. The topic is sealed: publishes are refused.
+    /// Code 8: The topic is sealed: publishes are refused.
     TopicSealed = 8,
-    /// 9. The connection already has `max_subscriptions` subscriptions.
+    /// Code 9: The connection already has `max_subscriptions` subscriptions.
     TooManySubscriptions = 9,
-    /// 10. The server is at its connection limit (fatal, in place of `Welcome`).
+    /// Code 10: The server is at its connection limit (fatal, in place of `Welcome`).
     TooManyConnections = 10,
-    /// 11. The server is at its topic limit; the topic was not created.
+    /// Code 11: The server is at its topic limit; the topic was not created.
     TooManyTopics = 11,
-    /// 12. No live subscription has this id.
+    /// Code 12: No live subscription has this id.
     UnknownSubscription = 12,
-    /// 13. A live subscription already has this id.
+    /// Code 13: A live subscription already has this id.
     DuplicateSubscription = 13,
-    /// 14. The subscription's start is invalid (e.g. an offset or version ahead
+    /// Code 14: The subscription's start is invalid (e.g. an offset or version ahead
     /// of the topic's current one in the same epoch).
     InvalidStart = 14,
-    /// 15. The server failed (e.g. storage error); the request may be retried.
+    /// Code 15: The server failed (e.g. storage error); the request may be retried.
     Internal = 15,
-    /// 16. The server is shutting down and refuses new work (closes when
+    /// Code 16: The server is shutting down and refuses new work (closes when
     /// answering `Hello`; a `Shutdown` message precedes the close otherwise).
     ShuttingDown = 16,
-    /// 17. Missing or wrong credentials (closes when answering `Hello`).
+    /// Code 17: Missing or wrong credentials (closes when answering `Hello`).
     Unauthorized = 17,
 }
 
