@@ -78,6 +78,12 @@ pub struct LimitsConfig {
     pub max_payload: ByteSize,
     /// Most topics alive at once.
     pub max_topics: usize,
+    /// Largest TCP frame body accepted.
+    pub max_frame: ByteSize,
+    /// Most TCP connections at once.
+    pub max_tcp_connections: usize,
+    /// Most subscriptions on one TCP connection.
+    pub max_subscriptions_per_connection: usize,
 }
 
 impl Default for LimitsConfig {
@@ -86,6 +92,9 @@ impl Default for LimitsConfig {
         Self {
             max_payload: ByteSize::b(engine.max_payload),
             max_topics: engine.max_topics,
+            max_frame: ByteSize::mib(4),
+            max_tcp_connections: 10_000,
+            max_subscriptions_per_connection: 1_000,
         }
     }
 }
@@ -108,6 +117,13 @@ pub struct ServerConfig {
     pub tcp_listen: SocketAddr,
     /// Address of the HTTP listener (SSE bridge, REST API, health, metrics).
     pub http_listen: SocketAddr,
+    /// Idle interval after which TCP heartbeats and SSE comments are sent;
+    /// a TCP peer silent for three intervals is dropped.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Longest graceful shutdown before the daemon exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -115,6 +131,8 @@ impl Default for ServerConfig {
         Self {
             tcp_listen: SocketAddr::from(([127, 0, 0, 1], 7411)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            heartbeat: Duration::from_secs(15),
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -395,6 +413,38 @@ impl Config {
             return Err(ConfigError::invalid(
                 "limits.max_payload",
                 "must be at least 1 byte",
+            ));
+        }
+        if self.limits.max_frame.as_u64() < self.limits.max_payload.as_u64() + 64 * 1024 {
+            return Err(ConfigError::invalid(
+                "limits.max_frame",
+                "must be at least limits.max_payload + 64KiB (room for type, topic and headers)",
+            ));
+        }
+        if self.limits.max_frame.as_u64() > u64::from(u32::MAX) {
+            return Err(ConfigError::invalid(
+                "limits.max_frame",
+                "must be below 4GiB",
+            ));
+        }
+        for (key, value) in [
+            (
+                "limits.max_tcp_connections",
+                self.limits.max_tcp_connections,
+            ),
+            (
+                "limits.max_subscriptions_per_connection",
+                self.limits.max_subscriptions_per_connection,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        if self.server.heartbeat < Duration::from_millis(10) {
+            return Err(ConfigError::invalid(
+                "server.heartbeat",
+                "must be at least 10ms",
             ));
         }
         if self.limits.max_topics == 0 {

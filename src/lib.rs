@@ -5,6 +5,8 @@
 //! - [`config`]: the daemon configuration (TOML, env overrides, validation).
 //! - [`engine`]: the topic log — rings, offsets, versions, epochs, retention,
 //!   subscriptions (cursors), and the sled store with group commit.
+//! - [`tcp`]: the binary TCP front end (`docs/protocol.md`).
+//! - [`broker`]: the engine plus its front ends, started and stopped as one.
 //!
 //! Data flows one way: front end → [`engine::Engine::publish`] → store writer
 //! (assign, persist, fsync) → topic ring → subscription cursors → the
@@ -12,5 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod broker;
 pub mod config;
 pub mod engine;
+pub mod tcp;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use ringcast::broker::Broker;
 use ringcast::config::{Config, Durability, LogFormat, DEFAULT_CONFIG_TOML};
-use ringcast::engine::{Engine, EngineOptions};
 use tracing_subscriber::EnvFilter;
 
 /// The ringcast broker daemon.
@@ -124,22 +124,21 @@ fn init_tracing(config: &Config) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let options = EngineOptions::from_config(&config);
-    let engine = tokio::task::spawn_blocking(move || Engine::open(options)).await??;
-    let stats = engine.stats();
+    let broker = Broker::start(config.clone()).await?;
+    let stats = broker.engine().stats();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        tcp = %config.server.tcp_listen,
+        tcp = %broker.tcp_addr(),
         http = %config.server.http_listen,
         data_dir = %config.storage.data_dir.display(),
         durability = %config.storage.durability,
         topics = stats.topics,
-        events = engine.recovered_events(),
+        events = broker.engine().recovered_events(),
         "ringcastd started"
     );
     shutdown_signal().await;
     tracing::info!("shutting down");
-    engine.close().await?;
+    broker.shutdown().await?;
     tracing::info!("storage flushed; bye");
     Ok(())
 }

@@ -8,9 +8,12 @@ mod store;
 mod subscription;
 mod topic;
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::mapref::entry::Entry;
@@ -144,6 +147,31 @@ impl EngineOptions {
     }
 }
 
+/// The acks of a queued publish; resolves once the batch is acknowledged
+/// under the durability mode.
+#[derive(Debug)]
+#[must_use = "a publish is acknowledged only when this resolves"]
+pub struct PendingPublish(Pending);
+
+#[derive(Debug)]
+enum Pending {
+    Ready(Option<Vec<Ack>>),
+    Waiting(oneshot::Receiver<Result<Vec<Ack>, EngineError>>),
+}
+
+impl Future for PendingPublish {
+    type Output = Result<Vec<Ack>, EngineError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            Pending::Ready(acks) => Poll::Ready(acks.take().ok_or(EngineError::ShuttingDown)),
+            Pending::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(EngineError::ShuttingDown))),
+        }
+    }
+}
+
 /// A page of retained events, as answered by [`Engine::history`].
 #[derive(Debug, Clone)]
 pub struct History {
@@ -221,6 +249,7 @@ struct Inner {
     options: EngineOptions,
     store: Option<Store>,
     recovered_events: u64,
+    closed: std::sync::atomic::AtomicBool,
     janitor: parking_lot::Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
@@ -291,6 +320,7 @@ impl Engine {
             options,
             store,
             recovered_events,
+            closed: std::sync::atomic::AtomicBool::new(false),
             janitor: parking_lot::Mutex::new(None),
         });
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -328,6 +358,19 @@ impl Engine {
         topic: &str,
         events: Vec<NewEvent>,
     ) -> Result<Vec<Ack>, EngineError> {
+        self.start_publish(topic, events)?.await
+    }
+
+    /// Validates and queues a batch now, in call order, and returns a future
+    /// of its acks. Front ends use it to pipeline: publishes from one
+    /// connection are appended in the order they arrived while their acks
+    /// are awaited concurrently.
+    pub fn start_publish(
+        &self,
+        topic: &str,
+        events: Vec<NewEvent>,
+    ) -> Result<PendingPublish, EngineError> {
+        self.check_open()?;
         validate_topic(topic)?;
         if events.is_empty() {
             return Err(EngineError::EmptyBatch);
@@ -373,29 +416,35 @@ impl Engine {
                     drop(state);
                     t.touch(now);
                     t.wake();
-                    return Ok(acks);
+                    return Ok(PendingPublish(Pending::Ready(Some(acks))));
                 }
                 Some(store) => {
                     let (ack, rx) = oneshot::channel();
-                    {
-                        // Checked and queued under the lock so that a seal or
-                        // delete is ordered after every publish it let through.
-                        let state = t.state.read();
-                        if state.deleted {
-                            continue;
-                        }
-                        if state.sealed {
-                            return Err(EngineError::TopicSealed(topic.to_owned()));
-                        }
-                        store.send(Op::Append {
-                            topic: t.clone(),
-                            events,
-                            ack,
-                        })?;
+                    // Checked and queued under the lock so that a seal or
+                    // delete is ordered after every publish it let through.
+                    let state = t.state.read();
+                    if state.deleted {
+                        continue;
                     }
-                    return rx.await.map_err(|_| EngineError::ShuttingDown)?;
+                    if state.sealed {
+                        return Err(EngineError::TopicSealed(topic.to_owned()));
+                    }
+                    store.send(Op::Append {
+                        topic: t.clone(),
+                        events,
+                        ack,
+                    })?;
+                    return Ok(PendingPublish(Pending::Waiting(rx)));
                 }
             }
+        }
+    }
+
+    fn check_open(&self) -> Result<(), EngineError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(EngineError::ShuttingDown)
+        } else {
+            Ok(())
         }
     }
 
@@ -450,6 +499,7 @@ impl Engine {
     }
 
     fn get_or_create(&self, name: &str, create: bool) -> Result<Arc<Topic>, EngineError> {
+        self.check_open()?;
         if let Some(t) = self.inner.topics.get(name) {
             return Ok(t.value().clone());
         }
@@ -579,6 +629,7 @@ impl Engine {
     /// Seals `topic`: publishes are refused from now on; subscribers get
     /// `End` after the last event; the topic is removed after `sealed_ttl`.
     pub async fn seal(&self, topic: &str) -> Result<(), EngineError> {
+        self.check_open()?;
         validate_topic(topic)?;
         let t = self.get(topic)?;
         match &self.inner.store {
@@ -609,6 +660,7 @@ impl Engine {
     /// Deletes `topic` and its stored events. Subscribers get `End`; a later
     /// publish re-creates it with a new epoch, offsets from 1.
     pub async fn delete(&self, topic: &str) -> Result<(), EngineError> {
+        self.check_open()?;
         validate_topic(topic)?;
         match self.remove(topic, None)? {
             Some(rx) => rx.await.map_err(|_| EngineError::ShuttingDown)?,
@@ -685,6 +737,7 @@ impl Engine {
     /// Stops maintenance, drains the writer, fsyncs and marks the store
     /// clean. Publishes after this fail with `ShuttingDown`.
     pub async fn close(&self) -> Result<(), EngineError> {
+        self.inner.closed.store(true, Ordering::Release);
         self.inner.janitor.lock().take();
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || match &inner.store {

@@ -131,6 +131,23 @@ struct WriterTopic {
 }
 
 impl WriterTopic {
+    /// The meta to persist, given the topic's current epoch and first
+    /// retained offset.
+    fn meta(&self, epoch: u64, first_retained: u64) -> TopicMeta {
+        TopicMeta {
+            epoch,
+            next_offset: self.counters.next_offset,
+            versions: self
+                .counters
+                .versions
+                .iter()
+                .map(|(t, v)| (t.to_string(), *v))
+                .collect(),
+            trimmed_through: first_retained - 1,
+            sealed_at_ms: self.sealed_at_ms,
+        }
+    }
+
     fn from_topic(topic: &Arc<Topic>) -> Self {
         let state = topic.state.read();
         Self {
@@ -253,6 +270,21 @@ impl Store {
             events += r.topic.state.read().ring.len() as u64;
             recovered.push(r);
         }
+        // New epochs are persisted before the marker that would no longer
+        // ask for them.
+        let mut batch = sled::Batch::default();
+        if rotate {
+            for r in &recovered {
+                let (epoch, first) = {
+                    let s = r.topic.state.read();
+                    (s.epoch, s.first_offset())
+                };
+                batch.insert(
+                    meta_key(&r.topic.name),
+                    encode(&r.writer.meta(epoch, first))?,
+                );
+            }
+        }
         let marker = RunMarker {
             clean: false,
             durability: match durability {
@@ -260,13 +292,13 @@ impl Store {
                 _ => 1,
             },
         };
-        db.insert(RUN_MARKER, encode(&marker)?)
-            .map_err(storage_err)?;
+        batch.insert(RUN_MARKER, encode(&marker)?);
+        db.apply_batch(batch).map_err(storage_err)?;
         syncer.sync(&db, false)?;
 
         let (tx, rx) = mpsc::unbounded_channel();
         let topics: Vec<Arc<Topic>> = recovered.iter().map(|r| r.topic.clone()).collect();
-        let mut writer = Writer {
+        let writer = Writer {
             db: db.clone(),
             syncer: syncer.clone(),
             fsync: durability == Durability::Fsync,
@@ -276,11 +308,6 @@ impl Store {
                 .collect(),
             dirty: HashMap::new(),
         };
-        if rotate {
-            for t in &topics {
-                writer.dirty.insert(t.name.clone(), t.clone());
-            }
-        }
         let writer = std::thread::Builder::new()
             .name("ringcast-writer".into())
             .spawn(move || writer.run(rx))
@@ -640,19 +667,7 @@ impl Writer {
                 batch.remove(record_key(&topic.name, seg_first));
                 wt.segments.pop_front();
             }
-            let meta = TopicMeta {
-                epoch,
-                next_offset: wt.counters.next_offset,
-                versions: wt
-                    .counters
-                    .versions
-                    .iter()
-                    .map(|(t, v)| (t.to_string(), *v))
-                    .collect(),
-                trimmed_through: first - 1,
-                sealed_at_ms: wt.sealed_at_ms,
-            };
-            match encode(&meta) {
+            match encode(&wt.meta(epoch, first)) {
                 Ok(value) => batch.insert(meta_key(&topic.name), value),
                 Err(e) => tracing::error!(error = %e, "cannot encode topic meta"),
             }

@@ -467,11 +467,14 @@ pub enum ErrorCode {
     ShuttingDown = 16,
     /// Code 17: Missing or wrong credentials (closes when answering `Hello`).
     Unauthorized = 17,
+    /// Code 18: The request is well-formed but invalid (an empty batch, bad
+    /// headers); the connection lives on.
+    InvalidRequest = 18,
 }
 
 impl ErrorCode {
     /// Every code, in tag order (`ALL[n] as u32 == n`).
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::BadFrame,
         ErrorCode::BadHello,
         ErrorCode::UnsupportedVersion,
@@ -490,6 +493,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::ShuttingDown,
         ErrorCode::Unauthorized,
+        ErrorCode::InvalidRequest,
     ];
 
     /// The numeric code, equal to the wire tag.

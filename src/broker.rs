@@ -1,0 +1,109 @@
+//! A running broker: the engine plus its front ends, with one shutdown.
+//!
+//! `ringcastd` and the tests both start brokers through [`Broker::start`],
+//! so tests exercise exactly what the daemon runs.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineOptions};
+use crate::tcp::{self, TcpSettings};
+
+/// A started broker. Stop it with [`Broker::shutdown`] (graceful) or
+/// [`Broker::kill`] (abrupt, like a crash, for tests).
+#[derive(Debug)]
+pub struct Broker {
+    engine: Engine,
+    tcp_addr: SocketAddr,
+    shutdown_timeout: Duration,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Broker {
+    /// Recovers storage, binds every listener and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let options = EngineOptions::from_config(&config);
+        let data_dir = config.storage.data_dir.clone();
+        let engine = tokio::task::spawn_blocking(move || Engine::open(options))
+            .await
+            .context("storage recovery task failed")?
+            .with_context(|| format!("cannot open storage in {}", data_dir.display()))?;
+        Self::start_with_engine(config, engine).await
+    }
+
+    /// Starts the front ends over an already opened engine.
+    pub async fn start_with_engine(config: Config, engine: Engine) -> anyhow::Result<Self> {
+        let tcp_listener = TcpListener::bind(config.server.tcp_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (server.tcp_listen)",
+                    config.server.tcp_listen
+                )
+            })?;
+        let tcp_addr = tcp_listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(tcp::serve(
+            tcp_listener,
+            engine.clone(),
+            TcpSettings::from_config(&config),
+            shutdown.clone(),
+            kill.clone(),
+            tracker.clone(),
+        ));
+        Ok(Self {
+            engine,
+            tcp_addr,
+            shutdown_timeout: config.server.shutdown_timeout,
+            shutdown,
+            kill,
+            tracker,
+        })
+    }
+
+    /// The bound TCP address (useful when configured with port 0).
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
+    /// The engine the front ends serve.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Stops accepting, tells clients, delivers pending acks, then flushes
+    /// storage. Gives up waiting for connections after `shutdown_timeout`.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.shutdown_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections did not finish within shutdown_timeout; closing anyway");
+            self.kill.cancel();
+        }
+        self.engine.close().await.context("flushing storage")?;
+        Ok(())
+    }
+
+    /// Drops every connection at once without a goodbye and without a final
+    /// flush beyond what the durability mode already did — a crash, as far
+    /// as clients can tell. Waits until every task is gone, so the data dir
+    /// can be reopened.
+    pub async fn kill(self) {
+        self.kill.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}

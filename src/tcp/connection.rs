@@ -1,0 +1,674 @@
+//! One TCP connection: handshake, a reader that decodes and dispatches
+//! frames, one pump task per subscription, and a coalescing writer.
+//!
+//! Backpressure: every outbound frame goes through one bounded queue. A
+//! peer that reads slowly fills it; its subscription pumps then stop pulling
+//! from the engine, fall behind the ring and get `gap(slow_consumer)` —
+//! nobody else waits. Publishes are queued to the engine in arrival order and
+//! their acks awaited concurrently (pipelining), up to `max_in_flight`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use ringcast_protocol::{
+    encode_frame, ClientMessage, ErrorCode, FrameDecoder, ServerMessage, TopicSummary,
+    PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{wire, TcpSettings};
+use crate::engine::{Ack, Delivery, Engine, EngineError, PendingPublish, Subscription};
+
+/// Most bytes of frames a pump encodes before handing them to the writer.
+const PUMP_CHUNK: usize = 64 * 1024;
+/// Most events in one history reply.
+const MAX_HISTORY: usize = 1_000;
+
+/// Why the read side stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    /// The peer closed, vanished or broke the protocol; nothing more to say.
+    Closed,
+    /// The broker is shutting down gracefully: drain acks, say goodbye.
+    Shutdown,
+    /// The broker was killed: drop everything at once.
+    Killed,
+}
+
+/// A connection before it starts: what it needs from the server.
+pub(crate) struct Connection {
+    engine: Engine,
+    settings: Arc<TcpSettings>,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+    tracker: TaskTracker,
+}
+
+struct Pump {
+    cancel: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+/// A publish awaiting its ack, tagged with its request.
+struct InFlight {
+    request_id: u64,
+    batch: bool,
+    acks: PendingPublish,
+}
+
+impl Future for InFlight {
+    type Output = (u64, bool, Result<Vec<Ack>, EngineError>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (id, batch) = (self.request_id, self.batch);
+        Pin::new(&mut self.acks).poll(cx).map(|r| (id, batch, r))
+    }
+}
+
+/// The state of a running connection's read side.
+struct Session<'a> {
+    conn: &'a Connection,
+    out: mpsc::Sender<Bytes>,
+    pumps: HashMap<u64, Pump>,
+    in_flight: FuturesUnordered<InFlight>,
+}
+
+impl Connection {
+    pub(crate) fn new(
+        engine: Engine,
+        settings: Arc<TcpSettings>,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+        kill: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self {
+            engine,
+            settings,
+            peer,
+            shutdown,
+            kill,
+            tracker,
+        }
+    }
+
+    /// Serves the connection until it closes.
+    pub(crate) async fn run(self, stream: TcpStream) {
+        let peer = self.peer;
+        let (rd, wr) = stream.into_split();
+        let (out, out_rx) = mpsc::channel::<Bytes>(self.settings.outbound_queue);
+        let writer_done = CancellationToken::new();
+        let writer = self.tracker.spawn(write_loop(
+            wr,
+            out_rx,
+            self.settings.heartbeat,
+            writer_done.clone(),
+            self.kill.clone(),
+        ));
+        tracing::debug!(%peer, "connection opened");
+        let mut session = Session {
+            conn: &self,
+            out,
+            pumps: HashMap::new(),
+            in_flight: FuturesUnordered::new(),
+        };
+        let stop = session.read_loop(rd, &writer_done).await;
+        if stop == Stop::Shutdown {
+            session.say_goodbye().await;
+        }
+        for pump in session.pumps.values() {
+            pump.cancel.cancel();
+        }
+        // Dropping the last sender lets the writer flush what is queued and exit.
+        drop(session);
+        if stop != Stop::Killed {
+            let _ = tokio::time::timeout(self.write_timeout(), writer).await;
+        }
+        tracing::debug!(%peer, ?stop, "connection closed");
+    }
+
+    fn write_timeout(&self) -> Duration {
+        (self.settings.heartbeat * 3).max(Duration::from_secs(1))
+    }
+}
+
+impl Session<'_> {
+    async fn read_loop(&mut self, mut rd: OwnedReadHalf, writer_done: &CancellationToken) -> Stop {
+        let settings = self.conn.settings.clone();
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut decoder = FrameDecoder::<ClientMessage>::new(settings.max_frame);
+
+        // Handshake: the first frame must be a hello of our version.
+        let hello_deadline = Instant::now() + settings.hello_timeout;
+        let hello = loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(msg)) => break msg,
+                Ok(None) => {}
+                Err(e) => return self.fatal(e.error_code(), e.to_string()).await,
+            }
+            tokio::select! {
+                _ = self.conn.kill.cancelled() => return Stop::Killed,
+                _ = self.conn.shutdown.cancelled() => {
+                    return self.fatal(ErrorCode::ShuttingDown, "the broker is shutting down".into()).await
+                }
+                _ = tokio::time::sleep_until(hello_deadline) => {
+                    return self.fatal(ErrorCode::BadHello, "no hello within the handshake timeout".into()).await
+                }
+                r = rd.read_buf(&mut buf) => match r {
+                    Ok(0) | Err(_) => return Stop::Closed,
+                    Ok(_) => {}
+                },
+            }
+        };
+        match hello {
+            ClientMessage::Hello {
+                protocol_version,
+                client_name,
+                ..
+            } if protocol_version == PROTOCOL_VERSION => {
+                tracing::debug!(peer = %self.conn.peer, client = %client_name, "hello");
+                let welcome = ServerMessage::Welcome {
+                    server_version: env!("CARGO_PKG_VERSION").into(),
+                    protocol_version: PROTOCOL_VERSION,
+                    max_frame: u32::try_from(settings.max_frame).unwrap_or(u32::MAX),
+                    max_payload: u32::try_from(settings.max_payload).unwrap_or(u32::MAX),
+                    max_subscriptions: u32::try_from(settings.max_subscriptions)
+                        .unwrap_or(u32::MAX),
+                    heartbeat_ms: u32::try_from(settings.heartbeat.as_millis())
+                        .unwrap_or(u32::MAX),
+                };
+                if self.send(&welcome).await.is_err() {
+                    return Stop::Closed;
+                }
+            }
+            ClientMessage::Hello {
+                protocol_version, ..
+            } => {
+                return self
+                    .fatal(
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "protocol version {protocol_version} is not supported (server speaks {PROTOCOL_VERSION})"
+                        ),
+                    )
+                    .await
+            }
+            _ => {
+                return self
+                    .fatal(ErrorCode::BadHello, "the first frame must be hello".into())
+                    .await
+            }
+        }
+
+        let dead_after = settings.heartbeat * 3;
+        let mut deadline = Instant::now() + dead_after;
+        loop {
+            while self.in_flight.len() < settings.max_in_flight {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(msg)) => {
+                        if let Err(stop) = self.dispatch(msg).await {
+                            return stop;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return self.fatal(e.error_code(), e.to_string()).await,
+                }
+            }
+            let can_read = self.in_flight.len() < settings.max_in_flight;
+            tokio::select! {
+                biased;
+                _ = self.conn.kill.cancelled() => return Stop::Killed,
+                _ = self.conn.shutdown.cancelled() => return Stop::Shutdown,
+                _ = writer_done.cancelled() => return Stop::Closed,
+                Some((id, batch, result)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    if self.reply_publish(id, batch, result).await.is_err() {
+                        return Stop::Closed;
+                    }
+                }
+                r = rd.read_buf(&mut buf), if can_read => match r {
+                    Ok(0) => {
+                        if !buf.is_empty() {
+                            tracing::debug!(peer = %self.conn.peer, buffered = buf.len(), "peer closed mid-frame");
+                        }
+                        return Stop::Closed;
+                    }
+                    Ok(_) => deadline = Instant::now() + dead_after,
+                    Err(e) => {
+                        tracing::debug!(peer = %self.conn.peer, error = %e, "read failed");
+                        return Stop::Closed;
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::info!(peer = %self.conn.peer, "peer silent for three heartbeats; closing");
+                    return Stop::Closed;
+                }
+            }
+        }
+    }
+
+    /// Handles one request. `Err` closes the connection.
+    async fn dispatch(&mut self, msg: ClientMessage) -> Result<(), Stop> {
+        let engine = &self.conn.engine;
+        match msg {
+            ClientMessage::Hello { .. } => {
+                return Err(self
+                    .fatal(ErrorCode::BadHello, "hello was already received".into())
+                    .await);
+            }
+            ClientMessage::Publish {
+                request_id,
+                topic,
+                event_type,
+                headers,
+                payload,
+            } => {
+                let event = wire::new_event(ringcast_protocol::NewEvent {
+                    event_type,
+                    headers,
+                    payload,
+                });
+                self.start_publish(request_id, false, &topic, vec![event])
+                    .await?;
+            }
+            ClientMessage::PublishBatch {
+                request_id,
+                topic,
+                events,
+            } => {
+                let events = events.into_iter().map(wire::new_event).collect();
+                self.start_publish(request_id, true, &topic, events).await?;
+            }
+            ClientMessage::Subscribe {
+                request_id,
+                subscription_id,
+                topic,
+                types,
+                start,
+            } => {
+                self.subscribe(request_id, subscription_id, topic, types, start)
+                    .await?;
+            }
+            ClientMessage::Unsubscribe {
+                request_id,
+                subscription_id,
+            } => match self.pumps.remove(&subscription_id) {
+                Some(pump) => {
+                    pump.cancel.cancel();
+                    // No push may follow the reply: wait for the pump to stop.
+                    let _ = pump.handle.await;
+                    self.reply(ServerMessage::Unsubscribed {
+                        request_id,
+                        subscription_id,
+                    })
+                    .await?;
+                }
+                None => {
+                    self.error(
+                        request_id,
+                        ErrorCode::UnknownSubscription,
+                        format!("no subscription {subscription_id} on this connection"),
+                    )
+                    .await?;
+                }
+            },
+            ClientMessage::History {
+                request_id,
+                topic,
+                after,
+                types,
+                limit,
+            } => {
+                let limit = usize::try_from(limit)
+                    .unwrap_or(MAX_HISTORY)
+                    .min(MAX_HISTORY);
+                match engine.history(&topic, after, &types, limit) {
+                    Ok(page) => {
+                        // Keep the reply well inside the frame limit.
+                        let budget = self.conn.settings.max_frame / 2;
+                        let mut size = 0;
+                        let mut events = Vec::with_capacity(page.events.len());
+                        let mut next_after = page.next_after;
+                        for e in &page.events {
+                            let len = e.retained_size() as usize + topic.len();
+                            if !events.is_empty() && size + len > budget {
+                                next_after = events
+                                    .last()
+                                    .map_or(after, |e: &ringcast_protocol::WireEvent| e.offset);
+                                break;
+                            }
+                            size += len;
+                            events.push(wire::event(&topic, e));
+                        }
+                        self.reply(ServerMessage::History {
+                            request_id,
+                            events,
+                            next_after,
+                            first_available: page.first_available,
+                        })
+                        .await?;
+                    }
+                    Err(e) => self.engine_error(request_id, e).await?,
+                }
+            }
+            ClientMessage::ListTopics { request_id } => {
+                let topics = engine
+                    .topics()
+                    .into_iter()
+                    .map(|t| TopicSummary {
+                        name: t.name,
+                        epoch: t.epoch,
+                        last_offset: t.last_offset,
+                        sealed: t.sealed,
+                    })
+                    .collect();
+                self.reply(ServerMessage::Topics { request_id, topics })
+                    .await?;
+            }
+            ClientMessage::TopicInfo { request_id, topic } => match engine.info(&topic) {
+                Ok(info) => {
+                    self.reply(ServerMessage::TopicInfo {
+                        request_id,
+                        info: wire::info(info),
+                    })
+                    .await?;
+                }
+                Err(e) => self.engine_error(request_id, e).await?,
+            },
+            ClientMessage::Seal { request_id, topic } => match engine.seal(&topic).await {
+                Ok(()) => self.reply(ServerMessage::Ok { request_id }).await?,
+                Err(e) => self.engine_error(request_id, e).await?,
+            },
+            ClientMessage::Delete { request_id, topic } => match engine.delete(&topic).await {
+                Ok(()) => self.reply(ServerMessage::Ok { request_id }).await?,
+                Err(e) => self.engine_error(request_id, e).await?,
+            },
+            ClientMessage::Ping { request_id } => {
+                self.reply(ServerMessage::Pong { request_id }).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn start_publish(
+        &mut self,
+        request_id: u64,
+        batch: bool,
+        topic: &str,
+        events: Vec<crate::engine::NewEvent>,
+    ) -> Result<(), Stop> {
+        match self.conn.engine.start_publish(topic, events) {
+            Ok(acks) => {
+                self.in_flight.push(InFlight {
+                    request_id,
+                    batch,
+                    acks,
+                });
+                Ok(())
+            }
+            Err(e) => self.engine_error(request_id, e).await,
+        }
+    }
+
+    async fn reply_publish(
+        &mut self,
+        request_id: u64,
+        _batch: bool,
+        result: Result<Vec<Ack>, EngineError>,
+    ) -> Result<(), Stop> {
+        match result {
+            Ok(acks) => {
+                self.reply(ServerMessage::Published {
+                    request_id,
+                    results: acks.into_iter().map(wire::ack).collect(),
+                })
+                .await
+            }
+            Err(e) => self.engine_error(request_id, e).await,
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        request_id: u64,
+        subscription_id: u64,
+        topic: String,
+        types: Vec<String>,
+        start: ringcast_protocol::Start,
+    ) -> Result<(), Stop> {
+        self.pumps.retain(|_, p| !p.handle.is_finished());
+        if self.pumps.contains_key(&subscription_id) {
+            return self
+                .error(
+                    request_id,
+                    ErrorCode::DuplicateSubscription,
+                    format!("subscription id {subscription_id} is already in use"),
+                )
+                .await;
+        }
+        let max = self.conn.settings.max_subscriptions;
+        if self.pumps.len() >= max {
+            tracing::warn!(peer = %self.conn.peer, limit = max, "subscription refused: too many on one connection");
+            return self
+                .error(
+                    request_id,
+                    ErrorCode::TooManySubscriptions,
+                    format!("at most {max} subscriptions per connection"),
+                )
+                .await;
+        }
+        let sub = match self
+            .conn
+            .engine
+            .subscribe(&topic, types, wire::start(start))
+        {
+            Ok(sub) => sub,
+            Err(e) => return self.engine_error(request_id, e).await,
+        };
+        self.reply(ServerMessage::Subscribed {
+            request_id,
+            subscription_id,
+            epoch: sub.epoch(),
+            next_offset: sub.start_offset(),
+        })
+        .await?;
+        let cancel = CancellationToken::new();
+        let handle =
+            self.conn
+                .tracker
+                .spawn(pump(sub, subscription_id, self.out.clone(), cancel.clone()));
+        self.pumps.insert(subscription_id, Pump { cancel, handle });
+        tracing::debug!(peer = %self.conn.peer, topic, subscription_id, "subscribed");
+        Ok(())
+    }
+
+    /// On graceful shutdown: deliver the acks of publishes already queued,
+    /// then tell the client to reconnect elsewhere or later.
+    async fn say_goodbye(&mut self) {
+        let deadline = Instant::now() + self.conn.write_timeout();
+        while let Ok(Some((id, batch, result))) =
+            tokio::time::timeout_at(deadline, self.in_flight.next()).await
+        {
+            if self.reply_publish(id, batch, result).await.is_err() {
+                return;
+            }
+        }
+        let _ = self
+            .send(&ServerMessage::Shutdown {
+                reason: "the broker is shutting down; reconnect with backoff".into(),
+            })
+            .await;
+    }
+
+    async fn send(&self, msg: &ServerMessage) -> Result<(), Stop> {
+        let mut buf = BytesMut::new();
+        encode_frame(msg, &mut buf).map_err(|_| Stop::Closed)?;
+        self.out.send(buf.freeze()).await.map_err(|_| Stop::Closed)
+    }
+
+    async fn reply(&self, msg: ServerMessage) -> Result<(), Stop> {
+        self.send(&msg).await
+    }
+
+    async fn error(&self, request_id: u64, code: ErrorCode, message: String) -> Result<(), Stop> {
+        self.send(&ServerMessage::Error {
+            request_id: Some(request_id),
+            code,
+            message,
+        })
+        .await
+    }
+
+    async fn engine_error(&self, request_id: u64, e: EngineError) -> Result<(), Stop> {
+        tracing::debug!(peer = %self.conn.peer, request_id, error = %e, "request refused");
+        self.error(request_id, wire::error_code(&e), e.to_string())
+            .await
+    }
+
+    /// Sends a connection-level error; the connection then closes.
+    async fn fatal(&self, code: ErrorCode, message: String) -> Stop {
+        tracing::info!(peer = %self.conn.peer, ?code, %message, "closing connection on protocol error");
+        let _ = self
+            .send(&ServerMessage::Error {
+                request_id: None,
+                code,
+                message,
+            })
+            .await;
+        Stop::Closed
+    }
+}
+
+/// Moves deliveries of one subscription to the connection's writer,
+/// encoding several per hand-off.
+async fn pump(
+    mut sub: Subscription,
+    subscription_id: u64,
+    out: mpsc::Sender<Bytes>,
+    cancel: CancellationToken,
+) {
+    let topic = sub.topic().to_owned();
+    let mut buf = BytesMut::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            d = sub.recv() => d,
+        };
+        let Some(mut delivery) = first else { return };
+        let mut ended = false;
+        loop {
+            ended |= matches!(delivery, Delivery::End { .. });
+            let msg = match delivery {
+                Delivery::Event(e) => ServerMessage::Event {
+                    subscription_id,
+                    event: wire::event(&topic, &e),
+                },
+                Delivery::Gap(g) => ServerMessage::Gap {
+                    subscription_id,
+                    gap: wire::gap(g),
+                },
+                Delivery::End { last_offset } => ServerMessage::End {
+                    subscription_id,
+                    topic: topic.clone(),
+                    last_offset,
+                },
+            };
+            if let Err(e) = encode_frame(&msg, &mut buf) {
+                tracing::error!(error = %e, "cannot encode a delivery");
+            }
+            if ended || buf.len() >= PUMP_CHUNK {
+                break;
+            }
+            match sub.try_recv() {
+                Some(d) => delivery = d,
+                None => break,
+            }
+        }
+        let frames = buf.split().freeze();
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            r = out.send(frames) => if r.is_err() { return },
+        }
+        if ended {
+            return;
+        }
+    }
+}
+
+/// Writes queued frames, many per syscall; sends a heartbeat when idle.
+/// A write stalled for three heartbeats means a dead or stuck peer.
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Bytes>,
+    heartbeat: Duration,
+    done: CancellationToken,
+    kill: CancellationToken,
+) {
+    let _done = done.drop_guard();
+    let mut heartbeat_frame = BytesMut::new();
+    if encode_frame(&ServerMessage::Heartbeat, &mut heartbeat_frame).is_err() {
+        return;
+    }
+    let heartbeat_frame = heartbeat_frame.freeze();
+    let stall = (heartbeat * 3).max(Duration::from_secs(1));
+    let mut frames: Vec<Bytes> = Vec::with_capacity(256);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let received = tokio::select! {
+            biased;
+            _ = kill.cancelled() => return,
+            r = tokio::time::timeout(heartbeat, rx.recv_many(&mut frames, 256)) => r,
+        };
+        match received {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => frames.push(heartbeat_frame.clone()),
+        }
+        let write = async {
+            if frames.len() == 1 {
+                wr.write_all(&frames[0]).await
+            } else {
+                for f in &frames {
+                    buf.extend_from_slice(f);
+                }
+                let r = wr.write_all(&buf).await;
+                buf.clear();
+                r
+            }
+        };
+        let result = tokio::select! {
+            biased;
+            _ = kill.cancelled() => return,
+            r = tokio::time::timeout(stall, write) => r,
+        };
+        frames.clear();
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "write failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!("peer has not read for three heartbeats; closing");
+                return;
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+}

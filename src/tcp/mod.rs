@@ -1,0 +1,126 @@
+//! The binary TCP front end: accept loop and connection limit.
+//!
+//! Each connection is served by [`connection`]: a reader that decodes and
+//! dispatches frames, one pump task per subscription, and a writer that
+//! coalesces every pending frame into one write.
+
+mod connection;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ringcast_protocol::{encode_frame, ErrorCode, ServerMessage};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::engine::Engine;
+
+/// Limits and timings of the TCP front end.
+#[derive(Debug, Clone)]
+pub struct TcpSettings {
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// Largest frame body accepted.
+    pub max_frame: usize,
+    /// Largest payload of one event (announced in `Welcome`).
+    pub max_payload: u64,
+    /// Most subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Idle interval for heartbeats; silence for three of them drops a peer.
+    pub heartbeat: Duration,
+    /// How long a new connection has to send `Hello`.
+    pub hello_timeout: Duration,
+    /// Frames (or frame batches) queued for one connection's writer.
+    pub outbound_queue: usize,
+    /// Publishes awaiting their ack per connection before reading pauses.
+    pub max_in_flight: usize,
+}
+
+impl TcpSettings {
+    /// Settings taken from a daemon config.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            max_connections: config.limits.max_tcp_connections,
+            max_frame: usize::try_from(config.limits.max_frame.as_u64()).unwrap_or(usize::MAX),
+            max_payload: config.limits.max_payload.as_u64(),
+            max_subscriptions: config.limits.max_subscriptions_per_connection,
+            heartbeat: config.server.heartbeat,
+            hello_timeout: Duration::from_secs(10),
+            outbound_queue: 256,
+            max_in_flight: 4096,
+        }
+    }
+}
+
+/// Serves connections from `listener` until `shutdown` is cancelled; every
+/// task it starts is tracked by `tracker`. `kill` drops connections at once
+/// without telling clients (a crash, for tests).
+pub async fn serve(
+    listener: TcpListener,
+    engine: Engine,
+    settings: TcpSettings,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let settings = Arc::new(settings);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = kill.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let conn = connection::Connection::new(
+                            engine.clone(),
+                            settings.clone(),
+                            peer,
+                            shutdown.clone(),
+                            kill.clone(),
+                            tracker.clone(),
+                        );
+                        tracker.spawn(async move {
+                            conn.run(stream).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, limit = settings.max_connections, "connection refused: too many connections");
+                        tracker.spawn(refuse(stream, peer, settings.max_connections));
+                    }
+                }
+            }
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: TcpStream, peer: SocketAddr, limit: usize) {
+    let mut buf = BytesMut::new();
+    let msg = ServerMessage::Error {
+        request_id: None,
+        code: ErrorCode::TooManyConnections,
+        message: format!("too many connections (limit {limit})"),
+    };
+    if encode_frame(&msg, &mut buf).is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
+    }
+    let _ = stream.shutdown().await;
+    tracing::debug!(%peer, "refused connection closed");
+}

@@ -1,0 +1,94 @@
+//! Conversions between engine values and wire messages.
+
+use ringcast_protocol as proto;
+
+use crate::engine::{Ack, EngineError, Event, Gap, GapReason, NewEvent, Start, TopicInfo};
+
+pub(crate) fn start(s: proto::Start) -> Start {
+    match s {
+        proto::Start::Live => Start::Live,
+        proto::Start::Earliest => Start::Earliest,
+        proto::Start::AfterOffset { epoch, offset } => Start::AfterOffset { epoch, offset },
+        proto::Start::AfterVersions { epoch, versions } => Start::AfterVersions { epoch, versions },
+    }
+}
+
+pub(crate) fn new_event(e: proto::NewEvent) -> NewEvent {
+    NewEvent {
+        event_type: e.event_type,
+        headers: e.headers,
+        payload: e.payload,
+    }
+}
+
+pub(crate) fn ack(a: Ack) -> proto::Ack {
+    proto::Ack {
+        epoch: a.epoch,
+        offset: a.offset,
+        version: a.version,
+    }
+}
+
+pub(crate) fn event(topic: &str, e: &Event) -> proto::WireEvent {
+    proto::WireEvent {
+        topic: topic.to_owned(),
+        offset: e.offset,
+        event_type: e.event_type.to_string(),
+        version: e.version,
+        timestamp_ms: e.timestamp_ms,
+        headers: e.headers.clone(),
+        payload: e.payload.clone(),
+    }
+}
+
+pub(crate) fn gap(g: Gap) -> proto::WireGap {
+    proto::WireGap {
+        topic: g.topic,
+        event_type: g.event_type,
+        reason: match g.reason {
+            GapReason::Retention => proto::GapReason::Retention,
+            GapReason::EpochChanged => proto::GapReason::EpochChanged,
+            GapReason::SlowConsumer => proto::GapReason::SlowConsumer,
+        },
+        epoch: g.epoch,
+        requested: g.requested,
+        first_available: g.first_available,
+        current: g.current,
+    }
+}
+
+pub(crate) fn info(i: TopicInfo) -> proto::WireTopicInfo {
+    proto::WireTopicInfo {
+        name: i.name,
+        epoch: i.epoch,
+        first_offset: i.first_offset,
+        last_offset: i.last_offset,
+        versions: i.versions,
+        max_events: i.retention.max_events,
+        max_age_ms: i
+            .retention
+            .max_age
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        max_bytes: i.retention.max_bytes,
+        retained_events: i.retained_events,
+        retained_bytes: i.retained_bytes,
+        subscribers: u32::try_from(i.subscribers).unwrap_or(u32::MAX),
+        sealed: i.sealed,
+    }
+}
+
+pub(crate) fn error_code(e: &EngineError) -> proto::ErrorCode {
+    use proto::ErrorCode as C;
+    match e {
+        EngineError::InvalidTopic(_) => C::InvalidTopic,
+        EngineError::InvalidType(_) => C::InvalidType,
+        EngineError::InvalidHeaders(_) | EngineError::EmptyBatch => C::InvalidRequest,
+        EngineError::PayloadTooLarge { .. } => C::PayloadTooLarge,
+        EngineError::TopicNotFound(_) => C::TopicNotFound,
+        EngineError::TopicSealed(_) => C::TopicSealed,
+        EngineError::TooManyTopics(_) => C::TooManyTopics,
+        EngineError::InvalidStart(_) => C::InvalidStart,
+        EngineError::Storage(_) => C::Internal,
+        EngineError::ShuttingDown => C::ShuttingDown,
+    }
+}
