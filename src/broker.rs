@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions};
+use crate::http::{self, HttpSettings, HttpState};
 use crate::tcp::{self, TcpSettings};
 
 /// A started broker. Stop it with [`Broker::shutdown`] (graceful) or
@@ -21,6 +22,8 @@ use crate::tcp::{self, TcpSettings};
 pub struct Broker {
     engine: Engine,
     tcp_addr: SocketAddr,
+    http_addr: SocketAddr,
+    http: HttpState,
     shutdown_timeout: Duration,
     shutdown: CancellationToken,
     kill: CancellationToken,
@@ -50,6 +53,15 @@ impl Broker {
                 )
             })?;
         let tcp_addr = tcp_listener.local_addr()?;
+        let http_listener = TcpListener::bind(config.server.http_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (server.http_listen)",
+                    config.server.http_listen
+                )
+            })?;
+        let http_addr = http_listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let kill = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -61,9 +73,29 @@ impl Broker {
             kill.clone(),
             tracker.clone(),
         ));
+        let http = HttpState::new(
+            engine.clone(),
+            HttpSettings::from_config(&config),
+            shutdown.clone(),
+        );
+        let app = http::router(http.clone());
+        let (http_shutdown, http_kill) = (shutdown.clone(), kill.clone());
+        tracker.spawn(async move {
+            let serve = axum::serve(http_listener, app)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned());
+            tokio::select! {
+                r = serve => if let Err(e) = r {
+                    tracing::error!(error = %e, "HTTP server failed");
+                },
+                _ = http_kill.cancelled() => {}
+            }
+        });
+        http.set_ready(true);
         Ok(Self {
             engine,
             tcp_addr,
+            http_addr,
+            http,
             shutdown_timeout: config.server.shutdown_timeout,
             shutdown,
             kill,
@@ -76,6 +108,11 @@ impl Broker {
         self.tcp_addr
     }
 
+    /// The bound HTTP address (useful when configured with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
     /// The engine the front ends serve.
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -84,6 +121,7 @@ impl Broker {
     /// Stops accepting, tells clients, delivers pending acks, then flushes
     /// storage. Gives up waiting for connections after `shutdown_timeout`.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.http.set_ready(false);
         self.shutdown.cancel();
         self.tracker.close();
         if tokio::time::timeout(self.shutdown_timeout, self.tracker.wait())

@@ -84,6 +84,8 @@ pub struct LimitsConfig {
     pub max_tcp_connections: usize,
     /// Most subscriptions on one TCP connection.
     pub max_subscriptions_per_connection: usize,
+    /// Most SSE connections at once; one more is answered with 503.
+    pub max_sse_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -95,6 +97,7 @@ impl Default for LimitsConfig {
             max_frame: ByteSize::mib(4),
             max_tcp_connections: 10_000,
             max_subscriptions_per_connection: 1_000,
+            max_sse_connections: 10_000,
         }
     }
 }
@@ -124,6 +127,30 @@ pub struct ServerConfig {
     /// Longest graceful shutdown before the daemon exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Origins allowed by CORS on the HTTP API and SSE; `"*"` allows any.
+    /// From the environment: a comma-separated list.
+    #[serde(deserialize_with = "string_list")]
+    pub cors_origins: Vec<String>,
+}
+
+/// A list of strings, also accepted as one comma-separated string (the
+/// form environment variables take).
+fn string_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<String>),
+        One(String),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::Many(v) => v,
+        OneOrMany::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
 }
 
 impl Default for ServerConfig {
@@ -133,6 +160,7 @@ impl Default for ServerConfig {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
             heartbeat: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(10),
+            cors_origins: vec!["*".into()],
         }
     }
 }
@@ -447,6 +475,14 @@ impl Config {
                 "must be at least 10ms",
             ));
         }
+        for (i, origin) in self.server.cors_origins.iter().enumerate() {
+            if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
+                return Err(ConfigError::invalid(
+                    format!("server.cors_origins[{i}]"),
+                    format!("{origin:?} is not a valid origin"),
+                ));
+            }
+        }
         if self.limits.max_topics == 0 {
             return Err(ConfigError::invalid(
                 "limits.max_topics",
@@ -578,6 +614,18 @@ mod tests {
         assert_eq!(c.topics.max_events, 5);
         assert_eq!(c.topics.max_age, Duration::from_secs(3600));
         assert_eq!(c.storage.durability, Durability::Memory);
+        let c = Config::load(
+            None,
+            env(&[(
+                "RINGCAST_SERVER_CORS_ORIGINS",
+                "https://a.example, https://b.example",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.server.cors_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
     }
 
     #[test]

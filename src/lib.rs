@@ -6,6 +6,7 @@
 //! - [`engine`]: the topic log — rings, offsets, versions, epochs, retention,
 //!   subscriptions (cursors), and the sled store with group commit.
 //! - [`tcp`]: the binary TCP front end (`docs/protocol.md`).
+//! - [`http`]: the SSE bridge, the JSON API and health endpoints (axum).
 //! - [`broker`]: the engine plus its front ends, started and stopped as one.
 //!
 //! Data flows one way: front end → [`engine::Engine::publish`] → store writer
@@ -17,4 +18,5 @@
 pub mod broker;
 pub mod config;
 pub mod engine;
+pub mod http;
 pub mod tcp;

@@ -129,7 +129,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         tcp = %broker.tcp_addr(),
-        http = %config.server.http_listen,
+        http = %broker.http_addr(),
         data_dir = %config.storage.data_dir.display(),
         durability = %config.storage.durability,
         topics = stats.topics,

@@ -1,0 +1,178 @@
+//! The HTTP front end (axum): the SSE bridge for browsers, a JSON API
+//! beside it, and health endpoints.
+//!
+//! | route | what |
+//! | --- | --- |
+//! | `GET /v1/topics/{topic}/events` | SSE stream ([`sse`]) |
+//! | `POST /v1/topics/{topic}/events?type=T` | publish the body |
+//! | `GET /v1/topics/{topic}/history` | paginated retained events |
+//! | `GET /v1/topics`, `GET /v1/topics/{topic}` | list, info |
+//! | `POST /v1/topics/{topic}/seal`, `DELETE /v1/topics/{topic}` | lifecycle |
+//! | `GET /healthz`, `GET /readyz` | liveness, readiness |
+
+mod api;
+mod envelope;
+mod sse;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineError};
+
+/// Settings of the HTTP front end.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Interval of SSE heartbeat comments.
+    pub heartbeat: Duration,
+    /// Reconnect delay suggested to browsers (`retry:`).
+    pub retry: Duration,
+    /// Most SSE connections at once.
+    pub max_sse_connections: usize,
+    /// Largest payload accepted by `POST .../events`.
+    pub max_payload: u64,
+    /// Allowed CORS origins (`*` = any).
+    pub cors_origins: Vec<String>,
+}
+
+impl HttpSettings {
+    /// Settings taken from a daemon config.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            heartbeat: config.server.heartbeat,
+            retry: Duration::from_secs(2),
+            max_sse_connections: config.limits.max_sse_connections,
+            max_payload: config.limits.max_payload.as_u64(),
+            cors_origins: config.server.cors_origins.clone(),
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone, Debug)]
+pub struct HttpState {
+    engine: Engine,
+    settings: Arc<HttpSettings>,
+    sse_permits: Arc<Semaphore>,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+}
+
+impl HttpState {
+    /// State over `engine`; `shutdown` ends SSE streams with `event: shutdown`.
+    pub fn new(engine: Engine, settings: HttpSettings, shutdown: CancellationToken) -> Self {
+        Self {
+            engine,
+            sse_permits: Arc::new(Semaphore::new(settings.max_sse_connections)),
+            settings: Arc::new(settings),
+            ready: Arc::new(AtomicBool::new(false)),
+            shutdown,
+        }
+    }
+
+    /// Marks the broker ready (or not) for `/readyz`.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+}
+
+/// The HTTP application, separate from serving so tests can mount it.
+pub fn router(state: HttpState) -> Router {
+    let cors = cors(&state.settings.cors_origins);
+    Router::new()
+        .route("/v1/topics", get(api::list_topics))
+        .route(
+            "/v1/topics/{topic}",
+            get(api::topic_info).delete(api::delete_topic),
+        )
+        .route(
+            "/v1/topics/{topic}/events",
+            get(sse::events).post(api::publish),
+        )
+        .route("/v1/topics/{topic}/history", get(api::history))
+        .route("/v1/topics/{topic}/seal", post(api::seal))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .fallback(api::not_found)
+        .layer(cors)
+        .with_state(state)
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let layer = CorsLayer::new()
+        .allow_methods(tower_http::cors::Any)
+        .allow_headers(tower_http::cors::Any)
+        .max_age(Duration::from_secs(3600));
+    if origins.iter().any(|o| o == "*") {
+        layer.allow_origin(AllowOrigin::any())
+    } else {
+        // Validated in Config::validate.
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        layer.allow_origin(AllowOrigin::list(list))
+    }
+}
+
+/// An error answered as `{"error": {"code", "message"}}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with an explicit status and code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A 400 for a malformed query or body.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let (status, code) = match &e {
+            EngineError::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "invalid_topic"),
+            EngineError::InvalidType(_) => (StatusCode::BAD_REQUEST, "invalid_type"),
+            EngineError::InvalidHeaders(_) => (StatusCode::BAD_REQUEST, "invalid_headers"),
+            EngineError::EmptyBatch => (StatusCode::BAD_REQUEST, "empty_batch"),
+            EngineError::InvalidStart(_) => (StatusCode::BAD_REQUEST, "invalid_start"),
+            EngineError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            EngineError::TopicNotFound(_) => (StatusCode::NOT_FOUND, "topic_not_found"),
+            EngineError::TopicSealed(_) => (StatusCode::CONFLICT, "topic_sealed"),
+            EngineError::TooManyTopics(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_topics"),
+            EngineError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
+            EngineError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        };
+        Self::new(status, code, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        (self.status, body).into_response()
+    }
+}

@@ -1,0 +1,241 @@
+//! `GET /v1/topics/{topic}/events`: the SSE bridge for plain `EventSource`.
+//!
+//! Start, in order of precedence: the `Last-Event-ID` header, the
+//! `last_event_id` query parameter (both `<epoch>:<offset>`), then
+//! `after_versions=a:5,b:3&epoch=E`, then `earliest=true`, else live.
+//! Every event carries `id: <epoch>:<offset>`, so the browser's automatic
+//! reconnect resumes exactly; `gap` events carry the id of the position the
+//! stream continues from, so a reconnect after a gap does not repeat it.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use super::envelope::{event_json, gap_json};
+use super::{ApiError, HttpState};
+use crate::engine::{Delivery, Start, Subscription};
+
+/// Query parameters of the SSE endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct EventsQuery {
+    types: Option<String>,
+    earliest: Option<bool>,
+    after_versions: Option<String>,
+    epoch: Option<String>,
+    last_event_id: Option<String>,
+}
+
+/// Parses `<epoch>:<offset>`.
+pub(crate) fn parse_event_id(id: &str) -> Result<(u64, u64), ApiError> {
+    let bad = || ApiError::bad_request(format!("event id {id:?} is not <epoch>:<offset>"));
+    let (epoch, offset) = id.trim().split_once(':').ok_or_else(bad)?;
+    Ok((
+        epoch.parse().map_err(|_| bad())?,
+        offset.parse().map_err(|_| bad())?,
+    ))
+}
+
+/// Parses a comma-separated list, dropping empty items.
+pub(crate) fn parse_list(s: Option<&str>) -> Vec<String> {
+    s.map(|s| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn parse_versions(s: &str) -> Result<Vec<(String, u64)>, ApiError> {
+    parse_list(Some(s))
+        .into_iter()
+        .map(|item| {
+            let (t, v) = item.split_once(':').ok_or_else(|| {
+                ApiError::bad_request(format!("after_versions item {item:?} is not type:version"))
+            })?;
+            let v = v.parse().map_err(|_| {
+                ApiError::bad_request(format!("version {v:?} of type {t:?} is not a number"))
+            })?;
+            Ok((t.to_owned(), v))
+        })
+        .collect()
+}
+
+fn start_of(query: &EventsQuery, headers: &HeaderMap) -> Result<Start, ApiError> {
+    let header = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::bad_request("Last-Event-ID is not ASCII"))
+        })
+        .transpose()?
+        .filter(|v| !v.trim().is_empty());
+    if let Some(id) = header.or(query.last_event_id.as_deref()) {
+        let (epoch, offset) = parse_event_id(id)?;
+        return Ok(Start::AfterOffset { epoch, offset });
+    }
+    if let Some(versions) = &query.after_versions {
+        let epoch = query
+            .epoch
+            .as_deref()
+            .ok_or_else(|| ApiError::bad_request("after_versions needs epoch"))?
+            .parse()
+            .map_err(|_| ApiError::bad_request("epoch is not a number"))?;
+        return Ok(Start::AfterVersions {
+            epoch,
+            versions: parse_versions(versions)?,
+        });
+    }
+    if query.earliest == Some(true) {
+        return Ok(Start::Earliest);
+    }
+    Ok(Start::Live)
+}
+
+pub(crate) async fn events(
+    State(state): State<HttpState>,
+    Path(topic): Path<String>,
+    Query(query): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Ok(Start::AfterOffset { epoch, offset }) = start_of(&query, &headers) {
+        // A browser reconnecting after `end` of a sealed topic: 204 tells
+        // EventSource to stop reconnecting.
+        if let Ok(info) = state.engine.info(&topic) {
+            if info.sealed && info.epoch == epoch && offset >= info.last_offset {
+                return StatusCode::NO_CONTENT.into_response();
+            }
+        }
+    }
+    match open(&state, &topic, &query, &headers) {
+        Ok(stream) => {
+            let keep_alive = KeepAlive::new()
+                .interval(state.settings.heartbeat)
+                .text("hb");
+            let mut response = Sse::new(stream).keep_alive(keep_alive).into_response();
+            let h = response.headers_mut();
+            h.insert("cache-control", HeaderValue::from_static("no-cache"));
+            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            response
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+fn open(
+    state: &HttpState,
+    topic: &str,
+    query: &EventsQuery,
+    headers: &HeaderMap,
+) -> Result<impl Stream<Item = Result<SseEvent, Infallible>>, ApiError> {
+    let start = start_of(query, headers)?;
+    let by_versions = matches!(start, Start::AfterVersions { .. });
+    let types = parse_list(query.types.as_deref());
+    let permit = state.sse_permits.clone().try_acquire_owned().map_err(|_| {
+        tracing::warn!(topic, "SSE connection refused: too many connections");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            format!(
+                "too many SSE connections (limit {})",
+                state.settings.max_sse_connections
+            ),
+        )
+    })?;
+    let sub = state.engine.subscribe(topic, types, start)?;
+    let info = state.engine.info(topic)?;
+    let epoch = sub.epoch();
+    let versions: serde_json::Map<String, serde_json::Value> = info
+        .versions
+        .iter()
+        .map(|(t, v)| (t.clone(), json!(v)))
+        .collect();
+    let ready = json!({
+        "topic": topic,
+        "epoch": epoch.to_string(),
+        "offset": info.last_offset,
+        "versions": versions,
+    });
+    let mut ready = SseEvent::default()
+        .event("ready")
+        .retry(state.settings.retry)
+        .data(ready.to_string());
+    // A reconnect before the first event resumes where this stream starts.
+    // Not for a resume by versions: by offset it would replay other types.
+    if !by_versions {
+        ready = ready.id(format!("{epoch}:{}", sub.start_offset() - 1));
+    }
+    tracing::debug!(topic, "SSE stream opened");
+    let stream = SseStream {
+        sub,
+        topic: topic.to_owned(),
+        prelude: VecDeque::from([ready]),
+        shutdown: state.shutdown.clone(),
+        done: false,
+        _permit: permit,
+    };
+    Ok(futures_util::stream::unfold(stream, |mut s| async move {
+        s.next().await.map(|e| (Ok(e), s))
+    }))
+}
+
+struct SseStream {
+    sub: Subscription,
+    topic: String,
+    prelude: VecDeque<SseEvent>,
+    shutdown: CancellationToken,
+    done: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl SseStream {
+    async fn next(&mut self) -> Option<SseEvent> {
+        if let Some(e) = self.prelude.pop_front() {
+            return Some(e);
+        }
+        if self.done {
+            return None;
+        }
+        let delivery = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => {
+                self.done = true;
+                return Some(SseEvent::default().event("shutdown").data(
+                    json!({"reason": "the broker is shutting down; reconnect"}).to_string(),
+                ));
+            }
+            d = self.sub.recv() => d?,
+        };
+        let epoch = self.sub.epoch();
+        Some(match delivery {
+            Delivery::Event(e) => SseEvent::default()
+                .id(format!("{epoch}:{}", e.offset))
+                .event(&*e.event_type)
+                .data(event_json(&self.topic, &e)),
+            Delivery::Gap(g) => {
+                tracing::warn!(topic = %self.topic, reason = g.reason.as_str(), "SSE subscriber gap");
+                SseEvent::default()
+                    .id(format!("{}:{}", g.epoch, g.current))
+                    .event("gap")
+                    .data(gap_json(&g))
+            }
+            Delivery::End { last_offset } => {
+                self.done = true;
+                SseEvent::default()
+                    .event("end")
+                    .data(json!({"topic": self.topic, "last_offset": last_offset}).to_string())
+            }
+        })
+    }
+}
