@@ -44,6 +44,7 @@ impl Broker {
 
     /// Starts the front ends over an already opened engine.
     pub async fn start_with_engine(config: Config, engine: Engine) -> anyhow::Result<Self> {
+        crate::metrics::handle();
         let tcp_listener = TcpListener::bind(config.server.tcp_listen)
             .await
             .with_context(|| {
@@ -79,17 +80,13 @@ impl Broker {
             shutdown.clone(),
         );
         let app = http::router(http.clone());
-        let (http_shutdown, http_kill) = (shutdown.clone(), kill.clone());
-        tracker.spawn(async move {
-            let serve = axum::serve(http_listener, app)
-                .with_graceful_shutdown(http_shutdown.cancelled_owned());
-            tokio::select! {
-                r = serve => if let Err(e) = r {
-                    tracing::error!(error = %e, "HTTP server failed");
-                },
-                _ = http_kill.cancelled() => {}
-            }
-        });
+        tracker.spawn(http::serve(
+            http_listener,
+            app,
+            shutdown.clone(),
+            kill.clone(),
+            tracker.clone(),
+        ));
         http.set_ready(true);
         Ok(Self {
             engine,

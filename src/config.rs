@@ -68,6 +68,18 @@ pub struct Config {
     pub log: LogConfig,
     /// Engine-wide limits.
     pub limits: LimitsConfig,
+    /// Prometheus metrics.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: what `/metrics` labels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Topics whose events are also counted under a `topic` label (others
+    /// only in the totals, so label cardinality stays bounded).
+    #[serde(deserialize_with = "string_list")]
+    pub topics: Vec<String>,
 }
 
 /// `[limits]`: engine-wide limits, each refused with a clear error.
@@ -86,6 +98,9 @@ pub struct LimitsConfig {
     pub max_subscriptions_per_connection: usize,
     /// Most SSE connections at once; one more is answered with 503.
     pub max_sse_connections: usize,
+    /// Most bytes retained in memory over all topics; publishes beyond it
+    /// are refused until retention frees room.
+    pub max_retained_bytes: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -98,6 +113,7 @@ impl Default for LimitsConfig {
             max_tcp_connections: 10_000,
             max_subscriptions_per_connection: 1_000,
             max_sse_connections: 10_000,
+            max_retained_bytes: ByteSize::b(engine.max_retained_bytes),
         }
     }
 }
@@ -108,6 +124,7 @@ impl LimitsConfig {
         crate::engine::Limits {
             max_payload: self.max_payload.as_u64(),
             max_topics: self.max_topics,
+            max_retained_bytes: self.max_retained_bytes.as_u64(),
         }
     }
 }
@@ -544,11 +561,14 @@ fn apply_env(
                 "expected RINGCAST_<SECTION>_<KEY>",
             ));
         };
-        if !matches!(section, "server" | "storage" | "topics" | "log" | "limits") {
+        if !matches!(
+            section,
+            "server" | "storage" | "topics" | "log" | "limits" | "metrics"
+        ) {
             return Err(ConfigError::invalid(
                 var,
                 format!(
-                    "unknown section {section:?} (expected server, storage, topics, log or limits)"
+                    "unknown section {section:?} (expected server, storage, topics, log, limits or metrics)"
                 ),
             ));
         }

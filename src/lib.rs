@@ -8,6 +8,8 @@
 //! - [`tcp`]: the binary TCP front end (`docs/protocol.md`).
 //! - [`http`]: the SSE bridge, the JSON API and health endpoints (axum).
 //! - [`broker`]: the engine plus its front ends, started and stopped as one.
+//! - [`metrics`]: Prometheus metric names and the exporter handle.
+//! - [`systemd`]: readiness, status and watchdog notifications.
 //!
 //! Data flows one way: front end → [`engine::Engine::publish`] → store writer
 //! (assign, persist, fsync) → topic ring → subscription cursors → the
@@ -19,4 +21,6 @@ pub mod broker;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod metrics;
+pub mod systemd;
 pub mod tcp;

@@ -5,8 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use std::time::Duration;
+
 use ringcast::broker::Broker;
 use ringcast::config::{Config, Durability, LogFormat, DEFAULT_CONFIG_TOML};
+use ringcast::systemd;
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// The ringcast broker daemon.
@@ -124,6 +128,7 @@ fn init_tracing(config: &Config) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    systemd::status("recovering storage");
     let broker = Broker::start(config.clone()).await?;
     let stats = broker.engine().stats();
     tracing::info!(
@@ -136,25 +141,57 @@ async fn run(config: Config) -> anyhow::Result<()> {
         events = broker.engine().recovered_events(),
         "ringcastd started"
     );
-    shutdown_signal().await;
+    systemd::ready(&format!(
+        "serving tcp={} http={} topics={} events={}",
+        broker.tcp_addr(),
+        broker.http_addr(),
+        stats.topics,
+        broker.engine().recovered_events()
+    ));
+    let watchdog = CancellationToken::new();
+    systemd::spawn_watchdog(watchdog.clone());
+
+    let mut signals = Signals::new()?;
+    signals.next().await;
     tracing::info!("shutting down");
-    broker.shutdown().await?;
+    systemd::stopping();
+    let timeout = config.server.shutdown_timeout;
+    tokio::select! {
+        r = tokio::time::timeout(timeout + Duration::from_secs(5), broker.shutdown()) => match r {
+            Ok(r) => r?,
+            Err(_) => anyhow::bail!("shutdown did not finish within shutdown_timeout"),
+        },
+        _ = signals.next() => {
+            // sled is crash-safe: leaving now is like a kill, minus nothing
+            // that fsync mode acknowledged.
+            tracing::warn!("second signal: exiting at once");
+            std::process::exit(130);
+        }
+    }
+    watchdog.cancel();
     tracing::info!("storage flushed; bye");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT as one stream.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

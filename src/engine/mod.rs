@@ -11,7 +11,7 @@ mod topic;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -66,6 +66,9 @@ pub enum EngineError {
     /// Creating the topic would exceed `max_topics`.
     #[error("too many topics (limit {0})")]
     TooManyTopics(usize),
+    /// Retained bytes over all topics reached `max_retained_bytes`.
+    #[error("the broker's retained-bytes limit of {0} bytes is reached; retry later")]
+    OverCapacity(u64),
     /// The start position cannot be honoured (e.g. an offset in the future).
     #[error("invalid start: {0}")]
     InvalidStart(String),
@@ -84,6 +87,9 @@ pub struct Limits {
     pub max_payload: u64,
     /// Most topics alive at once.
     pub max_topics: usize,
+    /// Most bytes retained in memory over all topics; publishes beyond it
+    /// are refused until retention frees room.
+    pub max_retained_bytes: u64,
 }
 
 impl Default for Limits {
@@ -91,6 +97,7 @@ impl Default for Limits {
         Self {
             max_payload: 1024 * 1024,
             max_topics: 100_000,
+            max_retained_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -110,6 +117,8 @@ pub struct EngineOptions {
     pub limits: Limits,
     /// How often age trimming and topic expiry run.
     pub maintenance_interval: Duration,
+    /// Topics counted under their own metric label.
+    pub metered_topics: Vec<String>,
 }
 
 impl EngineOptions {
@@ -122,6 +131,7 @@ impl EngineOptions {
             topics: config.topics.clone(),
             limits: config.limits.engine(),
             maintenance_interval: Duration::from_secs(1),
+            metered_topics: config.metrics.topics.clone(),
         }
     }
 
@@ -134,6 +144,7 @@ impl EngineOptions {
             topics: TopicsConfig::default(),
             limits: Limits::default(),
             maintenance_interval: Duration::from_secs(1),
+            metered_topics: Vec::new(),
         }
     }
 
@@ -151,7 +162,10 @@ impl EngineOptions {
 /// under the durability mode.
 #[derive(Debug)]
 #[must_use = "a publish is acknowledged only when this resolves"]
-pub struct PendingPublish(Pending);
+pub struct PendingPublish {
+    pending: Pending,
+    started: std::time::Instant,
+}
 
 #[derive(Debug)]
 enum Pending {
@@ -163,12 +177,16 @@ impl Future for PendingPublish {
     type Output = Result<Vec<Ack>, EngineError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.0 {
+        let result = match &mut self.pending {
             Pending::Ready(acks) => Poll::Ready(acks.take().ok_or(EngineError::ShuttingDown)),
             Pending::Waiting(rx) => Pin::new(rx)
                 .poll(cx)
                 .map(|r| r.unwrap_or(Err(EngineError::ShuttingDown))),
+        };
+        if result.is_ready() {
+            metrics::histogram!(crate::metrics::ACK_SECONDS).record(self.started.elapsed());
         }
+        result
     }
 }
 
@@ -249,6 +267,7 @@ struct Inner {
     options: EngineOptions,
     store: Option<Store>,
     recovered_events: u64,
+    global_bytes: Arc<AtomicU64>,
     closed: std::sync::atomic::AtomicBool,
     janitor: parking_lot::Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
@@ -281,6 +300,15 @@ pub(crate) fn new_epoch() -> u64 {
     }
 }
 
+/// Counts appended events, under the topic's own label when it is metered.
+pub(crate) fn count_published(topic: &str, metered: bool, n: usize) {
+    metrics::counter!(crate::metrics::PUBLISHED).increment(n as u64);
+    if metered {
+        metrics::counter!(crate::metrics::PUBLISHED, "topic" => topic.to_owned())
+            .increment(n as u64);
+    }
+}
+
 /// Whether `c` may appear in a topic name or event type.
 pub fn is_topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
@@ -303,6 +331,7 @@ impl Engine {
     /// Opens the engine: in memory, or recovering every topic from sled.
     /// Starts the store writer and the maintenance thread.
     pub fn open(options: EngineOptions) -> Result<Self, EngineError> {
+        let global_bytes = Arc::new(AtomicU64::new(0));
         let (store, topics, recovered_events) = match options.durability {
             Durability::Memory => (None, Vec::new(), 0),
             durability => {
@@ -310,7 +339,11 @@ impl Engine {
                     &options.data_dir,
                     durability,
                     options.flush_interval,
-                    &options.topics,
+                    store::OpenContext {
+                        topics: &options.topics,
+                        metered: &options.metered_topics,
+                        global_bytes: global_bytes.clone(),
+                    },
                 )?;
                 (Some(opened.store), opened.topics, opened.events)
             }
@@ -320,6 +353,7 @@ impl Engine {
             options,
             store,
             recovered_events,
+            global_bytes,
             closed: std::sync::atomic::AtomicBool::new(false),
             janitor: parking_lot::Mutex::new(None),
         });
@@ -376,9 +410,17 @@ impl Engine {
             return Err(EngineError::EmptyBatch);
         }
         let retention = self.inner.options.topics.retention_for(topic);
+        let mut bytes = 0;
         for e in &events {
             self.validate_event(e, &retention)?;
+            bytes += e.payload.len() as u64;
         }
+        let cap = self.inner.options.limits.max_retained_bytes;
+        if self.inner.global_bytes.load(Ordering::Relaxed) + bytes > cap {
+            crate::metrics::refused("max_retained_bytes");
+            return Err(EngineError::OverCapacity(cap));
+        }
+        let started = std::time::Instant::now();
         loop {
             let t = self.get_or_create(topic, self.inner.options.topics.auto_create)?;
             match &self.inner.store {
@@ -412,11 +454,15 @@ impl Engine {
                             payload: e.payload,
                         }));
                     }
+                    count_published(topic, state.metered, assigned.len());
                     state.push(assigned, now);
                     drop(state);
                     t.touch(now);
                     t.wake();
-                    return Ok(PendingPublish(Pending::Ready(Some(acks))));
+                    return Ok(PendingPublish {
+                        pending: Pending::Ready(Some(acks)),
+                        started,
+                    });
                 }
                 Some(store) => {
                     let (ack, rx) = oneshot::channel();
@@ -434,7 +480,10 @@ impl Engine {
                         events,
                         ack,
                     })?;
-                    return Ok(PendingPublish(Pending::Waiting(rx)));
+                    return Ok(PendingPublish {
+                        pending: Pending::Waiting(rx),
+                        started,
+                    });
                 }
             }
         }
@@ -508,6 +557,7 @@ impl Engine {
         }
         let max = self.inner.options.limits.max_topics;
         if self.inner.topics.len() >= max {
+            crate::metrics::refused("max_topics");
             return Err(EngineError::TooManyTopics(max));
         }
         let name: Arc<str> = Arc::from(name);
@@ -515,11 +565,15 @@ impl Engine {
             Entry::Occupied(e) => Ok(e.get().clone()),
             Entry::Vacant(e) => {
                 let retention = self.inner.options.topics.retention_for(&name);
-                let topic = Topic::new(
-                    name.clone(),
-                    TopicState::new(new_epoch(), retention),
-                    now_ms(),
-                );
+                let mut state =
+                    TopicState::new(new_epoch(), retention, self.inner.global_bytes.clone());
+                state.metered = self
+                    .inner
+                    .options
+                    .metered_topics
+                    .iter()
+                    .any(|m| **m == *name);
+                let topic = Topic::new(name.clone(), state, now_ms());
                 if let Some(store) = &self.inner.store {
                     // Persist the epoch even before the first event.
                     store.send(Op::Touch {

@@ -221,6 +221,16 @@ impl FileSync {
     }
 }
 
+/// What recovery needs from the engine besides the directory.
+pub(crate) struct OpenContext<'a> {
+    /// Retention settings per topic name.
+    pub topics: &'a TopicsConfig,
+    /// Topic names counted under their own metric label.
+    pub metered: &'a [String],
+    /// The engine-wide retained-bytes counter.
+    pub global_bytes: Arc<std::sync::atomic::AtomicU64>,
+}
+
 /// What [`Store::open`] recovered.
 pub(crate) struct Opened {
     pub store: Store,
@@ -235,7 +245,7 @@ impl Store {
         dir: &Path,
         durability: Durability,
         flush_interval: Duration,
-        topics_config: &TopicsConfig,
+        ctx: OpenContext<'_>,
     ) -> Result<Opened, EngineError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| EngineError::Storage(format!("cannot create {}: {e}", dir.display())))?;
@@ -266,7 +276,7 @@ impl Store {
             let (key, value) = item.map_err(storage_err)?;
             let name = std::str::from_utf8(&key[1..]).map_err(storage_err)?;
             let meta: TopicMeta = decode(&value)?;
-            let r = recover_topic(&db, name, meta, topics_config, now, rotate)?;
+            let r = recover_topic(&db, name, meta, &ctx, now, rotate)?;
             events += r.topic.state.read().ring.len() as u64;
             recovered.push(r);
         }
@@ -407,11 +417,17 @@ fn recover_topic(
     db: &sled::Db,
     name: &str,
     meta: TopicMeta,
-    config: &TopicsConfig,
+    ctx: &OpenContext<'_>,
     now: u64,
     rotate_epoch: bool,
 ) -> Result<Recovered, EngineError> {
-    let mut state = TopicState::new(meta.epoch, config.retention_for(name));
+    let config = ctx.topics;
+    let mut state = TopicState::new(
+        meta.epoch,
+        config.retention_for(name),
+        ctx.global_bytes.clone(),
+    );
+    state.metered = ctx.metered.iter().any(|m| m == name);
     state.counters.next_offset = meta.next_offset.max(1);
     state.counters.versions = meta
         .versions
@@ -461,8 +477,7 @@ fn recover_topic(
                 payload: Bytes::from(e.payload.into_vec()),
             });
             state.counters.next_offset = state.counters.next_offset.max(e.offset + 1);
-            state.ring_bytes += event.retained_size();
-            state.ring.push_back(event);
+            state.push_back(event);
         }
     }
     state.trim(now);
@@ -672,6 +687,7 @@ impl Writer {
                 Err(e) => tracing::error!(error = %e, "cannot encode topic meta"),
             }
         }
+        let write_started = Instant::now();
         let result = self
             .db
             .apply_batch(batch)
@@ -683,6 +699,7 @@ impl Writer {
                     Ok(())
                 }
             });
+        metrics::histogram!(crate::metrics::FLUSH_SECONDS).record(write_started.elapsed());
         tracing::trace!(ops = done.len(), elapsed = ?started.elapsed(), "batch written");
         if let Err(e) = &result {
             tracing::error!(error = %e, "storage write failed; publishes in this batch are refused");
@@ -721,6 +738,7 @@ impl Writer {
                     let trimmed = {
                         let mut state = topic.state.write();
                         let before = state.first_offset();
+                        super::count_published(&topic.name, state.metered, events.len());
                         state.push(events, now);
                         state.first_offset() != before
                     };

@@ -114,6 +114,12 @@ impl Subscription {
         };
         let epoch = state.epoch;
         drop(state);
+        for d in &queue {
+            if let Delivery::Gap(g) = d {
+                metrics::counter!(crate::metrics::GAPS, "reason" => g.reason.as_str()).increment(1);
+                tracing::warn!(topic = %topic.name, reason = g.reason.as_str(), event_type = ?g.event_type, "resume gap");
+            }
+        }
         topic.subscribers.fetch_add(1, Ordering::Relaxed);
         topic.touch(now_ms());
         Ok(Self {
@@ -207,6 +213,8 @@ impl Subscription {
             }));
             self.cursor = state.next_offset();
             self.resume = None;
+            metrics::counter!(crate::metrics::GAPS, "reason" => "slow_consumer").increment(1);
+            metrics::counter!(crate::metrics::SLOW_CONSUMERS).increment(1);
             tracing::warn!(topic = %self.topic.name, "subscriber fell behind the ring: gap(slow_consumer)");
         }
         let end = state.next_offset();

@@ -64,11 +64,22 @@ pub(crate) struct TopicState {
     pub sealed_at_ms: Option<u64>,
     /// The topic was deleted; subscribers get `End` at once.
     pub deleted: bool,
+    /// Count this topic's events under its own metric label.
+    pub metered: bool,
+    /// Bytes retained over all topics; this ring's share is kept in it.
+    pub global_bytes: Arc<AtomicU64>,
+}
+
+impl Drop for TopicState {
+    fn drop(&mut self) {
+        self.global_bytes
+            .fetch_sub(self.ring_bytes, Ordering::Relaxed);
+    }
 }
 
 impl TopicState {
     /// A topic whose history starts now.
-    pub fn new(epoch: u64, retention: Retention) -> Self {
+    pub fn new(epoch: u64, retention: Retention, global_bytes: Arc<AtomicU64>) -> Self {
         Self {
             epoch,
             retention,
@@ -78,7 +89,17 @@ impl TopicState {
             sealed: false,
             sealed_at_ms: None,
             deleted: false,
+            metered: false,
+            global_bytes,
         }
+    }
+
+    /// Adds an event to the back of the ring (no trimming).
+    pub fn push_back(&mut self, event: Arc<Event>) {
+        let size = event.retained_size();
+        self.ring_bytes += size;
+        self.global_bytes.fetch_add(size, Ordering::Relaxed);
+        self.ring.push_back(event);
     }
 
     /// Offset after the last committed event.
@@ -121,8 +142,7 @@ impl TopicState {
                     }
                 }
             }
-            self.ring_bytes += event.retained_size();
-            self.ring.push_back(event);
+            self.push_back(event);
         }
         self.trim(now_ms);
     }
@@ -142,7 +162,9 @@ impl TopicState {
             if !(too_many || too_big || too_old) {
                 break;
             }
-            self.ring_bytes -= front.retained_size();
+            let size = front.retained_size();
+            self.ring_bytes -= size;
+            self.global_bytes.fetch_sub(size, Ordering::Relaxed);
             self.ring.pop_front();
             dropped += 1;
         }

@@ -184,6 +184,25 @@ pub(crate) async fn readyz(State(state): State<HttpState>) -> Response {
     }
 }
 
+/// `GET /metrics`: Prometheus text exposition.
+pub(crate) async fn metrics(State(state): State<HttpState>) -> Response {
+    use crate::metrics as m;
+    let stats = state.engine.stats();
+    metrics::gauge!(m::TOPICS).set(stats.topics as f64);
+    metrics::gauge!(m::RETAINED_EVENTS).set(stats.retained_events as f64);
+    metrics::gauge!(m::RETAINED_BYTES).set(stats.retained_bytes as f64);
+    metrics::gauge!(m::SUBSCRIPTIONS).set(stats.subscribers as f64);
+    let body = m::handle().render();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
 /// Any other path.
 pub(crate) async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")

@@ -9,6 +9,7 @@
 //! | `GET /v1/topics`, `GET /v1/topics/{topic}` | list, info |
 //! | `POST /v1/topics/{topic}/seal`, `DELETE /v1/topics/{topic}` | lifecycle |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness |
+//! | `GET /metrics` | Prometheus text |
 
 mod api;
 mod envelope;
@@ -103,9 +104,61 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/topics/{topic}/seal", post(api::seal))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
         .fallback(api::not_found)
         .layer(cors)
         .with_state(state)
+}
+
+/// Serves `app` on `listener` with every connection tracked by `tracker`:
+/// `shutdown` ends SSE streams (with `event: shutdown`) and closes idle
+/// keep-alive connections; `kill` drops every connection at once.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::service::TowerToHyperService;
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = kill.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let (shutdown, kill) = (shutdown.clone(), kill.clone());
+        tracker.spawn(async move {
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                    }
+                    return;
+                }
+                _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+                _ = kill.cancelled() => return,
+            }
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = kill.cancelled() => {}
+            }
+        });
+    }
 }
 
 fn cors(origins: &[String]) -> CorsLayer {
@@ -163,6 +216,7 @@ impl From<EngineError> for ApiError {
             EngineError::TopicNotFound(_) => (StatusCode::NOT_FOUND, "topic_not_found"),
             EngineError::TopicSealed(_) => (StatusCode::CONFLICT, "topic_sealed"),
             EngineError::TooManyTopics(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_topics"),
+            EngineError::OverCapacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "over_capacity"),
             EngineError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
             EngineError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
         };

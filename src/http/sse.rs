@@ -144,6 +144,7 @@ fn open(
     let types = parse_list(query.types.as_deref());
     let permit = state.sse_permits.clone().try_acquire_owned().map_err(|_| {
         tracing::warn!(topic, "SSE connection refused: too many connections");
+        crate::metrics::refused("max_sse_connections");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_connections",
@@ -177,7 +178,12 @@ fn open(
         ready = ready.id(format!("{epoch}:{}", sub.start_offset() - 1));
     }
     tracing::debug!(topic, "SSE stream opened");
+    let connections = metrics::gauge!(crate::metrics::CONNECTIONS, "transport" => "sse");
+    connections.increment(1.0);
     let stream = SseStream {
+        connections,
+        delivered: metrics::counter!(crate::metrics::DELIVERED, "transport" => "sse"),
+        bytes_out: metrics::counter!(crate::metrics::BYTES_OUT, "transport" => "sse"),
         sub,
         topic: topic.to_owned(),
         prelude: VecDeque::from([ready]),
@@ -191,12 +197,21 @@ fn open(
 }
 
 struct SseStream {
+    connections: metrics::Gauge,
+    delivered: metrics::Counter,
+    bytes_out: metrics::Counter,
     sub: Subscription,
     topic: String,
     prelude: VecDeque<SseEvent>,
     shutdown: CancellationToken,
     done: bool,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for SseStream {
+    fn drop(&mut self) {
+        self.connections.decrement(1.0);
+    }
 }
 
 impl SseStream {
@@ -219,10 +234,15 @@ impl SseStream {
         };
         let epoch = self.sub.epoch();
         Some(match delivery {
-            Delivery::Event(e) => SseEvent::default()
-                .id(format!("{epoch}:{}", e.offset))
-                .event(&*e.event_type)
-                .data(event_json(&self.topic, &e)),
+            Delivery::Event(e) => {
+                let data = event_json(&self.topic, &e);
+                self.delivered.increment(1);
+                self.bytes_out.increment(data.len() as u64);
+                SseEvent::default()
+                    .id(format!("{epoch}:{}", e.offset))
+                    .event(&*e.event_type)
+                    .data(data)
+            }
             Delivery::Gap(g) => {
                 tracing::warn!(topic = %self.topic, reason = g.reason.as_str(), "SSE subscriber gap");
                 SseEvent::default()

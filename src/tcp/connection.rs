@@ -121,6 +121,8 @@ impl Connection {
             self.kill.clone(),
         ));
         tracing::debug!(%peer, "connection opened");
+        let connections = metrics::gauge!(crate::metrics::CONNECTIONS, "transport" => "tcp");
+        connections.increment(1.0);
         let mut session = Session {
             conn: &self,
             out,
@@ -139,6 +141,7 @@ impl Connection {
         if stop != Stop::Killed {
             let _ = tokio::time::timeout(self.write_timeout(), writer).await;
         }
+        connections.decrement(1.0);
         tracing::debug!(%peer, ?stop, "connection closed");
     }
 
@@ -217,6 +220,7 @@ impl Session<'_> {
 
         let dead_after = settings.heartbeat * 3;
         let mut deadline = Instant::now() + dead_after;
+        let bytes_in = metrics::counter!(crate::metrics::BYTES_IN, "transport" => "tcp");
         loop {
             while self.in_flight.len() < settings.max_in_flight {
                 match decoder.decode(&mut buf) {
@@ -226,7 +230,12 @@ impl Session<'_> {
                         }
                     }
                     Ok(None) => break,
-                    Err(e) => return self.fatal(e.error_code(), e.to_string()).await,
+                    Err(e) => {
+                        if e.error_code() == ErrorCode::FrameTooLarge {
+                            crate::metrics::refused("max_frame");
+                        }
+                        return self.fatal(e.error_code(), e.to_string()).await;
+                    }
                 }
             }
             let can_read = self.in_flight.len() < settings.max_in_flight;
@@ -247,7 +256,10 @@ impl Session<'_> {
                         }
                         return Stop::Closed;
                     }
-                    Ok(_) => deadline = Instant::now() + dead_after,
+                    Ok(n) => {
+                        bytes_in.increment(n as u64);
+                        deadline = Instant::now() + dead_after;
+                    }
                     Err(e) => {
                         tracing::debug!(peer = %self.conn.peer, error = %e, "read failed");
                         return Stop::Closed;
@@ -463,6 +475,7 @@ impl Session<'_> {
         let max = self.conn.settings.max_subscriptions;
         if self.pumps.len() >= max {
             tracing::warn!(peer = %self.conn.peer, limit = max, "subscription refused: too many on one connection");
+            crate::metrics::refused("max_subscriptions_per_connection");
             return self
                 .error(
                     request_id,
@@ -563,6 +576,7 @@ async fn pump(
 ) {
     let topic = sub.topic().to_owned();
     let mut buf = BytesMut::new();
+    let delivered = metrics::counter!(crate::metrics::DELIVERED, "transport" => "tcp");
     loop {
         let first = tokio::select! {
             biased;
@@ -574,10 +588,13 @@ async fn pump(
         loop {
             ended |= matches!(delivery, Delivery::End { .. });
             let msg = match delivery {
-                Delivery::Event(e) => ServerMessage::Event {
-                    subscription_id,
-                    event: wire::event(&topic, &e),
-                },
+                Delivery::Event(e) => {
+                    delivered.increment(1);
+                    ServerMessage::Event {
+                        subscription_id,
+                        event: wire::event(&topic, &e),
+                    }
+                }
                 Delivery::Gap(g) => ServerMessage::Gap {
                     subscription_id,
                     gap: wire::gap(g),
@@ -629,6 +646,7 @@ async fn write_loop(
     let stall = (heartbeat * 3).max(Duration::from_secs(1));
     let mut frames: Vec<Bytes> = Vec::with_capacity(256);
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    let bytes_out = metrics::counter!(crate::metrics::BYTES_OUT, "transport" => "tcp");
     loop {
         let received = tokio::select! {
             biased;
@@ -640,6 +658,7 @@ async fn write_loop(
             Ok(_) => {}
             Err(_) => frames.push(heartbeat_frame.clone()),
         }
+        bytes_out.increment(frames.iter().map(|f| f.len() as u64).sum());
         let write = async {
             if frames.len() == 1 {
                 wr.write_all(&frames[0]).await

@@ -98,6 +98,7 @@ pub async fn serve(
                     }
                     Err(_) => {
                         tracing::warn!(%peer, limit = settings.max_connections, "connection refused: too many connections");
+                        crate::metrics::refused("max_tcp_connections");
                         tracker.spawn(refuse(stream, peer, settings.max_connections));
                     }
                 }

@@ -87,6 +87,7 @@ pub(crate) fn error_code(e: &EngineError) -> proto::ErrorCode {
         EngineError::TopicNotFound(_) => C::TopicNotFound,
         EngineError::TopicSealed(_) => C::TopicSealed,
         EngineError::TooManyTopics(_) => C::TooManyTopics,
+        EngineError::OverCapacity(_) => C::OverCapacity,
         EngineError::InvalidStart(_) => C::InvalidStart,
         EngineError::Storage(_) => C::Internal,
         EngineError::ShuttingDown => C::ShuttingDown,

@@ -470,11 +470,14 @@ pub enum ErrorCode {
     /// Code 18: The request is well-formed but invalid (an empty batch, bad
     /// headers); the connection lives on.
     InvalidRequest = 18,
+    /// Code 19: The broker's memory limit for retained events is reached;
+    /// retry later. The connection lives on.
+    OverCapacity = 19,
 }
 
 impl ErrorCode {
     /// Every code, in tag order (`ALL[n] as u32 == n`).
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadFrame,
         ErrorCode::BadHello,
         ErrorCode::UnsupportedVersion,
@@ -494,6 +497,7 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::Unauthorized,
         ErrorCode::InvalidRequest,
+        ErrorCode::OverCapacity,
     ];
 
     /// The numeric code, equal to the wire tag.

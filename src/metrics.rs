@@ -1,0 +1,105 @@
+//! Prometheus metrics, recorded through the `metrics` facade and exported by
+//! `metrics-exporter-prometheus` at `GET /metrics`.
+//!
+//! Label values are bounded: transports, gap reasons, limit names, and topic
+//! names only for topics listed in `[metrics] topics`.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Open connections, by `transport` (`tcp`, `sse`).
+pub const CONNECTIONS: &str = "ringcast_connections";
+/// Requests refused by a limit, by `limit`.
+pub const REFUSED: &str = "ringcast_limit_refusals_total";
+/// Events appended (acknowledged), by topic for listed topics only.
+pub const PUBLISHED: &str = "ringcast_events_published_total";
+/// Events delivered to subscribers, by `transport`.
+pub const DELIVERED: &str = "ringcast_deliveries_total";
+/// Bytes received from clients, by `transport`.
+pub const BYTES_IN: &str = "ringcast_bytes_in_total";
+/// Bytes sent to clients, by `transport`.
+pub const BYTES_OUT: &str = "ringcast_bytes_out_total";
+/// Gaps sent, by `reason`.
+pub const GAPS: &str = "ringcast_gaps_total";
+/// Subscribers that fell behind the ring.
+pub const SLOW_CONSUMERS: &str = "ringcast_slow_consumer_events_total";
+/// Events retained over all rings.
+pub const RETAINED_EVENTS: &str = "ringcast_retained_events";
+/// Bytes retained over all rings.
+pub const RETAINED_BYTES: &str = "ringcast_retained_bytes";
+/// Topics alive.
+pub const TOPICS: &str = "ringcast_topics";
+/// Live subscriptions over all topics.
+pub const SUBSCRIPTIONS: &str = "ringcast_subscriptions";
+/// Duration of a storage write + flush (+ fsync), seconds.
+pub const FLUSH_SECONDS: &str = "ringcast_storage_flush_seconds";
+/// Time from a publish being queued to its ack, seconds.
+pub const ACK_SECONDS: &str = "ringcast_publish_ack_seconds";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+];
+
+/// The process-wide Prometheus handle, installing the recorder on first use.
+/// Several brokers in one process (tests) share it.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("latency buckets are non-empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+        }
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CONNECTIONS, "Open client connections by transport.");
+    describe_counter!(
+        REFUSED,
+        "Requests or connections refused by a configured limit."
+    );
+    describe_counter!(PUBLISHED, "Events appended and acknowledged.");
+    describe_counter!(DELIVERED, "Events delivered to subscribers.");
+    describe_counter!(BYTES_IN, Unit::Bytes, "Bytes received from clients.");
+    describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes sent to clients.");
+    describe_counter!(GAPS, "Gap messages sent to subscribers, by reason.");
+    describe_counter!(
+        SLOW_CONSUMERS,
+        "Subscribers that fell behind the retention ring."
+    );
+    describe_gauge!(
+        RETAINED_EVENTS,
+        "Events retained in memory over all topics."
+    );
+    describe_gauge!(
+        RETAINED_BYTES,
+        Unit::Bytes,
+        "Bytes retained in memory over all topics."
+    );
+    describe_gauge!(TOPICS, "Topics alive.");
+    describe_gauge!(SUBSCRIPTIONS, "Live subscriptions over all topics.");
+    describe_histogram!(
+        FLUSH_SECONDS,
+        Unit::Seconds,
+        "Storage batch write and flush time."
+    );
+    describe_histogram!(
+        ACK_SECONDS,
+        Unit::Seconds,
+        "Time from publish to acknowledgement."
+    );
+}
+
+/// Counts a refusal by `limit` (e.g. `max_tcp_connections`).
+pub fn refused(limit: &'static str) {
+    metrics::counter!(REFUSED, "limit" => limit).increment(1);
+}
