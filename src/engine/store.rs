@@ -2,15 +2,22 @@
 //! thread that assigns offsets, group-commits batches and then publishes
 //! them to the rings.
 //!
-//! # Layout in sled (one tree, so one `apply_batch` is atomic)
-//! - `M` + topic name → [`TopicMeta`]: epoch, next offset, versions per
-//!   type, trimmed-through offset, sealed time. Rewritten with every batch
-//!   that touches the topic, so counters survive even when every event of a
-//!   type has been trimmed.
-//! - `E` + name length (u8) + name + first offset (u64 BE) → one record: the
-//!   events of one publish (or one slice of a large batch). Records are
-//!   deleted once every event in them is trimmed; recovery skips events at or
-//!   below `trimmed_through`.
+//! # Layout in sled (one tree)
+//! - `M` + topic name → [`TopicMeta`]: generation, epoch, next offset,
+//!   versions per type, trimmed-through offset, sealed time. Rewritten after
+//!   the records of every batch that touches the topic, so counters survive
+//!   even when every event of a type has been trimmed.
+//! - `E` + name length (u8) + name + generation (u64 BE) + first offset
+//!   (u64 BE) → one record: the events of one publish (or one slice of a
+//!   large batch). Records are deleted once every event in them is trimmed;
+//!   recovery skips events at or below `trimmed_through`, and deletes records
+//!   of another generation (left by a delete that a crash interrupted).
+//!
+//! Writes are plain inserts in a fixed order (records, then pruning, then
+//! metas) rather than `apply_batch`, which in sled 0.34 forces two
+//! synchronous buffer writes per batch. sled recovers a prefix of its log,
+//! and recovery takes the maximum of the meta and the records for every
+//! counter, so any prefix recovers consistently.
 //! - `_run` → [`RunMarker`]: whether the last run closed cleanly.
 //!
 //! # Durability
@@ -54,6 +61,7 @@ fn bincode_config() -> bincode::config::Configuration {
 /// Persisted per-topic state.
 #[derive(Debug, Serialize, Deserialize)]
 struct TopicMeta {
+    generation: u64,
     epoch: u64,
     next_offset: u64,
     versions: Vec<(String, u64)>,
@@ -95,20 +103,56 @@ fn meta_key(topic: &str) -> Vec<u8> {
     k
 }
 
-fn record_prefix(topic: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + topic.len() + 8);
+fn record_prefix(topic: &str, generation: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + topic.len() + 16);
     k.push(RECORD);
     // Topic names are 1..=255 bytes (validated), so the length fits a u8
     // and no name's prefix is another's.
     k.push(topic.len() as u8);
     k.extend_from_slice(topic.as_bytes());
+    k.extend_from_slice(&generation.to_be_bytes());
     k
 }
 
-fn record_key(topic: &str, first_offset: u64) -> Vec<u8> {
-    let mut k = record_prefix(topic);
+fn record_key(topic: &str, generation: u64, first_offset: u64) -> Vec<u8> {
+    let mut k = record_prefix(topic, generation);
     k.extend_from_slice(&first_offset.to_be_bytes());
     k
+}
+
+/// Splits a record key into topic name and generation.
+fn parse_record_key(key: &[u8]) -> Option<(&str, u64)> {
+    let len = usize::from(*key.get(1)?);
+    if key.first() != Some(&RECORD) || key.len() != 2 + len + 16 {
+        return None;
+    }
+    let name = std::str::from_utf8(&key[2..2 + len]).ok()?;
+    let generation = u64::from_be_bytes(key[2 + len..2 + len + 8].try_into().ok()?);
+    Some((name, generation))
+}
+
+/// Writes of one pass, applied in order.
+#[derive(Default)]
+struct Writes(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+impl Writes {
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.0.push((key, Some(value)));
+    }
+
+    fn remove(&mut self, key: impl Into<Vec<u8>>) {
+        self.0.push((key.into(), None));
+    }
+
+    fn apply(self, db: &sled::Db) -> sled::Result<()> {
+        for (key, value) in self.0 {
+            match value {
+                Some(v) => db.insert(key, v)?,
+                None => db.remove(key)?,
+            };
+        }
+        Ok(())
+    }
 }
 
 fn storage_err(e: impl std::fmt::Display) -> EngineError {
@@ -125,6 +169,7 @@ pub(crate) struct Recovered {
 /// yet committed, and which records hold which offsets.
 struct WriterTopic {
     topic: Arc<Topic>,
+    generation: u64,
     counters: Counters,
     segments: VecDeque<(u64, u64)>,
     sealed_at_ms: Option<u64>,
@@ -135,6 +180,7 @@ impl WriterTopic {
     /// retained offset.
     fn meta(&self, epoch: u64, first_retained: u64) -> TopicMeta {
         TopicMeta {
+            generation: self.generation,
             epoch,
             next_offset: self.counters.next_offset,
             versions: self
@@ -152,6 +198,7 @@ impl WriterTopic {
         let state = topic.state.read();
         Self {
             topic: topic.clone(),
+            generation: state.generation,
             counters: state.counters.clone(),
             segments: VecDeque::new(),
             sealed_at_ms: state.sealed_at_ms,
@@ -270,30 +317,50 @@ impl Store {
         // makes resuming clients get `epoch_changed` instead of a silent hole.
         let rotate = previous.is_some_and(|m| !m.clean && m.durability != 0);
         let now = now_ms();
-        let mut recovered = Vec::new();
-        let mut events = 0;
+        let mut metas: HashMap<String, (TopicMeta, Vec<Vec<StoredEvent>>)> = HashMap::new();
         for item in db.scan_prefix([META]) {
             let (key, value) = item.map_err(storage_err)?;
             let name = std::str::from_utf8(&key[1..]).map_err(storage_err)?;
-            let meta: TopicMeta = decode(&value)?;
-            let r = recover_topic(&db, name, meta, &ctx, now, rotate)?;
+            metas.insert(name.to_owned(), (decode(&value)?, Vec::new()));
+        }
+        let mut orphans = 0;
+        for item in db.scan_prefix([RECORD]) {
+            let (key, value) = item.map_err(storage_err)?;
+            match parse_record_key(&key).and_then(|(name, g)| Some((metas.get_mut(name)?, g))) {
+                Some(((meta, records), generation)) if meta.generation == generation => {
+                    records.push(decode(&value)?);
+                }
+                _ => {
+                    db.remove(&key).map_err(storage_err)?;
+                    orphans += 1;
+                }
+            }
+        }
+        if orphans > 0 {
+            tracing::info!(records = orphans, "removed records of deleted topics");
+        }
+        let mut recovered = Vec::new();
+        let mut events = 0;
+        for (name, (meta, records)) in metas {
+            let r = recover_topic(&name, meta, records, &ctx, now, rotate);
             events += r.topic.state.read().ring.len() as u64;
             recovered.push(r);
         }
         // New epochs are persisted before the marker that would no longer
         // ask for them.
-        let mut batch = sled::Batch::default();
         if rotate {
             for r in &recovered {
                 let (epoch, first) = {
                     let s = r.topic.state.read();
                     (s.epoch, s.first_offset())
                 };
-                batch.insert(
+                db.insert(
                     meta_key(&r.topic.name),
                     encode(&r.writer.meta(epoch, first))?,
-                );
+                )
+                .map_err(storage_err)?;
             }
+            syncer.sync(&db, false)?;
         }
         let marker = RunMarker {
             clean: false,
@@ -302,8 +369,8 @@ impl Store {
                 _ => 1,
             },
         };
-        batch.insert(RUN_MARKER, encode(&marker)?);
-        db.apply_batch(batch).map_err(storage_err)?;
+        db.insert(RUN_MARKER, encode(&marker)?)
+            .map_err(storage_err)?;
         syncer.sync(&db, false)?;
 
         let (tx, rx) = mpsc::unbounded_channel();
@@ -414,19 +481,19 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, EngineError> 
 }
 
 fn recover_topic(
-    db: &sled::Db,
     name: &str,
     meta: TopicMeta,
+    records: Vec<Vec<StoredEvent>>,
     ctx: &OpenContext<'_>,
     now: u64,
     rotate_epoch: bool,
-) -> Result<Recovered, EngineError> {
-    let config = ctx.topics;
+) -> Recovered {
     let mut state = TopicState::new(
         meta.epoch,
-        config.retention_for(name),
+        ctx.topics.retention_for(name),
         ctx.global_bytes.clone(),
     );
+    state.generation = meta.generation;
     state.metered = ctx.metered.iter().any(|m| m == name);
     state.counters.next_offset = meta.next_offset.max(1);
     state.counters.versions = meta
@@ -437,9 +504,7 @@ fn recover_topic(
     state.sealed_at_ms = meta.sealed_at_ms;
     state.sealed = meta.sealed_at_ms.is_some();
     let mut segments = VecDeque::new();
-    for item in db.scan_prefix(record_prefix(name)) {
-        let (_, value) = item.map_err(storage_err)?;
-        let events: Vec<StoredEvent> = decode(&value)?;
+    for events in records {
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
             continue;
         };
@@ -454,8 +519,7 @@ fn recover_topic(
                     offset = e.offset,
                     "hole in stored offsets; keeping the events after it"
                 );
-                state.ring.clear();
-                state.ring_bytes = 0;
+                state.clear_ring();
             }
             let event_type: Arc<str> =
                 match state.counters.versions.get_key_value(e.event_type.as_str()) {
@@ -491,11 +555,12 @@ fn recover_topic(
     let topic = Topic::new(Arc::from(name), state, now);
     let writer = WriterTopic {
         counters: topic.state.read().counters.clone(),
+        generation: meta.generation,
         topic: topic.clone(),
         segments,
         sealed_at_ms: meta.sealed_at_ms,
     };
-    Ok(Recovered { topic, writer })
+    Recovered { topic, writer }
 }
 
 /// What to do with an operation once its batch is durable.
@@ -563,7 +628,7 @@ impl Writer {
 
     fn process(&mut self, ops: Vec<Op>) {
         let started = Instant::now();
-        let mut batch = sled::Batch::default();
+        let mut batch = Writes::default();
         let mut touched: HashMap<Arc<str>, Arc<Topic>> = std::mem::take(&mut self.dirty);
         let mut done = Vec::with_capacity(ops.len());
         let mut blobs = false;
@@ -612,7 +677,7 @@ impl Writer {
                                 blobs |= value.len() > BLOB_THRESHOLD;
                                 let (first, last) =
                                     (chunk[0].offset, chunk[chunk.len() - 1].offset);
-                                batch.insert(record_key(&topic.name, first), value);
+                                batch.insert(record_key(&topic.name, wt.generation, first), value);
                                 wt.segments.push_back((first, last));
                             }
                             Err(e) => tracing::error!(error = %e, "cannot encode record"),
@@ -634,24 +699,27 @@ impl Writer {
                     done.push(Done::Seal { topic, at, ack });
                 }
                 Op::Delete { topic, ack } => {
+                    // The meta goes first: a crash mid-way leaves records of
+                    // a generation no meta names, which recovery removes.
+                    batch.remove(meta_key(&topic.name));
+                    let generation = topic.state.read().generation;
                     if let Some(wt) = self.topics.get(&topic.name) {
                         if Arc::ptr_eq(&wt.topic, &topic) {
-                            // Records of this very batch are not in sled yet.
+                            // Records of this very pass are not in sled yet.
                             for (first, _) in &wt.segments {
-                                batch.remove(record_key(&topic.name, *first));
+                                batch.remove(record_key(&topic.name, generation, *first));
                             }
                             self.topics.remove(&topic.name);
                         }
                     }
                     for key in self
                         .db
-                        .scan_prefix(record_prefix(&topic.name))
+                        .scan_prefix(record_prefix(&topic.name, generation))
                         .keys()
                         .flatten()
                     {
-                        batch.remove(key);
+                        batch.remove(key.to_vec());
                     }
-                    batch.remove(meta_key(&topic.name));
                     if touched
                         .get(&topic.name)
                         .is_some_and(|t| Arc::ptr_eq(t, &topic))
@@ -679,7 +747,7 @@ impl Writer {
                 if seg_last >= first {
                     break;
                 }
-                batch.remove(record_key(&topic.name, seg_first));
+                batch.remove(record_key(&topic.name, wt.generation, seg_first));
                 wt.segments.pop_front();
             }
             match encode(&wt.meta(epoch, first)) {
@@ -688,17 +756,20 @@ impl Writer {
             }
         }
         let write_started = Instant::now();
-        let result = self
-            .db
-            .apply_batch(batch)
-            .map_err(storage_err)
-            .and_then(|()| {
-                if self.fsync || done.iter().any(|d| matches!(d, Done::Reply(_))) {
-                    self.syncer.sync(&self.db, blobs)
-                } else {
-                    Ok(())
-                }
-            });
+        // A pass with nobody waiting (pruning only) needs no flush: what it
+        // writes is re-derivable, and the next acknowledged pass covers it.
+        let must_sync = if self.fsync {
+            !done.is_empty()
+        } else {
+            done.iter().any(|d| matches!(d, Done::Reply(_)))
+        };
+        let result = batch.apply(&self.db).map_err(storage_err).and_then(|()| {
+            if must_sync {
+                self.syncer.sync(&self.db, blobs)
+            } else {
+                Ok(())
+            }
+        });
         metrics::histogram!(crate::metrics::FLUSH_SECONDS).record(write_started.elapsed());
         tracing::trace!(ops = done.len(), elapsed = ?started.elapsed(), "batch written");
         if let Err(e) = &result {

@@ -50,6 +50,9 @@ impl Counters {
 pub(crate) struct TopicState {
     /// Random id of this history of the topic.
     pub epoch: u64,
+    /// Random id of this incarnation in storage (keys its records); unlike
+    /// the epoch it survives an epoch rotation.
+    pub generation: u64,
     /// Effective retention settings.
     pub retention: Retention,
     /// Committed, retained events; offsets contiguous.
@@ -82,6 +85,7 @@ impl TopicState {
     pub fn new(epoch: u64, retention: Retention, global_bytes: Arc<AtomicU64>) -> Self {
         Self {
             epoch,
+            generation: super::new_epoch(),
             retention,
             ring: VecDeque::new(),
             ring_bytes: 0,
@@ -92,6 +96,14 @@ impl TopicState {
             metered: false,
             global_bytes,
         }
+    }
+
+    /// Empties the ring, releasing its bytes.
+    pub fn clear_ring(&mut self) {
+        self.global_bytes
+            .fetch_sub(self.ring_bytes, Ordering::Relaxed);
+        self.ring_bytes = 0;
+        self.ring.clear();
     }
 
     /// Adds an event to the back of the ring (no trimming).
