@@ -1,0 +1,1132 @@
+//! The HTTP front end over real loopback sockets against the real broker:
+//! the SSE bridge read byte by byte through a small SSE parser that follows
+//! the WHATWG `EventSource` rules, and the JSON API beside it.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use common::{config, within};
+use reqwest::StatusCode;
+use ringcast::broker::Broker;
+use ringcast::config::{Config, Durability};
+use serde_json::{json, Value};
+
+// ---------------------------------------------------------------------------
+// An SSE parser (WHATWG "event stream interpretation").
+// ---------------------------------------------------------------------------
+
+/// One dispatched event: the fields of one blank-line-terminated block.
+#[derive(Debug, Clone, PartialEq)]
+struct SseEvent {
+    /// The `id:` field of this block, if it had one.
+    id: Option<String>,
+    /// The `event:` field; `message` when absent.
+    event: String,
+    /// The `data:` lines joined with `\n`.
+    data: String,
+    /// The `retry:` field of this block, in milliseconds.
+    retry: Option<u64>,
+}
+
+impl SseEvent {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("data of {self:?} is not JSON: {e}"))
+    }
+
+    fn offset(&self) -> u64 {
+        self.json()["offset"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{self:?} has no offset"))
+    }
+}
+
+/// What the stream yields: events and comments (heartbeats), in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Msg {
+    Event(SseEvent),
+    Comment(String),
+}
+
+#[derive(Default)]
+struct SseParser {
+    line: Vec<u8>,
+    after_cr: bool,
+    id: Option<String>,
+    event: Option<String>,
+    data: Vec<String>,
+    retry: Option<u64>,
+    /// The last event id buffer, as `EventSource.lastEventId` keeps it:
+    /// set by every `id:` field, kept across events without one.
+    last_event_id: String,
+}
+
+impl SseParser {
+    fn feed(&mut self, bytes: &[u8], out: &mut VecDeque<Msg>) {
+        for &b in bytes {
+            // A line ends with CRLF, LF or CR.
+            if std::mem::take(&mut self.after_cr) && b == b'\n' {
+                continue;
+            }
+            if b == b'\r' || b == b'\n' {
+                self.after_cr = b == b'\r';
+                let line = String::from_utf8(std::mem::take(&mut self.line))
+                    .expect("an event stream is UTF-8");
+                self.process(&line, out);
+            } else {
+                self.line.push(b);
+            }
+        }
+    }
+
+    fn process(&mut self, line: &str, out: &mut VecDeque<Msg>) {
+        if line.is_empty() {
+            self.dispatch(out);
+            return;
+        }
+        if let Some(comment) = line.strip_prefix(':') {
+            out.push_back(Msg::Comment(comment.trim_start().to_owned()));
+            return;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (line, ""),
+        };
+        match field {
+            "id" if !value.contains('\0') => {
+                self.id = Some(value.to_owned());
+                self.last_event_id = value.to_owned();
+            }
+            "event" => self.event = Some(value.to_owned()),
+            "data" => self.data.push(value.to_owned()),
+            "retry" => {
+                self.retry = Some(
+                    value
+                        .parse()
+                        .unwrap_or_else(|_| panic!("retry {value:?} is not a number")),
+                )
+            }
+            _ => {} // ignored, as EventSource does
+        }
+    }
+
+    fn dispatch(&mut self, out: &mut VecDeque<Msg>) {
+        let id = self.id.take();
+        let event = self.event.take();
+        let retry = self.retry.take();
+        let data = std::mem::take(&mut self.data);
+        // EventSource dispatches nothing for a block without data.
+        if !data.is_empty() {
+            out.push_back(Msg::Event(SseEvent {
+                id,
+                event: event.unwrap_or_else(|| "message".into()),
+                data: data.join("\n"),
+                retry,
+            }));
+        }
+    }
+}
+
+/// An open SSE response, read message by message.
+struct SseStream {
+    response: reqwest::Response,
+    parser: SseParser,
+    queue: VecDeque<Msg>,
+    closed: bool,
+}
+
+impl SseStream {
+    fn new(response: reqwest::Response) -> Self {
+        assert_eq!(response.status(), StatusCode::OK, "SSE request refused");
+        Self {
+            response,
+            parser: SseParser::default(),
+            queue: VecDeque::new(),
+            closed: false,
+        }
+    }
+
+    fn headers(&self) -> &reqwest::header::HeaderMap {
+        self.response.headers()
+    }
+
+    /// What a browser would send as `Last-Event-ID` on reconnect.
+    fn last_event_id(&self) -> String {
+        self.parser.last_event_id.clone()
+    }
+
+    /// The next event or comment; `None` once the server closed the stream.
+    async fn next_msg(&mut self) -> Option<Msg> {
+        within(20, async {
+            loop {
+                if let Some(msg) = self.queue.pop_front() {
+                    return Some(msg);
+                }
+                if self.closed {
+                    return None;
+                }
+                match self.response.chunk().await {
+                    Ok(Some(bytes)) => self.parser.feed(&bytes, &mut self.queue),
+                    Ok(None) | Err(_) => self.closed = true,
+                }
+            }
+        })
+        .await
+    }
+
+    /// The next event, skipping heartbeat comments.
+    async fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            match self.next_msg().await? {
+                Msg::Event(e) => return Some(e),
+                Msg::Comment(_) => continue,
+            }
+        }
+    }
+
+    /// The next event, which must be of type `kind`.
+    async fn expect(&mut self, kind: &str) -> SseEvent {
+        let e = self
+            .next_event()
+            .await
+            .unwrap_or_else(|| panic!("stream closed while waiting for `{kind}`"));
+        assert_eq!(e.event, kind, "unexpected event {e:?}");
+        e
+    }
+
+    /// The `ready` event every stream starts with.
+    async fn ready(&mut self) -> Value {
+        self.expect("ready").await.json()
+    }
+
+    /// The next events, which must have exactly these offsets, in order;
+    /// returns them.
+    async fn expect_offsets(&mut self, offsets: impl IntoIterator<Item = u64>) -> Vec<SseEvent> {
+        let mut got = Vec::new();
+        for want in offsets {
+            let e = self
+                .next_event()
+                .await
+                .unwrap_or_else(|| panic!("stream closed while waiting for offset {want}"));
+            assert!(
+                !matches!(e.event.as_str(), "ready" | "gap" | "end" | "shutdown"),
+                "expected offset {want}, got {e:?}"
+            );
+            assert_eq!(e.offset(), want, "out of order or missing: {e:?}");
+            got.push(e);
+        }
+        got
+    }
+
+    /// Asserts the server ends the stream with no further event.
+    async fn expect_closed(&mut self) {
+        if let Some(e) = self.next_event().await {
+            panic!("expected the stream to close, got {e:?}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A broker plus an HTTP client.
+// ---------------------------------------------------------------------------
+
+struct Api {
+    broker: Broker,
+    http: reqwest::Client,
+    base: String,
+    /// The config the broker was started with (to restart it).
+    config: Config,
+    _dir: tempfile::TempDir,
+}
+
+impl Api {
+    /// A memory-mode broker with default settings.
+    async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A memory-mode broker with settings changed by `tweak`.
+    async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), Durability::Memory);
+        tweak(&mut config);
+        config.validate().expect("test config is valid");
+        let broker = common::start(config.clone()).await;
+        let base = format!("http://{}", broker.http_addr());
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("HTTP client");
+        Self {
+            broker,
+            http,
+            base,
+            config,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request and returns the status and the JSON body (`Null`
+    /// when the body is empty).
+    async fn send(&self, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        within(20, async {
+            let response = request.send().await.expect("request sent");
+            let status = response.status();
+            let body = response.bytes().await.expect("body read");
+            let value = if body.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&body).unwrap_or_else(|e| {
+                    panic!("body {:?} is not JSON: {e}", String::from_utf8_lossy(&body))
+                })
+            };
+            (status, value)
+        })
+        .await
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+        self.send(self.http.post(self.url(path)).body(body)).await
+    }
+
+    async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.send(self.http.delete(self.url(path))).await
+    }
+
+    /// Publishes over HTTP and returns the acknowledgement.
+    async fn publish(
+        &self,
+        topic: &str,
+        event_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Value {
+        let (status, ack) = self
+            .post(
+                &format!("/v1/topics/{topic}/events?type={event_type}"),
+                body,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "publish refused: {ack}");
+        ack
+    }
+
+    /// Publishes `n` JSON events of type `tick` and returns the epoch.
+    async fn publish_ticks(&self, topic: &str, n: u64) -> String {
+        let mut epoch = String::new();
+        for i in 0..n {
+            let ack = self
+                .publish(topic, "tick", json!({ "i": i }).to_string())
+                .await;
+            epoch = ack["epoch"].as_str().expect("epoch is a string").to_owned();
+        }
+        epoch
+    }
+
+    /// Opens an SSE request with extra request headers, returning the raw
+    /// response (which may be an error).
+    async fn sse_response(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = self
+            .http
+            .get(self.url(path))
+            .header("accept", "text/event-stream");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        within(20, request.send()).await.expect("SSE request sent")
+    }
+
+    /// Opens an SSE stream on `path` (which must succeed).
+    async fn sse(&self, path: &str) -> SseStream {
+        SseStream::new(self.sse_response(path, &[]).await)
+    }
+
+    /// Opens an SSE stream with extra request headers.
+    async fn sse_with(&self, path: &str, headers: &[(&str, &str)]) -> SseStream {
+        SseStream::new(self.sse_response(path, headers).await)
+    }
+}
+
+/// Asserts `body` is `{"error": {"code": code, "message": <non-empty>}}`.
+fn assert_error(status: StatusCode, body: &Value, want_status: StatusCode, want_code: &str) {
+    assert_eq!(status, want_status, "body: {body}");
+    assert_eq!(body["error"]["code"], want_code, "body: {body}");
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("error without message: {body}"));
+    assert!(!message.is_empty(), "empty error message: {body}");
+}
+
+/// Reads an error response from a raw (SSE) request.
+async fn error_of(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let body = within(20, response.bytes()).await.expect("body read");
+    let value = serde_json::from_slice(&body).unwrap_or_else(|e| {
+        panic!(
+            "error body {:?} is not JSON: {e}",
+            String::from_utf8_lossy(&body)
+        )
+    });
+    (status, value)
+}
+
+// ---------------------------------------------------------------------------
+// The SSE stream: envelope, ids, ready, retry.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn events_carry_epoch_offset_ids_their_type_and_a_json_envelope() {
+    let api = Api::start().await;
+    let json_ack = api
+        .http
+        .post(api.url("/v1/topics/orders/events?type=created"))
+        .header("x-ringcast-header-correlation-id", "c-42")
+        .header("X-Ringcast-Header-User-Id", "u7")
+        .header("x-unrelated", "not carried")
+        .body("{\"id\": 1,\n \"items\": [\"a\", \"b\"]}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_ack.status(), StatusCode::OK);
+    let ack: Value = json_ack.json().await.unwrap();
+    let epoch = ack["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(ack, json!({"epoch": epoch, "offset": 1, "version": 1}));
+    api.publish("orders", "note", "plain text, not JSON\nwith a newline")
+        .await;
+    api.publish("orders", "created", vec![0xffu8, 0x00, 0xfe])
+        .await;
+
+    let mut s = api.sse("/v1/topics/orders/events?earliest=true").await;
+    let ready = s.expect("ready").await;
+    assert_eq!(ready.retry, Some(2000), "retry: is sent on connect");
+    assert_eq!(ready.id.as_deref(), Some(&*format!("{epoch}:0")));
+    assert_eq!(
+        ready.json(),
+        json!({
+            "topic": "orders",
+            "epoch": epoch,
+            "offset": 3,
+            "versions": {"created": 2, "note": 1},
+        })
+    );
+    epoch
+        .parse::<u64>()
+        .expect("epoch is a decimal string of a u64");
+
+    let events = s.expect_offsets(1..=3).await;
+    let ids: Vec<_> = events.iter().map(|e| e.id.clone().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [1, 2, 3].map(|o| format!("{epoch}:{o}")),
+        "id: is <epoch>:<offset>"
+    );
+    let types: Vec<_> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(types, ["created", "note", "created"], "event: is the type");
+    assert!(
+        events.iter().all(|e| !e.data.contains('\n')),
+        "each envelope is one data: line, even for payloads with newlines"
+    );
+
+    let first = events[0].json();
+    let ts = first["ts"].as_u64().expect("ts is a number");
+    assert!(
+        ts > 1_600_000_000_000,
+        "ts is ms since the Unix epoch: {ts}"
+    );
+    assert_eq!(
+        first,
+        json!({
+            "topic": "orders",
+            "type": "created",
+            "version": 1,
+            "offset": 1,
+            "ts": ts,
+            "headers": {"correlation-id": "c-42", "user-id": "u7"},
+            "data": {"id": 1, "items": ["a", "b"]},
+        }),
+        "JSON payloads are inline, headers come from X-Ringcast-Header-*"
+    );
+    let text = events[1].json();
+    assert_eq!(text["data"], "plain text, not JSON\nwith a newline");
+    assert_eq!(
+        (text["type"].as_str(), text["version"].as_u64()),
+        (Some("note"), Some(1))
+    );
+    assert!(text.get("encoding").is_none());
+    assert_eq!(text["headers"], json!({}));
+    let binary = events[2].json();
+    assert_eq!(binary["data"], "/wD+");
+    assert_eq!(binary["encoding"], "base64");
+    assert_eq!(binary["version"], 2);
+}
+
+#[tokio::test]
+async fn the_stream_disables_caching_and_proxy_buffering() {
+    let api = Api::start().await;
+    let s = api.sse("/v1/topics/t/events").await;
+    let h = s.headers();
+    let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    assert_eq!(header("content-type").as_deref(), Some("text/event-stream"));
+    assert_eq!(header("cache-control").as_deref(), Some("no-cache"));
+    assert_eq!(header("x-accel-buffering").as_deref(), Some("no"));
+}
+
+#[tokio::test]
+async fn cors_allows_any_origin_by_default() {
+    let api = Api::start().await;
+    let s = api
+        .sse_with(
+            "/v1/topics/t/events",
+            &[("origin", "https://anywhere.example")],
+        )
+        .await;
+    assert_eq!(s.headers()["access-control-allow-origin"], "*");
+    let response = api
+        .http
+        .get(api.url("/v1/topics"))
+        .header("origin", "https://anywhere.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["access-control-allow-origin"], "*");
+}
+
+#[tokio::test]
+async fn cors_allows_configured_origins_and_no_other() {
+    let api = Api::start_with(|c| {
+        c.server.cors_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    let allowed = api
+        .sse_with("/v1/topics/t/events", &[("origin", "https://app.example")])
+        .await;
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let other = api
+        .sse_with("/v1/topics/t/events", &[("origin", "https://evil.example")])
+        .await;
+    assert!(
+        other.headers().get("access-control-allow-origin").is_none(),
+        "another origin is not allowed: {:?}",
+        other.headers()
+    );
+    let preflight = api
+        .http
+        .request(reqwest::Method::OPTIONS, api.url("/v1/topics/t/events"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "x-ringcast-header-user-id",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Filters and start modes.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn types_filter_delivers_only_the_named_types() {
+    let api = Api::start().await;
+    for t in ["a", "b", "a", "c", "b"] {
+        api.publish("f", t, "{}").await;
+    }
+    let mut s = api.sse("/v1/topics/f/events?earliest=true&types=a,c").await;
+    s.ready().await;
+    let got = s.expect_offsets([1, 3, 4]).await;
+    let types: Vec<_> = got.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(types, ["a", "a", "c"]);
+    api.publish("f", "b", "{}").await;
+    api.publish("f", "c", "{}").await;
+    s.expect_offsets([7]).await;
+}
+
+#[tokio::test]
+async fn earliest_replays_everything_retained_then_continues_live() {
+    let api = Api::start().await;
+    api.publish_ticks("e", 3).await;
+    let mut s = api.sse("/v1/topics/e/events?earliest=true").await;
+    s.ready().await;
+    s.expect_offsets(1..=3).await;
+    api.publish_ticks("e", 2).await;
+    s.expect_offsets(4..=5).await;
+}
+
+#[tokio::test]
+async fn without_a_start_the_stream_is_live() {
+    let api = Api::start().await;
+    let epoch = api.publish_ticks("l", 3).await;
+    let mut s = api.sse("/v1/topics/l/events").await;
+    let ready = s.expect("ready").await;
+    assert_eq!(ready.json()["offset"], 3);
+    assert_eq!(
+        ready.id.as_deref(),
+        Some(&*format!("{epoch}:3")),
+        "a reconnect before any event resumes after the current offset"
+    );
+    api.publish_ticks("l", 1).await;
+    s.expect_offsets([4]).await;
+}
+
+#[tokio::test]
+async fn last_event_id_query_parameter_resumes_after_that_offset() {
+    let api = Api::start().await;
+    let epoch = api.publish_ticks("q", 5).await;
+    let mut s = api
+        .sse(&format!("/v1/topics/q/events?last_event_id={epoch}:2"))
+        .await;
+    let ready = s.expect("ready").await;
+    assert_eq!(ready.id.as_deref(), Some(&*format!("{epoch}:2")));
+    s.expect_offsets(3..=5).await;
+}
+
+#[tokio::test]
+async fn last_event_id_header_takes_precedence_over_the_query() {
+    let api = Api::start().await;
+    let epoch = api.publish_ticks("p", 6).await;
+    let id = format!("{epoch}:4");
+    let mut over_earliest = api
+        .sse_with(
+            "/v1/topics/p/events?earliest=true",
+            &[("last-event-id", &id)],
+        )
+        .await;
+    over_earliest.ready().await;
+    over_earliest.expect_offsets(5..=6).await;
+    let mut over_query = api
+        .sse_with(
+            &format!("/v1/topics/p/events?last_event_id={epoch}:1&earliest=true"),
+            &[("last-event-id", &id)],
+        )
+        .await;
+    over_query.ready().await;
+    over_query.expect_offsets(5..=6).await;
+}
+
+#[tokio::test]
+async fn after_versions_resumes_named_types_and_starts_the_others_live() {
+    let api = Api::start().await;
+    // offsets:         1    2    3    4    5    6    7
+    let mut epoch = String::new();
+    for t in ["a", "b", "a", "b", "c", "a", "b"] {
+        epoch = api.publish("v", t, "{}").await["epoch"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    }
+    let mut s = api
+        .sse(&format!(
+            "/v1/topics/v/events?after_versions=a:1,b:2&epoch={epoch}"
+        ))
+        .await;
+    let ready = s.expect("ready").await;
+    assert_eq!(
+        ready.json()["versions"],
+        json!({"a": 3, "b": 3, "c": 1}),
+        "ready tells the current versions"
+    );
+    assert_eq!(ready.id, None, "a resume by versions is not an offset");
+    let got = s.expect_offsets([3, 6, 7]).await;
+    let versions: Vec<_> = got
+        .iter()
+        .map(|e| (e.event.clone(), e.json()["version"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        versions,
+        [("a".into(), 2), ("a".into(), 3), ("b".into(), 3)]
+    );
+    api.publish("v", "c", "{}").await;
+    let live = s.expect_offsets([8]).await;
+    assert_eq!(live[0].event, "c", "a type not named starts live");
+}
+
+#[tokio::test]
+async fn heartbeat_comments_keep_an_idle_stream_alive() {
+    let api = Api::start_with(|c| c.server.heartbeat = Duration::from_millis(100)).await;
+    let mut s = api.sse("/v1/topics/idle/events").await;
+    s.ready().await;
+    for _ in 0..2 {
+        match s.next_msg().await {
+            Some(Msg::Comment(text)) => assert_eq!(text, "hb"),
+            other => panic!("expected a heartbeat comment, got {other:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Resume, gap, end.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_reconnect_with_last_event_id_gets_exactly_the_missed_events_in_order() {
+    let api = Api::start().await;
+    api.publish_ticks("r", 4).await;
+    let mut s = api.sse("/v1/topics/r/events?earliest=true").await;
+    s.ready().await;
+    s.expect_offsets(1..=4).await;
+    let last = s.last_event_id();
+    drop(s);
+
+    api.publish_ticks("r", 7).await;
+    let mut s = api
+        .sse_with(
+            "/v1/topics/r/events?earliest=true",
+            &[("last-event-id", &last)],
+        )
+        .await;
+    s.ready().await;
+    s.expect_offsets(5..=11).await;
+    // Nothing else was queued: the next event is the next one published.
+    api.publish("r", "marker", "{}").await;
+    let marker = s.expect("marker").await;
+    assert_eq!(marker.offset(), 12);
+}
+
+#[tokio::test]
+async fn a_reconnect_past_retention_gets_one_gap_then_live() {
+    let api = Api::start_with(|c| c.topics.max_events = 3).await;
+    api.publish_ticks("g", 2).await;
+    let mut s = api.sse("/v1/topics/g/events?earliest=true").await;
+    s.ready().await;
+    s.expect_offsets(1..=2).await;
+    let last = s.last_event_id();
+    drop(s);
+
+    let epoch = api.publish_ticks("g", 8).await; // offsets 3..=10; 8..=10 retained
+    let mut s = api
+        .sse_with("/v1/topics/g/events", &[("last-event-id", &last)])
+        .await;
+    s.ready().await;
+    let gap = s.expect("gap").await;
+    assert_eq!(
+        gap.json(),
+        json!({
+            "topic": "g",
+            "type": null,
+            "reason": "retention",
+            "epoch": epoch,
+            "requested": 2,
+            "first_available": 8,
+            "current": 10,
+        })
+    );
+    assert_eq!(
+        gap.id.as_deref(),
+        Some(&*format!("{epoch}:10")),
+        "a reconnect after the gap does not repeat it"
+    );
+    api.publish_ticks("g", 1).await;
+    s.expect_offsets([11]).await;
+
+    // The browser would reconnect with the gap's id: no second gap.
+    let mut again = api
+        .sse_with(
+            "/v1/topics/g/events",
+            &[("last-event-id", &gap.id.unwrap())],
+        )
+        .await;
+    again.ready().await;
+    again.expect_offsets([11]).await;
+}
+
+#[tokio::test]
+async fn a_last_event_id_of_another_epoch_gets_an_epoch_changed_gap() {
+    let api = Api::start().await;
+    let epoch: u64 = api.publish_ticks("ep", 3).await.parse().unwrap();
+    let stale = format!("{}:2", epoch ^ 1);
+    let mut s = api
+        .sse_with("/v1/topics/ep/events", &[("last-event-id", &stale)])
+        .await;
+    s.ready().await;
+    let gap = s.expect("gap").await.json();
+    assert_eq!(gap["reason"], "epoch_changed");
+    assert_eq!(gap["epoch"], epoch.to_string());
+    assert_eq!(gap["current"], 3);
+    api.publish_ticks("ep", 1).await;
+    s.expect_offsets([4]).await;
+}
+
+#[tokio::test]
+async fn sealing_ends_the_stream_and_a_reconnect_after_the_end_gets_204() {
+    let api = Api::start().await;
+    let epoch = api.publish_ticks("s", 3).await;
+    let mut s = api.sse("/v1/topics/s/events?earliest=true").await;
+    s.ready().await;
+    s.expect_offsets(1..=3).await;
+
+    let (status, body) = api.post("/v1/topics/s/seal", "").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"sealed": true})));
+    let end = s.expect("end").await;
+    assert_eq!(end.json(), json!({"topic": "s", "last_offset": 3}));
+    s.expect_closed().await;
+
+    // EventSource reconnects with the last id it saw; 204 makes it stop.
+    let last = s.last_event_id();
+    assert_eq!(last, format!("{epoch}:3"));
+    let response = api
+        .sse_response("/v1/topics/s/events", &[("last-event-id", &last)])
+        .await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+
+    // A client that had not seen everything still gets the rest, then end.
+    let mut behind = api
+        .sse_with(
+            "/v1/topics/s/events",
+            &[("last-event-id", &format!("{epoch}:1"))],
+        )
+        .await;
+    behind.ready().await;
+    behind.expect_offsets(2..=3).await;
+    behind.expect("end").await;
+    behind.expect_closed().await;
+}
+
+// ---------------------------------------------------------------------------
+// The JSON API.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn publish_answers_epoch_offset_and_per_type_version() {
+    let api = Api::start().await;
+    let a1 = api.publish("pub", "a", "{}").await;
+    let a2 = api.publish("pub", "a", "{}").await;
+    let b1 = api.publish("pub", "b", "{}").await;
+    let epoch = a1["epoch"].as_str().unwrap();
+    epoch.parse::<u64>().expect("decimal epoch");
+    assert_eq!(a1, json!({"epoch": epoch, "offset": 1, "version": 1}));
+    assert_eq!(a2, json!({"epoch": epoch, "offset": 2, "version": 2}));
+    assert_eq!(b1, json!({"epoch": epoch, "offset": 3, "version": 1}));
+}
+
+#[tokio::test]
+async fn history_pages_carry_the_same_envelope_as_sse_data() {
+    let api = Api::start().await;
+    api.publish("h", "a", "{\"n\": 1}").await;
+    api.publish("h", "b", "text").await;
+    api.publish("h", "a", vec![1u8, 0xff]).await;
+    api.publish("h", "b", "[1, 2]").await;
+    api.publish("h", "a", "{}").await;
+
+    let mut s = api.sse("/v1/topics/h/events?earliest=true").await;
+    let epoch = s.ready().await["epoch"].clone();
+    let sse: Vec<Value> = s
+        .expect_offsets(1..=5)
+        .await
+        .iter()
+        .map(SseEvent::json)
+        .collect();
+
+    let mut paged = Vec::new();
+    let mut after = 0;
+    let mut pages = 0;
+    loop {
+        let (status, page) = api
+            .get(&format!("/v1/topics/h/history?after={after}&limit=2"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(page["epoch"], epoch);
+        let events = page["events"].as_array().expect("events array").clone();
+        if events.is_empty() {
+            assert_eq!(page["next_after"], after, "an empty page stays put");
+            break;
+        }
+        assert!(events.len() <= 2);
+        pages += 1;
+        after = page["next_after"].as_u64().expect("next_after");
+        assert_eq!(after, events.last().unwrap()["offset"].as_u64().unwrap());
+        paged.extend(events);
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(paged, sse, "history and SSE data are the same envelope");
+
+    let (_, only_b) = api.get("/v1/topics/h/history?types=b").await;
+    let offsets: Vec<_> = only_b["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [2, 4]);
+    assert_eq!(only_b["last_offset"], 5);
+    assert_eq!(only_b["first_available"], 1);
+}
+
+#[tokio::test]
+async fn topics_are_listed_by_name_and_described_by_info() {
+    let api = Api::start().await;
+    let (_, empty) = api.get("/v1/topics").await;
+    assert_eq!(empty, json!({"topics": []}));
+    let zeta = api.publish_ticks("zeta", 1).await;
+    let alpha = api.publish("alpha", "x", "{}").await["epoch"].clone();
+    api.publish("alpha", "y", "{}").await;
+    api.publish("alpha", "x", "{}").await;
+
+    let (status, list) = api.get("/v1/topics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        list,
+        json!({"topics": [
+            {"name": "alpha", "epoch": alpha, "last_offset": 3, "sealed": false},
+            {"name": "zeta", "epoch": zeta, "last_offset": 1, "sealed": false},
+        ]})
+    );
+
+    let _subscriber = api.sse("/v1/topics/alpha/events").await;
+    let (status, info) = api.get("/v1/topics/alpha").await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    assert_eq!(info["name"], "alpha");
+    assert_eq!(info["epoch"], alpha);
+    assert_eq!(info["first_offset"], 1);
+    assert_eq!(info["last_offset"], 3);
+    assert_eq!(info["versions"], json!({"x": 2, "y": 1}));
+    assert_eq!(info["retained_events"], 3);
+    assert!(info["retained_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(info["subscribers"], 1);
+    assert_eq!(info["sealed"], false);
+    assert_eq!(info["retention"]["max_events"], 10_000);
+}
+
+#[tokio::test]
+async fn seal_refuses_publishes_and_delete_starts_a_new_epoch() {
+    let api = Api::start().await;
+    let old_epoch = api.publish_ticks("life", 2).await;
+    let (status, body) = api.post("/v1/topics/life/seal", "").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"sealed": true})));
+    assert_eq!(api.get("/v1/topics/life").await.1["sealed"], true);
+
+    let (status, body) = api.post("/v1/topics/life/events?type=tick", "{}").await;
+    assert_error(status, &body, StatusCode::CONFLICT, "topic_sealed");
+
+    let (status, body) = api.delete("/v1/topics/life").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"deleted": true})));
+    let (status, body) = api.get("/v1/topics/life").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "topic_not_found");
+
+    let ack = api.publish("life", "tick", "{}").await;
+    assert_eq!(ack["offset"], 1, "a re-created topic starts at offset 1");
+    assert_ne!(ack["epoch"], old_epoch.as_str(), "and has a new epoch");
+}
+
+#[tokio::test]
+async fn health_endpoints_answer_alive_and_ready() {
+    let api = Api::start().await;
+    assert_eq!(
+        api.get("/healthz").await,
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    assert_eq!(
+        api.get("/readyz").await,
+        (StatusCode::OK, json!({"status": "ready"}))
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Errors.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn malformed_requests_get_400_with_an_error_body() {
+    let api = Api::start().await;
+    let epoch = api.publish_ticks("ok", 3).await;
+
+    let (status, body) = api.post("/v1/topics/bad!topic/events?type=t", "{}").await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_topic");
+    let (status, body) = api.post("/v1/topics/ok/events", "{}").await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+    let (status, body) = api.post("/v1/topics/ok/events?type=bad%20type", "{}").await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_type");
+    let (status, body) = api.get("/v1/topics/bad!topic/history").await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_topic");
+
+    // (path, Last-Event-ID header, expected code)
+    let no_header = String::new();
+    let sse_cases = [
+        (
+            "/v1/topics/bad!topic/events".into(),
+            no_header.clone(),
+            "invalid_topic",
+        ),
+        (
+            "/v1/topics/ok/events".into(),
+            "not-an-id".into(),
+            "bad_request",
+        ),
+        (
+            "/v1/topics/ok/events?last_event_id=12".into(),
+            no_header.clone(),
+            "bad_request",
+        ),
+        (
+            "/v1/topics/ok/events".into(),
+            format!("{epoch}:99"),
+            "invalid_start",
+        ),
+        (
+            "/v1/topics/ok/events?after_versions=tick:1".into(),
+            no_header.clone(),
+            "bad_request",
+        ),
+        (
+            format!("/v1/topics/ok/events?after_versions=tick&epoch={epoch}"),
+            no_header,
+            "bad_request",
+        ),
+    ];
+    for (path, last_event_id, code) in sse_cases {
+        let headers: &[(&str, &str)] = if last_event_id.is_empty() {
+            &[]
+        } else {
+            &[("last-event-id", &last_event_id)]
+        };
+        let (status, body) = error_of(api.sse_response(&path, headers).await).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, code);
+    }
+}
+
+#[tokio::test]
+async fn unknown_topics_and_routes_get_404_with_an_error_body() {
+    let api = Api::start().await;
+    let (status, body) = api.get("/v1/topics/nowhere").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "topic_not_found");
+    let (status, body) = api.get("/v1/topics/nowhere/history").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "topic_not_found");
+    let (status, body) = api.get("/v2/anything").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+}
+
+#[tokio::test]
+async fn a_payload_over_max_payload_gets_413() {
+    let api = Api::start_with(|c| c.limits.max_payload = bytesize::ByteSize::kib(1)).await;
+    let (status, body) = api
+        .post("/v1/topics/big/events?type=blob", vec![b'x'; 1025])
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+    let ack = api.publish("big", "blob", vec![b'x'; 1024]).await;
+    assert_eq!(ack["offset"], 1, "a payload at the limit is accepted");
+}
+
+#[tokio::test]
+async fn sse_connections_over_the_limit_get_503_until_one_closes() {
+    let api = Api::start_with(|c| {
+        c.limits.max_sse_connections = 1;
+        c.server.heartbeat = Duration::from_millis(50);
+    })
+    .await;
+    let mut first = api.sse("/v1/topics/t/events").await;
+    first.ready().await;
+    let (status, body) = error_of(api.sse_response("/v1/topics/t/events", &[]).await).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_connections",
+    );
+
+    // The server notices the closed connection at its next write (a
+    // heartbeat at the latest) and frees the slot.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = api.sse_response("/v1/topics/t/events", &[]).await;
+        if response.status() == StatusCode::OK {
+            SseStream::new(response).ready().await;
+            break;
+        }
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(Instant::now() < deadline, "the slot was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shutdown and kill.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn graceful_shutdown_sends_a_shutdown_event_before_closing_the_stream() {
+    let api = Api::start_with(|c| c.server.shutdown_timeout = Duration::from_secs(60)).await;
+    api.publish_ticks("bye", 1).await;
+    let mut s = api.sse("/v1/topics/bye/events?earliest=true").await;
+    s.ready().await;
+    s.expect_offsets([1]).await;
+
+    let Api { broker, .. } = api;
+    let started = Instant::now();
+    let shutdown = tokio::spawn(broker.shutdown());
+    let event = s.expect("shutdown").await;
+    assert!(event.json()["reason"].is_string(), "{event:?}");
+    s.expect_closed().await;
+    within(20, shutdown)
+        .await
+        .expect("shutdown task")
+        .expect("shutdown succeeds");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the stream closed promptly, not at shutdown_timeout"
+    );
+}
+
+#[tokio::test]
+async fn killing_the_broker_drops_open_sse_streams() {
+    let api = Api::start().await;
+    let mut s = api.sse("/v1/topics/k/events").await;
+    s.ready().await;
+    let Api { broker, .. } = api;
+    within(20, broker.kill()).await;
+    // A crash closes every connection: the client sees the end of the
+    // stream, with no `shutdown` event (and no heartbeat: the default is 15s).
+    match tokio::time::timeout(Duration::from_secs(5), s.next_msg()).await {
+        Ok(None) => {}
+        Ok(Some(msg)) => panic!("expected the killed broker to drop the stream, got {msg:?}"),
+        Err(_) => panic!("the SSE stream is still open 5s after Broker::kill returned"),
+    }
+}
+
+#[tokio::test]
+async fn a_killed_broker_restarts_on_its_data_dir_while_an_sse_client_was_connected() {
+    let api = Api::start_with(|c| c.storage.durability = Durability::Fsync).await;
+    api.publish_ticks("crash", 2).await;
+    let mut s = api.sse("/v1/topics/crash/events?earliest=true").await;
+    s.ready().await;
+    s.expect_offsets(1..=2).await;
+
+    let Api {
+        broker,
+        config,
+        _dir,
+        ..
+    } = api;
+    within(20, broker.kill()).await;
+    // Like a daemon restarted by systemd after a crash: same data dir, while
+    // the browser is still trying to reconnect.
+    let broker = Broker::start(config)
+        .await
+        .expect("a killed broker can be restarted on its data dir");
+    assert_eq!(broker.engine().info("crash").unwrap().last_offset, 2);
+    drop(s);
+    broker.shutdown().await.expect("clean shutdown");
+}
