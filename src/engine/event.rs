@@ -1,12 +1,12 @@
 //! The values that flow through the engine: events, acks, starts, gaps.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
 /// A published event as retained in a topic's ring. Shared by every
 /// subscriber through an `Arc`; the payload is never copied per subscriber.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Event {
     /// Position in the topic, from 1, +1 per event, never reused.
     pub offset: u64,
@@ -20,9 +20,48 @@ pub struct Event {
     pub headers: Vec<(String, String)>,
     /// Opaque bytes; JSON by convention.
     pub payload: Bytes,
+    /// The event encoded once for all TCP subscribers (a whole `Event`
+    /// frame with subscription id 0, patched per subscriber).
+    pub(crate) tcp_frame: OnceLock<Bytes>,
+    /// The SSE `data:` envelope, built once for all SSE subscribers.
+    pub(crate) sse_data: OnceLock<Arc<str>>,
 }
 
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        self.offset == other.offset
+            && self.version == other.version
+            && self.timestamp_ms == other.timestamp_ms
+            && self.event_type == other.event_type
+            && self.headers == other.headers
+            && self.payload == other.payload
+    }
+}
+
+impl Eq for Event {}
+
 impl Event {
+    /// An event with its broker-assigned positions.
+    pub fn new(
+        offset: u64,
+        version: u64,
+        timestamp_ms: u64,
+        event_type: Arc<str>,
+        headers: Vec<(String, String)>,
+        payload: Bytes,
+    ) -> Self {
+        Self {
+            offset,
+            version,
+            timestamp_ms,
+            event_type,
+            headers,
+            payload,
+            tcp_frame: OnceLock::new(),
+            sse_data: OnceLock::new(),
+        }
+    }
+
     /// Bytes this event counts against `max_bytes`: payload, type, headers
     /// and a fixed per-event overhead for the struct itself.
     pub fn retained_size(&self) -> u64 {

@@ -445,14 +445,9 @@ impl Engine {
                             offset,
                             version,
                         });
-                        assigned.push(Arc::new(Event {
-                            offset,
-                            version,
-                            timestamp_ms: now,
-                            event_type,
-                            headers: e.headers,
-                            payload: e.payload,
-                        }));
+                        assigned.push(Arc::new(Event::new(
+                            offset, version, now, event_type, e.headers, e.payload,
+                        )));
                     }
                     count_published(topic, state.metered, assigned.len());
                     state.push(assigned, now);

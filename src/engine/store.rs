@@ -532,14 +532,14 @@ fn recover_topic(
                 .entry(event_type.clone())
                 .or_insert(0);
             *version = (*version).max(e.version);
-            let event = Arc::new(Event {
-                offset: e.offset,
-                version: e.version,
-                timestamp_ms: e.timestamp_ms,
+            let event = Arc::new(Event::new(
+                e.offset,
+                e.version,
+                e.timestamp_ms,
                 event_type,
-                headers: e.headers,
-                payload: Bytes::from(e.payload.into_vec()),
-            });
+                e.headers,
+                Bytes::from(e.payload.into_vec()),
+            ));
             state.counters.next_offset = state.counters.next_offset.max(e.offset + 1);
             state.push_back(event);
         }
@@ -561,6 +561,50 @@ fn recover_topic(
         sealed_at_ms: meta.sealed_at_ms,
     };
     Recovered { topic, writer }
+}
+
+/// Encodes `events` (in offset order) into records of at most
+/// `RECORD_MAX` bytes. Returns whether a record is large enough to become a
+/// sled blob file (which needs its own fsync).
+fn encode_records(
+    batch: &mut Writes,
+    topic: &str,
+    wt: &mut WriterTopic,
+    events: &[Arc<Event>],
+) -> bool {
+    let mut blobs = false;
+    let mut start = 0;
+    while start < events.len() {
+        let mut end = start;
+        let mut size = 0;
+        while end < events.len() && (end == start || size < RECORD_MAX) {
+            size += events[end].retained_size() as usize;
+            end += 1;
+        }
+        let chunk = &events[start..end];
+        let refs: Vec<StoredEventRef<'_>> = chunk
+            .iter()
+            .map(|e| StoredEventRef {
+                offset: e.offset,
+                version: e.version,
+                timestamp_ms: e.timestamp_ms,
+                event_type: &e.event_type,
+                headers: &e.headers,
+                payload: serde_bytes::Bytes::new(&e.payload),
+            })
+            .collect();
+        match encode(&refs) {
+            Ok(value) => {
+                blobs |= value.len() > BLOB_THRESHOLD;
+                let (first, last) = (chunk[0].offset, chunk[chunk.len() - 1].offset);
+                batch.insert(record_key(topic, wt.generation, first), value);
+                wt.segments.push_back((first, last));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode record"),
+        }
+        start = end;
+    }
+    blobs
 }
 
 /// What to do with an operation once its batch is durable.
@@ -629,6 +673,7 @@ impl Writer {
     fn process(&mut self, ops: Vec<Op>) {
         let started = Instant::now();
         let mut batch = Writes::default();
+        let mut appended: Vec<(Arc<Topic>, Vec<Arc<Event>>)> = Vec::new();
         let mut touched: HashMap<Arc<str>, Arc<Topic>> = std::mem::take(&mut self.dirty);
         let mut done = Vec::with_capacity(ops.len());
         let mut blobs = false;
@@ -642,47 +687,16 @@ impl Writer {
                         .into_iter()
                         .map(|e| {
                             let (offset, version, event_type) = wt.counters.assign(&e.event_type);
-                            Arc::new(Event {
-                                offset,
-                                version,
-                                timestamp_ms: now,
-                                event_type,
-                                headers: e.headers,
-                                payload: e.payload,
-                            })
+                            Arc::new(Event::new(
+                                offset, version, now, event_type, e.headers, e.payload,
+                            ))
                         })
                         .collect();
-                    let mut start = 0;
-                    while start < events.len() {
-                        let mut end = start;
-                        let mut size = 0;
-                        while end < events.len() && (end == start || size < RECORD_MAX) {
-                            size += events[end].retained_size() as usize;
-                            end += 1;
-                        }
-                        let chunk = &events[start..end];
-                        let refs: Vec<StoredEventRef<'_>> = chunk
-                            .iter()
-                            .map(|e| StoredEventRef {
-                                offset: e.offset,
-                                version: e.version,
-                                timestamp_ms: e.timestamp_ms,
-                                event_type: &e.event_type,
-                                headers: &e.headers,
-                                payload: serde_bytes::Bytes::new(&e.payload),
-                            })
-                            .collect();
-                        match encode(&refs) {
-                            Ok(value) => {
-                                blobs |= value.len() > BLOB_THRESHOLD;
-                                let (first, last) =
-                                    (chunk[0].offset, chunk[chunk.len() - 1].offset);
-                                batch.insert(record_key(&topic.name, wt.generation, first), value);
-                                wt.segments.push_back((first, last));
-                            }
-                            Err(e) => tracing::error!(error = %e, "cannot encode record"),
-                        }
-                        start = end;
+                    // Encoded after the loop: every append to a topic in this
+                    // pass shares its records.
+                    match appended.iter_mut().find(|(t, _)| Arc::ptr_eq(t, &topic)) {
+                        Some((_, list)) => list.extend(events.iter().cloned()),
+                        None => appended.push((topic.clone(), events.clone())),
                     }
                     touched.insert(topic.name.clone(), topic.clone());
                     done.push(Done::Append {
@@ -699,6 +713,8 @@ impl Writer {
                     done.push(Done::Seal { topic, at, ack });
                 }
                 Op::Delete { topic, ack } => {
+                    // Appends of this pass to the deleted topic are not written.
+                    appended.retain(|(t, _)| !Arc::ptr_eq(t, &topic));
                     // The meta goes first: a crash mid-way leaves records of
                     // a generation no meta names, which recovery removes.
                     batch.remove(meta_key(&topic.name));
@@ -733,6 +749,10 @@ impl Writer {
                 }
                 Op::Sync { ack } => done.push(Done::Reply(ack)),
             }
+        }
+        for (topic, events) in &appended {
+            let wt = self.entry(topic);
+            blobs |= encode_records(&mut batch, &topic.name, wt, events);
         }
         for topic in touched.values() {
             let (epoch, first, deleted) = {

@@ -92,14 +92,14 @@ mod tests {
     use super::*;
 
     fn event(payload: &'static [u8]) -> Event {
-        Event {
-            offset: 3,
-            version: 2,
-            timestamp_ms: 1_700_000_000_000,
-            event_type: Arc::from("created"),
-            headers: vec![("user-id".into(), "u1".into())],
-            payload: Bytes::from_static(payload),
-        }
+        Event::new(
+            3,
+            2,
+            1_700_000_000_000,
+            Arc::from("created"),
+            vec![("user-id".into(), "u1".into())],
+            Bytes::from_static(payload),
+        )
     }
 
     #[test]

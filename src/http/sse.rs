@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -235,13 +236,16 @@ impl SseStream {
         let epoch = self.sub.epoch();
         Some(match delivery {
             Delivery::Event(e) => {
-                let data = event_json(&self.topic, &e);
+                // Built once per event, shared by every SSE subscriber.
+                let data = e
+                    .sse_data
+                    .get_or_init(|| Arc::from(event_json(&self.topic, &e)));
                 self.delivered.increment(1);
                 self.bytes_out.increment(data.len() as u64);
                 SseEvent::default()
                     .id(format!("{epoch}:{}", e.offset))
                     .event(&*e.event_type)
-                    .data(data)
+                    .data(&**data)
             }
             Delivery::Gap(g) => {
                 tracing::warn!(topic = %self.topic, reason = g.reason.as_str(), "SSE subscriber gap");

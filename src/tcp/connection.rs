@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{wire, TcpSettings};
-use crate::engine::{Ack, Delivery, Engine, EngineError, PendingPublish, Subscription};
+use crate::engine::{Ack, Delivery, Engine, EngineError, Event, PendingPublish, Subscription};
 
 /// Most bytes of frames a pump encodes before handing them to the writer.
 const PUMP_CHUNK: usize = 64 * 1024;
@@ -590,23 +590,23 @@ async fn pump(
             let msg = match delivery {
                 Delivery::Event(e) => {
                     delivered.increment(1);
-                    ServerMessage::Event {
-                        subscription_id,
-                        event: wire::event(&topic, &e),
-                    }
+                    put_event_frame(&mut buf, subscription_id, &topic, &e);
+                    None
                 }
-                Delivery::Gap(g) => ServerMessage::Gap {
+                Delivery::Gap(g) => Some(ServerMessage::Gap {
                     subscription_id,
                     gap: wire::gap(g),
-                },
-                Delivery::End { last_offset } => ServerMessage::End {
+                }),
+                Delivery::End { last_offset } => Some(ServerMessage::End {
                     subscription_id,
                     topic: topic.clone(),
                     last_offset,
-                },
+                }),
             };
-            if let Err(e) = encode_frame(&msg, &mut buf) {
-                tracing::error!(error = %e, "cannot encode a delivery");
+            if let Some(msg) = msg {
+                if let Err(e) = encode_frame(&msg, &mut buf) {
+                    tracing::error!(error = %e, "cannot encode a delivery");
+                }
             }
             if ended || buf.len() >= PUMP_CHUNK {
                 break;
@@ -626,6 +626,33 @@ async fn pump(
             return;
         }
     }
+}
+
+/// Byte range of the subscription id in an encoded `Event` frame: after the
+/// 4-byte length and the 4-byte variant tag (`docs/protocol.md`).
+const SUBSCRIPTION_ID_AT: std::ops::Range<usize> = 8..16;
+
+/// Appends the `Event` frame of `event` for `subscription_id`. The frame is
+/// encoded once per event (with id 0) and shared by every TCP subscriber;
+/// each copy only patches the id.
+fn put_event_frame(buf: &mut BytesMut, subscription_id: u64, topic: &str, event: &Event) {
+    let frame = event.tcp_frame.get_or_init(|| {
+        let mut b = BytesMut::new();
+        let msg = ServerMessage::Event {
+            subscription_id: 0,
+            event: wire::event(topic, event),
+        };
+        if let Err(e) = encode_frame(&msg, &mut b) {
+            tracing::error!(error = %e, "cannot encode an event");
+        }
+        b.freeze()
+    });
+    if frame.len() < SUBSCRIPTION_ID_AT.end {
+        return;
+    }
+    buf.extend_from_slice(&frame[..SUBSCRIPTION_ID_AT.start]);
+    buf.extend_from_slice(&subscription_id.to_be_bytes());
+    buf.extend_from_slice(&frame[SUBSCRIPTION_ID_AT.end..]);
 }
 
 /// Writes queued frames, many per syscall; sends a heartbeat when idle.
@@ -690,4 +717,37 @@ async fn write_loop(
         }
     }
     let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn a_shared_event_frame_patched_per_subscriber_equals_a_direct_encoding() {
+        let event = Event::new(
+            7,
+            3,
+            1_700_000_000_000,
+            Arc::from("created"),
+            vec![("k".into(), "v".into())],
+            Bytes::from_static(b"{\"a\":1}"),
+        );
+        for sid in [0, 1, u64::MAX, 0x0102_0304_0506_0708] {
+            let mut patched = BytesMut::new();
+            put_event_frame(&mut patched, sid, "orders", &event);
+            let mut direct = BytesMut::new();
+            encode_frame(
+                &ServerMessage::Event {
+                    subscription_id: sid,
+                    event: wire::event("orders", &event),
+                },
+                &mut direct,
+            )
+            .unwrap();
+            assert_eq!(patched, direct, "subscription id {sid}");
+        }
+    }
 }
