@@ -128,6 +128,8 @@ fn init_tracing(config: &Config) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM during startup must still stop gracefully.
+    let mut signals = Signals::new()?;
     systemd::status("recovering storage");
     let broker = Broker::start(config.clone()).await?;
     let stats = broker.engine().stats();
@@ -151,7 +153,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let watchdog = CancellationToken::new();
     systemd::spawn_watchdog(watchdog.clone());
 
-    let mut signals = Signals::new()?;
     signals.next().await;
     tracing::info!("shutting down");
     systemd::stopping();

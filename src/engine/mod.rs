@@ -505,6 +505,7 @@ impl Engine {
             .max_payload
             .min(retention.max_bytes);
         if e.payload.len() as u64 > max {
+            crate::metrics::refused("max_payload");
             return Err(EngineError::PayloadTooLarge {
                 size: e.payload.len(),
                 max,

@@ -43,6 +43,7 @@ pub(crate) async fn publish(
     let payload = to_bytes(body, usize::try_from(max).unwrap_or(usize::MAX))
         .await
         .map_err(|_| {
+            crate::metrics::refused("max_payload");
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",

@@ -1,0 +1,997 @@
+//! `ringcastd` itself, as a child process: systemd notifications, graceful
+//! and abrupt shutdown, config errors and the start log line.
+//!
+//! Every daemon listens on port 0 and reports its addresses through the
+//! systemd notification socket (`READY=1` + `STATUS=serving tcp=… http=…`),
+//! which these tests bind themselves; so readiness is an awaited event, not a
+//! guess.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use common::RawClient;
+use ringcast_protocol::{
+    encode_frame, Ack, ClientMessage, ErrorCode, FrameDecoder, NewEvent, ServerMessage, Start,
+    PROTOCOL_VERSION,
+};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixDatagram};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringcastd");
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Awaits `f`, failing the test with `what` after `secs` seconds.
+async fn before<T>(secs: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {secs}s waiting for {what}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The daemon as a child process.
+// ---------------------------------------------------------------------------
+
+/// A `ringcastd` command with a clean environment: no inherited `RINGCAST_*`,
+/// `RUST_LOG`, systemd or journald variables, so only what a test sets counts.
+fn ringcastd() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if key.starts_with("RINGCAST_")
+            || matches!(
+                key.as_str(),
+                "RUST_LOG" | "NOTIFY_SOCKET" | "WATCHDOG_USEC" | "WATCHDOG_PID" | "JOURNAL_STREAM"
+            )
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("RUST_LOG", "info");
+    cmd.stdin(Stdio::null());
+    cmd.kill_on_drop(true);
+    cmd
+}
+
+/// What to start: a data dir plus extra environment and flags.
+struct Launch {
+    data_dir: PathBuf,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+}
+
+impl Launch {
+    fn new(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_owned(),
+            env: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Spawns the daemon and waits for `READY=1`.
+    async fn start(self) -> Daemon {
+        let notify_dir = tempfile::tempdir().unwrap();
+        let socket_path = notify_dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+        let mut cmd = ringcastd();
+        cmd.arg("--data-dir")
+            .arg(&self.data_dir)
+            .args([
+                "--tcp-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .args(&self.args)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn ringcastd");
+        let pid = child.id().expect("a running child has a pid");
+        let (tx, stderr) = mpsc::unbounded_channel();
+        let pipe = child.stderr.take().expect("stderr is piped");
+        // Drained at all times, so a chatty daemon never blocks on a full pipe.
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = Daemon {
+            child,
+            pid,
+            notify,
+            _notify_dir: notify_dir,
+            datagrams: Vec::new(),
+            stderr,
+            stderr_seen: Vec::new(),
+            tcp: "0.0.0.0:0".parse().unwrap(),
+            http: "0.0.0.0:0".parse().unwrap(),
+            status: BTreeMap::new(),
+        };
+        let ready = daemon.await_ready().await;
+        let status = ready
+            .lines()
+            .find_map(|l| l.strip_prefix("STATUS="))
+            .unwrap_or_else(|| panic!("READY=1 came without STATUS=: {ready:?}"));
+        let mut words = status.split_whitespace();
+        assert_eq!(words.next(), Some("serving"), "status {status:?}");
+        daemon.status = words
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        daemon.tcp = daemon
+            .status_value("tcp")
+            .parse()
+            .expect("tcp= is an address");
+        daemon.http = daemon
+            .status_value("http")
+            .parse()
+            .expect("http= is an address");
+        daemon
+    }
+}
+
+struct Daemon {
+    child: Child,
+    pid: u32,
+    notify: UnixDatagram,
+    _notify_dir: tempfile::TempDir,
+    /// Every notification received so far, in order.
+    datagrams: Vec<String>,
+    stderr: mpsc::UnboundedReceiver<String>,
+    /// Every stderr line read so far, in order.
+    stderr_seen: Vec<String>,
+    tcp: SocketAddr,
+    http: SocketAddr,
+    /// The key=value words of the `READY=1` datagram's `STATUS=`.
+    status: BTreeMap<String, String>,
+}
+
+impl Daemon {
+    fn status_value(&self, key: &str) -> &str {
+        self.status
+            .get(key)
+            .unwrap_or_else(|| panic!("STATUS= has no {key}=: {:?}", self.status))
+    }
+
+    /// The next notification datagram; fails if the daemon exits first.
+    async fn next_datagram(&mut self, secs: u64, what: &str) -> String {
+        let mut buf = vec![0u8; 4096];
+        let received = tokio::select! {
+            // Datagrams sent before an exit are still delivered.
+            biased;
+            r = self.notify.recv(&mut buf) => r.expect("receive a notification"),
+            status = self.child.wait() => {
+                let lines = self.drain_stderr().await;
+                panic!("ringcastd exited ({status:?}) while waiting for {what}; stderr:\n{}", lines.join("\n"))
+            }
+            _ = tokio::time::sleep(Duration::from_secs(secs)) => {
+                panic!("no notification within {secs}s while waiting for {what}; got so far: {:?}", self.datagrams)
+            }
+        };
+        let text = String::from_utf8(buf[..received].to_vec()).expect("notifications are UTF-8");
+        self.datagrams.push(text.clone());
+        text
+    }
+
+    /// Receives notifications until one has `state` as one of its lines.
+    async fn await_notification(&mut self, state: &str, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now()).as_secs() + 1;
+            let d = self.next_datagram(left, state).await;
+            if d.lines().any(|l| l == state) {
+                return d;
+            }
+        }
+    }
+
+    async fn await_ready(&mut self) -> String {
+        self.await_notification("READY=1", 120).await
+    }
+
+    /// Sends `signal` (e.g. `TERM`) to the daemon with kill(1).
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid.to_string())
+            .status()
+            .expect("run kill(1)");
+        assert!(status.success(), "kill -{signal} {} failed", self.pid);
+    }
+
+    fn still_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits for the daemon to exit, within `secs`.
+    async fn exit(&mut self, secs: u64) -> ExitStatus {
+        match tokio::time::timeout(Duration::from_secs(secs), self.child.wait()).await {
+            Ok(status) => status.expect("wait for ringcastd"),
+            Err(_) => {
+                let _ = self.child.start_kill();
+                let lines = self.drain_stderr().await;
+                panic!(
+                    "ringcastd did not exit within {secs}s; stderr:\n{}",
+                    lines.join("\n")
+                )
+            }
+        }
+    }
+
+    /// SIGTERM, then the exit status (which must come within `secs`).
+    async fn stop(&mut self, secs: u64) -> ExitStatus {
+        self.signal("TERM");
+        self.exit(secs).await
+    }
+
+    /// Reads stderr until a line contains `needle`; returns that line.
+    async fn await_log(&mut self, needle: &str, secs: u64) -> String {
+        let wait = async {
+            loop {
+                match self.stderr.recv().await {
+                    Some(line) => {
+                        self.stderr_seen.push(line.clone());
+                        if line.contains(needle) {
+                            return line;
+                        }
+                    }
+                    None => panic!(
+                        "stderr ended before a line with {needle:?}:\n{}",
+                        self.stderr_seen.join("\n")
+                    ),
+                }
+            }
+        };
+        before(secs, needle, wait).await
+    }
+
+    /// Every stderr line (the rest is read once the daemon has exited).
+    async fn drain_stderr(&mut self) -> Vec<String> {
+        while let Ok(Some(line)) =
+            tokio::time::timeout(Duration::from_secs(5), self.stderr.recv()).await
+        {
+            self.stderr_seen.push(line);
+        }
+        self.stderr_seen.clone()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw protocol and HTTP over a socket.
+// ---------------------------------------------------------------------------
+
+async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &ClientMessage) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    encode_frame(msg, &mut buf).expect("encode");
+    w.write_all(&buf).await
+}
+
+/// Server messages from the read half of a connection.
+struct Frames<R> {
+    rd: R,
+    buf: BytesMut,
+    decoder: FrameDecoder<ServerMessage>,
+}
+
+impl<R: AsyncRead + Unpin> Frames<R> {
+    fn new(rd: R) -> Self {
+        Self {
+            rd,
+            buf: BytesMut::new(),
+            decoder: FrameDecoder::new(64 * 1024 * 1024),
+        }
+    }
+
+    /// The next message other than a heartbeat; `None` once the connection
+    /// is closed (or reset).
+    async fn next(&mut self) -> Option<ServerMessage> {
+        loop {
+            match self
+                .decoder
+                .decode(&mut self.buf)
+                .expect("server frames decode")
+            {
+                Some(ServerMessage::Heartbeat) => continue,
+                Some(msg) => return Some(msg),
+                None => {}
+            }
+            match self.rd.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+fn hello() -> ClientMessage {
+    ClientMessage::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client_name: "daemon-test".into(),
+        credentials: None,
+    }
+}
+
+/// `GET path` with HTTP/1.1 over a fresh connection: (status, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("HTTP connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("HTTP write");
+    let mut response = Vec::new();
+    before(20, "an HTTP response", s.read_to_end(&mut response))
+        .await
+        .expect("HTTP read");
+    let text = String::from_utf8(response).expect("a UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, body.to_owned())
+}
+
+/// Every retained event of `topic`, paged with `History`: offset -> (type, version).
+async fn retained(addr: SocketAddr, topic: &str) -> (u64, BTreeMap<u64, (String, u64)>) {
+    let mut c = RawClient::handshake(addr).await;
+    c.send(&ClientMessage::TopicInfo {
+        request_id: 1,
+        topic: topic.into(),
+    })
+    .await;
+    let (epoch, last_offset) = match c.recv().await {
+        Some(ServerMessage::TopicInfo { info, .. }) => (info.epoch, info.last_offset),
+        other => panic!("expected topic info of {topic}, got {other:?}"),
+    };
+    let mut events = BTreeMap::new();
+    let mut after = 0;
+    for request_id in 2.. {
+        c.send(&ClientMessage::History {
+            request_id,
+            topic: topic.into(),
+            after,
+            types: vec![],
+            limit: 1_000,
+        })
+        .await;
+        match c.recv().await {
+            Some(ServerMessage::History {
+                request_id: r,
+                events: page,
+                next_after,
+                ..
+            }) => {
+                assert_eq!(r, request_id);
+                if page.is_empty() {
+                    break;
+                }
+                for e in page {
+                    assert!(e.offset > after, "history goes forward");
+                    events.insert(e.offset, (e.event_type, e.version));
+                }
+                after = next_after;
+            }
+            other => panic!("expected history, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        events.keys().next_back().copied().unwrap_or(0),
+        last_offset,
+        "history of {topic} reaches the last offset"
+    );
+    (epoch, events)
+}
+
+/// An acknowledged publish.
+#[derive(Debug, Clone)]
+struct Acked {
+    topic: String,
+    event_type: String,
+    ack: Ack,
+}
+
+/// Checks that every acknowledged event is retained by the daemon at
+/// `addr`, at its offset, with its type and version, in the same epoch.
+async fn assert_all_retained(addr: SocketAddr, acked: &[Acked]) {
+    let mut by_topic: HashMap<&str, Vec<&Acked>> = HashMap::new();
+    for a in acked {
+        by_topic.entry(&a.topic).or_default().push(a);
+    }
+    for (topic, acks) in by_topic {
+        let (epoch, events) = retained(addr, topic).await;
+        for a in acks {
+            assert_eq!(a.ack.epoch, epoch, "{topic} kept its epoch");
+            match events.get(&a.ack.offset) {
+                Some((t, v)) => assert_eq!(
+                    (t.as_str(), *v),
+                    (a.event_type.as_str(), a.ack.version),
+                    "{topic} offset {} has the acknowledged type and version",
+                    a.ack.offset
+                ),
+                None => panic!(
+                    "acknowledged event {topic}@{} is missing after restart ({} retained)",
+                    a.ack.offset,
+                    events.len()
+                ),
+            }
+        }
+    }
+}
+
+/// How a pipelined publisher's connection ended.
+#[derive(Debug)]
+struct PublisherEnd {
+    acked: Vec<Acked>,
+    saw_shutdown: bool,
+}
+
+/// Publishes to `topic` over one connection, up to 64 in flight, until the
+/// server closes it; every ack is counted in `progress`.
+async fn publish_until_closed(
+    addr: SocketAddr,
+    topic: String,
+    types: [&'static str; 2],
+    progress: Arc<watch::Sender<u64>>,
+) -> PublisherEnd {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).unwrap();
+    write_msg(&mut stream, &hello()).await.unwrap();
+    let (rd, mut wr) = stream.into_split();
+    let mut frames = Frames::new(rd);
+    match frames.next().await {
+        Some(ServerMessage::Welcome { .. }) => {}
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    let window = Arc::new(Semaphore::new(64));
+    let sent: Arc<SentTypes> = Arc::default();
+    let writer = {
+        let (window, sent, topic) = (window.clone(), sent.clone(), topic.clone());
+        tokio::spawn(async move {
+            for request_id in 1u64.. {
+                let Ok(permit) = window.acquire().await else {
+                    return;
+                };
+                permit.forget();
+                let event_type = types[(request_id % 2) as usize];
+                sent.record(request_id, event_type);
+                let msg = ClientMessage::Publish {
+                    request_id,
+                    topic: topic.clone(),
+                    event_type: event_type.into(),
+                    headers: vec![],
+                    payload: Bytes::from(format!("{{\"n\":{request_id}}}")),
+                };
+                if write_msg(&mut wr, &msg).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut end = PublisherEnd {
+        acked: Vec::new(),
+        saw_shutdown: false,
+    };
+    let read = async {
+        while let Some(msg) = frames.next().await {
+            match msg {
+                ServerMessage::Published {
+                    request_id,
+                    results,
+                } => {
+                    assert!(
+                        !end.saw_shutdown,
+                        "an ack ({request_id}) came after the Shutdown frame"
+                    );
+                    assert_eq!(results.len(), 1);
+                    end.acked.push(Acked {
+                        topic: topic.clone(),
+                        event_type: sent.type_of(request_id).into(),
+                        ack: results[0],
+                    });
+                    window.add_permits(1);
+                    progress.send_modify(|n| *n += 1);
+                }
+                ServerMessage::Error {
+                    request_id: Some(_),
+                    code: ErrorCode::ShuttingDown,
+                    ..
+                } => window.add_permits(1),
+                ServerMessage::Shutdown { reason } => {
+                    assert!(!end.saw_shutdown, "a second Shutdown frame");
+                    assert!(!reason.is_empty());
+                    end.saw_shutdown = true;
+                }
+                other => panic!("unexpected message while publishing: {other:?}"),
+            }
+        }
+    };
+    before(60, "the publisher's connection to close", read).await;
+    window.close();
+    let _ = writer.await;
+    end
+}
+
+/// Which type each request id was published with (the writer and the reader
+/// are different tasks).
+#[derive(Default)]
+struct SentTypes(std::sync::Mutex<HashMap<u64, &'static str>>);
+
+impl SentTypes {
+    fn record(&self, request_id: u64, event_type: &'static str) {
+        self.0.lock().unwrap().insert(request_id, event_type);
+    }
+
+    fn type_of(&self, request_id: u64) -> &'static str {
+        self.0
+            .lock()
+            .unwrap()
+            .get(&request_id)
+            .copied()
+            .unwrap_or_else(|| panic!("an ack for request {request_id}, never sent"))
+    }
+}
+
+/// Removes ANSI colour sequences (`ESC [ … m`) from a log line.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// systemd.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn ready_is_notified_once_both_listeners_serve_and_stopping_on_sigterm() {
+    let data = tempfile::tempdir().unwrap();
+    let mut d = Launch::new(data.path()).start().await;
+
+    // At the moment READY=1 arrives, both listeners answer.
+    assert!(d.status.contains_key("topics") && d.status.contains_key("events"));
+    let _client = before(20, "a TCP welcome", RawClient::handshake(d.tcp)).await;
+    let (status, body) = http_get(d.http, "/readyz").await;
+    assert_eq!(status, 200, "readyz: {body}");
+    assert!(body.contains("ready"), "{body}");
+    let (status, _) = http_get(d.http, "/healthz").await;
+    assert_eq!(status, 200);
+    let ready_at = d.datagrams.len() - 1;
+    assert!(
+        d.datagrams[..ready_at]
+            .iter()
+            .all(|g| !g.lines().any(|l| l == "READY=1")),
+        "READY=1 is sent once: {:?}",
+        d.datagrams
+    );
+
+    d.signal("TERM");
+    let stopping = d.await_notification("STOPPING=1", 30).await;
+    assert!(stopping.contains("STATUS="), "{stopping:?}");
+    let status = d.exit(30).await;
+    assert_eq!(status.code(), Some(0), "a graceful stop exits 0");
+    assert!(
+        d.datagrams.iter().all(|g| !g.contains("WATCHDOG=1")),
+        "no watchdog pings unless systemd asks: {:?}",
+        d.datagrams
+    );
+}
+
+/// systemd may stop a unit the moment it is ready (`systemctl restart`
+/// twice in a row); that stop must be as graceful as any other. Several
+/// rounds, because a missing handler only loses a race.
+#[tokio::test]
+async fn sigterm_right_after_ready_is_a_graceful_stop() {
+    for round in 0..20 {
+        let data = tempfile::tempdir().unwrap();
+        let mut d = Launch::new(data.path()).start().await;
+        d.signal("TERM");
+        let status = d.exit(30).await;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round}: SIGTERM right after READY=1 ended ringcastd with {status} \
+             (a signal handler installed after READY=1?)"
+        );
+        // Sent before the exit, so already queued on the socket.
+        d.await_notification("STOPPING=1", 5).await;
+    }
+}
+
+#[tokio::test]
+async fn the_watchdog_is_pinged_when_systemd_asks_for_it() {
+    let data = tempfile::tempdir().unwrap();
+    let mut d = Launch::new(data.path())
+        .env("WATCHDOG_USEC", "200000")
+        .start()
+        .await;
+    for _ in 0..3 {
+        d.await_notification("WATCHDOG=1", 10).await;
+    }
+    assert_eq!(d.stop(30).await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------
+// Shutdown.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_no_acknowledged_event_and_exits_0_in_time() {
+    let data = tempfile::tempdir().unwrap();
+    let launch = || {
+        Launch::new(data.path())
+            .arg("--durability")
+            .arg("fsync")
+            .env("RINGCAST_SERVER_SHUTDOWN_TIMEOUT", "5s")
+            .env("RINGCAST_TOPICS_MAX_EVENTS", "1000000")
+    };
+    let mut d = launch().start().await;
+    let (progress, mut acks) = watch::channel(0u64);
+    let progress = Arc::new(progress);
+    let publishers: Vec<_> = (0..4)
+        .map(|i| {
+            let topic = format!("load-{}", i % 2);
+            tokio::spawn(publish_until_closed(
+                d.tcp,
+                topic,
+                ["created", "paid"],
+                progress.clone(),
+            ))
+        })
+        .collect();
+    before(120, "500 acks", acks.wait_for(|n| *n >= 500))
+        .await
+        .unwrap();
+
+    d.signal("TERM");
+    let signalled = Instant::now();
+    let status = d.exit(60).await;
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "a graceful stop exits 0");
+    assert!(
+        took < Duration::from_secs(5 + 5),
+        "exited {took:?} after SIGTERM; shutdown_timeout is 5s"
+    );
+    let mut acked = Vec::new();
+    for p in publishers {
+        let end = p.await.expect("publisher task");
+        assert!(
+            end.saw_shutdown,
+            "every connected client is told with a Shutdown frame before the close"
+        );
+        acked.extend(end.acked);
+    }
+    assert!(acked.len() >= 500);
+
+    let mut d = launch().start().await;
+    assert_all_retained(d.tcp, &acked).await;
+    assert_eq!(d.stop(30).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_with_130_and_storage_recovers() {
+    let data = tempfile::tempdir().unwrap();
+    let launch = || {
+        Launch::new(data.path())
+            .arg("--durability")
+            .arg("fsync")
+            // A graceful stop waits (up to 3 heartbeats) for a client that
+            // does not read: long enough that only the second signal ends it.
+            .env("RINGCAST_SERVER_HEARTBEAT", "60s")
+            .env("RINGCAST_SERVER_SHUTDOWN_TIMEOUT", "300s")
+    };
+    let mut d = launch().start().await;
+
+    // A subscriber with a tiny receive buffer that never reads.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(d.tcp).await.expect("connect");
+    write_msg(&mut stalled, &hello()).await.unwrap();
+    write_msg(
+        &mut stalled,
+        &ClientMessage::Subscribe {
+            request_id: 1,
+            subscription_id: 1,
+            topic: "big".into(),
+            types: vec![],
+            start: Start::Live,
+        },
+    )
+    .await
+    .unwrap();
+    {
+        let mut frames = Frames::new(&mut stalled);
+        assert!(matches!(
+            frames.next().await,
+            Some(ServerMessage::Welcome { .. })
+        ));
+        assert!(matches!(
+            frames.next().await,
+            Some(ServerMessage::Subscribed { .. })
+        ));
+    }
+
+    // 16 MiB published: far more than the socket buffers hold.
+    let mut publisher = RawClient::handshake(d.tcp).await;
+    let batch = |request_id| ClientMessage::PublishBatch {
+        request_id,
+        topic: "big".into(),
+        events: (0..32)
+            .map(|_| NewEvent {
+                event_type: "chunk".into(),
+                headers: vec![],
+                payload: Bytes::from(vec![b'x'; 16 * 1024]),
+            })
+            .collect(),
+    };
+    let mut acked = Vec::new();
+    for request_id in 1..=32 {
+        publisher.send(&batch(request_id)).await;
+        match publisher.recv().await {
+            Some(ServerMessage::Published { results, .. }) => {
+                acked.extend(results.into_iter().map(|ack| Acked {
+                    topic: "big".into(),
+                    event_type: "chunk".into(),
+                    ack,
+                }))
+            }
+            other => panic!("expected acks, got {other:?}"),
+        }
+    }
+
+    d.signal("TERM");
+    d.await_notification("STOPPING=1", 30).await;
+    assert!(
+        d.still_running(),
+        "the graceful stop is held open by the stalled client"
+    );
+    d.signal("TERM");
+    let signalled = Instant::now();
+    let status = d.exit(30).await;
+    assert_eq!(status.code(), Some(130), "the second signal exits with 130");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "the second signal exits at once, not after {:?}",
+        signalled.elapsed()
+    );
+    drop(stalled);
+
+    let mut d = launch().start().await;
+    assert_eq!(
+        d.status_value("events"),
+        acked.len().to_string(),
+        "every acknowledged event is recovered"
+    );
+    assert_all_retained(d.tcp, &acked).await;
+    assert_eq!(d.stop(30).await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------
+// Config errors and flags.
+// ---------------------------------------------------------------------------
+
+/// Runs `ringcastd` to completion: (exit status, stdout, stderr lines).
+async fn run_to_end(cmd: &mut Command) -> (ExitStatus, String, Vec<String>) {
+    let out = before(60, "ringcastd to exit", cmd.output())
+        .await
+        .expect("run ringcastd");
+    let stdout = String::from_utf8(out.stdout).expect("UTF-8 stdout");
+    let stderr = String::from_utf8(out.stderr).expect("UTF-8 stderr");
+    (
+        out.status,
+        stdout,
+        stderr.lines().map(str::to_owned).collect(),
+    )
+}
+
+/// Asserts that `cmd` fails with exactly one stderr line naming `key`.
+async fn assert_fails_naming(cmd: &mut Command, key: &str) {
+    let (status, _, stderr) = run_to_end(cmd).await;
+    assert!(!status.success(), "{key}: expected a failure, got {status}");
+    assert_eq!(
+        stderr.len(),
+        1,
+        "{key}: exactly one stderr line: {stderr:#?}"
+    );
+    assert!(
+        stderr[0].contains(key),
+        "the error names {key:?}: {:?}",
+        stderr[0]
+    );
+}
+
+#[tokio::test]
+async fn a_bad_config_is_one_stderr_line_naming_the_key_and_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let with_config = |path: &Path| {
+        let mut cmd = ringcastd();
+        cmd.arg("--config").arg(path).arg("--data-dir").arg(&data);
+        cmd
+    };
+
+    let bad_value = file("bad-value.toml", "[topics]\nmax_events = \"many\"\n");
+    assert_fails_naming(&mut with_config(&bad_value), "topics.max_events").await;
+
+    let unknown = file("unknown.toml", "[server]\nlisten_tcp = \"127.0.0.1:1\"\n");
+    assert_fails_naming(&mut with_config(&unknown), "server.listen_tcp").await;
+
+    let nonsense = file("nonsense.toml", "[limits]\nmax_frame = \"1KiB\"\n");
+    assert_fails_naming(&mut with_config(&nonsense), "limits.max_frame").await;
+
+    let not_toml = file("not-toml.toml", "[topics\nmax_events = 1\n");
+    assert_fails_naming(&mut with_config(&not_toml), "not-toml.toml").await;
+
+    let mut bad_env = ringcastd();
+    bad_env
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RINGCAST_TOPICS_MAX_EVENTS", "lots");
+    assert_fails_naming(&mut bad_env, "topics.max_events").await;
+
+    let mut bad_flag = ringcastd();
+    bad_flag.args(["--durability", "sometimes"]);
+    assert_fails_naming(&mut bad_flag, "--durability").await;
+
+    let mut unknown_flag = ringcastd();
+    unknown_flag.arg("--tcp-listne");
+    assert_fails_naming(&mut unknown_flag, "--tcp-listne").await;
+
+    assert!(!data.exists(), "a refused config touches no data dir");
+}
+
+#[tokio::test]
+async fn print_config_prints_the_shipped_config_and_check_config_accepts_it() {
+    let shipped_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ringcast.toml");
+    let shipped = std::fs::read_to_string(&shipped_path).unwrap();
+
+    let (status, stdout, stderr) = run_to_end(ringcastd().arg("--print-config")).await;
+    assert!(status.success(), "{stderr:?}");
+    assert_eq!(
+        stdout, shipped,
+        "--print-config prints config/ringcast.toml"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &stdout).unwrap();
+    for path in [&shipped_path, &printed] {
+        let (status, stdout, stderr) =
+            run_to_end(ringcastd().arg("--check-config").arg("--config").arg(path)).await;
+        assert!(status.success(), "{}: {stderr:?}", path.display());
+        assert_eq!(stdout.trim(), "config ok");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The start log line.
+// ---------------------------------------------------------------------------
+
+async fn publish_some(addr: SocketAddr) {
+    let mut c = RawClient::handshake(addr).await;
+    for (request_id, topic) in [(1, "a"), (2, "a"), (3, "b")] {
+        c.send(&ClientMessage::Publish {
+            request_id,
+            topic: topic.into(),
+            event_type: "t".into(),
+            headers: vec![],
+            payload: Bytes::from_static(b"{}"),
+        })
+        .await;
+        assert!(matches!(
+            c.recv().await,
+            Some(ServerMessage::Published { .. })
+        ));
+    }
+}
+
+#[tokio::test]
+async fn the_start_line_names_version_listeners_data_dir_durability_and_recovered_counts() {
+    let data = tempfile::tempdir().unwrap();
+    let mut d = Launch::new(data.path()).start().await;
+    publish_some(d.tcp).await;
+    assert_eq!(d.stop(30).await.code(), Some(0));
+
+    let mut d = Launch::new(data.path()).start().await;
+    let line = strip_ansi(&d.await_log("ringcastd started", 30).await);
+    for part in [
+        VERSION.to_owned(),
+        format!("tcp={}", d.tcp),
+        format!("http={}", d.http),
+        format!("data_dir={}", data.path().display()),
+        "durability=fsync".to_owned(),
+        "topics=2".to_owned(),
+        "events=3".to_owned(),
+    ] {
+        assert!(line.contains(&part), "{part:?} missing from {line:?}");
+    }
+    assert!(line.contains("INFO"), "{line:?}");
+    assert_eq!(
+        (d.status_value("topics"), d.status_value("events")),
+        ("2", "3")
+    );
+    assert_eq!(d.stop(30).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn json_log_format_writes_one_json_object_per_line() {
+    let data = tempfile::tempdir().unwrap();
+    let mut d = Launch::new(data.path())
+        .env("RINGCAST_LOG_FORMAT", "json")
+        .start()
+        .await;
+    d.await_log("ringcastd started", 30).await;
+    publish_some(d.tcp).await;
+    assert_eq!(d.stop(30).await.code(), Some(0));
+    let lines = d.drain_stderr().await;
+    let objects: Vec<Value> = lines
+        .iter()
+        .map(|l| {
+            let v: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}"));
+            assert!(v.is_object(), "{l:?} is not an object");
+            v
+        })
+        .collect();
+    let started = objects
+        .iter()
+        .find(|o| o["fields"]["message"] == "ringcastd started")
+        .expect("a start line");
+    let fields = &started["fields"];
+    assert_eq!(started["level"], "INFO");
+    assert_eq!(fields["version"], VERSION);
+    assert_eq!(fields["tcp"], d.tcp.to_string());
+    assert_eq!(fields["http"], d.http.to_string());
+    assert_eq!(fields["data_dir"], data.path().display().to_string());
+    assert_eq!(fields["durability"], "fsync");
+    assert_eq!(
+        (fields["topics"].as_u64(), fields["events"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(
+        objects
+            .iter()
+            .any(|o| o["fields"]["message"] == "shutting down"),
+        "the stop is logged as JSON too"
+    );
+}
