@@ -18,6 +18,9 @@ use wildmatch::WildMatch;
 /// embedded so `ringcastd --print-config` can show it.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/ringcast.toml");
 
+/// The config sections, as they appear in TOML and in variable names.
+const SECTIONS: &[&str] = &["server", "storage", "topics", "log", "limits", "metrics"];
+
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "RINGCAST_";
 
@@ -555,22 +558,13 @@ fn apply_env(
         .collect();
     for (var, raw) in vars {
         let rest = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+        // Variables of other ringcast programs (the CLI's RINGCAST_SERVER,
+        // test switches) share the prefix: only config sections count.
         let Some((section, key)) = rest.split_once('_') else {
-            return Err(ConfigError::invalid(
-                var,
-                "expected RINGCAST_<SECTION>_<KEY>",
-            ));
+            continue;
         };
-        if !matches!(
-            section,
-            "server" | "storage" | "topics" | "log" | "limits" | "metrics"
-        ) {
-            return Err(ConfigError::invalid(
-                var,
-                format!(
-                    "unknown section {section:?} (expected server, storage, topics, log, limits or metrics)"
-                ),
-            ));
+        if !SECTIONS.contains(&section) {
+            continue;
         }
         let value = parse_env_value(&raw);
         let entry = table
@@ -628,6 +622,9 @@ mod tests {
                 ("RINGCAST_TOPICS_MAX_EVENTS", "5"),
                 ("RINGCAST_STORAGE_DURABILITY", "memory"),
                 ("UNRELATED", "x"),
+                ("RINGCAST_SERVER", "10.0.0.1:7411"),
+                ("RINGCAST_CREDENTIALS", "secret"),
+                ("RINGCAST_SKIP_BROWSER", "1"),
             ]),
         )
         .unwrap();
@@ -674,7 +671,7 @@ mod tests {
                 env(&[("RINGCAST_TOPICS_MAX_AGE", "soon")]),
                 "topics.max_age",
             ),
-            ("", env(&[("RINGCAST_NOPE_X", "1")]), "RINGCAST_NOPE_X"),
+            ("", env(&[("RINGCAST_TOPICS_NOPE", "1")]), "topics.nope"),
             (
                 "[[topics.override]]\npattern = \"a/b*\"\n",
                 vec![],

@@ -77,8 +77,8 @@ impl Subscription {
         let cursor = match start {
             Start::Live => live,
             Start::Earliest => state.first_offset(),
-            Start::AfterOffset { epoch, offset: _ } if epoch != state.epoch => {
-                queue.push_back(Delivery::Gap(whole_gap(GapReason::EpochChanged, 0)));
+            Start::AfterOffset { epoch, offset } if epoch != state.epoch => {
+                queue.push_back(Delivery::Gap(whole_gap(GapReason::EpochChanged, offset)));
                 live
             }
             Start::AfterOffset { offset, .. } => {

@@ -1,1 +1,78 @@
-//! ringcast client SDK (filled by the TCP protocol issue).
+//! Rust client for the ringcast pub/sub broker.
+//!
+//! A [`Client`] holds one TCP connection to the broker (protocol:
+//! `docs/protocol.md`), pipelines requests over it, and repairs it by itself:
+//! after a drop it reconnects with capped exponential backoff and full
+//! jitter, and resumes every [`Subscription`] exactly after the last event it
+//! delivered. The caller sees no duplicate and no hole — only a
+//! [`Delivery::Gap`] when the broker no longer has what was missed, which
+//! means "refetch your state".
+//!
+//! # Example
+//! ```no_run
+//! use ringcast_client::{Client, Delivery};
+//!
+//! # async fn demo() -> ringcast_client::Result<()> {
+//! let client = Client::connect("127.0.0.1:7411").await?;
+//!
+//! let ack = client.publish("orders", "created", r#"{"id":1}"#).await?;
+//! println!("appended at offset {} (epoch {})", ack.offset, ack.epoch);
+//!
+//! let mut orders = client.subscribe("orders").types(["created"]).earliest().send().await?;
+//! while let Some(delivery) = orders.next_delivery().await {
+//!     match delivery? {
+//!         Delivery::Event(event) => println!("{} v{}", event.event_type, event.version),
+//!         Delivery::Gap(gap) => println!("missed events ({:?}): refetch", gap.reason),
+//!         Delivery::End { .. } => break,
+//!     }
+//! }
+//! client.close().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`Client`] (`client.rs`): the cloneable handle; one method per request,
+//!   [`SubscribeBuilder`], [`PendingAck`] for ordered pipelined publishing.
+//! - [`Subscription`] (`subscription.rs`): a `Stream` of [`Delivery`].
+//! - `connection.rs`: the background task that owns the socket — a
+//!   coalescing writer, a reader routing replies by request id and pushes by
+//!   subscription id, heartbeats, and the reconnect loop.
+//! - `resume.rs`: per-subscription bookkeeping that picks the `Start` of a
+//!   resumed `Subscribe` and drops duplicates.
+//! - `backoff.rs`: exponential backoff with full jitter.
+//! - [`ClientOptions`] (`options.rs`) and [`Error`] (`error.rs`).
+//! - `bin/ringcast/`: the `ringcast` command-line client, built on this SDK.
+//!
+//! # Delivery guarantees
+//! Within one subscription, events arrive in increasing offset order, each at
+//! most once, across reconnects; anything skipped is announced by a gap.
+//! A consumer that falls behind its buffer is paused and resumed the same way
+//! (see [`ClientOptions::subscription_buffer`]), so one slow subscription
+//! never holds up the others or the replies on the shared connection. Publishes are at most once from the SDK's
+//! side: a publish in flight when the connection drops fails with
+//! [`Error::ConnectionLost`] and is not retried, since it may or may not have
+//! been appended.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod backoff;
+mod client;
+mod connection;
+mod error;
+mod options;
+mod resume;
+mod subscription;
+
+pub use client::{
+    new_event, Client, HistoryPage, NewEventExt, PendingAck, ServerInfo, SubscribeBuilder,
+};
+pub use error::{code_name, Error, Result};
+pub use options::{ClientOptions, DEFAULT_ADDR};
+pub use subscription::{Delivery, Subscription};
+
+pub use bytes::Bytes;
+pub use ringcast_protocol::{
+    Ack, ErrorCode, GapReason, Headers, NewEvent, Start, TopicSummary, WireEvent, WireGap,
+    WireTopicInfo, PROTOCOL_VERSION,
+};

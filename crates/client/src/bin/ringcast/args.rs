@@ -1,0 +1,328 @@
+//! Command-line arguments of `ringcast`.
+
+use clap::{Args, Parser, Subcommand};
+use ringcast_client::{Start, DEFAULT_ADDR};
+
+/// Command-line client for the ringcast broker. Output is JSON, one value
+/// per line; errors go to stderr.
+#[derive(Debug, Parser)]
+#[command(name = "ringcast", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Broker TCP address (host:port).
+    #[arg(
+        long,
+        short = 's',
+        global = true,
+        env = "RINGCAST_SERVER",
+        default_value = DEFAULT_ADDR,
+        value_name = "ADDR"
+    )]
+    pub server: String,
+
+    /// Credentials sent in the handshake, when the broker requires them.
+    #[arg(
+        long,
+        global = true,
+        env = "RINGCAST_CREDENTIALS",
+        hide_env_values = true
+    )]
+    pub credentials: Option<String>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish an event: DATA as the payload, or with `-` one event per
+    /// stdin line (pipelined); prints one JSON ack per event.
+    Pub(PubArgs),
+    /// Subscribe and print one JSON line per delivery (events, gaps, end).
+    Sub(SubArgs),
+    /// List topics.
+    Topics,
+    /// Describe a topic.
+    Info {
+        /// Topic name.
+        topic: String,
+    },
+    /// Print retained events, one JSON line each, following pages.
+    History(HistoryArgs),
+    /// Seal a topic: no more publishes; subscribers get `end`.
+    Seal {
+        /// Topic name.
+        topic: String,
+    },
+    /// Delete a topic and its history.
+    Delete {
+        /// Topic name.
+        topic: String,
+    },
+    /// Measure the round trip to the broker.
+    Ping,
+}
+
+/// `ringcast pub`.
+#[derive(Debug, Args)]
+pub struct PubArgs {
+    /// Topic name.
+    pub topic: String,
+    /// Event type.
+    #[arg(value_name = "TYPE")]
+    pub event_type: String,
+    /// Payload; `-` reads one event per line from stdin (empty lines are
+    /// skipped); absent means an empty payload.
+    pub data: Option<String>,
+    /// A header `name=value`; repeatable.
+    #[arg(long = "header", short = 'H', value_name = "NAME=VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+}
+
+/// `ringcast sub`.
+#[derive(Debug, Args)]
+pub struct SubArgs {
+    /// Topic name.
+    pub topic: String,
+    /// Only these event types (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "TYPE,...")]
+    pub types: Vec<String>,
+    /// Start with every retained event (default: live).
+    #[arg(long, conflicts_with_all = ["after_offset", "after_versions"])]
+    pub earliest: bool,
+    /// Resume after an offset: `EPOCH:OFFSET`.
+    #[arg(long, value_name = "EPOCH:N", value_parser = parse_after_offset, conflicts_with = "after_versions")]
+    pub after_offset: Option<Start>,
+    /// Resume after per-type versions: `EPOCH:type=5,type2=3`.
+    #[arg(long, value_name = "EPOCH:TYPE=V,...", value_parser = parse_after_versions)]
+    pub after_versions: Option<Start>,
+    /// Exit after this many events.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+impl SubArgs {
+    /// The start these flags ask for.
+    pub fn start(&self) -> Start {
+        if self.earliest {
+            Start::Earliest
+        } else if let Some(start) = self.after_offset.as_ref().or(self.after_versions.as_ref()) {
+            start.clone()
+        } else {
+            Start::Live
+        }
+    }
+}
+
+/// `ringcast history`.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Topic name.
+    pub topic: String,
+    /// Only events with an offset greater than this.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub after: u64,
+    /// Only these event types (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "TYPE,...")]
+    pub types: Vec<String>,
+    /// Print at most this many events (default: all retained).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+}
+
+/// Parses `name=value` (the value may contain `=`).
+pub fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
+}
+
+fn parse_epoch(s: &str) -> Result<u64, String> {
+    s.parse()
+        .map_err(|_| format!("epoch {s:?} is not an unsigned integer"))
+}
+
+/// Parses `EPOCH:OFFSET` into `Start::AfterOffset`.
+pub fn parse_after_offset(s: &str) -> Result<Start, String> {
+    let (epoch, offset) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected EPOCH:OFFSET, got {s:?}"))?;
+    let offset = offset
+        .parse()
+        .map_err(|_| format!("offset {offset:?} is not an unsigned integer"))?;
+    Ok(Start::AfterOffset {
+        epoch: parse_epoch(epoch)?,
+        offset,
+    })
+}
+
+/// Parses `EPOCH:type=5,type2=3` into `Start::AfterVersions` (`EPOCH:`
+/// alone names no type: everything starts live, within that epoch).
+pub fn parse_after_versions(s: &str) -> Result<Start, String> {
+    let (epoch, list) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected EPOCH:TYPE=VERSION,..., got {s:?}"))?;
+    let mut versions = Vec::new();
+    for item in list.split(',').filter(|item| !item.is_empty()) {
+        let (event_type, version) = item
+            .rsplit_once('=')
+            .filter(|(t, _)| !t.is_empty())
+            .ok_or_else(|| format!("expected TYPE=VERSION, got {item:?}"))?;
+        let version = version.parse().map_err(|_| {
+            format!("version {version:?} of {event_type:?} is not an unsigned integer")
+        })?;
+        versions.push((event_type.to_owned(), version));
+    }
+    Ok(Start::AfterVersions {
+        epoch: parse_epoch(epoch)?,
+        versions,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ringcast").chain(args.iter().copied()))
+    }
+
+    fn sub_start(args: &[&str]) -> Start {
+        match parse(args).unwrap().command {
+            Command::Sub(sub) => sub.start(),
+            other => panic!("not sub: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn after_offset_is_epoch_colon_offset() {
+        assert_eq!(
+            parse_after_offset("18446744073709551615:42"),
+            Ok(Start::AfterOffset {
+                epoch: u64::MAX,
+                offset: 42
+            })
+        );
+        for bad in ["42", "x:1", "1:x", "1:", ":1", "1:-1", "1:2:3"] {
+            assert!(parse_after_offset(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn after_versions_is_epoch_colon_type_version_pairs() {
+        assert_eq!(
+            parse_after_versions("7:created=5,order.paid=3"),
+            Ok(Start::AfterVersions {
+                epoch: 7,
+                versions: vec![("created".into(), 5), ("order.paid".into(), 3)]
+            })
+        );
+        assert_eq!(
+            parse_after_versions("7:"),
+            Ok(Start::AfterVersions {
+                epoch: 7,
+                versions: vec![]
+            })
+        );
+        for bad in ["7", "x:a=1", "7:a", "7:=1", "7:a=x", "7:a=1,b"] {
+            assert!(parse_after_versions(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sub_starts_live_unless_told_otherwise() {
+        assert_eq!(sub_start(&["sub", "t"]), Start::Live);
+        assert_eq!(sub_start(&["sub", "t", "--earliest"]), Start::Earliest);
+        assert_eq!(
+            sub_start(&["sub", "t", "--after-offset", "3:9"]),
+            Start::AfterOffset {
+                epoch: 3,
+                offset: 9
+            }
+        );
+        assert_eq!(
+            sub_start(&["sub", "t", "--after-versions", "3:a=1"]),
+            Start::AfterVersions {
+                epoch: 3,
+                versions: vec![("a".into(), 1)]
+            }
+        );
+    }
+
+    #[test]
+    fn start_flags_exclude_each_other() {
+        for args in [
+            &["sub", "t", "--earliest", "--after-offset", "1:2"][..],
+            &["sub", "t", "--earliest", "--after-versions", "1:a=2"],
+            &[
+                "sub",
+                "t",
+                "--after-offset",
+                "1:2",
+                "--after-versions",
+                "1:a=2",
+            ],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ArgumentConflict, "{args:?}");
+            assert_eq!(err.exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn bad_values_are_argument_errors_with_exit_code_2() {
+        let err = parse(&["sub", "t", "--after-offset", "nope"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert_eq!(err.exit_code(), 2);
+        let err = parse(&["pub", "t", "x", "-H", "novalue"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn types_are_comma_separated() {
+        match parse(&["sub", "t", "--types", "a,b", "--types", "c"])
+            .unwrap()
+            .command
+        {
+            Command::Sub(sub) => assert_eq!(sub.types, ["a", "b", "c"]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pub_takes_repeated_headers_and_optional_data() {
+        match parse(&["pub", "t", "created", "{}", "--header", "a=b=c", "-H", "x="])
+            .unwrap()
+            .command
+        {
+            Command::Pub(p) => {
+                assert_eq!(p.data.as_deref(), Some("{}"));
+                assert_eq!(
+                    p.headers,
+                    [("a".into(), "b=c".into()), ("x".into(), String::new())]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn server_defaults_to_the_standard_port_and_can_follow_the_command() {
+        let cli = parse(&["topics"]).unwrap();
+        // RINGCAST_SERVER may be set in the environment running the tests.
+        if std::env::var_os("RINGCAST_SERVER").is_none() {
+            assert_eq!(cli.server, "127.0.0.1:7411");
+        }
+        let cli = parse(&["topics", "--server", "h:1"]).unwrap();
+        assert_eq!(cli.server, "h:1");
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,615 @@
+//! The [`Client`] handle and its requests.
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ringcast_protocol::{
+    Ack, ClientMessage, NewEvent, ServerMessage, Start, TopicSummary, WireEvent, WireTopicInfo,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
+
+use crate::connection::{self, message_kind, Command, Subscribed, Task};
+use crate::error::{Error, Result};
+use crate::options::ClientOptions;
+use crate::subscription::Subscription;
+
+/// Commands buffered between the handles and the connection task; callers
+/// wait (within their request timeout) when it is full.
+const COMMAND_QUEUE: usize = 1024;
+
+/// What the broker announced in `Welcome` on the current connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// The broker's software version.
+    pub server_version: String,
+    /// The protocol version in use.
+    pub protocol_version: u16,
+    /// Largest frame body the broker accepts; larger requests fail locally
+    /// with [`Error::Protocol`] instead of costing the connection.
+    pub max_frame: u32,
+    /// Largest event payload the broker accepts.
+    pub max_payload: u32,
+    /// Most subscriptions per connection.
+    pub max_subscriptions: u32,
+    /// The broker's heartbeat interval in milliseconds (0 = none).
+    pub heartbeat_ms: u32,
+}
+
+/// One page of a topic's history, from [`Client::history`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// Events in increasing offset order.
+    pub events: Vec<WireEvent>,
+    /// Pass as `after` to read the next page.
+    pub next_after: u64,
+    /// The oldest offset the broker still retains.
+    pub first_available: u64,
+}
+
+/// A [`NewEvent`] with no headers.
+///
+/// ```
+/// use ringcast_client::{new_event, NewEventExt};
+/// let event = new_event("created", r#"{"id":1}"#).header("trace", "t1");
+/// assert_eq!(event.headers, vec![("trace".to_owned(), "t1".to_owned())]);
+/// ```
+pub fn new_event(event_type: impl Into<String>, payload: impl Into<Bytes>) -> NewEvent {
+    NewEvent {
+        event_type: event_type.into(),
+        headers: Vec::new(),
+        payload: payload.into(),
+    }
+}
+
+/// Builder-style additions to [`NewEvent`].
+pub trait NewEventExt {
+    /// Appends a header (names may repeat; order is kept).
+    fn header(self, name: impl Into<String>, value: impl Into<String>) -> Self;
+}
+
+impl NewEventExt for NewEvent {
+    fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// State shared by every clone of a [`Client`] and its subscriptions.
+pub(crate) struct Inner {
+    pub(crate) options: ClientOptions,
+    pub(crate) cmd_tx: mpsc::Sender<Command>,
+    pub(crate) drop_tx: mpsc::UnboundedSender<u64>,
+    request_ids: Arc<AtomicU64>,
+    /// Shared with the task, which takes fresh wire ids from it.
+    sub_ids: Arc<AtomicU64>,
+    info_rx: watch::Receiver<ServerInfo>,
+}
+
+/// A connection to a ringcast broker.
+///
+/// Cheap to clone (an `Arc` inside); every clone shares one TCP connection,
+/// owned by a background task, and may be used from many tasks at once.
+/// Requests are pipelined: each call sends at once, without waiting for the
+/// replies to earlier ones.
+///
+/// # Reconnects
+/// When the connection drops (EOF, I/O error, a broker silent for three
+/// heartbeats, or the broker's `Shutdown`), the client reconnects by itself
+/// with capped exponential backoff and full jitter, and resumes every
+/// [`Subscription`] exactly after the last event it delivered: no duplicate,
+/// no hole, and a [`Delivery::Gap`](crate::Delivery::Gap) only when the
+/// broker no longer has what was missed.
+///
+/// Requests in flight when the connection drops fail with
+/// [`Error::ConnectionLost`] and are **not** retried: a publish may or may not
+/// have been appended, and only the caller can decide whether publishing it
+/// again is right (e.g. by checking [`history`](Self::history)). Requests
+/// issued while the client is reconnecting wait for the new connection, up to
+/// [`ClientOptions::request_timeout`].
+///
+/// The background task ends when [`close`](Self::close) is called or when the
+/// last clone and the last subscription are dropped.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.inner.options.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to the broker at `addr` (`host:port`) with default options.
+    ///
+    /// The first connection is not retried: if the broker cannot be reached
+    /// or refuses the handshake, this fails ([`Error::Io`],
+    /// [`Error::Handshake`], [`Error::Timeout`]). Later losses are repaired
+    /// in the background.
+    pub async fn connect(addr: impl Into<String>) -> Result<Client> {
+        Client::connect_with(ClientOptions::new(addr)).await
+    }
+
+    /// Connects with explicit [`ClientOptions`]; see [`connect`](Self::connect).
+    pub async fn connect_with(options: ClientOptions) -> Result<Client> {
+        let conn = connection::connect(&options).await?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (drop_tx, drop_rx) = mpsc::unbounded_channel();
+        let (info_tx, info_rx) = watch::channel(conn.info().clone());
+        let request_ids = Arc::new(AtomicU64::new(1));
+        let sub_ids = Arc::new(AtomicU64::new(1));
+        let task = Task::new(
+            options.clone(),
+            cmd_rx,
+            drop_rx,
+            request_ids.clone(),
+            sub_ids.clone(),
+            info_tx,
+        );
+        tokio::spawn(task.run(conn));
+        Ok(Client {
+            inner: Arc::new(Inner {
+                options,
+                cmd_tx,
+                drop_tx,
+                request_ids,
+                sub_ids,
+                info_rx,
+            }),
+        })
+    }
+
+    /// The options this client was created with.
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.options
+    }
+
+    /// What the broker announced on the most recent connection.
+    pub fn server_info(&self) -> ServerInfo {
+        self.inner.info_rx.borrow().clone()
+    }
+
+    /// Publishes one event without headers and waits for its ack.
+    pub async fn publish(
+        &self,
+        topic: impl Into<String>,
+        event_type: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Result<Ack> {
+        self.publish_event(topic, new_event(event_type, payload))
+            .await
+    }
+
+    /// Publishes one event (with headers) and waits for its ack.
+    pub async fn publish_event(&self, topic: impl Into<String>, event: NewEvent) -> Result<Ack> {
+        self.queue_publish(topic, event).await?.await
+    }
+
+    /// Queues one event for publishing and returns once it is queued, with a
+    /// [`PendingAck`] to await for the ack.
+    ///
+    /// Events queued by successive calls are sent, and so appended, in call
+    /// order, while their acks are awaited concurrently: the way to publish a
+    /// stream of events in order at full speed.
+    ///
+    /// Dropping the [`PendingAck`] does not cancel the publish, except while
+    /// the client is reconnecting: an event still waiting for the new
+    /// connection when its ack is dropped (or times out) is not sent.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: ringcast_client::Client) -> ringcast_client::Result<()> {
+    /// use ringcast_client::new_event;
+    /// let mut acks = Vec::new();
+    /// for i in 0..1000 {
+    ///     acks.push(client.queue_publish("ticks", new_event("tick", i.to_string())).await?);
+    /// }
+    /// for ack in acks {
+    ///     println!("{:?}", ack.await?);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn queue_publish(
+        &self,
+        topic: impl Into<String>,
+        event: NewEvent,
+    ) -> Result<PendingAck> {
+        let topic = topic.into();
+        let reply = self
+            .send_request(|request_id| ClientMessage::Publish {
+                request_id,
+                topic,
+                event_type: event.event_type,
+                headers: event.headers,
+                payload: event.payload,
+            })
+            .await?;
+        Ok(PendingAck { reply })
+    }
+
+    /// Publishes several events to one topic atomically (all or none), in
+    /// order, and returns one ack per event. An empty batch returns no acks
+    /// without asking the broker.
+    pub async fn publish_batch(
+        &self,
+        topic: impl Into<String>,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Ack>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let expected = events.len();
+        let topic = topic.into();
+        match self
+            .request(|request_id| ClientMessage::PublishBatch {
+                request_id,
+                topic,
+                events,
+            })
+            .await?
+        {
+            ServerMessage::Published { results, .. } if results.len() == expected => Ok(results),
+            ServerMessage::Published { results, .. } => Err(Error::UnexpectedReply(format!(
+                "{} acks for a batch of {expected}",
+                results.len()
+            ))),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Starts building a subscription to `topic`; finish with
+    /// [`SubscribeBuilder::send`] (or `.await` the builder).
+    ///
+    /// By default it receives every type, starting live.
+    pub fn subscribe(&self, topic: impl Into<String>) -> SubscribeBuilder {
+        SubscribeBuilder {
+            client: self.clone(),
+            topic: topic.into(),
+            types: Vec::new(),
+            start: Start::Live,
+            buffer: self.inner.options.subscription_buffer,
+        }
+    }
+
+    /// Reads one page of retained events with an offset greater than `after`
+    /// (0 = from the oldest), of the given types (empty = all), at most
+    /// `limit` of them (the broker may return fewer).
+    pub async fn history(
+        &self,
+        topic: impl Into<String>,
+        after: u64,
+        types: &[&str],
+        limit: u32,
+    ) -> Result<HistoryPage> {
+        let topic = topic.into();
+        let types = types.iter().map(|t| (*t).to_owned()).collect();
+        match self
+            .request(|request_id| ClientMessage::History {
+                request_id,
+                topic,
+                after,
+                types,
+                limit,
+            })
+            .await?
+        {
+            ServerMessage::History {
+                events,
+                next_after,
+                first_available,
+                ..
+            } => Ok(HistoryPage {
+                events,
+                next_after,
+                first_available,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Lists the broker's topics.
+    pub async fn topics(&self) -> Result<Vec<TopicSummary>> {
+        match self
+            .request(|request_id| ClientMessage::ListTopics { request_id })
+            .await?
+        {
+            ServerMessage::Topics { topics, .. } => Ok(topics),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Describes one topic.
+    pub async fn info(&self, topic: impl Into<String>) -> Result<WireTopicInfo> {
+        let topic = topic.into();
+        match self
+            .request(|request_id| ClientMessage::TopicInfo { request_id, topic })
+            .await?
+        {
+            ServerMessage::TopicInfo { info, .. } => Ok(info),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Seals a topic: publishes are refused from now on, and subscribers get
+    /// [`Delivery::End`](crate::Delivery::End) after its last event.
+    pub async fn seal(&self, topic: impl Into<String>) -> Result<()> {
+        let topic = topic.into();
+        self.expect_ok(|request_id| ClientMessage::Seal { request_id, topic })
+            .await
+    }
+
+    /// Deletes a topic and its history; re-creating it starts a new epoch.
+    pub async fn delete(&self, topic: impl Into<String>) -> Result<()> {
+        let topic = topic.into();
+        self.expect_ok(|request_id| ClientMessage::Delete { request_id, topic })
+            .await
+    }
+
+    /// Sends `Ping` and returns the round-trip time.
+    pub async fn ping(&self) -> Result<Duration> {
+        let started = Instant::now();
+        match self
+            .request(|request_id| ClientMessage::Ping { request_id })
+            .await?
+        {
+            ServerMessage::Pong { .. } => Ok(started.elapsed()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Closes the connection for every clone of this client: queued frames
+    /// are flushed (for up to a second), requests still in flight fail with
+    /// [`Error::Closed`], subscriptions end with [`Error::Closed`], and later
+    /// calls fail with [`Error::Closed`]. Closing twice is fine.
+    pub async fn close(&self) -> Result<()> {
+        let (reply, done) = oneshot::channel();
+        if self
+            .inner
+            .cmd_tx
+            .send(Command::Close { reply })
+            .await
+            .is_ok()
+        {
+            let _ = done.await;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    async fn expect_ok(&self, build: impl FnOnce(u64) -> ClientMessage) -> Result<()> {
+        match self.request(build).await? {
+            ServerMessage::Ok { .. } => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn request(&self, build: impl FnOnce(u64) -> ClientMessage) -> Result<ServerMessage> {
+        self.send_request(build).await?.await
+    }
+
+    /// Queues a request and returns the future of its reply; both steps
+    /// share one deadline.
+    async fn send_request(&self, build: impl FnOnce(u64) -> ClientMessage) -> Result<PendingReply> {
+        let deadline = Instant::now() + self.inner.options.request_timeout;
+        let id = self.inner.request_ids.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Request {
+            id,
+            msg: build(id),
+            reply,
+        };
+        self.enqueue(cmd, deadline).await?;
+        Ok(PendingReply {
+            rx,
+            deadline: Box::pin(sleep_until(deadline)),
+        })
+    }
+
+    async fn enqueue(&self, cmd: Command, deadline: Instant) -> Result<()> {
+        match timeout_at(deadline, self.inner.cmd_tx.send(cmd)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    pub(crate) async fn start_subscription(
+        &self,
+        topic: String,
+        types: Vec<String>,
+        start: Start,
+        buffer: usize,
+    ) -> Result<Subscription> {
+        let deadline = Instant::now() + self.inner.options.request_timeout;
+        let sub_id = self.inner.sub_ids.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let terminal = Arc::default();
+        let (ready, ready_rx) = oneshot::channel();
+        let cmd = Command::Subscribe {
+            sub_id,
+            topic: topic.clone(),
+            types,
+            start,
+            tx,
+            terminal: Arc::clone(&terminal),
+            ready,
+        };
+        self.enqueue(cmd, deadline).await?;
+        let Subscribed { epoch, next_offset } = match timeout_at(deadline, ready_rx).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(_)) => return Err(Error::Closed),
+            Err(_) => return Err(Error::Timeout),
+        };
+        Ok(Subscription::new(
+            self.clone(),
+            sub_id,
+            topic,
+            epoch,
+            next_offset,
+            rx,
+            terminal,
+        ))
+    }
+}
+
+fn unexpected(msg: &ServerMessage) -> Error {
+    Error::UnexpectedReply(format!("got {}", message_kind(msg)))
+}
+
+/// The reply to a queued request, with the request's deadline.
+struct PendingReply {
+    rx: oneshot::Receiver<Result<ServerMessage>>,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl Future for PendingReply {
+    type Output = Result<ServerMessage>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Poll::Ready(result) = Pin::new(&mut self.rx).poll(cx) {
+            // A dropped sender means the connection task is gone.
+            return Poll::Ready(result.unwrap_or(Err(Error::Closed)));
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Error::Timeout)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The ack of an event queued with [`Client::queue_publish`]; resolves to
+/// the [`Ack`], or to an error (including [`Error::Timeout`] after the
+/// request timeout, counted from when it was queued).
+#[must_use = "the publish may fail; await the ack to know"]
+pub struct PendingAck {
+    reply: PendingReply,
+}
+
+impl std::fmt::Debug for PendingAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAck").finish_non_exhaustive()
+    }
+}
+
+impl Future for PendingAck {
+    type Output = Result<Ack>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.reply).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(ServerMessage::Published { results, .. })) => {
+                Poll::Ready(match results.as_slice() {
+                    [ack] => Ok(*ack),
+                    _ => Err(Error::UnexpectedReply(format!(
+                        "{} acks for one event",
+                        results.len()
+                    ))),
+                })
+            }
+            Poll::Ready(Ok(other)) => Poll::Ready(Err(unexpected(&other))),
+        }
+    }
+}
+
+/// Configures a subscription; created by [`Client::subscribe`].
+///
+/// ```no_run
+/// # async fn demo(client: ringcast_client::Client) -> ringcast_client::Result<()> {
+/// let subscription = client
+///     .subscribe("orders")
+///     .types(["created", "paid"])
+///     .earliest()
+///     .send()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use = "a subscription starts only with .send().await"]
+pub struct SubscribeBuilder {
+    client: Client,
+    topic: String,
+    types: Vec<String>,
+    start: Start,
+    buffer: usize,
+}
+
+impl SubscribeBuilder {
+    /// Receives only events of these types (default: all types).
+    pub fn types<I, S>(mut self, types: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.types = types.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Where to start (default [`Start::Live`]).
+    pub fn start(mut self, start: Start) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Only events published from now on (the default).
+    pub fn live(self) -> Self {
+        self.start(Start::Live)
+    }
+
+    /// Every retained event, then live.
+    pub fn earliest(self) -> Self {
+        self.start(Start::Earliest)
+    }
+
+    /// Events after `offset` of history `epoch` (a resume); a gap first if
+    /// some are no longer retained or the epoch changed.
+    pub fn after_offset(self, epoch: u64, offset: u64) -> Self {
+        self.start(Start::AfterOffset { epoch, offset })
+    }
+
+    /// Per type, events with a version greater than the given one; types not
+    /// named start live.
+    pub fn after_versions<I, S>(self, epoch: u64, versions: I) -> Self
+    where
+        I: IntoIterator<Item = (S, u64)>,
+        S: Into<String>,
+    {
+        let versions = versions.into_iter().map(|(t, v)| (t.into(), v)).collect();
+        self.start(Start::AfterVersions { epoch, versions })
+    }
+
+    /// Deliveries buffered for this subscription (default
+    /// [`ClientOptions::subscription_buffer`], which explains what happens
+    /// when it is full).
+    pub fn buffer(mut self, deliveries: usize) -> Self {
+        self.buffer = deliveries;
+        self
+    }
+
+    /// Subscribes, waiting for the broker's confirmation.
+    pub async fn send(self) -> Result<Subscription> {
+        self.client
+            .start_subscription(self.topic, self.types, self.start, self.buffer)
+            .await
+    }
+}
+
+impl IntoFuture for SubscribeBuilder {
+    type Output = Result<Subscription>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<Subscription>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.send())
+    }
+}

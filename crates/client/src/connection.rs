@@ -1,0 +1,1081 @@
+//! The connection task: the one owner of the socket.
+//!
+//! [`Client`](crate::Client) handles talk to it through a command channel.
+//! Per connection it runs one `select!` loop that
+//! - encodes commands into a write buffer that is flushed with one write per
+//!   wakeup, so pipelined requests coalesce into few syscalls;
+//! - decodes frames as they arrive and routes replies by `request_id` (a map
+//!   of oneshot senders) and pushes by `subscription_id`;
+//! - sends `Ping` after `heartbeat_ms` without sending, and declares the
+//!   broker dead after `3 × heartbeat_ms` without receiving.
+//!
+//! When the connection is lost it fails the requests in flight with
+//! [`Error::ConnectionLost`], reconnects with capped exponential backoff and
+//! full jitter, re-handshakes, re-subscribes every live subscription from its
+//! [`Resume`] position under the same subscription id, then sends the
+//! requests that were issued meanwhile.
+//!
+//! A subscription's queue is bounded. When it is full the task *pauses* that
+//! subscription instead of buffering more or stopping to read the socket
+//! (which would hold up every other subscription and reply on the
+//! connection): it unsubscribes at the broker and drops what still arrives
+//! for it; once the caller has drained half the queue it subscribes again,
+//! under a fresh wire id, from the subscription's [`Resume`] position. The
+//! broker replays what it still retains and reports the rest as a gap, so a
+//! slow consumer costs memory neither here nor at the broker, and never
+//! receives a duplicate or misses something silently.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ringcast_protocol::{
+    encode_frame, ClientMessage, FrameDecoder, ProtocolError, ServerMessage, Start, WireEvent,
+    WireGap, FRAME_HEADER_LEN, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{sleep, sleep_until, timeout, Instant, Sleep};
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::error::{code_name, Error, Result};
+use crate::options::ClientOptions;
+use crate::resume::{Effect, Resume};
+use crate::ServerInfo;
+
+/// Stop taking commands while this much is waiting to be written: callers
+/// then wait in the (bounded) command channel, which is the backpressure.
+const WRITE_HIGH_WATER: usize = 1024 * 1024;
+/// Commands handled per wakeup before writing, to bound latency.
+const COMMAND_BATCH: usize = 128;
+/// Bytes read per read call at least.
+const READ_CHUNK: usize = 64 * 1024;
+/// How long `close` waits for queued frames to be written.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// The task's end of a subscription's delivery queue.
+pub(crate) type PushSender = mpsc::Sender<Push>;
+
+/// Where a subscription's terminal error is left for its [`Subscription`](crate::Subscription).
+pub(crate) type TerminalSlot = Arc<Mutex<Option<Error>>>;
+
+/// One item of a subscription's queue.
+#[derive(Debug)]
+pub(crate) enum Push {
+    /// An event, with the epoch it belongs to.
+    Event { epoch: u64, event: WireEvent },
+    /// A gap.
+    Gap(WireGap),
+    /// The topic was sealed (or deleted); nothing follows.
+    End { topic: String, last_offset: u64 },
+}
+
+/// The broker's answer to a subscription's first `Subscribe`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Subscribed {
+    pub(crate) epoch: u64,
+    pub(crate) next_offset: u64,
+}
+
+/// What a [`Client`](crate::Client) asks of the task.
+pub(crate) enum Command {
+    /// Send `msg` (whose request id is `id`) and hand back the reply.
+    Request {
+        id: u64,
+        msg: ClientMessage,
+        reply: oneshot::Sender<Result<ServerMessage>>,
+    },
+    /// Start a subscription and keep it alive across reconnects.
+    Subscribe {
+        /// The client-side id, also its first wire id.
+        sub_id: u64,
+        topic: String,
+        types: Vec<String>,
+        start: Start,
+        tx: PushSender,
+        terminal: TerminalSlot,
+        ready: oneshot::Sender<Result<Subscribed>>,
+    },
+    /// End a subscription, answering once the broker confirmed.
+    Unsubscribe {
+        sub_id: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// Close the connection for good.
+    Close { reply: oneshot::Sender<()> },
+}
+
+impl Command {
+    /// Whether the caller stopped waiting (timed out), so it need not be sent.
+    fn abandoned(&self) -> bool {
+        match self {
+            Command::Request { reply, .. } => reply.is_closed(),
+            Command::Subscribe { ready, .. } => ready.is_closed(),
+            Command::Unsubscribe { reply, .. } => reply.is_closed(),
+            Command::Close { .. } => false,
+        }
+    }
+}
+
+/// An established, handshaken connection.
+pub(crate) struct Conn {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    rbuf: BytesMut,
+    decoder: FrameDecoder<ServerMessage>,
+    info: ServerInfo,
+}
+
+impl Conn {
+    pub(crate) fn info(&self) -> &ServerInfo {
+        &self.info
+    }
+}
+
+/// Connects to `options.addr` and performs the `Hello` / `Welcome` handshake
+/// within `options.connect_timeout`.
+pub(crate) async fn connect(options: &ClientOptions) -> Result<Conn> {
+    match timeout(options.connect_timeout, connect_inner(options)).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Timeout),
+    }
+}
+
+async fn connect_inner(options: &ClientOptions) -> Result<Conn> {
+    let stream = TcpStream::connect(&options.addr).await?;
+    // Requests are small and latency matters; coalescing is done by the writer.
+    stream.set_nodelay(true)?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut out = BytesMut::new();
+    encode_frame(
+        &ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_name: options.client_name.clone(),
+            credentials: options.credentials.clone(),
+        },
+        &mut out,
+    )?;
+    wr.write_all(&out).await?;
+    let mut decoder = FrameDecoder::new(options.max_frame);
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        if let Some(msg) = decoder.decode(&mut rbuf)? {
+            let info = match msg {
+                ServerMessage::Welcome {
+                    server_version,
+                    protocol_version,
+                    max_frame,
+                    max_payload,
+                    max_subscriptions,
+                    heartbeat_ms,
+                } => ServerInfo {
+                    server_version,
+                    protocol_version,
+                    max_frame,
+                    max_payload,
+                    max_subscriptions,
+                    heartbeat_ms,
+                },
+                ServerMessage::Error { code, message, .. } => {
+                    return Err(Error::Handshake(format!(
+                        "the broker refused the connection: {message} ({})",
+                        code_name(code)
+                    )))
+                }
+                ServerMessage::Shutdown { reason } => {
+                    return Err(Error::Handshake(format!(
+                        "the broker is shutting down: {reason}"
+                    )))
+                }
+                other => {
+                    return Err(Error::Handshake(format!(
+                        "expected Welcome, got {}",
+                        message_kind(&other)
+                    )))
+                }
+            };
+            if info.protocol_version != PROTOCOL_VERSION {
+                return Err(Error::Handshake(format!(
+                    "the broker speaks protocol version {}, this client {PROTOCOL_VERSION}",
+                    info.protocol_version
+                )));
+            }
+            return Ok(Conn {
+                rd,
+                wr,
+                rbuf,
+                decoder,
+                info,
+            });
+        }
+        rbuf.reserve(READ_CHUNK);
+        if rd.read_buf(&mut rbuf).await? == 0 {
+            return Err(Error::Handshake(
+                "the broker closed the connection before answering Hello".into(),
+            ));
+        }
+    }
+}
+
+/// A short name for a server message, for errors and logs (never its payload).
+pub(crate) fn message_kind(msg: &ServerMessage) -> &'static str {
+    match msg {
+        ServerMessage::Welcome { .. } => "Welcome",
+        ServerMessage::Published { .. } => "Published",
+        ServerMessage::Subscribed { .. } => "Subscribed",
+        ServerMessage::Unsubscribed { .. } => "Unsubscribed",
+        ServerMessage::Event { .. } => "Event",
+        ServerMessage::Gap { .. } => "Gap",
+        ServerMessage::End { .. } => "End",
+        ServerMessage::History { .. } => "History",
+        ServerMessage::Topics { .. } => "Topics",
+        ServerMessage::TopicInfo { .. } => "TopicInfo",
+        ServerMessage::Ok { .. } => "Ok",
+        ServerMessage::Pong { .. } => "Pong",
+        ServerMessage::Error { .. } => "Error",
+        ServerMessage::Heartbeat => "Heartbeat",
+        ServerMessage::Shutdown { .. } => "Shutdown",
+    }
+}
+
+/// What a request in flight is waiting for.
+enum Pending {
+    /// A caller waits for the reply.
+    Reply(oneshot::Sender<Result<ServerMessage>>),
+    /// A caller's `unsubscribe` waits for `Unsubscribed`.
+    Unsubscribe(oneshot::Sender<Result<()>>),
+    /// A `Subscribe` for this (client-side) subscription id.
+    Subscribe(u64),
+    /// Nobody waits (heartbeat pings, unsubscribes nobody asked for).
+    Ignore,
+}
+
+/// The task's view of one live subscription.
+struct SubEntry {
+    topic: String,
+    types: Vec<String>,
+    resume: Resume,
+    tx: PushSender,
+    terminal: TerminalSlot,
+    /// The caller's `subscribe`, until the first `Subscribed`.
+    ready: Option<oneshot::Sender<Result<Subscribed>>>,
+    /// The id the broker knows it by: the client-side id, until a pause.
+    wire_id: u64,
+    /// Whether pushes are taken: from `Subscribed` until a pause or a loss.
+    accepting: bool,
+    /// While paused: dropping it cancels the task waiting for queue room.
+    paused: Option<oneshot::Sender<()>>,
+}
+
+impl SubEntry {
+    fn new(
+        sub_id: u64,
+        topic: String,
+        types: Vec<String>,
+        start: Start,
+        tx: PushSender,
+        terminal: TerminalSlot,
+        ready: oneshot::Sender<Result<Subscribed>>,
+    ) -> Self {
+        SubEntry {
+            topic,
+            types,
+            resume: Resume::new(start),
+            tx,
+            terminal,
+            ready: Some(ready),
+            wire_id: sub_id,
+            accepting: false,
+            paused: None,
+        }
+    }
+
+    /// Ends the subscription with an error the caller will see last.
+    fn fail(self, error: Error) {
+        let mut slot = self.terminal.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some(error);
+        // Dropping `self.tx` closes the queue after what it holds.
+    }
+}
+
+/// Why a connection's loop returned.
+enum Exit {
+    /// The connection is gone; reconnect.
+    Lost(String),
+    /// `close()` was called.
+    Closed(oneshot::Sender<()>),
+    /// Every `Client` and `Subscription` was dropped.
+    Dropped,
+}
+
+/// The state the connection task keeps across connections.
+pub(crate) struct Task {
+    options: ClientOptions,
+    cmd_rx: mpsc::Receiver<Command>,
+    drop_rx: mpsc::UnboundedReceiver<u64>,
+    /// Paused subscriptions whose queue has room again.
+    room_tx: mpsc::UnboundedSender<u64>,
+    room_rx: mpsc::UnboundedReceiver<u64>,
+    request_ids: Arc<AtomicU64>,
+    sub_ids: Arc<AtomicU64>,
+    info_tx: watch::Sender<ServerInfo>,
+    pending: HashMap<u64, Pending>,
+    /// By client-side id, ordered so that re-subscribing keeps the callers' order.
+    subs: BTreeMap<u64, SubEntry>,
+    /// Wire id → client-side id.
+    wire: HashMap<u64, u64>,
+    /// Requests issued while disconnected, sent after the next handshake.
+    waiting: VecDeque<Command>,
+    wbuf: BytesMut,
+    max_frame_out: usize,
+    backoff: Backoff,
+}
+
+impl Task {
+    pub(crate) fn new(
+        options: ClientOptions,
+        cmd_rx: mpsc::Receiver<Command>,
+        drop_rx: mpsc::UnboundedReceiver<u64>,
+        request_ids: Arc<AtomicU64>,
+        sub_ids: Arc<AtomicU64>,
+        info_tx: watch::Sender<ServerInfo>,
+    ) -> Self {
+        let backoff = Backoff::new(
+            options.reconnect_base_backoff,
+            options.reconnect_max_backoff,
+        );
+        let (room_tx, room_rx) = mpsc::unbounded_channel();
+        Task {
+            options,
+            cmd_rx,
+            drop_rx,
+            room_tx,
+            room_rx,
+            request_ids,
+            sub_ids,
+            info_tx,
+            pending: HashMap::new(),
+            subs: BTreeMap::new(),
+            wire: HashMap::new(),
+            waiting: VecDeque::new(),
+            wbuf: BytesMut::new(),
+            max_frame_out: usize::MAX,
+            backoff,
+        }
+    }
+
+    /// Runs until the client is closed or dropped, starting on `conn`.
+    pub(crate) async fn run(mut self, conn: Conn) {
+        let mut conn = Some(conn);
+        loop {
+            let current = match conn.take() {
+                Some(c) => c,
+                None => match self.reconnect().await {
+                    Ok(c) => c,
+                    Err(exit) => return self.finish(exit).await,
+                },
+            };
+            match self.session(current).await {
+                Exit::Lost(reason) => {
+                    warn!(addr = %self.options.addr, %reason, "connection to the broker lost; reconnecting");
+                    self.fail_in_flight();
+                }
+                exit => return self.finish(exit).await,
+            }
+        }
+    }
+
+    fn next_request_id(&self) -> u64 {
+        self.request_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Fails what was in flight on a lost connection; subscriptions stay.
+    fn fail_in_flight(&mut self) {
+        for (_, pending) in self.pending.drain() {
+            match pending {
+                Pending::Reply(reply) => {
+                    let _ = reply.send(Err(Error::ConnectionLost));
+                }
+                // The subscription is gone with the connection anyway.
+                Pending::Unsubscribe(reply) => {
+                    let _ = reply.send(Ok(()));
+                }
+                Pending::Subscribe(_) | Pending::Ignore => {}
+            }
+        }
+        self.wbuf.clear();
+        for sub in self.subs.values_mut() {
+            sub.accepting = false;
+        }
+    }
+
+    async fn finish(mut self, exit: Exit) {
+        let closed = matches!(exit, Exit::Closed(_));
+        for (_, pending) in self.pending.drain() {
+            match pending {
+                Pending::Reply(reply) => {
+                    let _ = reply.send(Err(Error::Closed));
+                }
+                Pending::Unsubscribe(reply) => {
+                    let _ = reply.send(Ok(()));
+                }
+                Pending::Subscribe(_) | Pending::Ignore => {}
+            }
+        }
+        for cmd in self.waiting.drain(..) {
+            fail_command(cmd, || Error::Closed);
+        }
+        // Dropping the entries closes the queues; an empty terminal slot
+        // reads as `Error::Closed`.
+        for (_, mut sub) in std::mem::take(&mut self.subs) {
+            if let Some(ready) = sub.ready.take() {
+                let _ = ready.send(Err(Error::Closed));
+            }
+        }
+        if closed {
+            // Commands that raced with close.
+            self.cmd_rx.close();
+            while let Ok(cmd) = self.cmd_rx.try_recv() {
+                fail_command(cmd, || Error::Closed);
+            }
+        }
+        if let Exit::Closed(reply) = exit {
+            debug!("client closed");
+            let _ = reply.send(());
+        }
+    }
+
+    /// Reconnects with backoff, handling commands meanwhile.
+    async fn reconnect(&mut self) -> Result<Conn, Exit> {
+        loop {
+            // ThreadRng is not Send: take it afresh, never across an await.
+            let delay = self.backoff.next_delay(&mut rand::rng());
+            let attempt = self.backoff.attempts();
+            debug!(?delay, attempt, "reconnecting after backoff");
+            let options = self.options.clone();
+            let attempt_fut = async move {
+                sleep(delay).await;
+                connect(&options).await
+            };
+            tokio::pin!(attempt_fut);
+            loop {
+                tokio::select! {
+                    result = &mut attempt_fut => match result {
+                        Ok(conn) => {
+                            info!(addr = %self.options.addr, attempt, "reconnected to the broker");
+                            self.backoff.reset();
+                            return Ok(conn);
+                        }
+                        Err(e) => {
+                            // Debug, not warn: with a fast first backoff a
+                            // restart costs several attempts; the loss itself
+                            // was logged once.
+                            debug!(addr = %self.options.addr, attempt, error = %e, "reconnect failed");
+                            break;
+                        }
+                    },
+                    cmd = self.cmd_rx.recv() => match cmd {
+                        None => return Err(Exit::Dropped),
+                        Some(Command::Close { reply }) => return Err(Exit::Closed(reply)),
+                        Some(cmd) => self.handle_offline(cmd),
+                    },
+                    Some(sub_id) = self.drop_rx.recv() => {
+                        self.forget(sub_id);
+                    }
+                    Some(sub_id) = self.room_rx.recv() => {
+                        // Subscribed again with the others on the next connection.
+                        self.unpause(sub_id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles a command while no connection is up.
+    fn handle_offline(&mut self, cmd: Command) {
+        match cmd {
+            Command::Subscribe {
+                sub_id,
+                topic,
+                types,
+                start,
+                tx,
+                terminal,
+                ready,
+            } => {
+                // Subscribed on the next connection with the others.
+                let entry = SubEntry::new(sub_id, topic, types, start, tx, terminal, ready);
+                self.wire.insert(entry.wire_id, sub_id);
+                self.subs.insert(sub_id, entry);
+            }
+            Command::Unsubscribe { sub_id, reply } => {
+                self.forget(sub_id);
+                let _ = reply.send(Ok(()));
+            }
+            cmd => {
+                if self.waiting.len() >= COMMAND_BATCH {
+                    self.waiting.retain(|c| !c.abandoned());
+                }
+                self.waiting.push_back(cmd);
+            }
+        }
+    }
+
+    /// Serves one connection until it ends.
+    async fn session(&mut self, mut conn: Conn) -> Exit {
+        debug!(server = ?conn.info, "connected to the broker");
+        let heartbeat = (conn.info.heartbeat_ms > 0)
+            .then(|| Duration::from_millis(conn.info.heartbeat_ms.into()));
+        self.max_frame_out = usize::try_from(conn.info.max_frame).unwrap_or(usize::MAX);
+        self.info_tx.send_replace(conn.info.clone());
+        let hb = heartbeat.unwrap_or(Duration::from_secs(3600));
+        let mut ping_at: Pin<Box<Sleep>> = Box::pin(sleep_until(Instant::now() + hb));
+        let mut dead_at: Pin<Box<Sleep>> = Box::pin(sleep_until(Instant::now() + hb * 3));
+
+        // Re-subscribe every live subscription (paused ones when they have
+        // room), then send what waited.
+        let sub_ids: Vec<u64> = self
+            .subs
+            .iter()
+            .filter(|(_, sub)| sub.paused.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for sub_id in sub_ids {
+            self.send_subscribe(sub_id);
+        }
+        let waiting = std::mem::take(&mut self.waiting);
+        // A caller that stopped waiting was told `Timeout`: its request must
+        // not be sent behind its back.
+        for cmd in waiting.into_iter().filter(|c| !c.abandoned()) {
+            if let Some(exit) = self.handle_command(cmd) {
+                return self.close_conn(conn, exit).await;
+            }
+        }
+        // Frames that arrived with the Welcome.
+        if let Err(reason) = self.process_buffered(&mut conn) {
+            return Exit::Lost(reason);
+        }
+
+        loop {
+            conn.rbuf.reserve(READ_CHUNK);
+            tokio::select! {
+                read = conn.rd.read_buf(&mut conn.rbuf) => match read {
+                    Ok(0) => return Exit::Lost("the broker closed the connection".into()),
+                    Err(e) => return Exit::Lost(format!("read failed: {e}")),
+                    Ok(_) => {
+                        if let Some(hb) = heartbeat {
+                            dead_at.as_mut().reset(Instant::now() + hb * 3);
+                        }
+                        if let Err(reason) = self.process_buffered(&mut conn) {
+                            return Exit::Lost(reason);
+                        }
+                    }
+                },
+                written = conn.wr.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => match written {
+                    Ok(0) => return Exit::Lost("write returned zero bytes".into()),
+                    Err(e) => return Exit::Lost(format!("write failed: {e}")),
+                    Ok(_) => {
+                        if let Some(hb) = heartbeat {
+                            ping_at.as_mut().reset(Instant::now() + hb);
+                        }
+                    }
+                },
+                cmd = self.cmd_rx.recv(), if self.wbuf.len() < WRITE_HIGH_WATER => {
+                    let Some(cmd) = cmd else {
+                        return self.close_conn(conn, Exit::Dropped).await;
+                    };
+                    if let Some(exit) = self.handle_command(cmd) {
+                        return self.close_conn(conn, exit).await;
+                    }
+                    // Take what else is queued, so it leaves in one write.
+                    for _ in 1..COMMAND_BATCH {
+                        if self.wbuf.len() >= WRITE_HIGH_WATER {
+                            break;
+                        }
+                        let Ok(cmd) = self.cmd_rx.try_recv() else { break };
+                        if let Some(exit) = self.handle_command(cmd) {
+                            return self.close_conn(conn, exit).await;
+                        }
+                    }
+                }
+                Some(sub_id) = self.drop_rx.recv() => self.drop_subscription(sub_id),
+                Some(sub_id) = self.room_rx.recv() => {
+                    if self.unpause(sub_id) {
+                        self.send_subscribe(sub_id);
+                    }
+                }
+                () = &mut ping_at, if heartbeat.is_some() => {
+                    let id = self.next_request_id();
+                    if self.encode(&ClientMessage::Ping { request_id: id }).is_ok() {
+                        self.pending.insert(id, Pending::Ignore);
+                    }
+                    ping_at.as_mut().reset(Instant::now() + hb);
+                }
+                () = &mut dead_at, if heartbeat.is_some() => {
+                    // The timer may only look expired because this task could
+                    // not run (a blocked runtime): data waiting in the socket
+                    // proves the broker alive.
+                    match conn.rd.try_read_buf(&mut conn.rbuf) {
+                        Ok(0) => return Exit::Lost("the broker closed the connection".into()),
+                        Ok(_) => {
+                            dead_at.as_mut().reset(Instant::now() + hb * 3);
+                            if let Err(reason) = self.process_buffered(&mut conn) {
+                                return Exit::Lost(reason);
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            return Exit::Lost(format!(
+                                "no frame from the broker for {:?} (3 heartbeats)",
+                                hb * 3
+                            ));
+                        }
+                        Err(e) => return Exit::Lost(format!("read failed: {e}")),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Flushes what is queued (briefly) and closes the socket.
+    async fn close_conn(&mut self, mut conn: Conn, exit: Exit) -> Exit {
+        if matches!(exit, Exit::Closed(_)) {
+            let flush = async {
+                conn.wr.write_all_buf(&mut self.wbuf).await?;
+                conn.wr.shutdown().await
+            };
+            let _ = timeout(CLOSE_FLUSH, flush).await;
+        }
+        exit
+    }
+
+    /// Handles a command on a live connection; `Some` ends the session.
+    fn handle_command(&mut self, cmd: Command) -> Option<Exit> {
+        match cmd {
+            Command::Request { id, msg, reply } => match self.encode(&msg) {
+                Ok(()) => {
+                    self.pending.insert(id, Pending::Reply(reply));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Subscribe {
+                sub_id,
+                topic,
+                types,
+                start,
+                tx,
+                terminal,
+                ready,
+            } => {
+                let entry = SubEntry::new(sub_id, topic, types, start, tx, terminal, ready);
+                self.wire.insert(entry.wire_id, sub_id);
+                self.subs.insert(sub_id, entry);
+                self.send_subscribe(sub_id);
+            }
+            Command::Unsubscribe { sub_id, reply } => {
+                let Some(sub) = self.forget(sub_id) else {
+                    // Already over (End, error, or never started).
+                    let _ = reply.send(Ok(()));
+                    return None;
+                };
+                if sub.paused.is_some() {
+                    // The broker no longer has it.
+                    let _ = reply.send(Ok(()));
+                    return None;
+                }
+                let id = self.next_request_id();
+                match self.encode(&ClientMessage::Unsubscribe {
+                    request_id: id,
+                    subscription_id: sub.wire_id,
+                }) {
+                    Ok(()) => {
+                        self.pending.insert(id, Pending::Unsubscribe(reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Close { reply } => return Some(Exit::Closed(reply)),
+        }
+        None
+    }
+
+    /// Removes a subscription from the task's books.
+    fn forget(&mut self, sub_id: u64) -> Option<SubEntry> {
+        let sub = self.subs.remove(&sub_id)?;
+        self.wire.remove(&sub.wire_id);
+        Some(sub)
+    }
+
+    /// Sends `Subscribe` for a known subscription, from its resume position.
+    fn send_subscribe(&mut self, sub_id: u64) {
+        let Some(sub) = self.subs.get(&sub_id) else {
+            return;
+        };
+        let id = self.next_request_id();
+        let start = sub.resume.start();
+        debug!(sub_id, wire_id = sub.wire_id, topic = %sub.topic, ?start, "subscribing");
+        let msg = ClientMessage::Subscribe {
+            request_id: id,
+            subscription_id: sub.wire_id,
+            topic: sub.topic.clone(),
+            types: sub.types.clone(),
+            start,
+        };
+        match self.encode(&msg) {
+            Ok(()) => {
+                self.pending.insert(id, Pending::Subscribe(sub_id));
+            }
+            Err(e) => {
+                if let Some(mut sub) = self.forget(sub_id) {
+                    match sub.ready.take() {
+                        Some(ready) => {
+                            let _ = ready.send(Err(e));
+                        }
+                        None => sub.fail(e),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A `Subscription` was dropped: forget it and tell the broker.
+    fn drop_subscription(&mut self, sub_id: u64) {
+        let Some(sub) = self.forget(sub_id) else {
+            return;
+        };
+        if sub.paused.is_none() {
+            self.send_unsubscribe(sub.wire_id);
+        }
+    }
+
+    fn send_unsubscribe(&mut self, wire_id: u64) {
+        let id = self.next_request_id();
+        if self
+            .encode(&ClientMessage::Unsubscribe {
+                request_id: id,
+                subscription_id: wire_id,
+            })
+            .is_ok()
+        {
+            self.pending.insert(id, Pending::Ignore);
+        }
+    }
+
+    /// The caller's queue of `sub_id` is full: stop its delivery at the
+    /// broker until the caller has drained half of it.
+    fn pause(&mut self, sub_id: u64) {
+        let Some(sub) = self.subs.get_mut(&sub_id) else {
+            return;
+        };
+        debug!(sub_id, topic = %sub.topic, "subscription queue full; pausing it");
+        sub.accepting = false;
+        let wire_id = sub.wire_id;
+        let (cancel, cancelled) = oneshot::channel::<()>();
+        sub.paused = Some(cancel);
+        let tx = sub.tx.clone();
+        let room_tx = self.room_tx.clone();
+        // Half the queue, so that a resumed subscription has room to run
+        // before it fills again.
+        let room = (tx.max_capacity() / 2).max(1);
+        tokio::spawn(async move {
+            tokio::select! {
+                // Dropping the entry (close, unsubscribe) drops `cancel`.
+                _ = cancelled => {}
+                permits = tx.reserve_many(room) => {
+                    drop(permits);
+                    let _ = room_tx.send(sub_id);
+                }
+            }
+        });
+        self.wire.remove(&wire_id);
+        self.send_unsubscribe(wire_id);
+    }
+
+    /// A paused subscription has room again: give it a fresh wire id, so
+    /// that nothing still in flight for the old one is mistaken for the new.
+    /// Returns whether it was paused (then the caller subscribes it anew).
+    fn unpause(&mut self, sub_id: u64) -> bool {
+        let Some(sub) = self.subs.get_mut(&sub_id) else {
+            return false;
+        };
+        if sub.paused.take().is_none() {
+            return false;
+        }
+        let wire_id = self.sub_ids.fetch_add(1, Ordering::Relaxed);
+        sub.wire_id = wire_id;
+        self.wire.insert(wire_id, sub_id);
+        debug!(sub_id, wire_id, "resuming a paused subscription");
+        true
+    }
+
+    /// Appends one frame to the write buffer, refusing one the broker would
+    /// reject as too large (which would cost the whole connection).
+    fn encode(&mut self, msg: &ClientMessage) -> Result<()> {
+        let start = self.wbuf.len();
+        encode_frame(msg, &mut self.wbuf)?;
+        let len = self.wbuf.len() - start - FRAME_HEADER_LEN;
+        if len > self.max_frame_out {
+            self.wbuf.truncate(start);
+            return Err(Error::Protocol(ProtocolError::FrameTooLarge {
+                len,
+                max: self.max_frame_out,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Decodes and dispatches every whole frame in the read buffer.
+    fn process_buffered(&mut self, conn: &mut Conn) -> Result<(), String> {
+        loop {
+            match conn.decoder.decode(&mut conn.rbuf) {
+                Ok(Some(msg)) => self.dispatch(msg)?,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(format!("undecodable frame from the broker: {e}")),
+            }
+        }
+    }
+
+    /// Routes one message from the broker; `Err` ends the connection.
+    fn dispatch(&mut self, msg: ServerMessage) -> Result<(), String> {
+        match msg {
+            ServerMessage::Event {
+                subscription_id,
+                event,
+            } => self.route_event(subscription_id, event),
+            ServerMessage::Gap {
+                subscription_id,
+                gap,
+            } => {
+                if let Some(sub_id) = self.accepting(subscription_id) {
+                    warn!(
+                        sub_id,
+                        topic = %gap.topic,
+                        reason = ?gap.reason,
+                        requested = gap.requested,
+                        first_available = gap.first_available,
+                        current = gap.current,
+                        "gap: events were missed"
+                    );
+                    let effect = Resume::effect_of_gap(&gap);
+                    self.deliver(sub_id, Push::Gap(gap), Some(effect));
+                }
+            }
+            ServerMessage::End {
+                subscription_id,
+                topic,
+                last_offset,
+            } => {
+                if let Some(sub_id) = self.accepting(subscription_id) {
+                    debug!(sub_id, %topic, last_offset, "subscription ended");
+                    self.deliver(sub_id, Push::End { topic, last_offset }, None);
+                }
+            }
+            ServerMessage::Subscribed {
+                request_id,
+                subscription_id,
+                epoch,
+                next_offset,
+            } => {
+                self.pending.remove(&request_id);
+                self.on_subscribed(subscription_id, epoch, next_offset);
+            }
+            ServerMessage::Error {
+                request_id: None,
+                code,
+                message,
+            } => {
+                return Err(format!(
+                    "the broker closed the connection: {message} ({})",
+                    code_name(code)
+                ))
+            }
+            ServerMessage::Error {
+                request_id: Some(id),
+                code,
+                message,
+            } => {
+                let error = Error::Server { code, message };
+                match self.pending.remove(&id) {
+                    Some(Pending::Reply(reply)) => {
+                        let _ = reply.send(Err(error));
+                    }
+                    Some(Pending::Unsubscribe(reply)) => {
+                        // Unknown to the broker means unsubscribed all the same.
+                        let _ = reply.send(Ok(()));
+                    }
+                    Some(Pending::Subscribe(sub_id)) => self.on_subscribe_failed(sub_id, error),
+                    Some(Pending::Ignore) | None => {
+                        debug!(request_id = id, %error, "error for a request nobody waits for");
+                    }
+                }
+            }
+            ServerMessage::Unsubscribed { request_id, .. } => {
+                if let Some(Pending::Unsubscribe(reply)) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            ServerMessage::Heartbeat => {}
+            ServerMessage::Shutdown { reason } => {
+                info!(%reason, "the broker sent Shutdown");
+                return Err(format!("broker shutdown ({reason})"));
+            }
+            ServerMessage::Welcome { .. } => {
+                return Err("unexpected second Welcome".into());
+            }
+            reply @ (ServerMessage::Published { .. }
+            | ServerMessage::History { .. }
+            | ServerMessage::Topics { .. }
+            | ServerMessage::TopicInfo { .. }
+            | ServerMessage::Ok { .. }
+            | ServerMessage::Pong { .. }) => {
+                let id = reply_request_id(&reply);
+                match self.pending.remove(&id) {
+                    Some(Pending::Reply(tx)) => {
+                        let _ = tx.send(Ok(reply));
+                    }
+                    Some(Pending::Ignore) => {}
+                    Some(other) => {
+                        // Put back whatever waited for something else.
+                        self.pending.insert(id, other);
+                        debug!(
+                            request_id = id,
+                            kind = message_kind(&reply),
+                            "reply of an unexpected kind"
+                        );
+                    }
+                    None => {
+                        debug!(
+                            request_id = id,
+                            kind = message_kind(&reply),
+                            "reply for a request nobody waits for"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The client-side id of the subscription a push for `wire_id` is for,
+    /// if it takes pushes now (not paused, not awaiting `Subscribed`).
+    fn accepting(&self, wire_id: u64) -> Option<u64> {
+        let sub_id = *self.wire.get(&wire_id)?;
+        self.subs
+            .get(&sub_id)
+            .is_some_and(|sub| sub.accepting)
+            .then_some(sub_id)
+    }
+
+    fn on_subscribed(&mut self, wire_id: u64, epoch: u64, next_offset: u64) {
+        let Some(&sub_id) = self.wire.get(&wire_id) else {
+            // Dropped meanwhile; its unsubscribe is on its way.
+            return;
+        };
+        let Some(sub) = self.subs.get_mut(&sub_id) else {
+            return;
+        };
+        debug!(sub_id, wire_id, topic = %sub.topic, epoch, next_offset, "subscribed");
+        sub.accepting = true;
+        sub.resume.on_subscribed(epoch, next_offset);
+        if let Some(ready) = sub.ready.take() {
+            if ready.send(Ok(Subscribed { epoch, next_offset })).is_err() {
+                // The caller gave up waiting: nobody will read this one.
+                self.drop_subscription(sub_id);
+            }
+        }
+    }
+
+    fn on_subscribe_failed(&mut self, sub_id: u64, error: Error) {
+        let Some(mut sub) = self.forget(sub_id) else {
+            return;
+        };
+        match sub.ready.take() {
+            Some(ready) => {
+                let _ = ready.send(Err(error));
+            }
+            None => {
+                warn!(sub_id, topic = %sub.topic, %error, "re-subscribing failed; the subscription ends");
+                sub.fail(error);
+            }
+        }
+    }
+
+    fn route_event(&mut self, wire_id: u64, event: WireEvent) {
+        let Some(sub_id) = self.accepting(wire_id) else {
+            return;
+        };
+        let Some(sub) = self.subs.get(&sub_id) else {
+            return;
+        };
+        let Some(epoch) = sub.resume.epoch() else {
+            return;
+        };
+        match sub.resume.effect_of_event(&event) {
+            Some(effect) => self.deliver(sub_id, Push::Event { epoch, event }, Some(effect)),
+            None => debug!(sub_id, offset = event.offset, "dropped a duplicate event"),
+        }
+    }
+
+    /// Hands a push to its subscription's queue and records it for resuming
+    /// (`effect` is `None` for `End`, which ends the subscription); pauses
+    /// the subscription when the queue is full.
+    fn deliver(&mut self, sub_id: u64, push: Push, effect: Option<Effect>) {
+        let Some(sub) = self.subs.get_mut(&sub_id) else {
+            return;
+        };
+        match sub.tx.try_send(push) {
+            Ok(()) => match effect {
+                Some(effect) => sub.resume.apply(effect),
+                // `End`: the broker freed the id; nothing follows.
+                None => {
+                    self.forget(sub_id);
+                }
+            },
+            // Not handed over, so not in the resume position: it comes again
+            // (or as part of a gap) when the subscription resumes.
+            Err(mpsc::error::TrySendError::Full(_)) => self.pause(sub_id),
+            Err(mpsc::error::TrySendError::Closed(_)) => self.drop_subscription(sub_id),
+        }
+    }
+}
+
+fn reply_request_id(msg: &ServerMessage) -> u64 {
+    match msg {
+        ServerMessage::Published { request_id, .. }
+        | ServerMessage::Subscribed { request_id, .. }
+        | ServerMessage::Unsubscribed { request_id, .. }
+        | ServerMessage::History { request_id, .. }
+        | ServerMessage::Topics { request_id, .. }
+        | ServerMessage::TopicInfo { request_id, .. }
+        | ServerMessage::Ok { request_id }
+        | ServerMessage::Pong { request_id } => *request_id,
+        ServerMessage::Error { request_id, .. } => request_id.unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn fail_command(cmd: Command, error: impl Fn() -> Error) {
+    match cmd {
+        Command::Request { reply, .. } => {
+            let _ = reply.send(Err(error()));
+        }
+        Command::Subscribe { ready, .. } => {
+            let _ = ready.send(Err(error()));
+        }
+        Command::Unsubscribe { reply, .. } => {
+            let _ = reply.send(Ok(()));
+        }
+        Command::Close { reply } => {
+            let _ = reply.send(());
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Connection settings.
+
+use std::fmt;
+use std::time::Duration;
+
+use ringcast_protocol::DEFAULT_MAX_FRAME;
+
+/// The broker's default TCP address.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:7411";
+
+/// How to reach the broker and how patiently to talk to it.
+///
+/// Start from [`ClientOptions::new`] (or `Default`, which targets
+/// [`DEFAULT_ADDR`]) and adjust fields or use the `with_*` helpers:
+///
+/// ```
+/// use std::time::Duration;
+/// use ringcast_client::ClientOptions;
+///
+/// let options = ClientOptions::new("broker.internal:7411")
+///     .with_client_name("billing-worker")
+///     .with_credentials("s3cret")
+///     .with_request_timeout(Duration::from_secs(5));
+/// assert_eq!(options.reconnect_max_backoff, Duration::from_secs(30));
+/// ```
+#[derive(Clone)]
+pub struct ClientOptions {
+    /// `host:port` of the broker's TCP listener.
+    pub addr: String,
+    /// Sent in `Hello`; shows up in the broker's logs.
+    pub client_name: String,
+    /// Sent in `Hello` when the broker requires credentials.
+    pub credentials: Option<String>,
+    /// Reconnect backoff for the first retry; doubles per failed attempt.
+    /// Each sleep is drawn uniformly from zero to the current bound ("full
+    /// jitter"). Default 100 ms.
+    pub reconnect_base_backoff: Duration,
+    /// Upper bound of the reconnect backoff. Default 30 s.
+    pub reconnect_max_backoff: Duration,
+    /// How long a request waits for its reply, including any time spent
+    /// waiting for a reconnect before it can be sent. Default 30 s.
+    pub request_timeout: Duration,
+    /// How long one connection attempt (TCP connect plus handshake) may take.
+    /// Default 10 s.
+    pub connect_timeout: Duration,
+    /// Largest frame body accepted from the broker. Default 16 MiB.
+    pub max_frame: usize,
+    /// Deliveries buffered per subscription. When a subscription's buffer is
+    /// full, the client pauses it (unsubscribes at the broker) and resumes it
+    /// from its last delivered event once the caller has drained half the
+    /// buffer; what the broker no longer retains by then arrives as a gap.
+    /// Other subscriptions and requests are not held up. Default 1024.
+    pub subscription_buffer: usize,
+}
+
+impl ClientOptions {
+    /// Defaults for a broker at `addr` (`host:port`).
+    pub fn new(addr: impl Into<String>) -> Self {
+        ClientOptions {
+            addr: addr.into(),
+            ..ClientOptions::default()
+        }
+    }
+
+    /// Sets [`client_name`](Self::client_name).
+    pub fn with_client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = name.into();
+        self
+    }
+
+    /// Sets [`credentials`](Self::credentials).
+    pub fn with_credentials(mut self, credentials: impl Into<String>) -> Self {
+        self.credentials = Some(credentials.into());
+        self
+    }
+
+    /// Sets both reconnect backoff bounds.
+    pub fn with_reconnect_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.reconnect_base_backoff = base;
+        self.reconnect_max_backoff = max;
+        self
+    }
+
+    /// Sets [`request_timeout`](Self::request_timeout).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            addr: DEFAULT_ADDR.to_owned(),
+            client_name: concat!("ringcast-rs/", env!("CARGO_PKG_VERSION")).to_owned(),
+            credentials: None,
+            reconnect_base_backoff: Duration::from_millis(100),
+            reconnect_max_backoff: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            max_frame: DEFAULT_MAX_FRAME,
+            subscription_buffer: 1024,
+        }
+    }
+}
+
+impl fmt::Debug for ClientOptions {
+    // Hand-written so that credentials never end up in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("addr", &self.addr)
+            .field("client_name", &self.client_name)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .field("reconnect_base_backoff", &self.reconnect_base_backoff)
+            .field("reconnect_max_backoff", &self.reconnect_max_backoff)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_frame", &self.max_frame)
+            .field("subscription_buffer", &self.subscription_buffer)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_credentials() {
+        let options = ClientOptions::new("h:1").with_credentials("hunter2");
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
+}
