@@ -43,6 +43,7 @@ pub struct Subscription {
     resume: Option<Resume>,
     epoch: u64,
     start_offset: u64,
+    live_offset: u64,
     queue: VecDeque<Delivery>,
     rx: watch::Receiver<u64>,
     finished: bool,
@@ -129,6 +130,7 @@ impl Subscription {
             resume,
             epoch,
             start_offset: cursor,
+            live_offset: live,
             queue,
             rx,
             finished: false,
@@ -143,6 +145,12 @@ impl Subscription {
     /// The offset the subscription started reading at.
     pub fn start_offset(&self) -> u64 {
         self.start_offset
+    }
+
+    /// The offset the next published event gets, as of subscribing: events
+    /// before it are replay, from it on live.
+    pub fn live_offset(&self) -> u64 {
+        self.live_offset
     }
 
     /// The topic name.

@@ -120,7 +120,7 @@ pub async fn serve(
     kill: CancellationToken,
     tracker: tokio_util::task::TaskTracker,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
     loop {
@@ -140,8 +140,12 @@ pub async fn serve(
         let service = TowerToHyperService::new(app.clone());
         let (shutdown, kill) = (shutdown.clone(), kill.clone());
         tracker.spawn(async move {
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            // HTTP/1.1 only: what EventSource and curl speak, and no
+            // protocol-sniffing buffer per connection (idle SSE memory).
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {

@@ -496,7 +496,7 @@ impl Session<'_> {
             request_id,
             subscription_id,
             epoch: sub.epoch(),
-            next_offset: sub.start_offset(),
+            next_offset: sub.live_offset(),
         })
         .await?;
         let cancel = CancellationToken::new();

@@ -13,12 +13,14 @@
 //!   (`next_offset - 1`), so events published while disconnected are not lost.
 //! - `AfterOffset`: the position is the start itself.
 //! - `Earliest`: until the first event, resuming is `Earliest` again.
-//! - `AfterVersions`: while the broker replays (offsets below the `next_offset`
-//!   announced by `Subscribed`), resuming is `AfterVersions` with the versions
-//!   already delivered, because `AfterOffset` would also replay the types
-//!   that were meant to start live. Limitation: events of *unnamed* types
-//!   published between the two subscriptions are then not replayed, as they
-//!   start live again on the new connection.
+//! - `AfterVersions`: once an event was delivered, resuming is
+//!   `AfterOffset { epoch, last delivered }` plus a client-side replay filter:
+//!   below the `next_offset` announced by the first `Subscribed` (the start
+//!   of live), only events of the named types above their versions pass, as
+//!   the broker's own replay does. Limitation: a connection lost before the
+//!   first event of such a subscription is delivered resumes with
+//!   `AfterVersions` again, so events of *unnamed* types published in
+//!   between start live on the new connection instead of being replayed.
 
 use ringcast_protocol::{Start, WireEvent, WireGap};
 
@@ -54,6 +56,25 @@ pub(crate) struct Resume {
     stream_epoch: Option<u64>,
     /// For an `AfterVersions` start: the broker replays offsets below this.
     live_from: Option<u64>,
+}
+
+impl Resume {
+    /// Whether `event` is one an `AfterVersions` replay excludes: below the
+    /// start of live and not a named type above its version. Only checked
+    /// once resuming by offset, when the broker no longer filters for us.
+    fn replay_excludes(&self, event: &WireEvent) -> bool {
+        let (Some(live_from), Start::AfterVersions { versions, .. }) = (self.live_from, &self.start)
+        else {
+            return false;
+        };
+        if event.offset >= live_from {
+            return false;
+        }
+        match versions.iter().find(|(t, _)| *t == event.event_type) {
+            Some((_, v)) => event.version <= *v,
+            None => true,
+        }
+    }
 }
 
 impl Resume {
@@ -105,10 +126,13 @@ impl Resume {
                 return None;
             }
         }
-        if self.position.is_none() && matches!(self.start, Start::AfterVersions { .. }) {
+        if matches!(self.start, Start::AfterVersions { .. }) {
+            if self.position.is_some() && self.replay_excludes(event) {
+                return None;
+            }
             let replaying = self
                 .live_from
-                .is_none_or(|live_from| event.offset.saturating_add(1) < live_from);
+                .is_none_or(|live_from| event.offset < live_from);
             if replaying {
                 return Some(Effect::Version {
                     offset: event.offset,
@@ -145,12 +169,10 @@ impl Resume {
                 let Some(epoch) = self.stream_epoch else {
                     return;
                 };
-                match &mut self.start {
-                    Start::AfterVersions { versions, .. } if self.position.is_none() => {
-                        set_version(versions, event_type, version);
-                    }
-                    _ => self.position = Some((epoch, offset)),
+                if let Start::AfterVersions { versions, .. } = &mut self.start {
+                    set_version(versions, event_type, version);
                 }
+                self.position = Some((epoch, offset));
             }
             Effect::Gap {
                 epoch,
@@ -169,9 +191,7 @@ impl Resume {
                 // A per-type gap of an AfterVersions start: that type now
                 // continues live after `current`.
                 self.stream_epoch = Some(epoch);
-                if let (None, Start::AfterVersions { epoch: e, versions }) =
-                    (self.position, &mut self.start)
-                {
+                if let Start::AfterVersions { epoch: e, versions } = &mut self.start {
                     *e = epoch;
                     set_version(versions, event_type, current);
                 }
@@ -313,27 +333,34 @@ mod tests {
     }
 
     #[test]
-    fn after_versions_replay_resumes_by_versions_until_it_reaches_live() {
+    fn after_versions_replay_resumes_by_offset_and_filters_the_replay_itself() {
         let mut r = Resume::new(Start::AfterVersions {
             epoch: 9,
             versions: vec![("a".into(), 2), ("b".into(), 7)],
         });
+        // Before anything is delivered, the original start is repeated.
+        assert!(matches!(r.start(), Start::AfterVersions { .. }));
         r.on_subscribed(9, 20);
         assert!(deliver(&mut r, &event(10, "a", 3)));
         assert_eq!(
             r.start(),
-            Start::AfterVersions {
+            Start::AfterOffset {
                 epoch: 9,
-                versions: vec![("a".into(), 3), ("b".into(), 7)]
+                offset: 10
             }
         );
-        // Offset 19 is the last replayed one: from here on, AfterOffset is exact.
-        assert!(deliver(&mut r, &event(19, "b", 8)));
+        // Resumed by offset, the broker sends everything after 10: below
+        // live (20) only named types above their versions pass.
+        r.on_subscribed(9, 25);
+        assert!(!deliver(&mut r, &event(11, "c", 1)), "unnamed type in the replay range");
+        assert!(!deliver(&mut r, &event(12, "b", 7)), "b 7 was already had");
+        assert!(deliver(&mut r, &event(13, "b", 8)));
+        assert!(deliver(&mut r, &event(20, "c", 2)), "live: every type");
         assert_eq!(
             r.start(),
             Start::AfterOffset {
                 epoch: 9,
-                offset: 19
+                offset: 20
             }
         );
     }
@@ -346,6 +373,7 @@ mod tests {
         });
         r.on_subscribed(9, 20);
         r.apply(Resume::effect_of_gap(&gap(9, Some("a"), 12)));
+        // Nothing delivered yet: the versions start is repeated, a bumped.
         assert_eq!(
             r.start(),
             Start::AfterVersions {
