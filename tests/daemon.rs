@@ -15,14 +15,11 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use common::RawClient;
-use ringcast_protocol::{
-    encode_frame, Ack, ClientMessage, ErrorCode, FrameDecoder, NewEvent, ServerMessage, Start,
-    PROTOCOL_VERSION,
-};
+use bytes::Bytes;
+use common::{hello, write_msg, Frames, RawClient};
+use ringcast_protocol::{Ack, ClientMessage, ErrorCode, NewEvent, ServerMessage, Start};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixDatagram};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -285,57 +282,6 @@ impl Daemon {
 // ---------------------------------------------------------------------------
 // Raw protocol and HTTP over a socket.
 // ---------------------------------------------------------------------------
-
-async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &ClientMessage) -> std::io::Result<()> {
-    let mut buf = BytesMut::new();
-    encode_frame(msg, &mut buf).expect("encode");
-    w.write_all(&buf).await
-}
-
-/// Server messages from the read half of a connection.
-struct Frames<R> {
-    rd: R,
-    buf: BytesMut,
-    decoder: FrameDecoder<ServerMessage>,
-}
-
-impl<R: AsyncRead + Unpin> Frames<R> {
-    fn new(rd: R) -> Self {
-        Self {
-            rd,
-            buf: BytesMut::new(),
-            decoder: FrameDecoder::new(64 * 1024 * 1024),
-        }
-    }
-
-    /// The next message other than a heartbeat; `None` once the connection
-    /// is closed (or reset).
-    async fn next(&mut self) -> Option<ServerMessage> {
-        loop {
-            match self
-                .decoder
-                .decode(&mut self.buf)
-                .expect("server frames decode")
-            {
-                Some(ServerMessage::Heartbeat) => continue,
-                Some(msg) => return Some(msg),
-                None => {}
-            }
-            match self.rd.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
-    }
-}
-
-fn hello() -> ClientMessage {
-    ClientMessage::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        client_name: "daemon-test".into(),
-        credentials: None,
-    }
-}
 
 /// `GET path` with HTTP/1.1 over a fresh connection: (status, body).
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {

@@ -13,18 +13,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use bytesize::ByteSize;
-use common::{config, start, within, RawClient};
+use common::{config, hello, start, within, write_msg, Frames, RawClient};
 use futures::StreamExt;
 use ringcast::broker::Broker;
 use ringcast::config::{Config, Durability};
-use ringcast_protocol::{
-    encode_frame, ClientMessage, ErrorCode, FrameDecoder, GapReason, NewEvent, ServerMessage,
-    Start, PROTOCOL_VERSION,
-};
+use ringcast_protocol::{ClientMessage, ErrorCode, GapReason, NewEvent, ServerMessage, Start};
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, MutexGuard, Semaphore};
 
@@ -286,56 +282,6 @@ fn subscribe(request_id: u64, subscription_id: u64, topic: &str) -> ClientMessag
         topic: topic.into(),
         types: vec![],
         start: Start::Live,
-    }
-}
-
-fn hello() -> ClientMessage {
-    ClientMessage::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        client_name: "ops-test".into(),
-        credentials: None,
-    }
-}
-
-async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &ClientMessage) -> std::io::Result<()> {
-    let mut buf = BytesMut::new();
-    encode_frame(msg, &mut buf).expect("encode");
-    w.write_all(&buf).await
-}
-
-/// Server messages from the read half of a connection.
-struct Frames<R> {
-    rd: R,
-    buf: BytesMut,
-    decoder: FrameDecoder<ServerMessage>,
-}
-
-impl<R: AsyncRead + Unpin> Frames<R> {
-    fn new(rd: R) -> Self {
-        Self {
-            rd,
-            buf: BytesMut::new(),
-            decoder: FrameDecoder::new(64 * 1024 * 1024),
-        }
-    }
-
-    /// The next message other than a heartbeat; `None` once closed or reset.
-    async fn next(&mut self) -> Option<ServerMessage> {
-        loop {
-            match self
-                .decoder
-                .decode(&mut self.buf)
-                .expect("server frames decode")
-            {
-                Some(ServerMessage::Heartbeat) => continue,
-                Some(msg) => return Some(msg),
-                None => {}
-            }
-            match self.rd.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
     }
 }
 
