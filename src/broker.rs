@@ -33,6 +33,8 @@ pub struct Broker {
 impl Broker {
     /// Recovers storage, binds every listener and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        // Before the engine: it takes its metric handles when it opens.
+        crate::metrics::handle();
         let options = EngineOptions::from_config(&config);
         let data_dir = config.storage.data_dir.clone();
         let engine = tokio::task::spawn_blocking(move || Engine::open(options))
@@ -42,7 +44,8 @@ impl Broker {
         Self::start_with_engine(config, engine).await
     }
 
-    /// Starts the front ends over an already opened engine.
+    /// Starts the front ends over an already opened engine (open it after
+    /// [`crate::metrics::handle`] for its metrics to be recorded).
     pub async fn start_with_engine(config: Config, engine: Engine) -> anyhow::Result<Self> {
         crate::metrics::handle();
         let tcp_listener = TcpListener::bind(config.server.tcp_listen)

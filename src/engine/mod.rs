@@ -165,12 +165,28 @@ impl EngineOptions {
 pub struct PendingPublish {
     pending: Pending,
     started: std::time::Instant,
+    ack_seconds: metrics::Histogram,
 }
 
 #[derive(Debug)]
 enum Pending {
     Ready(Option<Vec<Ack>>),
     Waiting(oneshot::Receiver<Result<Vec<Ack>, EngineError>>),
+}
+
+impl PendingPublish {
+    /// The acks, if the publish was acknowledged already (memory mode), so
+    /// a front end can answer without waiting.
+    pub fn take_ready(&mut self) -> Option<Result<Vec<Ack>, EngineError>> {
+        match &mut self.pending {
+            Pending::Ready(acks) => {
+                let acks = acks.take()?;
+                self.ack_seconds.record(self.started.elapsed());
+                Some(Ok(acks))
+            }
+            Pending::Waiting(_) => None,
+        }
+    }
 }
 
 impl Future for PendingPublish {
@@ -184,7 +200,7 @@ impl Future for PendingPublish {
                 .map(|r| r.unwrap_or(Err(EngineError::ShuttingDown))),
         };
         if result.is_ready() {
-            metrics::histogram!(crate::metrics::ACK_SECONDS).record(self.started.elapsed());
+            self.ack_seconds.record(self.started.elapsed());
         }
         result
     }
@@ -268,6 +284,7 @@ struct Inner {
     store: Option<Store>,
     recovered_events: u64,
     global_bytes: Arc<AtomicU64>,
+    metrics: EngineMetrics,
     closed: std::sync::atomic::AtomicBool,
     janitor: parking_lot::Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
@@ -300,9 +317,28 @@ pub(crate) fn new_epoch() -> u64 {
     }
 }
 
+/// Metric handles the hot paths use, looked up once (a lookup per publish
+/// hashes the key in the registry).
+#[derive(Clone)]
+pub(crate) struct EngineMetrics {
+    pub published: metrics::Counter,
+    pub ack_seconds: metrics::Histogram,
+    pub flush_seconds: metrics::Histogram,
+}
+
+impl EngineMetrics {
+    pub(crate) fn new() -> Self {
+        Self {
+            published: metrics::counter!(crate::metrics::PUBLISHED),
+            ack_seconds: metrics::histogram!(crate::metrics::ACK_SECONDS),
+            flush_seconds: metrics::histogram!(crate::metrics::FLUSH_SECONDS),
+        }
+    }
+}
+
 /// Counts appended events, under the topic's own label when it is metered.
-pub(crate) fn count_published(topic: &str, metered: bool, n: usize) {
-    metrics::counter!(crate::metrics::PUBLISHED).increment(n as u64);
+pub(crate) fn count_published(m: &EngineMetrics, topic: &str, metered: bool, n: usize) {
+    m.published.increment(n as u64);
     if metered {
         metrics::counter!(crate::metrics::PUBLISHED, "topic" => topic.to_owned())
             .increment(n as u64);
@@ -354,6 +390,7 @@ impl Engine {
             store,
             recovered_events,
             global_bytes,
+            metrics: EngineMetrics::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
             janitor: parking_lot::Mutex::new(None),
         });
@@ -449,7 +486,7 @@ impl Engine {
                             offset, version, now, event_type, e.headers, e.payload,
                         )));
                     }
-                    count_published(topic, state.metered, assigned.len());
+                    count_published(&self.inner.metrics, topic, state.metered, assigned.len());
                     state.push(assigned, now);
                     drop(state);
                     t.touch(now);
@@ -457,6 +494,7 @@ impl Engine {
                     return Ok(PendingPublish {
                         pending: Pending::Ready(Some(acks)),
                         started,
+                        ack_seconds: self.inner.metrics.ack_seconds.clone(),
                     });
                 }
                 Some(store) => {
@@ -478,6 +516,7 @@ impl Engine {
                     return Ok(PendingPublish {
                         pending: Pending::Waiting(rx),
                         started,
+                        ack_seconds: self.inner.metrics.ack_seconds.clone(),
                     });
                 }
             }

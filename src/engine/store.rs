@@ -376,6 +376,7 @@ impl Store {
         let (tx, rx) = mpsc::unbounded_channel();
         let topics: Vec<Arc<Topic>> = recovered.iter().map(|r| r.topic.clone()).collect();
         let writer = Writer {
+            metrics: super::EngineMetrics::new(),
             db: db.clone(),
             syncer: syncer.clone(),
             fsync: durability == Durability::Fsync,
@@ -624,6 +625,7 @@ enum Done {
 }
 
 struct Writer {
+    metrics: super::EngineMetrics,
     db: sled::Db,
     syncer: Arc<FileSync>,
     fsync: bool,
@@ -790,7 +792,7 @@ impl Writer {
                 Ok(())
             }
         });
-        metrics::histogram!(crate::metrics::FLUSH_SECONDS).record(write_started.elapsed());
+        self.metrics.flush_seconds.record(write_started.elapsed());
         tracing::trace!(ops = done.len(), elapsed = ?started.elapsed(), "batch written");
         if let Err(e) = &result {
             tracing::error!(error = %e, "storage write failed; publishes in this batch are refused");
@@ -829,7 +831,12 @@ impl Writer {
                     let trimmed = {
                         let mut state = topic.state.write();
                         let before = state.first_offset();
-                        super::count_published(&topic.name, state.metered, events.len());
+                        super::count_published(
+                            &self.metrics,
+                            &topic.name,
+                            state.metered,
+                            events.len(),
+                        );
                         state.push(events, now);
                         state.first_offset() != before
                     };

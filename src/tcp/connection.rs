@@ -84,6 +84,9 @@ impl Future for InFlight {
 struct Session<'a> {
     conn: &'a Connection,
     out: mpsc::Sender<Bytes>,
+    /// Replies encoded but not yet handed to the writer: replies to one read
+    /// of pipelined requests go to the writer together.
+    replies: BytesMut,
     pumps: HashMap<u64, Pump>,
     in_flight: FuturesUnordered<InFlight>,
 }
@@ -126,6 +129,7 @@ impl Connection {
         let mut session = Session {
             conn: &self,
             out,
+            replies: BytesMut::new(),
             pumps: HashMap::new(),
             in_flight: FuturesUnordered::new(),
         };
@@ -195,7 +199,7 @@ impl Session<'_> {
                     heartbeat_ms: u32::try_from(settings.heartbeat.as_millis())
                         .unwrap_or(u32::MAX),
                 };
-                if self.send(&welcome).await.is_err() {
+                if self.send(&welcome).await.is_err() || self.flush().await.is_err() {
                     return Stop::Closed;
                 }
             }
@@ -221,6 +225,13 @@ impl Session<'_> {
         let dead_after = settings.heartbeat * 3;
         let mut deadline = Instant::now() + dead_after;
         let bytes_in = metrics::counter!(crate::metrics::BYTES_IN, "transport" => "tcp");
+        // Created once, not per iteration: each creation registers a waiter
+        // or a timer, which is measurable per pipelined request.
+        let killed = self.conn.kill.cancelled();
+        let shutting_down = self.conn.shutdown.cancelled();
+        let writer_gone = writer_done.cancelled();
+        let silence = tokio::time::sleep_until(deadline);
+        tokio::pin!(killed, shutting_down, writer_gone, silence);
         loop {
             while self.in_flight.len() < settings.max_in_flight {
                 match decoder.decode(&mut buf) {
@@ -238,12 +249,15 @@ impl Session<'_> {
                     }
                 }
             }
+            if self.flush().await.is_err() {
+                return Stop::Closed;
+            }
             let can_read = self.in_flight.len() < settings.max_in_flight;
             tokio::select! {
                 biased;
-                _ = self.conn.kill.cancelled() => return Stop::Killed,
-                _ = self.conn.shutdown.cancelled() => return Stop::Shutdown,
-                _ = writer_done.cancelled() => return Stop::Closed,
+                _ = &mut killed => return Stop::Killed,
+                _ = &mut shutting_down => return Stop::Shutdown,
+                _ = &mut writer_gone => return Stop::Closed,
                 Some((id, batch, result)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     if self.reply_publish(id, batch, result).await.is_err() {
                         return Stop::Closed;
@@ -265,7 +279,11 @@ impl Session<'_> {
                         return Stop::Closed;
                     }
                 },
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = &mut silence => {
+                    if Instant::now() < deadline {
+                        silence.as_mut().reset(deadline);
+                        continue;
+                    }
                     tracing::info!(peer = %self.conn.peer, "peer silent for three heartbeats; closing");
                     return Stop::Closed;
                 }
@@ -424,7 +442,11 @@ impl Session<'_> {
         events: Vec<crate::engine::NewEvent>,
     ) -> Result<(), Stop> {
         match self.conn.engine.start_publish(topic, events) {
-            Ok(acks) => {
+            Ok(mut acks) => {
+                // Already acknowledged (memory mode): answer without queueing.
+                if let Some(result) = acks.take_ready() {
+                    return self.reply_publish(request_id, batch, result).await;
+                }
                 self.in_flight.push(InFlight {
                     request_id,
                     batch,
@@ -499,6 +521,8 @@ impl Session<'_> {
             next_offset: sub.live_offset(),
         })
         .await?;
+        // `Subscribed` must reach the writer before the first push.
+        self.flush().await?;
         let cancel = CancellationToken::new();
         let handle =
             self.conn
@@ -525,19 +549,38 @@ impl Session<'_> {
                 reason: "the broker is shutting down; reconnect with backoff".into(),
             })
             .await;
+        let _ = self.flush().await;
     }
 
-    async fn send(&self, msg: &ServerMessage) -> Result<(), Stop> {
-        let mut buf = BytesMut::new();
-        encode_frame(msg, &mut buf).map_err(|_| Stop::Closed)?;
-        self.out.send(buf.freeze()).await.map_err(|_| Stop::Closed)
+    /// Queues a reply; it reaches the writer at the next [`flush`](Self::flush)
+    /// (or at once when the queue is large).
+    async fn send(&mut self, msg: &ServerMessage) -> Result<(), Stop> {
+        encode_frame(msg, &mut self.replies).map_err(|_| Stop::Closed)?;
+        if self.replies.len() >= PUMP_CHUNK {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
-    async fn reply(&self, msg: ServerMessage) -> Result<(), Stop> {
+    /// Hands queued replies to the writer.
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.replies.is_empty() {
+            return Ok(());
+        }
+        let frames = self.replies.split().freeze();
+        self.out.send(frames).await.map_err(|_| Stop::Closed)
+    }
+
+    async fn reply(&mut self, msg: ServerMessage) -> Result<(), Stop> {
         self.send(&msg).await
     }
 
-    async fn error(&self, request_id: u64, code: ErrorCode, message: String) -> Result<(), Stop> {
+    async fn error(
+        &mut self,
+        request_id: u64,
+        code: ErrorCode,
+        message: String,
+    ) -> Result<(), Stop> {
         self.send(&ServerMessage::Error {
             request_id: Some(request_id),
             code,
@@ -546,14 +589,14 @@ impl Session<'_> {
         .await
     }
 
-    async fn engine_error(&self, request_id: u64, e: EngineError) -> Result<(), Stop> {
+    async fn engine_error(&mut self, request_id: u64, e: EngineError) -> Result<(), Stop> {
         tracing::debug!(peer = %self.conn.peer, request_id, error = %e, "request refused");
         self.error(request_id, wire::error_code(&e), e.to_string())
             .await
     }
 
     /// Sends a connection-level error; the connection then closes.
-    async fn fatal(&self, code: ErrorCode, message: String) -> Stop {
+    async fn fatal(&mut self, code: ErrorCode, message: String) -> Stop {
         tracing::info!(peer = %self.conn.peer, ?code, %message, "closing connection on protocol error");
         let _ = self
             .send(&ServerMessage::Error {
@@ -562,6 +605,7 @@ impl Session<'_> {
                 message,
             })
             .await;
+        let _ = self.flush().await;
         Stop::Closed
     }
 }
@@ -577,10 +621,12 @@ async fn pump(
     let topic = sub.topic().to_owned();
     let mut buf = BytesMut::new();
     let delivered = metrics::counter!(crate::metrics::DELIVERED, "transport" => "tcp");
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let first = tokio::select! {
             biased;
-            _ = cancel.cancelled() => return,
+            _ = &mut cancelled => return,
             d = sub.recv() => d,
         };
         let Some(mut delivery) = first else { return };
@@ -619,7 +665,7 @@ async fn pump(
         let frames = buf.split().freeze();
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => return,
+            _ = &mut cancelled => return,
             r = out.send(frames) => if r.is_err() { return },
         }
         if ended {
@@ -674,10 +720,12 @@ async fn write_loop(
     let mut frames: Vec<Bytes> = Vec::with_capacity(256);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let bytes_out = metrics::counter!(crate::metrics::BYTES_OUT, "transport" => "tcp");
+    let killed = kill.cancelled();
+    tokio::pin!(killed);
     loop {
         let received = tokio::select! {
             biased;
-            _ = kill.cancelled() => return,
+            _ = &mut killed => return,
             r = tokio::time::timeout(heartbeat, rx.recv_many(&mut frames, 256)) => r,
         };
         match received {
@@ -700,7 +748,7 @@ async fn write_loop(
         };
         let result = tokio::select! {
             biased;
-            _ = kill.cancelled() => return,
+            _ = &mut killed => return,
             r = tokio::time::timeout(stall, write) => r,
         };
         frames.clear();
