@@ -631,11 +631,14 @@ async fn pump(
         };
         let Some(mut delivery) = first else { return };
         let mut ended = false;
+        // Counted per hand-off, not per event: one shared atomic bumped by
+        // every pump for every event is a contended cache line.
+        let mut events = 0;
         loop {
             ended |= matches!(delivery, Delivery::End { .. });
             let msg = match delivery {
                 Delivery::Event(e) => {
-                    delivered.increment(1);
+                    events += 1;
                     put_event_frame(&mut buf, subscription_id, &topic, &e);
                     None
                 }
@@ -662,6 +665,7 @@ async fn pump(
                 None => break,
             }
         }
+        delivered.increment(events);
         let frames = buf.split().freeze();
         tokio::select! {
             biased;
@@ -701,6 +705,46 @@ fn put_event_frame(buf: &mut BytesMut, subscription_id: u64, topic: &str, event:
     buf.extend_from_slice(&frame[SUBSCRIPTION_ID_AT.end..]);
 }
 
+/// Writes every chunk with as few `writev` calls as the socket allows,
+/// without first copying them into one buffer; empties `chunks`.
+async fn write_all_vectored(
+    wr: &mut OwnedWriteHalf,
+    chunks: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
+    use bytes::Buf;
+    use std::io::IoSlice;
+    const MAX_SLICES: usize = 64;
+    let mut first = 0;
+    loop {
+        while first < chunks.len() && chunks[first].is_empty() {
+            first += 1;
+        }
+        if first == chunks.len() {
+            break;
+        }
+        let slices: Vec<IoSlice<'_>> = chunks[first..]
+            .iter()
+            .take(MAX_SLICES)
+            .map(|c| IoSlice::new(c))
+            .collect();
+        let mut written = wr.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let chunk = &mut chunks[first];
+            let n = written.min(chunk.len());
+            chunk.advance(n);
+            written -= n;
+            if chunk.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    chunks.clear();
+    Ok(())
+}
+
 /// Writes queued frames, many per syscall; sends a heartbeat when idle.
 /// A write stalled for three heartbeats means a dead or stuck peer.
 async fn write_loop(
@@ -718,7 +762,6 @@ async fn write_loop(
     let heartbeat_frame = heartbeat_frame.freeze();
     let stall = (heartbeat * 3).max(Duration::from_secs(1));
     let mut frames: Vec<Bytes> = Vec::with_capacity(256);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
     let bytes_out = metrics::counter!(crate::metrics::BYTES_OUT, "transport" => "tcp");
     let killed = kill.cancelled();
     tokio::pin!(killed);
@@ -734,18 +777,7 @@ async fn write_loop(
             Err(_) => frames.push(heartbeat_frame.clone()),
         }
         bytes_out.increment(frames.iter().map(|f| f.len() as u64).sum());
-        let write = async {
-            if frames.len() == 1 {
-                wr.write_all(&frames[0]).await
-            } else {
-                for f in &frames {
-                    buf.extend_from_slice(f);
-                }
-                let r = wr.write_all(&buf).await;
-                buf.clear();
-                r
-            }
-        };
+        let write = write_all_vectored(&mut wr, &mut frames);
         let result = tokio::select! {
             biased;
             _ = &mut killed => return,
