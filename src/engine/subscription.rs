@@ -202,74 +202,79 @@ impl Subscription {
     /// Reads from the ring into the queue. Returns true when it stopped
     /// early (scan budget) and should be called again without waiting.
     fn fill(&mut self) -> bool {
-        let topic = self.topic.clone();
+        // Disjoint borrows: the topic's lock guard lives beside the mutable
+        // cursor and queue (no Arc clone of the topic per fill).
+        let Self {
+            topic,
+            types,
+            cursor,
+            resume,
+            queue,
+            finished,
+            ..
+        } = self;
         let state = topic.state.read();
+        let end_now = |queue: &mut VecDeque<Delivery>, finished: &mut bool| {
+            queue.push_back(Delivery::End {
+                last_offset: state.last_offset(),
+            });
+            *finished = true;
+        };
         if state.deleted {
-            self.end(&state);
+            end_now(queue, finished);
             return false;
         }
         let first = state.first_offset();
-        if self.cursor < first {
-            self.queue.push_back(Delivery::Gap(Gap {
-                topic: self.topic.name.to_string(),
+        if *cursor < first {
+            queue.push_back(Delivery::Gap(Gap {
+                topic: topic.name.to_string(),
                 event_type: None,
                 reason: GapReason::SlowConsumer,
                 epoch: state.epoch,
-                requested: self.cursor - 1,
+                requested: *cursor - 1,
                 first_available: first,
                 current: state.last_offset(),
             }));
-            self.cursor = state.next_offset();
-            self.resume = None;
+            *cursor = state.next_offset();
+            *resume = None;
             metrics::counter!(crate::metrics::GAPS, "reason" => "slow_consumer").increment(1);
             metrics::counter!(crate::metrics::SLOW_CONSUMERS).increment(1);
-            tracing::warn!(topic = %self.topic.name, "subscriber fell behind the ring: gap(slow_consumer)");
+            tracing::warn!(topic = %topic.name, "subscriber fell behind the ring: gap(slow_consumer)");
         }
         let end = state.next_offset();
         let mut scanned = 0;
-        while self.cursor < end && self.queue.len() < BATCH {
+        while *cursor < end && queue.len() < BATCH {
             if scanned == SCAN {
                 return true;
             }
             scanned += 1;
             // Offsets in the ring are contiguous and cursor >= first.
-            let Some(event) = state.get(self.cursor) else {
+            let Some(event) = state.get(*cursor) else {
                 break;
             };
-            self.cursor += 1;
-            if let Some(types) = &self.types {
+            *cursor += 1;
+            if let Some(types) = types {
                 if !types.iter().any(|t| **t == *event.event_type) {
                     continue;
                 }
             }
-            if let Some(resume) = &self.resume {
-                if event.offset < resume.live_from {
-                    match resume.after.get(&*event.event_type) {
+            if let Some(r) = resume {
+                if event.offset < r.live_from {
+                    match r.after.get(&*event.event_type) {
                         Some(v) if event.version > *v => {}
                         _ => continue,
                     }
                 }
             }
-            self.queue.push_back(Delivery::Event(event.clone()));
+            queue.push_back(Delivery::Event(event.clone()));
         }
-        if self
-            .resume
-            .as_ref()
-            .is_some_and(|r| self.cursor >= r.live_from)
-        {
-            self.resume = None;
+        if resume.as_ref().is_some_and(|r| *cursor >= r.live_from) {
+            *resume = None;
         }
-        if self.cursor >= end && state.is_ended() {
-            self.end(&state);
+        if *cursor >= end && state.is_ended() {
+            end_now(queue, finished);
         }
         false
-    }
-
-    fn end(&mut self, state: &TopicState) {
-        self.queue.push_back(Delivery::End {
-            last_offset: state.last_offset(),
-        });
-        self.finished = true;
     }
 }
 
