@@ -63,7 +63,8 @@ impl Resume {
     /// start of live and not a named type above its version. Only checked
     /// once resuming by offset, when the broker no longer filters for us.
     fn replay_excludes(&self, event: &WireEvent) -> bool {
-        let (Some(live_from), Start::AfterVersions { versions, .. }) = (self.live_from, &self.start)
+        let (Some(live_from), Start::AfterVersions { versions, .. }) =
+            (self.live_from, &self.start)
         else {
             return false;
         };
@@ -352,7 +353,10 @@ mod tests {
         // Resumed by offset, the broker sends everything after 10: below
         // live (20) only named types above their versions pass.
         r.on_subscribed(9, 25);
-        assert!(!deliver(&mut r, &event(11, "c", 1)), "unnamed type in the replay range");
+        assert!(
+            !deliver(&mut r, &event(11, "c", 1)),
+            "unnamed type in the replay range"
+        );
         assert!(!deliver(&mut r, &event(12, "b", 7)), "b 7 was already had");
         assert!(deliver(&mut r, &event(13, "b", 8)));
         assert!(deliver(&mut r, &event(20, "c", 2)), "live: every type");
