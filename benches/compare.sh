@@ -1,0 +1,320 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of ringcast against Redis and NATS (see BENCHMARKS.md).
+#
+#   benches/compare.sh            # full suite, under 15 minutes on 2 cores
+#   benches/compare.sh --quick    # smaller N, fewer rows, under 3 minutes (once built)
+#
+# Installs redis-server and nats-server if absent (Debian packages), builds
+# ringcastd and ringcast-bench in release, starts every server on loopback
+# on free ports with a fresh temp directory, runs each scenario through the
+# system's real client (ringcast-bench), stops everything it started, and
+# prints one Markdown table plus the targets met or missed.
+#
+# Environment: BENCH_TMPDIR (where data dirs go; default: mktemp's, i.e.
+# $TMPDIR or /tmp — put it on the disk you want to measure), CARGO_TARGET_DIR.
+set -euo pipefail
+# Debian installs nats-server in /usr/sbin, which a non-root PATH may lack.
+PATH=$PATH:/usr/sbin:/sbin
+
+QUICK=0
+for arg in "$@"; do
+    case "$arg" in
+        --quick) QUICK=1 ;;
+        -h | --help)
+            sed -n '2,15p' "$0"
+            exit 0
+            ;;
+        *)
+            echo "compare.sh: unknown argument $arg (use --quick or nothing)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+# ---------------------------------------------------------------- sizes
+# REPEAT: runs of each publish / fanout / resume row; the median is reported.
+if ((QUICK)); then
+    N128=50000 N4K=10000
+    FANOUT=("1:50000" "100:5000")
+    LAT_S=3
+    SSE_N=1000
+    REPEAT=1
+else
+    N128=1000000 N4K=100000
+    # subscribers:messages — 0.5M to 3M deliveries per row
+    FANOUT=("1:500000" "10:100000" "100:20000" "1000:3000")
+    LAT_S=10
+    SSE_N=10000
+    REPEAT=3
+fi
+RESUME_N=100000
+WINDOW=1024
+# Retention, the same everywhere: ringcast topics.max_events, Redis
+# XADD MAXLEN ~, JetStream max_msgs. Steady-state publishing then includes
+# trimming on every system. (ringcast's default is 10,000; resume needs
+# 100,000.)
+RETAIN=200000
+
+# ---------------------------------------------------------------- limits
+# The SSE row holds SSE_N sockets in the client and in the server, the
+# 1000-subscriber row 2000: raise the descriptor limit for both (inherited).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if (($(ulimit -n) < SSE_N + 256)); then
+    echo "compare.sh: ulimit -n is $(ulimit -n); SSE row reduced" >&2
+    SSE_N=$(($(ulimit -n) - 256))
+fi
+
+# ---------------------------------------------------------------- peers
+if ! command -v redis-server >/dev/null || ! command -v nats-server >/dev/null; then
+    SUDO=()
+    if (($(id -u) != 0)); then SUDO=(sudo); fi
+    echo "== installing redis-server and nats-server" >&2
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nats-server >/dev/null
+fi
+REDIS_SERVER=$(command -v redis-server)
+NATS_SERVER=$(command -v nats-server)
+
+# ---------------------------------------------------------------- build
+echo "== building ringcastd and ringcast-bench (release)" >&2
+cargo build --release --quiet -p ringcast --bin ringcastd
+cargo build --release --quiet -p ringcast-bench
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+RINGCASTD=$TARGET_DIR/release/ringcastd
+BENCH=$TARGET_DIR/release/ringcast-bench
+
+# ---------------------------------------------------------------- lifecycle
+WORK=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/ringcast-compare.XXXXXX")
+RESULTS=$WORK/results.jsonl
+: >"$RESULTS"
+STARTED=()
+
+stop_pid() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 150; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local pid
+    for pid in "${STARTED[@]}"; do stop_pid "$pid"; done
+    if [[ -s $RESULTS ]]; then
+        mkdir -p "$TARGET_DIR"
+        cp "$RESULTS" "$TARGET_DIR/compare-results.jsonl"
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A free loopback port below the ephemeral range (so that no client socket
+# of this run can take it meanwhile), not used by this run yet.
+USED_PORTS=" "
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 12000))
+        [[ $USED_PORTS == *" $p "* ]] && continue
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            USED_PORTS+="$p "
+            echo "$p"
+            return
+        fi
+    done
+}
+
+wait_port() {
+    local port=$1 pid=$2 i
+    for ((i = 0; i < 300; i++)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "compare.sh: server $pid exited before listening on $port" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+    echo "compare.sh: nothing listening on $port after 30 s" >&2
+    return 1
+}
+
+SRV_PID= SRV_ADDR= SRV_HTTP=
+stop_server() {
+    stop_pid "$SRV_PID"
+    local keep=() pid
+    for pid in "${STARTED[@]}"; do [[ $pid == "$SRV_PID" ]] || keep+=("$pid"); done
+    STARTED=("${keep[@]}")
+    SRV_PID=
+}
+
+# ringcastd in one durability mode, fresh data dir. Retention is raised so
+# that every scenario's events stay in the ring (resume needs 100,000; the
+# default max_events is 10,000), and the connection limits cover the SSE
+# and 1000-subscriber rows.
+start_ringcast() {
+    local mode=$1 tcp http dir
+    tcp=$(free_port)
+    http=$(free_port)
+    dir=$WORK/ringcast-$mode-$RANDOM
+    RINGCAST_LOG_FILTER=warn \
+        RINGCAST_TOPICS_MAX_EVENTS=$RETAIN \
+        RINGCAST_TOPICS_MAX_BYTES=1GiB \
+        RINGCAST_LIMITS_MAX_RETAINED_BYTES=8GiB \
+        RINGCAST_LIMITS_MAX_TCP_CONNECTIONS=20000 \
+        RINGCAST_LIMITS_MAX_SSE_CONNECTIONS=20000 \
+        "$RINGCASTD" --durability "$mode" --data-dir "$dir" \
+        --tcp-listen "127.0.0.1:$tcp" --http-listen "127.0.0.1:$http" \
+        >>"$WORK/ringcastd.log" 2>&1 &
+    SRV_PID=$!
+    STARTED+=("$SRV_PID")
+    wait_port "$tcp" "$SRV_PID"
+    wait_port "$http" "$SRV_PID"
+    SRV_ADDR=127.0.0.1:$tcp
+    SRV_HTTP=127.0.0.1:$http
+    echo "== ringcastd --durability $mode (pid $SRV_PID, $SRV_ADDR)" >&2
+}
+
+# redis-server: no RDB snapshots; AOF with the given appendfsync, or none.
+start_redis() {
+    local fsync=$1 port dir args
+    port=$(free_port)
+    dir=$WORK/redis-$fsync-$RANDOM
+    mkdir -p "$dir"
+    args=(--port "$port" --bind 127.0.0.1 --dir "$dir" --save '' --daemonize no
+        --logfile "$WORK/redis.log" --maxclients 20000)
+    if [[ $fsync == none ]]; then
+        args+=(--appendonly no)
+    else
+        args+=(--appendonly yes --appendfsync "$fsync")
+    fi
+    "$REDIS_SERVER" "${args[@]}" &
+    SRV_PID=$!
+    STARTED+=("$SRV_PID")
+    wait_port "$port" "$SRV_PID"
+    SRV_ADDR=127.0.0.1:$port
+    echo "== redis-server appendfsync=$fsync (pid $SRV_PID, $SRV_ADDR)" >&2
+}
+
+# nats-server: core only, or with JetStream (file store in a fresh dir).
+start_nats() {
+    local js=$1 port dir args
+    port=$(free_port)
+    args=(-a 127.0.0.1 -p "$port" -l "$WORK/nats.log")
+    if [[ $js == js ]]; then
+        dir=$WORK/nats-$RANDOM
+        mkdir -p "$dir"
+        args+=(-js -sd "$dir")
+    fi
+    "$NATS_SERVER" "${args[@]}" &
+    SRV_PID=$!
+    STARTED+=("$SRV_PID")
+    wait_port "$port" "$SRV_PID"
+    SRV_ADDR=127.0.0.1:$port
+    echo "== nats-server ${js} (pid $SRV_PID, $SRV_ADDR)" >&2
+}
+
+FAILED=0
+# bench TARGET LABEL SCENARIO ARGS... — one ringcast-bench run; a failure is
+# reported and counted, and the suite goes on.
+bench() {
+    local target=$1 label=$2
+    shift 2
+    local extra=()
+    [[ $target == ringcast ]] && extra=(--metrics-addr "$SRV_HTTP")
+    if ! "$BENCH" --target "$target" --addr "$SRV_ADDR" --server-pid "$SRV_PID" \
+        --label "$label" --repeat "$REPEAT" --retain "$RETAIN" --out "$RESULTS" \
+        "${extra[@]}" "$@" >/dev/null; then
+        echo "compare.sh: FAILED: $label ($*)" >&2
+        FAILED=$((FAILED + 1))
+    fi
+}
+
+publish_pair() { # target label-prefix label-suffix
+    bench "$1" "publish128.$2" publish --n "$N128" --payload 128 --window "$WINDOW"
+    bench "$1" "publish4096.$2" publish --n "$N4K" --payload 4096 --window "$WINDOW"
+}
+
+fanout_rows() { # target label-system
+    local spec s m
+    for spec in "${FANOUT[@]}"; do
+        s=${spec%%:*} m=${spec##*:}
+        bench "$1" "fanout$s.$2" fanout --subscribers "$s" --n "$m" --payload 128 --window "$WINDOW"
+    done
+}
+
+BEGIN=$(date +%s)
+
+# ---------------------------------------------------------------- ringcast
+start_ringcast fsync
+publish_pair ringcast ringcast.fsync
+stop_server
+
+start_ringcast interval
+publish_pair ringcast ringcast.interval
+bench ringcast resume.ringcast resume --n "$RESUME_N" --payload 128
+bench ringcast resume.ringcast.buf16k --dest bench16k --sub-buffer 16384 resume --n "$RESUME_N" --payload 128
+stop_server
+
+start_ringcast memory
+publish_pair ringcast ringcast.memory
+fanout_rows ringcast ringcast
+# The SDK pauses a subscription whose queue (default 1,024) fills and
+# re-subscribes it later: the same row with a deeper queue shows its cost.
+for spec in "${FANOUT[@]}"; do
+    [[ ${spec%%:*} == 100 ]] || continue
+    bench ringcast fanout100.ringcast.buf16k --dest bench16k --sub-buffer 16384 \
+        fanout --subscribers 100 --n "${spec##*:}" --payload 128 --window "$WINDOW"
+done
+bench ringcast latency.ringcast latency --rate 10000 --duration-s "$LAT_S" --payload 128
+stop_server
+
+start_ringcast memory # fresh process: a clean RSS baseline
+bench ringcast sse.ringcast sse --http-addr "$SRV_HTTP" --connections "$SSE_N" --broadcasts 5
+stop_server
+
+# ---------------------------------------------------------------- Redis
+start_redis always
+publish_pair redis-streams redis-xadd.always
+stop_server
+
+start_redis everysec
+publish_pair redis-streams redis-xadd.everysec
+bench redis-streams resume.redis resume --n "$RESUME_N" --payload 128 --page 1000
+stop_server
+
+start_redis none
+publish_pair redis-pubsub redis-publish
+fanout_rows redis-pubsub redis
+bench redis-pubsub latency.redis latency --rate 10000 --duration-s "$LAT_S" --payload 128
+stop_server
+
+# ---------------------------------------------------------------- NATS
+start_nats js
+publish_pair nats-jetstream jetstream
+bench nats-jetstream resume.jetstream resume --n "$RESUME_N" --payload 128
+stop_server
+
+start_nats core
+publish_pair nats-core nats-core
+fanout_rows nats-core nats
+bench nats-core latency.nats latency --rate 10000 --duration-s "$LAT_S" --payload 128
+stop_server
+
+# ---------------------------------------------------------------- report
+END=$(date +%s)
+echo >&2
+echo "== $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)," \
+    "$("$REDIS_SERVER" --version | grep -o 'v=[0-9.]*'), nats-server $("$NATS_SERVER" --version | grep -o '[0-9][0-9.]*$')," \
+    "$((END - BEGIN)) s$( ((QUICK)) && echo ' (--quick)'), load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+"$BENCH" report "$RESULTS"
+echo >&2
+echo "== results: $TARGET_DIR/compare-results.jsonl" >&2
+((FAILED == 0)) || echo "== $FAILED scenario(s) FAILED (see above)" >&2
+exit $((FAILED > 0))

@@ -1,0 +1,335 @@
+//! `ringcast-bench`: runs one workload against one target through that
+//! target's real client and prints one JSON line of results (stdout) and one
+//! human line (stderr). `benches/compare.sh` starts the servers and runs the
+//! whole side-by-side suite; `ringcast-bench report` renders its table.
+//!
+//! ```text
+//! ringcast-bench --target ringcast --addr 127.0.0.1:7411 --server-pid 123 \
+//!     --label publish128.ringcast.fsync publish --n 200000 --payload 128
+//! ```
+
+mod common;
+mod report;
+mod scenarios;
+mod sse;
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use common::{Record, Target};
+
+#[derive(Debug, Parser)]
+#[command(name = "ringcast-bench", version, about)]
+struct Args {
+    /// System under test.
+    #[arg(long, global = true, value_enum, default_value = "ringcast")]
+    target: Target,
+    /// `host:port` of the target (ringcast: its TCP listener).
+    #[arg(long, global = true, default_value = "127.0.0.1:7411")]
+    addr: String,
+    /// Server process id: CPU time (utime+stime) and RSS are read from
+    /// /proc/<pid> before and after the measured part.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Label stored in the result (the report pairs rows by label).
+    #[arg(long, global = true, default_value = "")]
+    label: String,
+    /// Topic / subject / key prefix.
+    #[arg(long, global = true, default_value = "bench")]
+    dest: String,
+    /// ringcast SDK deliveries buffered per subscription.
+    #[arg(long, global = true, default_value_t = 1024)]
+    sub_buffer: usize,
+    /// ringcast only: `host:port` of its HTTP listener; the broker's own
+    /// delivery counter (`/metrics`) is then reported as `server_deliveries`.
+    #[arg(long, global = true)]
+    metrics_addr: Option<String>,
+    /// Redis Streams / JetStream: keep at most this many entries per stream
+    /// (`XADD MAXLEN ~ N`, `max_msgs`), as ringcast's `topics.max_events`
+    /// does; 0 = unbounded.
+    #[arg(long, global = true, default_value_t = 0)]
+    retain: u64,
+    /// Runs of publish / fanout / resume (fresh topics each); the median
+    /// run is reported, with every run's figure in `runs`.
+    #[arg(long, global = true, default_value_t = 1)]
+    repeat: usize,
+    /// Also append the JSON line to this file.
+    #[arg(long, global = true)]
+    out: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Pipelined publish throughput.
+    Publish {
+        /// Messages (after an untimed warm-up of n/20, at most 5,000).
+        #[arg(long, default_value_t = 100_000)]
+        n: u64,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 128)]
+        payload: usize,
+        /// Publishes in flight (unacknowledged) at once.
+        #[arg(long, default_value_t = 1024)]
+        window: usize,
+    },
+    /// S subscribers (one connection each) on one topic, one publisher.
+    Fanout {
+        /// Subscribers.
+        #[arg(long, default_value_t = 10)]
+        subscribers: usize,
+        /// Messages published.
+        #[arg(long, default_value_t = 10_000)]
+        n: u64,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 128)]
+        payload: usize,
+        /// Publishes in flight at once.
+        #[arg(long, default_value_t = 1024)]
+        window: usize,
+        /// Give up when no delivery happened for this long (seconds).
+        #[arg(long, default_value_t = 3.0)]
+        idle_s: f64,
+    },
+    /// Publish→receive latency at a paced rate, one subscriber.
+    Latency {
+        /// Messages per second.
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 10.0)]
+        duration_s: f64,
+        /// Unmeasured warm-up seconds before.
+        #[arg(long, default_value_t = 1.0)]
+        warmup_s: f64,
+        /// Payload bytes (at least 9: timestamp + flag).
+        #[arg(long, default_value_t = 128)]
+        payload: usize,
+    },
+    /// A reader that missed `n` events catches up from the beginning.
+    Resume {
+        /// Events stored before the reader starts.
+        #[arg(long, default_value_t = 100_000)]
+        n: u64,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 128)]
+        payload: usize,
+        /// Redis Streams: entries per XREAD.
+        #[arg(long, default_value_t = 1000)]
+        page: usize,
+    },
+    /// ringcast only: N idle SSE connections, RSS per connection, broadcast delivery.
+    Sse {
+        /// `host:port` of ringcast's HTTP listener.
+        #[arg(long, default_value = "127.0.0.1:7480")]
+        http_addr: String,
+        /// Concurrent SSE connections.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Events broadcast to all of them, one at a time.
+        #[arg(long, default_value_t = 5)]
+        broadcasts: u64,
+        /// Connections being opened at once.
+        #[arg(long, default_value_t = 256)]
+        open_concurrency: usize,
+    },
+    /// Renders the comparison table from a file of JSON result lines.
+    Report {
+        /// The results file (one JSON object per line).
+        results: String,
+    },
+}
+
+/// Arguments every scenario uses.
+#[derive(Clone)]
+pub struct Common {
+    target: Target,
+    addr: String,
+    server_pid: Option<u32>,
+    label: String,
+    dest: String,
+    sub_buffer: usize,
+    metrics_addr: Option<String>,
+    retain: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Scenario::Report { results } = &args.scenario {
+        return match report::run(results) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringcast-bench: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringcast-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    common::now_ns(); // fix the clock base
+    let c = Common {
+        target: args.target,
+        addr: args.addr.clone(),
+        server_pid: args.server_pid,
+        label: if args.label.is_empty() {
+            args.target.name().to_owned()
+        } else {
+            args.label.clone()
+        },
+        dest: args.dest.clone(),
+        sub_buffer: args.sub_buffer,
+        metrics_addr: args.metrics_addr.clone(),
+        retain: args.retain,
+    };
+    // Throughput scenarios may run several times (fresh topics each time);
+    // the run with the median figure is reported, with every run's figure.
+    let (repeat, key) = match &args.scenario {
+        Scenario::Publish { .. } | Scenario::Fanout { .. } => (args.repeat.max(1), "msgs_per_s"),
+        Scenario::Resume { .. } => (args.repeat.max(1), "events_per_s"),
+        _ => (1, ""),
+    };
+    let mut runs = Vec::with_capacity(repeat);
+    for i in 0..repeat {
+        let mut c = c.clone();
+        if repeat > 1 {
+            c.dest = format!("{}.run{i}", c.dest);
+        }
+        runs.push(run_once(&c, &args.scenario).await?);
+    }
+    let rec = median_run(runs, key);
+    emit(&rec, args.out.as_deref())
+}
+
+/// The run whose `key` is the median, with `runs` (every run's figure) and
+/// `spread` ((max − min) / median) added.
+fn median_run(mut runs: Vec<Record>, key: &str) -> Record {
+    if runs.len() == 1 {
+        return runs.pop().expect("one run");
+    }
+    let fig = |r: &Record| r.num(key).unwrap_or(0.0);
+    runs.sort_by(|a, b| fig(a).total_cmp(&fig(b)));
+    let figures: Vec<f64> = runs.iter().map(fig).collect();
+    let mid = runs.len() / 2;
+    let mut rec = runs.swap_remove(mid);
+    let median = figures[mid];
+    if median > 0.0 {
+        let spread = (figures[figures.len() - 1] - figures[0]) / median;
+        rec.set("spread", common::round(spread, 3));
+    }
+    rec.set("runs", figures);
+    rec
+}
+
+async fn run_once(c: &Common, scenario: &Scenario) -> Result<Record> {
+    Ok(match *scenario {
+        Scenario::Publish { n, payload, window } => {
+            scenarios::publish(c, n, payload, window).await?
+        }
+        Scenario::Fanout {
+            subscribers,
+            n,
+            payload,
+            window,
+            idle_s,
+        } => {
+            scenarios::fanout(
+                c,
+                subscribers,
+                n,
+                payload,
+                window,
+                Duration::from_secs_f64(idle_s),
+            )
+            .await?
+        }
+        Scenario::Latency {
+            rate,
+            duration_s,
+            warmup_s,
+            payload,
+        } => {
+            scenarios::latency(
+                c,
+                rate,
+                Duration::from_secs_f64(duration_s),
+                Duration::from_secs_f64(warmup_s),
+                payload.max(9),
+            )
+            .await?
+        }
+        Scenario::Resume { n, payload, page } => scenarios::resume(c, n, payload, page).await?,
+        Scenario::Sse {
+            ref http_addr,
+            connections,
+            broadcasts,
+            open_concurrency,
+        } => sse::run(c, http_addr, connections, broadcasts, open_concurrency).await?,
+        Scenario::Report { .. } => unreachable!("handled in main"),
+    })
+}
+
+/// Prints the JSON line (stdout, and `out` if given) and a human line (stderr).
+fn emit(rec: &Record, out: Option<&std::path::Path>) -> Result<()> {
+    let line = serde_json::to_string(&rec.0)?;
+    println!("{line}");
+    if let Some(path) = out {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        writeln!(f, "{line}")?;
+    }
+    let s = |k: &str| rec.0.get(k).map(|v| v.to_string()).unwrap_or_default();
+    let n = |k: &str| rec.num(k).unwrap_or(f64::NAN);
+    let human = match s("scenario").trim_matches('"') {
+        "publish" => format!("{:.0} msg/s, {:.1} MiB/s", n("msgs_per_s"), n("mib_per_s")),
+        "fanout" => format!(
+            "{} subs: {:.0} delivered msg/s, {} of {} delivered, server {:.2} µs CPU/msg",
+            s("subscribers"),
+            n("msgs_per_s"),
+            s("delivered"),
+            s("expected"),
+            n("server_cpu_us_per_msg")
+        ),
+        "latency" => format!(
+            "p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs ({} samples, {} lost)",
+            n("p50_us"),
+            n("p99_us"),
+            n("p999_us"),
+            n("max_us"),
+            s("samples"),
+            s("lost")
+        ),
+        "resume" => format!("{:.0} events/s", n("events_per_s")),
+        "sse" => format!(
+            "{} connections: {:.2} KiB RSS each; broadcast p99 {:.0} µs",
+            s("connections"),
+            n("rss_per_conn_kib"),
+            n("p99_us")
+        ),
+        _ => String::new(),
+    };
+    eprintln!(
+        "{} {} [{}]: {human}",
+        s("scenario").trim_matches('"'),
+        s("target").trim_matches('"'),
+        s("label").trim_matches('"')
+    );
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! `report`: turns the JSON lines of a `benches/compare.sh` run into the one
+//! comparison table (Markdown) and the list of targets met or missed.
+//!
+//! Rows pair a ringcast result with a peer result by their `label`s, which
+//! `benches/compare.sh` assigns (`<scenario>.<system>[.<setting>]`). A row
+//! whose two results are both absent (e.g. `--quick` skipped it) is left
+//! out; a row with one side absent shows `n/a`.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::common::Record;
+
+/// What a row compares.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Metric {
+    /// Publish throughput (`msgs_per_s`), higher is better.
+    Publish,
+    /// Delivered msgs/s plus server CPU per delivered message.
+    Fanout,
+    /// p99 latency, lower is better.
+    P99,
+    /// Catch-up events/s, higher is better.
+    Resume,
+    /// SSE RSS per connection against a fixed target (KiB).
+    SseRss,
+}
+
+struct Row {
+    scenario: String,
+    ours: String,
+    peer_name: String,
+    peer: String,
+    metric: Metric,
+}
+
+fn row(scenario: String, ours: String, peer_name: &str, peer: String, metric: Metric) -> Row {
+    Row {
+        scenario,
+        ours,
+        peer_name: peer_name.to_owned(),
+        peer,
+        metric,
+    }
+}
+
+fn rows() -> Vec<Row> {
+    use Metric::*;
+    let mut rows = Vec::new();
+    for p in [128, 4096] {
+        let size = if p == 128 { "128 B" } else { "4 KiB" };
+        let ours = |mode: &str| format!("publish{p}.ringcast.{mode}");
+        let peer = |name: &str| format!("publish{p}.{name}");
+        let scen = |what: &str| format!("publish {size}, {what} (msg/s, higher is better)");
+        rows.push(row(
+            scen("ringcast fsync"),
+            ours("fsync"),
+            "Redis XADD, appendfsync always",
+            peer("redis-xadd.always"),
+            Publish,
+        ));
+        rows.push(row(
+            scen("ringcast interval"),
+            ours("interval"),
+            "Redis XADD, appendfsync everysec",
+            peer("redis-xadd.everysec"),
+            Publish,
+        ));
+        rows.push(row(
+            scen("ringcast fsync"),
+            ours("fsync"),
+            "JetStream, file storage",
+            peer("jetstream"),
+            Publish,
+        ));
+        rows.push(row(
+            scen("ringcast interval"),
+            ours("interval"),
+            "JetStream, file storage",
+            peer("jetstream"),
+            Publish,
+        ));
+        rows.push(row(
+            scen("ringcast memory"),
+            ours("memory"),
+            "NATS core (publish + flush)",
+            peer("nats-core"),
+            Publish,
+        ));
+        rows.push(row(
+            scen("ringcast memory"),
+            ours("memory"),
+            "Redis PUBLISH (no AOF)",
+            peer("redis-publish"),
+            Publish,
+        ));
+    }
+    for s in [1, 10, 100, 1000] {
+        let scen = format!(
+            "fan-out, {s} subscriber{} (delivered msg/s; server CPU per delivery)",
+            if s == 1 { "" } else { "s" }
+        );
+        rows.push(row(
+            scen.clone(),
+            format!("fanout{s}.ringcast"),
+            "Redis pub/sub",
+            format!("fanout{s}.redis"),
+            Fanout,
+        ));
+        rows.push(row(
+            scen,
+            format!("fanout{s}.ringcast"),
+            "NATS core",
+            format!("fanout{s}.nats"),
+            Fanout,
+        ));
+    }
+    let scen =
+        "fan-out, 100 subscribers, SDK `subscription_buffer` 16384 instead of the default 1024"
+            .to_owned();
+    rows.push(row(
+        scen.clone(),
+        "fanout100.ringcast.buf16k".into(),
+        "Redis pub/sub",
+        "fanout100.redis".into(),
+        Fanout,
+    ));
+    rows.push(row(
+        scen,
+        "fanout100.ringcast.buf16k".into(),
+        "NATS core",
+        "fanout100.nats".into(),
+        Fanout,
+    ));
+    let scen = "publish→receive p99 at 10,000 msg/s (lower is better)".to_owned();
+    rows.push(row(
+        scen.clone(),
+        "latency.ringcast".into(),
+        "Redis pub/sub",
+        "latency.redis".into(),
+        P99,
+    ));
+    rows.push(row(
+        scen,
+        "latency.ringcast".into(),
+        "NATS core",
+        "latency.nats".into(),
+        P99,
+    ));
+    let scen = "resume: catch up 100,000 missed events (events/s)".to_owned();
+    rows.push(row(
+        scen.clone(),
+        "resume.ringcast".into(),
+        "Redis Streams XREAD",
+        "resume.redis".into(),
+        Resume,
+    ));
+    rows.push(row(
+        scen,
+        "resume.ringcast".into(),
+        "JetStream ordered consumer",
+        "resume.jetstream".into(),
+        Resume,
+    ));
+    let scen =
+        "resume, SDK `subscription_buffer` 16384 instead of the default 1024 (events/s)".to_owned();
+    rows.push(row(
+        scen.clone(),
+        "resume.ringcast.buf16k".into(),
+        "Redis Streams XREAD",
+        "resume.redis".into(),
+        Resume,
+    ));
+    rows.push(row(
+        scen,
+        "resume.ringcast.buf16k".into(),
+        "JetStream ordered consumer",
+        "resume.jetstream".into(),
+        Resume,
+    ));
+    rows.push(row(
+        "SSE: server RSS per idle connection".into(),
+        "sse.ringcast".into(),
+        "target",
+        String::new(),
+        SseRss,
+    ));
+    rows
+}
+
+/// `12.3k`, `1.23M`.
+fn si(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn us(x: f64) -> String {
+    if x >= 10_000.0 {
+        format!("{:.1} ms", x / 1000.0)
+    } else {
+        format!("{x:.0} µs")
+    }
+}
+
+fn lost_note(r: &Record, expected_key: &str) -> String {
+    match (r.num("lost"), r.num(expected_key)) {
+        (Some(lost), Some(exp)) if lost > 0.0 && exp > 0.0 => {
+            format!(", **lost {lost:.0} ({:.2}%)**", lost * 100.0 / exp)
+        }
+        _ => String::new(),
+    }
+}
+
+/// ringcast: the broker counted more deliveries than the client kept (the
+/// SDK dropped and re-requested them).
+fn redelivery_note(r: &Record, kept_key: &str) -> String {
+    match (r.num("server_deliveries"), r.num(kept_key)) {
+        (Some(sent), Some(kept)) if kept > 0.0 && sent > kept * 1.05 => {
+            format!(", **broker sent {:.1}× the events kept**", sent / kept)
+        }
+        _ => String::new(),
+    }
+}
+
+fn cell(r: &Record, metric: Metric) -> String {
+    let mut s = cell_figures(r, metric);
+    if let Some(spread) = r.num("spread") {
+        let runs =
+            r.0.get("runs")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+        s.push_str(&format!(
+            " (median of {runs}, spread {:.0}%)",
+            spread * 100.0
+        ));
+    }
+    s
+}
+
+fn cell_figures(r: &Record, metric: Metric) -> String {
+    let n = |k: &str| r.num(k).unwrap_or(f64::NAN);
+    match metric {
+        Metric::Publish => format!("{} msg/s", si(n("msgs_per_s"))),
+        Metric::Fanout => {
+            let mut s = format!("{} msg/s", si(n("msgs_per_s")));
+            if let Some(cpu) = r.num("server_cpu_us_per_msg") {
+                s.push_str(&format!(", {cpu:.2} µs CPU/msg"));
+            }
+            s + &lost_note(r, "expected") + &redelivery_note(r, "delivered")
+        }
+        Metric::P99 => format!(
+            "p99 {} (p50 {}, p99.9 {}){}",
+            us(n("p99_us")),
+            us(n("p50_us")),
+            us(n("p999_us")),
+            lost_note(r, "sent")
+        ),
+        Metric::Resume => format!(
+            "{} events/s{}",
+            si(n("events_per_s")),
+            redelivery_note(r, "received")
+        ),
+        Metric::SseRss => format!(
+            "{:.2} KiB/conn at {} conns; broadcast p99 {}",
+            n("rss_per_conn_kib"),
+            si(n("connections")),
+            us(n("p99_us"))
+        ),
+    }
+}
+
+/// The main figure of a record and whether higher is better.
+fn figure(r: &Record, metric: Metric) -> Option<f64> {
+    match metric {
+        Metric::Publish | Metric::Fanout => r.num("msgs_per_s"),
+        Metric::P99 => r.num("p99_us"),
+        Metric::Resume => r.num("events_per_s"),
+        Metric::SseRss => r.num("rss_per_conn_kib"),
+    }
+}
+
+/// SSE target: at most this many KiB of server RSS per idle connection.
+const SSE_TARGET_KIB: f64 = 10.0;
+/// Resume target: events/s.
+const RESUME_TARGET: f64 = 1_000_000.0;
+
+fn load(path: &str) -> Result<HashMap<String, Record>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let mut out = HashMap::new();
+    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+        let Ok(Value::Object(map)) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let rec = Record(map);
+        if let Some(label) = rec.0.get("label").and_then(Value::as_str) {
+            out.insert(label.to_owned(), rec);
+        }
+    }
+    Ok(out)
+}
+
+/// Prints the table and the targets.
+pub fn run(path: &str) -> Result<()> {
+    let results = load(path)?;
+    println!("| scenario | ringcast | peer | peer figure | ratio ringcast/peer |");
+    println!("| --- | --- | --- | --- | --- |");
+    for r in rows() {
+        let ours = results.get(&r.ours);
+        let peer = results.get(&r.peer);
+        if r.metric == Metric::SseRss {
+            let Some(o) = ours else { continue };
+            let ratio = figure(o, r.metric)
+                .map(|v| format!("{:.2}× of target", v / SSE_TARGET_KIB))
+                .unwrap_or_else(|| "n/a".into());
+            println!(
+                "| {} | {} | target | ≤ {SSE_TARGET_KIB} KiB/conn | {ratio} |",
+                r.scenario,
+                cell(o, r.metric)
+            );
+            continue;
+        }
+        if ours.is_none() && peer.is_none() {
+            continue;
+        }
+        let ratio = match (
+            ours.and_then(|o| figure(o, r.metric)),
+            peer.and_then(|p| figure(p, r.metric)),
+        ) {
+            (Some(a), Some(b)) if b > 0.0 => {
+                let mut s = format!("{:.2}×", a / b);
+                if r.metric == Metric::Fanout {
+                    if let (Some(ca), Some(cb)) = (
+                        ours.and_then(|o| o.num("server_cpu_us_per_msg")),
+                        peer.and_then(|p| p.num("server_cpu_us_per_msg")),
+                    ) {
+                        if cb > 0.0 {
+                            s.push_str(&format!(" (CPU/msg {:.2}×)", ca / cb));
+                        }
+                    }
+                }
+                s
+            }
+            _ => "n/a".into(),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.scenario,
+            ours.map(|o| cell(o, r.metric))
+                .unwrap_or_else(|| "n/a".into()),
+            r.peer_name,
+            peer.map(|p| cell(p, r.metric))
+                .unwrap_or_else(|| "n/a".into()),
+            ratio
+        );
+    }
+    println!();
+    println!("Targets:");
+    let ratio = |a: &str, b: &str, key: &str| -> Option<f64> {
+        Some(results.get(a)?.num(key)? / results.get(b)?.num(key)?)
+    };
+    let verdict = |name: String, r: Option<f64>, higher: bool| match r {
+        Some(r) => {
+            let met = if higher { r >= 1.0 } else { r <= 1.0 };
+            let by = if higher {
+                (r - 1.0) * 100.0
+            } else {
+                (1.0 - r) * 100.0
+            };
+            println!(
+                "- {name}: {:.2}× — {}",
+                r,
+                if met {
+                    format!("met (by {by:.0}%)")
+                } else {
+                    format!("MISSED (by {:.0}%)", -by)
+                }
+            );
+        }
+        None => println!("- {name}: not measured"),
+    };
+    for p in [128, 4096] {
+        for (mode, peer, name) in [
+            ("interval", "redis-xadd.everysec", "Redis XADD everysec"),
+            ("fsync", "redis-xadd.everysec", "Redis XADD everysec"),
+            ("fsync", "jetstream", "JetStream file"),
+            ("interval", "jetstream", "JetStream file"),
+        ] {
+            verdict(
+                format!("persisted publish {p} B, ringcast {mode} ≥ {name}"),
+                ratio(
+                    &format!("publish{p}.ringcast.{mode}"),
+                    &format!("publish{p}.{peer}"),
+                    "msgs_per_s",
+                ),
+                true,
+            );
+        }
+    }
+    verdict(
+        "fan-out with 100 subscribers ≥ Redis pub/sub (delivered msg/s)".into(),
+        ratio("fanout100.ringcast", "fanout100.redis", "msgs_per_s"),
+        true,
+    );
+    verdict(
+        "p99 at 10,000 msg/s ≤ Redis pub/sub's".into(),
+        ratio("latency.ringcast", "latency.redis", "p99_us"),
+        false,
+    );
+    match results.get("sse.ringcast") {
+        Some(r) => verdict(
+            format!(
+                "{} idle SSE connections at ≤ {SSE_TARGET_KIB} KiB RSS each ({:.2} KiB)",
+                r.num("connections").unwrap_or(0.0),
+                r.num("rss_per_conn_kib").unwrap_or(f64::NAN)
+            ),
+            r.num("rss_per_conn_kib").map(|v| v / SSE_TARGET_KIB),
+            false,
+        ),
+        None => println!("- SSE RSS per connection: not measured"),
+    }
+    match results.get("resume.ringcast") {
+        Some(r) => verdict(
+            format!(
+                "resume ≥ 1,000,000 events/s ({} events/s)",
+                si(r.num("events_per_s").unwrap_or(0.0))
+            ),
+            r.num("events_per_s").map(|v| v / RESUME_TARGET),
+            true,
+        ),
+        None => println!("- resume: not measured"),
+    }
+    Ok(())
+}
