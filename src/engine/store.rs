@@ -41,12 +41,12 @@ use super::topic::{Counters, Topic, TopicState};
 use super::{now_ms, EngineError};
 use crate::config::{Durability, TopicsConfig};
 
-/// Largest record written; a bigger batch is split. Kept well under sled's
-/// blob threshold (a quarter of the segment size).
-const RECORD_MAX: usize = 256 * 1024;
-/// sled segment size: values above a quarter of it become blob files.
+/// Largest record written; a bigger batch is split. sled leaves hold up to
+/// 16 keys and are rewritten whole when consolidated, so 16 records must
+/// stay well under sled's blob threshold (a quarter of the segment size).
+const RECORD_MAX: usize = 64 * 1024;
+/// sled segment size: log entries above a quarter of it become blob files.
 const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
-const BLOB_THRESHOLD: usize = SEGMENT_SIZE / 4 - 64;
 /// Most operations folded into one batch.
 const MAX_OPS: usize = 4096;
 
@@ -245,24 +245,48 @@ pub(crate) struct Store {
 struct FileSync {
     dir: PathBuf,
     data_file: File,
+    /// Highest blob file (sled names them by log sequence number) already
+    /// fsynced; only newer ones need it.
+    synced_blobs: parking_lot::Mutex<u64>,
 }
 
 impl FileSync {
-    fn sync(&self, db: &sled::Db, blobs: bool) -> Result<(), EngineError> {
+    /// Flushes sled and fsyncs what it wrote. sled writes any log entry
+    /// larger than a quarter segment (a big value, or a big consolidated
+    /// page) to its own blob file without syncing it, so new blob files are
+    /// fsynced too (with their directory); the old ones already were.
+    fn sync(&self, db: &sled::Db) -> Result<(), EngineError> {
         db.flush().map_err(storage_err)?;
         self.data_file.sync_data().map_err(storage_err)?;
-        if blobs {
-            let dir = self.dir.join("blobs");
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for entry in entries.flatten() {
-                    File::open(entry.path())
-                        .and_then(|f| f.sync_data())
-                        .map_err(storage_err)?;
-                }
+        let mut synced = self.synced_blobs.lock();
+        let dir = self.dir.join("blobs");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let mut newest = *synced;
+        for entry in entries.flatten() {
+            let Some(lsn) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if lsn <= *synced {
+                continue;
             }
+            match File::open(entry.path()).and_then(|f| f.sync_data()) {
+                Ok(()) => newest = newest.max(lsn),
+                // sled removed a superseded blob meanwhile: nothing to keep.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(storage_err(e)),
+            }
+        }
+        if newest > *synced {
             File::open(&dir)
                 .and_then(|f| f.sync_all())
                 .map_err(storage_err)?;
+            *synced = newest;
         }
         Ok(())
     }
@@ -306,6 +330,7 @@ impl Store {
         let syncer = Arc::new(FileSync {
             dir: dir.to_owned(),
             data_file,
+            synced_blobs: parking_lot::Mutex::new(0),
         });
 
         let previous: Option<RunMarker> = db
@@ -360,7 +385,7 @@ impl Store {
                 )
                 .map_err(storage_err)?;
             }
-            syncer.sync(&db, false)?;
+            syncer.sync(&db)?;
         }
         let marker = RunMarker {
             clean: false,
@@ -371,7 +396,7 @@ impl Store {
         };
         db.insert(RUN_MARKER, encode(&marker)?)
             .map_err(storage_err)?;
-        syncer.sync(&db, false)?;
+        syncer.sync(&db)?;
 
         let (tx, rx) = mpsc::unbounded_channel();
         let topics: Vec<Arc<Topic>> = recovered.iter().map(|r| r.topic.clone()).collect();
@@ -400,7 +425,7 @@ impl Store {
                     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                         stop_rx.recv_timeout(flush_interval)
                     {
-                        if let Err(e) = syncer.sync(&db, true) {
+                        if let Err(e) = syncer.sync(&db) {
                             tracing::error!(error = %e, "periodic flush failed");
                         }
                     }
@@ -451,7 +476,7 @@ impl Store {
         self.db
             .insert(RUN_MARKER, encode(&marker)?)
             .map_err(storage_err)?;
-        self.syncer.sync(&self.db, true)?;
+        self.syncer.sync(&self.db)?;
         Ok(())
     }
 }
@@ -565,15 +590,8 @@ fn recover_topic(
 }
 
 /// Encodes `events` (in offset order) into records of at most
-/// `RECORD_MAX` bytes. Returns whether a record is large enough to become a
-/// sled blob file (which needs its own fsync).
-fn encode_records(
-    batch: &mut Writes,
-    topic: &str,
-    wt: &mut WriterTopic,
-    events: &[Arc<Event>],
-) -> bool {
-    let mut blobs = false;
+/// `RECORD_MAX` bytes.
+fn encode_records(batch: &mut Writes, topic: &str, wt: &mut WriterTopic, events: &[Arc<Event>]) {
     let mut start = 0;
     while start < events.len() {
         let mut end = start;
@@ -596,7 +614,6 @@ fn encode_records(
             .collect();
         match encode(&refs) {
             Ok(value) => {
-                blobs |= value.len() > BLOB_THRESHOLD;
                 let (first, last) = (chunk[0].offset, chunk[chunk.len() - 1].offset);
                 batch.insert(record_key(topic, wt.generation, first), value);
                 wt.segments.push_back((first, last));
@@ -605,7 +622,6 @@ fn encode_records(
         }
         start = end;
     }
-    blobs
 }
 
 /// What to do with an operation once its batch is durable.
@@ -656,7 +672,7 @@ impl Writer {
             self.process(std::mem::take(&mut ops));
         }
         self.process(Vec::new());
-        if let Err(e) = self.syncer.sync(&self.db, true) {
+        if let Err(e) = self.syncer.sync(&self.db) {
             tracing::error!(error = %e, "final flush failed");
         }
     }
@@ -678,7 +694,6 @@ impl Writer {
         let mut appended: Vec<(Arc<Topic>, Vec<Arc<Event>>)> = Vec::new();
         let mut touched: HashMap<Arc<str>, Arc<Topic>> = std::mem::take(&mut self.dirty);
         let mut done = Vec::with_capacity(ops.len());
-        let mut blobs = false;
         let now = now_ms();
         for op in ops {
             match op {
@@ -754,7 +769,7 @@ impl Writer {
         }
         for (topic, events) in &appended {
             let wt = self.entry(topic);
-            blobs |= encode_records(&mut batch, &topic.name, wt, events);
+            encode_records(&mut batch, &topic.name, wt, events);
         }
         for topic in touched.values() {
             let (epoch, first, deleted) = {
@@ -787,7 +802,7 @@ impl Writer {
         };
         let result = batch.apply(&self.db).map_err(storage_err).and_then(|()| {
             if must_sync {
-                self.syncer.sync(&self.db, blobs)
+                self.syncer.sync(&self.db)
             } else {
                 Ok(())
             }

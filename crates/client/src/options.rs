@@ -49,7 +49,10 @@ pub struct ClientOptions {
     /// full, the client pauses it (unsubscribes at the broker) and resumes it
     /// from its last delivered event once the caller has drained half the
     /// buffer; what the broker no longer retains by then arrives as a gap.
-    /// Other subscriptions and requests are not held up. Default 1024.
+    /// Other subscriptions and requests are not held up. Default 16384:
+    /// deep enough that a consumer keeping up with a burst (a catch-up
+    /// replay, a fan-out spike) is never paused, which would make the broker
+    /// send the paused stretch again.
     pub subscription_buffer: usize,
 }
 
@@ -105,7 +108,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             max_frame: DEFAULT_MAX_FRAME,
-            subscription_buffer: 1024,
+            subscription_buffer: 16_384,
         }
     }
 }
