@@ -23,8 +23,9 @@ pub struct Event {
     /// The event encoded once for all TCP subscribers (a whole `Event`
     /// frame with subscription id 0, patched per subscriber).
     pub(crate) tcp_frame: OnceLock<Bytes>,
-    /// The SSE `data:` envelope, built once for all SSE subscribers.
-    pub(crate) sse_data: OnceLock<Arc<str>>,
+    /// The SSE message (`id:`, `event:`, `data:` envelope), built once for
+    /// all SSE subscribers.
+    pub(crate) sse_data: OnceLock<Bytes>,
 }
 
 impl PartialEq for Event {

@@ -7,14 +7,15 @@
 //! reconnect resumes exactly; `gap` events carry the id of the position the
 //! stream continues from, so a reconnect after a gap does not repeat it.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::json;
@@ -121,11 +122,12 @@ pub(crate) async fn events(
     }
     match open(&state, &topic, &query, &headers) {
         Ok(stream) => {
-            let keep_alive = KeepAlive::new()
-                .interval(state.settings.heartbeat)
-                .text("hb");
-            let mut response = Sse::new(stream).keep_alive(keep_alive).into_response();
+            let mut response = Body::from_stream(stream).into_response();
             let h = response.headers_mut();
+            h.insert(
+                "content-type",
+                HeaderValue::from_static("text/event-stream"),
+            );
             h.insert("cache-control", HeaderValue::from_static("no-cache"));
             h.insert("x-accel-buffering", HeaderValue::from_static("no"));
             response
@@ -139,7 +141,7 @@ fn open(
     topic: &str,
     query: &EventsQuery,
     headers: &HeaderMap,
-) -> Result<impl Stream<Item = Result<SseEvent, Infallible>>, ApiError> {
+) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, ApiError> {
     let start = start_of(query, headers)?;
     let by_versions = matches!(start, Start::AfterVersions { .. });
     let types = parse_list(query.types.as_deref());
@@ -169,42 +171,69 @@ fn open(
         "offset": info.last_offset,
         "versions": versions,
     });
-    let mut ready = SseEvent::default()
-        .event("ready")
-        .retry(state.settings.retry)
-        .data(ready.to_string());
     // A reconnect before the first event resumes where this stream starts.
     // Not for a resume by versions: by offset it would replay other types.
-    if !by_versions {
-        ready = ready.id(format!("{epoch}:{}", sub.start_offset() - 1));
-    }
+    let ready_id = (!by_versions).then(|| format!("{epoch}:{}", sub.start_offset() - 1));
+    let mut prelude = BytesMut::new();
+    prelude.extend_from_slice(format!("retry: {}\n", state.settings.retry.as_millis()).as_bytes());
+    put_frame(
+        &mut prelude,
+        ready_id.as_deref(),
+        "ready",
+        &ready.to_string(),
+    );
     tracing::debug!(topic, "SSE stream opened");
     let connections = metrics::gauge!(crate::metrics::CONNECTIONS, "transport" => "sse");
     connections.increment(1.0);
+    let heartbeat = state.settings.heartbeat;
     let stream = SseStream {
         connections,
         delivered: metrics::counter!(crate::metrics::DELIVERED, "transport" => "sse"),
         bytes_out: metrics::counter!(crate::metrics::BYTES_OUT, "transport" => "sse"),
         sub,
         topic: topic.to_owned(),
-        prelude: VecDeque::from([ready]),
+        prelude: Some(prelude.freeze()),
         shutdown: state.shutdown.clone(),
+        heartbeat,
+        idle: Box::pin(tokio::time::sleep(heartbeat)),
         done: false,
         _permit: permit,
     };
     Ok(futures_util::stream::unfold(stream, |mut s| async move {
-        s.next().await.map(|e| (Ok(e), s))
+        s.next().await.map(|chunk| (Ok::<_, Infallible>(chunk), s))
     }))
 }
 
+/// Most bytes of SSE text handed to hyper as one body chunk.
+const CHUNK: usize = 64 * 1024;
+
+/// Appends one SSE message. `event` and `id` never hold a newline (types
+/// and ids are validated), and `data` is one line of JSON.
+fn put_frame(buf: &mut BytesMut, id: Option<&str>, event: &str, data: &str) {
+    if let Some(id) = id {
+        buf.extend_from_slice(b"id: ");
+        buf.extend_from_slice(id.as_bytes());
+        buf.extend_from_slice(b"\n");
+    }
+    buf.extend_from_slice(b"event: ");
+    buf.extend_from_slice(event.as_bytes());
+    buf.extend_from_slice(b"\ndata: ");
+    buf.extend_from_slice(data.as_bytes());
+    buf.extend_from_slice(b"\n\n");
+}
+
+/// One subscriber's `text/event-stream` body: every delivery ready at once
+/// goes out as one chunk; a comment keeps an idle stream alive.
 struct SseStream {
     connections: metrics::Gauge,
     delivered: metrics::Counter,
     bytes_out: metrics::Counter,
     sub: Subscription,
     topic: String,
-    prelude: VecDeque<SseEvent>,
+    prelude: Option<Bytes>,
     shutdown: CancellationToken,
+    heartbeat: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
     done: bool,
     _permit: OwnedSemaphorePermit,
 }
@@ -216,50 +245,72 @@ impl Drop for SseStream {
 }
 
 impl SseStream {
-    async fn next(&mut self) -> Option<SseEvent> {
-        if let Some(e) = self.prelude.pop_front() {
-            return Some(e);
+    async fn next(&mut self) -> Option<Bytes> {
+        if let Some(prelude) = self.prelude.take() {
+            return Some(prelude);
         }
         if self.done {
             return None;
         }
-        let delivery = tokio::select! {
+        let first = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => {
                 self.done = true;
-                return Some(SseEvent::default().event("shutdown").data(
-                    json!({"reason": "the broker is shutting down; reconnect"}).to_string(),
-                ));
+                let mut buf = BytesMut::new();
+                let reason = json!({"reason": "the broker is shutting down; reconnect"});
+                put_frame(&mut buf, None, "shutdown", &reason.to_string());
+                return Some(buf.freeze());
             }
             d = self.sub.recv() => d?,
+            _ = &mut self.idle => {
+                self.idle.as_mut().reset(tokio::time::Instant::now() + self.heartbeat);
+                return Some(Bytes::from_static(b": hb\n\n"));
+            }
         };
-        let epoch = self.sub.epoch();
-        Some(match delivery {
-            Delivery::Event(e) => {
-                // Built once per event, shared by every SSE subscriber.
-                let data = e
-                    .sse_data
-                    .get_or_init(|| Arc::from(event_json(&self.topic, &e)));
-                self.delivered.increment(1);
-                self.bytes_out.increment(data.len() as u64);
-                SseEvent::default()
-                    .id(format!("{epoch}:{}", e.offset))
-                    .event(&*e.event_type)
-                    .data(&**data)
+        let mut buf = BytesMut::new();
+        let mut events = 0;
+        let mut delivery = Some(first);
+        while let Some(d) = delivery.take() {
+            match d {
+                Delivery::Event(e) => {
+                    // The whole message is built once per event and shared
+                    // by every SSE subscriber.
+                    let epoch = self.sub.epoch();
+                    let frame = e.sse_data.get_or_init(|| {
+                        let mut f = BytesMut::new();
+                        let id = format!("{epoch}:{}", e.offset);
+                        put_frame(
+                            &mut f,
+                            Some(&id),
+                            &e.event_type,
+                            &event_json(&self.topic, &e),
+                        );
+                        f.freeze()
+                    });
+                    buf.extend_from_slice(frame);
+                    events += 1;
+                }
+                Delivery::Gap(g) => {
+                    tracing::warn!(topic = %self.topic, reason = g.reason.as_str(), "SSE subscriber gap");
+                    let id = format!("{}:{}", g.epoch, g.current);
+                    put_frame(&mut buf, Some(&id), "gap", &gap_json(&g));
+                }
+                Delivery::End { last_offset } => {
+                    self.done = true;
+                    let data = json!({"topic": self.topic, "last_offset": last_offset});
+                    put_frame(&mut buf, None, "end", &data.to_string());
+                    break;
+                }
             }
-            Delivery::Gap(g) => {
-                tracing::warn!(topic = %self.topic, reason = g.reason.as_str(), "SSE subscriber gap");
-                SseEvent::default()
-                    .id(format!("{}:{}", g.epoch, g.current))
-                    .event("gap")
-                    .data(gap_json(&g))
+            if buf.len() < CHUNK {
+                delivery = self.sub.try_recv();
             }
-            Delivery::End { last_offset } => {
-                self.done = true;
-                SseEvent::default()
-                    .event("end")
-                    .data(json!({"topic": self.topic, "last_offset": last_offset}).to_string())
-            }
-        })
+        }
+        self.delivered.increment(events);
+        self.bytes_out.increment(buf.len() as u64);
+        self.idle
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.heartbeat);
+        Some(buf.freeze())
     }
 }
