@@ -259,17 +259,18 @@ stop_server
 start_ringcast interval
 publish_pair ringcast ringcast.interval
 bench ringcast resume.ringcast resume --n "$RESUME_N" --payload 128
-bench ringcast resume.ringcast.buf16k --dest bench16k --sub-buffer 16384 resume --n "$RESUME_N" --payload 128
+bench ringcast resume.ringcast.buf1k --dest bench1k --sub-buffer 1024 resume --n "$RESUME_N" --payload 128
 stop_server
 
 start_ringcast memory
 publish_pair ringcast ringcast.memory
 fanout_rows ringcast ringcast
-# The SDK pauses a subscription whose queue (default 1,024) fills and
-# re-subscribes it later: the same row with a deeper queue shows its cost.
+# The SDK pauses a subscription whose queue (default 16,384; 1,024 before)
+# fills and re-subscribes it later: the same row with the old, shallow queue
+# shows what that costs.
 for spec in "${FANOUT[@]}"; do
     [[ ${spec%%:*} == 100 ]] || continue
-    bench ringcast fanout100.ringcast.buf16k --dest bench16k --sub-buffer 16384 \
+    bench ringcast fanout100.ringcast.buf1k --dest bench1k --sub-buffer 1024 \
         fanout --subscribers 100 --n "${spec##*:}" --payload 128 --window "$WINDOW"
 done
 bench ringcast latency.ringcast latency --rate 10000 --duration-s "$LAT_S" --payload 128

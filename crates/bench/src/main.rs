@@ -40,8 +40,8 @@ struct Args {
     /// Topic / subject / key prefix.
     #[arg(long, global = true, default_value = "bench")]
     dest: String,
-    /// ringcast SDK deliveries buffered per subscription.
-    #[arg(long, global = true, default_value_t = 1024)]
+    /// ringcast SDK deliveries buffered per subscription (the SDK's default).
+    #[arg(long, global = true, default_value_t = 16_384)]
     sub_buffer: usize,
     /// ringcast only: `host:port` of its HTTP listener; the broker's own
     /// delivery counter (`/metrics`) is then reported as `server_deliveries`.
