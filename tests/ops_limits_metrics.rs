@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use bytesize::ByteSize;
-use common::{config, hello, start, within, write_msg, Frames, RawClient};
+use common::{config, expect_error, hello, start, within, write_msg, Frames, RawClient};
 use futures::StreamExt;
 use ringcast::broker::Broker;
 use ringcast::config::{Config, Durability};
@@ -298,20 +298,6 @@ async fn small_buffer_client(addr: SocketAddr) -> TcpStream {
         other => panic!("expected welcome, got {other:?}"),
     }
     stream
-}
-
-async fn expect_error(c: &mut RawClient, request_id: Option<u64>, code: ErrorCode) {
-    match c.recv().await {
-        Some(ServerMessage::Error {
-            request_id: r,
-            code: got,
-            message,
-        }) => {
-            assert_eq!((r, got), (request_id, code), "message: {message}");
-            assert!(!message.is_empty());
-        }
-        other => panic!("expected error {code:?}, got {other:?}"),
-    }
 }
 
 async fn expect_published(c: &mut RawClient, request_id: u64) -> u64 {

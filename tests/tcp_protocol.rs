@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{config, memory_broker, start, within, RawClient};
+use common::{config, expect_error, memory_broker, start, within, RawClient};
 use ringcast::config::Durability;
 use ringcast_protocol::{
     ClientMessage, ErrorCode, NewEvent, ServerMessage, Start, PROTOCOL_VERSION,
@@ -29,20 +29,6 @@ fn subscribe(request_id: u64, sid: u64, topic: &str, start: Start) -> ClientMess
         topic: topic.into(),
         types: vec![],
         start,
-    }
-}
-
-async fn expect_error(c: &mut RawClient, request_id: Option<u64>, code: ErrorCode) {
-    match c.recv().await {
-        Some(ServerMessage::Error {
-            request_id: r,
-            code: got,
-            message,
-        }) => {
-            assert_eq!((r, got), (request_id, code), "message: {message}");
-            assert!(!message.is_empty());
-        }
-        other => panic!("expected error {code:?}, got {other:?}"),
     }
 }
 

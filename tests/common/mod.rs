@@ -359,3 +359,22 @@ pub fn hello() -> ClientMessage {
         credentials: None,
     }
 }
+
+/// Asserts the next message is an error with this request id and code.
+pub async fn expect_error(
+    c: &mut RawClient,
+    request_id: Option<u64>,
+    code: ringcast_protocol::ErrorCode,
+) {
+    match c.recv().await {
+        Some(ServerMessage::Error {
+            request_id: r,
+            code: got,
+            message,
+        }) => {
+            assert_eq!((r, got), (request_id, code), "message: {message}");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected error {code:?}, got {other:?}"),
+    }
+}
