@@ -14,7 +14,7 @@ use ringcast_protocol::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
 
-use crate::connection::{self, message_kind, Command, Subscribed, Task};
+use crate::connection::{self, Command, Subscribed, Task};
 use crate::error::{Error, Result};
 use crate::options::ClientOptions;
 use crate::subscription::Subscription;
@@ -464,7 +464,7 @@ impl Client {
 }
 
 fn unexpected(msg: &ServerMessage) -> Error {
-    Error::UnexpectedReply(format!("got {}", message_kind(msg)))
+    Error::UnexpectedReply(format!("got {}", msg.kind()))
 }
 
 /// The reply to a queued request, with the request's deadline.

@@ -196,7 +196,7 @@ async fn connect_inner(options: &ClientOptions) -> Result<Conn> {
                 other => {
                     return Err(Error::Handshake(format!(
                         "expected Welcome, got {}",
-                        message_kind(&other)
+                        other.kind()
                     )))
                 }
             };
@@ -220,27 +220,6 @@ async fn connect_inner(options: &ClientOptions) -> Result<Conn> {
                 "the broker closed the connection before answering Hello".into(),
             ));
         }
-    }
-}
-
-/// A short name for a server message, for errors and logs (never its payload).
-pub(crate) fn message_kind(msg: &ServerMessage) -> &'static str {
-    match msg {
-        ServerMessage::Welcome { .. } => "Welcome",
-        ServerMessage::Published { .. } => "Published",
-        ServerMessage::Subscribed { .. } => "Subscribed",
-        ServerMessage::Unsubscribed { .. } => "Unsubscribed",
-        ServerMessage::Event { .. } => "Event",
-        ServerMessage::Gap { .. } => "Gap",
-        ServerMessage::End { .. } => "End",
-        ServerMessage::History { .. } => "History",
-        ServerMessage::Topics { .. } => "Topics",
-        ServerMessage::TopicInfo { .. } => "TopicInfo",
-        ServerMessage::Ok { .. } => "Ok",
-        ServerMessage::Pong { .. } => "Pong",
-        ServerMessage::Error { .. } => "Error",
-        ServerMessage::Heartbeat => "Heartbeat",
-        ServerMessage::Shutdown { .. } => "Shutdown",
     }
 }
 
@@ -948,14 +927,14 @@ impl Task {
                         self.pending.insert(id, other);
                         debug!(
                             request_id = id,
-                            kind = message_kind(&reply),
+                            kind = reply.kind(),
                             "reply of an unexpected kind"
                         );
                     }
                     None => {
                         debug!(
                             request_id = id,
-                            kind = message_kind(&reply),
+                            kind = reply.kind(),
                             "reply for a request nobody waits for"
                         );
                     }

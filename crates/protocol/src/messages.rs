@@ -528,3 +528,45 @@ impl ErrorCode {
         )
     }
 }
+
+impl ClientMessage {
+    /// The variant's name, for errors and logs (never its contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "Hello",
+            Self::Publish { .. } => "Publish",
+            Self::PublishBatch { .. } => "PublishBatch",
+            Self::Subscribe { .. } => "Subscribe",
+            Self::Unsubscribe { .. } => "Unsubscribe",
+            Self::History { .. } => "History",
+            Self::ListTopics { .. } => "ListTopics",
+            Self::TopicInfo { .. } => "TopicInfo",
+            Self::Seal { .. } => "Seal",
+            Self::Delete { .. } => "Delete",
+            Self::Ping { .. } => "Ping",
+        }
+    }
+}
+
+impl ServerMessage {
+    /// The variant's name, for errors and logs (never its contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Welcome { .. } => "Welcome",
+            Self::Published { .. } => "Published",
+            Self::Subscribed { .. } => "Subscribed",
+            Self::Unsubscribed { .. } => "Unsubscribed",
+            Self::Event { .. } => "Event",
+            Self::Gap { .. } => "Gap",
+            Self::End { .. } => "End",
+            Self::History { .. } => "History",
+            Self::Topics { .. } => "Topics",
+            Self::TopicInfo { .. } => "TopicInfo",
+            Self::Ok { .. } => "Ok",
+            Self::Pong { .. } => "Pong",
+            Self::Error { .. } => "Error",
+            Self::Heartbeat => "Heartbeat",
+            Self::Shutdown { .. } => "Shutdown",
+        }
+    }
+}
