@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{config, start, within};
+use common::{config, ensure_open_files, start, within};
 use futures::stream::{self, StreamExt};
 use ringcast::config::Durability;
 use ringcast::engine::NewEvent;
@@ -217,42 +217,6 @@ fn rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/self/status")
-}
-
-/// (soft, hard) limits on open files.
-fn open_files_limit() -> (u64, u64) {
-    let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .expect("Max open files in /proc/self/limits");
-    let mut numbers = line.split_whitespace().skip(3).map(|n| match n {
-        "unlimited" => u64::MAX,
-        n => n.parse().expect("a number"),
-    });
-    (numbers.next().unwrap(), numbers.next().unwrap())
-}
-
-/// Makes sure this process may hold both ends of every connection; raises
-/// the soft limit to the hard one with util-linux `prlimit` when needed.
-fn ensure_open_files(needed: u64) {
-    let (soft, hard) = open_files_limit();
-    if soft >= needed {
-        return;
-    }
-    if hard >= needed {
-        let _ = std::process::Command::new("prlimit")
-            .arg(format!("--pid={}", std::process::id()))
-            .arg(format!("--nofile={hard}:{hard}"))
-            .status();
-    }
-    let (soft, hard) = open_files_limit();
-    assert!(
-        soft >= needed,
-        "this test holds both ends of {CONNECTIONS} connections in one process and needs \
-         {needed} open files, but the limit is {soft} (hard {hard}); raise it, e.g. \
-         `ulimit -n 4096`, before running it"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

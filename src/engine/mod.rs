@@ -446,7 +446,12 @@ impl Engine {
         if events.is_empty() {
             return Err(EngineError::EmptyBatch);
         }
-        let retention = self.inner.options.topics.retention_for(topic);
+        // An existing topic already knows its settings; matching override
+        // patterns per publish would compile them each time.
+        let retention = match self.inner.topics.get(topic) {
+            Some(t) => t.state.read().retention,
+            None => self.inner.options.topics.retention_for(topic),
+        };
         let mut bytes = 0;
         for e in &events {
             self.validate_event(e, &retention)?;

@@ -26,7 +26,7 @@
 //! data file (and of blob files when a record was large enough to become
 //! one). Concurrent publishes queue while a flush runs and share the next.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -591,7 +591,7 @@ fn recover_topic(
 
 /// Encodes `events` (in offset order) into records of at most
 /// `RECORD_MAX` bytes.
-fn encode_records(batch: &mut Writes, topic: &str, wt: &mut WriterTopic, events: &[Arc<Event>]) {
+fn encode_records(batch: &mut Writes, topic: &str, wt: &mut WriterTopic, events: &[&Arc<Event>]) {
     let mut start = 0;
     while start < events.len() {
         let mut end = start;
@@ -691,7 +691,7 @@ impl Writer {
     fn process(&mut self, ops: Vec<Op>) {
         let started = Instant::now();
         let mut batch = Writes::default();
-        let mut appended: Vec<(Arc<Topic>, Vec<Arc<Event>>)> = Vec::new();
+        let mut deleted_here: Vec<Arc<Topic>> = Vec::new();
         let mut touched: HashMap<Arc<str>, Arc<Topic>> = std::mem::take(&mut self.dirty);
         let mut done = Vec::with_capacity(ops.len());
         let now = now_ms();
@@ -709,12 +709,8 @@ impl Writer {
                             ))
                         })
                         .collect();
-                    // Encoded after the loop: every append to a topic in this
-                    // pass shares its records.
-                    match appended.iter_mut().find(|(t, _)| Arc::ptr_eq(t, &topic)) {
-                        Some((_, list)) => list.extend(events.iter().cloned()),
-                        None => appended.push((topic.clone(), events.clone())),
-                    }
+                    // Encoded after the loop (from `done`): every append to a
+                    // topic in this pass shares its records.
                     touched.insert(topic.name.clone(), topic.clone());
                     done.push(Done::Append {
                         topic,
@@ -731,7 +727,7 @@ impl Writer {
                 }
                 Op::Delete { topic, ack } => {
                     // Appends of this pass to the deleted topic are not written.
-                    appended.retain(|(t, _)| !Arc::ptr_eq(t, &topic));
+                    deleted_here.push(topic.clone());
                     // The meta goes first: a crash mid-way leaves records of
                     // a generation no meta names, which recovery removes.
                     batch.remove(meta_key(&topic.name));
@@ -765,6 +761,19 @@ impl Writer {
                     touched.insert(topic.name.clone(), topic);
                 }
                 Op::Sync { ack } => done.push(Done::Reply(ack)),
+            }
+        }
+        let mut appended: Vec<(&Arc<Topic>, Vec<&Arc<Event>>)> = Vec::new();
+        for d in &done {
+            let Done::Append { topic, events, .. } = d else {
+                continue;
+            };
+            if deleted_here.iter().any(|t| Arc::ptr_eq(t, topic)) {
+                continue;
+            }
+            match appended.iter_mut().find(|(t, _)| Arc::ptr_eq(t, topic)) {
+                Some((_, list)) => list.extend(events),
+                None => appended.push((topic, events.iter().collect())),
             }
         }
         for (topic, events) in &appended {
@@ -879,15 +888,7 @@ impl Writer {
             }
         }
         // Only live rings need pruning.
-        let dirty: HashSet<Arc<str>> = self
-            .dirty
-            .iter()
-            .filter(|(_, t)| t.state.read().deleted)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in dirty {
-            self.dirty.remove(&name);
-        }
+        self.dirty.retain(|_, t| !t.state.read().deleted);
         for topic in wake.values() {
             topic.wake();
         }

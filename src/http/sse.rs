@@ -111,7 +111,11 @@ pub(crate) async fn events(
     Query(query): Query<EventsQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Ok(Start::AfterOffset { epoch, offset }) = start_of(&query, &headers) {
+    let start = match start_of(&query, &headers) {
+        Ok(start) => start,
+        Err(e) => return e.into_response(),
+    };
+    if let Start::AfterOffset { epoch, offset } = start {
         // A browser reconnecting after `end` of a sealed topic: 204 tells
         // EventSource to stop reconnecting.
         if let Ok(info) = state.engine.info(&topic) {
@@ -120,7 +124,7 @@ pub(crate) async fn events(
             }
         }
     }
-    match open(&state, &topic, &query, &headers) {
+    match open(&state, &topic, &query, start) {
         Ok(stream) => {
             let mut response = Body::from_stream(stream).into_response();
             let h = response.headers_mut();
@@ -140,9 +144,8 @@ fn open(
     state: &HttpState,
     topic: &str,
     query: &EventsQuery,
-    headers: &HeaderMap,
+    start: Start,
 ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, ApiError> {
-    let start = start_of(query, headers)?;
     let by_versions = matches!(start, Start::AfterVersions { .. });
     let types = parse_list(query.types.as_deref());
     let permit = state.sse_permits.clone().try_acquire_owned().map_err(|_| {

@@ -67,16 +67,15 @@ struct Pump {
 /// A publish awaiting its ack, tagged with its request.
 struct InFlight {
     request_id: u64,
-    batch: bool,
     acks: PendingPublish,
 }
 
 impl Future for InFlight {
-    type Output = (u64, bool, Result<Vec<Ack>, EngineError>);
+    type Output = (u64, Result<Vec<Ack>, EngineError>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (id, batch) = (self.request_id, self.batch);
-        Pin::new(&mut self.acks).poll(cx).map(|r| (id, batch, r))
+        let id = self.request_id;
+        Pin::new(&mut self.acks).poll(cx).map(|r| (id, r))
     }
 }
 
@@ -258,8 +257,8 @@ impl Session<'_> {
                 _ = &mut killed => return Stop::Killed,
                 _ = &mut shutting_down => return Stop::Shutdown,
                 _ = &mut writer_gone => return Stop::Closed,
-                Some((id, batch, result)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    if self.reply_publish(id, batch, result).await.is_err() {
+                Some((id, result)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    if self.reply_publish(id, result).await.is_err() {
                         return Stop::Closed;
                     }
                 }
@@ -312,8 +311,7 @@ impl Session<'_> {
                     headers,
                     payload,
                 });
-                self.start_publish(request_id, false, &topic, vec![event])
-                    .await?;
+                self.start_publish(request_id, &topic, vec![event]).await?;
             }
             ClientMessage::PublishBatch {
                 request_id,
@@ -321,7 +319,7 @@ impl Session<'_> {
                 events,
             } => {
                 let events = events.into_iter().map(wire::new_event).collect();
-                self.start_publish(request_id, true, &topic, events).await?;
+                self.start_publish(request_id, &topic, events).await?;
             }
             ClientMessage::Subscribe {
                 request_id,
@@ -437,7 +435,6 @@ impl Session<'_> {
     async fn start_publish(
         &mut self,
         request_id: u64,
-        batch: bool,
         topic: &str,
         events: Vec<crate::engine::NewEvent>,
     ) -> Result<(), Stop> {
@@ -445,13 +442,9 @@ impl Session<'_> {
             Ok(mut acks) => {
                 // Already acknowledged (memory mode): answer without queueing.
                 if let Some(result) = acks.take_ready() {
-                    return self.reply_publish(request_id, batch, result).await;
+                    return self.reply_publish(request_id, result).await;
                 }
-                self.in_flight.push(InFlight {
-                    request_id,
-                    batch,
-                    acks,
-                });
+                self.in_flight.push(InFlight { request_id, acks });
                 Ok(())
             }
             Err(e) => self.engine_error(request_id, e).await,
@@ -461,7 +454,6 @@ impl Session<'_> {
     async fn reply_publish(
         &mut self,
         request_id: u64,
-        _batch: bool,
         result: Result<Vec<Ack>, EngineError>,
     ) -> Result<(), Stop> {
         match result {
@@ -537,10 +529,10 @@ impl Session<'_> {
     /// then tell the client to reconnect elsewhere or later.
     async fn say_goodbye(&mut self) {
         let deadline = Instant::now() + self.conn.write_timeout();
-        while let Ok(Some((id, batch, result))) =
+        while let Ok(Some((id, result))) =
             tokio::time::timeout_at(deadline, self.in_flight.next()).await
         {
-            if self.reply_publish(id, batch, result).await.is_err() {
+            if self.reply_publish(id, result).await.is_err() {
                 return;
             }
         }
