@@ -292,6 +292,38 @@ impl FileSync {
     }
 }
 
+/// Opens sled under `dir`. sled's lock on its data file can outlive the
+/// previous `Db` by a moment (its I/O threads finish last), so a lock held
+/// when restarting in the same process, or right after the previous daemon
+/// exited, is retried briefly before it counts as another running broker.
+fn open_sled(dir: &Path) -> Result<sled::Db, EngineError> {
+    const LOCK_WAIT: Duration = Duration::from_secs(3);
+    let started = Instant::now();
+    loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .segment_size(SEGMENT_SIZE)
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                // sled reports the lock as `Other` with this text.
+                if e.to_string().contains("could not acquire lock")
+                    && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(EngineError::Storage(format!(
+                    "cannot open {}: {e}",
+                    dir.display()
+                )))
+            }
+        }
+    }
+}
+
 /// What recovery needs from the engine besides the directory.
 pub(crate) struct OpenContext<'a> {
     /// Retention settings per topic name.
@@ -320,12 +352,7 @@ impl Store {
     ) -> Result<Opened, EngineError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| EngineError::Storage(format!("cannot create {}: {e}", dir.display())))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .segment_size(SEGMENT_SIZE)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| EngineError::Storage(format!("cannot open {}: {e}", dir.display())))?;
+        let db = open_sled(dir)?;
         let data_file = File::open(dir.join("db")).map_err(storage_err)?;
         let syncer = Arc::new(FileSync {
             dir: dir.to_owned(),
