@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::Engine;
 use crate::http::{self, HttpSettings, HttpState};
 use crate::tcp::{self, TcpSettings};
 
@@ -35,7 +35,7 @@ impl Broker {
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         // Before the engine: it takes its metric handles when it opens.
         crate::metrics::handle();
-        let options = EngineOptions::from_config(&config);
+        let options = config.engine_options();
         let data_dir = config.storage.data_dir.clone();
         let engine = tokio::task::spawn_blocking(move || Engine::open(options))
             .await

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
-use wildmatch::WildMatch;
+
+pub use crate::engine::{Durability, Retention, TopicOverride, TopicsConfig};
 
 /// The default configuration file, shipped as `config/ringcast.toml` and
 /// embedded so `ringcastd --print-config` can show it.
@@ -104,6 +105,25 @@ pub struct LimitsConfig {
     /// Most bytes retained in memory over all topics; publishes beyond it
     /// are refused until retention frees room.
     pub max_retained_bytes: ByteSize,
+    /// Most HTTP connections at once (SSE streams included); more are closed
+    /// at accept.
+    pub max_http_connections: usize,
+    /// Most HTTP requests (SSE streams excluded) handled at once; more are
+    /// answered 503.
+    pub max_http_requests: usize,
+    /// Most bytes queued for one TCP connection or SSE stream that its peer
+    /// has not read yet; a subscription that would exceed it stops pulling,
+    /// falls behind the ring and gets `gap(slow_consumer)`.
+    pub max_outbound_bytes: ByteSize,
+    /// Most payload bytes of one TCP connection's publishes awaiting their
+    /// ack; reading from the connection pauses beyond it.
+    pub max_in_flight_bytes: ByteSize,
+    /// Most payload bytes in one history page (TCP and HTTP); a page ends
+    /// early and `next_after` says where to continue.
+    pub max_history_bytes: ByteSize,
+    /// Most topics that exist only because a subscribe created them (no
+    /// event yet); each goes with its last subscriber and is never stored.
+    pub max_ephemeral_topics: usize,
 }
 
 impl Default for LimitsConfig {
@@ -117,6 +137,12 @@ impl Default for LimitsConfig {
             max_subscriptions_per_connection: 1_000,
             max_sse_connections: 10_000,
             max_retained_bytes: ByteSize::b(engine.max_retained_bytes),
+            max_http_connections: 10_000,
+            max_http_requests: 1_024,
+            max_outbound_bytes: ByteSize::mib(1),
+            max_in_flight_bytes: ByteSize::mib(16),
+            max_history_bytes: ByteSize::mib(4),
+            max_ephemeral_topics: engine.max_ephemeral_topics,
         }
     }
 }
@@ -128,6 +154,7 @@ impl LimitsConfig {
             max_payload: self.max_payload.as_u64(),
             max_topics: self.max_topics,
             max_retained_bytes: self.max_retained_bytes.as_u64(),
+            max_ephemeral_topics: self.max_ephemeral_topics,
         }
     }
 }
@@ -151,6 +178,10 @@ pub struct ServerConfig {
     /// From the environment: a comma-separated list.
     #[serde(deserialize_with = "string_list")]
     pub cors_origins: Vec<String>,
+    /// A TCP frame or an HTTP request (headers and body) that has started
+    /// must arrive whole within this; a slower peer is cut off.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
 }
 
 /// A list of strings, also accepted as one comma-separated string (the
@@ -181,45 +212,8 @@ impl Default for ServerConfig {
             heartbeat: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(10),
             cors_origins: vec!["*".into()],
+            read_timeout: Duration::from_secs(30),
         }
-    }
-}
-
-/// When a publish is acknowledged relative to the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// Ack after the write is fsynced; concurrent publishes share one fsync.
-    #[default]
-    Fsync,
-    /// Ack after the write; fsync every `flush_interval`.
-    Interval,
-    /// No disk at all; a restart starts every topic over with a new epoch.
-    Memory,
-}
-
-impl std::str::FromStr for Durability {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "fsync" => Ok(Self::Fsync),
-            "interval" => Ok(Self::Interval),
-            "memory" => Ok(Self::Memory),
-            other => Err(format!(
-                "unknown durability {other:?} (expected fsync, interval or memory)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Durability {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Fsync => "fsync",
-            Self::Interval => "interval",
-            Self::Memory => "memory",
-        })
     }
 }
 
@@ -234,6 +228,9 @@ pub struct StorageConfig {
     /// How often `interval` mode fsyncs.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
+    /// Most payload bytes queued for the store writer; publishers wait
+    /// beyond it (backpressure instead of an unbounded queue).
+    pub max_queued_bytes: ByteSize,
 }
 
 impl Default for StorageConfig {
@@ -242,102 +239,7 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./data"),
             durability: Durability::Fsync,
             flush_interval: Duration::from_millis(200),
-        }
-    }
-}
-
-/// `[topics]`: retention and lifecycle defaults, with per-pattern overrides.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TopicsConfig {
-    /// Most events a topic retains.
-    pub max_events: u64,
-    /// Oldest event a topic retains; `0s` means no age limit.
-    #[serde(with = "humantime_serde")]
-    pub max_age: Duration,
-    /// Most payload+metadata bytes a topic retains.
-    pub max_bytes: ByteSize,
-    /// How long a sealed topic stays readable before it is removed.
-    #[serde(with = "humantime_serde")]
-    pub sealed_ttl: Duration,
-    /// Drop a topic with no publish and no subscriber for this long; `0s` = never.
-    #[serde(with = "humantime_serde")]
-    pub idle_ttl: Duration,
-    /// Create a topic on its first publish or subscribe.
-    pub auto_create: bool,
-    /// Per-topic overrides, first matching pattern wins.
-    #[serde(rename = "override")]
-    pub overrides: Vec<TopicOverride>,
-}
-
-impl Default for TopicsConfig {
-    fn default() -> Self {
-        Self {
-            max_events: 10_000,
-            max_age: Duration::from_secs(24 * 3600),
-            max_bytes: ByteSize::mib(64),
-            sealed_ttl: Duration::from_secs(300),
-            idle_ttl: Duration::ZERO,
-            auto_create: true,
-            overrides: Vec::new(),
-        }
-    }
-}
-
-/// `[[topics.override]]`: settings for topics whose name matches `pattern`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
-pub struct TopicOverride {
-    /// Glob over topic names: `*` any run, `?` one character.
-    pub pattern: String,
-    /// Overrides `topics.max_events`.
-    pub max_events: Option<u64>,
-    /// Overrides `topics.max_age`.
-    #[serde(with = "humantime_serde")]
-    pub max_age: Option<Duration>,
-    /// Overrides `topics.max_bytes`.
-    pub max_bytes: Option<ByteSize>,
-    /// Overrides `topics.sealed_ttl`.
-    #[serde(with = "humantime_serde")]
-    pub sealed_ttl: Option<Duration>,
-    /// Overrides `topics.idle_ttl`.
-    #[serde(with = "humantime_serde")]
-    pub idle_ttl: Option<Duration>,
-}
-
-/// The effective retention and lifecycle settings of one topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retention {
-    /// Most events retained (at least 1).
-    pub max_events: u64,
-    /// Oldest event retained; `None` = no age limit.
-    pub max_age: Option<Duration>,
-    /// Most bytes retained.
-    pub max_bytes: u64,
-    /// Removal delay after sealing.
-    pub sealed_ttl: Duration,
-    /// Idle expiry; `None` = never.
-    pub idle_ttl: Option<Duration>,
-}
-
-impl TopicsConfig {
-    /// The settings of `topic`: the first override whose pattern matches,
-    /// falling back key by key to the `[topics]` defaults.
-    pub fn retention_for(&self, topic: &str) -> Retention {
-        let o = self
-            .overrides
-            .iter()
-            .find(|o| WildMatch::new(&o.pattern).matches(topic));
-        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
-        Retention {
-            max_events: o.and_then(|o| o.max_events).unwrap_or(self.max_events),
-            max_age: nonzero(o.and_then(|o| o.max_age).unwrap_or(self.max_age)),
-            max_bytes: o
-                .and_then(|o| o.max_bytes)
-                .unwrap_or(self.max_bytes)
-                .as_u64(),
-            sealed_ttl: o.and_then(|o| o.sealed_ttl).unwrap_or(self.sealed_ttl),
-            idle_ttl: nonzero(o.and_then(|o| o.idle_ttl).unwrap_or(self.idle_ttl)),
+            max_queued_bytes: ByteSize::mib(64),
         }
     }
 }
@@ -373,6 +275,20 @@ impl Default for LogConfig {
 }
 
 impl Config {
+    /// The engine's options under this config.
+    pub fn engine_options(&self) -> crate::engine::EngineOptions {
+        crate::engine::EngineOptions {
+            data_dir: self.storage.data_dir.clone(),
+            durability: self.storage.durability,
+            flush_interval: self.storage.flush_interval,
+            topics: self.topics.clone(),
+            limits: self.limits.engine(),
+            max_queued_bytes: self.storage.max_queued_bytes.as_u64(),
+            maintenance_interval: Duration::from_secs(1),
+            metered_topics: self.metrics.topics.clone(),
+        }
+    }
+
     /// Loads the config: defaults, then `path` (if given), then the
     /// `RINGCAST_*` variables among `env`; validates the result.
     pub fn load(
@@ -488,6 +404,36 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
             }
+        }
+        for (key, value) in [
+            (
+                "limits.max_http_connections",
+                self.limits.max_http_connections,
+            ),
+            ("limits.max_http_requests", self.limits.max_http_requests),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        for (key, value) in [
+            ("limits.max_outbound_bytes", self.limits.max_outbound_bytes),
+            (
+                "limits.max_in_flight_bytes",
+                self.limits.max_in_flight_bytes,
+            ),
+            ("limits.max_history_bytes", self.limits.max_history_bytes),
+            ("storage.max_queued_bytes", self.storage.max_queued_bytes),
+        ] {
+            if value.as_u64() < 64 * 1024 {
+                return Err(ConfigError::invalid(key, "must be at least 64KiB"));
+            }
+        }
+        if self.server.read_timeout < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "server.read_timeout",
+                "must be at least 100ms",
+            ));
         }
         if self.server.heartbeat < Duration::from_millis(10) {
             return Err(ConfigError::invalid(

@@ -4,6 +4,7 @@
 //! subscription cursors. See `docs/architecture.md` for the data flow.
 
 mod event;
+mod settings;
 mod store;
 mod subscription;
 mod topic;
@@ -21,9 +22,9 @@ use dashmap::DashMap;
 use tokio::sync::oneshot;
 
 pub use event::{Ack, Delivery, Event, Gap, GapReason, NewEvent, Start};
+pub use settings::{Durability, Retention, TopicOverride, TopicsConfig};
 pub use subscription::Subscription;
 
-use crate::config::{Config, Durability, Retention, TopicsConfig};
 use store::{Op, Store};
 use topic::{Topic, TopicState};
 
@@ -90,6 +91,8 @@ pub struct Limits {
     /// Most bytes retained in memory over all topics; publishes beyond it
     /// are refused until retention frees room.
     pub max_retained_bytes: u64,
+    /// Most topics created by a subscribe alone (no event yet) at once.
+    pub max_ephemeral_topics: usize,
 }
 
 impl Default for Limits {
@@ -98,6 +101,7 @@ impl Default for Limits {
             max_payload: 1024 * 1024,
             max_topics: 100_000,
             max_retained_bytes: 1024 * 1024 * 1024,
+            max_ephemeral_topics: 10_000,
         }
     }
 }
@@ -115,6 +119,8 @@ pub struct EngineOptions {
     pub topics: TopicsConfig,
     /// Engine-wide limits.
     pub limits: Limits,
+    /// Most payload bytes queued for the store writer before publishers wait.
+    pub max_queued_bytes: u64,
     /// How often age trimming and topic expiry run.
     pub maintenance_interval: Duration,
     /// Topics counted under their own metric label.
@@ -122,19 +128,6 @@ pub struct EngineOptions {
 }
 
 impl EngineOptions {
-    /// Options taken from a daemon config.
-    pub fn from_config(config: &Config) -> Self {
-        Self {
-            data_dir: config.storage.data_dir.clone(),
-            durability: config.storage.durability,
-            flush_interval: config.storage.flush_interval,
-            topics: config.topics.clone(),
-            limits: config.limits.engine(),
-            maintenance_interval: Duration::from_secs(1),
-            metered_topics: config.metrics.topics.clone(),
-        }
-    }
-
     /// In-memory options with default retention, for tests and benches.
     pub fn memory() -> Self {
         Self {
@@ -143,6 +136,7 @@ impl EngineOptions {
             flush_interval: Duration::from_millis(200),
             topics: TopicsConfig::default(),
             limits: Limits::default(),
+            max_queued_bytes: 64 * 1024 * 1024,
             maintenance_interval: Duration::from_secs(1),
             metered_topics: Vec::new(),
         }

@@ -37,9 +37,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::event::{Ack, Event, NewEvent};
+use super::settings::{Durability, TopicsConfig};
 use super::topic::{Counters, Topic, TopicState};
 use super::{now_ms, EngineError};
-use crate::config::{Durability, TopicsConfig};
 
 /// Largest record written; a bigger batch is split. (64 KiB, which keeps
 /// sled's 16-key leaves under its blob threshold, measured 20-25% slower

@@ -11,7 +11,7 @@ use parking_lot::RwLock;
 use tokio::sync::watch;
 
 use super::event::Event;
-use crate::config::Retention;
+use super::settings::Retention;
 
 /// Offset and per-type version counters of a topic.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -44,6 +44,16 @@ pub struct HttpSettings {
     pub max_payload: u64,
     /// Allowed CORS origins (`*` = any).
     pub cors_origins: Vec<String>,
+    /// Most HTTP connections at once.
+    pub max_connections: usize,
+    /// Most non-SSE requests handled at once.
+    pub max_requests: usize,
+    /// Bytes an SSE stream may have queued that its peer has not read.
+    pub max_outbound_bytes: usize,
+    /// Most payload bytes in one history page.
+    pub max_history_bytes: usize,
+    /// A started request (headers and body) must arrive whole within this.
+    pub read_timeout: Duration,
 }
 
 impl HttpSettings {
@@ -55,6 +65,13 @@ impl HttpSettings {
             max_sse_connections: config.limits.max_sse_connections,
             max_payload: config.limits.max_payload.as_u64(),
             cors_origins: config.server.cors_origins.clone(),
+            max_connections: config.limits.max_http_connections,
+            max_requests: config.limits.max_http_requests,
+            max_outbound_bytes: usize::try_from(config.limits.max_outbound_bytes.as_u64())
+                .unwrap_or(usize::MAX),
+            max_history_bytes: usize::try_from(config.limits.max_history_bytes.as_u64())
+                .unwrap_or(usize::MAX),
+            read_timeout: config.server.read_timeout,
         }
     }
 }

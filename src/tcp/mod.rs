@@ -41,6 +41,15 @@ pub struct TcpSettings {
     pub outbound_queue: usize,
     /// Publishes awaiting their ack per connection before reading pauses.
     pub max_in_flight: usize,
+    /// Payload bytes of publishes awaiting their ack per connection before
+    /// reading pauses.
+    pub max_in_flight_bytes: u64,
+    /// Bytes queued for a connection's writer that the peer has not read.
+    pub max_outbound_bytes: usize,
+    /// Most payload bytes in one history reply.
+    pub max_history_bytes: usize,
+    /// A started frame must arrive whole within this.
+    pub read_timeout: Duration,
 }
 
 impl TcpSettings {
@@ -55,6 +64,12 @@ impl TcpSettings {
             hello_timeout: Duration::from_secs(10),
             outbound_queue: 256,
             max_in_flight: 4096,
+            max_in_flight_bytes: config.limits.max_in_flight_bytes.as_u64(),
+            max_outbound_bytes: usize::try_from(config.limits.max_outbound_bytes.as_u64())
+                .unwrap_or(usize::MAX),
+            max_history_bytes: usize::try_from(config.limits.max_history_bytes.as_u64())
+                .unwrap_or(usize::MAX),
+            read_timeout: config.server.read_timeout,
         }
     }
 }
