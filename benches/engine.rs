@@ -108,6 +108,7 @@ async fn append_round_pipelined(engine: &Engine, publishers: u64, window: usize,
                     in_flight.push(
                         engine
                             .start_publish(TOPIC, vec![event(&payload)])
+                            .await
                             .expect("queue publish"),
                     );
                 }

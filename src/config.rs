@@ -286,6 +286,7 @@ impl Config {
             max_queued_bytes: self.storage.max_queued_bytes.as_u64(),
             maintenance_interval: Duration::from_secs(1),
             metered_topics: self.metrics.topics.clone(),
+            faults: None,
         }
     }
 

@@ -36,6 +36,12 @@ pub const SUBSCRIPTIONS: &str = "ringcast_subscriptions";
 pub const FLUSH_SECONDS: &str = "ringcast_storage_flush_seconds";
 /// Time from a publish being queued to its ack, seconds.
 pub const ACK_SECONDS: &str = "ringcast_publish_ack_seconds";
+/// Passes the store failed to write or fsync (each refused, then repaired).
+pub const STORAGE_ERRORS: &str = "ringcast_storage_errors_total";
+/// Topics recovery found damaged (they got a new epoch).
+pub const DAMAGED_TOPICS: &str = "ringcast_recovery_damaged_topics_total";
+/// 1 while the store accepts writes, 0 while it repairs itself.
+pub const STORAGE_WRITABLE: &str = "ringcast_storage_writable";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -68,6 +74,18 @@ fn describe() {
         "Requests or connections refused by a configured limit."
     );
     describe_counter!(PUBLISHED, "Events appended and acknowledged.");
+    describe_counter!(
+        STORAGE_ERRORS,
+        "Storage passes that failed to write or fsync; their publishes were refused."
+    );
+    describe_counter!(
+        DAMAGED_TOPICS,
+        "Topics that recovery found damaged or short; each got a new epoch."
+    );
+    describe_gauge!(
+        STORAGE_WRITABLE,
+        "1 while the store accepts writes, 0 while it repairs itself after an error."
+    );
     describe_counter!(DELIVERED, "Events delivered to subscribers.");
     describe_counter!(BYTES_IN, Unit::Bytes, "Bytes received from clients.");
     describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes sent to clients.");

@@ -4,10 +4,12 @@
 //! subscription cursors. See `docs/architecture.md` for the data flow.
 
 mod event;
+mod log;
 mod settings;
 mod store;
 mod subscription;
 mod topic;
+mod writer;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -18,15 +20,17 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 pub use event::{Ack, Delivery, Event, Gap, GapReason, NewEvent, Start};
+pub use log::Health;
 pub use settings::{Durability, Retention, TopicOverride, TopicsConfig};
+pub use store::{Faults, RecoveryReport};
 pub use subscription::Subscription;
 
-use store::{Op, Store};
-use topic::{Topic, TopicState};
+use log::{CommittedTopic, Log, MemoryLog, Outcome, Step};
+use topic::{Registry, Topic, TopicState};
+use writer::{Done, Request};
 
 /// Longest topic name or event type, in bytes.
 pub const MAX_NAME_LEN: usize = 255;
@@ -76,6 +80,10 @@ pub enum EngineError {
     /// The store failed; the operation did not happen.
     #[error("storage error: {0}")]
     Storage(String),
+    /// A write or fsync failed recently: writes are refused until the
+    /// store has repaired itself (it retries on its own). Retry later.
+    #[error("storage unavailable, publish not stored (retry later): {0}")]
+    StorageUnavailable(String),
     /// The engine is closing.
     #[error("the broker is shutting down")]
     ShuttingDown,
@@ -125,6 +133,9 @@ pub struct EngineOptions {
     pub maintenance_interval: Duration,
     /// Topics counted under their own metric label.
     pub metered_topics: Vec<String>,
+    /// Storage faults to inject (tests of the failure rules).
+    #[doc(hidden)]
+    pub faults: Option<Arc<Faults>>,
 }
 
 impl EngineOptions {
@@ -139,6 +150,7 @@ impl EngineOptions {
             max_queued_bytes: 64 * 1024 * 1024,
             maintenance_interval: Duration::from_secs(1),
             metered_topics: Vec::new(),
+            faults: None,
         }
     }
 
@@ -273,10 +285,18 @@ pub struct Engine {
 }
 
 struct Inner {
-    topics: DashMap<Arc<str>, Arc<Topic>>,
+    registry: Arc<Registry>,
     options: EngineOptions,
-    store: Option<Store>,
+    log: Arc<dyn Log>,
+    /// Requests to the writer thread (queued backends only).
+    writer: Option<parking_lot::Mutex<Option<std::sync::mpsc::Sender<Request>>>>,
+    writer_thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Byte budget of the writer queue, in KiB units.
+    queue: Arc<Semaphore>,
+    /// Units the queue holds in all (no request asks for more).
+    queue_total: u32,
     recovered_events: u64,
+    recovery: RecoveryReport,
     global_bytes: Arc<AtomicU64>,
     metrics: EngineMetrics,
     closed: std::sync::atomic::AtomicBool,
@@ -286,7 +306,7 @@ struct Inner {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("topics", &self.inner.topics.len())
+            .field("topics", &self.inner.registry.topics.len())
             .field("durability", &self.inner.options.durability)
             .finish()
     }
@@ -357,46 +377,272 @@ pub fn validate_topic(name: &str) -> Result<(), EngineError> {
     }
 }
 
+/// Queue budget units: one per KiB of payload, at least one per request.
+fn queue_units(bytes: u64, total: u32) -> u32 {
+    u32::try_from(bytes / 1024 + 1)
+        .unwrap_or(u32::MAX)
+        .min(total)
+}
+
+/// What every engine-owned topic must have acknowledged: the truth a
+/// backend repairs itself against. Ephemeral topics were never stored.
+pub(crate) fn committed(registry: &Registry) -> Vec<CommittedTopic> {
+    registry
+        .topics
+        .iter()
+        .filter_map(|t| {
+            let s = t.state.read();
+            (!s.ephemeral && !s.deleted).then(|| CommittedTopic {
+                id: t.id(&s),
+                next_offset: s.counters.next_offset,
+                versions: s
+                    .counters
+                    .versions
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect(),
+                sealed_at_ms: s.sealed_at_ms,
+                events: s.ring.iter().cloned().collect(),
+            })
+        })
+        .collect()
+}
+
+/// Commits appended events to a topic whose state lock is held: ring push
+/// (and trim), counters, metrics. Returns the acks and whether the ring
+/// was trimmed (its stored events need pruning).
+fn commit_events(
+    m: &EngineMetrics,
+    topic: &Topic,
+    state: &mut TopicState,
+    events: Vec<Arc<Event>>,
+    now: u64,
+) -> (Vec<Ack>, bool) {
+    let acks = events
+        .iter()
+        .map(|e| Ack {
+            epoch: state.epoch,
+            offset: e.offset,
+            version: e.version,
+        })
+        .collect();
+    let before = state.first_offset();
+    count_published(m, &topic.name, state.metered, events.len());
+    if state.ephemeral {
+        // Its first event makes the topic a real one.
+        state.ephemeral = false;
+        if let Some(registry) = topic.registry.upgrade() {
+            registry.ephemeral.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    state.push(events, now);
+    topic.touch(now);
+    (acks, state.first_offset() != before)
+}
+
+/// Commits one step's outcome: the single place where a persisted change
+/// becomes visible. Returns the topic to wake.
+pub(crate) fn commit(
+    m: &EngineMetrics,
+    done: Done,
+    outcome: Outcome,
+    now: u64,
+    dirty: &mut std::collections::HashMap<Arc<str>, Arc<Topic>>,
+) -> Option<Arc<Topic>> {
+    match (done, outcome) {
+        (Done::Append { topic, ack }, Outcome::Appended(events)) => {
+            let (acks, trimmed) = {
+                let mut state = topic.state.write();
+                commit_events(m, &topic, &mut state, events, now)
+            };
+            if trimmed {
+                dirty.insert(topic.name.clone(), topic.clone());
+            }
+            let _ = ack.send(Ok(acks));
+            writer::settle(&topic);
+            Some(topic)
+        }
+        (Done::Seal { topic, ack }, Outcome::Sealed(at)) => {
+            {
+                let mut s = topic.state.write();
+                s.sealed = true;
+                s.sealed_at_ms = Some(at);
+            }
+            let _ = ack.send(Ok(()));
+            Some(topic)
+        }
+        (Done::Delete { topic, ack }, Outcome::Done) => {
+            finish_delete(&topic);
+            if let Some(ack) = ack {
+                let _ = ack.send(Ok(()));
+            }
+            Some(topic)
+        }
+        (done, Outcome::Refused(e)) => {
+            fail(done, &e);
+            None
+        }
+        (Done::Sync { ack }, _) => {
+            let _ = ack.send(Ok(()));
+            None
+        }
+        (done, outcome) => {
+            // A backend answering a step with another step's outcome is a
+            // bug in the backend; refuse rather than guess.
+            tracing::error!(?outcome, "storage answered a step with the wrong outcome");
+            fail(
+                done,
+                &EngineError::Storage("internal: mismatched outcome".into()),
+            );
+            None
+        }
+    }
+}
+
+/// Refuses one step's completion with `e`.
+pub(crate) fn fail(done: Done, e: &EngineError) {
+    match done {
+        Done::Append { topic, ack } => {
+            let _ = ack.send(Err(e.clone()));
+            writer::settle(&topic);
+        }
+        Done::Seal { ack, .. } | Done::Sync { ack } => {
+            let _ = ack.send(Err(e.clone()));
+        }
+        Done::Delete { topic, ack } => {
+            topic.state.write().deleting = false;
+            topic.wake();
+            if let Some(ack) = ack {
+                let _ = ack.send(Err(e.clone()));
+            }
+        }
+        Done::Trim => {}
+    }
+}
+
+/// Makes a persisted delete visible: subscribers end, the name is free.
+fn finish_delete(topic: &Arc<Topic>) {
+    {
+        let mut s = topic.state.write();
+        s.deleted = true;
+        s.deleting = false;
+        if s.ephemeral {
+            s.ephemeral = false;
+            if let Some(registry) = topic.registry.upgrade() {
+                registry.ephemeral.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+    if let Some(registry) = topic.registry.upgrade() {
+        registry
+            .topics
+            .remove_if(&topic.name, |_, t| Arc::ptr_eq(t, topic));
+    }
+    topic.wake();
+    tracing::info!(topic = %topic.name, "topic deleted");
+}
+
 impl Engine {
     /// Opens the engine: in memory, or recovering every topic from sled.
-    /// Starts the store writer and the maintenance thread.
+    /// Starts the writer and the maintenance thread.
     pub fn open(options: EngineOptions) -> Result<Self, EngineError> {
         let global_bytes = Arc::new(AtomicU64::new(0));
-        let (store, topics, recovered_events) = match options.durability {
-            Durability::Memory => (None, Vec::new(), 0),
+        let registry = Arc::new(Registry::default());
+        let (log, recovered, recovery): (Arc<dyn Log>, _, _) = match options.durability {
+            Durability::Memory => (
+                Arc::new(MemoryLog::new()),
+                Vec::new(),
+                RecoveryReport::default(),
+            ),
             durability => {
-                let opened = store::Store::open(
+                let opened = store::SledLog::open(
                     &options.data_dir,
                     durability,
                     options.flush_interval,
-                    store::OpenContext {
-                        topics: &options.topics,
-                        metered: &options.metered_topics,
-                        global_bytes: global_bytes.clone(),
-                    },
+                    options.faults.clone(),
                 )?;
-                (Some(opened.store), opened.topics, opened.events)
+                (opened.log, opened.topics, opened.report)
             }
         };
+        let now = now_ms();
+        let mut recovered_events = 0;
+        let mut trimmed_at_open = Vec::new();
+        for r in recovered {
+            let name = r.id.name.clone();
+            let mut state = TopicState::new(
+                r.id.epoch,
+                options.topics.retention_for(&name),
+                global_bytes.clone(),
+            );
+            state.generation = r.id.generation;
+            state.metered = options.metered_topics.iter().any(|m| **m == *name);
+            state.counters.next_offset = r.next_offset.max(1);
+            state.counters.versions = r
+                .versions
+                .into_iter()
+                .map(|(t, v)| (Arc::<str>::from(t), v))
+                .collect();
+            state.sealed_at_ms = r.sealed_at_ms;
+            state.sealed = r.sealed_at_ms.is_some();
+            let stored = r.events.len();
+            for e in r.events {
+                state.push_back(Arc::new(e));
+            }
+            state.trim(now);
+            recovered_events += state.ring.len() as u64;
+            let topic = Topic::new(name.clone(), state, now, Arc::downgrade(&registry));
+            if topic.state.read().ring.len() < stored {
+                trimmed_at_open.push(topic.clone());
+            }
+            registry.topics.insert(name, topic);
+        }
+        let queue_units_total = u32::try_from((options.max_queued_bytes / 1024).max(64))
+            .unwrap_or(u32::MAX >> 4)
+            .min(u32::MAX >> 4);
+        let metrics = EngineMetrics::new();
+        let (writer, writer_thread) = if log.inline() {
+            (None, None)
+        } else {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let w = writer::Writer {
+                log: log.clone(),
+                registry: registry.clone(),
+                metrics: metrics.clone(),
+            };
+            let handle = std::thread::Builder::new()
+                .name("ringcast-writer".into())
+                .spawn(move || w.run(rx))
+                .map_err(|e| EngineError::Storage(format!("cannot start the writer: {e}")))?;
+            (Some(parking_lot::Mutex::new(Some(tx))), Some(handle))
+        };
         let inner = Arc::new(Inner {
-            topics: topics.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            registry,
             options,
-            store,
+            log,
+            writer,
+            writer_thread: parking_lot::Mutex::new(writer_thread),
+            queue: Arc::new(Semaphore::new(queue_units_total as usize)),
+            queue_total: queue_units_total,
             recovered_events,
+            recovery,
             global_bytes,
-            metrics: EngineMetrics::new(),
+            metrics,
             closed: std::sync::atomic::AtomicBool::new(false),
             janitor: parking_lot::Mutex::new(None),
         });
+        let engine = Self { inner };
+        for t in trimmed_at_open {
+            engine.queue_trim(&t);
+        }
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-        let weak = Arc::downgrade(&inner);
-        let interval = inner.options.maintenance_interval;
+        let weak = Arc::downgrade(&engine.inner);
+        let interval = engine.inner.options.maintenance_interval;
         std::thread::Builder::new()
             .name("ringcast-janitor".into())
             .spawn(move || janitor(weak, stop_rx, interval))
             .map_err(|e| EngineError::Storage(format!("cannot start maintenance thread: {e}")))?;
-        *inner.janitor.lock() = Some(stop_tx);
-        Ok(Self { inner })
+        *engine.inner.janitor.lock() = Some(stop_tx);
+        Ok(engine)
     }
 
     /// The durability mode in use.
@@ -407,6 +653,51 @@ impl Engine {
     /// Events rebuilt from disk at open.
     pub fn recovered_events(&self) -> u64 {
         self.inner.recovered_events
+    }
+
+    /// What recovery found damaged (those topics got new epochs).
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    /// Whether the store accepts writes now (readiness).
+    pub fn health(&self) -> Health {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Health::Degraded("the broker is shutting down".into());
+        }
+        self.inner.log.health()
+    }
+
+    fn send(&self, request: Request) -> Result<(), EngineError> {
+        let writer = self
+            .inner
+            .writer
+            .as_ref()
+            .ok_or(EngineError::ShuttingDown)?;
+        let guard = writer.lock();
+        let tx = guard.as_ref().ok_or(EngineError::ShuttingDown)?;
+        tx.send(request).map_err(|_| EngineError::ShuttingDown)
+    }
+
+    fn queue_trim(&self, topic: &Arc<Topic>) {
+        if self.inner.log.inline() {
+            return;
+        }
+        let step = {
+            let s = topic.state.read();
+            if s.ephemeral || s.deleted {
+                return;
+            }
+            Step::Trim {
+                topic: topic.id(&s),
+                first_retained: s.first_offset(),
+            }
+        };
+        let _ = self.send(Request::Step {
+            step,
+            done: Done::Trim,
+            permit: None,
+        });
     }
 
     /// Publishes one event; resolves once it is acknowledged under the
@@ -423,14 +714,15 @@ impl Engine {
         topic: &str,
         events: Vec<NewEvent>,
     ) -> Result<Vec<Ack>, EngineError> {
-        self.start_publish(topic, events)?.await
+        self.start_publish(topic, events).await?.await
     }
 
-    /// Validates and queues a batch now, in call order, and returns a future
-    /// of its acks. Front ends use it to pipeline: publishes from one
-    /// connection are appended in the order they arrived while their acks
-    /// are awaited concurrently.
-    pub fn start_publish(
+    /// Validates and queues a batch, in call order, and returns a future of
+    /// its acks. Front ends use it to pipeline: publishes from one
+    /// connection are appended in the order they were started while their
+    /// acks are awaited concurrently. Waits (backpressure) while the
+    /// writer's queue holds `max_queued_bytes`.
+    pub async fn start_publish(
         &self,
         topic: &str,
         events: Vec<NewEvent>,
@@ -442,7 +734,7 @@ impl Engine {
         }
         // An existing topic already knows its settings; matching override
         // patterns per publish would compile them each time.
-        let retention = match self.inner.topics.get(topic) {
+        let retention = match self.inner.registry.topics.get(topic) {
             Some(t) => t.state.read().retention,
             None => self.inner.options.topics.retention_for(topic),
         };
@@ -456,62 +748,87 @@ impl Engine {
             crate::metrics::refused("max_retained_bytes");
             return Err(EngineError::OverCapacity(cap));
         }
+        if let Health::Degraded(why) = self.inner.log.health() {
+            return Err(EngineError::StorageUnavailable(why));
+        }
         let started = std::time::Instant::now();
+        let inline = self.inner.log.inline();
+        let permit = if inline {
+            None
+        } else {
+            let units = queue_units(bytes, self.inner.queue_total);
+            Some(
+                self.inner
+                    .queue
+                    .clone()
+                    .acquire_many_owned(units)
+                    .await
+                    .map_err(|_| EngineError::ShuttingDown)?,
+            )
+        };
+        let mut events = Some(events);
         loop {
-            let t = self.get_or_create(topic, self.inner.options.topics.auto_create)?;
-            match &self.inner.store {
-                None => {
-                    let now = now_ms();
-                    let mut state = t.state.write();
-                    if state.deleted {
-                        continue;
-                    }
-                    if state.sealed {
-                        return Err(EngineError::TopicSealed(topic.to_owned()));
-                    }
-                    let epoch = state.epoch;
-                    let mut acks = Vec::with_capacity(events.len());
-                    let mut assigned = Vec::with_capacity(events.len());
-                    // Memory mode commits at once, assigning on the
-                    // committed counters.
-                    for e in events {
-                        let (offset, version, event_type) = state.counters.assign(&e.event_type);
-                        acks.push(Ack {
-                            epoch,
-                            offset,
-                            version,
-                        });
-                        assigned.push(Arc::new(Event::new(
-                            offset, version, now, event_type, e.headers, e.payload,
-                        )));
-                    }
-                    count_published(&self.inner.metrics, topic, state.metered, assigned.len());
-                    state.push(assigned, now);
-                    drop(state);
-                    t.touch(now);
-                    t.wake();
-                    return Ok(PendingPublish {
-                        pending: Pending::Ready(Some(acks)),
-                        started,
-                        ack_seconds: self.inner.metrics.ack_seconds.clone(),
-                    });
+            let t = self.get_or_create(topic, self.inner.options.topics.auto_create, false)?;
+            let mut changed = t.notify.subscribe();
+            if inline {
+                let now = now_ms();
+                let mut state = t.state.write();
+                if state.deleted {
+                    continue;
                 }
-                Some(store) => {
-                    let (ack, rx) = oneshot::channel();
-                    // Checked and queued under the lock so that a seal or
-                    // delete is ordered after every publish it let through.
-                    let state = t.state.read();
-                    if state.deleted {
-                        continue;
+                if state.sealed {
+                    return Err(EngineError::TopicSealed(topic.to_owned()));
+                }
+                let mut steps = [Step::Append {
+                    topic: t.id(&state),
+                    events: events.take().unwrap_or_default(),
+                }];
+                let outcome = self.inner.log.persist(&mut steps, now)?.pop();
+                return match outcome {
+                    Some(Outcome::Appended(assigned)) => {
+                        let (acks, _) =
+                            commit_events(&self.inner.metrics, &t, &mut state, assigned, now);
+                        drop(state);
+                        t.wake();
+                        Ok(PendingPublish {
+                            pending: Pending::Ready(Some(acks)),
+                            started,
+                            ack_seconds: self.inner.metrics.ack_seconds.clone(),
+                        })
                     }
-                    if state.sealed {
-                        return Err(EngineError::TopicSealed(topic.to_owned()));
+                    Some(Outcome::Refused(e)) => Err(e),
+                    _ => Err(EngineError::Storage("internal: mismatched outcome".into())),
+                };
+            }
+            let (ack, rx) = oneshot::channel();
+            {
+                // Checked and queued under the lock so that a seal or
+                // delete is ordered after every publish it let through.
+                let state = t.state.read();
+                if state.deleted {
+                    continue;
+                }
+                if state.sealed {
+                    return Err(EngineError::TopicSealed(topic.to_owned()));
+                }
+                if !state.deleting {
+                    t.pending.fetch_add(1, Ordering::AcqRel);
+                    let request = Request::Step {
+                        step: Step::Append {
+                            topic: t.id(&state),
+                            events: events.take().unwrap_or_default(),
+                        },
+                        done: Done::Append {
+                            topic: t.clone(),
+                            ack,
+                        },
+                        permit,
+                    };
+                    if let Err(e) = self.send(request) {
+                        drop(state);
+                        writer::settle(&t);
+                        return Err(e);
                     }
-                    store.send(Op::Append {
-                        topic: t.clone(),
-                        events,
-                        ack,
-                    })?;
                     return Ok(PendingPublish {
                         pending: Pending::Waiting(rx),
                         started,
@@ -519,6 +836,9 @@ impl Engine {
                     });
                 }
             }
+            // A delete is being persisted: its outcome decides whether this
+            // publish goes to the old topic or re-creates it.
+            let _ = changed.changed().await;
         }
     }
 
@@ -570,32 +890,56 @@ impl Engine {
     /// Creates `name` if it does not exist (regardless of `auto_create`).
     pub fn create(&self, name: &str) -> Result<(), EngineError> {
         validate_topic(name)?;
-        self.get_or_create(name, true).map(|_| ())
+        let t = self.get_or_create(name, true, false)?;
+        let was_ephemeral = {
+            let mut s = t.state.write();
+            std::mem::replace(&mut s.ephemeral, false)
+        };
+        if was_ephemeral {
+            self.inner.registry.ephemeral.fetch_sub(1, Ordering::AcqRel);
+        }
+        // Persist the topic (its epoch) even before its first event.
+        self.queue_trim(&t);
+        Ok(())
     }
 
     fn get(&self, name: &str) -> Result<Arc<Topic>, EngineError> {
         self.inner
+            .registry
             .topics
             .get(name)
             .map(|t| t.value().clone())
             .ok_or_else(|| EngineError::TopicNotFound(name.to_owned()))
     }
 
-    fn get_or_create(&self, name: &str, create: bool) -> Result<Arc<Topic>, EngineError> {
+    /// The topic `name`, created if `create`; `ephemeral` when a subscribe
+    /// creates it (not stored, gone with its last subscriber).
+    fn get_or_create(
+        &self,
+        name: &str,
+        create: bool,
+        ephemeral: bool,
+    ) -> Result<Arc<Topic>, EngineError> {
         self.check_open()?;
-        if let Some(t) = self.inner.topics.get(name) {
+        let registry = &self.inner.registry;
+        if let Some(t) = registry.topics.get(name) {
             return Ok(t.value().clone());
         }
         if !create {
             return Err(EngineError::TopicNotFound(name.to_owned()));
         }
         let max = self.inner.options.limits.max_topics;
-        if self.inner.topics.len() >= max {
+        if registry.topics.len() >= max {
             crate::metrics::refused("max_topics");
             return Err(EngineError::TooManyTopics(max));
         }
+        let max_ephemeral = self.inner.options.limits.max_ephemeral_topics;
+        if ephemeral && registry.ephemeral.load(Ordering::Acquire) >= max_ephemeral {
+            crate::metrics::refused("max_ephemeral_topics");
+            return Err(EngineError::TooManyTopics(max_ephemeral));
+        }
         let name: Arc<str> = Arc::from(name);
-        match self.inner.topics.entry(name.clone()) {
+        match registry.topics.entry(name.clone()) {
             Entry::Occupied(e) => Ok(e.get().clone()),
             Entry::Vacant(e) => {
                 let retention = self.inner.options.topics.retention_for(&name);
@@ -607,22 +951,21 @@ impl Engine {
                     .metered_topics
                     .iter()
                     .any(|m| **m == *name);
-                let topic = Topic::new(name.clone(), state, now_ms());
-                if let Some(store) = &self.inner.store {
-                    // Persist the epoch even before the first event.
-                    store.send(Op::Touch {
-                        topic: topic.clone(),
-                    })?;
+                state.ephemeral = ephemeral;
+                if ephemeral {
+                    registry.ephemeral.fetch_add(1, Ordering::AcqRel);
                 }
+                let topic = Topic::new(name.clone(), state, now_ms(), Arc::downgrade(registry));
                 e.insert(topic.clone());
-                tracing::debug!(topic = %name, "topic created");
+                tracing::debug!(topic = %name, ephemeral, "topic created");
                 Ok(topic)
             }
         }
     }
 
-    /// Subscribes to `topic` (created when `auto_create` is on), with an
-    /// optional type filter (empty = all types) and a start position.
+    /// Subscribes to `topic` (created when `auto_create` is on — as an
+    /// ephemeral topic, stored only once an event is published to it), with
+    /// an optional type filter (empty = all types) and a start position.
     pub fn subscribe(
         &self,
         topic: &str,
@@ -633,8 +976,21 @@ impl Engine {
         if let Some(bad) = types.iter().find(|t| !valid_name(t)) {
             return Err(EngineError::InvalidType(bad.chars().take(300).collect()));
         }
-        let t = self.get_or_create(topic, self.inner.options.topics.auto_create)?;
-        Subscription::open(t, types, start)
+        loop {
+            let t = self.get_or_create(topic, self.inner.options.topics.auto_create, true)?;
+            let fresh = t.state.read().ephemeral;
+            match Subscription::open(t.clone(), types.clone(), start.clone()) {
+                // Removed between lookup and open: look it up again.
+                Err(EngineError::TopicNotFound(_)) if t.state.read().deleted => continue,
+                Err(e) => {
+                    if fresh {
+                        t.release_if_unused();
+                    }
+                    return Err(e);
+                }
+                Ok(sub) => return Ok(sub),
+            }
+        }
     }
 
     /// Up to `limit` retained events with offset > `after` (of the given
@@ -672,6 +1028,7 @@ impl Engine {
     pub fn topics(&self) -> Vec<TopicSummary> {
         let mut list: Vec<TopicSummary> = self
             .inner
+            .registry
             .topics
             .iter()
             .map(|t| {
@@ -714,85 +1071,101 @@ impl Engine {
         })
     }
 
-    /// Seals `topic`: publishes are refused from now on; subscribers get
-    /// `End` after the last event; the topic is removed after `sealed_ttl`.
+    /// Seals `topic`: once persisted, publishes are refused; subscribers
+    /// get `End` after the last event; the topic is removed after
+    /// `sealed_ttl`. Publishes queued before the seal are stored.
     pub async fn seal(&self, topic: &str) -> Result<(), EngineError> {
         self.check_open()?;
         validate_topic(topic)?;
         let t = self.get(topic)?;
-        match &self.inner.store {
-            None => {
-                {
-                    let mut s = t.state.write();
+        if self.inner.log.inline() {
+            let now = now_ms();
+            {
+                let mut s = t.state.write();
+                let mut steps = [Step::Seal { topic: t.id(&s) }];
+                if let Some(Outcome::Sealed(at)) = self.inner.log.persist(&mut steps, now)?.pop() {
                     s.sealed = true;
-                    s.sealed_at_ms.get_or_insert_with(now_ms);
+                    s.sealed_at_ms = Some(at);
                 }
-                t.wake();
-                Ok(())
             }
-            Some(store) => {
-                let (ack, rx) = oneshot::channel();
-                {
-                    let mut s = t.state.write();
-                    s.sealed = true;
-                    store.send(Op::Seal {
-                        topic: t.clone(),
-                        ack,
-                    })?;
-                }
-                rx.await.map_err(|_| EngineError::ShuttingDown)?
-            }
+            t.wake();
+            return Ok(());
         }
+        let (ack, rx) = oneshot::channel();
+        {
+            // Queued under the lock: ordered after every publish let through.
+            let s = t.state.read();
+            self.send(Request::Step {
+                step: Step::Seal { topic: t.id(&s) },
+                done: Done::Seal {
+                    topic: t.clone(),
+                    ack,
+                },
+                permit: None,
+            })?;
+        }
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
     }
 
-    /// Deletes `topic` and its stored events. Subscribers get `End`; a later
-    /// publish re-creates it with a new epoch, offsets from 1.
+    /// Deletes `topic` and its stored events once the deletion is
+    /// persisted. Subscribers get `End`; a later publish re-creates it with
+    /// a new epoch, offsets from 1. Publishes during the deletion wait for it.
     pub async fn delete(&self, topic: &str) -> Result<(), EngineError> {
         self.check_open()?;
         validate_topic(topic)?;
-        match self.remove(topic, None)? {
+        let t = self.get(topic)?;
+        match self.start_delete(&t, true)? {
             Some(rx) => rx.await.map_err(|_| EngineError::ShuttingDown)?,
             None => Ok(()),
         }
     }
 
-    /// Removes a topic from the map (only `expected` if given) and queues the
-    /// deletion of its records, in order with every earlier write.
-    fn remove(
+    /// Queues the deletion of `t` (or does it at once in memory).
+    fn start_delete(
         &self,
-        name: &str,
-        expected: Option<&Arc<Topic>>,
+        t: &Arc<Topic>,
+        wait: bool,
     ) -> Result<Option<oneshot::Receiver<Result<(), EngineError>>>, EngineError> {
-        let Entry::Occupied(entry) = self.inner.topics.entry(Arc::from(name)) else {
-            return Err(EngineError::TopicNotFound(name.to_owned()));
-        };
-        let t = entry.get().clone();
-        if expected.is_some_and(|e| !Arc::ptr_eq(e, &t)) {
+        if self.inner.log.inline() {
+            {
+                let s = t.state.read();
+                let mut steps = [Step::Delete { topic: t.id(&s) }];
+                self.inner.log.persist(&mut steps, now_ms())?;
+            }
+            finish_delete(t);
             return Ok(None);
         }
-        let mut rx = None;
-        {
-            let mut s = t.state.write();
-            s.deleted = true;
-            if let Some(store) = &self.inner.store {
-                let (ack, r) = oneshot::channel();
-                store.send(Op::Delete {
-                    topic: t.clone(),
-                    ack,
-                })?;
-                rx = Some(r);
-            }
+        let mut s = t.state.write();
+        if s.deleted {
+            return Err(EngineError::TopicNotFound(t.name.to_string()));
         }
-        entry.remove();
-        t.wake();
-        tracing::info!(topic = name, "topic deleted");
-        Ok(rx)
+        if s.ephemeral {
+            // Never stored: nothing to persist.
+            drop(s);
+            finish_delete(t);
+            return Ok(None);
+        }
+        s.deleting = true;
+        let (ack, rx) = oneshot::channel();
+        let request = Request::Step {
+            step: Step::Delete { topic: t.id(&s) },
+            done: Done::Delete {
+                topic: t.clone(),
+                ack: Some(ack),
+            },
+            permit: None,
+        };
+        if let Err(e) = self.send(request) {
+            s.deleting = false;
+            return Err(e);
+        }
+        Ok(wait.then_some(rx))
     }
 
     /// Gauges over all topics.
     pub fn stats(&self) -> EngineStats {
         let mut stats = EngineStats::default();
-        for t in self.inner.topics.iter() {
+        for t in self.inner.registry.topics.iter() {
             let s = t.state.read();
             stats.topics += 1;
             stats.retained_events += s.ring.len() as u64;
@@ -805,10 +1178,16 @@ impl Engine {
     /// Waits until everything acknowledged so far is on stable storage
     /// (a no-op in memory mode).
     pub async fn sync(&self) -> Result<(), EngineError> {
-        match &self.inner.store {
-            Some(store) => store.sync().await,
-            None => Ok(()),
+        if self.inner.log.inline() {
+            return Ok(());
         }
+        let (ack, rx) = oneshot::channel();
+        self.send(Request::Step {
+            step: Step::Sync,
+            done: Done::Sync { ack },
+            permit: None,
+        })?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
     }
 
     /// Runs age trimming and topic expiry as of `now`; the maintenance
@@ -819,39 +1198,72 @@ impl Engine {
         let now = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        maintain(&self.inner, self, now);
+        maintain(self, now);
     }
 
-    /// Stops maintenance, drains the writer, fsyncs and marks the store
-    /// clean. Publishes after this fail with `ShuttingDown`.
+    /// Refuses new publishes, commits everything queued (every publish
+    /// that will ever be acknowledged is acknowledged before the clean
+    /// marker), fsyncs and marks the store clean.
     pub async fn close(&self) -> Result<(), EngineError> {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.janitor.lock().take();
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || match &inner.store {
-            Some(store) => store.close(),
-            None => Ok(()),
-        })
-        .await
-        .map_err(|e| EngineError::Storage(format!("close task failed: {e}")))?
+        if self.inner.log.inline() {
+            return Ok(());
+        }
+        let (ack, rx) = oneshot::channel();
+        let sent = self.send(Request::Close { ack });
+        let result = match sent {
+            Ok(()) => rx.await.map_err(|_| EngineError::ShuttingDown)?,
+            Err(_) => Ok(()),
+        };
+        // Dropping the sender ends the writer once it refused the rest.
+        if let Some(writer) = &self.inner.writer {
+            writer.lock().take();
+        }
+        let handle = self.inner.writer_thread.lock().take();
+        if let Some(handle) = handle {
+            tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|e| EngineError::Storage(format!("close task failed: {e}")))?
+                .map_err(|_| EngineError::Storage("the writer thread panicked".into()))?;
+        }
+        result
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(writer) = &self.writer {
+            writer.lock().take();
+        }
+        if let Some(handle) = self.writer_thread.lock().take() {
+            let _ = handle.join();
+        }
     }
 }
 
 fn janitor(inner: Weak<Inner>, stop: std::sync::mpsc::Receiver<()>, interval: Duration) {
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
         let Some(inner) = inner.upgrade() else { return };
-        let engine = Engine {
-            inner: inner.clone(),
-        };
-        maintain(&inner, &engine, now_ms());
+        let engine = Engine { inner };
+        maintain(&engine, now_ms());
     }
 }
 
-fn maintain(inner: &Inner, engine: &Engine, now: u64) {
-    let topics: Vec<Arc<Topic>> = inner.topics.iter().map(|t| t.value().clone()).collect();
+fn maintain(engine: &Engine, now: u64) {
+    let topics: Vec<Arc<Topic>> = engine
+        .inner
+        .registry
+        .topics
+        .iter()
+        .map(|t| t.value().clone())
+        .collect();
     for t in topics {
         let (trimmed, expired) = {
             let mut s = t.state.write();
+            if s.deleting || s.deleted {
+                continue;
+            }
             let trimmed = s.trim(now) > 0;
             let r = s.retention;
             let ttl_ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -860,6 +1272,7 @@ fn maintain(inner: &Inner, engine: &Engine, now: u64) {
                 .is_some_and(|at| now >= at.saturating_add(ttl_ms(r.sealed_ttl)));
             let idle_out = r.idle_ttl.is_some_and(|ttl| {
                 t.subscribers.load(Ordering::Relaxed) == 0
+                    && t.pending.load(Ordering::Relaxed) == 0
                     && now
                         >= t.last_activity_ms
                             .load(Ordering::Relaxed)
@@ -868,14 +1281,12 @@ fn maintain(inner: &Inner, engine: &Engine, now: u64) {
             (trimmed, sealed_out || idle_out)
         };
         if expired {
-            match engine.remove(&t.name, Some(&t)) {
+            match engine.start_delete(&t, false) {
                 Ok(_) => tracing::info!(topic = %t.name, "topic expired"),
                 Err(e) => tracing::warn!(topic = %t.name, error = %e, "topic expiry failed"),
             }
         } else if trimmed {
-            if let Some(store) = &inner.store {
-                let _ = store.send(Op::Touch { topic: t.clone() });
-            }
+            engine.queue_trim(&t);
             t.wake();
         }
     }

@@ -1,45 +1,70 @@
-//! The only module that touches sled: recovery, and the single writer
-//! thread that assigns offsets, group-commits batches and then publishes
-//! them to the rings.
+//! The sled backend of the [`Log`] seam, and the only module that touches
+//! sled: recovery, atomic passes, group-committed fsync, repair after a
+//! storage error, and the checkpoint that detects a damaged data file.
 //!
 //! # Layout in sled (one tree)
 //! - `M` + topic name → [`TopicMeta`]: generation, epoch, next offset,
-//!   versions per type, trimmed-through offset, sealed time. Rewritten after
-//!   the records of every batch that touches the topic, so counters survive
-//!   even when every event of a type has been trimmed.
+//!   versions per type, trimmed-through offset, sealed time. Rewritten in
+//!   every pass that touches the topic, so counters survive even when every
+//!   event of a type has been trimmed.
 //! - `E` + name length (u8) + name + generation (u64 BE) + first offset
-//!   (u64 BE) → one record: the events of one publish (or one slice of a
-//!   large batch). Records are deleted once every event in them is trimmed;
-//!   recovery skips events at or below `trimmed_through`, and deletes records
-//!   of another generation (left by a delete that a crash interrupted).
-//!
-//! Writes are plain inserts in a fixed order (records, then pruning, then
-//! metas) rather than `apply_batch`, which in sled 0.34 forces two
-//! synchronous buffer writes per batch. sled recovers a prefix of its log,
-//! and recovery takes the maximum of the meta and the records for every
-//! counter, so any prefix recovers consistently.
+//!   (u64 BE) → one record: the events one pass appended to the topic (in
+//!   slices of at most [`RECORD_MAX`]). Deleted once all its events are
+//!   trimmed; records of another generation (left by a delete that a crash
+//!   interrupted) are removed at recovery.
 //! - `_run` → [`RunMarker`]: whether the last run closed cleanly.
+//! - `_format` → the value format (2: every value is a CRC-32 of its body
+//!   followed by the body; 1, the first format, had no checksum).
+//!
+//! Writes are plain inserts in a fixed order (records, pruning, metas) rather
+//! than `apply_batch`, which in sled 0.34 forces two synchronous buffer
+//! writes per batch. sled recovers a prefix of its log, and recovery takes
+//! the maximum of the meta and the records for every counter, so any prefix
+//! recovers consistently.
 //!
 //! # Durability
 //! sled's `flush` ends in `sync_file_range`, which survives `kill -9` but not
 //! power loss, so `fsync` mode follows every flush with `fdatasync` of the
 //! data file (and of blob files when a record was large enough to become
-//! one). Concurrent publishes queue while a flush runs and share the next.
+//! one). Concurrent publishes share one flush: a pass is everything queued.
+//!
+//! # Failures
+//! A failed insert, flush or fsync fails the whole pass: nothing of it is
+//! acknowledged or reaches a ring, and this backend's counters stay as they
+//! were (a pass is staged on copies and swapped in only on success). The
+//! store is then `Degraded`: writes are refused until [`SledLog::repair`]
+//! has reopened sled from disk (sled's own I/O errors are sticky), removed
+//! whatever the failed pass left, restored any acknowledged event missing
+//! from disk out of the rings, rewritten every meta from what was
+//! acknowledged, and fsynced all of it. The writer retries that on its own,
+//! so writes resume by themselves once, say, disk space is freed. The
+//! failed fsync itself is never retried (after fsyncgate a retried fsync
+//! can report success for pages the kernel dropped).
+//!
+//! # Damage
+//! The checkpoint file `ringcast.state` (outside sled, written atomically)
+//! holds every topic's counters as of the last clean stop, the last start,
+//! and every few seconds of running. Recovery compares: a topic that comes
+//! back with fewer offsets or lower versions than the checkpoint says, with
+//! a record that fails its checksum, or with a hole in its offsets, is
+//! damaged. It keeps what is readable, keeps its counters at least where
+//! the checkpoint had them (no offset is ever reused), gets a new epoch (so
+//! every resuming client gets `gap(epoch_changed)`), and is logged at error.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
 
-use super::event::{Ack, Event, NewEvent};
-use super::settings::{Durability, TopicsConfig};
-use super::topic::{Counters, Topic, TopicState};
-use super::{now_ms, EngineError};
+use super::event::Event;
+use super::log::{Assigner, CommittedTopic, Health, Log, Outcome, RecoveredTopic, Step, TopicId};
+use super::settings::Durability;
+use super::EngineError;
 
 /// Largest record written; a bigger batch is split. (64 KiB, which keeps
 /// sled's 16-key leaves under its blob threshold, measured 20-25% slower
@@ -47,19 +72,24 @@ use super::{now_ms, EngineError};
 const RECORD_MAX: usize = 256 * 1024;
 /// sled segment size: log entries above a quarter of it become blob files.
 const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
-/// Most operations folded into one batch.
-const MAX_OPS: usize = 4096;
+/// How often the checkpoint is rewritten while running.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// The checkpoint file, beside sled's files.
+const CHECKPOINT_FILE: &str = "ringcast.state";
 
 const META: u8 = b'M';
 const RECORD: u8 = b'E';
 const RUN_MARKER: &[u8] = b"_run";
+const FORMAT_KEY: &[u8] = b"_format";
+/// Values carry a CRC-32 of their body.
+const FORMAT: u8 = 2;
 
 fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
 /// Persisted per-topic state.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct TopicMeta {
     generation: u64,
     epoch: u64,
@@ -96,6 +126,20 @@ struct StoredEvent {
     payload: serde_bytes::ByteBuf,
 }
 
+/// The checkpoint file's content.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Checkpoint {
+    topics: Vec<CheckpointTopic>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointTopic {
+    name: String,
+    generation: u64,
+    next_offset: u64,
+    versions: Vec<(String, u64)>,
+}
+
 fn meta_key(topic: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + topic.len());
     k.push(META);
@@ -120,15 +164,116 @@ fn record_key(topic: &str, generation: u64, first_offset: u64) -> Vec<u8> {
     k
 }
 
-/// Splits a record key into topic name and generation.
-fn parse_record_key(key: &[u8]) -> Option<(&str, u64)> {
+/// Splits a record key into topic name, generation and first offset.
+fn parse_record_key(key: &[u8]) -> Option<(&str, u64, u64)> {
     let len = usize::from(*key.get(1)?);
     if key.first() != Some(&RECORD) || key.len() != 2 + len + 16 {
         return None;
     }
     let name = std::str::from_utf8(&key[2..2 + len]).ok()?;
     let generation = u64::from_be_bytes(key[2 + len..2 + len + 8].try_into().ok()?);
-    Some((name, generation))
+    let first = u64::from_be_bytes(key[2 + len + 8..].try_into().ok()?);
+    Some((name, generation, first))
+}
+
+/// Prefixes `body` with its CRC-32.
+fn checksummed(body: Vec<u8>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + body.len());
+    v.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+    v.extend_from_slice(&body);
+    v
+}
+
+/// The body of a stored value, if its checksum holds.
+fn verified(format: u8, value: &[u8]) -> Option<&[u8]> {
+    if format < 2 {
+        return Some(value);
+    }
+    let (crc, body) = value.split_at_checked(4)?;
+    (crc32fast::hash(body).to_be_bytes() == crc).then_some(body)
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, EngineError> {
+    bincode::serde::encode_to_vec(value, bincode_config())
+        .map(checksummed)
+        .map_err(storage_err)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(format: u8, bytes: &[u8]) -> Option<T> {
+    let body = verified(format, bytes)?;
+    bincode::serde::decode_from_slice(body, bincode_config())
+        .ok()
+        .map(|(v, _)| v)
+}
+
+fn storage_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Storage(e.to_string())
+}
+
+/// Storage faults to inject, for tests of the failure rules: the Nth sled
+/// write or fsync from now fails, and repairs can be made to fail too.
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct Faults {
+    fail_write_at: AtomicU64,
+    writes: AtomicU64,
+    fail_sync_at: AtomicU64,
+    syncs: AtomicU64,
+    failing_repairs: AtomicU64,
+}
+
+impl Faults {
+    /// Makes the `n`th write (one insert or remove, counted from now) fail.
+    pub fn fail_nth_write(&self, n: u64) {
+        self.writes.store(0, Ordering::SeqCst);
+        self.fail_write_at.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the `n`th fsync (counted from now) fail.
+    pub fn fail_nth_sync(&self, n: u64) {
+        self.syncs.store(0, Ordering::SeqCst);
+        self.fail_sync_at.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` repairs fail (as if the disk were still full).
+    pub fn fail_repairs(&self, n: u64) {
+        self.failing_repairs.store(n, Ordering::SeqCst);
+    }
+
+    fn hit(counter: &AtomicU64, at: &AtomicU64) -> bool {
+        let target = at.load(Ordering::SeqCst);
+        if target == 0 {
+            return false;
+        }
+        if counter.fetch_add(1, Ordering::SeqCst) + 1 == target {
+            at.store(0, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+
+    fn write(&self) -> Result<(), EngineError> {
+        if Self::hit(&self.writes, &self.fail_write_at) {
+            return Err(EngineError::Storage("injected write failure".into()));
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), EngineError> {
+        if Self::hit(&self.syncs, &self.fail_sync_at) {
+            return Err(EngineError::Storage("injected fsync failure".into()));
+        }
+        Ok(())
+    }
+
+    fn repair(&self) -> Result<(), EngineError> {
+        let left = self.failing_repairs.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failing_repairs.store(left - 1, Ordering::SeqCst);
+            return Err(EngineError::Storage("injected repair failure".into()));
+        }
+        Ok(())
+    }
 }
 
 /// Writes of one pass, applied in order.
@@ -144,101 +289,55 @@ impl Writes {
         self.0.push((key.into(), None));
     }
 
-    fn apply(self, db: &sled::Db) -> sled::Result<()> {
+    fn apply(self, db: &sled::Db, faults: Option<&Faults>) -> Result<(), EngineError> {
         for (key, value) in self.0 {
+            if let Some(f) = faults {
+                f.write()?;
+            }
             match value {
-                Some(v) => db.insert(key, v)?,
-                None => db.remove(key)?,
+                Some(v) => db.insert(key, v).map_err(storage_err)?,
+                None => db.remove(key).map_err(storage_err)?,
             };
         }
         Ok(())
     }
 }
 
-fn storage_err(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Storage(e.to_string())
-}
-
-/// A topic as recovered from disk, ready to be installed in the engine.
-pub(crate) struct Recovered {
-    pub topic: Arc<Topic>,
-    writer: WriterTopic,
-}
-
-/// What the writer alone knows of a topic: counters including events not
-/// yet committed, and which records hold which offsets.
-struct WriterTopic {
-    topic: Arc<Topic>,
+/// What this backend knows of one topic incarnation: the counters it
+/// assigns on and which records hold which offsets.
+#[derive(Debug, Clone)]
+struct SledTopic {
     generation: u64,
-    counters: Counters,
-    segments: VecDeque<(u64, u64)>,
+    epoch: u64,
+    counters: Assigner,
     sealed_at_ms: Option<u64>,
+    trimmed_through: u64,
+    /// (first, last) offset of every stored record, in order.
+    segments: VecDeque<(u64, u64)>,
 }
 
-impl WriterTopic {
-    /// The meta to persist, given the topic's current epoch and first
-    /// retained offset.
-    fn meta(&self, epoch: u64, first_retained: u64) -> TopicMeta {
+impl SledTopic {
+    fn new(id: &TopicId) -> Self {
+        Self {
+            generation: id.generation,
+            epoch: id.epoch,
+            counters: Assigner::new(),
+            sealed_at_ms: None,
+            trimmed_through: 0,
+            segments: VecDeque::new(),
+        }
+    }
+
+    fn meta(&self) -> TopicMeta {
         TopicMeta {
             generation: self.generation,
-            epoch,
+            epoch: self.epoch,
             next_offset: self.counters.next_offset,
-            versions: self
-                .counters
-                .versions
-                .iter()
-                .map(|(t, v)| (t.to_string(), *v))
-                .collect(),
-            trimmed_through: first_retained - 1,
+            versions: self.counters.version_list(),
+            trimmed_through: self.trimmed_through,
             sealed_at_ms: self.sealed_at_ms,
         }
     }
-
-    fn from_topic(topic: &Arc<Topic>) -> Self {
-        let state = topic.state.read();
-        Self {
-            topic: topic.clone(),
-            generation: state.generation,
-            counters: state.counters.clone(),
-            segments: VecDeque::new(),
-            sealed_at_ms: state.sealed_at_ms,
-        }
-    }
-}
-
-/// A request to the writer thread.
-pub(crate) enum Op {
-    /// Assign, persist and commit events.
-    Append {
-        topic: Arc<Topic>,
-        events: Vec<NewEvent>,
-        ack: oneshot::Sender<Result<Vec<Ack>, EngineError>>,
-    },
-    /// Persist the seal after every earlier append.
-    Seal {
-        topic: Arc<Topic>,
-        ack: oneshot::Sender<Result<(), EngineError>>,
-    },
-    /// Remove every record and the meta of the topic.
-    Delete {
-        topic: Arc<Topic>,
-        ack: oneshot::Sender<Result<(), EngineError>>,
-    },
-    /// Rewrite the topic's meta and drop trimmed records.
-    Touch { topic: Arc<Topic> },
-    /// Flush and fsync everything before it.
-    Sync {
-        ack: oneshot::Sender<Result<(), EngineError>>,
-    },
-}
-
-/// Handle to the sled store and its writer thread.
-pub(crate) struct Store {
-    tx: mpsc::UnboundedSender<Op>,
-    db: sled::Db,
-    syncer: Arc<FileSync>,
-    writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
-    flusher: parking_lot::Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
 
 /// Forces sled's data to stable storage.
@@ -251,12 +350,23 @@ struct FileSync {
 }
 
 impl FileSync {
+    fn new(dir: &Path) -> Result<Self, EngineError> {
+        Ok(Self {
+            dir: dir.to_owned(),
+            data_file: File::open(dir.join("db")).map_err(storage_err)?,
+            synced_blobs: parking_lot::Mutex::new(0),
+        })
+    }
+
     /// Flushes sled and fsyncs what it wrote. sled writes any log entry
     /// larger than a quarter segment (a big value, or a big consolidated
     /// page) to its own blob file without syncing it, so new blob files are
     /// fsynced too (with their directory); the old ones already were.
-    fn sync(&self, db: &sled::Db) -> Result<(), EngineError> {
+    fn sync(&self, db: &sled::Db, faults: Option<&Faults>) -> Result<(), EngineError> {
         db.flush().map_err(storage_err)?;
+        if let Some(f) = faults {
+            f.sync()?;
+        }
         self.data_file.sync_data().map_err(storage_err)?;
         let mut synced = self.synced_blobs.lock();
         let dir = self.dir.join("blobs");
@@ -300,18 +410,30 @@ fn open_sled(dir: &Path) -> Result<sled::Db, EngineError> {
     const LOCK_WAIT: Duration = Duration::from_secs(3);
     let started = Instant::now();
     loop {
-        let opened = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .segment_size(SEGMENT_SIZE)
-            .flush_every_ms(None)
-            .open();
+            .flush_every_ms(None);
+        // sled 0.34 can panic on some damaged files instead of returning
+        // an error; that must be a clear refusal to start, not a crash.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open())).map_err(|_| {
+            EngineError::Storage(format!(
+                "the data in {} is damaged beyond what sled can recover; restore it from a backup or move it away",
+                dir.display()
+            ))
+        })?;
         match opened {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(e))
                 // sled reports the lock as `Other` with this text.
-                if e.to_string().contains("could not acquire lock")
-                    && started.elapsed() < LOCK_WAIT =>
+                if e.to_string().contains("could not acquire lock") =>
             {
+                if started.elapsed() >= LOCK_WAIT {
+                    return Err(EngineError::Storage(format!(
+                        "{} is in use by another ringcastd (its lock is held); stop it or choose another storage.data_dir",
+                        dir.display()
+                    )));
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => {
@@ -324,96 +446,51 @@ fn open_sled(dir: &Path) -> Result<sled::Db, EngineError> {
     }
 }
 
-/// What recovery needs from the engine besides the directory.
-pub(crate) struct OpenContext<'a> {
-    /// Retention settings per topic name.
-    pub topics: &'a TopicsConfig,
-    /// Topic names counted under their own metric label.
-    pub metered: &'a [String],
-    /// The engine-wide retained-bytes counter.
-    pub global_bytes: Arc<std::sync::atomic::AtomicU64>,
+/// What recovery found wrong with the data dir.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Topics that came back damaged and got a new epoch.
+    pub damaged_topics: Vec<String>,
+    /// Records that failed their checksum or could not be decoded.
+    pub bad_records: u64,
 }
 
-/// What [`Store::open`] recovered.
+/// The sled backend.
+pub(crate) struct SledLog {
+    dir: PathBuf,
+    fsync: bool,
+    faults: Option<Arc<Faults>>,
+    db: parking_lot::RwLock<sled::Db>,
+    syncer: parking_lot::RwLock<Arc<FileSync>>,
+    /// Only the writer thread persists; the flusher of `interval` mode
+    /// syncs beside it.
+    topics: parking_lot::Mutex<HashMap<Arc<str>, SledTopic>>,
+    failed: parking_lot::Mutex<Option<String>>,
+    last_checkpoint: parking_lot::Mutex<Instant>,
+    flusher: parking_lot::Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+}
+
+/// What [`SledLog::open`] returns.
 pub(crate) struct Opened {
-    pub store: Store,
-    pub topics: Vec<Arc<Topic>>,
-    pub events: u64,
+    pub log: Arc<SledLog>,
+    pub topics: Vec<RecoveredTopic>,
+    pub report: RecoveryReport,
 }
 
-impl Store {
-    /// Opens (or creates) the database under `dir`, rebuilds every topic
-    /// and starts the writer thread.
+impl SledLog {
+    /// Opens (or creates) the database under `dir` and recovers every topic.
     pub fn open(
         dir: &Path,
         durability: Durability,
         flush_interval: Duration,
-        ctx: OpenContext<'_>,
+        faults: Option<Arc<Faults>>,
     ) -> Result<Opened, EngineError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| EngineError::Storage(format!("cannot create {}: {e}", dir.display())))?;
         let db = open_sled(dir)?;
-        let data_file = File::open(dir.join("db")).map_err(storage_err)?;
-        let syncer = Arc::new(FileSync {
-            dir: dir.to_owned(),
-            data_file,
-            synced_blobs: parking_lot::Mutex::new(0),
-        });
-
-        let previous: Option<RunMarker> = db
-            .get(RUN_MARKER)
-            .map_err(storage_err)?
-            .and_then(|v| decode(&v).ok());
-        // An unclean stop in a mode that acks before fsync may have lost
-        // acknowledged events; their offsets would be reused. A new epoch
-        // makes resuming clients get `epoch_changed` instead of a silent hole.
-        let rotate = previous.is_some_and(|m| !m.clean && m.durability != 0);
-        let now = now_ms();
-        let mut metas: HashMap<String, (TopicMeta, Vec<Vec<StoredEvent>>)> = HashMap::new();
-        for item in db.scan_prefix([META]) {
-            let (key, value) = item.map_err(storage_err)?;
-            let name = std::str::from_utf8(&key[1..]).map_err(storage_err)?;
-            metas.insert(name.to_owned(), (decode(&value)?, Vec::new()));
-        }
-        let mut orphans = 0;
-        for item in db.scan_prefix([RECORD]) {
-            let (key, value) = item.map_err(storage_err)?;
-            match parse_record_key(&key).and_then(|(name, g)| Some((metas.get_mut(name)?, g))) {
-                Some(((meta, records), generation)) if meta.generation == generation => {
-                    records.push(decode(&value)?);
-                }
-                _ => {
-                    db.remove(&key).map_err(storage_err)?;
-                    orphans += 1;
-                }
-            }
-        }
-        if orphans > 0 {
-            tracing::info!(records = orphans, "removed records of deleted topics");
-        }
-        let mut recovered = Vec::new();
-        let mut events = 0;
-        for (name, (meta, records)) in metas {
-            let r = recover_topic(&name, meta, records, &ctx, now, rotate);
-            events += r.topic.state.read().ring.len() as u64;
-            recovered.push(r);
-        }
-        // New epochs are persisted before the marker that would no longer
-        // ask for them.
-        if rotate {
-            for r in &recovered {
-                let (epoch, first) = {
-                    let s = r.topic.state.read();
-                    (s.epoch, s.first_offset())
-                };
-                db.insert(
-                    meta_key(&r.topic.name),
-                    encode(&r.writer.meta(epoch, first))?,
-                )
-                .map_err(storage_err)?;
-            }
-            syncer.sync(&db)?;
-        }
+        let syncer = Arc::new(FileSync::new(dir)?);
+        let checkpoint = read_checkpoint(dir);
+        let (recovered, sled_topics, report) = recover(&db, checkpoint.as_ref(), dir)?;
         let marker = RunMarker {
             clean: false,
             durability: match durability {
@@ -423,169 +500,589 @@ impl Store {
         };
         db.insert(RUN_MARKER, encode(&marker)?)
             .map_err(storage_err)?;
-        syncer.sync(&db)?;
+        db.insert(FORMAT_KEY, vec![FORMAT]).map_err(storage_err)?;
+        syncer.sync(&db, None)?;
+        write_checkpoint(dir, &sled_topics)?;
 
-        let (tx, rx) = mpsc::unbounded_channel();
-        let topics: Vec<Arc<Topic>> = recovered.iter().map(|r| r.topic.clone()).collect();
-        let writer = Writer {
-            metrics: super::EngineMetrics::new(),
-            db: db.clone(),
-            syncer: syncer.clone(),
+        let log = Arc::new(SledLog {
+            dir: dir.to_owned(),
             fsync: durability == Durability::Fsync,
-            topics: recovered
-                .into_iter()
-                .map(|r| (r.topic.name.clone(), r.writer))
-                .collect(),
-            dirty: HashMap::new(),
-        };
-        let writer = std::thread::Builder::new()
-            .name("ringcast-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(storage_err)?;
-
-        let flusher = (durability == Durability::Interval).then(|| {
+            faults,
+            db: parking_lot::RwLock::new(db),
+            syncer: parking_lot::RwLock::new(syncer),
+            topics: parking_lot::Mutex::new(sled_topics),
+            failed: parking_lot::Mutex::new(None),
+            last_checkpoint: parking_lot::Mutex::new(Instant::now()),
+            flusher: parking_lot::Mutex::new(None),
+        });
+        if durability == Durability::Interval {
             let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-            let (db, syncer) = (db.clone(), syncer.clone());
+            let weak = Arc::downgrade(&log);
             let handle = std::thread::Builder::new()
                 .name("ringcast-flusher".into())
                 .spawn(move || {
                     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                         stop_rx.recv_timeout(flush_interval)
                     {
-                        if let Err(e) = syncer.sync(&db) {
-                            tracing::error!(error = %e, "periodic flush failed");
-                        }
+                        let Some(log) = weak.upgrade() else { return };
+                        log.periodic_sync();
                     }
-                });
-            handle.map(|h| (stop_tx, h))
-        });
-        let flusher = flusher.transpose().map_err(storage_err)?;
+                })
+                .map_err(storage_err)?;
+            *log.flusher.lock() = Some((stop_tx, handle));
+        }
         Ok(Opened {
-            store: Store {
-                tx,
-                db,
-                syncer,
-                writer: parking_lot::Mutex::new(Some(writer)),
-                flusher: parking_lot::Mutex::new(flusher),
-            },
-            topics,
-            events,
+            log,
+            topics: recovered,
+            report,
         })
     }
 
-    /// Queues an operation for the writer.
-    pub fn send(&self, op: Op) -> Result<(), EngineError> {
-        self.tx.send(op).map_err(|_| EngineError::ShuttingDown)
+    fn faults(&self) -> Option<&Faults> {
+        self.faults.as_deref()
     }
 
-    /// Waits until everything queued so far is on stable storage.
-    pub async fn sync(&self) -> Result<(), EngineError> {
-        let (ack, rx) = oneshot::channel();
-        self.send(Op::Sync { ack })?;
-        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    fn sync_now(&self) -> Result<(), EngineError> {
+        let db = self.db.read().clone();
+        let syncer = self.syncer.read().clone();
+        syncer.sync(&db, self.faults())
     }
 
-    /// Drains the writer, fsyncs, and marks the run clean. Blocking.
-    pub fn close(&self) -> Result<(), EngineError> {
+    fn fail(&self, e: &EngineError) {
+        let mut failed = self.failed.lock();
+        if failed.is_none() {
+            tracing::error!(error = %e, "storage failed; writes are refused until it is repaired (retried every second)");
+            metrics::counter!(crate::metrics::STORAGE_ERRORS).increment(1);
+        }
+        *failed = Some(e.to_string());
+    }
+
+    /// `interval` mode: fsync what was written, then checkpoint the
+    /// counters as of before the fsync (those are durable now).
+    fn periodic_sync(&self) {
+        if self.failed.lock().is_some() {
+            return;
+        }
+        let due = self.last_checkpoint.lock().elapsed() >= CHECKPOINT_EVERY;
+        let snapshot = due.then(|| self.topics.lock().clone());
+        match self.sync_now() {
+            Ok(()) => {
+                if let Some(topics) = snapshot {
+                    self.checkpoint(&topics);
+                }
+            }
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    fn checkpoint(&self, topics: &HashMap<Arc<str>, SledTopic>) {
+        match write_checkpoint(&self.dir, topics) {
+            Ok(()) => *self.last_checkpoint.lock() = Instant::now(),
+            // Not a failed write of events: the next one may succeed, and
+            // an old checkpoint only detects less.
+            Err(e) => tracing::warn!(error = %e, "cannot write the checkpoint file"),
+        }
+    }
+
+    /// Stages a topic of the pass: a copy of its state (or a fresh one for
+    /// a new incarnation), swapped in only if the pass succeeds.
+    fn stage<'a>(
+        staged: &'a mut HashMap<Arc<str>, SledTopic>,
+        topics: &HashMap<Arc<str>, SledTopic>,
+        id: &TopicId,
+    ) -> &'a mut SledTopic {
+        let t = staged.entry(id.name.clone()).or_insert_with(|| {
+            topics
+                .get(&id.name)
+                .filter(|t| t.generation == id.generation)
+                .cloned()
+                .unwrap_or_else(|| SledTopic::new(id))
+        });
+        if t.generation != id.generation {
+            *t = SledTopic::new(id);
+        }
+        t
+    }
+}
+
+impl Log for SledLog {
+    fn inline(&self) -> bool {
+        false
+    }
+
+    fn persist(&self, steps: &mut [Step], now: u64) -> Result<Vec<Outcome>, EngineError> {
+        if let Some(why) = self.failed.lock().clone() {
+            return Err(EngineError::StorageUnavailable(why));
+        }
+        let mut topics = self.topics.lock();
+        let db = self.db.read().clone();
+        let mut staged: HashMap<Arc<str>, SledTopic> = HashMap::new();
+        let mut deleted: Vec<Arc<str>> = Vec::new();
+        let mut appended: HashMap<Arc<str>, Vec<Arc<Event>>> = HashMap::new();
+        let mut writes = Writes::default();
+        let mut outcomes = Vec::with_capacity(steps.len());
+        let mut must_sync = false;
+        for step in steps.iter_mut() {
+            let outcome = match step {
+                Step::Append { topic, events } => {
+                    let t = Self::stage(&mut staged, &topics, topic);
+                    if t.sealed_at_ms.is_some() {
+                        Outcome::Refused(EngineError::TopicSealed(topic.name.to_string()))
+                    } else {
+                        let events = t.counters.assign(events, now);
+                        deleted.retain(|d| *d != topic.name);
+                        appended
+                            .entry(topic.name.clone())
+                            .or_default()
+                            .extend(events.iter().cloned());
+                        must_sync |= self.fsync;
+                        Outcome::Appended(events)
+                    }
+                }
+                Step::Seal { topic } => {
+                    let t = Self::stage(&mut staged, &topics, topic);
+                    must_sync = true;
+                    Outcome::Sealed(*t.sealed_at_ms.get_or_insert(now))
+                }
+                Step::Delete { topic } => {
+                    let t = Self::stage(&mut staged, &topics, topic);
+                    // The meta goes first: a crash mid-way leaves records of
+                    // a generation no meta names, which recovery removes.
+                    writes.remove(meta_key(&topic.name));
+                    for (first, _) in &t.segments {
+                        writes.remove(record_key(&topic.name, t.generation, *first));
+                    }
+                    for key in db
+                        .scan_prefix(record_prefix(&topic.name, t.generation))
+                        .keys()
+                        .flatten()
+                    {
+                        writes.remove(key.to_vec());
+                    }
+                    *t = SledTopic::new(topic);
+                    appended.remove(&topic.name);
+                    deleted.push(topic.name.clone());
+                    must_sync = true;
+                    Outcome::Done
+                }
+                Step::Trim {
+                    topic,
+                    first_retained,
+                } => {
+                    let t = Self::stage(&mut staged, &topics, topic);
+                    t.trimmed_through = t.trimmed_through.max(first_retained.saturating_sub(1));
+                    while let Some(&(first, last)) = t.segments.front() {
+                        if last > t.trimmed_through {
+                            break;
+                        }
+                        writes.remove(record_key(&topic.name, t.generation, first));
+                        t.segments.pop_front();
+                    }
+                    Outcome::Done
+                }
+                Step::Sync => {
+                    must_sync = true;
+                    Outcome::Done
+                }
+            };
+            outcomes.push(outcome);
+        }
+        for (name, events) in &appended {
+            if let Some(t) = staged.get_mut(name) {
+                encode_records(&mut writes, name, t, events)?;
+            }
+        }
+        for (name, t) in &staged {
+            if !deleted.contains(name) {
+                writes.insert(meta_key(name), encode(&t.meta())?);
+            }
+        }
+        let result = writes.apply(&db, self.faults()).and_then(|()| {
+            if must_sync {
+                self.sync_now()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = result {
+            self.fail(&e);
+            return Err(EngineError::StorageUnavailable(e.to_string()));
+        }
+        for (name, t) in staged {
+            if deleted.contains(&name) {
+                topics.remove(&name);
+            } else {
+                topics.insert(name, t);
+            }
+        }
+        if self.fsync && must_sync && self.last_checkpoint.lock().elapsed() >= CHECKPOINT_EVERY {
+            self.checkpoint(&topics);
+        }
+        Ok(outcomes)
+    }
+
+    fn health(&self) -> Health {
+        match &*self.failed.lock() {
+            None => Health::Ok,
+            Some(why) => Health::Degraded(why.clone()),
+        }
+    }
+
+    fn repair(&self, committed: &[CommittedTopic]) -> Result<(), EngineError> {
+        if self.failed.lock().is_none() {
+            return Ok(());
+        }
+        if let Some(f) = self.faults() {
+            f.repair()?;
+        }
+        let mut topics = self.topics.lock();
+        // Reopen from disk: sled's I/O errors are sticky in its Db, and
+        // what it holds in memory may include the failed pass.
+        {
+            let mut db = self.db.write();
+            let placeholder = sled::Config::new()
+                .temporary(true)
+                .open()
+                .map_err(storage_err)?;
+            drop(std::mem::replace(&mut *db, placeholder));
+            *db = open_sled(&self.dir)?;
+            *self.syncer.write() = Arc::new(FileSync::new(&self.dir)?);
+        }
+        let db = self.db.read().clone();
+        let mut writes = Writes::default();
+        let mut stored: HashMap<String, Vec<(u64, u64, u64)>> = HashMap::new();
+        for item in db.scan_prefix([RECORD]) {
+            let (key, value) = item.map_err(storage_err)?;
+            let Some((name, generation, first)) = parse_record_key(&key) else {
+                writes.remove(key.to_vec());
+                continue;
+            };
+            let last = decode::<Vec<StoredEvent>>(FORMAT, &value)
+                .and_then(|events| events.last().map(|e| e.offset));
+            match last {
+                Some(last) => stored
+                    .entry(name.to_owned())
+                    .or_default()
+                    .push((generation, first, last)),
+                None => writes.remove(key.to_vec()),
+            }
+        }
+        let mut rebuilt: HashMap<Arc<str>, SledTopic> = HashMap::new();
+        for c in committed {
+            let name = &*c.id.name;
+            let mut t = SledTopic {
+                generation: c.id.generation,
+                epoch: c.id.epoch,
+                counters: Assigner::from_parts(c.next_offset, &c.versions),
+                sealed_at_ms: c.sealed_at_ms,
+                trimmed_through: c.events.first().map_or(c.next_offset, |e| e.offset) - 1,
+                segments: VecDeque::new(),
+            };
+            let mut kept: Vec<(u64, u64)> = Vec::new();
+            for (generation, first, last) in stored.remove(name).unwrap_or_default() {
+                let refused = first >= c.next_offset || last >= c.next_offset;
+                if generation != c.id.generation || refused || last <= t.trimmed_through {
+                    writes.remove(record_key(name, generation, first));
+                } else {
+                    kept.push((first, last));
+                }
+            }
+            kept.sort_unstable();
+            // Acknowledged events no stored record covers (a failed delete
+            // or trim removed them, or the disk lost them): rewrite them.
+            let mut missing: Vec<Arc<Event>> = Vec::new();
+            let mut covered = kept.iter().peekable();
+            for e in &c.events {
+                while covered.peek().is_some_and(|(_, last)| *last < e.offset) {
+                    covered.next();
+                }
+                if covered.peek().is_none_or(|(first, _)| *first > e.offset) {
+                    missing.push(e.clone());
+                }
+            }
+            t.segments = kept.into_iter().collect();
+            if !missing.is_empty() {
+                tracing::warn!(
+                    topic = name,
+                    events = missing.len(),
+                    "repair: rewriting acknowledged events missing from disk"
+                );
+                let mut segments = std::mem::take(&mut t.segments);
+                encode_records(&mut writes, name, &mut t, &missing)?;
+                segments.extend(t.segments.drain(..));
+                let mut sorted: Vec<(u64, u64)> = segments.into_iter().collect();
+                sorted.sort_unstable();
+                t.segments = sorted.into_iter().collect();
+            }
+            writes.insert(meta_key(name), encode(&t.meta())?);
+            rebuilt.insert(c.id.name.clone(), t);
+        }
+        // Topics on disk the engine does not hold (deleted, or created by
+        // the failed pass alone).
+        for (name, records) in stored {
+            for (generation, first, _) in records {
+                writes.remove(record_key(&name, generation, first));
+            }
+        }
+        for item in db.scan_prefix([META]) {
+            let (key, _) = item.map_err(storage_err)?;
+            let known = std::str::from_utf8(&key[1..]).is_ok_and(|name| rebuilt.contains_key(name));
+            if !known {
+                writes.remove(key.to_vec());
+            }
+        }
+        let syncer = self.syncer.read().clone();
+        writes
+            .apply(&db, self.faults())
+            .and_then(|()| syncer.sync(&db, self.faults()))?;
+        *topics = rebuilt;
+        self.checkpoint(&topics);
+        *self.failed.lock() = None;
+        tracing::info!("storage repaired; writes are accepted again");
+        Ok(())
+    }
+
+    fn close(&self, committed: &[CommittedTopic]) -> Result<(), EngineError> {
         if let Some((stop, handle)) = self.flusher.lock().take() {
             drop(stop);
             let _ = handle.join();
         }
-        let (ack, rx) = oneshot::channel();
-        if self.tx.send(Op::Sync { ack }).is_ok() {
-            rx.blocking_recv()
-                .map_err(|_| EngineError::ShuttingDown)??;
+        if self.failed.lock().is_some() {
+            // The clean marker would vouch for a store that failed.
+            self.repair(committed)?;
         }
+        let db = self.db.read().clone();
+        self.sync_now()?;
         let marker = RunMarker {
             clean: true,
             durability: 0,
         };
-        self.db
-            .insert(RUN_MARKER, encode(&marker)?)
+        db.insert(RUN_MARKER, encode(&marker)?)
             .map_err(storage_err)?;
-        self.syncer.sync(&self.db)?;
-        Ok(())
+        self.sync_now()?;
+        let topics = self.topics.lock();
+        write_checkpoint(&self.dir, &topics)
     }
 }
 
-impl Drop for Store {
+impl Drop for SledLog {
     fn drop(&mut self) {
         if let Some((stop, handle)) = self.flusher.lock().take() {
             drop(stop);
             let _ = handle.join();
         }
-        // Closing the channel makes the writer finish what is queued and exit.
-        let (tx, _) = mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut self.tx, tx));
-        if let Some(handle) = self.writer.lock().take() {
-            let _ = handle.join();
-        }
     }
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, EngineError> {
-    bincode::serde::encode_to_vec(value, bincode_config()).map_err(storage_err)
+fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
+    let bytes = std::fs::read(dir.join(CHECKPOINT_FILE)).ok()?;
+    let checkpoint = decode(FORMAT, &bytes);
+    if checkpoint.is_none() {
+        tracing::error!(
+            file = %dir.join(CHECKPOINT_FILE).display(),
+            "the checkpoint file is damaged; recovery cannot check the data against it"
+        );
+    }
+    checkpoint
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, EngineError> {
-    bincode::serde::decode_from_slice(bytes, bincode_config())
-        .map(|(v, _)| v)
-        .map_err(|e| EngineError::Storage(format!("corrupt record: {e}")))
+/// Writes the checkpoint atomically: a temporary file, fsynced, renamed
+/// over the old one, and the directory fsynced.
+fn write_checkpoint(dir: &Path, topics: &HashMap<Arc<str>, SledTopic>) -> Result<(), EngineError> {
+    use std::io::Write;
+    let checkpoint = Checkpoint {
+        topics: topics
+            .iter()
+            .map(|(name, t)| CheckpointTopic {
+                name: name.to_string(),
+                generation: t.generation,
+                next_offset: t.counters.next_offset,
+                versions: t.counters.version_list(),
+            })
+            .collect(),
+    };
+    let bytes = encode(&checkpoint)?;
+    let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
+    let mut file = File::create(&tmp).map_err(storage_err)?;
+    file.write_all(&bytes).map_err(storage_err)?;
+    file.sync_all().map_err(storage_err)?;
+    std::fs::rename(&tmp, dir.join(CHECKPOINT_FILE)).map_err(storage_err)?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(storage_err)
+}
+
+type Recovery = (
+    Vec<RecoveredTopic>,
+    HashMap<Arc<str>, SledTopic>,
+    RecoveryReport,
+);
+
+/// Reads every topic back, checking it against the checkpoint.
+fn recover(
+    db: &sled::Db,
+    checkpoint: Option<&Checkpoint>,
+    dir: &Path,
+) -> Result<Recovery, EngineError> {
+    let format = match db.get(FORMAT_KEY).map_err(storage_err)? {
+        Some(v) => v.first().copied().unwrap_or(FORMAT),
+        None if db.is_empty() => FORMAT,
+        None => 1,
+    };
+    let previous: Option<RunMarker> = db
+        .get(RUN_MARKER)
+        .map_err(storage_err)?
+        .and_then(|v| decode(format, &v));
+    // An unclean stop in a mode that acks before fsync may have lost
+    // acknowledged events; their offsets would be reused. A new epoch
+    // makes resuming clients get `epoch_changed` instead of a silent hole.
+    let rotate_all = previous.is_some_and(|m| !m.clean && m.durability != 0);
+    let mut report = RecoveryReport::default();
+    let mut metas: HashMap<String, (TopicMeta, Vec<Vec<StoredEvent>>, bool)> = HashMap::new();
+    let mut bad_metas = Vec::new();
+    for item in db.scan_prefix([META]) {
+        let (key, value) = item.map_err(storage_err)?;
+        let name = String::from_utf8_lossy(&key[1..]).into_owned();
+        match decode::<TopicMeta>(format, &value) {
+            Some(meta) => {
+                metas.insert(name, (meta, Vec::new(), false));
+            }
+            None => bad_metas.push((name, key.to_vec())),
+        }
+    }
+    let expected: HashMap<&str, &CheckpointTopic> = checkpoint
+        .map(|c| c.topics.iter().map(|t| (t.name.as_str(), t)).collect())
+        .unwrap_or_default();
+    // A topic whose meta is unreadable is rebuilt from the checkpoint if it
+    // knows it (its records are still keyed by its generation).
+    for (name, key) in bad_metas {
+        report.bad_records += 1;
+        match expected.get(name.as_str()) {
+            Some(cp) => {
+                let meta = TopicMeta {
+                    generation: cp.generation,
+                    epoch: super::new_epoch(),
+                    next_offset: cp.next_offset,
+                    versions: cp.versions.clone(),
+                    trimmed_through: 0,
+                    sealed_at_ms: None,
+                };
+                metas.insert(name, (meta, Vec::new(), true));
+            }
+            None => {
+                tracing::error!(
+                    topic = name,
+                    "topic meta is damaged and no checkpoint knows the topic; dropping it"
+                );
+                db.remove(key).map_err(storage_err)?;
+                report.damaged_topics.push(name);
+            }
+        }
+    }
+    let mut orphans = 0;
+    for item in db.scan_prefix([RECORD]) {
+        let (key, value) = item.map_err(storage_err)?;
+        let parsed = parse_record_key(&key);
+        let Some(((meta, records, damaged), generation)) =
+            parsed.and_then(|(name, g, _)| Some((metas.get_mut(name)?, g)))
+        else {
+            db.remove(&key).map_err(storage_err)?;
+            orphans += 1;
+            continue;
+        };
+        if meta.generation != generation {
+            db.remove(&key).map_err(storage_err)?;
+            orphans += 1;
+            continue;
+        }
+        match decode::<Vec<StoredEvent>>(format, &value) {
+            Some(events) => records.push(events),
+            None => {
+                report.bad_records += 1;
+                *damaged = true;
+            }
+        }
+    }
+    if orphans > 0 {
+        tracing::info!(records = orphans, "removed records of deleted topics");
+    }
+    let mut recovered = Vec::new();
+    let mut sled_topics = HashMap::new();
+    for (name, (meta, records, damaged)) in metas {
+        let cp = expected
+            .get(name.as_str())
+            .filter(|cp| cp.generation == meta.generation);
+        let (topic, sled_topic, damaged) =
+            recover_topic(&name, meta, records, damaged, cp.copied());
+        let mut topic = topic;
+        if damaged {
+            report.damaged_topics.push(name.clone());
+            topic.id.epoch = super::new_epoch();
+            tracing::error!(
+                topic = name,
+                dir = %dir.display(),
+                "stored events of this topic are damaged or missing; it gets a new epoch so resuming clients get gap(epoch_changed)"
+            );
+        } else if rotate_all {
+            topic.id.epoch = super::new_epoch();
+            tracing::warn!(
+                topic = name,
+                "unclean stop in a non-fsync mode: topic gets a new epoch"
+            );
+        }
+        let mut sled_topic = sled_topic;
+        sled_topic.epoch = topic.id.epoch;
+        // New epochs are persisted before the marker that would no longer
+        // ask for them.
+        if damaged || rotate_all {
+            db.insert(meta_key(&name), encode(&sled_topic.meta())?)
+                .map_err(storage_err)?;
+        }
+        sled_topics.insert(topic.id.name.clone(), sled_topic);
+        recovered.push(topic);
+    }
+    if !report.damaged_topics.is_empty() {
+        metrics::counter!(crate::metrics::DAMAGED_TOPICS)
+            .increment(report.damaged_topics.len() as u64);
+    }
+    Ok((recovered, sled_topics, report))
 }
 
 fn recover_topic(
     name: &str,
     meta: TopicMeta,
     records: Vec<Vec<StoredEvent>>,
-    ctx: &OpenContext<'_>,
-    now: u64,
-    rotate_epoch: bool,
-) -> Recovered {
-    let mut state = TopicState::new(
-        meta.epoch,
-        ctx.topics.retention_for(name),
-        ctx.global_bytes.clone(),
-    );
-    state.generation = meta.generation;
-    state.metered = ctx.metered.iter().any(|m| m == name);
-    state.counters.next_offset = meta.next_offset.max(1);
-    state.counters.versions = meta
-        .versions
-        .into_iter()
-        .map(|(t, v)| (Arc::<str>::from(t), v))
-        .collect();
-    state.sealed_at_ms = meta.sealed_at_ms;
-    state.sealed = meta.sealed_at_ms.is_some();
+    mut damaged: bool,
+    checkpoint: Option<&CheckpointTopic>,
+) -> (RecoveredTopic, SledTopic, bool) {
+    let mut counters = Assigner::from_parts(meta.next_offset, &meta.versions);
     let mut segments = VecDeque::new();
-    for events in records {
-        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+    let mut events: Vec<Event> = Vec::new();
+    let mut records = records;
+    records.sort_by_key(|r| r.first().map_or(0, |e| e.offset));
+    for record in records {
+        let (Some(first), Some(last)) = (record.first(), record.last()) else {
             continue;
         };
         segments.push_back((first.offset, last.offset));
-        for e in events {
+        for e in record {
             if e.offset <= meta.trimmed_through {
                 continue;
             }
-            if state.ring.back().is_some_and(|b| b.offset + 1 != e.offset) {
-                tracing::error!(
-                    topic = name,
-                    offset = e.offset,
-                    "hole in stored offsets; keeping the events after it"
-                );
-                state.clear_ring();
+            if events.last().is_some_and(|b| b.offset + 1 != e.offset) {
+                // Keep the events after the hole; the ring must be contiguous.
+                damaged = true;
+                events.clear();
             }
-            let event_type: Arc<str> =
-                match state.counters.versions.get_key_value(e.event_type.as_str()) {
-                    Some((k, _)) => k.clone(),
-                    None => Arc::from(e.event_type),
-                };
-            let version = state
-                .counters
-                .versions
-                .entry(event_type.clone())
-                .or_insert(0);
+            let event_type: Arc<str> = match counters.versions.get_key_value(e.event_type.as_str())
+            {
+                Some((k, _)) => k.clone(),
+                None => Arc::from(e.event_type),
+            };
+            let version = counters.versions.entry(event_type.clone()).or_insert(0);
             *version = (*version).max(e.version);
-            let event = Arc::new(Event::new(
+            counters.next_offset = counters.next_offset.max(e.offset + 1);
+            events.push(Event::new(
                 e.offset,
                 e.version,
                 e.timestamp_ms,
@@ -593,32 +1090,52 @@ fn recover_topic(
                 e.headers,
                 Bytes::from(e.payload.into_vec()),
             ));
-            state.counters.next_offset = state.counters.next_offset.max(e.offset + 1);
-            state.push_back(event);
         }
     }
-    state.trim(now);
-    if rotate_epoch {
-        state.epoch = super::new_epoch();
-        tracing::warn!(
-            topic = name,
-            "unclean stop in a non-fsync mode: topic gets a new epoch"
-        );
+    if let Some(cp) = checkpoint {
+        if counters.next_offset < cp.next_offset {
+            damaged = true;
+            counters.next_offset = cp.next_offset;
+        }
+        for (t, v) in &cp.versions {
+            let version = counters.versions.entry(Arc::from(t.as_str())).or_insert(0);
+            if *version < *v {
+                damaged = true;
+                *version = *v;
+            }
+        }
     }
-    let topic = Topic::new(Arc::from(name), state, now);
-    let writer = WriterTopic {
-        counters: topic.state.read().counters.clone(),
+    let id = TopicId {
+        name: Arc::from(name),
         generation: meta.generation,
-        topic: topic.clone(),
-        segments,
-        sealed_at_ms: meta.sealed_at_ms,
+        epoch: meta.epoch,
     };
-    Recovered { topic, writer }
+    let sled_topic = SledTopic {
+        generation: meta.generation,
+        epoch: meta.epoch,
+        counters: counters.clone(),
+        sealed_at_ms: meta.sealed_at_ms,
+        trimmed_through: meta.trimmed_through,
+        segments,
+    };
+    let topic = RecoveredTopic {
+        id,
+        next_offset: counters.next_offset,
+        versions: counters.version_list(),
+        sealed_at_ms: meta.sealed_at_ms,
+        events,
+    };
+    (topic, sled_topic, damaged)
 }
 
 /// Encodes `events` (in offset order) into records of at most
 /// `RECORD_MAX` bytes.
-fn encode_records(batch: &mut Writes, topic: &str, wt: &mut WriterTopic, events: &[&Arc<Event>]) {
+fn encode_records(
+    writes: &mut Writes,
+    topic: &str,
+    t: &mut SledTopic,
+    events: &[impl std::ops::Deref<Target = Event>],
+) -> Result<(), EngineError> {
     let mut start = 0;
     while start < events.len() {
         let mut end = start;
@@ -639,285 +1156,11 @@ fn encode_records(batch: &mut Writes, topic: &str, wt: &mut WriterTopic, events:
                 payload: serde_bytes::Bytes::new(&e.payload),
             })
             .collect();
-        match encode(&refs) {
-            Ok(value) => {
-                let (first, last) = (chunk[0].offset, chunk[chunk.len() - 1].offset);
-                batch.insert(record_key(topic, wt.generation, first), value);
-                wt.segments.push_back((first, last));
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode record"),
-        }
+        let value = encode(&refs)?;
+        let (first, last) = (chunk[0].offset, chunk[chunk.len() - 1].offset);
+        writes.insert(record_key(topic, t.generation, first), value);
+        t.segments.push_back((first, last));
         start = end;
     }
-}
-
-/// What to do with an operation once its batch is durable.
-enum Done {
-    Append {
-        topic: Arc<Topic>,
-        events: Vec<Arc<Event>>,
-        epoch: u64,
-        ack: oneshot::Sender<Result<Vec<Ack>, EngineError>>,
-    },
-    Seal {
-        topic: Arc<Topic>,
-        at: u64,
-        ack: oneshot::Sender<Result<(), EngineError>>,
-    },
-    Reply(oneshot::Sender<Result<(), EngineError>>),
-}
-
-struct Writer {
-    metrics: super::EngineMetrics,
-    db: sled::Db,
-    syncer: Arc<FileSync>,
-    fsync: bool,
-    topics: HashMap<Arc<str>, WriterTopic>,
-    /// Topics whose ring was trimmed since their records were last pruned.
-    dirty: HashMap<Arc<str>, Arc<Topic>>,
-}
-
-impl Writer {
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
-        let mut ops = Vec::new();
-        loop {
-            match rx.try_recv() {
-                Ok(op) => ops.push(op),
-                Err(mpsc::error::TryRecvError::Empty) if !self.dirty.is_empty() => {}
-                Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
-                    Some(op) => ops.push(op),
-                    None => break,
-                },
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-            }
-            while ops.len() < MAX_OPS {
-                match rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
-                }
-            }
-            self.process(std::mem::take(&mut ops));
-        }
-        self.process(Vec::new());
-        if let Err(e) = self.syncer.sync(&self.db) {
-            tracing::error!(error = %e, "final flush failed");
-        }
-    }
-
-    fn entry(&mut self, topic: &Arc<Topic>) -> &mut WriterTopic {
-        let wt = self
-            .topics
-            .entry(topic.name.clone())
-            .or_insert_with(|| WriterTopic::from_topic(topic));
-        if !Arc::ptr_eq(&wt.topic, topic) {
-            *wt = WriterTopic::from_topic(topic);
-        }
-        wt
-    }
-
-    fn process(&mut self, ops: Vec<Op>) {
-        let started = Instant::now();
-        let mut batch = Writes::default();
-        let mut deleted_here: Vec<Arc<Topic>> = Vec::new();
-        let mut touched: HashMap<Arc<str>, Arc<Topic>> = std::mem::take(&mut self.dirty);
-        let mut done = Vec::with_capacity(ops.len());
-        let now = now_ms();
-        for op in ops {
-            match op {
-                Op::Append { topic, events, ack } => {
-                    let epoch = topic.state.read().epoch;
-                    let wt = self.entry(&topic);
-                    let events: Vec<Arc<Event>> = events
-                        .into_iter()
-                        .map(|e| {
-                            let (offset, version, event_type) = wt.counters.assign(&e.event_type);
-                            Arc::new(Event::new(
-                                offset, version, now, event_type, e.headers, e.payload,
-                            ))
-                        })
-                        .collect();
-                    // Encoded after the loop (from `done`): every append to a
-                    // topic in this pass shares its records.
-                    touched.insert(topic.name.clone(), topic.clone());
-                    done.push(Done::Append {
-                        topic,
-                        events,
-                        epoch,
-                        ack,
-                    });
-                }
-                Op::Seal { topic, ack } => {
-                    let wt = self.entry(&topic);
-                    let at = *wt.sealed_at_ms.get_or_insert(now);
-                    touched.insert(topic.name.clone(), topic.clone());
-                    done.push(Done::Seal { topic, at, ack });
-                }
-                Op::Delete { topic, ack } => {
-                    // Appends of this pass to the deleted topic are not written.
-                    deleted_here.push(topic.clone());
-                    // The meta goes first: a crash mid-way leaves records of
-                    // a generation no meta names, which recovery removes.
-                    batch.remove(meta_key(&topic.name));
-                    let generation = topic.state.read().generation;
-                    if let Some(wt) = self.topics.get(&topic.name) {
-                        if Arc::ptr_eq(&wt.topic, &topic) {
-                            // Records of this very pass are not in sled yet.
-                            for (first, _) in &wt.segments {
-                                batch.remove(record_key(&topic.name, generation, *first));
-                            }
-                            self.topics.remove(&topic.name);
-                        }
-                    }
-                    for key in self
-                        .db
-                        .scan_prefix(record_prefix(&topic.name, generation))
-                        .keys()
-                        .flatten()
-                    {
-                        batch.remove(key.to_vec());
-                    }
-                    if touched
-                        .get(&topic.name)
-                        .is_some_and(|t| Arc::ptr_eq(t, &topic))
-                    {
-                        touched.remove(&topic.name);
-                    }
-                    done.push(Done::Reply(ack));
-                }
-                Op::Touch { topic } => {
-                    touched.insert(topic.name.clone(), topic);
-                }
-                Op::Sync { ack } => done.push(Done::Reply(ack)),
-            }
-        }
-        let mut appended: Vec<(&Arc<Topic>, Vec<&Arc<Event>>)> = Vec::new();
-        for d in &done {
-            let Done::Append { topic, events, .. } = d else {
-                continue;
-            };
-            if deleted_here.iter().any(|t| Arc::ptr_eq(t, topic)) {
-                continue;
-            }
-            match appended.iter_mut().find(|(t, _)| Arc::ptr_eq(t, topic)) {
-                Some((_, list)) => list.extend(events),
-                None => appended.push((topic, events.iter().collect())),
-            }
-        }
-        for (topic, events) in &appended {
-            let wt = self.entry(topic);
-            encode_records(&mut batch, &topic.name, wt, events);
-        }
-        for topic in touched.values() {
-            let (epoch, first, deleted) = {
-                let s = topic.state.read();
-                (s.epoch, s.first_offset(), s.deleted)
-            };
-            if deleted {
-                continue;
-            }
-            let wt = self.entry(topic);
-            while let Some(&(seg_first, seg_last)) = wt.segments.front() {
-                if seg_last >= first {
-                    break;
-                }
-                batch.remove(record_key(&topic.name, wt.generation, seg_first));
-                wt.segments.pop_front();
-            }
-            match encode(&wt.meta(epoch, first)) {
-                Ok(value) => batch.insert(meta_key(&topic.name), value),
-                Err(e) => tracing::error!(error = %e, "cannot encode topic meta"),
-            }
-        }
-        let write_started = Instant::now();
-        // A pass with nobody waiting (pruning only) needs no flush: what it
-        // writes is re-derivable, and the next acknowledged pass covers it.
-        let must_sync = if self.fsync {
-            !done.is_empty()
-        } else {
-            done.iter().any(|d| matches!(d, Done::Reply(_)))
-        };
-        let result = batch.apply(&self.db).map_err(storage_err).and_then(|()| {
-            if must_sync {
-                self.syncer.sync(&self.db)
-            } else {
-                Ok(())
-            }
-        });
-        self.metrics.flush_seconds.record(write_started.elapsed());
-        tracing::trace!(ops = done.len(), elapsed = ?started.elapsed(), "batch written");
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "storage write failed; publishes in this batch are refused");
-            // Nothing of this batch reached the rings: rewind to what did.
-            for topic in touched.values() {
-                let wt = self.entry(topic);
-                let state = topic.state.read();
-                wt.counters = state.counters.clone();
-                let next = state.next_offset();
-                drop(state);
-                while wt.segments.back().is_some_and(|(f, _)| *f >= next) {
-                    wt.segments.pop_back();
-                }
-            }
-        }
-        let mut wake: HashMap<Arc<str>, Arc<Topic>> = HashMap::new();
-        for d in done {
-            match (d, &result) {
-                (
-                    Done::Append {
-                        topic,
-                        events,
-                        epoch,
-                        ack,
-                    },
-                    Ok(()),
-                ) => {
-                    let acks = events
-                        .iter()
-                        .map(|e| Ack {
-                            epoch,
-                            offset: e.offset,
-                            version: e.version,
-                        })
-                        .collect();
-                    let trimmed = {
-                        let mut state = topic.state.write();
-                        let before = state.first_offset();
-                        super::count_published(
-                            &self.metrics,
-                            &topic.name,
-                            state.metered,
-                            events.len(),
-                        );
-                        state.push(events, now);
-                        state.first_offset() != before
-                    };
-                    topic.touch(now);
-                    if trimmed {
-                        self.dirty.insert(topic.name.clone(), topic.clone());
-                    }
-                    wake.insert(topic.name.clone(), topic);
-                    let _ = ack.send(Ok(acks));
-                }
-                (Done::Seal { topic, at, ack }, Ok(())) => {
-                    topic.state.write().sealed_at_ms = Some(at);
-                    wake.insert(topic.name.clone(), topic);
-                    let _ = ack.send(Ok(()));
-                }
-                (Done::Reply(ack), Ok(())) => {
-                    let _ = ack.send(Ok(()));
-                }
-                (Done::Append { ack, .. }, Err(e)) => {
-                    let _ = ack.send(Err(e.clone()));
-                }
-                (Done::Seal { ack, .. } | Done::Reply(ack), Err(e)) => {
-                    let _ = ack.send(Err(e.clone()));
-                }
-            }
-        }
-        // Only live rings need pruning.
-        self.dirty.retain(|_, t| !t.state.read().deleted);
-        for topic in wake.values() {
-            topic.wake();
-        }
-    }
+    Ok(())
 }

@@ -63,6 +63,11 @@ impl Subscription {
         // after this point is seen either in the state or as a change.
         let rx = topic.notify.subscribe();
         let state = topic.state.read();
+        if state.deleted {
+            // Removed (an ephemeral topic's last subscriber just left, or a
+            // delete): the engine looks the topic up again.
+            return Err(EngineError::TopicNotFound(topic.name.to_string()));
+        }
         let mut queue = VecDeque::new();
         let live = state.next_offset();
         let whole_gap = |reason, requested: u64| Gap {
@@ -114,6 +119,9 @@ impl Subscription {
             }
         };
         let epoch = state.epoch;
+        // Counted under the lock: an ephemeral topic is released under its
+        // write lock only when it has no subscriber.
+        topic.subscribers.fetch_add(1, Ordering::AcqRel);
         drop(state);
         for d in &queue {
             if let Delivery::Gap(g) = d {
@@ -121,7 +129,6 @@ impl Subscription {
                 tracing::warn!(topic = %topic.name, reason = g.reason.as_str(), event_type = ?g.event_type, "resume gap");
             }
         }
-        topic.subscribers.fetch_add(1, Ordering::Relaxed);
         topic.touch(now_ms());
         Ok(Self {
             topic,
@@ -226,6 +233,23 @@ impl Subscription {
         }
         let first = state.first_offset();
         if *cursor < first {
+            // Continue from the newest retained event this subscription
+            // wants, so that the gap is always followed by an event (a
+            // subscriber jumped to the very end that is still slow would
+            // otherwise get gap after gap and nothing else).
+            let end = state.next_offset();
+            let mut resume_at = end;
+            for offset in (first..end).rev().take(SCAN) {
+                let wanted = state.get(offset).is_some_and(|e| {
+                    types
+                        .as_ref()
+                        .is_none_or(|ts| ts.iter().any(|t| **t == *e.event_type))
+                });
+                if wanted {
+                    resume_at = offset;
+                    break;
+                }
+            }
             queue.push_back(Delivery::Gap(Gap {
                 topic: topic.name.to_string(),
                 event_type: None,
@@ -233,9 +257,9 @@ impl Subscription {
                 epoch: state.epoch,
                 requested: *cursor - 1,
                 first_available: first,
-                current: state.last_offset(),
+                current: resume_at - 1,
             }));
-            *cursor = state.next_offset();
+            *cursor = resume_at;
             *resume = None;
             metrics::counter!(crate::metrics::GAPS, "reason" => "slow_consumer").increment(1);
             metrics::counter!(crate::metrics::SLOW_CONSUMERS).increment(1);
@@ -280,8 +304,11 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.topic.subscribers.fetch_sub(1, Ordering::Relaxed);
+        let left = self.topic.subscribers.fetch_sub(1, Ordering::AcqRel) - 1;
         self.topic.touch(now_ms());
+        if left == 0 {
+            self.topic.release_if_unused();
+        }
     }
 }
 

@@ -30,19 +30,6 @@ impl Counters {
             versions: HashMap::new(),
         }
     }
-
-    /// Assigns offset and version to one event of `event_type`, returning
-    /// them with the interned type name.
-    pub fn assign(&mut self, event_type: &str) -> (u64, u64, Arc<str>) {
-        let offset = self.next_offset;
-        self.next_offset += 1;
-        let (name, version) = match self.versions.get_key_value(event_type) {
-            Some((name, v)) => (name.clone(), v + 1),
-            None => (Arc::<str>::from(event_type), 1),
-        };
-        self.versions.insert(name.clone(), version);
-        (offset, version, name)
-    }
 }
 
 /// The mutable part of a topic, behind one lock.
@@ -67,6 +54,11 @@ pub(crate) struct TopicState {
     pub sealed_at_ms: Option<u64>,
     /// The topic was deleted; subscribers get `End` at once.
     pub deleted: bool,
+    /// A delete is being persisted: publishes wait for its outcome.
+    pub deleting: bool,
+    /// Created by a subscribe alone and holding no event yet: never
+    /// stored, and removed with its last subscriber.
+    pub ephemeral: bool,
     /// Count this topic's events under its own metric label.
     pub metered: bool,
     /// Bytes retained over all topics; this ring's share is kept in it.
@@ -93,17 +85,11 @@ impl TopicState {
             sealed: false,
             sealed_at_ms: None,
             deleted: false,
+            deleting: false,
+            ephemeral: false,
             metered: false,
             global_bytes,
         }
-    }
-
-    /// Empties the ring, releasing its bytes.
-    pub fn clear_ring(&mut self) {
-        self.global_bytes
-            .fetch_sub(self.ring_bytes, Ordering::Relaxed);
-        self.ring_bytes = 0;
-        self.ring.clear();
     }
 
     /// Adds an event to the back of the ring (no trimming).
@@ -138,11 +124,13 @@ impl TopicState {
         self.ring.get(index)
     }
 
-    /// Appends committed events (assigned in order) and trims to retention.
+    /// Appends committed events (assigned in order) and trims to retention,
+    /// but never below the events of this very commit: a subscriber that
+    /// was up to date gets all of them, however large the batch.
     pub fn push(&mut self, events: impl IntoIterator<Item = Arc<Event>>, now_ms: u64) {
+        let mut pushed = 0;
         for event in events {
-            // Memory mode assigns on these counters directly; the store
-            // writer assigns on its own and they advance here, at commit.
+            pushed += 1;
             if event.offset >= self.counters.next_offset {
                 self.counters.next_offset = event.offset + 1;
                 match self.counters.versions.get_mut(&*event.event_type) {
@@ -156,20 +144,27 @@ impl TopicState {
             }
             self.push_back(event);
         }
-        self.trim(now_ms);
+        self.trim_keeping(now_ms, pushed);
     }
 
     /// Drops events from the front while any retention bound is exceeded.
     /// Returns how many were dropped.
     pub fn trim(&mut self, now_ms: u64) -> usize {
+        self.trim_keeping(now_ms, 0)
+    }
+
+    /// [`trim`](Self::trim), keeping at least the newest `keep` events
+    /// (age still applies to them).
+    fn trim_keeping(&mut self, now_ms: u64, keep: usize) -> usize {
         let r = self.retention;
         let oldest_kept = r
             .max_age
             .map(|age| now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)));
         let mut dropped = 0;
         while let Some(front) = self.ring.front() {
-            let too_many = self.ring.len() as u64 > r.max_events;
-            let too_big = self.ring_bytes > r.max_bytes;
+            let protected = self.ring.len() <= keep;
+            let too_many = !protected && self.ring.len() as u64 > r.max_events;
+            let too_big = !protected && self.ring_bytes > r.max_bytes;
             let too_old = oldest_kept.is_some_and(|t| front.timestamp_ms < t);
             if !(too_many || too_big || too_old) {
                 break;
@@ -207,18 +202,72 @@ pub(crate) struct Topic {
     pub subscribers: AtomicUsize,
     /// Last publish or subscription change, ms since the Unix epoch.
     pub last_activity_ms: AtomicU64,
+    /// Publishes queued and not yet committed or refused (an ephemeral
+    /// topic is not removed under them).
+    pub pending: AtomicUsize,
+    /// Where the topic is registered, to remove it when ephemeral.
+    pub registry: std::sync::Weak<Registry>,
+}
+
+/// The engine's topic map, shared with topics so that an ephemeral one can
+/// remove itself when its last subscriber leaves.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    /// Every live topic by name.
+    pub topics: dashmap::DashMap<Arc<str>, Arc<Topic>>,
+    /// How many of them are ephemeral.
+    pub ephemeral: AtomicUsize,
 }
 
 impl Topic {
     /// Wraps a state into a shared topic.
-    pub fn new(name: Arc<str>, state: TopicState, now_ms: u64) -> Arc<Self> {
+    pub fn new(
+        name: Arc<str>,
+        state: TopicState,
+        now_ms: u64,
+        registry: std::sync::Weak<Registry>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             name,
             state: RwLock::new(state),
             notify: watch::Sender::new(0),
             subscribers: AtomicUsize::new(0),
             last_activity_ms: AtomicU64::new(now_ms),
+            pending: AtomicUsize::new(0),
+            registry,
         })
+    }
+
+    /// Removes the topic if it is ephemeral and nobody uses it any more:
+    /// no subscriber, no queued publish.
+    pub fn release_if_unused(self: &Arc<Self>) {
+        let mut state = self.state.write();
+        if !state.ephemeral
+            || state.deleted
+            || self.subscribers.load(Ordering::Acquire) > 0
+            || self.pending.load(Ordering::Acquire) > 0
+        {
+            return;
+        }
+        state.deleted = true;
+        state.ephemeral = false;
+        drop(state);
+        if let Some(registry) = self.registry.upgrade() {
+            registry
+                .topics
+                .remove_if(&self.name, |_, t| Arc::ptr_eq(t, self));
+            registry.ephemeral.fetch_sub(1, Ordering::AcqRel);
+        }
+        tracing::debug!(topic = %self.name, "ephemeral topic released");
+    }
+
+    /// The topic's identity for the storage log.
+    pub fn id(&self, state: &TopicState) -> super::log::TopicId {
+        super::log::TopicId {
+            name: self.name.clone(),
+            generation: state.generation,
+            epoch: state.epoch,
+        }
     }
 
     /// Wakes every subscriber to look at the state again.

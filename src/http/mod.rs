@@ -239,6 +239,9 @@ impl From<EngineError> for ApiError {
             EngineError::TooManyTopics(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_topics"),
             EngineError::OverCapacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "over_capacity"),
             EngineError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
+            EngineError::StorageUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
+            }
             EngineError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
         };
         Self::new(status, code, e.to_string())

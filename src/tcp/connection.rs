@@ -438,7 +438,7 @@ impl Session<'_> {
         topic: &str,
         events: Vec<crate::engine::NewEvent>,
     ) -> Result<(), Stop> {
-        match self.conn.engine.start_publish(topic, events) {
+        match self.conn.engine.start_publish(topic, events).await {
             Ok(mut acks) => {
                 // Already acknowledged (memory mode): answer without queueing.
                 if let Some(result) = acks.take_ready() {

@@ -89,7 +89,7 @@ pub(crate) fn error_code(e: &EngineError) -> proto::ErrorCode {
         EngineError::TooManyTopics(_) => C::TooManyTopics,
         EngineError::OverCapacity(_) => C::OverCapacity,
         EngineError::InvalidStart(_) => C::InvalidStart,
-        EngineError::Storage(_) => C::Internal,
+        EngineError::Storage(_) | EngineError::StorageUnavailable(_) => C::Internal,
         EngineError::ShuttingDown => C::ShuttingDown,
     }
 }

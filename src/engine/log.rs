@@ -1,0 +1,291 @@
+//! The storage seam: a [`Log`] backend assigns positions and persists; the
+//! engine plans passes and commits their outcome (ring push, ack, wake) in
+//! one place above it.
+//!
+//! A pass is a list of [`Step`]s in queue order. [`Log::persist`] either
+//! applies the whole pass — assigning offsets and versions on its own
+//! counters, making it durable under the durability mode — and returns one
+//! [`Outcome`] per step, or fails as a whole and leaves no trace: its
+//! counters are as before, and nothing of the pass becomes visible later
+//! (not even after a restart). Refusing a single step (an append to a
+//! sealed topic) is an outcome, not a failure.
+//!
+//! Backends: [`MemoryLog`] (no disk; persists inline under the topic lock)
+//! and `store::SledLog` (group commit on the writer thread). A distributed
+//! backend implements the same trait: positions come from the backend,
+//! never from the engine.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use super::event::{Event, NewEvent};
+use super::EngineError;
+
+/// One incarnation of a topic as the engine names it to the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TopicId {
+    /// The topic name.
+    pub name: Arc<str>,
+    /// Random id of this incarnation (a delete and re-create gets another).
+    pub generation: u64,
+    /// The epoch events of this incarnation carry.
+    pub epoch: u64,
+}
+
+/// One step of a pass.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Assign positions to the events (in order) and store them.
+    Append {
+        /// The topic.
+        topic: TopicId,
+        /// The events as published.
+        events: Vec<NewEvent>,
+    },
+    /// Persist the topic's seal after every earlier append.
+    Seal {
+        /// The topic.
+        topic: TopicId,
+    },
+    /// Remove the topic and its stored events.
+    Delete {
+        /// The topic.
+        topic: TopicId,
+    },
+    /// Drop stored events below `first_retained` (the ring was trimmed).
+    Trim {
+        /// The topic.
+        topic: TopicId,
+        /// The first offset the ring still holds.
+        first_retained: u64,
+    },
+    /// Make everything before it durable.
+    Sync,
+}
+
+/// What a step came to, once its pass is persisted.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The events with their assigned positions.
+    Appended(Vec<Arc<Event>>),
+    /// The seal is stored, with its time.
+    Sealed(u64),
+    /// Done (delete, trim, sync).
+    Done,
+    /// This step alone was refused; the rest of the pass stands.
+    Refused(EngineError),
+}
+
+/// A topic as a backend recovered it.
+#[derive(Debug)]
+pub(crate) struct RecoveredTopic {
+    /// Name, generation, epoch (possibly rotated by recovery).
+    pub id: TopicId,
+    /// The offset the next event gets.
+    pub next_offset: u64,
+    /// The last version per type.
+    pub versions: Vec<(String, u64)>,
+    /// When it was sealed, if it was.
+    pub sealed_at_ms: Option<u64>,
+    /// Stored events after the trimmed-through offset, in offset order,
+    /// contiguous.
+    pub events: Vec<Event>,
+}
+
+/// What the engine acknowledged of one topic: the truth a backend repairs
+/// itself against after a storage error.
+#[derive(Debug)]
+pub(crate) struct CommittedTopic {
+    /// Name, generation, epoch.
+    pub id: TopicId,
+    /// The offset the next event gets.
+    pub next_offset: u64,
+    /// The last version per type.
+    pub versions: Vec<(String, u64)>,
+    /// When it was sealed, if it was.
+    pub sealed_at_ms: Option<u64>,
+    /// The retained events (offsets contiguous).
+    pub events: Vec<Arc<Event>>,
+}
+
+/// Whether a backend accepts writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Writes are accepted.
+    Ok,
+    /// A write or fsync failed; writes are refused until the backend has
+    /// repaired itself (it retries on its own).
+    Degraded(String),
+}
+
+/// A storage backend.
+pub(crate) trait Log: Send + Sync + 'static {
+    /// Whether `persist` does no I/O, so the engine may run a one-step pass
+    /// inline under the topic's lock instead of queueing it to the writer.
+    fn inline(&self) -> bool;
+
+    /// Applies a pass atomically (see the module docs); `now_ms` stamps
+    /// appended events.
+    fn persist(&self, steps: &mut [Step], now_ms: u64) -> Result<Vec<Outcome>, EngineError>;
+
+    /// Whether writes are accepted now.
+    fn health(&self) -> Health;
+
+    /// After a failure: tries once to bring the store back in line with
+    /// what was acknowledged (`committed`). Ok when writes can resume.
+    fn repair(&self, committed: &[CommittedTopic]) -> Result<(), EngineError>;
+
+    /// Makes everything durable and marks a clean stop. Nothing may follow.
+    fn close(&self, committed: &[CommittedTopic]) -> Result<(), EngineError>;
+}
+
+/// Offset and version counters of one topic incarnation, as a backend
+/// assigns them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Assigner {
+    /// The offset the next event gets.
+    pub next_offset: u64,
+    /// The last version assigned per type.
+    pub versions: HashMap<Arc<str>, u64>,
+}
+
+impl Assigner {
+    /// Counters of a topic whose history just started.
+    pub fn new() -> Self {
+        Self {
+            next_offset: 1,
+            versions: HashMap::new(),
+        }
+    }
+
+    /// Counters continuing from stored ones.
+    pub fn from_parts(next_offset: u64, versions: &[(String, u64)]) -> Self {
+        Self {
+            next_offset: next_offset.max(1),
+            versions: versions
+                .iter()
+                .map(|(t, v)| (Arc::<str>::from(t.as_str()), *v))
+                .collect(),
+        }
+    }
+
+    /// Assigns positions to `events` stamped `now_ms`, taking them.
+    pub fn assign(&mut self, events: &mut Vec<NewEvent>, now_ms: u64) -> Vec<Arc<Event>> {
+        events
+            .drain(..)
+            .map(|e| {
+                let offset = self.next_offset;
+                self.next_offset += 1;
+                let (name, version) = match self.versions.get_key_value(e.event_type.as_str()) {
+                    Some((name, v)) => (name.clone(), v + 1),
+                    None => (Arc::<str>::from(e.event_type.as_str()), 1),
+                };
+                self.versions.insert(name.clone(), version);
+                Arc::new(Event::new(
+                    offset, version, now_ms, name, e.headers, e.payload,
+                ))
+            })
+            .collect()
+    }
+
+    /// The versions as a sorted list.
+    pub fn version_list(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .versions
+            .iter()
+            .map(|(t, v)| (t.to_string(), *v))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// What the memory log keeps of a topic.
+#[derive(Debug)]
+struct MemTopic {
+    generation: u64,
+    counters: Assigner,
+    sealed_at_ms: Option<u64>,
+}
+
+/// The `memory` durability backend: counters only, no disk. Runs inline.
+#[derive(Debug, Default)]
+pub(crate) struct MemoryLog {
+    topics: DashMap<Arc<str>, MemTopic>,
+}
+
+impl MemoryLog {
+    /// An empty memory log.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Log for MemoryLog {
+    fn inline(&self) -> bool {
+        true
+    }
+
+    fn persist(&self, steps: &mut [Step], now_ms: u64) -> Result<Vec<Outcome>, EngineError> {
+        let mut outcomes = Vec::with_capacity(steps.len());
+        for step in steps.iter_mut() {
+            let outcome = match step {
+                Step::Append { topic, events } => {
+                    let mut t = self
+                        .topics
+                        .entry(topic.name.clone())
+                        .or_insert_with(|| MemTopic {
+                            generation: topic.generation,
+                            counters: Assigner::new(),
+                            sealed_at_ms: None,
+                        });
+                    if t.generation != topic.generation {
+                        *t = MemTopic {
+                            generation: topic.generation,
+                            counters: Assigner::new(),
+                            sealed_at_ms: None,
+                        };
+                    }
+                    if t.sealed_at_ms.is_some() {
+                        Outcome::Refused(EngineError::TopicSealed(topic.name.to_string()))
+                    } else {
+                        Outcome::Appended(t.counters.assign(events, now_ms))
+                    }
+                }
+                Step::Seal { topic } => {
+                    let mut t = self
+                        .topics
+                        .entry(topic.name.clone())
+                        .or_insert_with(|| MemTopic {
+                            generation: topic.generation,
+                            counters: Assigner::new(),
+                            sealed_at_ms: None,
+                        });
+                    Outcome::Sealed(*t.sealed_at_ms.get_or_insert(now_ms))
+                }
+                Step::Delete { topic } => {
+                    self.topics
+                        .remove_if(&topic.name, |_, t| t.generation == topic.generation);
+                    Outcome::Done
+                }
+                Step::Trim { .. } | Step::Sync => Outcome::Done,
+            };
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    fn health(&self) -> Health {
+        Health::Ok
+    }
+
+    fn repair(&self, _committed: &[CommittedTopic]) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    fn close(&self, _committed: &[CommittedTopic]) -> Result<(), EngineError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! The writer thread of a queued backend: drains requests into passes,
+//! hands each pass to the [`Log`], then commits its outcome through
+//! [`commit`](super::commit) — the one place where events reach rings and
+//! acks reach publishers. While the log is degraded it retries the repair
+//! (with backoff) and refuses what is queued.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+
+use super::event::Ack;
+use super::log::{Health, Log, Step};
+use super::topic::{Registry, Topic};
+use super::{now_ms, EngineError, EngineMetrics};
+
+/// Most requests folded into one pass.
+const MAX_OPS: usize = 4096;
+/// First and longest wait between repair attempts.
+const REPAIR_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(2));
+
+/// What to do with a step once its pass is persisted (or failed).
+pub(crate) enum Done {
+    Append {
+        topic: Arc<Topic>,
+        ack: oneshot::Sender<Result<Vec<Ack>, EngineError>>,
+    },
+    Seal {
+        topic: Arc<Topic>,
+        ack: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Delete {
+        topic: Arc<Topic>,
+        ack: Option<oneshot::Sender<Result<(), EngineError>>>,
+    },
+    Trim,
+    Sync {
+        ack: oneshot::Sender<Result<(), EngineError>>,
+    },
+}
+
+/// One queued request.
+pub(crate) enum Request {
+    /// A step and its completion; `permit` holds its share of the queue's
+    /// byte budget until the step is committed.
+    Step {
+        step: Step,
+        done: Done,
+        permit: Option<OwnedSemaphorePermit>,
+    },
+    /// Commit everything before, close the log (clean marker), refuse the rest.
+    Close {
+        ack: oneshot::Sender<Result<(), EngineError>>,
+    },
+}
+
+pub(crate) struct Writer {
+    pub log: Arc<dyn Log>,
+    pub registry: Arc<Registry>,
+    pub metrics: EngineMetrics,
+}
+
+impl Writer {
+    pub fn run(self, rx: Receiver<Request>) {
+        let writable = metrics::gauge!(crate::metrics::STORAGE_WRITABLE);
+        writable.set(1.0);
+        let mut dirty: HashMap<Arc<str>, Arc<Topic>> = HashMap::new();
+        let mut backoff = REPAIR_BACKOFF.0;
+        let mut next_repair = Instant::now();
+        let mut closed = false;
+        loop {
+            let degraded = self.log.health() != Health::Ok;
+            if degraded && Instant::now() >= next_repair {
+                match self.log.repair(&super::committed(&self.registry)) {
+                    Ok(()) => {
+                        backoff = REPAIR_BACKOFF.0;
+                        writable.set(1.0);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "storage repair failed");
+                        next_repair = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(REPAIR_BACKOFF.1);
+                        writable.set(0.0);
+                    }
+                }
+            }
+            let wait = if !dirty.is_empty() {
+                Duration::ZERO
+            } else if self.log.health() != Health::Ok {
+                next_repair.saturating_duration_since(Instant::now())
+            } else {
+                Duration::from_secs(3600)
+            };
+            let mut requests = Vec::new();
+            match rx.recv_timeout(wait) {
+                Ok(r) => requests.push(r),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while requests.len() < MAX_OPS {
+                match rx.try_recv() {
+                    Ok(r) => requests.push(r),
+                    Err(_) => break,
+                }
+            }
+            if closed {
+                for r in requests {
+                    refuse(r, &EngineError::ShuttingDown);
+                }
+                continue;
+            }
+            let mut steps = Vec::with_capacity(requests.len() + dirty.len());
+            let mut dones = Vec::with_capacity(requests.len() + dirty.len());
+            let mut permits = Vec::new();
+            for topic in std::mem::take(&mut dirty).into_values() {
+                let state = topic.state.read();
+                if state.deleted || state.ephemeral {
+                    continue;
+                }
+                steps.push(Step::Trim {
+                    topic: topic.id(&state),
+                    first_retained: state.first_offset(),
+                });
+                dones.push(Done::Trim);
+            }
+            let mut close = None;
+            let mut refused_after_close = Vec::new();
+            for r in requests {
+                match r {
+                    _ if close.is_some() => refused_after_close.push(r),
+                    Request::Step { step, done, permit } => {
+                        steps.push(step);
+                        dones.push(done);
+                        permits.extend(permit);
+                    }
+                    Request::Close { ack } => close = Some(ack),
+                }
+            }
+            if !steps.is_empty() {
+                self.pass(steps, dones, &mut dirty);
+                if self.log.health() != Health::Ok {
+                    writable.set(0.0);
+                    next_repair = next_repair.max(Instant::now() + REPAIR_BACKOFF.0);
+                }
+            }
+            drop(permits);
+            if let Some(ack) = close {
+                let result = self.log.close(&super::committed(&self.registry));
+                let _ = ack.send(result);
+                closed = true;
+                for r in refused_after_close {
+                    refuse(r, &EngineError::ShuttingDown);
+                }
+            }
+        }
+    }
+
+    fn pass(
+        &self,
+        mut steps: Vec<Step>,
+        dones: Vec<Done>,
+        dirty: &mut HashMap<Arc<str>, Arc<Topic>>,
+    ) {
+        let now = now_ms();
+        let started = Instant::now();
+        let result = self.log.persist(&mut steps, now);
+        self.metrics.flush_seconds.record(started.elapsed());
+        match result {
+            Ok(outcomes) => {
+                let mut wake: HashMap<Arc<str>, Arc<Topic>> = HashMap::new();
+                for (done, outcome) in dones.into_iter().zip(outcomes) {
+                    if let Some(topic) = super::commit(&self.metrics, done, outcome, now, dirty) {
+                        wake.insert(topic.name.clone(), topic);
+                    }
+                }
+                for topic in wake.values() {
+                    topic.wake();
+                }
+            }
+            Err(e) => {
+                for done in dones {
+                    super::fail(done, &e);
+                }
+            }
+        }
+    }
+}
+
+fn refuse(r: Request, e: &EngineError) {
+    match r {
+        Request::Step { done, .. } => super::fail(done, e),
+        Request::Close { ack } => {
+            let _ = ack.send(Ok(()));
+        }
+    }
+}
+
+/// Decrements a topic's pending count once its publish is settled; an
+/// ephemeral topic nobody uses any more goes.
+pub(crate) fn settle(topic: &Arc<Topic>) {
+    if topic.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+        topic.release_if_unused();
+    }
+}
