@@ -171,17 +171,25 @@ pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: storage recovered and listeners bound; 503 while
-/// starting or shutting down.
+/// `GET /readyz`: storage recovered, listeners bound and the store
+/// accepting writes; 503 (with the reason) while starting, shutting down,
+/// or while the store repairs itself after a storage error.
 pub(crate) async fn readyz(State(state): State<HttpState>) -> Response {
-    if state.ready.load(Ordering::Acquire) && !state.shutdown.is_cancelled() {
-        Json(json!({"status": "ready"})).into_response()
-    } else {
+    let not_ready = |reason: String| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready"})),
+            Json(json!({"status": "not_ready", "reason": reason})),
         )
             .into_response()
+    };
+    if !state.ready.load(Ordering::Acquire) || state.shutdown.is_cancelled() {
+        return not_ready("starting or shutting down".into());
+    }
+    match state.engine.health() {
+        crate::engine::Health::Ok => Json(json!({"status": "ready"})).into_response(),
+        crate::engine::Health::Degraded(why) => {
+            not_ready(format!("storage cannot accept writes: {why}"))
+        }
     }
 }
 
