@@ -38,7 +38,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let chunk = usize::from(knobs & 0x3f) + 1;
-    let max_frame = if knobs & 0x40 == 0 { 4 * 1024 * 1024 } else { 256 };
+    let max_frame = if knobs & 0x40 == 0 {
+        4 * 1024 * 1024
+    } else {
+        256
+    };
     let chunks: Vec<&[u8]> = stream.chunks(chunk).collect();
     assert_eq!(feed(&chunks, max_frame), feed(&[stream], max_frame));
 });
