@@ -42,6 +42,8 @@ pub const STORAGE_ERRORS: &str = "ringcast_storage_errors_total";
 pub const DAMAGED_TOPICS: &str = "ringcast_recovery_damaged_topics_total";
 /// 1 while the store accepts writes, 0 while it repairs itself.
 pub const STORAGE_WRITABLE: &str = "ringcast_storage_writable";
+/// Bytes queued for connections' writers and not yet written, by `transport`.
+pub const OUTBOUND_QUEUED_BYTES: &str = "ringcast_outbound_queued_bytes";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -114,6 +116,11 @@ fn describe() {
         ACK_SECONDS,
         Unit::Seconds,
         "Time from publish to acknowledgement."
+    );
+    describe_gauge!(
+        OUTBOUND_QUEUED_BYTES,
+        Unit::Bytes,
+        "Bytes queued for connections' writers that their peers have not read yet."
     );
 }
 

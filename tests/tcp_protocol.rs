@@ -530,3 +530,324 @@ async fn graceful_shutdown_tells_connected_clients() {
     c.expect_closed().await;
     within(20, stopping).await.unwrap().unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// Hostile clients: memory and time they can make the broker spend.
+// ---------------------------------------------------------------------------
+
+/// A frame header announcing a body of `len` bytes.
+fn header(len: u32) -> [u8; 4] {
+    len.to_be_bytes()
+}
+
+#[tokio::test]
+async fn a_large_frame_announced_before_hello_is_refused_and_closed() {
+    let (broker, _dir) = memory_broker().await;
+    let mut c = RawClient::connect(broker.tcp_addr()).await;
+    c.send_raw(&header(4 * 1024 * 1024)).await;
+    c.send_raw(b"abcd").await;
+    expect_error(&mut c, None, ErrorCode::FrameTooLarge).await;
+    c.expect_closed().await;
+    // Others still get in.
+    let mut ok = RawClient::handshake(broker.tcp_addr()).await;
+    ok.send(&ClientMessage::Ping { request_id: 1 }).await;
+    assert_eq!(ok.recv().await, Some(ServerMessage::Pong { request_id: 1 }));
+    broker.shutdown().await.unwrap();
+}
+
+/// A broker whose frames must arrive whole within 300 ms.
+async fn short_read_timeout_broker() -> (ringcast::broker::Broker, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), Durability::Memory);
+    cfg.server.read_timeout = Duration::from_millis(300);
+    let broker = start(cfg).await;
+    (broker, dir)
+}
+
+#[tokio::test]
+async fn a_frame_trickled_byte_by_byte_is_cut_off_after_the_read_timeout() {
+    let (broker, _dir) = short_read_timeout_broker().await;
+    let c = RawClient::handshake(broker.tcp_addr()).await;
+    let (rd, mut wr) = c.stream.into_split();
+    let mut frames = common::Frames::new(rd);
+    use tokio::io::AsyncWriteExt;
+    wr.write_all(&header(4 * 1024 * 1024)).await.unwrap();
+    let started = std::time::Instant::now();
+    // The attack itself: one byte every 20 ms, which would keep resetting a
+    // deadline based on silence. It stops once the server has closed.
+    let trickle = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            if wr.write_all(&[0]).await.is_err() {
+                return;
+            }
+        }
+    });
+    match within(30, frames.next()).await {
+        Some(ServerMessage::Error {
+            request_id: None,
+            code: ErrorCode::BadFrame,
+            message,
+        }) => assert!(message.contains("read timeout"), "{message}"),
+        other => panic!("expected a read-timeout error, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "cut off after only {:?}",
+        started.elapsed()
+    );
+    assert_eq!(within(30, frames.next()).await, None, "then the close");
+    within(30, trickle).await.unwrap();
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_read_timeout_is_per_frame_not_per_connection_nor_between_frames() {
+    let (broker, _dir) = short_read_timeout_broker().await;
+    let mut c = RawClient::handshake(broker.tcp_addr()).await;
+    let mut ping = bytes::BytesMut::new();
+    ringcast_protocol::encode_frame(&ClientMessage::Ping { request_id: 0 }, &mut ping).unwrap();
+    // Time passing is the subject here: each frame arrives in two halves
+    // 150 ms apart (within the timeout), and the connection lives on for
+    // several timeouts, idle between frames as well.
+    let half = ping.len() / 2;
+    for request_id in 1..=6u64 {
+        let mut frame = bytes::BytesMut::new();
+        ringcast_protocol::encode_frame(&ClientMessage::Ping { request_id }, &mut frame).unwrap();
+        c.send_raw(&frame[..half]).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        c.send_raw(&frame[half..]).await;
+        assert_eq!(c.recv().await, Some(ServerMessage::Pong { request_id }));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    broker.shutdown().await.unwrap();
+}
+
+/// The TCP outbound queue gauge, as `/metrics` reports it now.
+async fn queued_bytes_gauge(broker: &ringcast::broker::Broker) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", broker.http_addr()))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find_map(|l| l.strip_prefix("ringcast_outbound_queued_bytes{transport=\"tcp\"} "))
+        .map_or(0.0, |v| v.trim().parse().expect("a number"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_queues_at_most_its_byte_budget_then_gets_one_slow_consumer_gap() {
+    const BUDGET: u64 = 256 * 1024;
+    const PAYLOAD: usize = 64 * 1024;
+    const EVENTS: u64 = 800; // 50 MiB, far beyond the ring and socket buffers
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), Durability::Memory);
+    cfg.limits.max_outbound_bytes = bytesize::ByteSize::b(BUDGET);
+    // A ring far larger than what the sockets absorb before the stall, so
+    // the subscriber falls behind it only while stalled.
+    cfg.topics.max_events = 200;
+    cfg.topics.max_bytes = bytesize::ByteSize::mib(64);
+    // The stalled writer is not dropped (three heartbeats) during the test.
+    cfg.server.heartbeat = Duration::from_secs(120);
+    let broker = start(cfg).await;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4 * 1024).unwrap();
+    let mut stalled = socket.connect(broker.tcp_addr()).await.unwrap();
+    common::write_msg(&mut stalled, &common::hello())
+        .await
+        .unwrap();
+    common::write_msg(&mut stalled, &subscribe(1, 1, "firehose", Start::Live))
+        .await
+        .unwrap();
+    let mut frames = common::Frames::new(stalled);
+    assert!(matches!(
+        within(20, frames.next()).await,
+        Some(ServerMessage::Welcome { .. })
+    ));
+    assert!(matches!(
+        within(20, frames.next()).await,
+        Some(ServerMessage::Subscribed { next_offset: 1, .. })
+    ));
+
+    // Publish, sampling the gauge as it goes; the subscriber reads nothing.
+    let mut publisher = RawClient::handshake(broker.tcp_addr()).await;
+    let payload = Bytes::from(vec![b'x'; PAYLOAD]);
+    let mut most = 0f64;
+    for request_id in 1..=EVENTS {
+        publisher
+            .send(&ClientMessage::Publish {
+                request_id,
+                topic: "firehose".into(),
+                event_type: "blob".into(),
+                headers: vec![],
+                payload: payload.clone(),
+            })
+            .await;
+        match publisher.recv().await {
+            Some(ServerMessage::Published { request_id: r, .. }) => assert_eq!(r, request_id),
+            other => panic!("expected an ack, got {other:?}"),
+        }
+        if request_id % 8 == 0 {
+            most = most.max(queued_bytes_gauge(&broker).await);
+        }
+    }
+    // Still stalled: the queue is (about) full, and never more than the
+    // budget plus one chunk (a pump's 64 KiB plus one event frame).
+    let full = within(30, async {
+        loop {
+            let q = queued_bytes_gauge(&broker).await;
+            if q >= (BUDGET / 2) as f64 {
+                return q;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    most = most.max(full);
+    let bound = (BUDGET + 64 * 1024 + PAYLOAD as u64 + 1024) as f64;
+    assert!(
+        most <= bound,
+        "{most} bytes queued for a stalled peer (bound {bound})"
+    );
+
+    // The subscriber reads again: what was queued, in order, then exactly
+    // one gap, then live events.
+    let mut last = 0;
+    let mut gap_at = None;
+    let mut tail_published = false;
+    let final_offset = EVENTS + 3;
+    while last < final_offset {
+        match within(60, frames.next()).await {
+            Some(ServerMessage::Event { event, .. }) => {
+                assert!(event.offset > last, "{} after {last}", event.offset);
+                if let Some(current) = gap_at {
+                    assert!(event.offset > current, "events after the gap are live");
+                }
+                last = event.offset;
+            }
+            Some(ServerMessage::Gap { gap, .. }) => {
+                assert_eq!(gap.reason, ringcast_protocol::GapReason::SlowConsumer);
+                assert_eq!(gap_at, None, "a second gap: {gap:?}");
+                assert_eq!(gap.requested, last, "{gap:?}");
+                assert!(gap.first_available > last + 1, "{gap:?}");
+                gap_at = Some(gap.current);
+                last = gap.current;
+                // Live from here on: three more events must arrive.
+                for request_id in EVENTS + 1..=final_offset {
+                    publisher
+                        .send(&publish(request_id, "firehose", "blob", "{}"))
+                        .await;
+                    assert!(matches!(
+                        publisher.recv().await,
+                        Some(ServerMessage::Published { .. })
+                    ));
+                }
+                tail_published = true;
+            }
+            other => panic!("expected events and one gap, got {other:?}"),
+        }
+    }
+    assert!(tail_published && gap_at.is_some(), "one slow-consumer gap");
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_beyond_the_in_flight_byte_limit_pause_reading_and_are_all_acked() {
+    const PUBLISHES: u64 = 200;
+    const PAYLOAD: usize = 16 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), Durability::Fsync);
+    // Four payloads in flight at most: reading pauses many times.
+    cfg.limits.max_in_flight_bytes = bytesize::ByteSize::kib(64);
+    let broker = start(cfg).await;
+    let c = RawClient::handshake(broker.tcp_addr()).await;
+    let (rd, mut wr) = c.stream.into_split();
+    let mut frames = common::Frames::new(rd);
+    // Everything is pipelined by a writer that does not wait for acks.
+    let writer = tokio::spawn(async move {
+        let payload = Bytes::from(vec![b'y'; PAYLOAD]);
+        for request_id in 1..=PUBLISHES {
+            let msg = ClientMessage::Publish {
+                request_id,
+                topic: "inflight".into(),
+                event_type: "blob".into(),
+                headers: vec![],
+                payload: payload.clone(),
+            };
+            common::write_msg(&mut wr, &msg).await.unwrap();
+        }
+        wr
+    });
+    let mut offsets = vec![0; PUBLISHES as usize];
+    for _ in 0..PUBLISHES {
+        match within(60, frames.next()).await {
+            Some(ServerMessage::Published {
+                request_id,
+                results,
+            }) => offsets[request_id as usize - 1] = results[0].offset,
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    let want: Vec<u64> = (1..=PUBLISHES).collect();
+    assert_eq!(offsets, want, "request i got offset i, each acked once");
+    let _wr = within(30, writer).await.unwrap();
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn history_pages_end_at_max_history_bytes_and_next_after_reads_each_event_once() {
+    const EVENTS: u64 = 30;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), Durability::Memory);
+    cfg.limits.max_history_bytes = bytesize::ByteSize::kib(64);
+    let broker = start(cfg).await;
+    let mut c = RawClient::handshake(broker.tcp_addr()).await;
+    let payload = "z".repeat(8 * 1024);
+    for request_id in 1..=EVENTS {
+        c.send(&publish(request_id, "paged", "t", &payload)).await;
+        assert!(matches!(
+            c.recv().await,
+            Some(ServerMessage::Published { .. })
+        ));
+    }
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    let mut after = 0;
+    for request_id in 100.. {
+        c.send(&ClientMessage::History {
+            request_id,
+            topic: "paged".into(),
+            after,
+            types: vec![],
+            limit: 1_000,
+        })
+        .await;
+        let (events, next_after) = match c.recv().await {
+            Some(ServerMessage::History {
+                request_id: r,
+                events,
+                next_after,
+                ..
+            }) if r == request_id => (events, next_after),
+            other => panic!("expected a history page, got {other:?}"),
+        };
+        if events.is_empty() {
+            break;
+        }
+        let bytes: usize = events.iter().map(|e| e.payload.len()).sum();
+        assert!(bytes <= 64 * 1024, "a page of {bytes} payload bytes");
+        assert_eq!(next_after, events.last().unwrap().offset);
+        seen.extend(events.iter().map(|e| e.offset));
+        pages += 1;
+        after = next_after;
+        assert!(request_id < 100 + EVENTS, "paging does not progress");
+    }
+    let want: Vec<u64> = (1..=EVENTS).collect();
+    assert_eq!(seen, want, "every event exactly once, in order");
+    // 30 events of 8 KiB in pages of at most 64 KiB: at least four pages.
+    assert!(pages >= 4, "{pages} pages");
+    broker.shutdown().await.unwrap();
+}

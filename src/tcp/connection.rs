@@ -1,11 +1,19 @@
 //! One TCP connection: handshake, a reader that decodes and dispatches
 //! frames, one pump task per subscription, and a coalescing writer.
 //!
-//! Backpressure: every outbound frame goes through one bounded queue. A
-//! peer that reads slowly fills it; its subscription pumps then stop pulling
-//! from the engine, fall behind the ring and get `gap(slow_consumer)` —
-//! nobody else waits. Publishes are queued to the engine in arrival order and
-//! their acks awaited concurrently (pipelining), up to `max_in_flight`.
+//! Backpressure: every outbound chunk is charged to the connection's byte
+//! budget ([`Outbound`], `max_outbound_bytes`) before it is queued, and the
+//! writer releases it once written. A peer that reads slowly exhausts it; its
+//! subscription pumps then stop pulling from the engine, fall behind the ring
+//! and get `gap(slow_consumer)` — nobody else waits. Publishes are queued to
+//! the engine in arrival order and their acks awaited concurrently
+//! (pipelining), up to `max_in_flight` publishes and `max_in_flight_bytes`
+//! payload bytes; beyond either, reading pauses.
+//!
+//! Hostile peers: before `hello` only frames of [`HELLO_MAX_FRAME`] bytes are
+//! accepted, the read buffer grows with the bytes that arrive (never to an
+//! announced length), and a frame that has started must arrive whole within
+//! `read_timeout`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,8 +26,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use ringcast_protocol::{
-    encode_frame, ClientMessage, ErrorCode, FrameDecoder, ServerMessage, TopicSummary,
-    PROTOCOL_VERSION,
+    encode_frame, ClientMessage, ErrorCode, FrameDecoder, ProtocolError, ServerMessage,
+    TopicSummary, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -30,6 +38,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::outbound::Outbound;
 use super::{wire, TcpSettings};
 use crate::engine::{Ack, Delivery, Engine, EngineError, Event, PendingPublish, Subscription};
 
@@ -37,6 +46,13 @@ use crate::engine::{Ack, Delivery, Engine, EngineError, Event, PendingPublish, S
 const PUMP_CHUNK: usize = 64 * 1024;
 /// Most events in one history reply.
 const MAX_HISTORY: usize = 1_000;
+/// Largest frame accepted before `hello`: a hello is tiny, and an
+/// unauthenticated peer must not make the broker buffer megabytes.
+const HELLO_MAX_FRAME: usize = 64 * 1024;
+/// Read buffer of a connection before its handshake; it grows afterwards.
+const HELLO_BUFFER: usize = 4 * 1024;
+/// Read buffer reserved once the handshake is done, for pipelined requests.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Why the read side stopped.
 #[derive(Debug, PartialEq, Eq)]
@@ -64,18 +80,22 @@ struct Pump {
     handle: JoinHandle<()>,
 }
 
-/// A publish awaiting its ack, tagged with its request.
+/// A publish awaiting its ack, tagged with its request and payload size.
 struct InFlight {
     request_id: u64,
+    bytes: u64,
     acks: PendingPublish,
 }
 
+/// A finished publish: request id, payload bytes, outcome.
+type Acked = (u64, u64, Result<Vec<Ack>, EngineError>);
+
 impl Future for InFlight {
-    type Output = (u64, Result<Vec<Ack>, EngineError>);
+    type Output = Acked;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let id = self.request_id;
-        Pin::new(&mut self.acks).poll(cx).map(|r| (id, r))
+        let (id, bytes) = (self.request_id, self.bytes);
+        Pin::new(&mut self.acks).poll(cx).map(|r| (id, bytes, r))
     }
 }
 
@@ -83,11 +103,17 @@ impl Future for InFlight {
 struct Session<'a> {
     conn: &'a Connection,
     out: mpsc::Sender<Bytes>,
+    /// The byte budget of everything queued for the writer.
+    outbound: Arc<Outbound>,
+    /// Most bytes handed to the writer at once (a pump's chunk, replies).
+    chunk: usize,
     /// Replies encoded but not yet handed to the writer: replies to one read
     /// of pipelined requests go to the writer together.
     replies: BytesMut,
     pumps: HashMap<u64, Pump>,
     in_flight: FuturesUnordered<InFlight>,
+    /// Payload bytes of the publishes in `in_flight`.
+    in_flight_bytes: u64,
 }
 
 impl Connection {
@@ -114,10 +140,12 @@ impl Connection {
         let peer = self.peer;
         let (rd, wr) = stream.into_split();
         let (out, out_rx) = mpsc::channel::<Bytes>(self.settings.outbound_queue);
+        let outbound = Arc::new(Outbound::new(self.settings.max_outbound_bytes));
         let writer_done = CancellationToken::new();
         let writer = self.tracker.spawn(write_loop(
             wr,
             out_rx,
+            outbound.clone(),
             self.settings.heartbeat,
             writer_done.clone(),
             self.kill.clone(),
@@ -128,9 +156,13 @@ impl Connection {
         let mut session = Session {
             conn: &self,
             out,
+            outbound,
+            // A chunk over the whole budget would always wait for an empty queue.
+            chunk: PUMP_CHUNK.min(self.settings.max_outbound_bytes).max(1),
             replies: BytesMut::new(),
             pumps: HashMap::new(),
             in_flight: FuturesUnordered::new(),
+            in_flight_bytes: 0,
         };
         let stop = session.read_loop(rd, &writer_done).await;
         if stop == Stop::Shutdown {
@@ -156,8 +188,9 @@ impl Connection {
 impl Session<'_> {
     async fn read_loop(&mut self, mut rd: OwnedReadHalf, writer_done: &CancellationToken) -> Stop {
         let settings = self.conn.settings.clone();
-        let mut buf = BytesMut::with_capacity(64 * 1024);
-        let mut decoder = FrameDecoder::<ClientMessage>::new(settings.max_frame);
+        let mut buf = BytesMut::with_capacity(HELLO_BUFFER);
+        let hello_max = settings.max_frame.min(HELLO_MAX_FRAME);
+        let mut decoder = FrameDecoder::<ClientMessage>::new(hello_max);
 
         // Handshake: the first frame must be a hello of our version.
         let hello_deadline = Instant::now() + settings.hello_timeout;
@@ -165,6 +198,15 @@ impl Session<'_> {
             match decoder.decode(&mut buf) {
                 Ok(Some(msg)) => break msg,
                 Ok(None) => {}
+                Err(ProtocolError::FrameTooLarge { len, .. }) => {
+                    crate::metrics::refused("hello_max_frame");
+                    return self
+                        .fatal(
+                            ErrorCode::FrameTooLarge,
+                            format!("a frame before hello may have at most {hello_max} bytes; this one announces {len}"),
+                        )
+                        .await;
+                }
                 Err(e) => return self.fatal(e.error_code(), e.to_string()).await,
             }
             tokio::select! {
@@ -221,6 +263,10 @@ impl Session<'_> {
             }
         }
 
+        // The hello decoder stopped at a frame boundary, right after hello.
+        decoder = FrameDecoder::new(settings.max_frame);
+        buf.reserve(READ_BUFFER);
+
         let dead_after = settings.heartbeat * 3;
         let mut deadline = Instant::now() + dead_after;
         let bytes_in = metrics::counter!(crate::metrics::BYTES_IN, "transport" => "tcp");
@@ -230,11 +276,19 @@ impl Session<'_> {
         let shutting_down = self.conn.shutdown.cancelled();
         let writer_gone = writer_done.cancelled();
         let silence = tokio::time::sleep_until(deadline);
-        tokio::pin!(killed, shutting_down, writer_gone, silence);
+        // When the frame being received must be complete: set when one
+        // starts, cleared when one completes or while reading is paused (the
+        // wait is then ours, not the peer's). Bytes arriving do not extend it,
+        // so a trickling peer cannot keep a large partial frame alive.
+        let mut frame_deadline: Option<Instant> = None;
+        let frame_timer = tokio::time::sleep_until(Instant::now() + settings.read_timeout);
+        tokio::pin!(killed, shutting_down, writer_gone, silence, frame_timer);
         loop {
-            while self.in_flight.len() < settings.max_in_flight {
+            let mut decoded = false;
+            while self.may_read() {
                 match decoder.decode(&mut buf) {
                     Ok(Some(msg)) => {
+                        decoded = true;
                         if let Err(stop) = self.dispatch(msg).await {
                             return stop;
                         }
@@ -251,14 +305,21 @@ impl Session<'_> {
             if self.flush().await.is_err() {
                 return Stop::Closed;
             }
-            let can_read = self.in_flight.len() < settings.max_in_flight;
+            let can_read = self.may_read();
+            let partial = !buf.is_empty() || !decoder.is_at_boundary();
+            if decoded || !(partial && can_read) {
+                frame_deadline = None;
+            }
+            if partial && can_read && frame_deadline.is_none() {
+                frame_deadline = Some(Instant::now() + settings.read_timeout);
+            }
             tokio::select! {
                 biased;
                 _ = &mut killed => return Stop::Killed,
                 _ = &mut shutting_down => return Stop::Shutdown,
                 _ = &mut writer_gone => return Stop::Closed,
-                Some((id, result)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    if self.reply_publish(id, result).await.is_err() {
+                Some(acked) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    if self.acked(acked).await.is_err() {
                         return Stop::Closed;
                     }
                 }
@@ -286,8 +347,42 @@ impl Session<'_> {
                     tracing::info!(peer = %self.conn.peer, "peer silent for three heartbeats; closing");
                     return Stop::Closed;
                 }
+                // Reset lazily, like `silence`: the timer is moved only when
+                // it fires, not every time a frame starts.
+                _ = &mut frame_timer, if frame_deadline.is_some() => {
+                    let due = frame_deadline.unwrap_or_else(Instant::now);
+                    if Instant::now() < due {
+                        frame_timer.as_mut().reset(due);
+                        continue;
+                    }
+                    crate::metrics::refused("read_timeout");
+                    let timeout = settings.read_timeout;
+                    let buffered = buf.len();
+                    tracing::info!(peer = %self.conn.peer, ?timeout, buffered, "frame not complete within the read timeout");
+                    return self
+                        .fatal(
+                            ErrorCode::BadFrame,
+                            format!("a frame did not arrive whole within the read timeout ({timeout:?})"),
+                        )
+                        .await;
+                }
             }
         }
+    }
+
+    /// Whether to decode and read more requests: not while too many
+    /// publishes, or too many of their payload bytes, await their acks. One
+    /// publish of any size goes when none is in flight.
+    fn may_read(&self) -> bool {
+        let settings = &self.conn.settings;
+        self.in_flight.len() < settings.max_in_flight
+            && (self.in_flight.is_empty() || self.in_flight_bytes < settings.max_in_flight_bytes)
+    }
+
+    /// Replies to a publish whose acks arrived.
+    async fn acked(&mut self, (request_id, bytes, result): Acked) -> Result<(), Stop> {
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
+        self.reply_publish(request_id, result).await
     }
 
     /// Handles one request. `Err` closes the connection.
@@ -366,20 +461,28 @@ impl Session<'_> {
                     .min(MAX_HISTORY);
                 match engine.history(&topic, after, &types, limit) {
                     Ok(page) => {
-                        // Keep the reply well inside the frame limit.
-                        let budget = self.conn.settings.max_frame / 2;
-                        let mut size = 0;
+                        // Keep the reply well inside the frame limit, and its
+                        // payloads within max_history_bytes; the first event
+                        // always goes, so that paging makes progress.
+                        let frame_budget = self.conn.settings.max_frame / 2;
+                        let payload_budget = self.conn.settings.max_history_bytes;
+                        let (mut size, mut payload) = (0, 0);
                         let mut events = Vec::with_capacity(page.events.len());
                         let mut next_after = page.next_after;
                         for e in &page.events {
                             let len = e.retained_size() as usize + topic.len();
-                            if !events.is_empty() && size + len > budget {
+                            let payload_len = e.payload.len();
+                            if !events.is_empty()
+                                && (size + len > frame_budget
+                                    || payload + payload_len > payload_budget)
+                            {
                                 next_after = events
                                     .last()
                                     .map_or(after, |e: &ringcast_protocol::WireEvent| e.offset);
                                 break;
                             }
                             size += len;
+                            payload += payload_len;
                             events.push(wire::event(&topic, e));
                         }
                         self.reply(ServerMessage::History {
@@ -438,13 +541,19 @@ impl Session<'_> {
         topic: &str,
         events: Vec<crate::engine::NewEvent>,
     ) -> Result<(), Stop> {
+        let bytes = events.iter().map(|e| e.payload.len() as u64).sum();
         match self.conn.engine.start_publish(topic, events).await {
             Ok(mut acks) => {
                 // Already acknowledged (memory mode): answer without queueing.
                 if let Some(result) = acks.take_ready() {
                     return self.reply_publish(request_id, result).await;
                 }
-                self.in_flight.push(InFlight { request_id, acks });
+                self.in_flight_bytes += bytes;
+                self.in_flight.push(InFlight {
+                    request_id,
+                    bytes,
+                    acks,
+                });
                 Ok(())
             }
             Err(e) => self.engine_error(request_id, e).await,
@@ -516,10 +625,14 @@ impl Session<'_> {
         // `Subscribed` must reach the writer before the first push.
         self.flush().await?;
         let cancel = CancellationToken::new();
-        let handle =
-            self.conn
-                .tracker
-                .spawn(pump(sub, subscription_id, self.out.clone(), cancel.clone()));
+        let handle = self.conn.tracker.spawn(pump(
+            sub,
+            subscription_id,
+            self.out.clone(),
+            self.outbound.clone(),
+            self.chunk,
+            cancel.clone(),
+        ));
         self.pumps.insert(subscription_id, Pump { cancel, handle });
         tracing::debug!(peer = %self.conn.peer, topic, subscription_id, "subscribed");
         Ok(())
@@ -529,10 +642,8 @@ impl Session<'_> {
     /// then tell the client to reconnect elsewhere or later.
     async fn say_goodbye(&mut self) {
         let deadline = Instant::now() + self.conn.write_timeout();
-        while let Ok(Some((id, result))) =
-            tokio::time::timeout_at(deadline, self.in_flight.next()).await
-        {
-            if self.reply_publish(id, result).await.is_err() {
+        while let Ok(Some(acked)) = tokio::time::timeout_at(deadline, self.in_flight.next()).await {
+            if self.acked(acked).await.is_err() {
                 return;
             }
         }
@@ -548,7 +659,7 @@ impl Session<'_> {
     /// (or at once when the queue is large).
     async fn send(&mut self, msg: &ServerMessage) -> Result<(), Stop> {
         encode_frame(msg, &mut self.replies).map_err(|_| Stop::Closed)?;
-        if self.replies.len() >= PUMP_CHUNK {
+        if self.replies.len() >= self.chunk {
             self.flush().await?;
         }
         Ok(())
@@ -560,6 +671,10 @@ impl Session<'_> {
             return Ok(());
         }
         let frames = self.replies.split().freeze();
+        self.outbound
+            .charge(frames.len())
+            .await
+            .map_err(|_| Stop::Closed)?;
         self.out.send(frames).await.map_err(|_| Stop::Closed)
     }
 
@@ -603,11 +718,16 @@ impl Session<'_> {
 }
 
 /// Moves deliveries of one subscription to the connection's writer,
-/// encoding several per hand-off.
+/// encoding several (up to `chunk` bytes) per hand-off. It pulls from the
+/// subscription only while the connection's budget has room, so a peer that
+/// does not read leaves the subscription behind in the ring (where it costs
+/// nothing and later yields one `gap(slow_consumer)`), not in our buffers.
 async fn pump(
     mut sub: Subscription,
     subscription_id: u64,
     out: mpsc::Sender<Bytes>,
+    outbound: Arc<Outbound>,
+    chunk: usize,
     cancel: CancellationToken,
 ) {
     let topic = sub.topic().to_owned();
@@ -619,7 +739,10 @@ async fn pump(
         let first = tokio::select! {
             biased;
             _ = &mut cancelled => return,
-            d = sub.recv() => d,
+            d = async {
+                outbound.room().await.ok()?;
+                sub.recv().await
+            } => d,
         };
         let Some(mut delivery) = first else { return };
         let mut ended = false;
@@ -649,7 +772,7 @@ async fn pump(
                     tracing::error!(error = %e, "cannot encode a delivery");
                 }
             }
-            if ended || buf.len() >= PUMP_CHUNK {
+            if ended || buf.len() >= chunk {
                 break;
             }
             match sub.try_recv() {
@@ -662,7 +785,10 @@ async fn pump(
         tokio::select! {
             biased;
             _ = &mut cancelled => return,
-            r = out.send(frames) => if r.is_err() { return },
+            r = async {
+                outbound.charge(frames.len()).await.map_err(|_| ())?;
+                out.send(frames).await.map_err(|_| ())
+            } => if r.is_err() { return },
         }
         if ended {
             return;
@@ -742,11 +868,20 @@ async fn write_all_vectored(
 async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Bytes>,
+    outbound: Arc<Outbound>,
     heartbeat: Duration,
     done: CancellationToken,
     kill: CancellationToken,
 ) {
     let _done = done.drop_guard();
+    // However the writer ends, whoever waits for budget gives up.
+    struct CloseOnDrop(Arc<Outbound>);
+    impl Drop for CloseOnDrop {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _close = CloseOnDrop(outbound.clone());
     let mut heartbeat_frame = BytesMut::new();
     if encode_frame(&ServerMessage::Heartbeat, &mut heartbeat_frame).is_err() {
         return;
@@ -763,6 +898,8 @@ async fn write_loop(
             _ = &mut killed => return,
             r = tokio::time::timeout(heartbeat, rx.recv_many(&mut frames, 256)) => r,
         };
+        // Every received chunk was charged; the heartbeat was not.
+        let charged: usize = frames.iter().map(Bytes::len).sum();
         match received {
             Ok(0) => break,
             Ok(_) => {}
@@ -777,7 +914,7 @@ async fn write_loop(
         };
         frames.clear();
         match result {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => outbound.release(charged),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "write failed");
                 return;

@@ -5,6 +5,7 @@
 //! coalesces every pending frame into one write.
 
 mod connection;
+mod outbound;
 mod wire;
 
 use std::net::SocketAddr;

@@ -137,6 +137,19 @@ enum Scenario {
         #[arg(long, default_value_t = 256)]
         open_concurrency: usize,
     },
+    /// ringcast only: N connections each holding a partial 4 MiB frame and
+    /// N subscribers that never read, while publishing; server RSS before/after.
+    Halfopen {
+        /// Connections of each kind.
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Events published while they are open.
+        #[arg(long, default_value_t = 2_000)]
+        n: u64,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 16 * 1024)]
+        payload: usize,
+    },
     /// Renders the comparison table from a file of JSON result lines.
     Report {
         /// The results file (one JSON object per line).
@@ -280,6 +293,11 @@ async fn run_once(c: &Common, scenario: &Scenario) -> Result<Record> {
             broadcasts,
             open_concurrency,
         } => sse::run(c, http_addr, connections, broadcasts, open_concurrency).await?,
+        Scenario::Halfopen {
+            connections,
+            n,
+            payload,
+        } => scenarios::halfopen(c, connections, n, payload).await?,
         Scenario::Report { .. } => unreachable!("handled in main"),
     })
 }
@@ -322,6 +340,13 @@ fn emit(rec: &Record, out: Option<&std::path::Path>) -> Result<()> {
             s("connections"),
             n("rss_per_conn_kib"),
             n("p99_us")
+        ),
+        "halfopen" => format!(
+            "{} partial + {} stalled connections: server RSS {} -> {} KiB",
+            s("partial_open"),
+            s("stalled_open"),
+            s("rss_before_kib"),
+            s("rss_after_kib")
         ),
         _ => String::new(),
     };

@@ -367,3 +367,116 @@ pub async fn resume(c: &Common, n: u64, payload_size: usize, page: usize) -> Res
     }
     Ok(rec)
 }
+
+/// Opens a ringcast TCP connection and completes the handshake by hand
+/// (raw frames: the SDK would never misbehave as `halfopen` needs).
+async fn raw_hello(addr: &str, recv_buffer: Option<u32>) -> Result<tokio::net::TcpStream> {
+    use ringcast_protocol::{encode_frame, ClientMessage, PROTOCOL_VERSION};
+    use tokio::io::AsyncWriteExt;
+    let peer = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{addr} does not resolve"))?;
+    let socket = if peer.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size)?;
+    }
+    let mut stream = socket.connect(peer).await?;
+    let mut frame = bytes::BytesMut::new();
+    encode_frame(
+        &ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_name: "ringcast-bench-halfopen".into(),
+            credentials: None,
+        },
+        &mut frame,
+    )?;
+    stream.write_all(&frame).await?;
+    Ok(stream)
+}
+
+/// `halfopen`: N connections that announce a 4 MiB frame and send only a
+/// few bytes of it, N subscribers that never read, while one publisher
+/// publishes M events; reports the server's RSS before and after (and its
+/// queued outbound bytes with `--metrics-addr`).
+pub async fn halfopen(c: &Common, n: usize, m: u64, payload_size: usize) -> Result<Record> {
+    use ringcast_protocol::{encode_frame, ClientMessage, Start};
+    use tokio::io::AsyncWriteExt;
+    if c.target != Target::Ringcast {
+        bail!("halfopen runs against ringcast only");
+    }
+    let dest = format!("{}.halfopen", c.dest);
+    let rss = || c.server_pid.and_then(crate::common::rss_kib);
+    let rss_before = rss();
+    let started = Instant::now();
+
+    // After hello, so that the server has to hold them until read_timeout.
+    let partial = bounded(n, 64, |_| async {
+        let mut s = raw_hello(&c.addr, None).await?;
+        s.write_all(&(4u32 * 1024 * 1024).to_be_bytes()).await?;
+        s.write_all(b"\x00\x00\x00\x00\x00\x00\x00\x01").await?;
+        anyhow::Ok(s)
+    })
+    .await;
+    let stalled = bounded(n, 64, |i| {
+        let dest = dest.clone();
+        async move {
+            let mut s = raw_hello(&c.addr, Some(4096)).await?;
+            let mut frame = bytes::BytesMut::new();
+            encode_frame(
+                &ClientMessage::Subscribe {
+                    request_id: 1,
+                    subscription_id: i as u64,
+                    topic: dest,
+                    types: vec![],
+                    start: Start::Live,
+                },
+                &mut frame,
+            )?;
+            s.write_all(&frame).await?;
+            anyhow::Ok(s)
+        }
+    })
+    .await;
+    let open = |v: &[Result<tokio::net::TcpStream>]| v.iter().filter(|r| r.is_ok()).count();
+    let (partial_open, stalled_open) = (open(&partial), open(&stalled));
+    let rss_open = rss();
+
+    let publisher = Publisher::connect(c.target, &c.addr, 256, c.retain).await?;
+    publisher.prepare(&dest).await?;
+    let payload = Bytes::from(vec![b'h'; payload_size]);
+    publisher.publish_n(&dest, m, 256, &payload).await?;
+    let rss_after = rss();
+    // What the stalled subscribers cost in queues (bounded by
+    // limits.max_outbound_bytes each), when the broker's /metrics is known.
+    let queued = match c.metrics_addr.as_deref() {
+        Some(http) => crate::common::scrape(http, "ringcast_outbound_queued_bytes").await,
+        None => None,
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    drop((partial, stalled));
+
+    let mut rec = Record::new("halfopen", c.target, &c.label);
+    rec.set("connections", n);
+    rec.set("partial_open", partial_open);
+    rec.set("stalled_open", stalled_open);
+    rec.set("n", m);
+    rec.set("payload", payload_size);
+    rec.set("elapsed_s", round(elapsed, 3));
+    let kib = |v: Option<u64>| v.map_or(serde_json::Value::Null, Into::into);
+    rec.set("rss_before_kib", kib(rss_before));
+    rec.set("rss_open_kib", kib(rss_open));
+    rec.set("rss_after_kib", kib(rss_after));
+    if let Some(q) = queued {
+        rec.set("outbound_queued_bytes", q);
+    }
+    if let (Some(before), Some(after)) = (rss_before, rss_after) {
+        let per = after.saturating_sub(before) as f64 / (2 * n).max(1) as f64;
+        rec.set("rss_per_conn_kib", round(per, 2));
+    }
+    Ok(rec)
+}

@@ -26,6 +26,12 @@ pub const FRAME_HEADER_LEN: usize = 4;
 /// Default largest frame body, in bytes (16 MiB), that [`FrameDecoder`] accepts.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 
+/// Most bytes [`FrameDecoder::decode`] reserves ahead in the buffer for a
+/// frame's body: the buffer grows with the bytes that actually arrive, never
+/// to the announced length up front (a peer announcing a large frame and
+/// trickling it would otherwise pin that much memory per connection).
+pub const RESERVE_STEP: usize = 64 * 1024;
+
 /// The largest body the 4-byte length prefix can describe.
 const MAX_ENCODABLE_BODY: usize = u32::MAX as usize;
 
@@ -192,7 +198,8 @@ enum State {
 ///
 /// Usable without tokio (the `codec` feature wraps it for `tokio_util`). The
 /// length prefix is checked against `max_frame` before any body byte is
-/// buffered, so a huge prefix fails at once. After
+/// buffered, so a huge prefix fails at once, and the buffer is grown at most
+/// [`RESERVE_STEP`] bytes ahead of what arrived, never to the announced length. After
 /// [`ProtocolError::FrameTooLarge`] the stream cannot be resynchronised
 /// (every later call repeats the error) and should be closed; after a
 /// malformed body the decoder is back at a frame boundary.
@@ -247,12 +254,17 @@ impl<M: DeserializeOwned> FrameDecoder<M> {
                     });
                 }
                 buf.advance(FRAME_HEADER_LEN);
-                buf.reserve(len.saturating_sub(buf.len()));
                 self.state = State::Body(len);
                 len
             }
         };
         if buf.len() < len {
+            // Room for the next read, bounded (see RESERVE_STEP), and only
+            // once half of it is used: `reserve` doubles the allocation.
+            let want = (len - buf.len()).min(RESERVE_STEP);
+            if buf.capacity() - buf.len() < want.div_ceil(2) {
+                buf.reserve(want);
+            }
             return Ok(None);
         }
         let body = buf.split_to(len);
@@ -309,3 +321,56 @@ impl<M> fmt::Debug for FrameDecoder<M> {
 
 #[cfg(test)]
 mod layout_tests;
+
+#[cfg(test)]
+mod reserve_tests {
+    use bytes::BufMut;
+
+    use super::*;
+    use crate::messages::ClientMessage;
+
+    #[test]
+    fn a_frame_announcing_4_mib_reserves_only_a_bounded_step_for_its_body() {
+        let mut decoder = FrameDecoder::<ClientMessage>::new(8 * 1024 * 1024);
+        let mut buf = BytesMut::new();
+        buf.put_u32(4 * 1024 * 1024);
+        buf.extend_from_slice(b"abcdefgh");
+        assert_eq!(decoder.decode(&mut buf), Ok(None));
+        assert!(!decoder.is_at_boundary());
+        assert!(
+            buf.capacity() <= 2 * RESERVE_STEP,
+            "the buffer grew to {} bytes for 8 bytes received",
+            buf.capacity()
+        );
+        // Trickled on, it grows with what arrives, not to the announced size.
+        for _ in 0..100 {
+            buf.extend_from_slice(&[0u8; 100]);
+            assert_eq!(decoder.decode(&mut buf), Ok(None));
+        }
+        assert!(buf.capacity() <= 2 * RESERVE_STEP, "{}", buf.capacity());
+    }
+
+    #[test]
+    fn a_large_frame_arriving_in_pieces_still_decodes() {
+        let msg = ClientMessage::Publish {
+            request_id: 1,
+            topic: "t".into(),
+            event_type: "e".into(),
+            headers: vec![],
+            payload: bytes::Bytes::from(vec![7u8; 3 * RESERVE_STEP + 5]),
+        };
+        let mut wire = BytesMut::new();
+        encode_frame(&msg, &mut wire).unwrap();
+        let mut decoder = FrameDecoder::<ClientMessage>::new(DEFAULT_MAX_FRAME);
+        let mut buf = BytesMut::new();
+        let mut got = None;
+        for piece in wire.chunks(10_000) {
+            buf.extend_from_slice(piece);
+            if let Some(m) = decoder.decode(&mut buf).unwrap() {
+                got = Some(m);
+            }
+        }
+        assert_eq!(got, Some(msg));
+        assert!(buf.is_empty());
+    }
+}

@@ -43,6 +43,7 @@ pub mod messages;
 pub use codec::{ClientCodec, CodecError, FrameCodec, ServerCodec};
 pub use frame::{
     decode_body, encode_frame, FrameDecoder, ProtocolError, DEFAULT_MAX_FRAME, FRAME_HEADER_LEN,
+    RESERVE_STEP,
 };
 pub use messages::{
     Ack, ClientMessage, ErrorCode, GapReason, Headers, NewEvent, ServerMessage, Start,

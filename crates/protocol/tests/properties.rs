@@ -9,7 +9,34 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use ringcast_protocol::{
     decode_body, encode_frame, ClientMessage, FrameDecoder, ProtocolError, ServerMessage,
+    DEFAULT_MAX_FRAME,
 };
+
+/// A piece of a hostile stream: a valid frame of either direction, a small
+/// length prefix with arbitrary body bytes, or plain garbage.
+fn segment() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        any_message().prop_map(|m| m.frame()),
+        (0u32..96, vec(any::<u8>(), 0..96)).prop_map(|(len, body)| {
+            let mut v = len.to_be_bytes().to_vec();
+            v.extend_from_slice(&body);
+            v
+        }),
+        vec(any::<u8>(), 0..16),
+    ]
+}
+
+/// Cuts `stream` at the given points (clamped and sorted) into chunks.
+fn split(stream: &[u8], cuts: &[prop::sample::Index]) -> Vec<Vec<u8>> {
+    let mut points: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+    points.push(0);
+    points.push(stream.len());
+    points.sort_unstable();
+    points
+        .windows(2)
+        .map(|w| stream[w[0]..w[1]].to_vec())
+        .collect()
+}
 
 /// Feeds `chunks` to a frame decoder, draining messages after each one.
 fn feed<M: serde::de::DeserializeOwned>(
@@ -113,5 +140,52 @@ proptest! {
         let chunks = [stream[..at].to_vec(), stream[at..].to_vec()];
         let _ = feed(&mut FrameDecoder::<ClientMessage>::default(), &chunks);
         let _ = feed(&mut FrameDecoder::<ServerMessage>::default(), &chunks);
+    }
+
+    #[test]
+    fn hostile_streams_split_anywhere_decode_exactly_as_the_whole_stream(
+        segments in vec(segment(), 0..8),
+        cuts in vec(any::<prop::sample::Index>(), 0..12),
+        max_frame in prop_oneof![Just(DEFAULT_MAX_FRAME), 0usize..256],
+    ) {
+        let stream = segments.concat();
+        let chunks = split(&stream, &cuts);
+        let whole = [stream.clone()];
+        prop_assert_eq!(
+            feed(&mut FrameDecoder::<ClientMessage>::new(max_frame), &chunks),
+            feed(&mut FrameDecoder::<ClientMessage>::new(max_frame), &whole)
+        );
+        prop_assert_eq!(
+            feed(&mut FrameDecoder::<ServerMessage>::new(max_frame), &chunks),
+            feed(&mut FrameDecoder::<ServerMessage>::new(max_frame), &whole)
+        );
+    }
+
+    #[test]
+    fn arbitrary_bodies_behind_a_valid_tag_never_panic_either_direction(
+        tag in 0u32..32,
+        rest in vec(any::<u8>(), 0..2048),
+    ) {
+        let mut body = tag.to_be_bytes().to_vec();
+        body.extend_from_slice(&rest);
+        let _ = decode_body::<ClientMessage>(&body);
+        let _ = decode_body::<ServerMessage>(&body);
+    }
+}
+
+/// Hostile inputs found by the attack run or by fuzzing, kept as regression
+/// tests (see `fuzz/README.md`): each decodes to an error or a message.
+#[test]
+fn fuzz_regressions_never_panic() {
+    const CASES: &[&[u8]] = &[
+        // A 4 MiB frame announced, then a few bytes: must not reserve 4 MiB.
+        &[0x00, 0x40, 0x00, 0x00, 1, 2, 3],
+    ];
+    for case in CASES {
+        let chunks = [case.to_vec()];
+        let _ = feed(&mut FrameDecoder::<ClientMessage>::default(), &chunks);
+        let _ = feed(&mut FrameDecoder::<ServerMessage>::default(), &chunks);
+        let _ = decode_body::<ClientMessage>(case);
+        let _ = decode_body::<ServerMessage>(case);
     }
 }
