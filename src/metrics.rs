@@ -36,6 +36,9 @@ pub const SUBSCRIPTIONS: &str = "ringcast_subscriptions";
 pub const FLUSH_SECONDS: &str = "ringcast_storage_flush_seconds";
 /// Time from a publish being queued to its ack, seconds.
 pub const ACK_SECONDS: &str = "ringcast_publish_ack_seconds";
+/// Bytes handed to connections' writers that their peers have not read yet,
+/// by `transport`.
+pub const OUTBOUND_QUEUED_BYTES: &str = "ringcast_outbound_queued_bytes";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -86,6 +89,11 @@ fn describe() {
         "Bytes retained in memory over all topics."
     );
     describe_gauge!(TOPICS, "Topics alive.");
+    describe_gauge!(
+        OUTBOUND_QUEUED_BYTES,
+        Unit::Bytes,
+        "Bytes queued for clients that they have not read yet."
+    );
     describe_gauge!(SUBSCRIPTIONS, "Live subscriptions over all topics.");
     describe_histogram!(
         FLUSH_SECONDS,

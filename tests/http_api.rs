@@ -644,8 +644,14 @@ async fn after_versions_resumes_named_types_and_starts_the_others_live() {
         json!({"a": 3, "b": 3, "c": 1}),
         "ready tells the current versions"
     );
-    assert_eq!(ready.id, None, "a resume by versions is not an offset");
+    assert_eq!(
+        ready.id.as_deref(),
+        Some(&*format!("{epoch}:2:8")),
+        "during the replay, ids name where it ends (offset 8 is live)"
+    );
     let got = s.expect_offsets([3, 6, 7]).await;
+    let ids: Vec<_> = got.iter().map(|e| e.id.clone().unwrap()).collect();
+    assert_eq!(ids, [3, 6, 7].map(|o| format!("{epoch}:{o}:8")));
     let versions: Vec<_> = got
         .iter()
         .map(|e| (e.event.clone(), e.json()["version"].as_u64().unwrap()))
@@ -657,6 +663,11 @@ async fn after_versions_resumes_named_types_and_starts_the_others_live() {
     api.publish("v", "c", "{}").await;
     let live = s.expect_offsets([8]).await;
     assert_eq!(live[0].event, "c", "a type not named starts live");
+    assert_eq!(
+        live[0].id.as_deref(),
+        Some(&*format!("{epoch}:8")),
+        "live events have plain ids"
+    );
 }
 
 #[tokio::test]
