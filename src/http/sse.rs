@@ -363,6 +363,11 @@ impl Outbound {
         self.report();
     }
 
+    fn rebase(&mut self) {
+        self.base = self.conn.written();
+        self.handed = 0;
+    }
+
     fn report(&mut self) {
         let queued = self.queued();
         if queued != self.reported {
@@ -437,6 +442,16 @@ impl SseStream {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => break,
                     _ = out.conn.progressed() => {}
+                    _ = tokio::time::sleep(self.heartbeat) => {
+                        if !out.conn.blocked() {
+                            // Nothing waits to be written, so nothing is
+                            // queued: the estimate drifted (a head or framing
+                            // not as assumed). Start counting afresh rather
+                            // than wait for progress that cannot come.
+                            tracing::debug!(topic = %self.topic, queued, "SSE outbound estimate reset");
+                            out.rebase();
+                        }
+                    }
                 }
             }
         }
