@@ -118,7 +118,8 @@ fn parse_versions(s: &str) -> Result<Vec<(String, u64)>, ApiError> {
     parse_list(Some(s))
         .into_iter()
         .map(|item| {
-            let (t, v) = item.split_once(':').ok_or_else(|| {
+            // Types may hold ':' themselves; the version is after the last.
+            let (t, v) = item.rsplit_once(':').ok_or_else(|| {
                 ApiError::bad_request(format!("after_versions item {item:?} is not type:version"))
             })?;
             let v = v.parse().map_err(|_| {
@@ -543,5 +544,115 @@ impl SseStream {
             .as_mut()
             .reset(tokio::time::Instant::now() + self.heartbeat);
         Some(buf.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn query(
+        after_versions: Option<String>,
+        epoch: Option<String>,
+        last: Option<String>,
+    ) -> EventsQuery {
+        EventsQuery {
+            types: None,
+            earliest: None,
+            after_versions,
+            epoch,
+            last_event_id: last,
+        }
+    }
+
+    fn event_id() -> impl Strategy<Value = EventId> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+        )
+            .prop_map(|(epoch, offset, live_from)| EventId {
+                epoch,
+                offset,
+                live_from,
+            })
+    }
+
+    #[test]
+    fn a_replay_id_with_the_url_versions_resumes_by_offset_and_versions() {
+        let q = query(Some("a:5,b:3".into()), Some("9".into()), None);
+        let mut headers = HeaderMap::new();
+        headers.insert("last-event-id", HeaderValue::from_static("7:12:40"));
+        assert_eq!(
+            start_of(&q, &headers).unwrap(),
+            Start::AfterOffsetVersions {
+                epoch: 7,
+                offset: 12,
+                versions: vec![("a".into(), 5), ("b".into(), 3)],
+                live_from: 40,
+            }
+        );
+        headers.insert("last-event-id", HeaderValue::from_static("7:41"));
+        assert_eq!(
+            start_of(&q, &headers).unwrap(),
+            Start::AfterOffset {
+                epoch: 7,
+                offset: 41
+            }
+        );
+        for bad in ["", "7", "7:", ":1", "7:1:", "7:1:2:3", "-1:2", "7:1:x"] {
+            assert!(parse_event_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn event_ids_round_trip(id in event_id()) {
+            prop_assert_eq!(parse_event_id(&id.to_string()).unwrap(), id);
+        }
+
+        #[test]
+        fn versions_round_trip(items in proptest::collection::vec(("[A-Za-z0-9._:-]{1,20}", any::<u64>()), 0..8)) {
+            let text = items.iter().map(|(t, v)| format!("{t}:{v}")).collect::<Vec<_>>().join(",");
+            prop_assert_eq!(parse_versions(&text).unwrap(), items);
+        }
+
+        #[test]
+        fn parsers_never_panic_on_arbitrary_text(s in "\\PC*", t in "[0-9:,a-z ]{0,40}") {
+            let _ = parse_event_id(&s);
+            let _ = parse_event_id(&t);
+            let _ = parse_versions(&s);
+            let _ = parse_versions(&t);
+            let _ = parse_list(Some(&s));
+        }
+
+        #[test]
+        fn start_of_never_panics(
+            after_versions in proptest::option::of("[0-9:,a-z]{0,30}|\\PC{0,30}"),
+            epoch in proptest::option::of("[0-9]{0,22}|\\PC{0,10}"),
+            last in proptest::option::of("[0-9:]{0,50}|\\PC{0,30}"),
+            header in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+            id in proptest::option::of(event_id()),
+        ) {
+            let q = query(after_versions, epoch, last);
+            let mut headers = HeaderMap::new();
+            if let Some(Ok(v)) = header.map(|h| HeaderValue::from_bytes(&h)) {
+                headers.insert("last-event-id", v);
+            }
+            let _ = start_of(&q, &headers);
+            if let Some(id) = id {
+                // An id the stream produced always resumes.
+                headers.insert("last-event-id", HeaderValue::from_str(&id.to_string()).unwrap());
+                let start = start_of(&query(None, None, None), &headers).unwrap();
+                let resumed = match start {
+                    Start::AfterOffset { epoch, offset } => EventId { epoch, offset, live_from: None },
+                    Start::AfterOffsetVersions { epoch, offset, live_from, .. } => EventId { epoch, offset, live_from: Some(live_from) },
+                    other => panic!("{other:?}"),
+                };
+                prop_assert_eq!(resumed, id);
+            }
+        }
     }
 }
