@@ -139,7 +139,7 @@ impl Default for LimitsConfig {
             max_retained_bytes: ByteSize::b(engine.max_retained_bytes),
             max_http_connections: 10_000,
             max_http_requests: 1_024,
-            max_outbound_bytes: ByteSize::mib(1),
+            max_outbound_bytes: ByteSize::kib(256),
             max_in_flight_bytes: ByteSize::mib(16),
             max_history_bytes: ByteSize::mib(4),
             max_ephemeral_topics: engine.max_ephemeral_topics,

@@ -644,8 +644,14 @@ async fn after_versions_resumes_named_types_and_starts_the_others_live() {
         json!({"a": 3, "b": 3, "c": 1}),
         "ready tells the current versions"
     );
-    assert_eq!(ready.id, None, "a resume by versions is not an offset");
+    assert_eq!(
+        ready.id.as_deref(),
+        Some(&*format!("{epoch}:2:8")),
+        "during the replay, ids name where it ends (offset 8 is live)"
+    );
     let got = s.expect_offsets([3, 6, 7]).await;
+    let ids: Vec<_> = got.iter().map(|e| e.id.clone().unwrap()).collect();
+    assert_eq!(ids, [3, 6, 7].map(|o| format!("{epoch}:{o}:8")));
     let versions: Vec<_> = got
         .iter()
         .map(|e| (e.event.clone(), e.json()["version"].as_u64().unwrap()))
@@ -657,6 +663,11 @@ async fn after_versions_resumes_named_types_and_starts_the_others_live() {
     api.publish("v", "c", "{}").await;
     let live = s.expect_offsets([8]).await;
     assert_eq!(live[0].event, "c", "a type not named starts live");
+    assert_eq!(
+        live[0].id.as_deref(),
+        Some(&*format!("{epoch}:8")),
+        "live events have plain ids"
+    );
 }
 
 #[tokio::test]
@@ -1129,4 +1140,530 @@ async fn a_killed_broker_restarts_on_its_data_dir_while_an_sse_client_was_connec
     assert_eq!(broker.engine().info("crash").unwrap().last_offset, 2);
     drop(s);
     broker.shutdown().await.expect("clean shutdown");
+}
+
+// ---------------------------------------------------------------------------
+// Hostile and stalled clients.
+// ---------------------------------------------------------------------------
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A raw HTTP response, read until the server closed the connection.
+struct RawResponse {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body {:?} is not JSON: {e}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Reads one response whose server closes the connection after it.
+async fn read_closing_response(stream: &mut TcpStream) -> RawResponse {
+    let mut bytes = Vec::new();
+    within(20, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    parse_response(&bytes)
+}
+
+fn parse_response(bytes: &[u8]) -> RawResponse {
+    let split = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(bytes)));
+    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    RawResponse {
+        status,
+        head,
+        body: bytes[split + 4..].to_vec(),
+    }
+}
+
+/// Reads one keep-alive response with a `Content-Length` body.
+async fn read_response(stream: &mut TcpStream) -> RawResponse {
+    let mut bytes = Vec::new();
+    within(20, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            if let Some(split) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&bytes[..split]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if bytes.len() >= split + 4 + len {
+                    return;
+                }
+            }
+            let n = stream.read(&mut buf).await.expect("response read");
+            assert!(n > 0, "connection closed mid-response: {bytes:?}");
+            bytes.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    parse_response(&bytes)
+}
+
+/// Waits until the server closes `stream` (end of stream or reset),
+/// discarding whatever it still sends.
+async fn expect_server_closes(stream: &mut TcpStream) {
+    within(20, async {
+        let mut buf = [0u8; 65536];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+impl Api {
+    /// A new raw connection to the HTTP listener.
+    async fn raw(&self) -> TcpStream {
+        TcpStream::connect(self.broker.http_addr())
+            .await
+            .expect("connect")
+    }
+
+    /// A raw connection with a small receive buffer that has asked for an
+    /// SSE stream and read up to its `ready` event; returns the bytes read
+    /// after the response head.
+    async fn raw_sse(&self, path: &str, http_version: &str) -> (TcpStream, Vec<u8>) {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(self.broker.http_addr()).await.unwrap();
+        stream
+            .write_all(
+                format!(
+                    "GET {path} HTTP/{http_version}\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut bytes = Vec::new();
+        within(20, async {
+            let mut buf = [0u8; 4096];
+            while !bytes.windows(13).any(|w| w == b"event: ready\n") {
+                let n = stream.read(&mut buf).await.expect("SSE read");
+                assert!(n > 0, "SSE stream closed: {bytes:?}");
+                bytes.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        let response = parse_response(&bytes);
+        assert_eq!(response.status, 200, "{}", response.head);
+        (stream, response.body)
+    }
+
+    /// The value of a gauge line (`name{labels}`) in `/metrics`, 0 if absent.
+    async fn metric(&self, series: &str) -> f64 {
+        let text = within(20, async {
+            self.http
+                .get(self.url("/metrics"))
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("metrics text")
+        })
+        .await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().expect("a metric value"))
+    }
+
+    /// Waits until `topic` has no subscriber left.
+    async fn await_no_subscribers(&self, topic: &str) {
+        within(20, async {
+            loop {
+                let (_, info) = self.get(&format!("/v1/topics/{topic}")).await;
+                if info["subscribers"] == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+}
+
+const QUEUED_SSE: &str = "ringcast_outbound_queued_bytes{transport=\"sse\"}";
+
+/// Held by the tests whose SSE streams queue large amounts: the queued-bytes
+/// gauge is process-wide, so one of them must not read another's backlog.
+static BIG_QUEUES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[tokio::test]
+async fn a_content_length_over_max_payload_is_refused_with_413_before_the_body_arrives() {
+    let api = Api::start_with(|c| c.limits.max_payload = bytesize::ByteSize::kib(1)).await;
+    let mut raw = api.raw().await;
+    raw.write_all(
+        b"POST /v1/topics/big/events?type=blob HTTP/1.1\r\nHost: test\r\n\
+          Content-Length: 10000000000\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    // The rest of the 10 GB never comes: the answer must not wait for it.
+    let response = read_closing_response(&mut raw).await;
+    assert_eq!(response.status, 413, "{}", response.head);
+    assert_eq!(response.json()["error"]["code"], "payload_too_large");
+    assert!(
+        api.get("/v1/topics/big").await.0 == StatusCode::NOT_FOUND,
+        "nothing was published"
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_within_read_timeout_gets_408_and_is_closed() {
+    let api = Api::start_with(|c| c.server.read_timeout = Duration::from_millis(300)).await;
+    let mut raw = api.raw().await;
+    raw.write_all(
+        b"POST /v1/topics/slow/events?type=t HTTP/1.1\r\nHost: test\r\n\
+          Content-Length: 100\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let response = read_closing_response(&mut raw).await;
+    assert_eq!(response.status, 408, "{}", response.head);
+    let body = response.json();
+    assert_eq!(body["error"]["code"], "request_timeout", "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("read_timeout"));
+}
+
+#[tokio::test]
+async fn headers_that_do_not_arrive_within_read_timeout_close_the_connection() {
+    let api = Api::start_with(|c| c.server.read_timeout = Duration::from_millis(300)).await;
+    let mut raw = api.raw().await;
+    raw.write_all(b"GET /healthz HTTP/1.1\r\nHost: te")
+        .await
+        .unwrap();
+    expect_server_closes(&mut raw).await;
+}
+
+#[tokio::test]
+async fn connections_over_max_http_connections_are_closed_at_accept() {
+    let api = Api::start_with(|c| c.limits.max_http_connections = 2).await;
+    let healthz = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut raw = api.raw().await;
+        raw.write_all(healthz).await.unwrap();
+        assert_eq!(read_response(&mut raw).await.status, 200);
+        held.push(raw);
+    }
+    let mut third = api.raw().await;
+    let _ = third.write_all(healthz).await;
+    expect_server_closes(&mut third).await;
+
+    // A closed connection gives its place back.
+    drop(held.pop());
+    within(20, async {
+        loop {
+            let mut raw = api.raw().await;
+            let _ = raw
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut buf = Vec::new();
+            let _ = raw.read_to_end(&mut buf).await;
+            if buf.starts_with(b"HTTP/1.1 200") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drop(held);
+    let refused = "ringcast_limit_refusals_total{limit=\"max_http_connections\"}";
+    let counted = within(20, async {
+        loop {
+            // Needs a free connection itself.
+            if let Ok(Ok(r)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                api.http.get(api.url("/healthz")).send(),
+            )
+            .await
+            {
+                if r.status() == StatusCode::OK {
+                    break api.metric(refused).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(counted >= 1.0, "refusals are counted: {counted}");
+}
+
+#[tokio::test]
+async fn requests_over_max_http_requests_get_503_over_capacity_at_once() {
+    let api = Api::start_with(|c| c.limits.max_http_requests = 1).await;
+    // One request in flight: its body is half sent.
+    let mut slow = api.raw().await;
+    slow.write_all(
+        b"POST /v1/topics/cap/events?type=t HTTP/1.1\r\nHost: test\r\n\
+          Content-Length: 10\r\n\r\n12345",
+    )
+    .await
+    .unwrap();
+    let body = within(20, async {
+        loop {
+            let (status, body) = api.get("/v1/topics").await;
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                return body;
+            }
+            assert_eq!(status, StatusCode::OK, "{body}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "over_capacity",
+    );
+    // Health probes and SSE streams have their own limits.
+    assert_eq!(api.get("/healthz").await.0, StatusCode::OK);
+    api.sse("/v1/topics/cap/events").await.ready().await;
+
+    slow.write_all(b"67890").await.unwrap();
+    let response = read_response(&mut slow).await;
+    assert_eq!(response.status, 200, "{}", response.head);
+    assert_eq!(response.json()["offset"], 1);
+    assert_eq!(
+        api.get("/v1/topics").await.0,
+        StatusCode::OK,
+        "the permit is back"
+    );
+}
+
+#[tokio::test]
+async fn a_history_page_over_max_history_bytes_ends_early_and_next_after_continues() {
+    let api = Api::start_with(|c| c.limits.max_history_bytes = bytesize::ByteSize::kib(64)).await;
+    for i in 0..10u8 {
+        api.publish("hb", "blob", vec![b'a' + i; 20 * 1024]).await;
+    }
+    api.publish("hb", "huge", vec![b'z'; 100 * 1024]).await;
+    api.publish("hb", "blob", "{}").await;
+
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, page) = api
+            .get(&format!("/v1/topics/hb/history?after={after}&limit=1000"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let events = page["events"].as_array().unwrap();
+        if events.is_empty() {
+            break;
+        }
+        let payload: usize = events
+            .iter()
+            .map(|e| e["data"].as_str().map_or(2, str::len))
+            .sum();
+        assert!(
+            payload <= 64 * 1024 || events.len() == 1,
+            "a page holds at most max_history_bytes of payload, or one event: {payload}"
+        );
+        sizes.push(events.len());
+        seen.extend(events.iter().map(|e| e["offset"].as_u64().unwrap()));
+        after = page["next_after"].as_u64().unwrap();
+        assert_eq!(Some(after), seen.last().copied());
+    }
+    assert_eq!(
+        seen,
+        (1..=12).collect::<Vec<_>>(),
+        "every event exactly once"
+    );
+    assert_eq!(
+        sizes,
+        [3, 3, 3, 1, 1, 1],
+        "pages end early; an event over the cap comes alone"
+    );
+}
+
+#[tokio::test]
+async fn an_after_versions_stream_cut_mid_replay_resumes_with_exactly_the_rest() {
+    let api = Api::start().await;
+    let mut epoch = String::new();
+    // a at offsets 1, 4, ... 28 (versions 1..10), b at 2, 5, ... 29, c at 3, 6, ... 30.
+    for i in 0..30 {
+        let t = ["a", "b", "c"][i % 3];
+        epoch = api.publish("cut", t, "{}").await["epoch"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    }
+    let path = format!("/v1/topics/cut/events?after_versions=a:3,b:5&epoch={epoch}");
+    let replay = [10, 13, 16, 17, 19, 20, 22, 23, 25, 26, 28, 29];
+
+    let mut uncut = api.sse(&path).await;
+    uncut.ready().await;
+    let mut cut = api.sse(&path).await;
+    cut.ready().await;
+    let before = cut.expect_offsets(replay[..5].iter().copied()).await;
+    // What a browser cut after the fifth event sends.
+    let last = before[4].id.clone().unwrap();
+    assert_eq!(last, format!("{epoch}:19:31"));
+    drop(cut);
+    for t in ["a", "b", "c"] {
+        api.publish("cut", t, "{}").await;
+    }
+
+    let rest: Vec<u64> = replay[5..].iter().copied().chain(31..=33).collect();
+    let mut resumed = api.sse_with(&path, &[("last-event-id", &last)]).await;
+    resumed.ready().await;
+    let got = resumed.expect_offsets(rest.iter().copied()).await;
+    let want = uncut
+        .expect_offsets(replay.iter().copied().chain(31..=33))
+        .await;
+    let ids = |events: &[SseEvent]| -> Vec<(Option<String>, String)> {
+        events
+            .iter()
+            .map(|e| (e.id.clone(), e.data.clone()))
+            .collect()
+    };
+    assert_eq!(
+        ids(&got),
+        ids(&want[5..]),
+        "the resumed stream has exactly what the uncut one had after the cut"
+    );
+    api.publish("cut", "c", "{}").await;
+    resumed.expect_offsets([34]).await;
+    uncut.expect_offsets([34]).await;
+}
+
+#[tokio::test]
+async fn an_sse_client_that_stops_reading_queues_at_most_max_outbound_bytes_then_is_dropped() {
+    const MAX: u64 = 128 * 1024;
+    const EVENT: usize = 32 * 1024;
+    let _serial = BIG_QUEUES.lock().await;
+    let api = Api::start_with(|c| {
+        c.server.heartbeat = Duration::from_millis(500);
+        c.limits.max_outbound_bytes = bytesize::ByteSize::b(MAX);
+        c.topics.max_events = 64;
+    })
+    .await;
+    let (_stalled, _) = api.raw_sse("/v1/topics/stall/events", "1.1").await;
+    // Every SSE stream of this test binary adds to the gauge; the others
+    // hold a few small events at most.
+    let bound = (MAX + EVENT as u64 + 64 * 1024) as f64;
+    let payload = vec![b'x'; EVENT];
+    let mut peak = 0.0f64;
+    for i in 0.. {
+        assert!(i < 4000, "the stream never queued bytes (peak {peak})");
+        api.publish("stall", "big", payload.clone()).await;
+        let queued = api.metric(QUEUED_SSE).await;
+        assert!(queued <= bound, "{queued} bytes queued, over {bound}");
+        peak = peak.max(queued);
+        if peak >= (MAX / 2) as f64 {
+            break;
+        }
+    }
+    // Publishing goes on; the stream holds no more.
+    for _ in 0..20 {
+        api.publish("stall", "big", payload.clone()).await;
+        let queued = api.metric(QUEUED_SSE).await;
+        assert!(queued <= bound, "{queued} bytes queued, over {bound}");
+    }
+    // No write progress for three heartbeats: the connection is dropped
+    // and its subscription with it.
+    api.await_no_subscribers("stall").await;
+}
+
+#[tokio::test]
+async fn an_sse_client_that_falls_behind_gets_one_slow_consumer_gap_then_live_events() {
+    const EVENT: usize = 32 * 1024;
+    let _serial = BIG_QUEUES.lock().await;
+    let api = Api::start_with(|c| {
+        // Long enough that pausing does not count as gone.
+        c.server.heartbeat = Duration::from_secs(10);
+        c.limits.max_outbound_bytes = bytesize::ByteSize::kib(128);
+        c.topics.max_events = 16;
+    })
+    .await;
+    // HTTP/1.0: close-delimited, so the bytes after the head are the stream.
+    let (mut raw, mut bytes) = api.raw_sse("/v1/topics/behind/events", "1.0").await;
+    // Far more than socket buffers, the outbound limit and the ring hold.
+    let payload = vec![b'y'; EVENT];
+    for _ in 0..400 {
+        api.publish("behind", "big", payload.clone()).await;
+    }
+    let mut parser = SseParser::default();
+    let mut queue = VecDeque::new();
+    let mut offsets = Vec::new();
+    let mut gaps = Vec::new();
+    within(60, async {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            parser.feed(&std::mem::take(&mut bytes), &mut queue);
+            while let Some(msg) = queue.pop_front() {
+                if let Msg::Event(e) = msg {
+                    match e.event.as_str() {
+                        "ready" => {}
+                        "gap" => {
+                            gaps.push((offsets.len(), e.json()));
+                            // The stream is live again: these come next.
+                            for _ in 0..3 {
+                                api.publish("behind", "big", "{}").await;
+                            }
+                        }
+                        _ => offsets.push(e.offset()),
+                    }
+                }
+            }
+            if offsets.last() == Some(&403) {
+                return;
+            }
+            let n = raw.read(&mut buf).await.expect("SSE read");
+            assert!(n > 0, "stream closed after {offsets:?}");
+            bytes.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert_eq!(gaps.len(), 1, "one gap: {gaps:?}");
+    let (at, gap) = &gaps[0];
+    assert_eq!(gap["reason"], "slow_consumer", "{gap}");
+    let current = gap["current"].as_u64().unwrap();
+    assert!(
+        offsets[..*at].windows(2).all(|w| w[1] == w[0] + 1),
+        "contiguous before the gap"
+    );
+    assert_eq!(offsets.first(), Some(&1));
+    assert_eq!(current, 400, "{gap}");
+    assert_eq!(
+        offsets[*at..],
+        [401, 402, 403],
+        "after the gap the stream continues live"
+    );
 }

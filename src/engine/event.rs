@@ -132,6 +132,19 @@ pub enum Start {
         /// The last version the client has, per type.
         versions: Vec<(String, u64)>,
     },
+    /// Events with offset greater than `offset` in `epoch`; below
+    /// `live_from` only those of the named types above their version. Resumes
+    /// an `AfterVersions` stream cut during its replay exactly where it was.
+    AfterOffsetVersions {
+        /// The epoch the client's position belongs to.
+        epoch: u64,
+        /// The last offset the client has.
+        offset: u64,
+        /// The versions the original `AfterVersions` start named, per type.
+        versions: Vec<(String, u64)>,
+        /// Where the original stream's replay ended (its live offset).
+        live_from: u64,
+    },
 }
 
 /// Why a subscriber is told it missed events.

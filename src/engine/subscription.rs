@@ -106,6 +106,38 @@ impl Subscription {
                 queue.push_back(Delivery::Gap(whole_gap(GapReason::EpochChanged, 0)));
                 live
             }
+            Start::AfterOffsetVersions { epoch, offset, .. } if epoch != state.epoch => {
+                queue.push_back(Delivery::Gap(whole_gap(GapReason::EpochChanged, offset)));
+                live
+            }
+            Start::AfterOffsetVersions {
+                offset,
+                versions,
+                live_from,
+                ..
+            } => {
+                if offset > state.last_offset() || live_from > live {
+                    return Err(EngineError::InvalidStart(format!(
+                        "offset {offset} (replay up to {live_from}) is beyond the last offset {} of epoch {}",
+                        state.last_offset(),
+                        state.epoch
+                    )));
+                }
+                if offset + 1 < state.first_offset() {
+                    // Whether the trimmed events would have passed the
+                    // version filter is no longer known: a gap, not a guess.
+                    queue.push_back(Delivery::Gap(whole_gap(GapReason::Retention, offset)));
+                    live
+                } else {
+                    if offset + 1 < live_from {
+                        resume = Some(Resume {
+                            after: versions.into_iter().filter(|(t, _)| wants(t)).collect(),
+                            live_from,
+                        });
+                    }
+                    offset + 1
+                }
+            }
             Start::AfterVersions { versions, .. } => {
                 let (cursor, after) =
                     resolve_versions(&topic.name, &state, versions, &wants, &mut queue)?;

@@ -1,15 +1,17 @@
 //! The JSON API beside the SSE bridge, and health endpoints.
 
-use axum::body::{to_bytes, Body};
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::BytesMut;
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
-use super::envelope::event_value;
+use super::envelope::write_event;
 use super::sse::parse_list;
 use super::{ApiError, HttpState};
 use crate::engine::NewEvent;
@@ -39,17 +41,7 @@ pub(crate) async fn publish(
     let event_type = query
         .event_type
         .ok_or_else(|| ApiError::bad_request("missing ?type=<event type>"))?;
-    let max = state.settings.max_payload;
-    let payload = to_bytes(body, usize::try_from(max).unwrap_or(usize::MAX))
-        .await
-        .map_err(|_| {
-            crate::metrics::refused("max_payload");
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("payload exceeds the limit of {max} bytes"),
-            )
-        })?;
+    let payload = read_payload(&state, &headers, body).await?;
     let mut event_headers = Vec::new();
     for (name, value) in &headers {
         if let Some(key) = name.as_str().strip_prefix(HEADER_PREFIX) {
@@ -72,6 +64,66 @@ pub(crate) async fn publish(
     })))
 }
 
+/// Reads a publish body of at most `max_payload` bytes within
+/// `read_timeout`. A declared `Content-Length` over the limit is refused
+/// before reading anything; memory held is bounded by the limit, not by
+/// what the peer claims or trickles.
+async fn read_payload(
+    state: &HttpState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, ApiError> {
+    let max = state.settings.max_payload;
+    let too_large = || {
+        crate::metrics::refused("max_payload");
+        // The rest of the body is never read: the connection cannot be reused.
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("payload exceeds the limit of {max} bytes"),
+        )
+        .closing()
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(too_large());
+    }
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request(format!("request body could not be read: {e}")).closing()
+            })?;
+            if (buf.len() + chunk.len()) as u64 > max {
+                return Err(too_large());
+            }
+            if buf.is_empty() && declared == Some(chunk.len() as u64) {
+                // The whole body in one piece: no copy.
+                return Ok(chunk);
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    };
+    let timeout = state.settings.read_timeout;
+    tokio::time::timeout(timeout, read).await.map_err(|_| {
+        crate::metrics::refused("read_timeout");
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} (server.read_timeout)",
+                humantime::format_duration(timeout)
+            ),
+        )
+        .closing()
+    })?
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub(crate) struct HistoryQuery {
@@ -80,25 +132,59 @@ pub(crate) struct HistoryQuery {
     limit: Option<usize>,
 }
 
-/// `GET /v1/topics/{topic}/history?after=N&types=a,b&limit=L`.
+/// `GET /v1/topics/{topic}/history?after=N&types=a,b&limit=L`: at most
+/// `limit` events and `max_history_bytes` of payload (at least one event,
+/// so a page always moves on); `next_after` says where to continue.
 pub(crate) async fn history(
     State(state): State<HttpState>,
     Path(topic): Path<String>,
     Query(query): Query<HistoryQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let types = parse_list(query.types.as_deref());
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY);
     let page = state
         .engine
         .history(&topic, query.after.unwrap_or(0), &types, limit)?;
-    let events: Vec<Value> = page.events.iter().map(|e| event_value(&topic, e)).collect();
-    Ok(Json(json!({
-        "epoch": page.epoch.to_string(),
-        "events": events,
-        "next_after": page.next_after,
-        "first_available": page.first_available,
-        "last_offset": page.last_offset,
-    })))
+    let budget = state.settings.max_history_bytes;
+    let mut taken = 0;
+    let mut payload = 0usize;
+    for e in &page.events {
+        if taken > 0 && payload.saturating_add(e.payload.len()) > budget {
+            break;
+        }
+        payload = payload.saturating_add(e.payload.len());
+        taken += 1;
+    }
+    let next_after = if taken < page.events.len() {
+        page.events[taken - 1].offset
+    } else {
+        page.next_after
+    };
+    // Written as text: a page of large events never exists as a tree of
+    // `Value`s beside its serialised form.
+    let mut out = Vec::with_capacity(payload + 160 * taken + 128);
+    out.extend_from_slice(format!("{{\"epoch\":\"{}\",\"events\":[", page.epoch).as_bytes());
+    for (i, e) in page.events[..taken].iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_event(&mut out, &topic, e);
+    }
+    out.extend_from_slice(
+        format!(
+            "],\"next_after\":{next_after},\"first_available\":{},\"last_offset\":{}}}",
+            page.first_available, page.last_offset
+        )
+        .as_bytes(),
+    );
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        out,
+    )
+        .into_response())
 }
 
 /// `GET /v1/topics`.

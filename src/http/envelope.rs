@@ -7,60 +7,71 @@
 //! are not.
 
 use base64::Engine as _;
+use serde_json::json;
 use serde_json::value::RawValue;
-use serde_json::{json, Map, Value};
 
 use crate::engine::{Event, Gap};
 
 /// Writes the envelope of `event` on `topic` as one line of JSON.
 pub(crate) fn event_json(topic: &str, event: &Event) -> String {
-    let headers: Map<String, Value> = event
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
-    let mut envelope = json!({
-        "topic": topic,
-        "type": &*event.event_type,
-        "version": event.version,
-        "offset": event.offset,
-        "ts": event.timestamp_ms,
-        "headers": headers,
-    });
-    let map = envelope
-        .as_object_mut()
-        .expect("json! of an object literal is an object");
-    match payload_data(&event.payload) {
-        Data::Json(raw) => {
-            // Re-serialised compactly: raw JSON may hold newlines, and an SSE
-            // data line must not.
-            let value: Value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
-            map.insert("data".into(), value);
-        }
-        Data::Text(s) => {
-            map.insert("data".into(), Value::String(s.to_owned()));
-        }
-        Data::Base64(s) => {
-            map.insert("data".into(), Value::String(s));
-            map.insert("encoding".into(), Value::String("base64".into()));
-        }
-    }
-    envelope.to_string()
+    let mut out = Vec::with_capacity(event.payload.len() + 128);
+    write_event(&mut out, topic, event);
+    // Only JSON text (escaped strings, valid raw JSON) was written.
+    String::from_utf8(out).unwrap_or_default()
 }
 
-/// The envelope as a JSON value (for history pages).
-pub(crate) fn event_value(topic: &str, event: &Event) -> Value {
-    serde_json::from_str(&event_json(topic, event)).unwrap_or(Value::Null)
+/// Appends the envelope of `event` on `topic` to `out` as JSON text, with
+/// no intermediate `Value` tree.
+pub(crate) fn write_event(out: &mut Vec<u8>, topic: &str, event: &Event) {
+    out.extend_from_slice(b"{\"topic\":");
+    write_str(out, topic);
+    out.extend_from_slice(b",\"type\":");
+    write_str(out, &event.event_type);
+    out.extend_from_slice(
+        format!(
+            ",\"version\":{},\"offset\":{},\"ts\":{},\"headers\":{{",
+            event.version, event.offset, event.timestamp_ms
+        )
+        .as_bytes(),
+    );
+    for (i, (k, v)) in event.headers.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, k);
+        out.push(b':');
+        write_str(out, v);
+    }
+    out.extend_from_slice(b"},\"data\":");
+    match payload_data(&event.payload) {
+        Data::Json(raw) => {
+            // Valid JSON holds a line break only as whitespace between
+            // tokens (never raw inside a string), and an SSE data line must
+            // not hold one: dropping CR and LF keeps the value and one line.
+            out.extend(raw.get().bytes().filter(|b| !matches!(b, b'\n' | b'\r')));
+        }
+        Data::Text(s) => write_str(out, s),
+        Data::Base64(s) => {
+            write_str(out, &s);
+            out.extend_from_slice(b",\"encoding\":\"base64\"");
+        }
+    }
+    out.push(b'}');
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 enum Data<'a> {
-    Json(Box<RawValue>),
+    Json(&'a RawValue),
     Text(&'a str),
     Base64(String),
 }
 
 fn payload_data(payload: &[u8]) -> Data<'_> {
-    if let Ok(raw) = serde_json::from_slice::<Box<RawValue>>(payload) {
+    if let Ok(raw) = serde_json::from_slice::<&RawValue>(payload) {
         return Data::Json(raw);
     }
     match std::str::from_utf8(payload) {
@@ -88,6 +99,8 @@ mod tests {
     use std::sync::Arc;
 
     use bytes::Bytes;
+
+    use serde_json::Value;
 
     use super::*;
 
@@ -125,5 +138,16 @@ mod tests {
     fn envelopes_are_one_line() {
         assert!(!event_json("t", &event(b"[1,\n2]")).contains('\n'));
         assert!(!event_json("t", &event(b"line\nbreak")).contains('\n'));
+        assert!(!event_json("t", &event(b"{\"a\":\r\n\"x\\ny\"}")).contains('\n'));
+    }
+
+    #[test]
+    fn raw_json_keeps_its_value_and_strings_their_escapes() {
+        let v: Value = serde_json::from_str(&event_json(
+            "t",
+            &event(b" {\"s\": \"a\\nb\",\r\n \"n\": [1, 2.5]} "),
+        ))
+        .unwrap();
+        assert_eq!(v["data"], json!({"s": "a\nb", "n": [1, 2.5]}));
     }
 }

@@ -12,6 +12,7 @@
 //! | `GET /metrics` | Prometheus text |
 
 mod api;
+mod conn;
 mod envelope;
 mod sse;
 
@@ -19,7 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode};
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -82,6 +85,7 @@ pub struct HttpState {
     engine: Engine,
     settings: Arc<HttpSettings>,
     sse_permits: Arc<Semaphore>,
+    request_permits: Arc<Semaphore>,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 }
@@ -92,6 +96,7 @@ impl HttpState {
         Self {
             engine,
             sse_permits: Arc::new(Semaphore::new(settings.max_sse_connections)),
+            request_permits: Arc::new(Semaphore::new(settings.max_requests)),
             settings: Arc::new(settings),
             ready: Arc::new(AtomicBool::new(false)),
             shutdown,
@@ -122,24 +127,66 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit_requests,
+        ))
         .fallback(api::not_found)
         .layer(cors)
         .with_state(state)
 }
 
+/// Holds one of `max_requests` permits while a non-SSE request is handled
+/// (its body read included); without one the request is refused at once
+/// with 503, so an overload is answered, never queued.
+async fn limit_requests(
+    axum::extract::State(state): axum::extract::State<HttpState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("", MatchedPath::as_str);
+    // SSE streams have their own limit; health probes must answer under load.
+    let exempt = (request.method() == Method::GET && path == "/v1/topics/{topic}/events")
+        || matches!(path, "/healthz" | "/readyz");
+    if exempt {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = state.request_permits.clone().try_acquire_owned() else {
+        crate::metrics::refused("max_http_requests");
+        tracing::warn!(path, "HTTP request refused: too many requests in flight");
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "over_capacity",
+            format!(
+                "too many HTTP requests in flight (limit {}); retry later",
+                state.settings.max_requests
+            ),
+        )
+        .into_response();
+    };
+    next.run(request).await
+}
+
 /// Serves `app` on `listener` with every connection tracked by `tracker`:
 /// `shutdown` ends SSE streams (with `event: shutdown`) and closes idle
-/// keep-alive connections; `kill` drops every connection at once.
+/// keep-alive connections; `kill` drops every connection at once. At most
+/// `settings.max_connections` are open at once: more are closed at accept.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    settings: HttpSettings,
     shutdown: CancellationToken,
     kill: CancellationToken,
     tracker: tokio_util::task::TaskTracker,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
 
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let read_timeout = settings.read_timeout;
+    let heartbeat = settings.heartbeat;
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -153,16 +200,27 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            crate::metrics::refused("max_http_connections");
+            tracing::warn!(%peer, limit = settings.max_connections, "HTTP connection refused: too many connections");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let io = Arc::new(conn::ConnIo::default());
+        let service = conn::WithConn::new(app.clone(), io.clone());
         let (shutdown, kill) = (shutdown.clone(), kill.clone());
         tracker.spawn(async move {
+            let _permit = permit;
             // HTTP/1.1 only: what EventSource and curl speak, and no
             // protocol-sniffing buffer per connection (idle SSE memory).
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), service);
+                .header_read_timeout(read_timeout)
+                .serve_connection(
+                    TokioIo::new(conn::CountingIo::new(stream, io.clone())),
+                    service,
+                );
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {
@@ -173,12 +231,44 @@ pub async fn serve(
                 }
                 _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
                 _ = kill.cancelled() => return,
+                _ = watchdog(&io, heartbeat, &peer) => return,
             }
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = kill.cancelled() => {}
+                _ = watchdog(&io, heartbeat, &peer) => {}
             }
         });
+    }
+}
+
+/// Heartbeats a blocked write may go without progress before its peer is
+/// considered gone.
+const STALL_HEARTBEATS: u32 = 3;
+
+/// Resolves when the connection should be dropped: a peer that has read
+/// nothing for [`STALL_HEARTBEATS`] heartbeats while a write waits (an SSE
+/// client that stopped reading would otherwise hold its slot forever).
+async fn watchdog(io: &conn::ConnIo, heartbeat: Duration, peer: &std::net::SocketAddr) {
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = io.written();
+    let mut stuck = 0;
+    loop {
+        tick.tick().await;
+        let written = io.written();
+        if written == last && io.blocked() {
+            stuck += 1;
+            // The first tick may come right after the write blocked.
+            if stuck > STALL_HEARTBEATS {
+                crate::metrics::refused("write_stall");
+                tracing::warn!(%peer, "HTTP peer read nothing for {STALL_HEARTBEATS} heartbeats: disconnected");
+                return;
+            }
+        } else {
+            stuck = 0;
+        }
+        last = written;
     }
 }
 
@@ -205,6 +295,7 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    close: bool,
 }
 
 impl ApiError {
@@ -214,7 +305,15 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            close: false,
         }
+    }
+
+    /// The same error, answered with `Connection: close` (the request was
+    /// not read to its end, so the connection cannot carry another).
+    pub fn closing(mut self) -> Self {
+        self.close = true;
+        self
     }
 
     /// A 400 for a malformed query or body.
@@ -251,6 +350,13 @@ impl From<EngineError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
-        (self.status, body).into_response()
+        let mut response = (self.status, body).into_response();
+        if self.close {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }

@@ -1,20 +1,37 @@
 //! `GET /v1/topics/{topic}/events`: the SSE bridge for plain `EventSource`.
 //!
 //! Start, in order of precedence: the `Last-Event-ID` header, the
-//! `last_event_id` query parameter (both `<epoch>:<offset>`), then
+//! `last_event_id` query parameter (both an event id, below), then
 //! `after_versions=a:5,b:3&epoch=E`, then `earliest=true`, else live.
-//! Every event carries `id: <epoch>:<offset>`, so the browser's automatic
-//! reconnect resumes exactly; `gap` events carry the id of the position the
-//! stream continues from, so a reconnect after a gap does not repeat it.
+//!
+//! Every event carries an id, so the browser's automatic reconnect (same
+//! URL, `Last-Event-ID` header) resumes exactly:
+//! - `<epoch>:<offset>`: resume after `offset`.
+//! - `<epoch>:<offset>:<live_from>`: sent while an `after_versions` stream
+//!   replays (offsets below `live_from`, where its live part starts). Resumes
+//!   after `offset` with the URL's `after_versions` still filtering the
+//!   replay below `live_from`, so a stream cut during its replay continues
+//!   with exactly the events it would have had.
+//!
+//! `gap` events carry the id of the position the stream continues from, so a
+//! reconnect after a gap does not repeat it.
+//!
+//! A stream hands hyper at most `max_outbound_bytes` that the peer has not
+//! read (counted below hyper, at the socket). Beyond it the stream stops
+//! pulling from its subscription, which falls behind the ring and later gets
+//! `gap(slow_consumer)`. A peer that stops reading altogether is cut off by
+//! the connection's write watchdog (see [`super::serve`]), which frees the slot.
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use serde::Deserialize;
@@ -22,6 +39,7 @@ use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use super::conn::ConnIo;
 use super::envelope::{event_json, gap_json};
 use super::{ApiError, HttpState};
 use crate::engine::{Delivery, Start, Subscription};
@@ -37,14 +55,51 @@ pub(crate) struct EventsQuery {
     last_event_id: Option<String>,
 }
 
-/// Parses `<epoch>:<offset>`.
-pub(crate) fn parse_event_id(id: &str) -> Result<(u64, u64), ApiError> {
-    let bad = || ApiError::bad_request(format!("event id {id:?} is not <epoch>:<offset>"));
-    let (epoch, offset) = id.trim().split_once(':').ok_or_else(bad)?;
-    Ok((
-        epoch.parse().map_err(|_| bad())?,
-        offset.parse().map_err(|_| bad())?,
-    ))
+/// An SSE event id: `<epoch>:<offset>`, or `<epoch>:<offset>:<live_from>`
+/// during the replay of an `after_versions` stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EventId {
+    /// The topic's epoch.
+    pub(crate) epoch: u64,
+    /// The last offset the client has.
+    pub(crate) offset: u64,
+    /// Where the replay of the original `after_versions` stream ends.
+    pub(crate) live_from: Option<u64>,
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.epoch, self.offset)?;
+        if let Some(live_from) = self.live_from {
+            write!(f, ":{live_from}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `<epoch>:<offset>` or `<epoch>:<offset>:<live_from>`.
+pub(crate) fn parse_event_id(id: &str) -> Result<EventId, ApiError> {
+    let bad = || {
+        ApiError::bad_request(format!(
+            "event id {id:?} is not <epoch>:<offset> or <epoch>:<offset>:<live_from>"
+        ))
+    };
+    let mut parts = id.trim().split(':');
+    let mut number = || -> Option<u64> { parts.next()?.parse().ok() };
+    let epoch = number().ok_or_else(bad)?;
+    let offset = number().ok_or_else(bad)?;
+    let live_from = match parts.next() {
+        None => None,
+        Some(n) => Some(n.parse().map_err(|_| bad())?),
+    };
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(EventId {
+        epoch,
+        offset,
+        live_from,
+    })
 }
 
 /// Parses a comma-separated list, dropping empty items.
@@ -63,7 +118,8 @@ fn parse_versions(s: &str) -> Result<Vec<(String, u64)>, ApiError> {
     parse_list(Some(s))
         .into_iter()
         .map(|item| {
-            let (t, v) = item.split_once(':').ok_or_else(|| {
+            // Types may hold ':' themselves; the version is after the last.
+            let (t, v) = item.rsplit_once(':').ok_or_else(|| {
                 ApiError::bad_request(format!("after_versions item {item:?} is not type:version"))
             })?;
             let v = v.parse().map_err(|_| {
@@ -84,8 +140,25 @@ fn start_of(query: &EventsQuery, headers: &HeaderMap) -> Result<Start, ApiError>
         .transpose()?
         .filter(|v| !v.trim().is_empty());
     if let Some(id) = header.or(query.last_event_id.as_deref()) {
-        let (epoch, offset) = parse_event_id(id)?;
-        return Ok(Start::AfterOffset { epoch, offset });
+        let EventId {
+            epoch,
+            offset,
+            live_from,
+        } = parse_event_id(id)?;
+        return Ok(match live_from {
+            None => Start::AfterOffset { epoch, offset },
+            Some(live_from) => Start::AfterOffsetVersions {
+                epoch,
+                offset,
+                // The URL is the original one: its versions still filter
+                // the rest of the replay.
+                versions: match &query.after_versions {
+                    Some(v) => parse_versions(v)?,
+                    None => Vec::new(),
+                },
+                live_from,
+            },
+        });
     }
     if let Some(versions) = &query.after_versions {
         let epoch = query
@@ -109,13 +182,17 @@ pub(crate) async fn events(
     State(state): State<HttpState>,
     Path(topic): Path<String>,
     Query(query): Query<EventsQuery>,
+    conn: Option<Extension<Arc<ConnIo>>>,
+    version: Version,
     headers: HeaderMap,
 ) -> Response {
     let start = match start_of(&query, &headers) {
         Ok(start) => start,
         Err(e) => return e.into_response(),
     };
-    if let Start::AfterOffset { epoch, offset } = start {
+    if let Start::AfterOffset { epoch, offset } | Start::AfterOffsetVersions { epoch, offset, .. } =
+        start
+    {
         // A browser reconnecting after `end` of a sealed topic: 204 tells
         // EventSource to stop reconnecting.
         if let Ok(info) = state.engine.info(&topic) {
@@ -124,7 +201,11 @@ pub(crate) async fn events(
             }
         }
     }
-    match open(&state, &topic, &query, start) {
+    // hyper frames an HTTP/1.1 stream as chunks (counted as written bytes);
+    // an HTTP/1.0 one is close-delimited, with no framing.
+    let chunked = version >= Version::HTTP_11;
+    let conn = conn.map(|Extension(c)| (c, chunked));
+    match open(&state, &topic, &query, start, conn) {
         Ok(stream) => {
             let mut response = Body::from_stream(stream).into_response();
             let h = response.headers_mut();
@@ -145,8 +226,13 @@ fn open(
     topic: &str,
     query: &EventsQuery,
     start: Start,
+    conn: Option<(Arc<ConnIo>, bool)>,
 ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, ApiError> {
-    let by_versions = matches!(start, Start::AfterVersions { .. });
+    let replay_bound = match &start {
+        Start::AfterVersions { .. } => Some(u64::MAX),
+        Start::AfterOffsetVersions { live_from, .. } => Some(*live_from),
+        _ => None,
+    };
     let types = parse_list(query.types.as_deref());
     let permit = state.sse_permits.clone().try_acquire_owned().map_err(|_| {
         tracing::warn!(topic, "SSE connection refused: too many connections");
@@ -163,6 +249,9 @@ fn open(
     let sub = state.engine.subscribe(topic, types, start)?;
     let info = state.engine.info(topic)?;
     let epoch = sub.epoch();
+    // Events below it are the replay of a resume by versions: their ids
+    // name it, so that a reconnect keeps filtering by versions up to it.
+    let live_from = replay_bound.map_or(0, |bound| bound.min(sub.live_offset()));
     let versions: serde_json::Map<String, serde_json::Value> = info
         .versions
         .iter()
@@ -175,41 +264,55 @@ fn open(
         "versions": versions,
     });
     // A reconnect before the first event resumes where this stream starts.
-    // Not for a resume by versions: by offset it would replay other types.
-    let ready_id = (!by_versions).then(|| format!("{epoch}:{}", sub.start_offset() - 1));
+    let start_id = EventId {
+        epoch,
+        offset: sub.start_offset() - 1,
+        live_from: (sub.start_offset() < live_from).then_some(live_from),
+    }
+    .to_string();
     let mut prelude = BytesMut::new();
     prelude.extend_from_slice(format!("retry: {}\n", state.settings.retry.as_millis()).as_bytes());
-    put_frame(
-        &mut prelude,
-        ready_id.as_deref(),
-        "ready",
-        &ready.to_string(),
-    );
+    put_frame(&mut prelude, Some(&start_id), "ready", &ready.to_string());
     tracing::debug!(topic, "SSE stream opened");
     let connections = metrics::gauge!(crate::metrics::CONNECTIONS, "transport" => "sse");
     connections.increment(1.0);
     let heartbeat = state.settings.heartbeat;
+    let outbound = conn.map(|(conn, chunked)| Outbound {
+        base: conn.written(),
+        conn,
+        chunked,
+        handed: 0,
+        reported: 0,
+        gauge: metrics::gauge!(crate::metrics::OUTBOUND_QUEUED_BYTES, "transport" => "sse"),
+        max: state.settings.max_outbound_bytes as u64,
+    });
     let stream = SseStream {
         connections,
         delivered: metrics::counter!(crate::metrics::DELIVERED, "transport" => "sse"),
         bytes_out: metrics::counter!(crate::metrics::BYTES_OUT, "transport" => "sse"),
         sub,
         topic: topic.to_owned(),
+        live_from,
+        start_id,
         prelude: Some(prelude.freeze()),
         shutdown: state.shutdown.clone(),
         heartbeat,
         idle: Box::pin(tokio::time::sleep(heartbeat)),
+        outbound,
         done: false,
         _permit: permit,
     };
     Ok(futures_util::stream::unfold(stream, |mut s| async move {
-        s.next().await.map(|chunk| (Ok::<_, Infallible>(chunk), s))
+        let chunk = s.next().await;
+        if let (Some(chunk), Some(out)) = (&chunk, &mut s.outbound) {
+            out.handed(chunk.len());
+        }
+        chunk.map(|chunk| (Ok::<_, Infallible>(chunk), s))
     }))
 }
 
 /// Most bytes of SSE text handed to hyper as one body chunk.
 const CHUNK: usize = 64 * 1024;
-
 /// Appends one SSE message. `event` and `id` never hold a newline (types
 /// and ids are validated), and `data` is one line of JSON.
 fn put_frame(buf: &mut BytesMut, id: Option<&str>, event: &str, data: &str) {
@@ -225,6 +328,62 @@ fn put_frame(buf: &mut BytesMut, id: Option<&str>, event: &str, data: &str) {
     buf.extend_from_slice(b"\n\n");
 }
 
+/// What one stream has handed hyper against what its connection wrote to
+/// the socket: the bytes queued for a peer that has not read them.
+///
+/// The response head and anything earlier responses on the connection left
+/// unwritten are not counted (a few hundred bytes, not growing).
+struct Outbound {
+    conn: Arc<ConnIo>,
+    /// Whether hyper adds chunk framing to each chunk.
+    chunked: bool,
+    /// `conn.written()` when the stream opened.
+    base: u64,
+    /// Body bytes handed to hyper, with their chunk framing.
+    handed: u64,
+    /// What the gauge holds for this stream.
+    reported: u64,
+    gauge: metrics::Gauge,
+    max: u64,
+}
+
+impl Outbound {
+    fn queued(&self) -> u64 {
+        self.handed
+            .saturating_sub(self.conn.written().saturating_sub(self.base))
+    }
+
+    fn handed(&mut self, len: usize) {
+        // hyper writes `<len in hex>\r\n<chunk>\r\n`.
+        let framing = if self.chunked {
+            (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize + 4
+        } else {
+            0
+        };
+        self.handed += (len + framing) as u64;
+        self.report();
+    }
+
+    fn rebase(&mut self) {
+        self.base = self.conn.written();
+        self.handed = 0;
+    }
+
+    fn report(&mut self) {
+        let queued = self.queued();
+        if queued != self.reported {
+            self.gauge.increment(queued as f64 - self.reported as f64);
+            self.reported = queued;
+        }
+    }
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        self.gauge.decrement(self.reported as f64);
+    }
+}
+
 /// One subscriber's `text/event-stream` body: every delivery ready at once
 /// goes out as one chunk; a comment keeps an idle stream alive.
 struct SseStream {
@@ -233,10 +392,16 @@ struct SseStream {
     bytes_out: metrics::Counter,
     sub: Subscription,
     topic: String,
+    /// Events below this offset are replay by versions (see module docs).
+    live_from: u64,
+    /// The id a reconnect resumes this stream's start with.
+    start_id: String,
     prelude: Option<Bytes>,
     shutdown: CancellationToken,
     heartbeat: Duration,
     idle: Pin<Box<tokio::time::Sleep>>,
+    /// `None` when served outside [`super::serve`] (no socket accounting).
+    outbound: Option<Outbound>,
     done: bool,
     _permit: OwnedSemaphorePermit,
 }
@@ -247,6 +412,13 @@ impl Drop for SseStream {
     }
 }
 
+/// What the stream does next.
+enum Wake {
+    Shutdown,
+    Delivery(Option<Delivery>),
+    Heartbeat,
+}
+
 impl SseStream {
     async fn next(&mut self) -> Option<Bytes> {
         if let Some(prelude) = self.prelude.take() {
@@ -255,18 +427,54 @@ impl SseStream {
         if self.done {
             return None;
         }
-        let first = tokio::select! {
+        // Room for the next chunk: over the limit, wait for the peer to read
+        // instead of pulling more (the subscription falls behind instead).
+        let mut budget = CHUNK;
+        if let Some(out) = &mut self.outbound {
+            loop {
+                let queued = out.queued();
+                out.report();
+                if queued < out.max {
+                    budget = budget.min((out.max - queued) as usize);
+                    break;
+                }
+                // A peer that never reads again is cut off by the
+                // connection's write watchdog (see `serve`).
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => break,
+                    _ = out.conn.progressed() => {}
+                    _ = tokio::time::sleep(self.heartbeat) => {
+                        if !out.conn.blocked() {
+                            // Nothing waits to be written, so nothing is
+                            // queued: the estimate drifted (a head or framing
+                            // not as assumed). Start counting afresh rather
+                            // than wait for progress that cannot come.
+                            tracing::debug!(topic = %self.topic, queued, "SSE outbound estimate reset");
+                            out.rebase();
+                        }
+                    }
+                }
+            }
+        }
+        let wake = tokio::select! {
             biased;
-            _ = self.shutdown.cancelled() => {
+            _ = self.shutdown.cancelled() => Wake::Shutdown,
+            d = self.sub.recv() => Wake::Delivery(d),
+            _ = &mut self.idle => Wake::Heartbeat,
+        };
+        let first = match wake {
+            Wake::Shutdown => {
                 self.done = true;
                 let mut buf = BytesMut::new();
                 let reason = json!({"reason": "the broker is shutting down; reconnect"});
                 put_frame(&mut buf, None, "shutdown", &reason.to_string());
                 return Some(buf.freeze());
             }
-            d = self.sub.recv() => d?,
-            _ = &mut self.idle => {
-                self.idle.as_mut().reset(tokio::time::Instant::now() + self.heartbeat);
+            Wake::Delivery(d) => d?,
+            Wake::Heartbeat => {
+                self.idle
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + self.heartbeat);
                 return Some(Bytes::from_static(b": hb\n\n"));
             }
         };
@@ -290,12 +498,33 @@ impl SseStream {
                         );
                         f.freeze()
                     });
-                    buf.extend_from_slice(frame);
+                    if e.offset < self.live_from {
+                        // Replay by versions: the shared message with this
+                        // stream's own id line.
+                        let id = EventId {
+                            epoch,
+                            offset: e.offset,
+                            live_from: Some(self.live_from),
+                        };
+                        let rest = frame
+                            .iter()
+                            .position(|b| *b == b'\n')
+                            .map_or(&frame[..], |i| &frame[i + 1..]);
+                        buf.extend_from_slice(format!("id: {id}\n").as_bytes());
+                        buf.extend_from_slice(rest);
+                    } else {
+                        buf.extend_from_slice(frame);
+                    }
                     events += 1;
                 }
                 Delivery::Gap(g) => {
                     tracing::warn!(topic = %self.topic, reason = g.reason.as_str(), "SSE subscriber gap");
-                    let id = format!("{}:{}", g.epoch, g.current);
+                    // A per-type gap is about versions, resolved at the
+                    // start: a reconnect resumes that start.
+                    let id = match g.event_type {
+                        Some(_) => self.start_id.clone(),
+                        None => format!("{}:{}", g.epoch, g.current),
+                    };
                     put_frame(&mut buf, Some(&id), "gap", &gap_json(&g));
                 }
                 Delivery::End { last_offset } => {
@@ -305,7 +534,7 @@ impl SseStream {
                     break;
                 }
             }
-            if buf.len() < CHUNK {
+            if buf.len() < budget {
                 delivery = self.sub.try_recv();
             }
         }
@@ -315,5 +544,115 @@ impl SseStream {
             .as_mut()
             .reset(tokio::time::Instant::now() + self.heartbeat);
         Some(buf.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn query(
+        after_versions: Option<String>,
+        epoch: Option<String>,
+        last: Option<String>,
+    ) -> EventsQuery {
+        EventsQuery {
+            types: None,
+            earliest: None,
+            after_versions,
+            epoch,
+            last_event_id: last,
+        }
+    }
+
+    fn event_id() -> impl Strategy<Value = EventId> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+        )
+            .prop_map(|(epoch, offset, live_from)| EventId {
+                epoch,
+                offset,
+                live_from,
+            })
+    }
+
+    #[test]
+    fn a_replay_id_with_the_url_versions_resumes_by_offset_and_versions() {
+        let q = query(Some("a:5,b:3".into()), Some("9".into()), None);
+        let mut headers = HeaderMap::new();
+        headers.insert("last-event-id", HeaderValue::from_static("7:12:40"));
+        assert_eq!(
+            start_of(&q, &headers).unwrap(),
+            Start::AfterOffsetVersions {
+                epoch: 7,
+                offset: 12,
+                versions: vec![("a".into(), 5), ("b".into(), 3)],
+                live_from: 40,
+            }
+        );
+        headers.insert("last-event-id", HeaderValue::from_static("7:41"));
+        assert_eq!(
+            start_of(&q, &headers).unwrap(),
+            Start::AfterOffset {
+                epoch: 7,
+                offset: 41
+            }
+        );
+        for bad in ["", "7", "7:", ":1", "7:1:", "7:1:2:3", "-1:2", "7:1:x"] {
+            assert!(parse_event_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn event_ids_round_trip(id in event_id()) {
+            prop_assert_eq!(parse_event_id(&id.to_string()).unwrap(), id);
+        }
+
+        #[test]
+        fn versions_round_trip(items in proptest::collection::vec(("[A-Za-z0-9._:-]{1,20}", any::<u64>()), 0..8)) {
+            let text = items.iter().map(|(t, v)| format!("{t}:{v}")).collect::<Vec<_>>().join(",");
+            prop_assert_eq!(parse_versions(&text).unwrap(), items);
+        }
+
+        #[test]
+        fn parsers_never_panic_on_arbitrary_text(s in "\\PC*", t in "[0-9:,a-z ]{0,40}") {
+            let _ = parse_event_id(&s);
+            let _ = parse_event_id(&t);
+            let _ = parse_versions(&s);
+            let _ = parse_versions(&t);
+            let _ = parse_list(Some(&s));
+        }
+
+        #[test]
+        fn start_of_never_panics(
+            after_versions in proptest::option::of("[0-9:,a-z]{0,30}|\\PC{0,30}"),
+            epoch in proptest::option::of("[0-9]{0,22}|\\PC{0,10}"),
+            last in proptest::option::of("[0-9:]{0,50}|\\PC{0,30}"),
+            header in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+            id in proptest::option::of(event_id()),
+        ) {
+            let q = query(after_versions, epoch, last);
+            let mut headers = HeaderMap::new();
+            if let Some(Ok(v)) = header.map(|h| HeaderValue::from_bytes(&h)) {
+                headers.insert("last-event-id", v);
+            }
+            let _ = start_of(&q, &headers);
+            if let Some(id) = id {
+                // An id the stream produced always resumes.
+                headers.insert("last-event-id", HeaderValue::from_str(&id.to_string()).unwrap());
+                let start = start_of(&query(None, None, None), &headers).unwrap();
+                let resumed = match start {
+                    Start::AfterOffset { epoch, offset } => EventId { epoch, offset, live_from: None },
+                    Start::AfterOffsetVersions { epoch, offset, live_from, .. } => EventId { epoch, offset, live_from: Some(live_from) },
+                    other => panic!("{other:?}"),
+                };
+                prop_assert_eq!(resumed, id);
+            }
+        }
     }
 }
