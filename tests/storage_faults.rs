@@ -863,3 +863,121 @@ async fn close_acknowledges_nothing_after_the_clean_marker() {
     assert_eq!(stored(&engine, "t"), expected, "exactly the acked events");
     close(engine).await;
 }
+
+/// Unmounts the tmpfs at its path when dropped, also when the test fails.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Mounts a 64 MiB tmpfs on `dir` when running as root and allowed to.
+fn mount_small_tmpfs(dir: &Path) -> Option<Unmount> {
+    let uid = std::process::Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        println!("not root: skipping the disk-full test");
+        return None;
+    }
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(dir)
+        .status()
+        .ok()?;
+    if !mounted.success() {
+        println!("cannot mount a tmpfs: skipping the disk-full test");
+        return None;
+    }
+    Some(Unmount(dir.to_path_buf()))
+}
+
+/// Writes `path` until the file system is full.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let chunk = vec![0xa5u8; 64 * 1024];
+    loop {
+        if let Err(e) = file.write_all(&chunk).and_then(|()| file.sync_all()) {
+            assert_eq!(e.raw_os_error(), Some(28), "filled until ENOSPC: {e}");
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_refuses_publishes_serves_reads_and_recovers_when_space_is_freed() {
+    let mount = tempfile::tempdir().unwrap();
+    let Some(_unmount) = mount_small_tmpfs(mount.path()) else {
+        return;
+    };
+    let data = mount.path().join("data");
+    let opts = options(&data, Durability::Fsync);
+    let engine = open(opts.clone()).await;
+    let mut acked = BTreeMap::new();
+    for i in 1..=10u64 {
+        let name = format!("before-{i}");
+        let ack = within(engine.publish("t", event(&name))).await.unwrap();
+        assert_eq!(ack.offset, i);
+        acked.insert(ack.offset, name);
+    }
+
+    let filler = mount.path().join("filler");
+    fill(&filler);
+    let padding = "x".repeat(4096);
+    let mut refused = false;
+    for i in 0..20_000 {
+        let name = format!("full-{i}-{padding}");
+        match within(engine.publish("t", event(&name))).await {
+            Ok(ack) => {
+                assert_eq!(ack.offset, acked.len() as u64 + 1);
+                acked.insert(ack.offset, name);
+            }
+            Err(e) => {
+                assert_unavailable::<()>(&Err(e));
+                refused = true;
+                break;
+            }
+        }
+    }
+    assert!(refused, "a full disk refuses publishes");
+    println!("disk full after {} acked events", acked.len());
+    assert!(matches!(engine.health(), Health::Degraded(_)));
+    let r = within(engine.publish("t", event("refused"))).await;
+    assert_unavailable(&r);
+
+    // Reads keep working.
+    let expected: Vec<(u64, String)> = acked.clone().into_iter().collect();
+    assert_eq!(stored(&engine, "t"), expected);
+    let mut sub = engine.subscribe("t", vec![], Start::Earliest).unwrap();
+    for (offset, name) in &expected {
+        let e = next_event(&mut sub).await;
+        assert_eq!((&e.offset, &payload(&e)), (offset, name));
+    }
+
+    std::fs::remove_file(&filler).unwrap();
+    healthy(&engine).await;
+    let ack = within(engine.publish("t", event("after"))).await.unwrap();
+    assert_eq!(
+        ack.offset,
+        acked.len() as u64 + 1,
+        "no offset consumed by refusals"
+    );
+    acked.insert(ack.offset, "after".to_string());
+    let e = next_event(&mut sub).await;
+    assert_eq!(e.offset, ack.offset);
+    drop(sub);
+    close(engine).await;
+
+    let engine = open(opts).await;
+    let expected: Vec<(u64, String)> = acked.into_iter().collect();
+    assert_eq!(
+        stored(&engine, "t"),
+        expected,
+        "every acked event after reopen"
+    );
+    close(engine).await;
+}
