@@ -380,7 +380,9 @@ impl Config {
                 "must be at least 1 byte",
             ));
         }
-        if self.limits.max_frame.as_u64() < self.limits.max_payload.as_u64() + 64 * 1024 {
+        if self.limits.max_frame.as_u64()
+            < self.limits.max_payload.as_u64().saturating_add(64 * 1024)
+        {
             return Err(ConfigError::invalid(
                 "limits.max_frame",
                 "must be at least limits.max_payload + 64KiB (room for type, topic and headers)",
@@ -623,6 +625,12 @@ mod tests {
                 "[[topics.override]]\npattern = \"a/b*\"\n",
                 vec![],
                 "topics.override[0].pattern",
+            ),
+            // Found by tests/config_fuzz.rs: an overflow in validate().
+            (
+                "",
+                env(&[("RINGCAST_LIMITS_MAX_PAYLOAD", "20000000000000m")]),
+                "limits.max_frame",
             ),
         ];
         let dir = tempfile::tempdir().unwrap();

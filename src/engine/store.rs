@@ -1105,6 +1105,15 @@ fn recover_topic(
             }
         }
     }
+    if events
+        .last()
+        .is_some_and(|last| last.offset + 1 != counters.next_offset)
+    {
+        // The newest events are gone (the counters say more were stored):
+        // the ring must end right before the next offset, so keep none.
+        damaged = true;
+        events.clear();
+    }
     let id = TopicId {
         name: Arc::from(name),
         generation: meta.generation,
