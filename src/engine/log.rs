@@ -78,35 +78,19 @@ pub(crate) enum Outcome {
     Refused(EngineError),
 }
 
-/// A topic as a backend recovered it.
+/// A topic's whole state as one side hands it to the other: what a backend
+/// recovered (for the engine to install), or what the engine acknowledged
+/// (the truth a backend repairs itself against).
 #[derive(Debug)]
-pub(crate) struct RecoveredTopic {
+pub(crate) struct TopicImage {
     /// Name, generation, epoch (possibly rotated by recovery).
     pub id: TopicId,
-    /// The offset the next event gets.
-    pub next_offset: u64,
-    /// The last version per type.
-    pub versions: Vec<(String, u64)>,
+    /// Next offset and last version per type.
+    pub counters: Counters,
     /// When it was sealed, if it was.
     pub sealed_at_ms: Option<u64>,
-    /// Stored events after the trimmed-through offset, in offset order,
-    /// contiguous.
-    pub events: Vec<Event>,
-}
-
-/// What the engine acknowledged of one topic: the truth a backend repairs
-/// itself against after a storage error.
-#[derive(Debug)]
-pub(crate) struct CommittedTopic {
-    /// Name, generation, epoch.
-    pub id: TopicId,
-    /// The offset the next event gets.
-    pub next_offset: u64,
-    /// The last version per type.
-    pub versions: Vec<(String, u64)>,
-    /// When it was sealed, if it was.
-    pub sealed_at_ms: Option<u64>,
-    /// The retained events (offsets contiguous).
+    /// The retained events, in offset order, contiguous, ending right
+    /// before `counters.next_offset`.
     pub events: Vec<Arc<Event>>,
 }
 
@@ -135,23 +119,23 @@ pub(crate) trait Log: Send + Sync + 'static {
 
     /// After a failure: tries once to bring the store back in line with
     /// what was acknowledged (`committed`). Ok when writes can resume.
-    fn repair(&self, committed: &[CommittedTopic]) -> Result<(), EngineError>;
+    fn repair(&self, committed: &[TopicImage]) -> Result<(), EngineError>;
 
     /// Makes everything durable and marks a clean stop. Nothing may follow.
-    fn close(&self, committed: &[CommittedTopic]) -> Result<(), EngineError>;
+    fn close(&self, committed: &[TopicImage]) -> Result<(), EngineError>;
 }
 
-/// Offset and version counters of one topic incarnation, as a backend
-/// assigns them.
+/// Offset and per-type version counters of one topic incarnation: a backend
+/// assigns on its own; the engine's topic state keeps the committed ones.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Assigner {
+pub(crate) struct Counters {
     /// The offset the next event gets.
     pub next_offset: u64,
     /// The last version assigned per type.
     pub versions: HashMap<Arc<str>, u64>,
 }
 
-impl Assigner {
+impl Counters {
     /// Counters of a topic whose history just started.
     pub fn new() -> Self {
         Self {
@@ -206,7 +190,7 @@ impl Assigner {
 #[derive(Debug)]
 struct MemTopic {
     generation: u64,
-    counters: Assigner,
+    counters: Counters,
     sealed_at_ms: Option<u64>,
 }
 
@@ -238,13 +222,13 @@ impl Log for MemoryLog {
                         .entry(topic.name.clone())
                         .or_insert_with(|| MemTopic {
                             generation: topic.generation,
-                            counters: Assigner::new(),
+                            counters: Counters::new(),
                             sealed_at_ms: None,
                         });
                     if t.generation != topic.generation {
                         *t = MemTopic {
                             generation: topic.generation,
-                            counters: Assigner::new(),
+                            counters: Counters::new(),
                             sealed_at_ms: None,
                         };
                     }
@@ -260,7 +244,7 @@ impl Log for MemoryLog {
                         .entry(topic.name.clone())
                         .or_insert_with(|| MemTopic {
                             generation: topic.generation,
-                            counters: Assigner::new(),
+                            counters: Counters::new(),
                             sealed_at_ms: None,
                         });
                     Outcome::Sealed(*t.sealed_at_ms.get_or_insert(now_ms))
@@ -281,11 +265,11 @@ impl Log for MemoryLog {
         Health::Ok
     }
 
-    fn repair(&self, _committed: &[CommittedTopic]) -> Result<(), EngineError> {
+    fn repair(&self, _committed: &[TopicImage]) -> Result<(), EngineError> {
         Ok(())
     }
 
-    fn close(&self, _committed: &[CommittedTopic]) -> Result<(), EngineError> {
+    fn close(&self, _committed: &[TopicImage]) -> Result<(), EngineError> {
         Ok(())
     }
 }

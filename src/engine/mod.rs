@@ -28,7 +28,7 @@ pub use settings::{Durability, Retention, TopicOverride, TopicsConfig};
 pub use store::{Faults, RecoveryReport};
 pub use subscription::Subscription;
 
-use log::{CommittedTopic, Log, MemoryLog, Outcome, Step};
+use log::{Log, MemoryLog, Outcome, Step, TopicImage};
 use topic::{Registry, Topic, TopicState};
 use writer::{Done, Request};
 
@@ -152,6 +152,15 @@ impl EngineOptions {
             metered_topics: Vec::new(),
             faults: None,
         }
+    }
+
+    /// The state of a topic whose history under `epoch` starts now, with
+    /// its configured retention and metering.
+    fn new_state(&self, name: &str, epoch: u64, global_bytes: &Arc<AtomicU64>) -> TopicState {
+        let mut state =
+            TopicState::new(epoch, self.topics.retention_for(name), global_bytes.clone());
+        state.metered = self.metered_topics.iter().any(|m| m == name);
+        state
     }
 
     /// Persistent options under `dir` with `durability`, default retention.
@@ -288,8 +297,9 @@ struct Inner {
     registry: Arc<Registry>,
     options: EngineOptions,
     log: Arc<dyn Log>,
-    /// Requests to the writer thread (queued backends only).
-    writer: Option<parking_lot::Mutex<Option<std::sync::mpsc::Sender<Request>>>>,
+    /// Requests to the writer thread (queued backends only). The writer
+    /// ends after a `Close`, or when this sender is dropped.
+    writer: Option<std::sync::mpsc::Sender<Request>>,
     writer_thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Byte budget of the writer queue, in KiB units.
     queue: Arc<Semaphore>,
@@ -386,21 +396,15 @@ fn queue_units(bytes: u64, total: u32) -> u32 {
 
 /// What every engine-owned topic must have acknowledged: the truth a
 /// backend repairs itself against. Ephemeral topics were never stored.
-pub(crate) fn committed(registry: &Registry) -> Vec<CommittedTopic> {
+pub(crate) fn committed(registry: &Registry) -> Vec<TopicImage> {
     registry
         .topics
         .iter()
         .filter_map(|t| {
             let s = t.state.read();
-            (!s.ephemeral && !s.deleted).then(|| CommittedTopic {
+            (!s.ephemeral && !s.deleted).then(|| TopicImage {
                 id: t.id(&s),
-                next_offset: s.counters.next_offset,
-                versions: s
-                    .counters
-                    .versions
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), *v))
-                    .collect(),
+                counters: s.counters.clone(),
                 sealed_at_ms: s.sealed_at_ms,
                 events: s.ring.iter().cloned().collect(),
             })
@@ -428,13 +432,8 @@ fn commit_events(
         .collect();
     let before = state.first_offset();
     count_published(m, &topic.name, state.metered, events.len());
-    if state.ephemeral {
-        // Its first event makes the topic a real one.
-        state.ephemeral = false;
-        if let Some(registry) = topic.registry.upgrade() {
-            registry.ephemeral.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
+    // Its first event makes the topic a real one.
+    topic.clear_ephemeral(state);
     state.push(events, now);
     topic.touch(now);
     (acks, state.first_offset() != before)
@@ -473,9 +472,7 @@ pub(crate) fn commit(
         }
         (Done::Delete { topic, ack }, Outcome::Done) => {
             finish_delete(&topic);
-            if let Some(ack) = ack {
-                let _ = ack.send(Ok(()));
-            }
+            let _ = ack.send(Ok(()));
             Some(topic)
         }
         (done, Outcome::Refused(e)) => {
@@ -512,9 +509,7 @@ pub(crate) fn fail(done: Done, e: &EngineError) {
         Done::Delete { topic, ack } => {
             topic.state.write().deleting = false;
             topic.wake();
-            if let Some(ack) = ack {
-                let _ = ack.send(Err(e.clone()));
-            }
+            let _ = ack.send(Err(e.clone()));
         }
         Done::Trim => {}
     }
@@ -526,12 +521,7 @@ fn finish_delete(topic: &Arc<Topic>) {
         let mut s = topic.state.write();
         s.deleted = true;
         s.deleting = false;
-        if s.ephemeral {
-            s.ephemeral = false;
-            if let Some(registry) = topic.registry.upgrade() {
-                registry.ephemeral.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
+        topic.clear_ephemeral(&mut s);
     }
     if let Some(registry) = topic.registry.upgrade() {
         registry
@@ -569,24 +559,14 @@ impl Engine {
         let mut trimmed_at_open = Vec::new();
         for r in recovered {
             let name = r.id.name.clone();
-            let mut state = TopicState::new(
-                r.id.epoch,
-                options.topics.retention_for(&name),
-                global_bytes.clone(),
-            );
+            let mut state = options.new_state(&name, r.id.epoch, &global_bytes);
             state.generation = r.id.generation;
-            state.metered = options.metered_topics.iter().any(|m| **m == *name);
-            state.counters.next_offset = r.next_offset.max(1);
-            state.counters.versions = r
-                .versions
-                .into_iter()
-                .map(|(t, v)| (Arc::<str>::from(t), v))
-                .collect();
+            state.counters = r.counters;
             state.sealed_at_ms = r.sealed_at_ms;
             state.sealed = r.sealed_at_ms.is_some();
             let stored = r.events.len();
             for e in r.events {
-                state.push_back(Arc::new(e));
+                state.push_back(e);
             }
             state.trim(now);
             recovered_events += state.ring.len() as u64;
@@ -613,7 +593,7 @@ impl Engine {
                 .name("ringcast-writer".into())
                 .spawn(move || w.run(rx))
                 .map_err(|e| EngineError::Storage(format!("cannot start the writer: {e}")))?;
-            (Some(parking_lot::Mutex::new(Some(tx))), Some(handle))
+            (Some(tx), Some(handle))
         };
         let inner = Arc::new(Inner {
             registry,
@@ -674,9 +654,7 @@ impl Engine {
             .writer
             .as_ref()
             .ok_or(EngineError::ShuttingDown)?;
-        let guard = writer.lock();
-        let tx = guard.as_ref().ok_or(EngineError::ShuttingDown)?;
-        tx.send(request).map_err(|_| EngineError::ShuttingDown)
+        writer.send(request).map_err(|_| EngineError::ShuttingDown)
     }
 
     fn queue_trim(&self, topic: &Arc<Topic>) {
@@ -891,13 +869,7 @@ impl Engine {
     pub fn create(&self, name: &str) -> Result<(), EngineError> {
         validate_topic(name)?;
         let t = self.get_or_create(name, true, false)?;
-        let was_ephemeral = {
-            let mut s = t.state.write();
-            std::mem::replace(&mut s.ephemeral, false)
-        };
-        if was_ephemeral {
-            self.inner.registry.ephemeral.fetch_sub(1, Ordering::AcqRel);
-        }
+        t.clear_ephemeral(&mut t.state.write());
         // Persist the topic (its epoch) even before its first event.
         self.queue_trim(&t);
         Ok(())
@@ -942,15 +914,10 @@ impl Engine {
         match registry.topics.entry(name.clone()) {
             Entry::Occupied(e) => Ok(e.get().clone()),
             Entry::Vacant(e) => {
-                let retention = self.inner.options.topics.retention_for(&name);
                 let mut state =
-                    TopicState::new(new_epoch(), retention, self.inner.global_bytes.clone());
-                state.metered = self
-                    .inner
-                    .options
-                    .metered_topics
-                    .iter()
-                    .any(|m| **m == *name);
+                    self.inner
+                        .options
+                        .new_state(&name, new_epoch(), &self.inner.global_bytes);
                 state.ephemeral = ephemeral;
                 if ephemeral {
                     registry.ephemeral.fetch_add(1, Ordering::AcqRel);
@@ -1050,19 +1017,12 @@ impl Engine {
         validate_topic(topic)?;
         let t = self.get(topic)?;
         let s = t.state.read();
-        let mut versions: Vec<(String, u64)> = s
-            .counters
-            .versions
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect();
-        versions.sort();
         Ok(TopicInfo {
             name: topic.to_owned(),
             epoch: s.epoch,
             first_offset: s.first_offset(),
             last_offset: s.last_offset(),
-            versions,
+            versions: s.counters.version_list(),
             retention: s.retention,
             retained_events: s.ring.len() as u64,
             retained_bytes: s.ring_bytes,
@@ -1151,7 +1111,7 @@ impl Engine {
             step: Step::Delete { topic: t.id(&s) },
             done: Done::Delete {
                 topic: t.clone(),
-                ack: Some(ack),
+                ack,
             },
             permit: None,
         };
@@ -1216,10 +1176,6 @@ impl Engine {
             Ok(()) => rx.await.map_err(|_| EngineError::ShuttingDown)?,
             Err(_) => Ok(()),
         };
-        // Dropping the sender ends the writer once it refused the rest.
-        if let Some(writer) = &self.inner.writer {
-            writer.lock().take();
-        }
         let handle = self.inner.writer_thread.lock().take();
         if let Some(handle) = handle {
             tokio::task::spawn_blocking(move || handle.join())
@@ -1233,9 +1189,8 @@ impl Engine {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(writer) = &self.writer {
-            writer.lock().take();
-        }
+        // Closing the channel ends the writer once it committed what is queued.
+        drop(self.writer.take());
         if let Some(handle) = self.writer_thread.lock().take() {
             let _ = handle.join();
         }

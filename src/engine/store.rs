@@ -62,7 +62,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::event::Event;
-use super::log::{Assigner, CommittedTopic, Health, Log, Outcome, RecoveredTopic, Step, TopicId};
+use super::log::{Counters, Health, Log, Outcome, Step, TopicId, TopicImage};
 use super::settings::Durability;
 use super::EngineError;
 
@@ -309,7 +309,7 @@ impl Writes {
 struct SledTopic {
     generation: u64,
     epoch: u64,
-    counters: Assigner,
+    counters: Counters,
     sealed_at_ms: Option<u64>,
     trimmed_through: u64,
     /// (first, last) offset of every stored record, in order.
@@ -321,7 +321,7 @@ impl SledTopic {
         Self {
             generation: id.generation,
             epoch: id.epoch,
-            counters: Assigner::new(),
+            counters: Counters::new(),
             sealed_at_ms: None,
             trimmed_through: 0,
             segments: VecDeque::new(),
@@ -465,7 +465,10 @@ pub(crate) struct SledLog {
     /// Only the writer thread persists; the flusher of `interval` mode
     /// syncs beside it.
     topics: parking_lot::Mutex<HashMap<Arc<str>, SledTopic>>,
+    /// Why writes are refused, while they are.
     failed: parking_lot::Mutex<Option<String>>,
+    /// `failed.is_some()`, readable without the lock (checked per publish).
+    degraded: std::sync::atomic::AtomicBool,
     last_checkpoint: parking_lot::Mutex<Instant>,
     flusher: parking_lot::Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
@@ -473,7 +476,7 @@ pub(crate) struct SledLog {
 /// What [`SledLog::open`] returns.
 pub(crate) struct Opened {
     pub log: Arc<SledLog>,
-    pub topics: Vec<RecoveredTopic>,
+    pub topics: Vec<TopicImage>,
     pub report: RecoveryReport,
 }
 
@@ -512,6 +515,7 @@ impl SledLog {
             syncer: parking_lot::RwLock::new(syncer),
             topics: parking_lot::Mutex::new(sled_topics),
             failed: parking_lot::Mutex::new(None),
+            degraded: std::sync::atomic::AtomicBool::new(false),
             last_checkpoint: parking_lot::Mutex::new(Instant::now()),
             flusher: parking_lot::Mutex::new(None),
         });
@@ -538,6 +542,14 @@ impl SledLog {
         })
     }
 
+    /// Stops the `interval` mode flusher thread, if any.
+    fn stop_flusher(&self) {
+        if let Some((stop, handle)) = self.flusher.lock().take() {
+            drop(stop);
+            let _ = handle.join();
+        }
+    }
+
     fn faults(&self) -> Option<&Faults> {
         self.faults.as_deref()
     }
@@ -551,10 +563,11 @@ impl SledLog {
     fn fail(&self, e: &EngineError) {
         let mut failed = self.failed.lock();
         if failed.is_none() {
-            tracing::error!(error = %e, "storage failed; writes are refused until it is repaired (retried every second)");
+            tracing::error!(error = %e, "storage failed; writes are refused until it is repaired (retried with backoff)");
             metrics::counter!(crate::metrics::STORAGE_ERRORS).increment(1);
         }
         *failed = Some(e.to_string());
+        self.degraded.store(true, Ordering::Release);
     }
 
     /// `interval` mode: fsync what was written, then checkpoint the
@@ -611,18 +624,20 @@ impl Log for SledLog {
     }
 
     fn persist(&self, steps: &mut [Step], now: u64) -> Result<Vec<Outcome>, EngineError> {
-        if let Some(why) = self.failed.lock().clone() {
+        if let Health::Degraded(why) = self.health() {
             return Err(EngineError::StorageUnavailable(why));
         }
         let mut topics = self.topics.lock();
         let db = self.db.read().clone();
         let mut staged: HashMap<Arc<str>, SledTopic> = HashMap::new();
         let mut deleted: Vec<Arc<str>> = Vec::new();
-        let mut appended: HashMap<Arc<str>, Vec<Arc<Event>>> = HashMap::new();
+        // Per topic, the steps whose events go into this pass's records
+        // (every append to a topic in a pass shares them).
+        let mut appended: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
         let mut writes = Writes::default();
         let mut outcomes = Vec::with_capacity(steps.len());
         let mut must_sync = false;
-        for step in steps.iter_mut() {
+        for (index, step) in steps.iter_mut().enumerate() {
             let outcome = match step {
                 Step::Append { topic, events } => {
                     let t = Self::stage(&mut staged, &topics, topic);
@@ -631,10 +646,7 @@ impl Log for SledLog {
                     } else {
                         let events = t.counters.assign(events, now);
                         deleted.retain(|d| *d != topic.name);
-                        appended
-                            .entry(topic.name.clone())
-                            .or_default()
-                            .extend(events.iter().cloned());
+                        appended.entry(topic.name.clone()).or_default().push(index);
                         must_sync |= self.fsync;
                         Outcome::Appended(events)
                     }
@@ -687,9 +699,17 @@ impl Log for SledLog {
             };
             outcomes.push(outcome);
         }
-        for (name, events) in &appended {
+        for (name, indices) in &appended {
+            let events: Vec<&Arc<Event>> = indices
+                .iter()
+                .filter_map(|i| match &outcomes[*i] {
+                    Outcome::Appended(events) => Some(events),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
             if let Some(t) = staged.get_mut(name) {
-                encode_records(&mut writes, name, t, events)?;
+                encode_records(&mut writes, name, t, &events)?;
             }
         }
         for (name, t) in &staged {
@@ -722,13 +742,16 @@ impl Log for SledLog {
     }
 
     fn health(&self) -> Health {
+        if !self.degraded.load(Ordering::Acquire) {
+            return Health::Ok;
+        }
         match &*self.failed.lock() {
             None => Health::Ok,
             Some(why) => Health::Degraded(why.clone()),
         }
     }
 
-    fn repair(&self, committed: &[CommittedTopic]) -> Result<(), EngineError> {
+    fn repair(&self, committed: &[TopicImage]) -> Result<(), EngineError> {
         if self.failed.lock().is_none() {
             return Ok(());
         }
@@ -773,14 +796,18 @@ impl Log for SledLog {
             let mut t = SledTopic {
                 generation: c.id.generation,
                 epoch: c.id.epoch,
-                counters: Assigner::from_parts(c.next_offset, &c.versions),
+                counters: c.counters.clone(),
                 sealed_at_ms: c.sealed_at_ms,
-                trimmed_through: c.events.first().map_or(c.next_offset, |e| e.offset) - 1,
+                trimmed_through: c
+                    .events
+                    .first()
+                    .map_or(c.counters.next_offset, |e| e.offset)
+                    - 1,
                 segments: VecDeque::new(),
             };
             let mut kept: Vec<(u64, u64)> = Vec::new();
             for (generation, first, last) in stored.remove(name).unwrap_or_default() {
-                let refused = first >= c.next_offset || last >= c.next_offset;
+                let refused = last >= c.counters.next_offset;
                 if generation != c.id.generation || refused || last <= t.trimmed_through {
                     writes.remove(record_key(name, generation, first));
                 } else {
@@ -790,29 +817,25 @@ impl Log for SledLog {
             kept.sort_unstable();
             // Acknowledged events no stored record covers (a failed delete
             // or trim removed them, or the disk lost them): rewrite them.
-            let mut missing: Vec<Arc<Event>> = Vec::new();
+            let mut missing: Vec<&Arc<Event>> = Vec::new();
             let mut covered = kept.iter().peekable();
             for e in &c.events {
                 while covered.peek().is_some_and(|(_, last)| *last < e.offset) {
                     covered.next();
                 }
                 if covered.peek().is_none_or(|(first, _)| *first > e.offset) {
-                    missing.push(e.clone());
+                    missing.push(e);
                 }
             }
-            t.segments = kept.into_iter().collect();
+            t.segments = kept.into();
             if !missing.is_empty() {
                 tracing::warn!(
                     topic = name,
                     events = missing.len(),
                     "repair: rewriting acknowledged events missing from disk"
                 );
-                let mut segments = std::mem::take(&mut t.segments);
                 encode_records(&mut writes, name, &mut t, &missing)?;
-                segments.extend(t.segments.drain(..));
-                let mut sorted: Vec<(u64, u64)> = segments.into_iter().collect();
-                sorted.sort_unstable();
-                t.segments = sorted.into_iter().collect();
+                t.segments.make_contiguous().sort_unstable();
             }
             writes.insert(meta_key(name), encode(&t.meta())?);
             rebuilt.insert(c.id.name.clone(), t);
@@ -838,15 +861,13 @@ impl Log for SledLog {
         *topics = rebuilt;
         self.checkpoint(&topics);
         *self.failed.lock() = None;
+        self.degraded.store(false, Ordering::Release);
         tracing::info!("storage repaired; writes are accepted again");
         Ok(())
     }
 
-    fn close(&self, committed: &[CommittedTopic]) -> Result<(), EngineError> {
-        if let Some((stop, handle)) = self.flusher.lock().take() {
-            drop(stop);
-            let _ = handle.join();
-        }
+    fn close(&self, committed: &[TopicImage]) -> Result<(), EngineError> {
+        self.stop_flusher();
         if self.failed.lock().is_some() {
             // The clean marker would vouch for a store that failed.
             self.repair(committed)?;
@@ -867,10 +888,7 @@ impl Log for SledLog {
 
 impl Drop for SledLog {
     fn drop(&mut self) {
-        if let Some((stop, handle)) = self.flusher.lock().take() {
-            drop(stop);
-            let _ = handle.join();
-        }
+        self.stop_flusher();
     }
 }
 
@@ -913,7 +931,7 @@ fn write_checkpoint(dir: &Path, topics: &HashMap<Arc<str>, SledTopic>) -> Result
 }
 
 type Recovery = (
-    Vec<RecoveredTopic>,
+    Vec<TopicImage>,
     HashMap<Arc<str>, SledTopic>,
     RecoveryReport,
 );
@@ -1054,10 +1072,10 @@ fn recover_topic(
     records: Vec<Vec<StoredEvent>>,
     mut damaged: bool,
     checkpoint: Option<&CheckpointTopic>,
-) -> (RecoveredTopic, SledTopic, bool) {
-    let mut counters = Assigner::from_parts(meta.next_offset, &meta.versions);
+) -> (TopicImage, SledTopic, bool) {
+    let mut counters = Counters::from_parts(meta.next_offset, &meta.versions);
     let mut segments = VecDeque::new();
-    let mut events: Vec<Event> = Vec::new();
+    let mut events: Vec<Arc<Event>> = Vec::new();
     let mut records = records;
     records.sort_by_key(|r| r.first().map_or(0, |e| e.offset));
     for record in records {
@@ -1082,14 +1100,14 @@ fn recover_topic(
             let version = counters.versions.entry(event_type.clone()).or_insert(0);
             *version = (*version).max(e.version);
             counters.next_offset = counters.next_offset.max(e.offset + 1);
-            events.push(Event::new(
+            events.push(Arc::new(Event::new(
                 e.offset,
                 e.version,
                 e.timestamp_ms,
                 event_type,
                 e.headers,
                 Bytes::from(e.payload.into_vec()),
-            ));
+            )));
         }
     }
     if let Some(cp) = checkpoint {
@@ -1127,10 +1145,9 @@ fn recover_topic(
         trimmed_through: meta.trimmed_through,
         segments,
     };
-    let topic = RecoveredTopic {
+    let topic = TopicImage {
         id,
-        next_offset: counters.next_offset,
-        versions: counters.version_list(),
+        counters,
         sealed_at_ms: meta.sealed_at_ms,
         events,
     };
@@ -1143,20 +1160,21 @@ fn encode_records(
     writes: &mut Writes,
     topic: &str,
     t: &mut SledTopic,
-    events: &[impl std::ops::Deref<Target = Event>],
+    events: &[impl AsRef<Event>],
 ) -> Result<(), EngineError> {
     let mut start = 0;
     while start < events.len() {
         let mut end = start;
         let mut size = 0;
         while end < events.len() && (end == start || size < RECORD_MAX) {
-            size += events[end].retained_size() as usize;
+            size += events[end].as_ref().retained_size() as usize;
             end += 1;
         }
         let chunk = &events[start..end];
         let refs: Vec<StoredEventRef<'_>> = chunk
             .iter()
-            .map(|e| StoredEventRef {
+            .map(AsRef::as_ref)
+            .map(|e: &Event| StoredEventRef {
                 offset: e.offset,
                 version: e.version,
                 timestamp_ms: e.timestamp_ms,
@@ -1166,7 +1184,7 @@ fn encode_records(
             })
             .collect();
         let value = encode(&refs)?;
-        let (first, last) = (chunk[0].offset, chunk[chunk.len() - 1].offset);
+        let (first, last) = (refs[0].offset, refs[refs.len() - 1].offset);
         writes.insert(record_key(topic, t.generation, first), value);
         t.segments.push_back((first, last));
         start = end;

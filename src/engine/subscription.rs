@@ -58,7 +58,7 @@ impl Subscription {
         start: Start,
     ) -> Result<Self, EngineError> {
         let types = (!types.is_empty()).then_some(types);
-        let wants = |t: &str| types.as_ref().is_none_or(|ts| ts.iter().any(|x| x == t));
+        let wants = |t: &str| wanted(&types, t);
         // Subscribe to notifications before reading the state: a commit
         // after this point is seen either in the state or as a change.
         let rx = topic.notify.subscribe();
@@ -80,63 +80,50 @@ impl Subscription {
             current: state.last_offset(),
         };
         let mut resume = None;
+        let mut after_offset = |offset: u64, filter: Option<Resume>| {
+            if offset > state.last_offset() || filter.as_ref().is_some_and(|r| r.live_from > live) {
+                return Err(EngineError::InvalidStart(format!(
+                    "offset {offset} is beyond the last offset {} of epoch {}",
+                    state.last_offset(),
+                    state.epoch
+                )));
+            }
+            if offset + 1 < state.first_offset() {
+                // For a filtered replay, whether the trimmed events would
+                // have passed the version filter is no longer known: a gap,
+                // not a guess.
+                queue.push_back(Delivery::Gap(whole_gap(GapReason::Retention, offset)));
+                return Ok(live);
+            }
+            resume = filter.filter(|r| offset + 1 < r.live_from);
+            Ok(offset + 1)
+        };
         let cursor = match start {
             Start::Live => live,
             Start::Earliest => state.first_offset(),
-            Start::AfterOffset { epoch, offset } if epoch != state.epoch => {
+            Start::AfterOffset { epoch, offset }
+            | Start::AfterOffsetVersions { epoch, offset, .. }
+                if epoch != state.epoch =>
+            {
                 queue.push_back(Delivery::Gap(whole_gap(GapReason::EpochChanged, offset)));
                 live
             }
-            Start::AfterOffset { offset, .. } => {
-                if offset > state.last_offset() {
-                    return Err(EngineError::InvalidStart(format!(
-                        "offset {offset} is beyond the last offset {} of epoch {}",
-                        state.last_offset(),
-                        state.epoch
-                    )));
-                }
-                if offset + 1 < state.first_offset() {
-                    queue.push_back(Delivery::Gap(whole_gap(GapReason::Retention, offset)));
-                    live
-                } else {
-                    offset + 1
-                }
-            }
-            Start::AfterVersions { epoch, .. } if epoch != state.epoch => {
-                queue.push_back(Delivery::Gap(whole_gap(GapReason::EpochChanged, 0)));
-                live
-            }
-            Start::AfterOffsetVersions { epoch, offset, .. } if epoch != state.epoch => {
-                queue.push_back(Delivery::Gap(whole_gap(GapReason::EpochChanged, offset)));
-                live
-            }
+            Start::AfterOffset { offset, .. } => after_offset(offset, None)?,
             Start::AfterOffsetVersions {
                 offset,
                 versions,
                 live_from,
                 ..
-            } => {
-                if offset > state.last_offset() || live_from > live {
-                    return Err(EngineError::InvalidStart(format!(
-                        "offset {offset} (replay up to {live_from}) is beyond the last offset {} of epoch {}",
-                        state.last_offset(),
-                        state.epoch
-                    )));
-                }
-                if offset + 1 < state.first_offset() {
-                    // Whether the trimmed events would have passed the
-                    // version filter is no longer known: a gap, not a guess.
-                    queue.push_back(Delivery::Gap(whole_gap(GapReason::Retention, offset)));
-                    live
-                } else {
-                    if offset + 1 < live_from {
-                        resume = Some(Resume {
-                            after: versions.into_iter().filter(|(t, _)| wants(t)).collect(),
-                            live_from,
-                        });
-                    }
-                    offset + 1
-                }
+            } => after_offset(
+                offset,
+                Some(Resume {
+                    after: versions.into_iter().filter(|(t, _)| wants(t)).collect(),
+                    live_from,
+                }),
+            )?,
+            Start::AfterVersions { epoch, .. } if epoch != state.epoch => {
+                queue.push_back(Delivery::Gap(whole_gap(GapReason::EpochChanged, 0)));
+                live
             }
             Start::AfterVersions { versions, .. } => {
                 let (cursor, after) =
@@ -272,12 +259,10 @@ impl Subscription {
             let end = state.next_offset();
             let mut resume_at = end;
             for offset in (first..end).rev().take(SCAN) {
-                let wanted = state.get(offset).is_some_and(|e| {
-                    types
-                        .as_ref()
-                        .is_none_or(|ts| ts.iter().any(|t| **t == *e.event_type))
-                });
-                if wanted {
+                if state
+                    .get(offset)
+                    .is_some_and(|e| wanted(types, &e.event_type))
+                {
                     resume_at = offset;
                     break;
                 }
@@ -309,10 +294,8 @@ impl Subscription {
                 break;
             };
             *cursor += 1;
-            if let Some(types) = types {
-                if !types.iter().any(|t| **t == *event.event_type) {
-                    continue;
-                }
+            if !wanted(types, &event.event_type) {
+                continue;
             }
             if let Some(r) = resume {
                 if event.offset < r.live_from {
@@ -332,6 +315,13 @@ impl Subscription {
         }
         false
     }
+}
+
+/// Whether the type filter (`None` = every type) lets `event_type` through.
+fn wanted(types: &Option<Vec<String>>, event_type: &str) -> bool {
+    types
+        .as_ref()
+        .is_none_or(|ts| ts.iter().any(|t| t == event_type))
 }
 
 impl Drop for Subscription {

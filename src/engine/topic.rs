@@ -3,7 +3,7 @@
 //! The ring holds only *committed* events (acknowledged under the durability
 //! mode), with contiguous offsets, so a subscriber's cursor is an index.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -11,26 +11,8 @@ use parking_lot::RwLock;
 use tokio::sync::watch;
 
 use super::event::Event;
+use super::log::Counters;
 use super::settings::Retention;
-
-/// Offset and per-type version counters of a topic.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Counters {
-    /// The offset the next event gets.
-    pub next_offset: u64,
-    /// The last version assigned per type.
-    pub versions: HashMap<Arc<str>, u64>,
-}
-
-impl Counters {
-    /// Counters of a topic whose history just started.
-    pub fn new() -> Self {
-        Self {
-            next_offset: 1,
-            versions: HashMap::new(),
-        }
-    }
-}
 
 /// The mutable part of a topic, behind one lock.
 #[derive(Debug)]
@@ -238,6 +220,16 @@ impl Topic {
         })
     }
 
+    /// Ends the topic's ephemeral status (its first event, an explicit
+    /// create, a delete), under its write lock.
+    pub fn clear_ephemeral(&self, state: &mut TopicState) {
+        if std::mem::replace(&mut state.ephemeral, false) {
+            if let Some(registry) = self.registry.upgrade() {
+                registry.ephemeral.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
     /// Removes the topic if it is ephemeral and nobody uses it any more:
     /// no subscriber, no queued publish.
     pub fn release_if_unused(self: &Arc<Self>) {
@@ -250,13 +242,12 @@ impl Topic {
             return;
         }
         state.deleted = true;
-        state.ephemeral = false;
+        self.clear_ephemeral(&mut state);
         drop(state);
         if let Some(registry) = self.registry.upgrade() {
             registry
                 .topics
                 .remove_if(&self.name, |_, t| Arc::ptr_eq(t, self));
-            registry.ephemeral.fetch_sub(1, Ordering::AcqRel);
         }
         tracing::debug!(topic = %self.name, "ephemeral topic released");
     }

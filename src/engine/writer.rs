@@ -34,7 +34,7 @@ pub(crate) enum Done {
     },
     Delete {
         topic: Arc<Topic>,
-        ack: Option<oneshot::Sender<Result<(), EngineError>>>,
+        ack: oneshot::Sender<Result<(), EngineError>>,
     },
     Trim,
     Sync {
@@ -63,34 +63,60 @@ pub(crate) struct Writer {
     pub metrics: EngineMetrics,
 }
 
+/// When to try the next repair of a degraded log.
+struct Repairs {
+    backoff: Duration,
+    next: Instant,
+}
+
+impl Repairs {
+    fn new() -> Self {
+        Self {
+            backoff: REPAIR_BACKOFF.0,
+            next: Instant::now(),
+        }
+    }
+
+    /// A pass just failed: the first retry waits the shortest backoff.
+    fn failed(&mut self) {
+        self.next = self.next.max(Instant::now() + REPAIR_BACKOFF.0);
+    }
+
+    /// Tries a repair if one is due; returns whether the log is healthy.
+    fn attempt(&mut self, log: &dyn Log, registry: &Registry) -> bool {
+        if log.health() == Health::Ok {
+            return true;
+        }
+        if Instant::now() < self.next {
+            return false;
+        }
+        match log.repair(&super::committed(registry)) {
+            Ok(()) => {
+                self.backoff = REPAIR_BACKOFF.0;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?self.backoff, "storage repair failed");
+                self.next = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(REPAIR_BACKOFF.1);
+                false
+            }
+        }
+    }
+}
+
 impl Writer {
     pub fn run(self, rx: Receiver<Request>) {
         let writable = metrics::gauge!(crate::metrics::STORAGE_WRITABLE);
-        writable.set(1.0);
         let mut dirty: HashMap<Arc<str>, Arc<Topic>> = HashMap::new();
-        let mut backoff = REPAIR_BACKOFF.0;
-        let mut next_repair = Instant::now();
-        let mut closed = false;
+        let mut repairs = Repairs::new();
         loop {
-            let degraded = self.log.health() != Health::Ok;
-            if degraded && Instant::now() >= next_repair {
-                match self.log.repair(&super::committed(&self.registry)) {
-                    Ok(()) => {
-                        backoff = REPAIR_BACKOFF.0;
-                        writable.set(1.0);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "storage repair failed");
-                        next_repair = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(REPAIR_BACKOFF.1);
-                        writable.set(0.0);
-                    }
-                }
-            }
+            let healthy = repairs.attempt(&*self.log, &self.registry);
+            writable.set(if healthy { 1.0 } else { 0.0 });
             let wait = if !dirty.is_empty() {
                 Duration::ZERO
-            } else if self.log.health() != Health::Ok {
-                next_repair.saturating_duration_since(Instant::now())
+            } else if !healthy {
+                repairs.next.saturating_duration_since(Instant::now())
             } else {
                 Duration::from_secs(3600)
             };
@@ -106,15 +132,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if closed {
-                for r in requests {
-                    refuse(r, &EngineError::ShuttingDown);
-                }
-                continue;
-            }
             let mut steps = Vec::with_capacity(requests.len() + dirty.len());
             let mut dones = Vec::with_capacity(requests.len() + dirty.len());
-            let mut permits = Vec::new();
             for topic in std::mem::take(&mut dirty).into_values() {
                 let state = topic.state.read();
                 if state.deleted || state.ephemeral {
@@ -126,34 +145,37 @@ impl Writer {
                 });
                 dones.push(Done::Trim);
             }
+            // Held until the pass is committed: the queue's byte budget.
+            let mut permits = Vec::new();
+            let mut requests = requests.into_iter();
             let mut close = None;
-            let mut refused_after_close = Vec::new();
-            for r in requests {
+            for r in requests.by_ref() {
                 match r {
-                    _ if close.is_some() => refused_after_close.push(r),
                     Request::Step { step, done, permit } => {
                         steps.push(step);
                         dones.push(done);
                         permits.extend(permit);
                     }
-                    Request::Close { ack } => close = Some(ack),
+                    Request::Close { ack } => {
+                        close = Some(ack);
+                        break;
+                    }
                 }
             }
             if !steps.is_empty() {
                 self.pass(steps, dones, &mut dirty);
                 if self.log.health() != Health::Ok {
-                    writable.set(0.0);
-                    next_repair = next_repair.max(Instant::now() + REPAIR_BACKOFF.0);
+                    repairs.failed();
                 }
             }
             drop(permits);
             if let Some(ack) = close {
-                let result = self.log.close(&super::committed(&self.registry));
-                let _ = ack.send(result);
-                closed = true;
-                for r in refused_after_close {
+                let _ = ack.send(self.log.close(&super::committed(&self.registry)));
+                // Nothing is acknowledged after the clean marker.
+                for r in requests.chain(rx.try_iter()) {
                     refuse(r, &EngineError::ShuttingDown);
                 }
+                return;
             }
         }
     }
