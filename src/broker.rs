@@ -86,7 +86,7 @@ impl Broker {
         tracker.spawn(http::serve(
             http_listener,
             app,
-            HttpSettings::from_config(&config),
+            http.settings(),
             shutdown.clone(),
             kill.clone(),
             tracker.clone(),

@@ -159,6 +159,11 @@ impl LimitsConfig {
     }
 }
 
+/// A size as a `usize`, saturating (sizes are validated well below it).
+pub(crate) fn usize_bytes(size: ByteSize) -> usize {
+    usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
+}
+
 /// `[server]`: network listeners.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -42,7 +42,6 @@ pub const STORAGE_ERRORS: &str = "ringcast_storage_errors_total";
 pub const DAMAGED_TOPICS: &str = "ringcast_recovery_damaged_topics_total";
 /// 1 while the store accepts writes, 0 while it repairs itself.
 pub const STORAGE_WRITABLE: &str = "ringcast_storage_writable";
-/// Bytes queued for connections' writers and not yet written, by `transport`.
 /// Bytes handed to connections' writers that their peers have not read yet,
 /// by `transport`.
 pub const OUTBOUND_QUEUED_BYTES: &str = "ringcast_outbound_queued_bytes";

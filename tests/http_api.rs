@@ -1243,6 +1243,14 @@ async fn expect_server_closes(stream: &mut TcpStream) {
 
 impl Api {
     /// A new raw connection to the HTTP listener.
+    /// Sends `request` on a new connection and reads the response the
+    /// server answers before closing it.
+    async fn exchange_closing(&self, request: &[u8]) -> RawResponse {
+        let mut raw = self.raw().await;
+        raw.write_all(request).await.unwrap();
+        read_closing_response(&mut raw).await
+    }
+
     async fn raw(&self) -> TcpStream {
         TcpStream::connect(self.broker.http_addr())
             .await
@@ -1322,15 +1330,13 @@ static BIG_QUEUES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 #[tokio::test]
 async fn a_content_length_over_max_payload_is_refused_with_413_before_the_body_arrives() {
     let api = Api::start_with(|c| c.limits.max_payload = bytesize::ByteSize::kib(1)).await;
-    let mut raw = api.raw().await;
-    raw.write_all(
-        b"POST /v1/topics/big/events?type=blob HTTP/1.1\r\nHost: test\r\n\
-          Content-Length: 10000000000\r\n\r\n0123456789",
-    )
-    .await
-    .unwrap();
     // The rest of the 10 GB never comes: the answer must not wait for it.
-    let response = read_closing_response(&mut raw).await;
+    let response = api
+        .exchange_closing(
+            b"POST /v1/topics/big/events?type=blob HTTP/1.1\r\nHost: test\r\n\
+              Content-Length: 10000000000\r\n\r\n0123456789",
+        )
+        .await;
     assert_eq!(response.status, 413, "{}", response.head);
     assert_eq!(response.json()["error"]["code"], "payload_too_large");
     assert!(
@@ -1342,14 +1348,12 @@ async fn a_content_length_over_max_payload_is_refused_with_413_before_the_body_a
 #[tokio::test]
 async fn a_body_that_does_not_arrive_within_read_timeout_gets_408_and_is_closed() {
     let api = Api::start_with(|c| c.server.read_timeout = Duration::from_millis(300)).await;
-    let mut raw = api.raw().await;
-    raw.write_all(
-        b"POST /v1/topics/slow/events?type=t HTTP/1.1\r\nHost: test\r\n\
-          Content-Length: 100\r\n\r\n0123456789",
-    )
-    .await
-    .unwrap();
-    let response = read_closing_response(&mut raw).await;
+    let response = api
+        .exchange_closing(
+            b"POST /v1/topics/slow/events?type=t HTTP/1.1\r\nHost: test\r\n\
+              Content-Length: 100\r\n\r\n0123456789",
+        )
+        .await;
     assert_eq!(response.status, 408, "{}", response.head);
     let body = response.json();
     assert_eq!(body["error"]["code"], "request_timeout", "{body}");

@@ -506,18 +506,22 @@ async fn a_flipped_byte_in_the_data_file_is_detected_never_a_silent_shorter_hist
     }
 }
 
+/// Cuts sled's data file to half its length; returns what was done.
+fn truncate_data_file_to_half(dir: &Path) -> String {
+    let db = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("db"))
+        .unwrap();
+    let len = db.metadata().unwrap().len();
+    db.set_len(len / 2).unwrap();
+    format!("truncated to {} of {len}", len / 2)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_data_file_is_detected() {
     let dir = tempfile::tempdir().unwrap();
     let epoch = write_big_topic(dir.path()).await;
-    let db = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.path().join("db"))
-        .unwrap();
-    let len = db.metadata().unwrap().len();
-    db.set_len(len / 2).unwrap();
-    drop(db);
-    let what = format!("truncated to {} of {len}", len / 2);
+    let what = truncate_data_file_to_half(dir.path());
     assert_damage_detected(dir.path(), epoch, &what, AfterDamage::RuleOnly).await;
 }
 
@@ -525,14 +529,7 @@ async fn a_truncated_data_file_is_detected() {
 async fn after_a_damaged_recovery_new_events_reach_subscribers_and_history() {
     let dir = tempfile::tempdir().unwrap();
     let epoch = write_big_topic(dir.path()).await;
-    let db = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.path().join("db"))
-        .unwrap();
-    let len = db.metadata().unwrap().len();
-    db.set_len(len / 2).unwrap();
-    drop(db);
-    let what = format!("truncated to {} of {len}", len / 2);
+    let what = truncate_data_file_to_half(dir.path());
     assert_damage_detected(dir.path(), epoch, &what, AfterDamage::CheckReads).await;
 }
 

@@ -969,18 +969,37 @@ impl Engine {
         types: &[String],
         limit: usize,
     ) -> Result<History, EngineError> {
+        self.history_page(topic, after, types, limit, usize::MAX)
+    }
+
+    /// [`history`](Self::history) with at most `max_bytes` of payload in
+    /// the page (but at least one event, so paging always moves on);
+    /// `next_after` says where to continue.
+    pub fn history_page(
+        &self,
+        topic: &str,
+        after: u64,
+        types: &[String],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<History, EngineError> {
         validate_topic(topic)?;
         let t = self.get(topic)?;
         let state = t.state.read();
         let first = state.first_offset();
         let mut offset = after.saturating_add(1).max(first);
         let mut events = Vec::new();
+        let mut bytes = 0usize;
         while events.len() < limit {
             let Some(e) = state.get(offset) else { break };
-            offset += 1;
             if types.is_empty() || types.iter().any(|x| **x == *e.event_type) {
+                bytes = bytes.saturating_add(e.payload.len());
+                if bytes > max_bytes && !events.is_empty() {
+                    break;
+                }
                 events.push(e.clone());
             }
+            offset += 1;
         }
         Ok(History {
             epoch: state.epoch,

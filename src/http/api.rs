@@ -142,29 +142,19 @@ pub(crate) async fn history(
 ) -> Result<Response, ApiError> {
     let types = parse_list(query.types.as_deref());
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY);
-    let page = state
-        .engine
-        .history(&topic, query.after.unwrap_or(0), &types, limit)?;
-    let budget = state.settings.max_history_bytes;
-    let mut taken = 0;
-    let mut payload = 0usize;
-    for e in &page.events {
-        if taken > 0 && payload.saturating_add(e.payload.len()) > budget {
-            break;
-        }
-        payload = payload.saturating_add(e.payload.len());
-        taken += 1;
-    }
-    let next_after = if taken < page.events.len() {
-        page.events[taken - 1].offset
-    } else {
-        page.next_after
-    };
+    let page = state.engine.history_page(
+        &topic,
+        query.after.unwrap_or(0),
+        &types,
+        limit,
+        state.settings.max_history_bytes,
+    )?;
+    let payload: usize = page.events.iter().map(|e| e.payload.len()).sum();
     // Written as text: a page of large events never exists as a tree of
     // `Value`s beside its serialised form.
-    let mut out = Vec::with_capacity(payload + 160 * taken + 128);
+    let mut out = Vec::with_capacity(payload + 160 * page.events.len() + 128);
     out.extend_from_slice(format!("{{\"epoch\":\"{}\",\"events\":[", page.epoch).as_bytes());
-    for (i, e) in page.events[..taken].iter().enumerate() {
+    for (i, e) in page.events.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -172,8 +162,8 @@ pub(crate) async fn history(
     }
     out.extend_from_slice(
         format!(
-            "],\"next_after\":{next_after},\"first_available\":{},\"last_offset\":{}}}",
-            page.first_available, page.last_offset
+            "],\"next_after\":{},\"first_available\":{},\"last_offset\":{}}}",
+            page.next_after, page.first_available, page.last_offset
         )
         .as_bytes(),
     );

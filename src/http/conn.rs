@@ -53,9 +53,7 @@ impl ConnIo {
             self.progress.notify_one();
         }
     }
-}
 
-impl ConnIo {
     fn noted(&self, r: &Poll<io::Result<usize>>) {
         match r {
             Poll::Ready(Ok(n)) => self.wrote(*n),

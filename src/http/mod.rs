@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -70,10 +70,8 @@ impl HttpSettings {
             cors_origins: config.server.cors_origins.clone(),
             max_connections: config.limits.max_http_connections,
             max_requests: config.limits.max_http_requests,
-            max_outbound_bytes: usize::try_from(config.limits.max_outbound_bytes.as_u64())
-                .unwrap_or(usize::MAX),
-            max_history_bytes: usize::try_from(config.limits.max_history_bytes.as_u64())
-                .unwrap_or(usize::MAX),
+            max_outbound_bytes: crate::config::usize_bytes(config.limits.max_outbound_bytes),
+            max_history_bytes: crate::config::usize_bytes(config.limits.max_history_bytes),
             read_timeout: config.server.read_timeout,
         }
     }
@@ -103,6 +101,11 @@ impl HttpState {
         }
     }
 
+    /// The settings every handler shares (and `serve` uses).
+    pub fn settings(&self) -> Arc<HttpSettings> {
+        self.settings.clone()
+    }
+
     /// Marks the broker ready (or not) for `/readyz`.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
@@ -118,25 +121,25 @@ pub fn router(state: HttpState) -> Router {
             "/v1/topics/{topic}",
             get(api::topic_info).delete(api::delete_topic),
         )
-        .route(
-            "/v1/topics/{topic}/events",
-            get(sse::events).post(api::publish),
-        )
+        .route("/v1/topics/{topic}/events", post(api::publish))
         .route("/v1/topics/{topic}/history", get(api::history))
         .route("/v1/topics/{topic}/seal", post(api::seal))
-        .route("/healthz", get(api::healthz))
-        .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
+        // Only the routes above: SSE streams have their own limit, and
+        // health probes must answer under load.
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limit_requests,
         ))
+        .route("/v1/topics/{topic}/events", get(sse::events))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
         .fallback(api::not_found)
         .layer(cors)
         .with_state(state)
 }
 
-/// Holds one of `max_requests` permits while a non-SSE request is handled
+/// Holds one of `max_requests` permits while an API request is handled
 /// (its body read included); without one the request is refused at once
 /// with 503, so an overload is answered, never queued.
 async fn limit_requests(
@@ -148,12 +151,6 @@ async fn limit_requests(
         .extensions()
         .get::<MatchedPath>()
         .map_or("", MatchedPath::as_str);
-    // SSE streams have their own limit; health probes must answer under load.
-    let exempt = (request.method() == Method::GET && path == "/v1/topics/{topic}/events")
-        || matches!(path, "/healthz" | "/readyz");
-    if exempt {
-        return next.run(request).await;
-    }
     let Ok(_permit) = state.request_permits.clone().try_acquire_owned() else {
         crate::metrics::refused("max_http_requests");
         tracing::warn!(path, "HTTP request refused: too many requests in flight");
@@ -177,7 +174,7 @@ async fn limit_requests(
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
-    settings: HttpSettings,
+    settings: Arc<HttpSettings>,
     shutdown: CancellationToken,
     kill: CancellationToken,
     tracker: tokio_util::task::TaskTracker,

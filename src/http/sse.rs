@@ -23,6 +23,7 @@
 //! the connection's write watchdog (see [`super::serve`]), which frees the slot.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -277,7 +278,7 @@ fn open(
     let connections = metrics::gauge!(crate::metrics::CONNECTIONS, "transport" => "sse");
     connections.increment(1.0);
     let heartbeat = state.settings.heartbeat;
-    let outbound = conn.map(|(conn, chunked)| Outbound {
+    let outbound = conn.map(|(conn, chunked)| SocketBacklog {
         base: conn.written(),
         conn,
         chunked,
@@ -333,7 +334,7 @@ fn put_frame(buf: &mut BytesMut, id: Option<&str>, event: &str, data: &str) {
 ///
 /// The response head and anything earlier responses on the connection left
 /// unwritten are not counted (a few hundred bytes, not growing).
-struct Outbound {
+struct SocketBacklog {
     conn: Arc<ConnIo>,
     /// Whether hyper adds chunk framing to each chunk.
     chunked: bool,
@@ -347,7 +348,7 @@ struct Outbound {
     max: u64,
 }
 
-impl Outbound {
+impl SocketBacklog {
     fn queued(&self) -> u64 {
         self.handed
             .saturating_sub(self.conn.written().saturating_sub(self.base))
@@ -378,7 +379,7 @@ impl Outbound {
     }
 }
 
-impl Drop for Outbound {
+impl Drop for SocketBacklog {
     fn drop(&mut self) {
         self.gauge.decrement(self.reported as f64);
     }
@@ -401,7 +402,7 @@ struct SseStream {
     heartbeat: Duration,
     idle: Pin<Box<tokio::time::Sleep>>,
     /// `None` when served outside [`super::serve`] (no socket accounting).
-    outbound: Option<Outbound>,
+    outbound: Option<SocketBacklog>,
     done: bool,
     _permit: OwnedSemaphorePermit,
 }
@@ -510,7 +511,8 @@ impl SseStream {
                             .iter()
                             .position(|b| *b == b'\n')
                             .map_or(&frame[..], |i| &frame[i + 1..]);
-                        buf.extend_from_slice(format!("id: {id}\n").as_bytes());
+                        // Writing into a BytesMut cannot fail.
+                        let _ = writeln!(buf, "id: {id}");
                         buf.extend_from_slice(rest);
                     } else {
                         buf.extend_from_slice(frame);

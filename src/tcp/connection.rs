@@ -459,30 +459,25 @@ impl Session<'_> {
                 let limit = usize::try_from(limit)
                     .unwrap_or(MAX_HISTORY)
                     .min(MAX_HISTORY);
-                match engine.history(&topic, after, &types, limit) {
+                let max_bytes = self.conn.settings.max_history_bytes;
+                match engine.history_page(&topic, after, &types, limit, max_bytes) {
                     Ok(page) => {
-                        // Keep the reply well inside the frame limit, and its
-                        // payloads within max_history_bytes; the first event
-                        // always goes, so that paging makes progress.
+                        // Keep the reply well inside the frame limit too (the
+                        // engine bounds payload only); the first event always
+                        // goes, so that paging makes progress.
                         let frame_budget = self.conn.settings.max_frame / 2;
-                        let payload_budget = self.conn.settings.max_history_bytes;
-                        let (mut size, mut payload) = (0, 0);
+                        let mut size = 0;
                         let mut events = Vec::with_capacity(page.events.len());
                         let mut next_after = page.next_after;
                         for e in &page.events {
                             let len = e.retained_size() as usize + topic.len();
-                            let payload_len = e.payload.len();
-                            if !events.is_empty()
-                                && (size + len > frame_budget
-                                    || payload + payload_len > payload_budget)
-                            {
+                            if !events.is_empty() && size + len > frame_budget {
                                 next_after = events
                                     .last()
                                     .map_or(after, |e: &ringcast_protocol::WireEvent| e.offset);
                                 break;
                             }
                             size += len;
-                            payload += payload_len;
                             events.push(wire::event(&topic, e));
                         }
                         self.reply(ServerMessage::History {
@@ -671,11 +666,9 @@ impl Session<'_> {
             return Ok(());
         }
         let frames = self.replies.split().freeze();
-        self.outbound
-            .charge(frames.len())
+        send_charged(&self.out, &self.outbound, frames)
             .await
-            .map_err(|_| Stop::Closed)?;
-        self.out.send(frames).await.map_err(|_| Stop::Closed)
+            .map_err(|_| Stop::Closed)
     }
 
     async fn reply(&mut self, msg: ServerMessage) -> Result<(), Stop> {
@@ -785,15 +778,27 @@ async fn pump(
         tokio::select! {
             biased;
             _ = &mut cancelled => return,
-            r = async {
-                outbound.charge(frames.len()).await.map_err(|_| ())?;
-                out.send(frames).await.map_err(|_| ())
-            } => if r.is_err() { return },
+            r = send_charged(&out, &outbound, frames) => if r.is_err() { return },
         }
         if ended {
             return;
         }
     }
+}
+
+/// Hands `frames` to the writer, charged to the byte budget. The channel
+/// slot is taken first and the send follows the charge with no await in
+/// between, so a caller cancelled while waiting (an unsubscribed pump)
+/// never leaves bytes charged that the writer will not release.
+async fn send_charged(
+    out: &mpsc::Sender<Bytes>,
+    outbound: &Outbound,
+    frames: Bytes,
+) -> Result<(), ()> {
+    let slot = out.reserve().await.map_err(|_| ())?;
+    outbound.charge(frames.len()).await.map_err(|_| ())?;
+    slot.send(frames);
+    Ok(())
 }
 
 /// Byte range of the subscription id in an encoded `Event` frame: after the
@@ -900,12 +905,16 @@ async fn write_loop(
         };
         // Every received chunk was charged; the heartbeat was not.
         let charged: usize = frames.iter().map(Bytes::len).sum();
+        let mut written = charged;
         match received {
             Ok(0) => break,
             Ok(_) => {}
-            Err(_) => frames.push(heartbeat_frame.clone()),
+            Err(_) => {
+                frames.push(heartbeat_frame.clone());
+                written += heartbeat_frame.len();
+            }
         }
-        bytes_out.increment(frames.iter().map(|f| f.len() as u64).sum());
+        bytes_out.increment(written as u64);
         let write = write_all_vectored(&mut wr, &mut frames);
         let result = tokio::select! {
             biased;
@@ -933,6 +942,28 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_hand_off_cancelled_while_the_queue_is_full_leaves_nothing_charged() {
+        let (out, mut rx) = mpsc::channel::<Bytes>(1);
+        out.send(Bytes::from_static(b"queued")).await.unwrap();
+        let outbound = Arc::new(Outbound::new(1024));
+        let waiting = tokio::spawn({
+            let (out, outbound) = (out.clone(), outbound.clone());
+            async move { send_charged(&out, &outbound, Bytes::from(vec![0u8; 100])).await }
+        });
+        // The channel is full, so the hand-off is parked; cancel it there
+        // (what an Unsubscribe does to a pump).
+        tokio::task::yield_now().await;
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        assert_eq!(outbound.queued(), 0, "a cancelled hand-off charged bytes");
+        assert_eq!(rx.recv().await.unwrap(), Bytes::from_static(b"queued"));
+        send_charged(&out, &outbound, Bytes::from(vec![0u8; 100]))
+            .await
+            .unwrap();
+        assert_eq!(outbound.queued(), 100);
+    }
 
     #[test]
     fn a_shared_event_frame_patched_per_subscriber_equals_a_direct_encoding() {

@@ -58,7 +58,7 @@ impl TcpSettings {
     pub fn from_config(config: &Config) -> Self {
         Self {
             max_connections: config.limits.max_tcp_connections,
-            max_frame: usize::try_from(config.limits.max_frame.as_u64()).unwrap_or(usize::MAX),
+            max_frame: crate::config::usize_bytes(config.limits.max_frame),
             max_payload: config.limits.max_payload.as_u64(),
             max_subscriptions: config.limits.max_subscriptions_per_connection,
             heartbeat: config.server.heartbeat,
@@ -66,10 +66,8 @@ impl TcpSettings {
             outbound_queue: 256,
             max_in_flight: 4096,
             max_in_flight_bytes: config.limits.max_in_flight_bytes.as_u64(),
-            max_outbound_bytes: usize::try_from(config.limits.max_outbound_bytes.as_u64())
-                .unwrap_or(usize::MAX),
-            max_history_bytes: usize::try_from(config.limits.max_history_bytes.as_u64())
-                .unwrap_or(usize::MAX),
+            max_outbound_bytes: crate::config::usize_bytes(config.limits.max_outbound_bytes),
+            max_history_bytes: crate::config::usize_bytes(config.limits.max_history_bytes),
             read_timeout: config.server.read_timeout,
         }
     }
