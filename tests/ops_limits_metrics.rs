@@ -989,3 +989,76 @@ async fn publishes_over_the_retained_bytes_limit_are_refused_over_tcp_and_http_a
     c.send(&publish(1_002, "full", kib())).await;
     expect_published(&mut c, 1_002).await;
 }
+
+#[tokio::test]
+async fn front_end_encodings_count_as_retained_bytes_until_their_event_is_trimmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(memory_config(&dir, |c| c.topics.max_events = 2)).await;
+    let engine = broker.engine().clone();
+    const SIZE: u64 = 64 * 1024;
+    let big = Bytes::from(vec![b'x'; SIZE as usize]);
+    engine
+        .publish("enc", ringcast::engine::NewEvent::new("t", big))
+        .await
+        .unwrap();
+    let retained = |engine: &ringcast::engine::Engine| {
+        let topic = engine.info("enc").unwrap().retained_bytes;
+        assert_eq!(
+            engine.stats().retained_bytes,
+            topic,
+            "the global total agrees"
+        );
+        topic
+    };
+    let base = retained(&engine);
+    assert!((SIZE..SIZE + 1024).contains(&base), "{base}");
+
+    // A TCP subscriber makes the broker build the event's frame.
+    let mut tcp = RawClient::handshake(broker.tcp_addr()).await;
+    tcp.send(&ClientMessage::Subscribe {
+        request_id: 1,
+        subscription_id: 1,
+        topic: "enc".into(),
+        types: vec![],
+        start: Start::Earliest,
+    })
+    .await;
+    loop {
+        match tcp.recv().await {
+            Some(ServerMessage::Subscribed { .. }) => {}
+            Some(ServerMessage::Event { event, .. }) => {
+                assert_eq!(event.offset, 1);
+                break;
+            }
+            other => panic!("expected the event, got {other:?}"),
+        }
+    }
+    let with_tcp = retained(&engine);
+    assert!(
+        with_tcp >= base + SIZE,
+        "TCP frame counted: {base} -> {with_tcp}"
+    );
+
+    // An SSE stream makes it build the SSE message too.
+    let mut sse = Sse::open(broker.http_addr(), "/v1/topics/enc/events?earliest=true").await;
+    assert_eq!(sse.next_event().await, "ready");
+    assert_eq!(sse.next_event().await, "t");
+    let with_sse = retained(&engine);
+    assert!(
+        with_sse >= with_tcp + SIZE,
+        "SSE message counted: {with_tcp} -> {with_sse}"
+    );
+
+    // Once the event leaves the ring, neither encoding counts any more.
+    drop(tcp);
+    drop(sse);
+    for _ in 0..2 {
+        engine
+            .publish("enc", ringcast::engine::NewEvent::new("t", "{}"))
+            .await
+            .unwrap();
+    }
+    let after = retained(&engine);
+    assert!(after < 1024, "only the two small events remain: {after}");
+    broker.shutdown().await.unwrap();
+}

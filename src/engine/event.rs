@@ -1,12 +1,13 @@
 //! The values that flow through the engine: events, acks, starts, gaps.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
 /// A published event as retained in a topic's ring. Shared by every
 /// subscriber through an `Arc`; the payload is never copied per subscriber.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Event {
     /// Position in the topic, from 1, +1 per event, never reused.
     pub offset: u64,
@@ -22,10 +23,37 @@ pub struct Event {
     pub payload: Bytes,
     /// The event encoded once for all TCP subscribers (a whole `Event`
     /// frame with subscription id 0, patched per subscriber).
-    pub(crate) tcp_frame: OnceLock<Bytes>,
+    tcp_frame: OnceLock<Bytes>,
     /// The SSE message (`id:`, `event:`, `data:` envelope), built once for
     /// all SSE subscribers.
-    pub(crate) sse_data: OnceLock<Bytes>,
+    sse_data: OnceLock<Bytes>,
+    /// Bytes of those encodings charged to the ring holding the event
+    /// (0 once it left the ring); changed under the topic's lock.
+    pub(crate) charged: AtomicU64,
+}
+
+/// Which front-end encoding of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    /// The TCP `Event` frame.
+    Tcp,
+    /// The SSE message.
+    Sse,
+}
+
+impl Clone for Event {
+    /// The same event as a new value: outside any ring, with no front-end
+    /// encodings (they would otherwise count nowhere).
+    fn clone(&self) -> Self {
+        Self::new(
+            self.offset,
+            self.version,
+            self.timestamp_ms,
+            self.event_type.clone(),
+            self.headers.clone(),
+            self.payload.clone(),
+        )
+    }
 }
 
 impl PartialEq for Event {
@@ -60,11 +88,34 @@ impl Event {
             payload,
             tcp_frame: OnceLock::new(),
             sse_data: OnceLock::new(),
+            charged: AtomicU64::new(0),
         }
     }
 
+    /// The shared `which` encoding of this event, built by `build` on first
+    /// use; the length is returned along when this call built it, for the
+    /// caller to charge to the ring (see `Subscription::encoded`).
+    pub(crate) fn encoding(
+        &self,
+        which: Encoding,
+        build: impl FnOnce() -> Bytes,
+    ) -> (&Bytes, Option<u64>) {
+        let cell = match which {
+            Encoding::Tcp => &self.tcp_frame,
+            Encoding::Sse => &self.sse_data,
+        };
+        let mut built = None;
+        let bytes = cell.get_or_init(|| {
+            let b = build();
+            built = Some(b.len() as u64);
+            b
+        });
+        (bytes, built)
+    }
+
     /// Bytes this event counts against `max_bytes`: payload, type, headers
-    /// and a fixed per-event overhead for the struct itself.
+    /// and a fixed per-event overhead for the struct itself. Its front-end
+    /// encodings are counted apart, once built (`TopicState::cache_bytes`).
     pub fn retained_size(&self) -> u64 {
         const OVERHEAD: usize = 64;
         let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();

@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::mapref::entry::Entry;
 use tokio::sync::{oneshot, Semaphore};
 
+pub(crate) use event::Encoding;
 pub use event::{Ack, Delivery, Event, Gap, GapReason, NewEvent, Start};
 pub use log::Health;
 pub use settings::{Durability, Retention, TopicOverride, TopicsConfig};
@@ -1044,7 +1045,7 @@ impl Engine {
             versions: s.counters.version_list(),
             retention: s.retention,
             retained_events: s.ring.len() as u64,
-            retained_bytes: s.ring_bytes,
+            retained_bytes: s.retained_bytes(),
             subscribers: t.subscribers.load(Ordering::Relaxed),
             sealed: s.sealed,
         })
@@ -1148,7 +1149,7 @@ impl Engine {
             let s = t.state.read();
             stats.topics += 1;
             stats.retained_events += s.ring.len() as u64;
-            stats.retained_bytes += s.ring_bytes;
+            stats.retained_bytes += s.retained_bytes();
             stats.subscribers += t.subscribers.load(Ordering::Relaxed) as u64;
         }
         stats
@@ -1238,7 +1239,8 @@ fn maintain(engine: &Engine, now: u64) {
             if s.deleting || s.deleted {
                 continue;
             }
-            let trimmed = s.trim(now) > 0;
+            // Or trimmed in between to make room for an encoding.
+            let trimmed = s.trim(now) > 0 || t.needs_prune.swap(false, Ordering::AcqRel);
             let r = s.retention;
             let ttl_ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
             let sealed_out = s

@@ -11,10 +11,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::watch;
 
-use super::event::{Delivery, Gap, GapReason, Start};
+use super::event::{Delivery, Encoding, Event, Gap, GapReason, Start};
 use super::topic::{Topic, TopicState};
 use super::{now_ms, EngineError};
 
@@ -182,6 +183,21 @@ impl Subscription {
     /// The topic name.
     pub fn topic(&self) -> &str {
         &self.topic.name
+    }
+
+    /// The shared `which` encoding of `event` (built by `build` on first
+    /// use), charged to the topic's retained bytes when this call built it.
+    pub(crate) fn encoded<'e>(
+        &self,
+        event: &'e Event,
+        which: Encoding,
+        build: impl FnOnce() -> Bytes,
+    ) -> &'e Bytes {
+        let (bytes, built) = event.encoding(which, build);
+        if let Some(n) = built {
+            self.topic.charge_encoding(event, n);
+        }
+        bytes
     }
 
     /// The next delivery, waiting for one if needed; `None` after `End`.

@@ -28,6 +28,12 @@ pub(crate) struct TopicState {
     pub ring: VecDeque<Arc<Event>>,
     /// Sum of `retained_size` over the ring.
     pub ring_bytes: u64,
+    /// Front-end encodings built for the ring's events (each event's share
+    /// in its `charged`).
+    pub cache_bytes: u64,
+    /// Events of the latest commit: trimming never goes below them, so a
+    /// subscriber that was up to date gets all of them.
+    pub protected: usize,
     /// Committed counters: `next_offset - 1` is the last committed offset.
     pub counters: Counters,
     /// Publishes are refused (set at once by `seal`).
@@ -50,7 +56,7 @@ pub(crate) struct TopicState {
 impl Drop for TopicState {
     fn drop(&mut self) {
         self.global_bytes
-            .fetch_sub(self.ring_bytes, Ordering::Relaxed);
+            .fetch_sub(self.ring_bytes + self.cache_bytes, Ordering::Relaxed);
     }
 }
 
@@ -63,6 +69,8 @@ impl TopicState {
             retention,
             ring: VecDeque::new(),
             ring_bytes: 0,
+            cache_bytes: 0,
+            protected: 0,
             counters: Counters::new(),
             sealed: false,
             sealed_at_ms: None,
@@ -80,6 +88,35 @@ impl TopicState {
         self.ring_bytes += size;
         self.global_bytes.fetch_add(size, Ordering::Relaxed);
         self.ring.push_back(event);
+    }
+
+    /// Bytes the ring holds: its events and the encodings built for them.
+    pub fn retained_bytes(&self) -> u64 {
+        self.ring_bytes + self.cache_bytes
+    }
+
+    /// Charges `n` bytes of a front-end encoding built for `event`, first
+    /// trimming the ring so that it stays within `max_bytes` with them (never
+    /// below the latest commit). An event no longer in the ring is not
+    /// charged: its encoding goes with the last subscriber holding it.
+    /// Returns whether the ring was trimmed.
+    pub fn charge_encoding(&mut self, event: &Event, n: u64, now_ms: u64) -> bool {
+        let in_ring = |s: &Self| {
+            s.get(event.offset)
+                .is_some_and(|e| std::ptr::eq(&**e, event))
+        };
+        if !in_ring(self) {
+            return false;
+        }
+        let trimmed = self.trim_to(now_ms, self.retention.max_bytes.saturating_sub(n)) > 0;
+        if in_ring(self) {
+            event
+                .charged
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            self.cache_bytes += n;
+            self.global_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+        trimmed
     }
 
     /// Offset after the last committed event.
@@ -126,34 +163,38 @@ impl TopicState {
             }
             self.push_back(event);
         }
-        self.trim_keeping(now_ms, pushed);
+        self.protected = pushed;
+        self.trim(now_ms);
     }
 
-    /// Drops events from the front while any retention bound is exceeded.
-    /// Returns how many were dropped.
+    /// Drops events from the front while any retention bound is exceeded,
+    /// keeping the latest commit (age still applies to it). Returns how many
+    /// were dropped.
     pub fn trim(&mut self, now_ms: u64) -> usize {
-        self.trim_keeping(now_ms, 0)
+        self.trim_to(now_ms, self.retention.max_bytes)
     }
 
-    /// [`trim`](Self::trim), keeping at least the newest `keep` events
-    /// (age still applies to them).
-    fn trim_keeping(&mut self, now_ms: u64, keep: usize) -> usize {
+    /// [`trim`](Self::trim) with `max_bytes` in place of the retention's.
+    fn trim_to(&mut self, now_ms: u64, max_bytes: u64) -> usize {
         let r = self.retention;
         let oldest_kept = r
             .max_age
             .map(|age| now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)));
         let mut dropped = 0;
         while let Some(front) = self.ring.front() {
-            let protected = self.ring.len() <= keep;
+            let protected = self.ring.len() <= self.protected;
             let too_many = !protected && self.ring.len() as u64 > r.max_events;
-            let too_big = !protected && self.ring_bytes > r.max_bytes;
+            let too_big = !protected && self.retained_bytes() > max_bytes;
             let too_old = oldest_kept.is_some_and(|t| front.timestamp_ms < t);
             if !(too_many || too_big || too_old) {
                 break;
             }
+            let charged = front.charged.swap(0, Ordering::Relaxed);
             let size = front.retained_size();
             self.ring_bytes -= size;
-            self.global_bytes.fetch_sub(size, Ordering::Relaxed);
+            self.cache_bytes -= charged;
+            self.global_bytes
+                .fetch_sub(size + charged, Ordering::Relaxed);
             self.ring.pop_front();
             dropped += 1;
         }
@@ -184,6 +225,9 @@ pub(crate) struct Topic {
     pub subscribers: AtomicUsize,
     /// Last publish or subscription change, ms since the Unix epoch.
     pub last_activity_ms: AtomicU64,
+    /// The ring was trimmed outside a commit (to make room for an
+    /// encoding): its stored events need pruning at the next maintenance.
+    pub needs_prune: std::sync::atomic::AtomicBool,
     /// Publishes queued and not yet committed or refused (an ephemeral
     /// topic is not removed under them).
     pub pending: AtomicUsize,
@@ -215,6 +259,7 @@ impl Topic {
             notify: watch::Sender::new(0),
             subscribers: AtomicUsize::new(0),
             last_activity_ms: AtomicU64::new(now_ms),
+            needs_prune: std::sync::atomic::AtomicBool::new(false),
             pending: AtomicUsize::new(0),
             registry,
         })
@@ -250,6 +295,18 @@ impl Topic {
                 .remove_if(&self.name, |_, t| Arc::ptr_eq(t, self));
         }
         tracing::debug!(topic = %self.name, "ephemeral topic released");
+    }
+
+    /// Charges an encoding built for `event` to the ring (trimming to make
+    /// room; see [`TopicState::charge_encoding`]).
+    pub fn charge_encoding(&self, event: &Event, n: u64) {
+        if self
+            .state
+            .write()
+            .charge_encoding(event, n, super::now_ms())
+        {
+            self.needs_prune.store(true, Ordering::Release);
+        }
     }
 
     /// The topic's identity for the storage log.

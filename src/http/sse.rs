@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use super::conn::ConnIo;
 use super::envelope::{event_json, gap_json};
 use super::{ApiError, HttpState};
-use crate::engine::{Delivery, Start, Subscription};
+use crate::engine::{Delivery, Encoding, Start, Subscription};
 
 /// Query parameters of the SSE endpoint.
 #[derive(Debug, Default, Deserialize)]
@@ -488,7 +488,7 @@ impl SseStream {
                     // The whole message is built once per event and shared
                     // by every SSE subscriber.
                     let epoch = self.sub.epoch();
-                    let frame = e.sse_data.get_or_init(|| {
+                    let frame = self.sub.encoded(&e, Encoding::Sse, || {
                         let mut f = BytesMut::new();
                         let id = format!("{epoch}:{}", e.offset);
                         put_frame(

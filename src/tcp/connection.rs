@@ -40,7 +40,9 @@ use tokio_util::task::TaskTracker;
 
 use super::outbound::Outbound;
 use super::{wire, TcpSettings};
-use crate::engine::{Ack, Delivery, Engine, EngineError, Event, PendingPublish, Subscription};
+use crate::engine::{
+    Ack, Delivery, Encoding, Engine, EngineError, Event, PendingPublish, Subscription,
+};
 
 /// Most bytes of frames a pump encodes before handing them to the writer.
 const PUMP_CHUNK: usize = 64 * 1024;
@@ -747,7 +749,8 @@ async fn pump(
             let msg = match delivery {
                 Delivery::Event(e) => {
                     events += 1;
-                    put_event_frame(&mut buf, subscription_id, &topic, &e);
+                    let frame = sub.encoded(&e, Encoding::Tcp, || shared_event_frame(&topic, &e));
+                    put_event_frame(&mut buf, subscription_id, frame);
                     None
                 }
                 Delivery::Gap(g) => Some(ServerMessage::Gap {
@@ -805,21 +808,22 @@ async fn send_charged(
 /// 4-byte length and the 4-byte variant tag (`docs/protocol.md`).
 const SUBSCRIPTION_ID_AT: std::ops::Range<usize> = 8..16;
 
-/// Appends the `Event` frame of `event` for `subscription_id`. The frame is
-/// encoded once per event (with id 0) and shared by every TCP subscriber;
-/// each copy only patches the id.
-fn put_event_frame(buf: &mut BytesMut, subscription_id: u64, topic: &str, event: &Event) {
-    let frame = event.tcp_frame.get_or_init(|| {
-        let mut b = BytesMut::new();
-        let msg = ServerMessage::Event {
-            subscription_id: 0,
-            event: wire::event(topic, event),
-        };
-        if let Err(e) = encode_frame(&msg, &mut b) {
-            tracing::error!(error = %e, "cannot encode an event");
-        }
-        b.freeze()
-    });
+/// The `Event` frame of `event` with subscription id 0: encoded once per
+/// event and shared by every TCP subscriber, each copy patching the id.
+fn shared_event_frame(topic: &str, event: &Event) -> Bytes {
+    let mut b = BytesMut::new();
+    let msg = ServerMessage::Event {
+        subscription_id: 0,
+        event: wire::event(topic, event),
+    };
+    if let Err(e) = encode_frame(&msg, &mut b) {
+        tracing::error!(error = %e, "cannot encode an event");
+    }
+    b.freeze()
+}
+
+/// Appends the shared `frame` of an event for `subscription_id`.
+fn put_event_frame(buf: &mut BytesMut, subscription_id: u64, frame: &Bytes) {
     if frame.len() < SUBSCRIPTION_ID_AT.end {
         return;
     }
@@ -977,7 +981,7 @@ mod tests {
         );
         for sid in [0, 1, u64::MAX, 0x0102_0304_0506_0708] {
             let mut patched = BytesMut::new();
-            put_event_frame(&mut patched, sid, "orders", &event);
+            put_event_frame(&mut patched, sid, &shared_event_frame("orders", &event));
             let mut direct = BytesMut::new();
             encode_frame(
                 &ServerMessage::Event {
