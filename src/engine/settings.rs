@@ -55,7 +55,7 @@ pub struct TopicsConfig {
     /// Oldest event a topic retains; `0s` means no age limit.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
-    /// Most payload+metadata bytes a topic retains.
+    /// Most bytes a topic retains: events and the encodings built for them.
     pub max_bytes: ByteSize,
     /// How long a sealed topic stays readable before it is removed.
     #[serde(with = "humantime_serde")]
