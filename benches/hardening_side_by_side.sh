@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Side-by-side: ringcastd at the start of this session (base) vs now (cur),
-# and Redis pub/sub, in one run, same machine, same client.
+# Side-by-side: a baseline ringcastd (BASE_BIN) vs this tree's (CUR_BIN), and
+# Redis pub/sub as the peer, in one run, same machine, same client. Needs
+# release builds (cargo build --release --bin ringcastd --bin ringcast-bench)
+# and redis-server on PATH.
 set -u
 B=${BENCH_BIN:-target/release/ringcast-bench}
 OUT=/tmp/side.jsonl; : > $OUT
