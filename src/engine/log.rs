@@ -205,6 +205,21 @@ impl MemoryLog {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// The state of this incarnation of the topic, fresh if none or another
+    /// generation's is held.
+    fn incarnation(&self, id: &TopicId) -> dashmap::mapref::one::RefMut<'_, Arc<str>, MemTopic> {
+        let fresh = || MemTopic {
+            generation: id.generation,
+            counters: Counters::new(),
+            sealed_at_ms: None,
+        };
+        let mut t = self.topics.entry(id.name.clone()).or_insert_with(fresh);
+        if t.generation != id.generation {
+            *t = fresh();
+        }
+        t
+    }
 }
 
 impl Log for MemoryLog {
@@ -217,21 +232,7 @@ impl Log for MemoryLog {
         for step in steps.iter_mut() {
             let outcome = match step {
                 Step::Append { topic, events } => {
-                    let mut t = self
-                        .topics
-                        .entry(topic.name.clone())
-                        .or_insert_with(|| MemTopic {
-                            generation: topic.generation,
-                            counters: Counters::new(),
-                            sealed_at_ms: None,
-                        });
-                    if t.generation != topic.generation {
-                        *t = MemTopic {
-                            generation: topic.generation,
-                            counters: Counters::new(),
-                            sealed_at_ms: None,
-                        };
-                    }
+                    let mut t = self.incarnation(topic);
                     if t.sealed_at_ms.is_some() {
                         Outcome::Refused(EngineError::TopicSealed(topic.name.to_string()))
                     } else {
@@ -239,14 +240,7 @@ impl Log for MemoryLog {
                     }
                 }
                 Step::Seal { topic } => {
-                    let mut t = self
-                        .topics
-                        .entry(topic.name.clone())
-                        .or_insert_with(|| MemTopic {
-                            generation: topic.generation,
-                            counters: Counters::new(),
-                            sealed_at_ms: None,
-                        });
+                    let mut t = self.incarnation(topic);
                     Outcome::Sealed(*t.sealed_at_ms.get_or_insert(now_ms))
                 }
                 Step::Delete { topic } => {
