@@ -256,7 +256,7 @@ fn fanout(c: &mut Criterion) {
                         match d {
                             Delivery::Event(_) => {
                                 got += 1;
-                                if got % FANOUT_EVENTS == 0
+                                if got.is_multiple_of(FANOUT_EVENTS)
                                     && remaining.fetch_sub(1, Ordering::AcqRel) == 1
                                 {
                                     done.notify_one();

@@ -4,6 +4,7 @@
 //! so tests exercise exactly what the daemon runs.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -11,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::http::{self, HttpSettings, HttpState};
@@ -24,6 +26,7 @@ pub struct Broker {
     tcp_addr: SocketAddr,
     http_addr: SocketAddr,
     http: HttpState,
+    auth: Arc<Auth>,
     shutdown_timeout: Duration,
     shutdown: CancellationToken,
     kill: CancellationToken,
@@ -33,6 +36,9 @@ pub struct Broker {
 impl Broker {
     /// Recovers storage, binds every listener and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        // Before recovery, which can take long: a config that must not serve
+        // is refused at once.
+        Self::check_exposure(&config)?;
         // Before the engine: it takes its metric handles when it opens.
         crate::metrics::handle();
         let options = config.engine_options();
@@ -48,6 +54,8 @@ impl Broker {
     /// [`crate::metrics::handle`] for its metrics to be recorded).
     pub async fn start_with_engine(config: Config, engine: Engine) -> anyhow::Result<Self> {
         crate::metrics::handle();
+        Self::check_exposure(&config)?;
+        let auth = Arc::new(Auth::new(&config.auth)?);
         let tcp_listener = TcpListener::bind(config.server.tcp_listen)
             .await
             .with_context(|| {
@@ -69,9 +77,11 @@ impl Broker {
         let shutdown = CancellationToken::new();
         let kill = CancellationToken::new();
         let tracker = TaskTracker::new();
+        tracker.spawn(housekeeping(auth.clone(), shutdown.clone(), kill.clone()));
         tracker.spawn(tcp::serve(
             tcp_listener,
             engine.clone(),
+            auth.clone(),
             TcpSettings::from_config(&config),
             shutdown.clone(),
             kill.clone(),
@@ -79,6 +89,7 @@ impl Broker {
         ));
         let http = HttpState::new(
             engine.clone(),
+            auth.clone(),
             HttpSettings::from_config(&config),
             shutdown.clone(),
         );
@@ -97,6 +108,7 @@ impl Broker {
             tcp_addr,
             http_addr,
             http,
+            auth,
             shutdown_timeout: config.server.shutdown_timeout,
             shutdown,
             kill,
@@ -112,6 +124,28 @@ impl Broker {
     /// The bound HTTP address (useful when configured with port 0).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Access control shared by the front ends.
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
+    }
+
+    /// Re-reads the JWT key files (SIGHUP): tokens signed by keys added are
+    /// accepted from now on, those of keys removed are refused. On error
+    /// the keys in use stay.
+    pub fn reload_auth(&self) -> anyhow::Result<()> {
+        self.auth.reload()
+    }
+
+    fn check_exposure(config: &Config) -> anyhow::Result<()> {
+        Auth::check_exposure(
+            &config.auth,
+            &[
+                ("server.tcp_listen", config.server.tcp_listen),
+                ("server.http_listen", config.server.http_listen),
+            ],
+        )
     }
 
     /// The engine the front ends serve.
@@ -144,5 +178,18 @@ impl Broker {
         self.kill.cancel();
         self.tracker.close();
         self.tracker.wait().await;
+    }
+}
+
+/// Keeps the rate limiters' maps to recent clients.
+async fn housekeeping(auth: Arc<Auth>, shutdown: CancellationToken, kill: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = kill.cancelled() => return,
+            _ = tick.tick() => auth.limits().housekeeping(),
+        }
     }
 }

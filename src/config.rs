@@ -20,7 +20,9 @@ pub use crate::engine::{Durability, Retention, TopicOverride, TopicsConfig};
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/ringcast.toml");
 
 /// The config sections, as they appear in TOML and in variable names.
-const SECTIONS: &[&str] = &["server", "storage", "topics", "log", "limits", "metrics"];
+const SECTIONS: &[&str] = &[
+    "server", "storage", "topics", "log", "limits", "metrics", "auth",
+];
 
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "RINGCAST_";
@@ -74,6 +76,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Prometheus metrics.
     pub metrics: MetricsConfig,
+    /// Credentials, grants and rate limits.
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// `[metrics]`: what `/metrics` labels.
@@ -179,10 +183,22 @@ pub struct ServerConfig {
     /// Longest graceful shutdown before the daemon exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// Origins allowed by CORS on the HTTP API and SSE; `"*"` allows any.
+    /// Origins (`https://app.example`) whose pages may read cross-origin:
+    /// SSE, history, topic info and list, with credentials (cookies). `"*"`
+    /// allows any origin, without credentials. Empty: same-origin only.
     /// From the environment: a comma-separated list.
     #[serde(deserialize_with = "string_list")]
     pub cors_origins: Vec<String>,
+    /// Origins whose pages may also write cross-origin: publish, seal,
+    /// delete. Empty (the default): writes from another origin are refused
+    /// with 403 whatever their content type. `"*"` is not accepted.
+    #[serde(deserialize_with = "string_list")]
+    pub cors_write_origins: Vec<String>,
+    /// Host names (without port) a loopback HTTP listener accepts in `Host`
+    /// besides `localhost`, `127.0.0.1` and `[::1]` (DNS rebinding
+    /// defence); `"*"` accepts any. Not checked on other listeners.
+    #[serde(deserialize_with = "string_list")]
+    pub allowed_hosts: Vec<String>,
     /// A TCP frame or an HTTP request (headers and body) that has started
     /// must arrive whole within this; a slower peer is cut off.
     #[serde(with = "humantime_serde")]
@@ -216,7 +232,9 @@ impl Default for ServerConfig {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
             heartbeat: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(10),
-            cors_origins: vec!["*".into()],
+            cors_origins: Vec::new(),
+            cors_write_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             read_timeout: Duration::from_secs(30),
         }
     }
@@ -449,14 +467,46 @@ impl Config {
                 "must be at least 10ms",
             ));
         }
-        for (i, origin) in self.server.cors_origins.iter().enumerate() {
-            if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
+        for (key, list, star) in [
+            ("server.cors_origins", &self.server.cors_origins, true),
+            (
+                "server.cors_write_origins",
+                &self.server.cors_write_origins,
+                false,
+            ),
+        ] {
+            for (i, origin) in list.iter().enumerate() {
+                if origin == "*" && star {
+                    continue;
+                }
+                if !valid_origin(origin) {
+                    return Err(ConfigError::invalid(
+                        format!("{key}[{i}]"),
+                        format!(
+                            "{origin:?} is not an origin (scheme://host[:port], no path){}",
+                            if star {
+                                ""
+                            } else {
+                                "; \"*\" is not allowed for writes"
+                            }
+                        ),
+                    ));
+                }
+            }
+        }
+        for (i, host) in self.server.allowed_hosts.iter().enumerate() {
+            if host != "*"
+                && (host.is_empty() || host.contains(['/', ' ', ':']) && !host.starts_with('['))
+            {
                 return Err(ConfigError::invalid(
-                    format!("server.cors_origins[{i}]"),
-                    format!("{origin:?} is not a valid origin"),
+                    format!("server.allowed_hosts[{i}]"),
+                    format!("{host:?} is not a host name (no scheme, no port)"),
                 ));
             }
         }
+        self.auth
+            .validate()
+            .map_err(|(key, message)| ConfigError::invalid(key, message))?;
         if self.limits.max_topics == 0 {
             return Err(ConfigError::invalid(
                 "limits.max_topics",
@@ -541,6 +591,20 @@ fn parse_env_value(raw: &str) -> toml::Value {
         Ok(p) => p.v,
         Err(_) => toml::Value::String(raw.to_owned()),
     }
+}
+
+/// `scheme://host[:port]`, as browsers send in `Origin`.
+fn valid_origin(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        && !rest.is_empty()
+        && !rest.contains(['/', ' ', '?', '#'])
+        && axum::http::HeaderValue::from_str(origin).is_ok()
 }
 
 fn one_line(s: &str) -> String {

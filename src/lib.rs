@@ -2,6 +2,7 @@
 //! get exactly what they missed — or one explicit `gap` — never a silent hole.
 //!
 //! # Layout
+//! - [`auth`]: credentials (JWT, API keys), per-topic grants, rate limits.
 //! - [`config`]: the daemon configuration (TOML, env overrides, validation).
 //! - [`engine`]: the topic log — rings, offsets, versions, epochs, retention,
 //!   subscriptions (cursors), and the sled store with group commit.
@@ -17,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod engine;

@@ -46,6 +46,14 @@ pub const STORAGE_WRITABLE: &str = "ringcast_storage_writable";
 /// by `transport`.
 pub const OUTBOUND_QUEUED_BYTES: &str = "ringcast_outbound_queued_bytes";
 
+/// Requests refused by access control, by `transport` and `code`
+/// (`unauthorized`, `token_expired`, `forbidden`, `origin_not_allowed`,
+/// `host_not_allowed`).
+pub const AUTH_REFUSED: &str = "ringcast_auth_refusals_total";
+/// Requests refused by a rate limit, by `limit` (`publish`, `connections`,
+/// `sse_per_credential`).
+pub const RATE_LIMITED: &str = "ringcast_rate_limited_total";
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5,
@@ -77,6 +85,14 @@ fn describe() {
         "Requests or connections refused by a configured limit."
     );
     describe_counter!(PUBLISHED, "Events appended and acknowledged.");
+    describe_counter!(
+        AUTH_REFUSED,
+        "Requests or connections refused by access control, by transport and code."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests or connections refused by a rate limit, by limit."
+    );
     describe_counter!(
         STORAGE_ERRORS,
         "Storage passes that failed to write or fsync; their publishes were refused."
@@ -123,6 +139,11 @@ fn describe() {
         Unit::Bytes,
         "Bytes queued for connections' writers that their peers have not read yet."
     );
+}
+
+/// Counts a request refused by access control on `transport` with `code`.
+pub fn auth_refused(transport: &'static str, code: &'static str) {
+    metrics::counter!(AUTH_REFUSED, "transport" => transport, "code" => code).increment(1);
 }
 
 /// Counts a refusal by `limit` (e.g. `max_tcp_connections`).

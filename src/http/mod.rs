@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::engine::{Engine, EngineError};
 
@@ -81,6 +82,7 @@ impl HttpSettings {
 #[derive(Clone, Debug)]
 pub struct HttpState {
     engine: Engine,
+    auth: Arc<Auth>,
     settings: Arc<HttpSettings>,
     sse_permits: Arc<Semaphore>,
     request_permits: Arc<Semaphore>,
@@ -90,9 +92,15 @@ pub struct HttpState {
 
 impl HttpState {
     /// State over `engine`; `shutdown` ends SSE streams with `event: shutdown`.
-    pub fn new(engine: Engine, settings: HttpSettings, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        engine: Engine,
+        auth: Arc<Auth>,
+        settings: HttpSettings,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             engine,
+            auth,
             sse_permits: Arc::new(Semaphore::new(settings.max_sse_connections)),
             request_permits: Arc::new(Semaphore::new(settings.max_requests)),
             settings: Arc::new(settings),

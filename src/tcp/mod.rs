@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::engine::Engine;
 
@@ -79,6 +80,7 @@ impl TcpSettings {
 pub async fn serve(
     listener: TcpListener,
     engine: Engine,
+    auth: Arc<Auth>,
     settings: TcpSettings,
     shutdown: CancellationToken,
     kill: CancellationToken,

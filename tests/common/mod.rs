@@ -2,6 +2,8 @@
 //! temporary data dir, and a raw protocol client for byte-level tests.
 #![allow(dead_code)]
 
+pub mod auth;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
