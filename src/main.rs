@@ -109,6 +109,16 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
         config.storage.durability = d;
     }
     config.validate()?;
+    // Refused here, before logging starts, so the reason is the one line on
+    // stderr; and `--check-config` catches it too, with unreadable key files.
+    ringcast::auth::Auth::check_exposure(
+        &config.auth,
+        &[
+            ("server.tcp_listen", config.server.tcp_listen),
+            ("server.http_listen", config.server.http_listen),
+        ],
+    )?;
+    ringcast::auth::Auth::new(&config.auth)?;
     Ok(config)
 }
 
@@ -153,7 +163,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let watchdog = CancellationToken::new();
     systemd::spawn_watchdog(watchdog.clone());
 
-    signals.next().await;
+    loop {
+        match signals.next().await {
+            Signal::Stop => break,
+            Signal::Reload => match broker.reload_auth() {
+                Ok(()) => {
+                    tracing::info!("SIGHUP: JWT keys reloaded");
+                    systemd::status("JWT keys reloaded");
+                }
+                Err(e) => tracing::error!("SIGHUP: keeping the JWT keys in use: {e:#}"),
+            },
+        }
+    }
     tracing::info!("shutting down");
     systemd::stopping();
     let timeout = config.server.shutdown_timeout;
@@ -162,7 +183,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Ok(r) => r?,
             Err(_) => anyhow::bail!("shutdown did not finish within shutdown_timeout"),
         },
-        _ = signals.next() => {
+        _ = signals.next_stop() => {
             // sled is crash-safe: leaving now is like a kill, minus nothing
             // that fsync mode acknowledged.
             tracing::warn!("second signal: exiting at once");
@@ -174,10 +195,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT as one stream.
+/// What a signal asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    /// SIGTERM or SIGINT: shut down.
+    Stop,
+    /// SIGHUP: re-read the JWT key files.
+    Reload,
+}
+
+/// SIGTERM, SIGINT and SIGHUP as one stream.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -186,13 +217,20 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    async fn next(&mut self) {
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
         }
+    }
+
+    /// The next stop signal; reloads asked for meanwhile are ignored.
+    async fn next_stop(&mut self) {
+        while self.next().await != Signal::Stop {}
     }
 }

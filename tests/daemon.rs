@@ -941,3 +941,146 @@ async fn json_log_format_writes_one_json_object_per_line() {
         "the stop is logged as JSON too"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Access control: secure by default, key rotation by SIGHUP.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_non_loopback_listener_without_auth_is_refused_with_one_line_saying_how() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut open = ringcastd();
+    open.arg("--data-dir").arg(&data).args([
+        "--tcp-listen",
+        "0.0.0.0:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    let (status, _, stderr) = run_to_end(&mut open).await;
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "a refused config exits 2: {stderr:?}"
+    );
+    assert_eq!(stderr.len(), 1, "exactly one line: {stderr:#?}");
+    for needle in [
+        "0.0.0.0:0",
+        "server.tcp_listen",
+        "[auth]",
+        "auth.allow_anonymous_remote = true",
+    ] {
+        assert!(stderr[0].contains(needle), "{needle:?} in {:?}", stderr[0]);
+    }
+    assert!(!data.exists(), "a refused config touches no data dir");
+
+    // The explicit opt-out, and auth itself, both make the same listener fine.
+    let mut opted = ringcastd();
+    opted
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--tcp-listen", "0.0.0.0:0", "--check-config"])
+        .env("RINGCAST_AUTH_ALLOW_ANONYMOUS_REMOTE", "true");
+    let (status, stdout, stderr) = run_to_end(&mut opted).await;
+    assert!(status.success(), "opted out: {stderr:?}");
+    assert_eq!(stdout.trim(), "config ok");
+    let secret = dir.path().join("jwt.secret");
+    std::fs::write(&secret, common::auth::SECRET).unwrap();
+    let config = dir.path().join("auth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth.jwt]\nsecret_file = {:?}\n",
+            secret.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut with_auth = ringcastd();
+    with_auth
+        .arg("--config")
+        .arg(&config)
+        .args(["--http-listen", "0.0.0.0:0", "--check-config"]);
+    let (status, _, stderr) = run_to_end(&mut with_auth).await;
+    assert!(status.success(), "with [auth.jwt]: {stderr:?}");
+}
+
+#[tokio::test]
+async fn an_unreadable_key_file_is_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("auth.toml");
+    std::fs::write(
+        &config,
+        "[auth.jwt]\njwks_file = \"/nonexistent/jwks.json\"\n",
+    )
+    .unwrap();
+    let mut cmd = ringcastd();
+    cmd.arg("--config").arg(&config).arg("--check-config");
+    assert_fails_naming(&mut cmd, "auth.jwt.jwks_file").await;
+}
+
+/// Hello with `token`: `Ok(())` on Welcome, else the error code.
+async fn hello_with(addr: SocketAddr, token: &str) -> Result<(), ErrorCode> {
+    let mut c = RawClient::connect(addr).await;
+    c.send(&ClientMessage::Hello {
+        protocol_version: ringcast_protocol::PROTOCOL_VERSION,
+        client_name: "daemon-test".into(),
+        credentials: Some(token.into()),
+    })
+    .await;
+    match before(10, "the hello reply", c.recv()).await {
+        Some(ServerMessage::Welcome { .. }) => Ok(()),
+        Some(ServerMessage::Error { code, .. }) => Err(code),
+        other => panic!("expected Welcome or Error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sighup_rotates_jwks_keys_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    common::auth::write_jwks(&jwks, &[("old", "rsa.key")]);
+    let config = dir.path().join("auth.toml");
+    std::fs::write(
+        &config,
+        format!("[auth.jwt]\njwks_file = {:?}\n", jwks.display().to_string()),
+    )
+    .unwrap();
+    let mut daemon = Launch::new(&dir.path().join("data"))
+        .arg("--config")
+        .arg(config.to_str().unwrap())
+        .start()
+        .await;
+    let claims = serde_json::json!({
+        "sub": "u1",
+        "exp": ringcast::auth::unix_now() + 600,
+        "ringcast": {"subscribe": ["*"]},
+    });
+    let old = common::auth::rs256("rsa.key", Some("old"), &claims);
+    let new = common::auth::rs256("rsa2.key", Some("new"), &claims);
+    assert_eq!(hello_with(daemon.tcp, &old).await, Ok(()));
+    assert_eq!(
+        hello_with(daemon.tcp, &new).await,
+        Err(ErrorCode::Unauthorized)
+    );
+
+    common::auth::write_jwks(&jwks, &[("new", "rsa2.key")]);
+    daemon.signal("HUP");
+    daemon.await_log("JWT keys reloaded", 10).await;
+    assert_eq!(
+        hello_with(daemon.tcp, &new).await,
+        Ok(()),
+        "the new key works"
+    );
+    assert_eq!(
+        hello_with(daemon.tcp, &old).await,
+        Err(ErrorCode::Unauthorized),
+        "the removed key's tokens are refused"
+    );
+
+    // A broken file keeps the keys in use, and the daemon keeps serving.
+    std::fs::write(&jwks, "{ not json").unwrap();
+    daemon.signal("HUP");
+    daemon.await_log("keeping the JWT keys in use", 10).await;
+    assert_eq!(hello_with(daemon.tcp, &new).await, Ok(()));
+    assert!(daemon.stop(30).await.success());
+}
