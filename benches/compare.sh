@@ -79,12 +79,14 @@ REDIS_SERVER=$(command -v redis-server)
 NATS_SERVER=$(command -v nats-server)
 
 # ---------------------------------------------------------------- build
-echo "== building ringcastd and ringcast-bench (release)" >&2
+echo "== building ringcastd, ringcast and ringcast-bench (release)" >&2
 cargo build --release --quiet -p ringcast --bin ringcastd
+cargo build --release --quiet -p ringcast-client --bin ringcast
 cargo build --release --quiet -p ringcast-bench
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 RINGCASTD=$TARGET_DIR/release/ringcastd
 BENCH=$TARGET_DIR/release/ringcast-bench
+RINGCAST_CLI=$TARGET_DIR/release/ringcast
 
 # ---------------------------------------------------------------- lifecycle
 WORK=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/ringcast-compare.XXXXXX")
@@ -159,7 +161,8 @@ stop_server() {
 # default max_events is 10,000), and the connection limits cover the SSE
 # and 1000-subscriber rows.
 start_ringcast() {
-    local mode=$1 tcp http dir
+    local mode=$1 config=${2:-} tcp http dir extra=()
+    [[ -n $config ]] && extra=(--config "$config")
     tcp=$(free_port)
     http=$(free_port)
     dir=$WORK/ringcast-$mode-$RANDOM
@@ -169,7 +172,7 @@ start_ringcast() {
         RINGCAST_LIMITS_MAX_RETAINED_BYTES=8GiB \
         RINGCAST_LIMITS_MAX_TCP_CONNECTIONS=20000 \
         RINGCAST_LIMITS_MAX_SSE_CONNECTIONS=20000 \
-        "$RINGCASTD" --durability "$mode" --data-dir "$dir" \
+        "$RINGCASTD" "${extra[@]}" --durability "$mode" --data-dir "$dir" \
         --tcp-listen "127.0.0.1:$tcp" --http-listen "127.0.0.1:$http" \
         >>"$WORK/ringcastd.log" 2>&1 &
     SRV_PID=$!
@@ -274,6 +277,22 @@ for spec in "${FANOUT[@]}"; do
         fanout --subscribers 100 --n "${spec##*:}" --payload 128 --window "$WINDOW"
 done
 bench ringcast latency.ringcast latency --rate 10000 --duration-s "$LAT_S" --payload 128
+stop_server
+
+# The same broker with access control on: HS256 tokens checked once per
+# connection (hello), grants matched once per request.
+head -c 48 /dev/urandom | base64 >"$WORK/jwt.secret"
+printf '[auth.jwt]\nsecret_file = "%s"\n' "$WORK/jwt.secret" >"$WORK/auth.toml"
+TOKEN=$("$RINGCAST_CLI" token --secret-file "$WORK/jwt.secret" --sub bench \
+    --publish '*' --subscribe '*' --ttl 1h)
+start_ringcast memory "$WORK/auth.toml"
+bench ringcast publish128.ringcast.memory.auth --token "$TOKEN" \
+    publish --n "$N128" --payload 128 --window "$WINDOW"
+for spec in "${FANOUT[@]}"; do
+    [[ ${spec%%:*} == 10 ]] || continue
+    bench ringcast fanout10.ringcast.auth --token "$TOKEN" \
+        fanout --subscribers 10 --n "${spec##*:}" --payload 128 --window "$WINDOW"
+done
 stop_server
 
 start_ringcast memory # fresh process: a clean RSS baseline

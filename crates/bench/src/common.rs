@@ -282,7 +282,7 @@ impl Publisher {
     pub async fn connect(target: Target, addr: &str, window: usize, retain: u64) -> Result<Self> {
         Ok(match target {
             Target::Ringcast => Publisher::Ringcast(
-                ringcast_client::Client::connect(addr)
+                ringcast_connect(addr)
                     .await
                     .with_context(|| format!("connecting to ringcast at {addr}"))?,
             ),
@@ -559,7 +559,7 @@ impl Subscriber {
     pub async fn connect(target: Target, addr: &str, dest: &str, buffer: usize) -> Result<Self> {
         Ok(match target {
             Target::Ringcast => {
-                let client = ringcast_client::Client::connect(addr).await?;
+                let client = ringcast_connect(addr).await?;
                 let sub = client.subscribe(dest).live().buffer(buffer).send().await?;
                 Subscriber::Ringcast(sub)
             }
@@ -618,4 +618,20 @@ where
         .buffered(concurrency.max(1))
         .collect()
         .await
+}
+
+static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Sets the credentials every ringcast client of this run sends (`--token`).
+pub fn set_token(token: Option<String>) {
+    let _ = TOKEN.set(token);
+}
+
+/// Connects a ringcast SDK client, with `--token` when given.
+pub async fn ringcast_connect(addr: &str) -> ringcast_client::Result<ringcast_client::Client> {
+    let mut options = ringcast_client::ClientOptions::new(addr);
+    if let Some(token) = TOKEN.get().and_then(Option::as_ref) {
+        options = options.with_credentials(token.clone());
+    }
+    ringcast_client::Client::connect_with(options).await
 }

@@ -59,6 +59,10 @@ struct Args {
     /// Also append the JSON line to this file.
     #[arg(long, global = true)]
     out: Option<std::path::PathBuf>,
+    /// ringcast only: credentials (a JWT or an API key) every client sends
+    /// in its hello.
+    #[arg(long, global = true)]
+    token: Option<String>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -196,6 +200,7 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<()> {
     common::now_ns(); // fix the clock base
+    common::set_token(args.token.clone());
     let c = Common {
         target: args.target,
         addr: args.addr.clone(),

@@ -180,6 +180,22 @@ fn rows() -> Vec<Row> {
         "resume.jetstream".into(),
         Resume,
     ));
+    // The cost of access control: the same broker with every client
+    // holding an HS256 token, against no auth, in the same run.
+    rows.push(row(
+        "publish 128 B, ringcast memory, every client with an HS256 token (CPU/msg ratio = the cost of auth)".into(),
+        "publish128.ringcast.memory.auth".into(),
+        "ringcast memory, no auth",
+        "publish128.ringcast.memory".into(),
+        Publish,
+    ));
+    rows.push(row(
+        "fan-out, 10 subscribers, every client with an HS256 token".into(),
+        "fanout10.ringcast.auth".into(),
+        "ringcast, no auth",
+        "fanout10.ringcast".into(),
+        Fanout,
+    ));
     rows.push(row(
         "SSE: server RSS per idle connection".into(),
         "sse.ringcast".into(),
@@ -247,7 +263,13 @@ fn cell(r: &Record, metric: Metric) -> String {
 fn cell_figures(r: &Record, metric: Metric) -> String {
     let n = |k: &str| r.num(k).unwrap_or(f64::NAN);
     match metric {
-        Metric::Publish => format!("{} msg/s", si(n("msgs_per_s"))),
+        Metric::Publish => {
+            let mut s = format!("{} msg/s", si(n("msgs_per_s")));
+            if let Some(cpu) = r.num("server_cpu_us_per_msg") {
+                s.push_str(&format!(", {cpu:.2} µs CPU/msg"));
+            }
+            s
+        }
         Metric::Fanout => {
             let mut s = format!("{} msg/s", si(n("msgs_per_s")));
             if let Some(cpu) = r.num("server_cpu_us_per_msg") {
@@ -335,7 +357,7 @@ pub fn run(path: &str) -> Result<()> {
         ) {
             (Some(a), Some(b)) if b > 0.0 => {
                 let mut s = format!("{:.2}×", a / b);
-                if r.metric == Metric::Fanout {
+                if matches!(r.metric, Metric::Fanout | Metric::Publish) {
                     if let (Some(ca), Some(cb)) = (
                         ours.and_then(|o| o.num("server_cpu_us_per_msg")),
                         peer.and_then(|p| p.num("server_cpu_us_per_msg")),

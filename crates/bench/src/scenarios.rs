@@ -264,7 +264,7 @@ pub async fn resume(c: &Common, n: u64, payload_size: usize, page: usize) -> Res
     let got: u64;
     match c.target {
         Target::Ringcast => {
-            let client = ringcast_client::Client::connect(c.addr.as_str()).await?;
+            let client = crate::common::ringcast_connect(c.addr.as_str()).await?;
             cpu = CpuMeter::start(c.server_pid, c.metrics_addr.as_deref()).await;
             started = Instant::now();
             let mut sub = client

@@ -216,7 +216,7 @@ pub async fn run(
         bail!("sse runs against ringcast only");
     }
     let topic = format!("{}.sse", c.dest);
-    let client = ringcast_client::Client::connect(c.addr.as_str()).await?;
+    let client = crate::common::ringcast_connect(c.addr.as_str()).await?;
     // Create the topic and let the server settle before the baseline.
     client.publish(topic.as_str(), "warm", "{}").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
