@@ -495,6 +495,13 @@ impl Auth {
             let ends_at = claims
                 .exp
                 .map(|exp| UNIX_EPOCH + Duration::from_secs(exp) + self.config.leeway);
+            // jsonwebtoken compares whole seconds (`exp < now`), accepting a
+            // token for up to a second past `exp` + leeway; a session that
+            // has ended (an SSE stream just closed at it) must not start
+            // again with the same token (RFC 7519: not accepted on or after).
+            if ends_at.is_some_and(|end| end <= SystemTime::now()) {
+                return Err(Denied::Expired("the token has expired".into()));
+            }
             let rate_key = format!("jwt:{}", subject.as_deref().unwrap_or("")).into();
             return Ok(Principal::new(
                 Kind::Token,
