@@ -951,14 +951,12 @@ async fn read_response(stream: &mut TcpStream, closes: bool) -> RawResponse {
         bytes.extend_from_slice(&buf[..n]);
     };
     if closes {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => panic!(
-                    "more after the response: {:?}",
-                    String::from_utf8_lossy(&buf[..n])
-                ),
-            }
+        // The next read sees the end of the stream (or a reset), nothing more.
+        if let Ok(n @ 1..) = stream.read(&mut buf).await {
+            panic!(
+                "more after the response: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            );
         }
     }
     let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
