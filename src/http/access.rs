@@ -188,19 +188,45 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 /// `uri` for logs: the path and the query without the value of
-/// `access_token` (a credential).
+/// `access_token` (a credential), however its name is percent-encoded.
 pub(crate) fn loggable(uri: &Uri) -> String {
     let Some(query) = uri.query() else {
         return uri.path().to_owned();
     };
     let query: Vec<&str> = query
         .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some(("access_token", _)) => "access_token=<redacted>",
-            _ => pair,
+        .map(|pair| {
+            let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+            if percent_decoded(name) == b"access_token" {
+                "access_token=<redacted>"
+            } else {
+                pair
+            }
         })
         .collect();
     format!("{}?{}", uri.path(), query.join("&"))
+}
+
+/// `s` with `%XX` escapes decoded (as a query's names are read).
+fn percent_decoded(s: &str) -> Vec<u8> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                // Two hex digits: at most 255.
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -292,5 +318,12 @@ mod tests {
             "/v1/topics/t/events?types=a&access_token=<redacted>&last_event_id=1:2"
         );
         assert_eq!(loggable(&"/healthz".parse().unwrap()), "/healthz");
+        let encoded: Uri = "/e?access%5Ftoken=eyJ.x.y&%61ccess_token=k"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            loggable(&encoded),
+            "/e?access_token=<redacted>&access_token=<redacted>"
+        );
     }
 }
