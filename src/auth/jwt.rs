@@ -514,6 +514,26 @@ mod tests {
     }
 
     #[test]
+    fn an_absurdly_distant_expiry_never_ends_and_never_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "k".repeat(40)).unwrap();
+        let a = auth(JwtConfig {
+            secret_file: Some(secret),
+            ..JwtConfig::default()
+        });
+        let key = EncodingKey::from_secret("k".repeat(40).as_bytes()).unwrap();
+        for exp in [u64::MAX, i64::MAX as u64, 1 << 40] {
+            let mut c = claims(0);
+            c["exp"] = json!(exp);
+            let p = a
+                .authenticate(Some(&sign(Algorithm::HS256, None, &key, c)), None)
+                .unwrap_or_else(|e| panic!("exp {exp}: {e}"));
+            let _ = p.deadline();
+        }
+    }
+
+    #[test]
     fn a_short_secret_is_refused_at_load() {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
