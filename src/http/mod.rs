@@ -12,10 +12,10 @@
 //! | `GET /metrics` | Prometheus text |
 //!
 //! Every `/v1` route checks the caller's credentials and grants
-//! ([`access`]) before it touches the engine; `/healthz`, `/readyz` and
+//! (`access.rs`) before it touches the engine; `/healthz`, `/readyz` and
 //! `/metrics` need none (probes and scrapers carry no token, and they
 //! reveal no topic). Every route is behind the cross-site checks
-//! ([`cross_site`]): `Origin` (with CORS) and, on a loopback listener, `Host`.
+//! (`cross_site.rs`): `Origin` (with CORS) and, on a loopback listener, `Host`.
 
 mod access;
 mod api;
