@@ -323,7 +323,9 @@ async fn watchdog(io: &conn::ConnIo, heartbeat: Duration, peer: &std::net::Socke
 
 /// Answers every request of a connection over the connection rate with 429
 /// and closes it: a tiny service of its own, so the refusal costs no
-/// routing, no permit of the app and no authentication.
+/// routing, no request permit and no authentication. It holds its
+/// connection slot (`permit`) until closed, so `max_connections` still
+/// bounds the sockets open.
 async fn refuse_connection(
     stream: tokio::net::TcpStream,
     limited: crate::auth::Limited,
