@@ -97,7 +97,7 @@ impl Broker {
         tracker.spawn(http::serve(
             http_listener,
             app,
-            http.settings(),
+            http.clone(),
             shutdown.clone(),
             kill.clone(),
             tracker.clone(),

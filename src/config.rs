@@ -190,8 +190,9 @@ pub struct ServerConfig {
     #[serde(deserialize_with = "string_list")]
     pub cors_origins: Vec<String>,
     /// Origins whose pages may also write cross-origin: publish, seal,
-    /// delete. Empty (the default): writes from another origin are refused
-    /// with 403 whatever their content type. `"*"` is not accepted.
+    /// delete (and read, as if listed in `cors_origins`). Empty (the
+    /// default): writes from another origin are refused with 403 whatever
+    /// their content type. `"*"` is not accepted.
     #[serde(deserialize_with = "string_list")]
     pub cors_write_origins: Vec<String>,
     /// Host names (without port) a loopback HTTP listener accepts in `Host`

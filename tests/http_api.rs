@@ -481,15 +481,17 @@ async fn the_stream_disables_caching_and_proxy_buffering() {
 }
 
 #[tokio::test]
-async fn cors_allows_any_origin_by_default() {
+async fn cross_origin_reads_are_refused_by_default() {
     let api = Api::start().await;
-    let s = api
-        .sse_with(
+    let (status, body) = error_of(
+        api.sse_response(
             "/v1/topics/t/events",
             &[("origin", "https://anywhere.example")],
         )
-        .await;
-    assert_eq!(s.headers()["access-control-allow-origin"], "*");
+        .await,
+    )
+    .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "origin_not_allowed");
     let response = api
         .http
         .get(api.url("/v1/topics"))
@@ -497,7 +499,26 @@ async fn cors_allows_any_origin_by_default() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.headers()["access-control-allow-origin"], "*");
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none(),
+        "no CORS grant: {:?}",
+        response.headers()
+    );
+    // Without Origin (curl, backends) nothing changes; the broker's own
+    // origin is no cross-site request either.
+    assert_eq!(api.get("/v1/topics").await.0, StatusCode::OK);
+    let own = api
+        .http
+        .get(api.url("/v1/topics"))
+        .header("origin", api.base.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), StatusCode::OK);
 }
 
 #[tokio::test]
@@ -513,30 +534,37 @@ async fn cors_allows_configured_origins_and_no_other() {
         allowed.headers()["access-control-allow-origin"],
         "https://app.example"
     );
-    let other = api
-        .sse_with("/v1/topics/t/events", &[("origin", "https://evil.example")])
-        .await;
-    assert!(
-        other.headers().get("access-control-allow-origin").is_none(),
-        "another origin is not allowed: {:?}",
-        other.headers()
-    );
-    let preflight = api
-        .http
-        .request(reqwest::Method::OPTIONS, api.url("/v1/topics/t/events"))
-        .header("origin", "https://app.example")
-        .header("access-control-request-method", "POST")
-        .header(
-            "access-control-request-headers",
-            "x-ringcast-header-user-id",
-        )
-        .send()
-        .await
-        .unwrap();
-    assert!(preflight.status().is_success(), "{}", preflight.status());
     assert_eq!(
-        preflight.headers()["access-control-allow-origin"],
+        allowed.headers()["access-control-allow-credentials"],
+        "true"
+    );
+    let (status, body) = error_of(
+        api.sse_response("/v1/topics/t/events", &[("origin", "https://evil.example")])
+            .await,
+    )
+    .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "origin_not_allowed");
+
+    let preflight = |method: &'static str| {
+        api.http
+            .request(reqwest::Method::OPTIONS, api.url("/v1/topics/t/events"))
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", "authorization")
+            .send()
+    };
+    let read = preflight("GET").await.unwrap();
+    assert!(read.status().is_success(), "{}", read.status());
+    assert_eq!(
+        read.headers()["access-control-allow-origin"],
         "https://app.example"
+    );
+    // A read origin may not write: its preflight for a POST gets no grant.
+    let write = preflight("POST").await.unwrap();
+    assert!(
+        write.headers().get("access-control-allow-origin").is_none(),
+        "{:?}",
+        write.headers()
     );
 }
 
@@ -1267,7 +1295,7 @@ impl Api {
         stream
             .write_all(
                 format!(
-                    "GET {path} HTTP/{http_version}\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n"
+                    "GET {path} HTTP/{http_version}\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n"
                 )
                 .as_bytes(),
             )
@@ -1333,7 +1361,7 @@ async fn a_content_length_over_max_payload_is_refused_with_413_before_the_body_a
     // The rest of the 10 GB never comes: the answer must not wait for it.
     let response = api
         .exchange_closing(
-            b"POST /v1/topics/big/events?type=blob HTTP/1.1\r\nHost: test\r\n\
+            b"POST /v1/topics/big/events?type=blob HTTP/1.1\r\nHost: localhost\r\n\
               Content-Length: 10000000000\r\n\r\n0123456789",
         )
         .await;
@@ -1350,7 +1378,7 @@ async fn a_body_that_does_not_arrive_within_read_timeout_gets_408_and_is_closed(
     let api = Api::start_with(|c| c.server.read_timeout = Duration::from_millis(300)).await;
     let response = api
         .exchange_closing(
-            b"POST /v1/topics/slow/events?type=t HTTP/1.1\r\nHost: test\r\n\
+            b"POST /v1/topics/slow/events?type=t HTTP/1.1\r\nHost: localhost\r\n\
               Content-Length: 100\r\n\r\n0123456789",
         )
         .await;
@@ -1376,7 +1404,7 @@ async fn headers_that_do_not_arrive_within_read_timeout_close_the_connection() {
 #[tokio::test]
 async fn connections_over_max_http_connections_are_closed_at_accept() {
     let api = Api::start_with(|c| c.limits.max_http_connections = 2).await;
-    let healthz = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n";
+    let healthz = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n";
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut raw = api.raw().await;
@@ -1394,7 +1422,7 @@ async fn connections_over_max_http_connections_are_closed_at_accept() {
         loop {
             let mut raw = api.raw().await;
             let _ = raw
-                .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
                 .await;
             let mut buf = Vec::new();
             let _ = raw.read_to_end(&mut buf).await;
@@ -1433,7 +1461,7 @@ async fn requests_over_max_http_requests_get_503_over_capacity_at_once() {
     // One request in flight: its body is half sent.
     let mut slow = api.raw().await;
     slow.write_all(
-        b"POST /v1/topics/cap/events?type=t HTTP/1.1\r\nHost: test\r\n\
+        b"POST /v1/topics/cap/events?type=t HTTP/1.1\r\nHost: localhost\r\n\
           Content-Length: 10\r\n\r\n12345",
     )
     .await

@@ -13,6 +13,11 @@
 //! Rust: it runs when `RINGCAST_BROWSER_TESTS=1` (`.ci/run` installs the
 //! browser and sets it), and then fails loudly if the browser is missing.
 //! Without the variable it prints that it was skipped.
+//!
+//! The page is served from a port of its own, so it is another origin than
+//! the broker: the broker lists it in `server.cors_origins`. With auth on,
+//! the page server also hands out short-lived tokens at `/token` (as a
+//! site's backend would), and the page renews them on `token_expired`.
 
 mod common;
 
@@ -20,13 +25,16 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::response::Html;
+use axum::extract::{Query, State};
+use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use common::{config, start};
 use ringcast::broker::Broker;
-use ringcast::config::Durability;
+use ringcast::config::{Config, Durability};
 use ringcast::engine::NewEvent;
 use serde_json::{json, Value};
 
@@ -260,14 +268,79 @@ impl PageState {
     }
 }
 
-/// Serves the test page on an ephemeral port of its own: not by ringcast,
-/// which the test kills.
-async fn serve_page() -> SocketAddr {
+/// The page server's token endpoint: each `/token` request waits for a
+/// permit the test hands out, then mints a token for subject `browser` that
+/// may read `browser*` topics for `ttl_secs` — as the body, or as the
+/// `ringcast_token` cookie with `?cookie=1`.
+#[derive(Clone)]
+struct Tokens {
+    permits: Arc<tokio::sync::Semaphore>,
+    issued: Arc<AtomicUsize>,
+    ttl_secs: i64,
+}
+
+impl Tokens {
+    fn new(ttl_secs: i64) -> Self {
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(0)),
+            issued: Arc::new(AtomicUsize::new(0)),
+            ttl_secs,
+        }
+    }
+
+    /// Lets `n` more `/token` requests through.
+    fn allow(&self, n: usize) {
+        self.permits.add_permits(n);
+    }
+
+    fn issued(&self) -> usize {
+        self.issued.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    cookie: Option<String>,
+}
+
+async fn mint(
+    State(tokens): State<Tokens>,
+    Query(q): Query<TokenQuery>,
+) -> axum::response::Response {
+    tokens
+        .permits
+        .acquire()
+        .await
+        .expect("the semaphore is never closed")
+        .forget();
+    tokens.issued.fetch_add(1, Ordering::SeqCst);
+    let token = common::auth::token("browser", &["browser*"], tokens.ttl_secs);
+    let no_store = ("cache-control", "no-store".to_owned());
+    if q.cookie.is_some() {
+        // Cookies do not tell ports apart: set for 127.0.0.1 here, sent to
+        // the broker on its own port too.
+        let cookie = format!("ringcast_token={token}; Path=/; SameSite=Lax; HttpOnly");
+        return ([no_store, ("set-cookie", cookie)], "cookie set").into_response();
+    }
+    ([no_store], token).into_response()
+}
+
+/// Serves the test page (and `/token`) on an ephemeral port of its own:
+/// not by ringcast, which the test kills.
+async fn serve_page(tokens: Tokens) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().route("/", get(|| async { Html(PAGE) }));
+    let app = axum::Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .route("/token", get(mint))
+        .with_state(tokens);
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
+}
+
+/// Lets the page at `page` (another origin: its own port) read from the broker.
+fn allow_page(config: &mut Config, page: SocketAddr) {
+    config.server.cors_origins = vec![format!("http://{page}")];
 }
 
 async fn publish_tokens(broker: &Broker, topic: &str, offsets: std::ops::RangeInclusive<u64>) {
@@ -288,12 +361,13 @@ async fn a_browser_event_source_resumes_across_a_broker_crash_and_stops_at_the_e
     }
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), Durability::Fsync);
+    let page = serve_page(Tokens::new(0)).await;
+    allow_page(&mut config, page);
     let broker = start(config.clone()).await;
     let topic = "browser";
     publish_tokens(&broker, topic, 1..=5).await;
     let epoch = broker.engine().info(topic).unwrap().epoch;
 
-    let page = serve_page().await;
     let src = format!(
         "http://{}/v1/topics/{topic}/events?earliest=true",
         broker.http_addr()
@@ -356,6 +430,91 @@ async fn a_browser_event_source_resumes_across_a_broker_crash_and_stops_at_the_e
     assert_eq!(state.offsets.len(), 15, "{}", state.raw);
     drop(browser);
     broker.shutdown().await.expect("clean shutdown");
+}
+
+/// The page subscribes with a token valid for 2 s (by `mode`: `query` or
+/// `cookie`), which expires mid-stream; the page renews it from `/token` and
+/// resumes with `?last_event_id=`. Events published while it has no token
+/// (the test holds `/token` back) arrive after the renewal, and every offset
+/// arrives exactly once, in order.
+async fn a_browser_renews_its_token_and_resumes_exactly(mode: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = Tokens::new(2);
+    let page = serve_page(tokens.clone()).await;
+    let mut config = common::auth::hs256_config(config(dir.path(), Durability::Memory), dir.path());
+    allow_page(&mut config, page);
+    let broker = start(config).await;
+    let topic = format!("browser-{mode}");
+    publish_tokens(&broker, &topic, 1..=3).await;
+
+    let src = format!(
+        "http://{}/v1/topics/{topic}/events?earliest=true",
+        broker.http_addr()
+    );
+    let browser = Browser::launch().await;
+    tokens.allow(1);
+    browser
+        .navigate(&format!(
+            "http://{page}/?types=token&renew=/token&auth={mode}&src={}",
+            encode_component(&src)
+        ))
+        .await;
+    browser
+        .wait_until("the 3 retained events", |s| s.offsets.len() >= 3)
+        .await;
+    publish_tokens(&broker, &topic, 4..=5).await;
+    browser
+        .wait_until("the 2 live events", |s| s.offsets.len() >= 5)
+        .await;
+
+    // The token expires; the page asks for a new one, which the test holds
+    // back while more events are published.
+    browser
+        .wait_until("token_expired", |s| s.count("expired") >= 1)
+        .await;
+    assert_eq!(tokens.issued(), 1);
+    publish_tokens(&broker, &topic, 6..=8).await;
+    tokens.allow(1);
+    let state = browser
+        .wait_until("the events published while it had no token", |s| {
+            s.offsets.len() >= 8
+        })
+        .await;
+    assert!(state.count("renewed") >= 1, "{}", state.raw);
+
+    // From now on every renewal is served at once.
+    tokens.allow(1000);
+    publish_tokens(&broker, &topic, 9..=10).await;
+    broker.engine().seal(&topic).await.expect("seal");
+    let state = browser
+        .wait_until("the end event", |s| s.count("end") >= 1)
+        .await;
+    assert_eq!(
+        state.offsets,
+        (1..=10).collect::<Vec<_>>(),
+        "every offset exactly once, in order, across the expiry; page state: {}",
+        state.raw
+    );
+    assert_eq!(state.count("gap"), 0, "{}", state.raw);
+    assert!(state.count("expired") >= 1, "{}", state.raw);
+    drop(browser);
+    broker.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_renews_an_expired_query_token_and_misses_nothing() {
+    if browser_available().is_none() {
+        return;
+    }
+    a_browser_renews_its_token_and_resumes_exactly("query").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_renews_an_expired_cookie_and_misses_nothing() {
+    if browser_available().is_none() {
+        return;
+    }
+    a_browser_renews_its_token_and_resumes_exactly("cookie").await;
 }
 
 /// `encodeURIComponent` for the characters a URL here can contain.

@@ -496,6 +496,44 @@ mod tests {
     }
 
     #[test]
+    fn a_token_is_refused_from_the_instant_its_session_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "k".repeat(40)).unwrap();
+        let a = auth(JwtConfig {
+            secret_file: Some(secret),
+            ..JwtConfig::default()
+        });
+        let key = EncodingKey::from_secret("k".repeat(40).as_bytes()).unwrap();
+        // exp = now (whole seconds): jsonwebtoken alone would accept it for
+        // the rest of this second; the session ended at exp.
+        let e = a
+            .authenticate(Some(&sign(Algorithm::HS256, None, &key, claims(0))), None)
+            .unwrap_err();
+        assert_eq!(e.code(), "token_expired");
+    }
+
+    #[test]
+    fn an_absurdly_distant_expiry_never_ends_and_never_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "k".repeat(40)).unwrap();
+        let a = auth(JwtConfig {
+            secret_file: Some(secret),
+            ..JwtConfig::default()
+        });
+        let key = EncodingKey::from_secret("k".repeat(40).as_bytes()).unwrap();
+        for exp in [u64::MAX, i64::MAX as u64, 1 << 40] {
+            let mut c = claims(0);
+            c["exp"] = json!(exp);
+            let p = a
+                .authenticate(Some(&sign(Algorithm::HS256, None, &key, c)), None)
+                .unwrap_or_else(|e| panic!("exp {exp}: {e}"));
+            let _ = p.deadline();
+        }
+    }
+
+    #[test]
     fn a_short_secret_is_refused_at_load() {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");

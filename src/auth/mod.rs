@@ -335,8 +335,9 @@ impl Principal {
 
     /// The `tokio` instant at which the session ends, if ever (for timers).
     pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        // A deadline past what an Instant holds is as good as never.
         self.remaining()
-            .map(|left| tokio::time::Instant::now() + left)
+            .and_then(|left| tokio::time::Instant::now().checked_add(left))
     }
 
     /// The error for a refused `action` on a topic: anonymous clients are
@@ -492,9 +493,20 @@ impl Auth {
             let compiled = self.compile(&grants, subject.as_deref()).map_err(|e| {
                 Denied::Invalid(format!("the token's ringcast claim is invalid: {e}"))
             })?;
-            let ends_at = claims
-                .exp
-                .map(|exp| UNIX_EPOCH + Duration::from_secs(exp) + self.config.leeway);
+            // An `exp` beyond what SystemTime holds (signed, but absurd)
+            // never ends rather than overflowing.
+            let ends_at = claims.exp.and_then(|exp| {
+                UNIX_EPOCH
+                    .checked_add(Duration::from_secs(exp))?
+                    .checked_add(self.config.leeway)
+            });
+            // jsonwebtoken compares whole seconds (`exp < now`), accepting a
+            // token for up to a second past `exp` + leeway; a session that
+            // has ended (an SSE stream just closed at it) must not start
+            // again with the same token (RFC 7519: not accepted on or after).
+            if ends_at.is_some_and(|end| end <= SystemTime::now()) {
+                return Err(Denied::Expired("the token has expired".into()));
+            }
             let rate_key = format!("jwt:{}", subject.as_deref().unwrap_or("")).into();
             return Ok(Principal::new(
                 Kind::Token,

@@ -11,9 +11,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
+use super::access::Caller;
 use super::envelope::write_event;
 use super::sse::parse_list;
 use super::{ApiError, HttpState};
+use crate::auth::Action;
 use crate::engine::NewEvent;
 
 /// Prefix of request headers carried into the event's headers.
@@ -31,16 +33,31 @@ pub(crate) struct PublishQuery {
 /// `POST /v1/topics/{topic}/events?type=T`: the body is the payload;
 /// `X-Ringcast-Header-<name>: <value>` request headers become event headers.
 /// Answers `{epoch, offset, version}` once the event is acknowledged.
+/// Needs the publish grant; counts against the caller's publish rate
+/// before the body is read.
 pub(crate) async fn publish(
+    caller: Caller,
     State(state): State<HttpState>,
     Path(topic): Path<String>,
     Query(query): Query<PublishQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(Action::Publish, &topic)?;
     let event_type = query
         .event_type
         .ok_or_else(|| ApiError::bad_request("missing ?type=<event type>"))?;
+    state
+        .auth
+        .limits()
+        .check_publish(&caller.principal, 1)
+        .map_err(|limited| {
+            tracing::warn!(topic, "HTTP publish refused: over the publish rate");
+            ApiError::limited(
+                limited,
+                "over this credential's publish rate (auth.rate.publish_per_second)",
+            )
+        })?;
     let payload = read_payload(&state, &headers, body).await?;
     let mut event_headers = Vec::new();
     for (name, value) in &headers {
@@ -134,12 +151,15 @@ pub(crate) struct HistoryQuery {
 
 /// `GET /v1/topics/{topic}/history?after=N&types=a,b&limit=L`: at most
 /// `limit` events and `max_history_bytes` of payload (at least one event,
-/// so a page always moves on); `next_after` says where to continue.
+/// so a page always moves on); `next_after` says where to continue. Needs
+/// the subscribe grant.
 pub(crate) async fn history(
+    caller: Caller,
     State(state): State<HttpState>,
     Path(topic): Path<String>,
     Query(query): Query<HistoryQuery>,
 ) -> Result<Response, ApiError> {
+    caller.require(Action::Subscribe, &topic)?;
     let types = parse_list(query.types.as_deref());
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY);
     let page = state.engine.history_page(
@@ -177,12 +197,17 @@ pub(crate) async fn history(
         .into_response())
 }
 
-/// `GET /v1/topics`.
-pub(crate) async fn list_topics(State(state): State<HttpState>) -> Json<Value> {
+/// `GET /v1/topics`: the topics any of the caller's grants names.
+pub(crate) async fn list_topics(
+    caller: Caller,
+    State(state): State<HttpState>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_any_grant()?;
     let topics: Vec<Value> = state
         .engine
         .topics()
         .into_iter()
+        .filter(|t| caller.principal.may_see(&t.name))
         .map(|t| {
             json!({
                 "name": t.name,
@@ -192,14 +217,16 @@ pub(crate) async fn list_topics(State(state): State<HttpState>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({ "topics": topics }))
+    Ok(Json(json!({ "topics": topics })))
 }
 
-/// `GET /v1/topics/{topic}`.
+/// `GET /v1/topics/{topic}`: needs the subscribe grant.
 pub(crate) async fn topic_info(
+    caller: Caller,
     State(state): State<HttpState>,
     Path(topic): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(Action::Subscribe, &topic)?;
     let i = state.engine.info(&topic)?;
     let versions: serde_json::Map<String, Value> = i
         .versions
@@ -224,20 +251,24 @@ pub(crate) async fn topic_info(
     })))
 }
 
-/// `POST /v1/topics/{topic}/seal`.
+/// `POST /v1/topics/{topic}/seal`: needs the admin grant.
 pub(crate) async fn seal(
+    caller: Caller,
     State(state): State<HttpState>,
     Path(topic): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(Action::Admin, &topic)?;
     state.engine.seal(&topic).await?;
     Ok(Json(json!({"sealed": true})))
 }
 
-/// `DELETE /v1/topics/{topic}`.
+/// `DELETE /v1/topics/{topic}`: needs the admin grant.
 pub(crate) async fn delete_topic(
+    caller: Caller,
     State(state): State<HttpState>,
     Path(topic): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(Action::Admin, &topic)?;
     state.engine.delete(&topic).await?;
     Ok(Json(json!({"deleted": true})))
 }
@@ -269,7 +300,9 @@ pub(crate) async fn readyz(State(state): State<HttpState>) -> Response {
     }
 }
 
-/// `GET /metrics`: Prometheus text exposition.
+/// `GET /metrics`: Prometheus text exposition. Open like the health
+/// endpoints: scrapers carry no token, and no topic is named unless listed
+/// in `[metrics] topics`.
 pub(crate) async fn metrics(State(state): State<HttpState>) -> Response {
     use crate::metrics as m;
     let stats = state.engine.stats();

@@ -7,6 +7,7 @@
 //! notice a peer that stopped reading altogether.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -121,20 +122,27 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
     }
 }
 
+/// The address of the peer a request came from (a request extension; absent
+/// when the app is served outside [`super::serve`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub(crate) SocketAddr);
+
 /// The app as a hyper service for one connection: every request carries
-/// that connection's [`ConnIo`] as an extension.
+/// that connection's [`ConnIo`] and [`Peer`] as extensions.
 #[derive(Debug, Clone)]
 pub(crate) struct WithConn<S> {
     inner: TowerToHyperService<S>,
     conn: Arc<ConnIo>,
+    peer: SocketAddr,
 }
 
 impl<S> WithConn<S> {
-    /// Serves `app` for the connection reporting into `conn`.
-    pub(crate) fn new(app: S, conn: Arc<ConnIo>) -> Self {
+    /// Serves `app` for the connection from `peer` reporting into `conn`.
+    pub(crate) fn new(app: S, conn: Arc<ConnIo>, peer: SocketAddr) -> Self {
         Self {
             inner: TowerToHyperService::new(app),
             conn,
+            peer,
         }
     }
 }
@@ -149,6 +157,7 @@ where
 
     fn call(&self, mut request: Request<B>) -> Self::Future {
         request.extensions_mut().insert(self.conn.clone());
+        request.extensions_mut().insert(Peer(self.peer));
         self.inner.call(request)
     }
 }

@@ -10,9 +10,17 @@
 //! | `POST /v1/topics/{topic}/seal`, `DELETE /v1/topics/{topic}` | lifecycle |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness |
 //! | `GET /metrics` | Prometheus text |
+//!
+//! Every `/v1` route checks the caller's credentials and grants
+//! (`access.rs`) before it touches the engine; `/healthz`, `/readyz` and
+//! `/metrics` need none (probes and scrapers carry no token, and they
+//! reveal no topic). Every route is behind the cross-site checks
+//! (`cross_site.rs`): `Origin` (with CORS) and, on a loopback listener, `Host`.
 
+mod access;
 mod api;
 mod conn;
+mod cross_site;
 mod envelope;
 mod sse;
 
@@ -29,7 +37,6 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::Auth;
 use crate::config::Config;
@@ -46,8 +53,17 @@ pub struct HttpSettings {
     pub max_sse_connections: usize,
     /// Largest payload accepted by `POST .../events`.
     pub max_payload: u64,
-    /// Allowed CORS origins (`*` = any).
+    /// Origins whose pages may read cross-origin (`*` = any, without
+    /// credentials).
     pub cors_origins: Vec<String>,
+    /// Origins whose pages may also write (publish, seal, delete) cross-origin.
+    pub cors_write_origins: Vec<String>,
+    /// Host names accepted in `Host` besides the loopback ones (`*` = any),
+    /// when `check_host`.
+    pub allowed_hosts: Vec<String>,
+    /// Whether `Host` is checked: the listener is on a loopback address,
+    /// where a DNS-rebound page could otherwise reach it.
+    pub check_host: bool,
     /// Most HTTP connections at once.
     pub max_connections: usize,
     /// Most non-SSE requests handled at once.
@@ -69,6 +85,9 @@ impl HttpSettings {
             max_sse_connections: config.limits.max_sse_connections,
             max_payload: config.limits.max_payload.as_u64(),
             cors_origins: config.server.cors_origins.clone(),
+            cors_write_origins: config.server.cors_write_origins.clone(),
+            allowed_hosts: config.server.allowed_hosts.clone(),
+            check_host: config.server.http_listen.ip().to_canonical().is_loopback(),
             max_connections: config.limits.max_http_connections,
             max_requests: config.limits.max_http_requests,
             max_outbound_bytes: crate::config::usize_bytes(config.limits.max_outbound_bytes),
@@ -84,6 +103,7 @@ pub struct HttpState {
     engine: Engine,
     auth: Arc<Auth>,
     settings: Arc<HttpSettings>,
+    cross_site: Arc<cross_site::CrossSite>,
     sse_permits: Arc<Semaphore>,
     request_permits: Arc<Semaphore>,
     ready: Arc<AtomicBool>,
@@ -101,6 +121,7 @@ impl HttpState {
         Self {
             engine,
             auth,
+            cross_site: Arc::new(cross_site::CrossSite::new(&settings)),
             sse_permits: Arc::new(Semaphore::new(settings.max_sse_connections)),
             request_permits: Arc::new(Semaphore::new(settings.max_requests)),
             settings: Arc::new(settings),
@@ -122,14 +143,14 @@ impl HttpState {
 
 /// The HTTP application, separate from serving so tests can mount it.
 pub fn router(state: HttpState) -> Router {
-    let cors = cors(&state.settings.cors_origins);
-    Router::new()
+    let cross_site = state.cross_site.clone();
+    let app = Router::new()
         .route("/v1/topics", get(api::list_topics))
         .route(
             "/v1/topics/{topic}",
             get(api::topic_info).delete(api::delete_topic),
         )
-        .route("/v1/topics/{topic}/events", post(api::publish))
+        .route(SSE_ROUTE, post(api::publish))
         .route("/v1/topics/{topic}/history", get(api::history))
         .route("/v1/topics/{topic}/seal", post(api::seal))
         .route("/metrics", get(api::metrics))
@@ -139,13 +160,22 @@ pub fn router(state: HttpState) -> Router {
             state.clone(),
             limit_requests,
         ))
-        .route("/v1/topics/{topic}/events", get(sse::events))
+        .route(SSE_ROUTE, get(sse::events))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .fallback(api::not_found)
-        .layer(cors)
-        .with_state(state)
+        // Before anything else, the request limit included: a refused
+        // cross-site request costs nothing.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cross_site::guard,
+        ))
+        .with_state(state);
+    cross_site::with_cors(app, cross_site)
 }
+
+/// The route of the SSE stream (`GET`) and of publishing (`POST`).
+const SSE_ROUTE: &str = "/v1/topics/{topic}/events";
 
 /// Holds one of `max_requests` permits while an API request is handled
 /// (its body read included); without one the request is refused at once
@@ -175,20 +205,23 @@ async fn limit_requests(
     next.run(request).await
 }
 
-/// Serves `app` on `listener` with every connection tracked by `tracker`:
-/// `shutdown` ends SSE streams (with `event: shutdown`) and closes idle
-/// keep-alive connections; `kill` drops every connection at once. At most
-/// `settings.max_connections` are open at once: more are closed at accept.
+/// Serves `app` (built over `state`) on `listener` with every connection
+/// tracked by `tracker`: `shutdown` ends SSE streams (with `event:
+/// shutdown`) and closes idle keep-alive connections; `kill` drops every
+/// connection at once. At most `max_connections` are open at once: more
+/// are closed at accept. A peer IP over `auth.rate.connections_per_second`
+/// gets 429 on that connection, which is then closed.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
-    settings: Arc<HttpSettings>,
+    state: HttpState,
     shutdown: CancellationToken,
     kill: CancellationToken,
     tracker: tokio_util::task::TaskTracker,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
 
+    let settings = state.settings();
     let permits = Arc::new(Semaphore::new(settings.max_connections));
     let read_timeout = settings.read_timeout;
     let heartbeat = settings.heartbeat;
@@ -212,8 +245,19 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        if let Err(limited) = state.auth.limits().check_connect(peer.ip()) {
+            tracing::warn!(%peer, "HTTP connection refused: over auth.rate.connections_per_second");
+            tracker.spawn(refuse_connection(
+                stream,
+                limited,
+                read_timeout,
+                permit,
+                kill.clone(),
+            ));
+            continue;
+        }
         let io = Arc::new(conn::ConnIo::default());
-        let service = conn::WithConn::new(app.clone(), io.clone());
+        let service = conn::WithConn::new(app.clone(), io.clone(), peer);
         let (shutdown, kill) = (shutdown.clone(), kill.clone());
         tracker.spawn(async move {
             let _permit = permit;
@@ -277,20 +321,36 @@ async fn watchdog(io: &conn::ConnIo, heartbeat: Duration, peer: &std::net::Socke
     }
 }
 
-fn cors(origins: &[String]) -> CorsLayer {
-    let layer = CorsLayer::new()
-        .allow_methods(tower_http::cors::Any)
-        .allow_headers(tower_http::cors::Any)
-        .max_age(Duration::from_secs(3600));
-    if origins.iter().any(|o| o == "*") {
-        layer.allow_origin(AllowOrigin::any())
-    } else {
-        // Validated in Config::validate.
-        let list: Vec<HeaderValue> = origins
-            .iter()
-            .filter_map(|o| HeaderValue::from_str(o).ok())
-            .collect();
-        layer.allow_origin(AllowOrigin::list(list))
+/// Answers every request of a connection over the connection rate with 429
+/// and closes it: a tiny service of its own, so the refusal costs no
+/// routing, no request permit and no authentication. It holds its
+/// connection slot (`permit`) until closed, so `max_connections` still
+/// bounds the sockets open.
+async fn refuse_connection(
+    stream: tokio::net::TcpStream,
+    limited: crate::auth::Limited,
+    read_timeout: Duration,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    kill: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+
+    let service = hyper::service::service_fn(move |_request| async move {
+        let refusal = ApiError::limited(
+            limited,
+            "too many new connections from this address (auth.rate.connections_per_second)",
+        )
+        .closing();
+        Ok::<_, std::convert::Infallible>(refusal.into_response())
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        _ = conn => {}
+        _ = kill.cancelled() => {}
     }
 }
 
@@ -301,6 +361,10 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     close: bool,
+    /// Answered as `Retry-After` (whole seconds) and `retry_after_ms`.
+    retry_after: Option<Duration>,
+    /// Answered as `WWW-Authenticate`.
+    challenge: Option<&'static str>,
 }
 
 impl ApiError {
@@ -311,6 +375,33 @@ impl ApiError {
             code,
             message: message.into(),
             close: false,
+            retry_after: None,
+            challenge: None,
+        }
+    }
+
+    /// The refusal of a rate limit: 429 `rate_limited` with `Retry-After`,
+    /// or 400 `exceeds_burst` for a request that can never fit. `what` says
+    /// which limit, with its config key.
+    pub fn limited(limited: crate::auth::Limited, what: &str) -> Self {
+        match limited {
+            crate::auth::Limited::RetryAfter(after) => {
+                let mut e = Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "{what}; retry after {}",
+                        humantime::format_duration(round_up_ms(after))
+                    ),
+                );
+                e.retry_after = Some(after);
+                e
+            }
+            crate::auth::Limited::TooLarge { requested, burst } => Self::new(
+                StatusCode::BAD_REQUEST,
+                "exceeds_burst",
+                format!("{what}: {requested} events at once can never fit the burst of {burst}"),
+            ),
         }
     }
 
@@ -352,14 +443,33 @@ impl From<EngineError> for ApiError {
     }
 }
 
+/// `d` rounded up to whole milliseconds (what a client may wait, never less).
+fn round_up_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_nanos().div_ceil(1_000_000) as u64)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
-        let mut response = (self.status, body).into_response();
+        use axum::http::header;
+
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(after) = self.retry_after {
+            error["retry_after_ms"] = json!(round_up_ms(after).as_millis() as u64);
+        }
+        let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        let headers = response.headers_mut();
         if self.close {
-            response.headers_mut().insert(
-                axum::http::header::CONNECTION,
-                HeaderValue::from_static("close"),
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(after) = self.retry_after {
+            // Whole seconds, rounded up, at least 1 (RFC 9110 delay-seconds).
+            let secs = crate::auth::Limited::RetryAfter(after).retry_after_secs();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(challenge) = self.challenge {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
             );
         }
         response

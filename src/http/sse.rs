@@ -21,6 +21,16 @@
 //! pulling from its subscription, which falls behind the ring and later gets
 //! `gap(slow_consumer)`. A peer that stops reading altogether is cut off by
 //! the connection's write watchdog (see [`super::serve`]), which frees the slot.
+//!
+//! Access: the caller needs the subscribe grant on the topic (credentials
+//! from the `Authorization` header, the `auth.cookie` cookie or
+//! `?access_token=`, see [`super::access`]) and one of its
+//! `auth.rate.sse_per_credential` slots, held while the stream lives. When
+//! the credential's session ends (`exp` plus `auth.leeway`), the stream sends
+//! `event: error` with `{"code": "token_expired", "message"}` and ends. That
+//! message has no `id:`, so the browser's last event id stays at the last
+//! event delivered: a reconnect with a fresh token and that id
+//! (`Last-Event-ID` or `?last_event_id=`) misses nothing.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -40,9 +50,11 @@ use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use super::access::SseCaller;
 use super::conn::ConnIo;
 use super::envelope::{event_json, gap_json};
 use super::{ApiError, HttpState};
+use crate::auth::{Action, SseSlot};
 use crate::engine::{Delivery, Encoding, Start, Subscription};
 
 /// Query parameters of the SSE endpoint.
@@ -179,7 +191,9 @@ fn start_of(query: &EventsQuery, headers: &HeaderMap) -> Result<Start, ApiError>
     Ok(Start::Live)
 }
 
+/// `GET /v1/topics/{topic}/events` (see the module docs).
 pub(crate) async fn events(
+    SseCaller(caller): SseCaller,
     State(state): State<HttpState>,
     Path(topic): Path<String>,
     Query(query): Query<EventsQuery>,
@@ -187,6 +201,9 @@ pub(crate) async fn events(
     version: Version,
     headers: HeaderMap,
 ) -> Response {
+    if let Err(e) = caller.require(Action::Subscribe, &topic) {
+        return e.into_response();
+    }
     let start = match start_of(&query, &headers) {
         Ok(start) => start,
         Err(e) => return e.into_response(),
@@ -206,7 +223,30 @@ pub(crate) async fn events(
     // an HTTP/1.0 one is close-delimited, with no framing.
     let chunked = version >= Version::HTTP_11;
     let conn = conn.map(|Extension(c)| (c, chunked));
-    match open(&state, &topic, &query, start, conn) {
+    let slot = match state.auth.limits().sse_slot(&caller.principal) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            tracing::warn!(
+                topic,
+                limit,
+                "SSE stream refused: too many for this credential"
+            );
+            return ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "this credential already has {limit} SSE streams open \
+                     (auth.rate.sse_per_credential); close one first"
+                ),
+            )
+            .into_response();
+        }
+    };
+    let access = Access {
+        slot,
+        ends: caller.principal.deadline(),
+    };
+    match open(&state, &topic, &query, start, conn, access) {
         Ok(stream) => {
             let mut response = Body::from_stream(stream).into_response();
             let h = response.headers_mut();
@@ -222,12 +262,20 @@ pub(crate) async fn events(
     }
 }
 
+/// What a stream holds for its caller: a slot of its credential, and when
+/// its session ends.
+struct Access {
+    slot: SseSlot,
+    ends: Option<tokio::time::Instant>,
+}
+
 fn open(
     state: &HttpState,
     topic: &str,
     query: &EventsQuery,
     start: Start,
     conn: Option<(Arc<ConnIo>, bool)>,
+    access: Access,
 ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, ApiError> {
     let replay_bound = match &start {
         Start::AfterVersions { .. } => Some(u64::MAX),
@@ -301,6 +349,8 @@ fn open(
         idle: Box::pin(tokio::time::sleep(heartbeat)),
         outbound,
         done: false,
+        expires: access.ends.map(|at| Box::pin(tokio::time::sleep_until(at))),
+        _slot: access.slot,
         _permit: permit,
     };
     Ok(futures_util::stream::unfold(stream, |mut s| async move {
@@ -404,6 +454,9 @@ struct SseStream {
     /// `None` when served outside [`super::serve`] (no socket accounting).
     outbound: Option<SocketBacklog>,
     done: bool,
+    /// Fires when the caller's session ends; `None` = never.
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
+    _slot: SseSlot,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -416,8 +469,17 @@ impl Drop for SseStream {
 /// What the stream does next.
 enum Wake {
     Shutdown,
+    Expired,
     Delivery(Option<Delivery>),
     Heartbeat,
+}
+
+/// Resolves when `expires` fires; never when it is `None`.
+async fn expiry(expires: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match expires {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl SseStream {
@@ -443,6 +505,7 @@ impl SseStream {
                 // connection's write watchdog (see `serve`).
                 tokio::select! {
                     _ = self.shutdown.cancelled() => break,
+                    _ = expiry(&mut self.expires) => break,
                     _ = out.conn.progressed() => {}
                     _ = tokio::time::sleep(self.heartbeat) => {
                         if !out.conn.blocked() {
@@ -460,6 +523,8 @@ impl SseStream {
         let wake = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => Wake::Shutdown,
+            // Before deliveries: nothing is sent past the session's end.
+            _ = expiry(&mut self.expires) => Wake::Expired,
             d = self.sub.recv() => Wake::Delivery(d),
             _ = &mut self.idle => Wake::Heartbeat,
         };
@@ -469,6 +534,19 @@ impl SseStream {
                 let mut buf = BytesMut::new();
                 let reason = json!({"reason": "the broker is shutting down; reconnect"});
                 put_frame(&mut buf, None, "shutdown", &reason.to_string());
+                return Some(buf.freeze());
+            }
+            Wake::Expired => {
+                self.done = true;
+                crate::metrics::auth_refused("sse", "token_expired");
+                tracing::info!(topic = %self.topic, "SSE stream ended: the token expired");
+                let mut buf = BytesMut::new();
+                let error = json!({
+                    "code": "token_expired",
+                    "message": "the token has expired; reconnect with a fresh one and the last event id",
+                });
+                // No id: the client's last event id stays at the last event.
+                put_frame(&mut buf, None, "error", &error.to_string());
                 return Some(buf.freeze());
             }
             Wake::Delivery(d) => d?,
