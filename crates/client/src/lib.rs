@@ -40,6 +40,7 @@
 //! - `resume.rs`: per-subscription bookkeeping that picks the `Start` of a
 //!   resumed `Subscribe` and drops duplicates.
 //! - `backoff.rs`: exponential backoff with full jitter.
+//! - `token.rs`: the [`TokenProvider`], reading a JWT's `exp`, when to refresh.
 //! - [`ClientOptions`] (`options.rs`) and [`Error`] (`error.rs`).
 //! - `bin/ringcast/`: the `ringcast` command-line client, built on this SDK.
 //!
@@ -63,6 +64,7 @@ mod error;
 mod options;
 mod resume;
 mod subscription;
+mod token;
 
 pub use client::{
     new_event, Client, HistoryPage, NewEventExt, PendingAck, ServerInfo, SubscribeBuilder,
@@ -70,6 +72,7 @@ pub use client::{
 pub use error::{code_name, Error, Result};
 pub use options::{ClientOptions, DEFAULT_ADDR};
 pub use subscription::{Delivery, Subscription};
+pub use token::{TokenFuture, TokenProvider};
 
 pub use bytes::Bytes;
 pub use ringcast_protocol::{
