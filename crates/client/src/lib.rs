@@ -54,6 +54,18 @@
 //! [`Error::ConnectionLost`] and is not retried, since it may or may not have
 //! been appended.
 
+//! # Access control
+//! When the broker requires credentials, set a JWT or an API key with
+//! [`ClientOptions::with_credentials`], or a [`TokenProvider`] with
+//! [`ClientOptions::with_token_provider`]: the client then asks it for a
+//! fresh token on every (re)connect, refreshes a JWT on the live connection
+//! before its `exp` ([`Client::refresh`] does it by hand), and when the
+//! broker closes the connection with `TokenExpired` anyway, reconnects and
+//! resumes every subscription exactly. `Unauthorized` and `Forbidden` at
+//! connect, and `TokenExpired` without a provider, are final
+//! ([`Error::Refused`]); a rate limit is [`Error::RetryLater`] with the time
+//! to wait. [`Error::is_retryable`] tells which errors are worth retrying.
+
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -74,14 +74,21 @@ pub(crate) fn expiry(credentials: &str) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(secs)
 }
 
+/// The shortest wait between refreshes (unless the token expires sooner).
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How long after getting a token with `lifetime` left to refresh it: at 80 %
 /// of the lifetime or 10 s before expiry, whichever is earlier — but not
-/// before half of it, so that short-lived tokens (seconds) are not refreshed
-/// in a busy loop.
+/// before half of it nor within a second (unless it expires sooner), so that
+/// short-lived tokens, or a provider handing out the same token again, do
+/// not make refreshes a busy loop.
 pub(crate) fn refresh_delay(lifetime: Duration) -> Duration {
     let at_80 = lifetime.mul_f64(0.8);
     let before_exp = lifetime.saturating_sub(Duration::from_secs(10));
-    at_80.min(before_exp).max(lifetime / 2)
+    at_80
+        .min(before_exp)
+        .max(lifetime / 2)
+        .max(MIN_REFRESH_INTERVAL.min(lifetime))
 }
 
 #[cfg(test)]
