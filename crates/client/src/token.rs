@@ -23,8 +23,8 @@ pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Sen
 /// and — when the credentials are a JWT with an `exp` claim — before that
 /// expiry, to send `Refresh` on the live connection (see
 /// [`ClientOptions::proactive_refresh`](crate::ClientOptions::proactive_refresh)).
-/// It may be called concurrently with nothing else of the client: one call at
-/// a time, never while a previous one is still running.
+/// The client never runs two calls at once; a call that fails (`Err`) is
+/// retried later: with the reconnect backoff, or before the token expires.
 #[derive(Clone)]
 pub struct TokenProvider(Arc<dyn Fn() -> TokenFuture + Send + Sync>);
 
