@@ -14,6 +14,14 @@
 //! accepted, the read buffer grows with the bytes that arrive (never to an
 //! announced length), and a frame that has started must arrive whole within
 //! `read_timeout`.
+//!
+//! Access control ([`super::access`]): `hello` authenticates once and the
+//! session keeps the [`Principal`]; each request is then checked with one
+//! pattern match against its grant before the engine is asked anything, so a
+//! refusal says nothing about whether the topic exists. The token's expiry is
+//! one timer in the read loop (moved only by `refresh`); at expiry the
+//! session stops its pumps, delivers pending acks and closes with
+//! `token_expired`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,7 +35,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use ringcast_protocol::{
     encode_frame, ClientMessage, ErrorCode, FrameDecoder, ProtocolError, ServerMessage,
-    TopicSummary, PROTOCOL_VERSION,
+    TopicSummary, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -38,8 +46,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::access;
 use super::outbound::Outbound;
 use super::{wire, TcpSettings};
+use crate::auth::{Action, Auth, Kind, Limited, Principal};
 use crate::engine::{
     Ack, Delivery, Encoding, Engine, EngineError, Event, PendingPublish, Subscription,
 };
@@ -70,6 +80,7 @@ enum Stop {
 /// A connection before it starts: what it needs from the server.
 pub(crate) struct Connection {
     engine: Engine,
+    auth: Arc<Auth>,
     settings: Arc<TcpSettings>,
     peer: SocketAddr,
     shutdown: CancellationToken,
@@ -78,6 +89,8 @@ pub(crate) struct Connection {
 }
 
 struct Pump {
+    /// The subscribed topic, checked again when the credentials change.
+    topic: String,
     cancel: CancellationToken,
     handle: JoinHandle<()>,
 }
@@ -116,11 +129,20 @@ struct Session<'a> {
     in_flight: FuturesUnordered<InFlight>,
     /// Payload bytes of the publishes in `in_flight`.
     in_flight_bytes: u64,
+    /// The protocol version of this connection, from `hello` (until then the
+    /// oldest one): nothing newer is ever sent to the peer.
+    version: u16,
+    /// Who the peer is: set by `hello`, replaced by `refresh`.
+    principal: Option<Principal>,
+    /// When the session ends unless refreshed (the token's `exp` plus the
+    /// leeway); `None` = never.
+    expires_at: Option<Instant>,
 }
 
 impl Connection {
     pub(crate) fn new(
         engine: Engine,
+        auth: Arc<Auth>,
         settings: Arc<TcpSettings>,
         peer: SocketAddr,
         shutdown: CancellationToken,
@@ -129,6 +151,7 @@ impl Connection {
     ) -> Self {
         Self {
             engine,
+            auth,
             settings,
             peer,
             shutdown,
@@ -165,6 +188,9 @@ impl Connection {
             pumps: HashMap::new(),
             in_flight: FuturesUnordered::new(),
             in_flight_bytes: 0,
+            version: MIN_PROTOCOL_VERSION,
+            principal: None,
+            expires_at: None,
         };
         let stop = session.read_loop(rd, &writer_done).await;
         if stop == Stop::Shutdown {
@@ -225,44 +251,48 @@ impl Session<'_> {
                 },
             }
         };
-        match hello {
-            ClientMessage::Hello {
-                protocol_version,
-                client_name,
-                ..
-            } if protocol_version == PROTOCOL_VERSION => {
-                tracing::debug!(peer = %self.conn.peer, client = %client_name, "hello");
-                let welcome = ServerMessage::Welcome {
-                    server_version: env!("CARGO_PKG_VERSION").into(),
-                    protocol_version: PROTOCOL_VERSION,
-                    max_frame: u32::try_from(settings.max_frame).unwrap_or(u32::MAX),
-                    max_payload: u32::try_from(settings.max_payload).unwrap_or(u32::MAX),
-                    max_subscriptions: u32::try_from(settings.max_subscriptions)
-                        .unwrap_or(u32::MAX),
-                    heartbeat_ms: u32::try_from(settings.heartbeat.as_millis())
-                        .unwrap_or(u32::MAX),
-                };
-                if self.send(&welcome).await.is_err() || self.flush().await.is_err() {
-                    return Stop::Closed;
-                }
+        let ClientMessage::Hello {
+            protocol_version,
+            client_name,
+            credentials,
+        } = hello
+        else {
+            return self
+                .fatal(ErrorCode::BadHello, "the first frame must be hello".into())
+                .await;
+        };
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&protocol_version) {
+            return self
+                .fatal(
+                    ErrorCode::UnsupportedVersion,
+                    format!(
+                        "protocol version {protocol_version} is not supported (server speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})"
+                    ),
+                )
+                .await;
+        }
+        self.version = protocol_version;
+        let peer = self.conn.peer;
+        let principal = match access::admit(&self.conn.auth, credentials.as_deref(), peer.ip()) {
+            Ok(principal) => principal,
+            Err((code, message)) => {
+                tracing::warn!(%peer, client = %client_name, ?code, %message, "connection refused by access control");
+                return self.fatal(code, message).await;
             }
-            ClientMessage::Hello {
-                protocol_version, ..
-            } => {
-                return self
-                    .fatal(
-                        ErrorCode::UnsupportedVersion,
-                        format!(
-                            "protocol version {protocol_version} is not supported (server speaks {PROTOCOL_VERSION})"
-                        ),
-                    )
-                    .await
-            }
-            _ => {
-                return self
-                    .fatal(ErrorCode::BadHello, "the first frame must be hello".into())
-                    .await
-            }
+        };
+        tracing::debug!(%peer, client = %client_name, version = protocol_version, subject = ?principal.subject(), "hello");
+        self.expires_at = principal.deadline();
+        self.principal = Some(principal);
+        let welcome = ServerMessage::Welcome {
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            protocol_version,
+            max_frame: u32::try_from(settings.max_frame).unwrap_or(u32::MAX),
+            max_payload: u32::try_from(settings.max_payload).unwrap_or(u32::MAX),
+            max_subscriptions: u32::try_from(settings.max_subscriptions).unwrap_or(u32::MAX),
+            heartbeat_ms: u32::try_from(settings.heartbeat.as_millis()).unwrap_or(u32::MAX),
+        };
+        if self.send(&welcome).await.is_err() || self.flush().await.is_err() {
+            return Stop::Closed;
         }
 
         // The hello decoder stopped at a frame boundary, right after hello.
@@ -284,7 +314,18 @@ impl Session<'_> {
         // so a trickling peer cannot keep a large partial frame alive.
         let mut frame_deadline: Option<Instant> = None;
         let frame_timer = tokio::time::sleep_until(Instant::now() + settings.read_timeout);
-        tokio::pin!(killed, shutting_down, writer_gone, silence, frame_timer);
+        // The session's end: armed at `expires_at`, moved when a refresh
+        // changes it (compared once per wakeup, not per frame).
+        let mut expiry_armed = self.expires_at;
+        let expiry = tokio::time::sleep_until(expiry_armed.unwrap_or_else(Instant::now));
+        tokio::pin!(
+            killed,
+            shutting_down,
+            writer_gone,
+            silence,
+            frame_timer,
+            expiry
+        );
         loop {
             let mut decoded = false;
             while self.may_read() {
@@ -307,6 +348,12 @@ impl Session<'_> {
             if self.flush().await.is_err() {
                 return Stop::Closed;
             }
+            if self.expires_at != expiry_armed {
+                expiry_armed = self.expires_at;
+                if let Some(at) = expiry_armed {
+                    expiry.as_mut().reset(at);
+                }
+            }
             let can_read = self.may_read();
             let partial = !buf.is_empty() || !decoder.is_at_boundary();
             if decoded || !(partial && can_read) {
@@ -320,6 +367,9 @@ impl Session<'_> {
                 _ = &mut killed => return Stop::Killed,
                 _ = &mut shutting_down => return Stop::Shutdown,
                 _ = &mut writer_gone => return Stop::Closed,
+                // Before reading: a peer that never stops sending must not
+                // outlive its token.
+                _ = &mut expiry, if expiry_armed.is_some() => return self.expire().await,
                 Some(acked) = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     if self.acked(acked).await.is_err() {
                         return Stop::Closed;
@@ -403,6 +453,11 @@ impl Session<'_> {
                 headers,
                 payload,
             } => {
+                if !self.granted(request_id, Action::Publish, &topic).await?
+                    || !self.within_rate(request_id, 1).await?
+                {
+                    return Ok(());
+                }
                 let event = wire::new_event(ringcast_protocol::NewEvent {
                     event_type,
                     headers,
@@ -415,6 +470,11 @@ impl Session<'_> {
                 topic,
                 events,
             } => {
+                if !self.granted(request_id, Action::Publish, &topic).await?
+                    || !self.within_rate(request_id, events.len()).await?
+                {
+                    return Ok(());
+                }
                 let events = events.into_iter().map(wire::new_event).collect();
                 self.start_publish(request_id, &topic, events).await?;
             }
@@ -425,8 +485,10 @@ impl Session<'_> {
                 types,
                 start,
             } => {
-                self.subscribe(request_id, subscription_id, topic, types, start)
-                    .await?;
+                if self.granted(request_id, Action::Subscribe, &topic).await? {
+                    self.subscribe(request_id, subscription_id, topic, types, start)
+                        .await?;
+                }
             }
             ClientMessage::Unsubscribe {
                 request_id,
@@ -458,6 +520,9 @@ impl Session<'_> {
                 types,
                 limit,
             } => {
+                if !self.granted(request_id, Action::Subscribe, &topic).await? {
+                    return Ok(());
+                }
                 let limit = usize::try_from(limit)
                     .unwrap_or(MAX_HISTORY)
                     .min(MAX_HISTORY);
@@ -494,9 +559,13 @@ impl Session<'_> {
                 }
             }
             ClientMessage::ListTopics { request_id } => {
+                // Only what the grants name: a listing must not reveal topics
+                // the client could not otherwise learn of.
+                let visible = self.principal.clone().filter(|_| self.conn.auth.enabled());
                 let topics = engine
                     .topics()
                     .into_iter()
+                    .filter(|t| visible.as_ref().is_none_or(|p| p.may_see(&t.name)))
                     .map(|t| TopicSummary {
                         name: t.name,
                         epoch: t.epoch,
@@ -507,29 +576,228 @@ impl Session<'_> {
                 self.reply(ServerMessage::Topics { request_id, topics })
                     .await?;
             }
-            ClientMessage::TopicInfo { request_id, topic } => match engine.info(&topic) {
-                Ok(info) => {
-                    self.reply(ServerMessage::TopicInfo {
-                        request_id,
-                        info: wire::info(info),
-                    })
-                    .await?;
+            ClientMessage::TopicInfo { request_id, topic } => {
+                if !self.granted(request_id, Action::Subscribe, &topic).await? {
+                    return Ok(());
                 }
-                Err(e) => self.engine_error(request_id, e).await?,
-            },
-            ClientMessage::Seal { request_id, topic } => match engine.seal(&topic).await {
-                Ok(()) => self.reply(ServerMessage::Ok { request_id }).await?,
-                Err(e) => self.engine_error(request_id, e).await?,
-            },
-            ClientMessage::Delete { request_id, topic } => match engine.delete(&topic).await {
-                Ok(()) => self.reply(ServerMessage::Ok { request_id }).await?,
-                Err(e) => self.engine_error(request_id, e).await?,
-            },
+                match self.conn.engine.info(&topic) {
+                    Ok(info) => {
+                        self.reply(ServerMessage::TopicInfo {
+                            request_id,
+                            info: wire::info(info),
+                        })
+                        .await?;
+                    }
+                    Err(e) => self.engine_error(request_id, e).await?,
+                }
+            }
+            ClientMessage::Seal { request_id, topic } => {
+                if !self.granted(request_id, Action::Admin, &topic).await? {
+                    return Ok(());
+                }
+                match self.conn.engine.seal(&topic).await {
+                    Ok(()) => self.reply(ServerMessage::Ok { request_id }).await?,
+                    Err(e) => self.engine_error(request_id, e).await?,
+                }
+            }
+            ClientMessage::Delete { request_id, topic } => {
+                if !self.granted(request_id, Action::Admin, &topic).await? {
+                    return Ok(());
+                }
+                match self.conn.engine.delete(&topic).await {
+                    Ok(()) => self.reply(ServerMessage::Ok { request_id }).await?,
+                    Err(e) => self.engine_error(request_id, e).await?,
+                }
+            }
             ClientMessage::Ping { request_id } => {
                 self.reply(ServerMessage::Pong { request_id }).await?;
             }
+            ClientMessage::Refresh {
+                request_id,
+                credentials,
+            } => {
+                if self.version < 2 {
+                    // A version 1 server knows no tag 11: the same answer.
+                    return Err(self
+                        .fatal(
+                            ErrorCode::BadFrame,
+                            format!(
+                                "Refresh needs protocol version 2; this connection speaks {}",
+                                self.version
+                            ),
+                        )
+                        .await);
+                }
+                self.refresh(request_id, &credentials).await?;
+            }
         }
         Ok(())
+    }
+
+    /// Whether the principal may do `action` on `topic`; if not, answers
+    /// the request with the refusal (`unauthorized` for anonymous clients,
+    /// else `forbidden`). One pattern match, before the engine is asked
+    /// anything: the answer is the same whether the topic exists or not.
+    async fn granted(
+        &mut self,
+        request_id: u64,
+        action: Action,
+        topic: &str,
+    ) -> Result<bool, Stop> {
+        let denied = match &self.principal {
+            Some(p) if p.may(action, topic) => return Ok(true),
+            Some(p) => p.refusal(action, topic),
+            // Requests are dispatched only after hello set the principal.
+            None => return Err(self.fatal(ErrorCode::BadHello, "no hello".into()).await),
+        };
+        crate::metrics::auth_refused("tcp", denied.code());
+        tracing::debug!(peer = %self.conn.peer, request_id, action = action.as_str(), %denied, "request refused by access control");
+        self.error(request_id, access::code(&denied), denied.to_string())
+            .await?;
+        Ok(false)
+    }
+
+    /// Takes `events` publishes from the principal's rate budget; if it is
+    /// spent, answers `RetryLater` (or `InvalidRequest` for a batch larger
+    /// than the whole burst). A refused request stores nothing.
+    async fn within_rate(&mut self, request_id: u64, events: usize) -> Result<bool, Stop> {
+        let Some(principal) = &self.principal else {
+            return Err(self.fatal(ErrorCode::BadHello, "no hello".into()).await);
+        };
+        let n = u32::try_from(events).unwrap_or(u32::MAX);
+        let limited = match self.conn.auth.limits().check_publish(principal, n) {
+            Ok(()) => return Ok(true),
+            Err(limited) => limited,
+        };
+        tracing::debug!(peer = %self.conn.peer, request_id, events, ?limited, "publish refused by the rate limit");
+        match limited {
+            Limited::RetryAfter(wait) => {
+                let rate = self.conn.auth.config().rate.publish_per_second;
+                let message = format!(
+                    "publish rate limit reached ({rate} events per second for these credentials); retry after {} ms",
+                    access::retry_after_ms(wait)
+                );
+                self.retry_later(request_id, ErrorCode::RateLimited, message, wait)
+                    .await?;
+            }
+            Limited::TooLarge { requested, burst } => {
+                self.error(
+                    request_id,
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "a batch of {requested} events exceeds auth.rate.publish_burst ({burst})"
+                    ),
+                )
+                .await?;
+            }
+        }
+        Ok(false)
+    }
+
+    /// Replaces the credentials: same subject and kind, or nothing changes.
+    /// Subscriptions the new grants do not cover end first, each with an
+    /// `Unsubscribed` carrying the refresh's request id.
+    async fn refresh(&mut self, request_id: u64, credentials: &str) -> Result<(), Stop> {
+        let auth = self.conn.auth.clone();
+        let Some(current) = self.principal.clone() else {
+            return Err(self.fatal(ErrorCode::BadHello, "no hello".into()).await);
+        };
+        let refused = match auth.authenticate(Some(credentials), Some(self.conn.peer.ip())) {
+            Err(denied) => Some((denied.code(), access::code(&denied), denied.to_string())),
+            Ok(_) if !auth.enabled() => None,
+            Ok(new) if new.kind() == Kind::Anonymous => Some((
+                "unauthorized",
+                ErrorCode::Unauthorized,
+                "refresh needs credentials: a JWT or an API key".into(),
+            )),
+            Ok(new) if new.kind() != current.kind() || new.subject() != current.subject() => {
+                Some((
+                    "forbidden",
+                    ErrorCode::Forbidden,
+                    "refresh must keep the same subject; reconnect to change identity".into(),
+                ))
+            }
+            Ok(new) if !new.has_any_grant() => Some((
+                "forbidden",
+                ErrorCode::Forbidden,
+                "the new credentials grant nothing; the old ones stay in force".into(),
+            )),
+            Ok(new) => {
+                self.end_uncovered(request_id, &new).await?;
+                self.expires_at = new.deadline();
+                let expires_at_ms = access::expires_at_ms(&new);
+                tracing::debug!(peer = %self.conn.peer, subject = ?new.subject(), expires_at_ms, "credentials refreshed");
+                self.principal = Some(new);
+                return self
+                    .reply(ServerMessage::Refreshed {
+                        request_id,
+                        expires_at_ms,
+                    })
+                    .await;
+            }
+        };
+        match refused {
+            Some((metric, code, message)) => {
+                crate::metrics::auth_refused("tcp", metric);
+                tracing::info!(peer = %self.conn.peer, ?code, %message, "refresh refused; the old credentials stay in force");
+                self.error(request_id, code, message).await
+            }
+            // Auth is off: every client may do everything, forever.
+            None => {
+                self.reply(ServerMessage::Refreshed {
+                    request_id,
+                    expires_at_ms: 0,
+                })
+                .await
+            }
+        }
+    }
+
+    /// Ends every subscription `principal` may not read, telling the client
+    /// with `Unsubscribed { request_id, .. }` for each.
+    async fn end_uncovered(&mut self, request_id: u64, principal: &Principal) -> Result<(), Stop> {
+        self.pumps.retain(|_, p| !p.handle.is_finished());
+        let mut ended: Vec<u64> = self
+            .pumps
+            .iter()
+            .filter(|(_, p)| !principal.may(Action::Subscribe, &p.topic))
+            .map(|(id, _)| *id)
+            .collect();
+        ended.sort_unstable();
+        for subscription_id in ended {
+            if let Some(pump) = self.pumps.remove(&subscription_id) {
+                pump.cancel.cancel();
+                // No push may follow the `Unsubscribed`.
+                let _ = pump.handle.await;
+                tracing::info!(peer = %self.conn.peer, topic = %pump.topic, subscription_id, "subscription ended: the refreshed credentials do not cover it");
+                self.reply(ServerMessage::Unsubscribed {
+                    request_id,
+                    subscription_id,
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The token expired without a refresh: stop pushing, deliver the acks
+    /// of publishes already taken, then say why and close.
+    async fn expire(&mut self) -> Stop {
+        crate::metrics::auth_refused("tcp", "token_expired");
+        tracing::info!(peer = %self.conn.peer, subject = ?self.principal.as_ref().and_then(|p| p.subject()), "token expired; closing the connection");
+        for pump in self.pumps.values() {
+            pump.cancel.cancel();
+        }
+        for (_, pump) in self.pumps.drain() {
+            let _ = pump.handle.await;
+        }
+        self.drain_acks().await;
+        self.fatal(
+            ErrorCode::TokenExpired,
+            "the token expired; reconnect with a fresh token, or send refresh before it expires"
+                .into(),
+        )
+        .await
     }
 
     async fn start_publish(
@@ -630,19 +898,23 @@ impl Session<'_> {
             self.chunk,
             cancel.clone(),
         ));
-        self.pumps.insert(subscription_id, Pump { cancel, handle });
         tracing::debug!(peer = %self.conn.peer, topic, subscription_id, "subscribed");
+        self.pumps.insert(
+            subscription_id,
+            Pump {
+                topic,
+                cancel,
+                handle,
+            },
+        );
         Ok(())
     }
 
     /// On graceful shutdown: deliver the acks of publishes already queued,
     /// then tell the client to reconnect elsewhere or later.
     async fn say_goodbye(&mut self) {
-        let deadline = Instant::now() + self.conn.write_timeout();
-        while let Ok(Some(acked)) = tokio::time::timeout_at(deadline, self.in_flight.next()).await {
-            if self.acked(acked).await.is_err() {
-                return;
-            }
+        if !self.drain_acks().await {
+            return;
         }
         let _ = self
             .send(&ServerMessage::Shutdown {
@@ -650,6 +922,18 @@ impl Session<'_> {
             })
             .await;
         let _ = self.flush().await;
+    }
+
+    /// Answers the publishes still awaiting their acks (for up to the write
+    /// timeout); `false` when the writer is gone.
+    async fn drain_acks(&mut self) -> bool {
+        let deadline = Instant::now() + self.conn.write_timeout();
+        while let Ok(Some(acked)) = tokio::time::timeout_at(deadline, self.in_flight.next()).await {
+            if self.acked(acked).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Queues a reply; it reaches the writer at the next [`flush`](Self::flush)
@@ -683,11 +967,30 @@ impl Session<'_> {
         code: ErrorCode,
         message: String,
     ) -> Result<(), Stop> {
-        self.send(&ServerMessage::Error {
-            request_id: Some(request_id),
+        self.send(&access::error(
+            self.version,
+            Some(request_id),
             code,
             message,
-        })
+        ))
+        .await
+    }
+
+    /// Answers a request that succeeds if retried after `wait`.
+    async fn retry_later(
+        &mut self,
+        request_id: u64,
+        code: ErrorCode,
+        message: String,
+        wait: Duration,
+    ) -> Result<(), Stop> {
+        self.send(&access::retry_later(
+            self.version,
+            Some(request_id),
+            code,
+            message,
+            wait,
+        ))
         .await
     }
 
@@ -701,11 +1004,7 @@ impl Session<'_> {
     async fn fatal(&mut self, code: ErrorCode, message: String) -> Stop {
         tracing::info!(peer = %self.conn.peer, ?code, %message, "closing connection on protocol error");
         let _ = self
-            .send(&ServerMessage::Error {
-                request_id: None,
-                code,
-                message,
-            })
+            .send(&access::error(self.version, None, code, message))
             .await;
         let _ = self.flush().await;
         Stop::Closed

@@ -1,9 +1,13 @@
-//! The binary TCP front end: accept loop and connection limit.
+//! The binary TCP front end: accept loop, connection limit and connection
+//! rate limit.
 //!
 //! Each connection is served by [`connection`]: a reader that decodes and
 //! dispatches frames, one pump task per subscription, and a writer that
-//! coalesces every pending frame into one write.
+//! coalesces every pending frame into one write. [`access`] holds what the
+//! front end adds to [`crate::auth`]: the `Hello` admission, the wire form of
+//! refusals, and their downgrade for protocol version 1 clients.
 
+mod access;
 mod connection;
 mod outbound;
 mod wire;
@@ -97,10 +101,19 @@ pub async fn serve(
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                // Before a permit or a session: a flood costs a small task.
+                if let Err(limited) = auth.limits().check_connect(peer.ip()) {
+                    let wait = limited.retry_after();
+                    tracing::debug!(%peer, ?wait, "connection refused: connection rate limit");
+                    let rate = auth.config().rate.connections_per_second;
+                    tracker.spawn(access::refuse_rate_limited(stream, peer, wait, rate));
+                    continue;
+                }
                 match permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let conn = connection::Connection::new(
                             engine.clone(),
+                            auth.clone(),
                             settings.clone(),
                             peer,
                             shutdown.clone(),

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use ringcast_protocol::{
@@ -14,7 +14,7 @@ use ringcast_protocol::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
 
-use crate::connection::{self, Command, Subscribed, Task};
+use crate::connection::{self, Command, FatalSlot, Subscribed, Task};
 use crate::error::{Error, Result};
 use crate::options::ClientOptions;
 use crate::subscription::Subscription;
@@ -89,6 +89,15 @@ pub(crate) struct Inner {
     /// Shared with the task, which takes fresh wire ids from it.
     sub_ids: Arc<AtomicU64>,
     info_rx: watch::Receiver<ServerInfo>,
+    /// Set when the broker refused the client for good.
+    fatal: FatalSlot,
+}
+
+impl Inner {
+    /// What a call gets once the connection task is gone.
+    pub(crate) fn gone(&self) -> Error {
+        self.fatal.get().map_or(Error::Closed, |f| f.error())
+    }
 }
 
 /// A connection to a ringcast broker.
@@ -112,6 +121,18 @@ pub(crate) struct Inner {
 /// again is right (e.g. by checking [`history`](Self::history)). Requests
 /// issued while the client is reconnecting wait for the new connection, up to
 /// [`ClientOptions::request_timeout`].
+///
+/// # Credentials
+/// `Hello` carries [`ClientOptions::credentials`] (a JWT or an API key), or a
+/// fresh token from [`ClientOptions::token_provider`] on every connection.
+/// Replace a token before it expires with [`refresh`](Self::refresh); with a
+/// provider the client does so by itself, and if the broker still closes the
+/// connection with `TokenExpired`, it reconnects with a fresh token and
+/// resumes every subscription exactly (no event lost or repeated). Without a
+/// provider, an expired token, like `Unauthorized` or `Forbidden` from the
+/// broker at connect, stops the client: every subscription ends and every
+/// call fails with [`Error::Refused`]. A request over a rate limit fails with
+/// [`Error::RetryLater`], carrying how long to wait.
 ///
 /// The background task ends when [`close`](Self::close) is called or when the
 /// last clone and the last subscription are dropped.
@@ -141,12 +162,13 @@ impl Client {
 
     /// Connects with explicit [`ClientOptions`]; see [`connect`](Self::connect).
     pub async fn connect_with(options: ClientOptions) -> Result<Client> {
-        let conn = connection::connect(&options).await?;
+        let conn = connection::connect(&options, options.credentials.clone()).await?;
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (drop_tx, drop_rx) = mpsc::unbounded_channel();
         let (info_tx, info_rx) = watch::channel(conn.info().clone());
         let request_ids = Arc::new(AtomicU64::new(1));
         let sub_ids = Arc::new(AtomicU64::new(1));
+        let fatal = FatalSlot::default();
         let task = Task::new(
             options.clone(),
             cmd_rx,
@@ -154,6 +176,7 @@ impl Client {
             request_ids.clone(),
             sub_ids.clone(),
             info_tx,
+            fatal.clone(),
         );
         tokio::spawn(task.run(conn));
         Ok(Client {
@@ -164,6 +187,7 @@ impl Client {
                 request_ids,
                 sub_ids,
                 info_rx,
+                fatal,
             }),
         })
     }
@@ -365,6 +389,32 @@ impl Client {
         }
     }
 
+    /// Replaces the connection's credentials with `credentials` (typically a
+    /// fresh token before the current one expires) and returns when the
+    /// session now ends (`None`: never). Later reconnects use them too.
+    ///
+    /// The broker requires the same subject (`Forbidden` otherwise); on any
+    /// refusal the old credentials stay in force. Subscriptions the new
+    /// grants do not cover are ended by the broker: each yields
+    /// [`Error::Server`] with code `Forbidden` as its last item.
+    ///
+    /// With a [`token provider`](ClientOptions::with_token_provider) there is
+    /// no need to call this: the client refreshes by itself.
+    pub async fn refresh(&self, credentials: impl Into<String>) -> Result<Option<SystemTime>> {
+        let deadline = Instant::now() + self.inner.options.request_timeout;
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Refresh {
+            credentials: credentials.into(),
+            reply,
+        };
+        self.enqueue(cmd, deadline).await?;
+        match timeout_at(deadline, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(self.inner.gone()),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
     /// Closes the connection for every clone of this client: queued frames
     /// are flushed (for up to a second), requests still in flight fail with
     /// [`Error::Closed`], subscriptions end with [`Error::Closed`], and later
@@ -419,7 +469,7 @@ impl Client {
     async fn enqueue(&self, cmd: Command, deadline: Instant) -> Result<()> {
         match timeout_at(deadline, self.inner.cmd_tx.send(cmd)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Error::Closed),
+            Ok(Err(_)) => Err(self.inner.gone()),
             Err(_) => Err(Error::Timeout),
         }
     }
@@ -448,7 +498,7 @@ impl Client {
         self.enqueue(cmd, deadline).await?;
         let Subscribed { epoch, next_offset } = match timeout_at(deadline, ready_rx).await {
             Ok(Ok(result)) => result?,
-            Ok(Err(_)) => return Err(Error::Closed),
+            Ok(Err(_)) => return Err(self.inner.gone()),
             Err(_) => return Err(Error::Timeout),
         };
         Ok(Subscription::new(

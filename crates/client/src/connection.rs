@@ -15,6 +15,15 @@
 //! [`Resume`] position under the same subscription id, then sends the
 //! requests that were issued meanwhile.
 //!
+//! Credentials: each connection's `Hello` carries the options' credentials,
+//! or a fresh token from the [`TokenProvider`](crate::TokenProvider). With a
+//! provider and a JWT, the task refreshes the token on the live connection
+//! before it expires (`Refresh`); when the broker closes the connection with
+//! `TokenExpired` anyway, it reconnects with a fresh token and resumes as
+//! after any loss. Without a provider, `TokenExpired` — like `Unauthorized`
+//! and `Forbidden` — is final: the task ends and every subscription and later
+//! call fails with [`Error::Refused`].
+//!
 //! A subscription's queue is bounded. When it is full the task *pauses* that
 //! subscription instead of buffering more or stopping to read the socket
 //! (which would hold up every other subscription and reply on the
@@ -28,13 +37,13 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use ringcast_protocol::{
-    encode_frame, ClientMessage, FrameDecoder, ProtocolError, ServerMessage, Start, WireEvent,
-    WireGap, FRAME_HEADER_LEN, PROTOCOL_VERSION,
+    encode_frame, ClientMessage, ErrorCode, FrameDecoder, ProtocolError, ServerMessage, Start,
+    WireEvent, WireGap, FRAME_HEADER_LEN, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -47,6 +56,7 @@ use crate::backoff::Backoff;
 use crate::error::{code_name, Error, Result};
 use crate::options::ClientOptions;
 use crate::resume::{Effect, Resume};
+use crate::token::{self, TokenFuture};
 use crate::ServerInfo;
 
 /// Stop taking commands while this much is waiting to be written: callers
@@ -64,6 +74,31 @@ pub(crate) type PushSender = mpsc::Sender<Push>;
 
 /// Where a subscription's terminal error is left for its [`Subscription`](crate::Subscription).
 pub(crate) type TerminalSlot = Arc<Mutex<Option<Error>>>;
+
+/// Why the client stopped for good, when the broker ended it (shared with
+/// the handles, so that later calls fail with the same error).
+pub(crate) type FatalSlot = Arc<OnceLock<Fatal>>;
+
+/// A final refusal by the broker: `Unauthorized`, `Forbidden`, or
+/// `TokenExpired` without a token provider.
+#[derive(Debug, Clone)]
+pub(crate) struct Fatal {
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
+}
+
+impl Fatal {
+    pub(crate) fn error(&self) -> Error {
+        Error::Refused {
+            code: self.code,
+            message: self.message.clone(),
+            retry_after: None,
+        }
+    }
+}
+
+/// When a `Refreshed` says the session ends.
+pub(crate) type ExpiresAt = Option<SystemTime>;
 
 /// One item of a subscription's queue.
 #[derive(Debug)]
@@ -107,6 +142,11 @@ pub(crate) enum Command {
         sub_id: u64,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Replace the connection's credentials (and those of later reconnects).
+    Refresh {
+        credentials: String,
+        reply: oneshot::Sender<Result<ExpiresAt>>,
+    },
     /// Close the connection for good.
     Close { reply: oneshot::Sender<()> },
 }
@@ -118,6 +158,7 @@ impl Command {
             Command::Request { reply, .. } => reply.is_closed(),
             Command::Subscribe { ready, .. } => ready.is_closed(),
             Command::Unsubscribe { reply, .. } => reply.is_closed(),
+            Command::Refresh { reply, .. } => reply.is_closed(),
             Command::Close { .. } => false,
         }
     }
@@ -130,6 +171,8 @@ pub(crate) struct Conn {
     rbuf: BytesMut,
     decoder: FrameDecoder<ServerMessage>,
     info: ServerInfo,
+    /// The credentials its `Hello` carried.
+    credentials: Option<String>,
 }
 
 impl Conn {
@@ -139,15 +182,20 @@ impl Conn {
 }
 
 /// Connects to `options.addr` and performs the `Hello` / `Welcome` handshake
-/// within `options.connect_timeout`.
-pub(crate) async fn connect(options: &ClientOptions) -> Result<Conn> {
-    match timeout(options.connect_timeout, connect_inner(options)).await {
+/// within `options.connect_timeout`, with a fresh token from the options'
+/// provider, or else `credentials`.
+pub(crate) async fn connect(options: &ClientOptions, credentials: Option<String>) -> Result<Conn> {
+    match timeout(options.connect_timeout, connect_inner(options, credentials)).await {
         Ok(result) => result,
         Err(_) => Err(Error::Timeout),
     }
 }
 
-async fn connect_inner(options: &ClientOptions) -> Result<Conn> {
+async fn connect_inner(options: &ClientOptions, credentials: Option<String>) -> Result<Conn> {
+    let credentials = match &options.token_provider {
+        Some(provider) => Some(provider.fetch().await.map_err(Error::TokenProvider)?),
+        None => credentials,
+    };
     let stream = TcpStream::connect(&options.addr).await?;
     // Requests are small and latency matters; coalescing is done by the writer.
     stream.set_nodelay(true)?;
@@ -157,7 +205,7 @@ async fn connect_inner(options: &ClientOptions) -> Result<Conn> {
         &ClientMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
             client_name: options.client_name.clone(),
-            credentials: options.credentials.clone(),
+            credentials: credentials.clone(),
         },
         &mut out,
     )?;
@@ -183,10 +231,23 @@ async fn connect_inner(options: &ClientOptions) -> Result<Conn> {
                     heartbeat_ms,
                 },
                 ServerMessage::Error { code, message, .. } => {
-                    return Err(Error::Handshake(format!(
-                        "the broker refused the connection: {message} ({})",
-                        code_name(code)
-                    )))
+                    return Err(Error::Refused {
+                        code,
+                        message,
+                        retry_after: None,
+                    })
+                }
+                ServerMessage::RetryLater {
+                    code,
+                    message,
+                    retry_after_ms,
+                    ..
+                } => {
+                    return Err(Error::Refused {
+                        code,
+                        message,
+                        retry_after: Some(Duration::from_millis(retry_after_ms)),
+                    })
                 }
                 ServerMessage::Shutdown { reason } => {
                     return Err(Error::Handshake(format!(
@@ -212,6 +273,7 @@ async fn connect_inner(options: &ClientOptions) -> Result<Conn> {
                 rbuf,
                 decoder,
                 info,
+                credentials,
             });
         }
         rbuf.reserve(READ_CHUNK);
@@ -231,6 +293,12 @@ enum Pending {
     Unsubscribe(oneshot::Sender<Result<()>>),
     /// A `Subscribe` for this (client-side) subscription id.
     Subscribe(u64),
+    /// A `Refresh` with these credentials; `reply` is `None` for the task's
+    /// own (proactive) refreshes.
+    Refresh {
+        credentials: String,
+        reply: Option<oneshot::Sender<Result<ExpiresAt>>>,
+    },
     /// Nobody waits (heartbeat pings, unsubscribes nobody asked for).
     Ignore,
 }
@@ -287,6 +355,8 @@ impl SubEntry {
 enum Exit {
     /// The connection is gone; reconnect.
     Lost(String),
+    /// The broker refused us for good; stop.
+    Fatal(Fatal),
     /// `close()` was called.
     Closed(oneshot::Sender<()>),
     /// Every `Client` and `Subscription` was dropped.
@@ -314,6 +384,16 @@ pub(crate) struct Task {
     wbuf: BytesMut,
     max_frame_out: usize,
     backoff: Backoff,
+    /// Credentials for the next `Hello` without a token provider: the
+    /// options', then the last ones a `Refresh` put in force.
+    credentials: Option<String>,
+    /// When the credentials in force expire (a JWT's `exp`), if known.
+    token_exp: Option<SystemTime>,
+    /// When to refresh them (with a token provider), if at all.
+    refresh_at: Option<Instant>,
+    /// The least the next reconnect waits: what the broker asked for.
+    retry_after: Option<Duration>,
+    fatal: FatalSlot,
 }
 
 impl Task {
@@ -324,6 +404,7 @@ impl Task {
         request_ids: Arc<AtomicU64>,
         sub_ids: Arc<AtomicU64>,
         info_tx: watch::Sender<ServerInfo>,
+        fatal: FatalSlot,
     ) -> Self {
         let backoff = Backoff::new(
             options.reconnect_base_backoff,
@@ -331,6 +412,11 @@ impl Task {
         );
         let (room_tx, room_rx) = mpsc::unbounded_channel();
         Task {
+            credentials: options.credentials.clone(),
+            token_exp: None,
+            refresh_at: None,
+            retry_after: None,
+            fatal,
             options,
             cmd_rx,
             drop_rx,
@@ -385,6 +471,11 @@ impl Task {
                 Pending::Unsubscribe(reply) => {
                     let _ = reply.send(Ok(()));
                 }
+                Pending::Refresh { reply, .. } => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(Error::ConnectionLost));
+                    }
+                }
                 Pending::Subscribe(_) | Pending::Ignore => {}
             }
         }
@@ -395,33 +486,51 @@ impl Task {
     }
 
     async fn finish(mut self, exit: Exit) {
-        let closed = matches!(exit, Exit::Closed(_));
+        let fatal = match &exit {
+            Exit::Fatal(fatal) => {
+                warn!(addr = %self.options.addr, code = %code_name(fatal.code), message = %fatal.message, "the broker refused this client; stopping");
+                let _ = self.fatal.set(fatal.clone());
+                Some(fatal.clone())
+            }
+            _ => None,
+        };
+        let error = || fatal.as_ref().map_or(Error::Closed, Fatal::error);
+        let closed = matches!(exit, Exit::Closed(_) | Exit::Fatal(_));
         for (_, pending) in self.pending.drain() {
             match pending {
                 Pending::Reply(reply) => {
-                    let _ = reply.send(Err(Error::Closed));
+                    let _ = reply.send(Err(error()));
                 }
                 Pending::Unsubscribe(reply) => {
                     let _ = reply.send(Ok(()));
+                }
+                Pending::Refresh { reply, .. } => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(error()));
+                    }
                 }
                 Pending::Subscribe(_) | Pending::Ignore => {}
             }
         }
         for cmd in self.waiting.drain(..) {
-            fail_command(cmd, || Error::Closed);
+            fail_command(cmd, error);
         }
         // Dropping the entries closes the queues; an empty terminal slot
         // reads as `Error::Closed`.
         for (_, mut sub) in std::mem::take(&mut self.subs) {
-            if let Some(ready) = sub.ready.take() {
-                let _ = ready.send(Err(Error::Closed));
+            match sub.ready.take() {
+                Some(ready) => {
+                    let _ = ready.send(Err(error()));
+                }
+                None if fatal.is_some() => sub.fail(error()),
+                None => {}
             }
         }
         if closed {
             // Commands that raced with close.
             self.cmd_rx.close();
             while let Ok(cmd) = self.cmd_rx.try_recv() {
-                fail_command(cmd, || Error::Closed);
+                fail_command(cmd, error);
             }
         }
         if let Exit::Closed(reply) = exit {
@@ -435,12 +544,15 @@ impl Task {
         loop {
             // ThreadRng is not Send: take it afresh, never across an await.
             let delay = self.backoff.next_delay(&mut rand::rng());
+            // The broker said when (a rate limit): not before that.
+            let delay = delay.max(self.retry_after.take().unwrap_or_default());
             let attempt = self.backoff.attempts();
             debug!(?delay, attempt, "reconnecting after backoff");
             let options = self.options.clone();
+            let credentials = self.credentials.clone();
             let attempt_fut = async move {
                 sleep(delay).await;
-                connect(&options).await
+                connect(&options, credentials).await
             };
             tokio::pin!(attempt_fut);
             loop {
@@ -450,6 +562,14 @@ impl Task {
                             info!(addr = %self.options.addr, attempt, "reconnected to the broker");
                             self.backoff.reset();
                             return Ok(conn);
+                        }
+                        Err(Error::Refused { code, message, retry_after }) => {
+                            if let Some(fatal) = self.final_refusal(code, &message) {
+                                return Err(Exit::Fatal(fatal));
+                            }
+                            debug!(addr = %self.options.addr, attempt, code = %code_name(code), %message, "reconnect refused");
+                            self.retry_after = retry_after;
+                            break;
                         }
                         Err(e) => {
                             // Debug, not warn: with a fast first backoff a
@@ -497,6 +617,13 @@ impl Task {
                 self.forget(sub_id);
                 let _ = reply.send(Ok(()));
             }
+            Command::Refresh { credentials, reply } => {
+                // The next Hello carries them; the Refresh sent after it
+                // confirms them.
+                self.credentials = Some(credentials.clone());
+                self.waiting
+                    .push_back(Command::Refresh { credentials, reply });
+            }
             cmd => {
                 if self.waiting.len() >= COMMAND_BATCH {
                     self.waiting.retain(|c| !c.abandoned());
@@ -516,6 +643,14 @@ impl Task {
         let hb = heartbeat.unwrap_or(Duration::from_secs(3600));
         let mut ping_at: Pin<Box<Sleep>> = Box::pin(sleep_until(Instant::now() + hb));
         let mut dead_at: Pin<Box<Sleep>> = Box::pin(sleep_until(Instant::now() + hb * 3));
+        self.token_exp = conn.credentials.as_deref().and_then(token::expiry);
+        self.refresh_at = self.next_refresh();
+        // Moved only when `refresh_at` changes (a refresh), not per frame.
+        let mut refresh_armed = self.refresh_at;
+        let mut refresh_timer: Pin<Box<Sleep>> =
+            Box::pin(sleep_until(refresh_armed.unwrap_or_else(Instant::now)));
+        // A token being fetched for a proactive refresh.
+        let mut fetching: Option<TokenFuture> = None;
 
         // Re-subscribe every live subscription (paused ones when they have
         // room), then send what waited.
@@ -537,13 +672,30 @@ impl Task {
             }
         }
         // Frames that arrived with the Welcome.
-        if let Err(reason) = self.process_buffered(&mut conn) {
-            return Exit::Lost(reason);
+        if let Err(exit) = self.process_buffered(&mut conn) {
+            return exit;
         }
 
         loop {
             conn.rbuf.reserve(READ_CHUNK);
+            if self.refresh_at != refresh_armed {
+                refresh_armed = self.refresh_at;
+                if let Some(at) = refresh_armed {
+                    refresh_timer.as_mut().reset(at);
+                }
+            }
             tokio::select! {
+                () = &mut refresh_timer, if refresh_armed.is_some() && fetching.is_none() => {
+                    self.refresh_at = None;
+                    if let Some(provider) = &self.options.token_provider {
+                        debug!("fetching a token to refresh the one in force");
+                        fetching = Some(provider.fetch());
+                    }
+                }
+                fetched = poll_token(&mut fetching), if fetching.is_some() => {
+                    fetching = None;
+                    self.send_proactive_refresh(fetched);
+                }
                 read = conn.rd.read_buf(&mut conn.rbuf) => match read {
                     Ok(0) => return Exit::Lost("the broker closed the connection".into()),
                     Err(e) => return Exit::Lost(format!("read failed: {e}")),
@@ -551,8 +703,8 @@ impl Task {
                         if let Some(hb) = heartbeat {
                             dead_at.as_mut().reset(Instant::now() + hb * 3);
                         }
-                        if let Err(reason) = self.process_buffered(&mut conn) {
-                            return Exit::Lost(reason);
+                        if let Err(exit) = self.process_buffered(&mut conn) {
+                            return exit;
                         }
                     }
                 },
@@ -604,8 +756,8 @@ impl Task {
                         Ok(0) => return Exit::Lost("the broker closed the connection".into()),
                         Ok(_) => {
                             dead_at.as_mut().reset(Instant::now() + hb * 3);
-                            if let Err(reason) = self.process_buffered(&mut conn) {
-                                return Exit::Lost(reason);
+                            if let Err(exit) = self.process_buffered(&mut conn) {
+                                return exit;
                             }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -682,9 +834,128 @@ impl Task {
                     }
                 }
             }
+            Command::Refresh { credentials, reply } => {
+                self.send_refresh(credentials, Some(reply));
+            }
             Command::Close { reply } => return Some(Exit::Closed(reply)),
         }
         None
+    }
+
+    /// Sends `Refresh`; `reply` is `None` for the task's own refreshes.
+    fn send_refresh(
+        &mut self,
+        credentials: String,
+        reply: Option<oneshot::Sender<Result<ExpiresAt>>>,
+    ) {
+        let id = self.next_request_id();
+        match self.encode(&ClientMessage::Refresh {
+            request_id: id,
+            credentials: credentials.clone(),
+        }) {
+            Ok(()) => {
+                self.pending
+                    .insert(id, Pending::Refresh { credentials, reply });
+            }
+            Err(e) => match reply {
+                Some(reply) => {
+                    let _ = reply.send(Err(e));
+                }
+                None => warn!(error = %e, "cannot send a token refresh"),
+            },
+        }
+    }
+
+    /// The token provider answered a proactive refresh.
+    fn send_proactive_refresh(&mut self, fetched: Result<String, String>) {
+        match fetched {
+            Ok(token) => self.send_refresh(token, None),
+            Err(reason) => {
+                warn!(%reason, "the token provider failed; retrying the refresh");
+                self.refresh_at = Some(self.refresh_retry());
+            }
+        }
+    }
+
+    /// When to refresh the credentials in force: with a token provider and
+    /// proactive refresh on, before their `exp`.
+    fn next_refresh(&self) -> Option<Instant> {
+        if self.options.token_provider.is_none() || !self.options.proactive_refresh {
+            return None;
+        }
+        let exp = self.token_exp?;
+        let lifetime = exp
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Some(Instant::now() + token::refresh_delay(lifetime))
+    }
+
+    /// When to try a failed proactive refresh again: soon, well before the
+    /// expiry when there is time for that (else the broker's `TokenExpired`
+    /// and a reconnect take over).
+    fn refresh_retry(&self) -> Instant {
+        let left = self
+            .token_exp
+            .and_then(|exp| exp.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::ZERO);
+        Instant::now() + (left / 4).clamp(Duration::from_millis(200), Duration::from_secs(5))
+    }
+
+    /// Whether a connection-level refusal is final: `Unauthorized` and
+    /// `Forbidden` always (new credentials are needed, not retries),
+    /// `TokenExpired` without a token provider to get a fresh one.
+    fn final_refusal(&self, code: ErrorCode, message: &str) -> Option<Fatal> {
+        let is_final = match code {
+            ErrorCode::Unauthorized | ErrorCode::Forbidden => true,
+            ErrorCode::TokenExpired => self.options.token_provider.is_none(),
+            _ => false,
+        };
+        is_final.then(|| Fatal {
+            code,
+            message: message.to_owned(),
+        })
+    }
+
+    /// A connection-level error from the broker (it closes the connection).
+    fn connection_error(
+        &mut self,
+        code: ErrorCode,
+        message: String,
+        retry_after: Option<Duration>,
+    ) -> Exit {
+        if let Some(fatal) = self.final_refusal(code, &message) {
+            return Exit::Fatal(fatal);
+        }
+        self.retry_after = retry_after;
+        Exit::Lost(format!(
+            "the broker closed the connection: {message} ({})",
+            code_name(code)
+        ))
+    }
+
+    /// The broker ended subscription `wire_id` (its refreshed grants do not
+    /// cover it): the caller sees `Forbidden` as its last item.
+    fn ended_by_broker(&mut self, wire_id: u64) {
+        let Some(&sub_id) = self.wire.get(&wire_id) else {
+            return;
+        };
+        let Some(mut sub) = self.forget(sub_id) else {
+            return;
+        };
+        let error = Error::Server {
+            code: ErrorCode::Forbidden,
+            message: format!(
+                "the refreshed credentials do not grant subscribe on {:?}; the broker ended the subscription",
+                sub.topic
+            ),
+        };
+        warn!(sub_id, topic = %sub.topic, "subscription ended by the broker after a credential refresh");
+        match sub.ready.take() {
+            Some(ready) => {
+                let _ = ready.send(Err(error));
+            }
+            None => sub.fail(error),
+        }
     }
 
     /// Removes a subscription from the task's books.
@@ -813,18 +1084,22 @@ impl Task {
     }
 
     /// Decodes and dispatches every whole frame in the read buffer.
-    fn process_buffered(&mut self, conn: &mut Conn) -> Result<(), String> {
+    fn process_buffered(&mut self, conn: &mut Conn) -> Result<(), Exit> {
         loop {
             match conn.decoder.decode(&mut conn.rbuf) {
                 Ok(Some(msg)) => self.dispatch(msg)?,
                 Ok(None) => return Ok(()),
-                Err(e) => return Err(format!("undecodable frame from the broker: {e}")),
+                Err(e) => {
+                    return Err(Exit::Lost(format!(
+                        "undecodable frame from the broker: {e}"
+                    )))
+                }
             }
         }
     }
 
     /// Routes one message from the broker; `Err` ends the connection.
-    fn dispatch(&mut self, msg: ServerMessage) -> Result<(), String> {
+    fn dispatch(&mut self, msg: ServerMessage) -> Result<(), Exit> {
         match msg {
             ServerMessage::Event {
                 subscription_id,
@@ -871,44 +1146,72 @@ impl Task {
                 request_id: None,
                 code,
                 message,
+            } => return Err(self.connection_error(code, message, None)),
+            ServerMessage::RetryLater {
+                request_id: None,
+                code,
+                message,
+                retry_after_ms,
             } => {
-                return Err(format!(
-                    "the broker closed the connection: {message} ({})",
-                    code_name(code)
-                ))
+                let wait = Duration::from_millis(retry_after_ms);
+                return Err(self.connection_error(code, message, Some(wait)));
             }
             ServerMessage::Error {
                 request_id: Some(id),
                 code,
                 message,
-            } => {
-                let error = Error::Server { code, message };
-                match self.pending.remove(&id) {
-                    Some(Pending::Reply(reply)) => {
-                        let _ = reply.send(Err(error));
-                    }
-                    Some(Pending::Unsubscribe(reply)) => {
-                        // Unknown to the broker means unsubscribed all the same.
+            } => self.request_failed(id, Error::Server { code, message }),
+            ServerMessage::RetryLater {
+                request_id: Some(id),
+                code,
+                message,
+                retry_after_ms,
+            } => self.request_failed(
+                id,
+                Error::RetryLater {
+                    code,
+                    message,
+                    retry_after: Duration::from_millis(retry_after_ms),
+                },
+            ),
+            ServerMessage::Unsubscribed {
+                request_id,
+                subscription_id,
+            } => match self.pending.get(&request_id) {
+                // A refresh whose new grants do not cover this subscription.
+                Some(Pending::Refresh { .. }) => self.ended_by_broker(subscription_id),
+                Some(Pending::Unsubscribe(_) | Pending::Ignore) => {
+                    if let Some(Pending::Unsubscribe(reply)) = self.pending.remove(&request_id) {
                         let _ = reply.send(Ok(()));
                     }
-                    Some(Pending::Subscribe(sub_id)) => self.on_subscribe_failed(sub_id, error),
-                    Some(Pending::Ignore) | None => {
-                        debug!(request_id = id, %error, "error for a request nobody waits for");
-                    }
                 }
-            }
-            ServerMessage::Unsubscribed { request_id, .. } => {
-                if let Some(Pending::Unsubscribe(reply)) = self.pending.remove(&request_id) {
-                    let _ = reply.send(Ok(()));
+                _ => debug!(request_id, "Unsubscribed for a request nobody waits for"),
+            },
+            ServerMessage::Refreshed {
+                request_id,
+                expires_at_ms,
+            } => {
+                if let Some(Pending::Refresh { credentials, reply }) =
+                    self.pending.remove(&request_id)
+                {
+                    self.token_exp = token::expiry(&credentials);
+                    self.credentials = Some(credentials);
+                    self.refresh_at = self.next_refresh();
+                    let expires_at = (expires_at_ms > 0)
+                        .then(|| UNIX_EPOCH + Duration::from_millis(expires_at_ms));
+                    debug!(?expires_at, "credentials refreshed");
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(expires_at));
+                    }
                 }
             }
             ServerMessage::Heartbeat => {}
             ServerMessage::Shutdown { reason } => {
                 info!(%reason, "the broker sent Shutdown");
-                return Err(format!("broker shutdown ({reason})"));
+                return Err(Exit::Lost(format!("broker shutdown ({reason})")));
             }
             ServerMessage::Welcome { .. } => {
-                return Err("unexpected second Welcome".into());
+                return Err(Exit::Lost("unexpected second Welcome".into()));
             }
             reply @ (ServerMessage::Published { .. }
             | ServerMessage::History { .. }
@@ -942,6 +1245,33 @@ impl Task {
             }
         }
         Ok(())
+    }
+
+    /// A request failed with `error`.
+    fn request_failed(&mut self, id: u64, error: Error) {
+        match self.pending.remove(&id) {
+            Some(Pending::Reply(reply)) => {
+                let _ = reply.send(Err(error));
+            }
+            Some(Pending::Unsubscribe(reply)) => {
+                // Unknown to the broker means unsubscribed all the same.
+                let _ = reply.send(Ok(()));
+            }
+            Some(Pending::Subscribe(sub_id)) => self.on_subscribe_failed(sub_id, error),
+            Some(Pending::Refresh {
+                reply: Some(reply), ..
+            }) => {
+                let _ = reply.send(Err(error));
+            }
+            Some(Pending::Refresh { reply: None, .. }) => {
+                // The credentials in force stay; try again before they expire.
+                warn!(%error, "the broker refused a token refresh; retrying");
+                self.refresh_at = Some(self.refresh_retry());
+            }
+            Some(Pending::Ignore) | None => {
+                debug!(request_id = id, %error, "error for a request nobody waits for");
+            }
+        }
     }
 
     /// The client-side id of the subscription a push for `wire_id` is for,
@@ -1027,6 +1357,14 @@ impl Task {
     }
 }
 
+/// Awaits the token being fetched (never resolves when there is none).
+async fn poll_token(fetching: &mut Option<TokenFuture>) -> Result<String, String> {
+    match fetching {
+        Some(fetch) => fetch.await,
+        None => std::future::pending().await,
+    }
+}
+
 fn reply_request_id(msg: &ServerMessage) -> u64 {
     match msg {
         ServerMessage::Published { request_id, .. }
@@ -1052,6 +1390,9 @@ fn fail_command(cmd: Command, error: impl Fn() -> Error) {
         }
         Command::Unsubscribe { reply, .. } => {
             let _ = reply.send(Ok(()));
+        }
+        Command::Refresh { reply, .. } => {
+            let _ = reply.send(Err(error()));
         }
         Command::Close { reply } => {
             let _ = reply.send(());

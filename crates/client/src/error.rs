@@ -1,11 +1,28 @@
 //! The SDK's error type.
 
+use std::time::Duration;
+
 use ringcast_protocol::{ErrorCode, ProtocolError};
 
 /// Result alias used throughout the SDK.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything a client call can fail with.
+///
+/// # Retrying
+/// [`is_retryable`](Self::is_retryable) tells whether the same call may
+/// succeed later unchanged, and [`retry_after`](Self::retry_after) how long
+/// to wait when the broker said so:
+/// - retryable: [`Error::RetryLater`] (a rate limit; wait `retry_after`), and
+///   broker codes `Internal`, `ShuttingDown`, `TooManyConnections`,
+///   `OverCapacity`, `RateLimited` (back off);
+/// - not retryable: `Unauthorized`, `Forbidden` (fix the credentials or the
+///   grants; the client never retries them on its own), `TokenExpired` (needs
+///   a new token: [`Client::refresh`](crate::Client::refresh), or a token
+///   provider, with which the client handles expiry by itself), and every
+///   request error (`InvalidTopic`, `TopicSealed`, …);
+/// - [`Error::ConnectionLost`] is deliberately not retryable: a publish may
+///   or may not have been appended.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -27,6 +44,36 @@ pub enum Error {
         /// The broker's explanation.
         message: String,
     },
+    /// The broker refused the request for now (`RetryLater`, e.g. a rate
+    /// limit, code `RateLimited`): the same request succeeds after
+    /// `retry_after`. Nothing of it was stored. The connection lives on.
+    #[error("{message} ({}; retry after {retry_after:?})", code_name(*.code))]
+    RetryLater {
+        /// Machine-readable cause.
+        code: ErrorCode,
+        /// The broker's explanation.
+        message: String,
+        /// How long to wait before retrying.
+        retry_after: Duration,
+    },
+    /// The broker refused the connection, or ended the session, with an
+    /// error: answering `Hello` (bad credentials, too many connections, a
+    /// connection rate limit), or later (the token expired and the client
+    /// has no token provider). When it is final — `Unauthorized`,
+    /// `Forbidden`, `TokenExpired` — the client stops: this error ends every
+    /// subscription and fails every later call.
+    #[error("{message} ({})", code_name(*.code))]
+    Refused {
+        /// Machine-readable cause.
+        code: ErrorCode,
+        /// The broker's explanation.
+        message: String,
+        /// When the broker said when to try again (`RetryLater`).
+        retry_after: Option<Duration>,
+    },
+    /// The [`TokenProvider`](crate::TokenProvider) failed to produce credentials.
+    #[error("the token provider failed: {0}")]
+    TokenProvider(String),
     /// The connection dropped while this request was in flight. The client
     /// reconnects by itself, but the request is not retried: a publish may or
     /// may not have been appended.
@@ -45,11 +92,32 @@ pub enum Error {
 }
 
 impl Error {
-    /// The broker's error code, for [`Error::Server`].
+    /// The broker's error code, for [`Error::Server`], [`Error::RetryLater`]
+    /// and [`Error::Refused`].
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            Error::Server { code, .. } => Some(*code),
+            Error::Server { code, .. }
+            | Error::RetryLater { code, .. }
+            | Error::Refused { code, .. } => Some(*code),
             _ => None,
+        }
+    }
+
+    /// How long the broker asked to wait before retrying, when it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::RetryLater { retry_after, .. } => Some(*retry_after),
+            Error::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Whether the same call may succeed later, unchanged (see
+    /// [Retrying](Self#retrying)).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::RetryLater { .. } => true,
+            _ => self.code().is_some_and(ErrorCode::is_retryable),
         }
     }
 }
@@ -85,6 +153,27 @@ mod tests {
         };
         assert_eq!(e.to_string(), "topic orders is sealed (topic_sealed)");
         assert_eq!(e.code(), Some(ErrorCode::TopicSealed));
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn retry_later_carries_the_wait_and_is_retryable() {
+        let e = Error::RetryLater {
+            code: ErrorCode::RateLimited,
+            message: "slow down".into(),
+            retry_after: Duration::from_millis(250),
+        };
+        assert_eq!(e.retry_after(), Some(Duration::from_millis(250)));
+        assert!(e.is_retryable());
+        assert_eq!(e.to_string(), "slow down (rate_limited; retry after 250ms)");
+        let refused = Error::Refused {
+            code: ErrorCode::Unauthorized,
+            message: "bad token".into(),
+            retry_after: None,
+        };
+        assert!(!refused.is_retryable());
+        assert_eq!(refused.code(), Some(ErrorCode::Unauthorized));
+        assert!(!Error::ConnectionLost.is_retryable());
     }
 
     #[test]

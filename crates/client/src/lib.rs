@@ -40,6 +40,7 @@
 //! - `resume.rs`: per-subscription bookkeeping that picks the `Start` of a
 //!   resumed `Subscribe` and drops duplicates.
 //! - `backoff.rs`: exponential backoff with full jitter.
+//! - `token.rs`: the [`TokenProvider`], reading a JWT's `exp`, when to refresh.
 //! - [`ClientOptions`] (`options.rs`) and [`Error`] (`error.rs`).
 //! - `bin/ringcast/`: the `ringcast` command-line client, built on this SDK.
 //!
@@ -53,6 +54,18 @@
 //! [`Error::ConnectionLost`] and is not retried, since it may or may not have
 //! been appended.
 
+//! # Access control
+//! When the broker requires credentials, set a JWT or an API key with
+//! [`ClientOptions::with_credentials`], or a [`TokenProvider`] with
+//! [`ClientOptions::with_token_provider`]: the client then asks it for a
+//! fresh token on every (re)connect, refreshes a JWT on the live connection
+//! before its `exp` ([`Client::refresh`] does it by hand), and when the
+//! broker closes the connection with `TokenExpired` anyway, reconnects and
+//! resumes every subscription exactly. `Unauthorized` and `Forbidden` at
+//! connect, and `TokenExpired` without a provider, are final
+//! ([`Error::Refused`]); a rate limit is [`Error::RetryLater`] with the time
+//! to wait. [`Error::is_retryable`] tells which errors are worth retrying.
+
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -63,6 +76,7 @@ mod error;
 mod options;
 mod resume;
 mod subscription;
+mod token;
 
 pub use client::{
     new_event, Client, HistoryPage, NewEventExt, PendingAck, ServerInfo, SubscribeBuilder,
@@ -70,6 +84,7 @@ pub use client::{
 pub use error::{code_name, Error, Result};
 pub use options::{ClientOptions, DEFAULT_ADDR};
 pub use subscription::{Delivery, Subscription};
+pub use token::{TokenFuture, TokenProvider};
 
 pub use bytes::Bytes;
 pub use ringcast_protocol::{

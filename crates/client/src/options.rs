@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use ringcast_protocol::DEFAULT_MAX_FRAME;
 
+use crate::token::{TokenFuture, TokenProvider};
+
 /// The broker's default TCP address.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7411";
 
@@ -29,8 +31,24 @@ pub struct ClientOptions {
     pub addr: String,
     /// Sent in `Hello`; shows up in the broker's logs.
     pub client_name: String,
-    /// Sent in `Hello` when the broker requires credentials.
+    /// Sent in `Hello` when the broker requires credentials: a JWT or an API
+    /// key. Replaced by a successful [`Client::refresh`](crate::Client::refresh)
+    /// for later reconnects; ignored when a
+    /// [`token_provider`](Self::token_provider) is set.
     pub credentials: Option<String>,
+    /// Where fresh credentials come from, for every (re)connect and for
+    /// refreshing a JWT before it expires. Without one, an expired token ends
+    /// the client with [`Error::Refused`](crate::Error::Refused)
+    /// (`TokenExpired`); with one, the client fetches a new token, reconnects
+    /// and resumes every subscription exactly.
+    pub token_provider: Option<TokenProvider>,
+    /// With a token provider and a JWT with `exp`: refresh it on the live
+    /// connection before it expires (at 80 % of its lifetime or 10 s before
+    /// `exp`, whichever is earlier, but not before half of it), so the
+    /// connection is never closed for expiry. Default on; off, the broker
+    /// closes the connection at expiry and the client reconnects with a fresh
+    /// token.
+    pub proactive_refresh: bool,
     /// Reconnect backoff for the first retry; doubles per failed attempt.
     /// Each sleep is drawn uniformly from zero to the current bound ("full
     /// jitter"). Default 100 ms.
@@ -77,6 +95,37 @@ impl ClientOptions {
         self
     }
 
+    /// Sets [`token_provider`](Self::token_provider): a function returning a
+    /// boxed future of fresh credentials (`Err` with a reason when it cannot
+    /// get any; a failure on reconnect is retried with the reconnect backoff).
+    ///
+    /// ```
+    /// use ringcast_client::ClientOptions;
+    ///
+    /// // Stands for a call to your identity service.
+    /// async fn fetch_token() -> std::io::Result<String> {
+    ///     Ok("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MSJ9.c2ln".into())
+    /// }
+    ///
+    /// let options = ClientOptions::new("broker.internal:7411").with_token_provider(|| {
+    ///     Box::pin(async { fetch_token().await.map_err(|e| e.to_string()) })
+    /// });
+    /// assert!(options.token_provider.is_some());
+    /// ```
+    pub fn with_token_provider<F>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> TokenFuture + Send + Sync + 'static,
+    {
+        self.token_provider = Some(TokenProvider::new(provider));
+        self
+    }
+
+    /// Sets [`proactive_refresh`](Self::proactive_refresh).
+    pub fn with_proactive_refresh(mut self, on: bool) -> Self {
+        self.proactive_refresh = on;
+        self
+    }
+
     /// Sets both reconnect backoff bounds.
     pub fn with_reconnect_backoff(mut self, base: Duration, max: Duration) -> Self {
         self.reconnect_base_backoff = base;
@@ -103,6 +152,8 @@ impl Default for ClientOptions {
             addr: DEFAULT_ADDR.to_owned(),
             client_name: concat!("ringcast-rs/", env!("CARGO_PKG_VERSION")).to_owned(),
             credentials: None,
+            token_provider: None,
+            proactive_refresh: true,
             reconnect_base_backoff: Duration::from_millis(100),
             reconnect_max_backoff: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
@@ -123,6 +174,8 @@ impl fmt::Debug for ClientOptions {
                 "credentials",
                 &self.credentials.as_ref().map(|_| "<redacted>"),
             )
+            .field("token_provider", &self.token_provider)
+            .field("proactive_refresh", &self.proactive_refresh)
             .field("reconnect_base_backoff", &self.reconnect_base_backoff)
             .field("reconnect_max_backoff", &self.reconnect_max_backoff)
             .field("request_timeout", &self.request_timeout)

@@ -302,7 +302,7 @@ async fn queued_publishes_leave_in_call_order() {
 }
 
 #[tokio::test]
-async fn a_refused_handshake_is_a_handshake_error() {
+async fn a_refused_handshake_is_a_refusal_with_the_brokers_code() {
     let broker = FakeBroker::start().await;
     let (result, ()) = tokio::join!(Client::connect_with(broker.options()), async {
         let mut peer = broker.accept_hello().await;
@@ -314,12 +314,126 @@ async fn a_refused_handshake_is_a_handshake_error() {
         .await;
     });
     match result {
-        Err(Error::Handshake(message)) => {
-            assert!(message.contains("bad token"), "{message}");
-            assert!(message.contains("unauthorized"), "{message}");
+        Err(e @ Error::Refused { .. }) => {
+            assert_eq!(e.code(), Some(ErrorCode::Unauthorized));
+            assert_eq!(e.to_string(), "bad token (unauthorized)");
+            assert!(!e.is_retryable());
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_rate_limited_request_fails_with_its_retry_after_and_the_connection_lives_on() {
+    let broker = FakeBroker::start().await;
+    let (client, mut peer) = tokio::join!(
+        async { Client::connect_with(broker.options()).await.unwrap() },
+        broker.accept()
+    );
+    let (result, ()) = tokio::join!(client.publish("orders", "created", "{}"), async {
+        let ClientMessage::Publish { request_id, .. } = peer.recv().await else {
+            panic!("expected Publish")
+        };
+        peer.send(ServerMessage::RetryLater {
+            request_id: Some(request_id),
+            code: ErrorCode::RateLimited,
+            message: "slow down".into(),
+            retry_after_ms: 1500,
+        })
+        .await;
+    });
+    let e = result.unwrap_err();
+    assert!(matches!(e, Error::RetryLater { .. }), "{e:?}");
+    assert_eq!(e.code(), Some(ErrorCode::RateLimited));
+    assert_eq!(e.retry_after(), Some(Duration::from_millis(1500)));
+    assert!(e.is_retryable());
+    let (rtt, ()) = tokio::join!(client.ping(), async {
+        let ClientMessage::Ping { request_id } = peer.recv().await else {
+            panic!("expected Ping")
+        };
+        peer.send(ServerMessage::Pong { request_id }).await;
+    });
+    rtt.unwrap();
+}
+
+#[tokio::test]
+async fn refresh_sends_the_new_credentials_and_ends_the_subscriptions_the_broker_ends() {
+    let broker = FakeBroker::start().await;
+    let (client, mut peer) = tokio::join!(
+        async { Client::connect_with(broker.options()).await.unwrap() },
+        broker.accept()
+    );
+    let (sub, ()) = tokio::join!(client.subscribe("orders").send(), async {
+        let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
+        peer.subscribed(request_id, sub_id, 7, 1).await;
+    });
+    let mut sub = sub.unwrap();
+    let (expires, ()) = tokio::join!(client.refresh("tok2"), async {
+        let ClientMessage::Refresh {
+            request_id,
+            credentials,
+        } = peer.recv().await
+        else {
+            panic!("expected Refresh")
+        };
+        assert_eq!(credentials, "tok2");
+        // The new grants do not cover the subscription: it ends first.
+        peer.send(ServerMessage::Unsubscribed {
+            request_id,
+            subscription_id: sub.id(),
+        })
+        .await;
+        peer.send(ServerMessage::Refreshed {
+            request_id,
+            expires_at_ms: 1_700_000_060_000,
+        })
+        .await;
+    });
+    assert_eq!(
+        expires.unwrap(),
+        Some(std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_060_000))
+    );
+    match timeout(WAIT, sub.next_delivery()).await.unwrap() {
+        Some(Err(e)) => assert_eq!(e.code(), Some(ErrorCode::Forbidden), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(timeout(WAIT, sub.next_delivery()).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn token_expired_without_a_token_provider_ends_the_client_for_good() {
+    let broker = FakeBroker::start().await;
+    let (client, mut peer) = tokio::join!(
+        async { Client::connect_with(broker.options()).await.unwrap() },
+        broker.accept()
+    );
+    let (sub, ()) = tokio::join!(client.subscribe("orders").send(), async {
+        let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
+        peer.subscribed(request_id, sub_id, 7, 1).await;
+        peer.push_event(sub_id, 1).await;
+        peer.send(ServerMessage::Error {
+            request_id: None,
+            code: ErrorCode::TokenExpired,
+            message: "the token expired".into(),
+        })
+        .await;
+    });
+    let mut sub = sub.unwrap();
+    assert_eq!(next_offset(&mut sub).await, 1);
+    match timeout(WAIT, sub.next_delivery()).await.unwrap() {
+        Some(Err(e)) => assert_eq!(e.code(), Some(ErrorCode::TokenExpired), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    let e = client.publish("orders", "created", "{}").await.unwrap_err();
+    assert!(matches!(e, Error::Refused { .. }), "{e:?}");
+    assert_eq!(e.code(), Some(ErrorCode::TokenExpired));
+    // No reconnect: nothing arrives at the broker.
+    assert!(
+        timeout(Duration::from_millis(200), broker.listener.accept())
+            .await
+            .is_err(),
+        "the client reconnected after a final refusal"
+    );
 }
 
 #[tokio::test]

@@ -53,4 +53,11 @@ pub use messages::{
 /// Version of this wire protocol, sent in `Hello` and `Welcome`.
 ///
 /// Bumped on any change to the bytes on the wire, including a new variant.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2 added `Refresh`, `Refreshed`, `RetryLater` and the error codes
+/// `TokenExpired`, `Forbidden` and `RateLimited` (access control).
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest protocol version a current server still accepts in `Hello`.
+/// It answers such a client in that version: never with a message or an
+/// error code the version lacks (see [`ErrorCode::for_version`]).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;

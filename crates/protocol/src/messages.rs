@@ -31,7 +31,9 @@ pub enum ClientMessage {
         protocol_version: u16,
         /// Free-form client identification for logs (e.g. `"ringcast-rs/0.1"`).
         client_name: String,
-        /// Opaque credentials (e.g. a token) when the server requires them.
+        /// Credentials when the server requires them: a JWT (three
+        /// base64url parts joined by `.`) or an API key. Absent (or empty)
+        /// means anonymous.
         credentials: Option<String>,
     },
     /// Tag 1. Appends one event to a topic; answered by `Published` with one ack.
@@ -123,6 +125,18 @@ pub enum ClientMessage {
     Ping {
         /// Client-chosen id, echoed in the reply.
         request_id: u64,
+    },
+    /// Tag 11 (protocol version 2). Replaces the connection's credentials,
+    /// typically with a fresh token before the current one expires; answered
+    /// by `Refreshed`, or by `Error` (the old credentials then stay in force).
+    /// The new credentials must name the same subject. Subscriptions the new
+    /// grants no longer cover are ended first, each with an `Unsubscribed`
+    /// carrying this request's id.
+    Refresh {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// The new credentials (a JWT or an API key).
+        credentials: String,
     },
 }
 
@@ -293,6 +307,30 @@ pub enum ServerMessage {
     Shutdown {
         /// Why (e.g. `"server shutting down"`).
         reason: String,
+    },
+    /// Tag 15 (protocol version 2). Accepts a `Refresh`: the new credentials
+    /// are in force.
+    Refreshed {
+        /// The request's id.
+        request_id: u64,
+        /// When the session ends unless refreshed again, in milliseconds since
+        /// the Unix epoch (the token's `exp` plus the server's leeway); `0` =
+        /// never.
+        expires_at_ms: u64,
+    },
+    /// Tag 16 (protocol version 2). Like `Error`, but the same request (or
+    /// connection) succeeds if retried after `retry_after_ms`: sent for
+    /// [`ErrorCode::RateLimited`]. With `request_id` absent it is
+    /// connection-level and the server closes the connection after it.
+    RetryLater {
+        /// The refused request's id; absent for a refused connection.
+        request_id: Option<u64>,
+        /// Machine-readable cause.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+        /// Milliseconds to wait before retrying (at least 1).
+        retry_after_ms: u64,
     },
 }
 
@@ -465,7 +503,9 @@ pub enum ErrorCode {
     /// Code 16: The server is shutting down and refuses new work (closes when
     /// answering `Hello`; a `Shutdown` message precedes the close otherwise).
     ShuttingDown = 16,
-    /// Code 17: Missing or wrong credentials (closes when answering `Hello`).
+    /// Code 17: Missing or invalid credentials: closes when answering
+    /// `Hello`; with `request_id` set, an anonymous client asked for something
+    /// only credentials can grant.
     Unauthorized = 17,
     /// Code 18: The request is well-formed but invalid (an empty batch, bad
     /// headers); the connection lives on.
@@ -473,11 +513,23 @@ pub enum ErrorCode {
     /// Code 19: The broker's memory limit for retained events is reached;
     /// retry later. The connection lives on.
     OverCapacity = 19,
+    /// Code 20 (protocol version 2): The token has expired. Sent with
+    /// `request_id` absent when answering `Hello` or when the connection's
+    /// token expires (then the connection closes); answering a `Refresh`
+    /// whose new token has expired, with `request_id` set.
+    TokenExpired = 20,
+    /// Code 21 (protocol version 2): Authenticated, but the credentials do
+    /// not grant this action on this topic (or a `Refresh` tried to change
+    /// identity). Says nothing about whether the topic exists.
+    Forbidden = 21,
+    /// Code 22 (protocol version 2): A rate limit refused the request (or the
+    /// connection); sent in `RetryLater` with the time to wait.
+    RateLimited = 22,
 }
 
 impl ErrorCode {
     /// Every code, in tag order (`ALL[n] as u32 == n`).
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::BadFrame,
         ErrorCode::BadHello,
         ErrorCode::UnsupportedVersion,
@@ -498,6 +550,9 @@ impl ErrorCode {
         ErrorCode::Unauthorized,
         ErrorCode::InvalidRequest,
         ErrorCode::OverCapacity,
+        ErrorCode::TokenExpired,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
     ];
 
     /// The numeric code, equal to the wire tag.
@@ -527,6 +582,46 @@ impl ErrorCode {
                 | ErrorCode::TooManyConnections
         )
     }
+
+    /// Whether the same request (or connection attempt) may succeed when
+    /// retried later, unchanged: the cause is a transient condition of the
+    /// server (`Internal`, `ShuttingDown`, `TooManyConnections`,
+    /// `OverCapacity`, `RateLimited`), not of the request. Back off first;
+    /// `RetryLater` says for how long. `TokenExpired` is not in the list: it
+    /// needs new credentials, not patience.
+    pub const fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Internal
+                | ErrorCode::ShuttingDown
+                | ErrorCode::TooManyConnections
+                | ErrorCode::OverCapacity
+                | ErrorCode::RateLimited
+        )
+    }
+
+    /// The protocol version that introduced this code.
+    pub const fn introduced_in(self) -> u16 {
+        match self {
+            ErrorCode::TokenExpired | ErrorCode::Forbidden | ErrorCode::RateLimited => 2,
+            _ => 1,
+        }
+    }
+
+    /// The code to send to a peer speaking protocol `version`: codes newer
+    /// than the peer are replaced by the closest one it knows —
+    /// `TokenExpired` and `Forbidden` by `Unauthorized`, `RateLimited` by
+    /// `OverCapacity` (both "retry later" and "refused", as a version 1 client
+    /// understood them).
+    pub const fn for_version(self, version: u16) -> ErrorCode {
+        if self.introduced_in() <= version {
+            return self;
+        }
+        match self {
+            ErrorCode::RateLimited => ErrorCode::OverCapacity,
+            _ => ErrorCode::Unauthorized,
+        }
+    }
 }
 
 impl ClientMessage {
@@ -544,6 +639,7 @@ impl ClientMessage {
             Self::Seal { .. } => "Seal",
             Self::Delete { .. } => "Delete",
             Self::Ping { .. } => "Ping",
+            Self::Refresh { .. } => "Refresh",
         }
     }
 }
@@ -567,6 +663,8 @@ impl ServerMessage {
             Self::Error { .. } => "Error",
             Self::Heartbeat => "Heartbeat",
             Self::Shutdown { .. } => "Shutdown",
+            Self::Refreshed { .. } => "Refreshed",
+            Self::RetryLater { .. } => "RetryLater",
         }
     }
 }

@@ -153,25 +153,24 @@ fn decoding_every_vector_gives_the_sample_and_reencodes_identically() {
     }
 }
 
-/// The annotated example in docs/protocol.md is a real frame.
+/// The annotated examples in docs/protocol.md are real frames.
 #[test]
-fn protocol_doc_worked_example_is_the_publish_vector() {
+fn protocol_doc_worked_examples_are_their_vectors() {
     let doc_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/protocol.md");
     let doc = std::fs::read_to_string(doc_path).expect("docs/protocol.md exists");
-    let marker = "<!-- worked-example: client.Publish -->";
-    let start = doc.find(marker).expect("worked example marker") + marker.len();
-    let block = &doc[start..];
-    let block = &block[block.find("```").expect("opening fence") + 3..];
-    let block = &block[block.find('\n').expect("fence line") + 1..];
-    let block = &block[..block.find("```").expect("closing fence")];
-    let hex: String = block
-        .lines()
-        .map(|line| line.split('#').next().unwrap_or(""))
-        .flat_map(str::split_whitespace)
-        .collect();
-    let (_, publish) = samples()
-        .into_iter()
-        .find(|(name, _)| *name == "client.Publish")
-        .unwrap();
-    assert_eq!(hex, hex::encode(publish.frame()));
+    for name in ["client.Publish", "server.RetryLater"] {
+        let marker = format!("<!-- worked-example: {name} -->");
+        let start = doc.find(&marker).expect("worked example marker") + marker.len();
+        let block = &doc[start..];
+        let block = &block[block.find("```").expect("opening fence") + 3..];
+        let block = &block[block.find('\n').expect("fence line") + 1..];
+        let block = &block[..block.find("```").expect("closing fence")];
+        let hex: String = block
+            .lines()
+            .map(|line| line.split('#').next().unwrap_or(""))
+            .flat_map(str::split_whitespace)
+            .collect();
+        let (_, sample) = samples().into_iter().find(|(n, _)| *n == name).unwrap();
+        assert_eq!(hex, hex::encode(sample.frame()), "{name}");
+    }
 }

@@ -224,6 +224,13 @@ pub fn samples() -> Vec<(&'static str, AnyMessage)> {
         ),
         ("client.Ping", C(ClientMessage::Ping { request_id: 10 })),
         (
+            "client.Refresh",
+            C(ClientMessage::Refresh {
+                request_id: 11,
+                credentials: "tok2".to_owned(),
+            }),
+        ),
+        (
             "server.Welcome",
             S(ServerMessage::Welcome {
                 server_version: "0.1.0".to_owned(),
@@ -358,6 +365,47 @@ pub fn samples() -> Vec<(&'static str, AnyMessage)> {
                 reason: "bye".to_owned(),
             }),
         ),
+        (
+            "server.Error.TokenExpired",
+            S(ServerMessage::Error {
+                request_id: None,
+                code: ErrorCode::TokenExpired,
+                message: "expired".to_owned(),
+            }),
+        ),
+        (
+            "server.Error.Forbidden",
+            S(ServerMessage::Error {
+                request_id: Some(3),
+                code: ErrorCode::Forbidden,
+                message: "no".to_owned(),
+            }),
+        ),
+        (
+            "server.Refreshed",
+            S(ServerMessage::Refreshed {
+                request_id: 11,
+                expires_at_ms: 1_700_000_060_000,
+            }),
+        ),
+        (
+            "server.RetryLater",
+            S(ServerMessage::RetryLater {
+                request_id: Some(1),
+                code: ErrorCode::RateLimited,
+                message: "slow down".to_owned(),
+                retry_after_ms: 250,
+            }),
+        ),
+        (
+            "server.RetryLater.Connection",
+            S(ServerMessage::RetryLater {
+                request_id: None,
+                code: ErrorCode::RateLimited,
+                message: "later".to_owned(),
+                retry_after_ms: 1000,
+            }),
+        ),
     ]
 }
 
@@ -470,6 +518,10 @@ pub fn client_message() -> impl Strategy<Value = ClientMessage> {
         (any::<u64>(), text())
             .prop_map(|(request_id, topic)| ClientMessage::Delete { request_id, topic }),
         any::<u64>().prop_map(|request_id| ClientMessage::Ping { request_id }),
+        (any::<u64>(), text()).prop_map(|(request_id, credentials)| ClientMessage::Refresh {
+            request_id,
+            credentials
+        }),
     ]
 }
 
@@ -669,6 +721,20 @@ pub fn server_message() -> impl Strategy<Value = ServerMessage> {
         }),
         Just(ServerMessage::Heartbeat),
         text().prop_map(|reason| ServerMessage::Shutdown { reason }),
+        (any::<u64>(), any::<u64>()).prop_map(|(request_id, expires_at_ms)| {
+            ServerMessage::Refreshed {
+                request_id,
+                expires_at_ms,
+            }
+        }),
+        (option::of(any::<u64>()), error_code(), text(), any::<u64>()).prop_map(
+            |(request_id, code, message, retry_after_ms)| ServerMessage::RetryLater {
+                request_id,
+                code,
+                message,
+                retry_after_ms,
+            }
+        ),
     ]
 }
 

@@ -1,12 +1,23 @@
 //! Command-line arguments of `ringcast`.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use clap::{Args, Parser, Subcommand};
 use ringcast_client::{Start, DEFAULT_ADDR};
 
 /// Command-line client for the ringcast broker. Output is JSON, one value
 /// per line; errors go to stderr.
 #[derive(Debug, Parser)]
-#[command(name = "ringcast", version, about, max_term_width = 100)]
+#[command(
+    name = "ringcast",
+    version,
+    about,
+    max_term_width = 100,
+    after_help = "Access control: when the broker requires credentials, pass a JWT or an API key with \
+                  --token (or RINGCAST_TOKEN). `ringcast token` mints an HS256 token for a broker \
+                  configured with [auth.jwt] secret_file."
+)]
 pub struct Cli {
     /// Broker TCP address (host:port).
     #[arg(
@@ -19,14 +30,18 @@ pub struct Cli {
     )]
     pub server: String,
 
-    /// Credentials sent in the handshake, when the broker requires them.
+    /// Credentials sent in the handshake when the broker requires them: a
+    /// JWT (e.g. from `ringcast token`) or an API key. `--credentials` and
+    /// RINGCAST_CREDENTIALS are older names.
     #[arg(
         long,
         global = true,
-        env = "RINGCAST_CREDENTIALS",
-        hide_env_values = true
+        env = "RINGCAST_TOKEN",
+        hide_env_values = true,
+        alias = "credentials",
+        value_name = "TOKEN"
     )]
-    pub credentials: Option<String>,
+    pub token: Option<String>,
 
     /// What to do.
     #[command(subcommand)]
@@ -62,6 +77,55 @@ pub enum Command {
     },
     /// Measure the round trip to the broker.
     Ping,
+    /// Mint an HS256 token (printed on stdout, no broker contacted).
+    ///
+    /// Claims: sub, iat, exp (now + --ttl), aud and iss when given, and
+    /// {"ringcast": {"publish": [...], "subscribe": [...], "admin": bool}}.
+    /// Patterns: `*` any run of topic characters, `?` one, `{sub}` the
+    /// subject. The secret file is the broker's auth.jwt.secret_file (a
+    /// trailing newline is ignored; at least 32 bytes). Example:
+    /// `export RINGCAST_TOKEN=$(ringcast token --secret-file jwt.secret --sub u1 --subscribe 'user:{sub}')`
+    #[command(verbatim_doc_comment)]
+    Token(TokenArgs),
+}
+
+/// `ringcast token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// File holding the HMAC secret (the broker's auth.jwt.secret_file).
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: PathBuf,
+    /// The token's subject (`sub`), substituted for `{sub}` in patterns.
+    #[arg(long, value_name = "SUBJECT")]
+    pub sub: String,
+    /// A topic pattern the bearer may subscribe to (read: subscribe,
+    /// history, info); repeatable.
+    #[arg(long = "subscribe", value_name = "PATTERN")]
+    pub subscribe: Vec<String>,
+    /// A topic pattern the bearer may publish to; repeatable.
+    #[arg(long = "publish", value_name = "PATTERN")]
+    pub publish: Vec<String>,
+    /// Let the bearer seal and delete every topic.
+    #[arg(long)]
+    pub admin: bool,
+    /// Lifetime: `exp` = now + this (e.g. 90s, 15m, 1h, 7d).
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = parse_ttl)]
+    pub ttl: Duration,
+    /// Audience (`aud`), when the broker requires one (auth.jwt.audience).
+    #[arg(long, value_name = "AUDIENCE")]
+    pub aud: Option<String>,
+    /// Issuer (`iss`), when the broker requires one (auth.jwt.issuer).
+    #[arg(long, value_name = "ISSUER")]
+    pub iss: Option<String>,
+}
+
+/// Parses a token lifetime (`humantime` syntax), refusing zero.
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if ttl < Duration::from_secs(1) {
+        return Err(format!("{s:?}: a token must live at least 1s"));
+    }
+    Ok(ttl)
 }
 
 /// `ringcast pub`.
@@ -318,6 +382,51 @@ mod tests {
         }
         let cli = parse(&["topics", "--server", "h:1"]).unwrap();
         assert_eq!(cli.server, "h:1");
+    }
+
+    #[test]
+    fn token_takes_repeated_patterns_and_a_human_ttl() {
+        match parse(&[
+            "token",
+            "--secret-file",
+            "s",
+            "--sub",
+            "u1",
+            "--subscribe",
+            "user:{sub}",
+            "--subscribe",
+            "public.*",
+            "--publish",
+            "user:{sub}",
+            "--ttl",
+            "15m",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Token(t) => {
+                assert_eq!(t.subscribe, ["user:{sub}", "public.*"]);
+                assert_eq!(t.publish, ["user:{sub}"]);
+                assert_eq!(t.ttl, Duration::from_secs(900));
+                assert!(!t.admin);
+                assert_eq!((t.aud, t.iss), (None, None));
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = parse(&["token", "--secret-file", "s", "--sub", "u", "--ttl", "0s"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            parse(&["token", "--sub", "u"]).is_err(),
+            "the secret file is required"
+        );
+    }
+
+    #[test]
+    fn the_token_flag_has_an_older_name() {
+        let cli = parse(&["topics", "--credentials", "k"]).unwrap();
+        assert_eq!(cli.token.as_deref(), Some("k"));
+        let cli = parse(&["--token", "t", "topics"]).unwrap();
+        assert_eq!(cli.token.as_deref(), Some("t"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 mod args;
 mod render;
+mod token;
 
 use std::collections::VecDeque;
 use std::io::{self, IsTerminal, Write};
@@ -60,8 +61,22 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Token(args) = &cli.command {
+        // Needs no broker.
+        let token = token::mint(args, std::time::SystemTime::now())?;
+        let mut out = Output::new();
+        let printed = out.raw_line(token.into_bytes()).await;
+        let flushed = out.finish().await;
+        printed?;
+        return Ok(flushed?);
+    }
     let mut options = ClientOptions::new(cli.server.clone());
-    options.credentials = cli.credentials.clone();
+    // RINGCAST_CREDENTIALS: the variable's older name.
+    options.credentials = cli
+        .token
+        .clone()
+        .or_else(|| std::env::var("RINGCAST_CREDENTIALS").ok())
+        .filter(|t| !t.is_empty());
     let client = Client::connect_with(options)
         .await
         .map_err(|e| anyhow!("cannot connect to {}: {}", cli.server, describe(&e)))?;
@@ -105,6 +120,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.line(&serde_json::json!({ "rtt_us": rtt.as_micros() as u64 }))
                 .await
         }
+        Command::Token(_) => Ok(()),
     };
     // Flushes what was queued; errors here change nothing for the user.
     let _ = client.close().await;
@@ -296,7 +312,11 @@ impl Output {
     }
 
     async fn line(&mut self, value: &Value) -> anyhow::Result<()> {
-        let mut line = serde_json::to_vec(value)?;
+        self.raw_line(serde_json::to_vec(value)?).await
+    }
+
+    /// Writes `line` and a newline as they are.
+    async fn raw_line(&mut self, mut line: Vec<u8>) -> anyhow::Result<()> {
         line.push(b'\n');
         let sent = match &self.tx {
             Some(tx) => tx.send(line).await.is_ok(),
