@@ -3,6 +3,8 @@
 #
 #   benches/compare.sh            # full suite, under 15 minutes on 2 cores
 #   benches/compare.sh --quick    # smaller N, fewer rows, under 3 minutes (once built)
+#   benches/compare.sh --auth     # only the cost of access control: ringcast memory
+#                                 # with and without HS256 tokens (no peers needed)
 #
 # Installs redis-server and nats-server if absent (Debian packages), builds
 # ringcastd and ringcast-bench in release, starts every server on loopback
@@ -16,16 +18,17 @@ set -euo pipefail
 # Debian installs nats-server in /usr/sbin, which a non-root PATH may lack.
 PATH=$PATH:/usr/sbin:/sbin
 
-QUICK=0
+QUICK=0 AUTH_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
+        --auth) AUTH_ONLY=1 ;;
         -h | --help)
             sed -n '2,15p' "$0"
             exit 0
             ;;
         *)
-            echo "compare.sh: unknown argument $arg (use --quick or nothing)" >&2
+            echo "compare.sh: unknown argument $arg (use --quick, --auth or nothing)" >&2
             exit 2
             ;;
     esac
@@ -68,15 +71,15 @@ if (($(ulimit -n) < SSE_N + 256)); then
 fi
 
 # ---------------------------------------------------------------- peers
-if ! command -v redis-server >/dev/null || ! command -v nats-server >/dev/null; then
+if ((!AUTH_ONLY)) && { ! command -v redis-server >/dev/null || ! command -v nats-server >/dev/null; }; then
     SUDO=()
     if (($(id -u) != 0)); then SUDO=(sudo); fi
     echo "== installing redis-server and nats-server" >&2
     "${SUDO[@]}" apt-get update -qq
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nats-server >/dev/null
 fi
-REDIS_SERVER=$(command -v redis-server)
-NATS_SERVER=$(command -v nats-server)
+REDIS_SERVER=$(command -v redis-server || echo redis-server)
+NATS_SERVER=$(command -v nats-server || echo nats-server)
 
 # ---------------------------------------------------------------- build
 echo "== building ringcastd, ringcast and ringcast-bench (release)" >&2
@@ -252,7 +255,38 @@ fanout_rows() { # target label-system
     done
 }
 
+# The same broker with access control on: HS256 tokens checked once per
+# connection (hello), grants matched once per request.
+auth_rows() {
+    local spec token
+    head -c 48 /dev/urandom | base64 >"$WORK/jwt.secret"
+    printf '[auth.jwt]\nsecret_file = "%s"\n' "$WORK/jwt.secret" >"$WORK/auth.toml"
+    token=$("$RINGCAST_CLI" token --secret-file "$WORK/jwt.secret" --sub bench \
+        --publish '*' --subscribe '*' --ttl 1h)
+    start_ringcast memory "$WORK/auth.toml"
+    bench ringcast publish128.ringcast.memory.auth --token "$token" \
+        publish --n "$N128" --payload 128 --window "$WINDOW"
+    for spec in "${FANOUT[@]}"; do
+        [[ ${spec%%:*} == 10 ]] || continue
+        bench ringcast fanout10.ringcast.auth --token "$token" \
+            fanout --subscribers 10 --n "${spec##*:}" --payload 128 --window "$WINDOW"
+    done
+    stop_server
+}
+
 BEGIN=$(date +%s)
+
+if ((AUTH_ONLY)); then
+    # Back to back in one run (each row the median of REPEAT runs).
+    FANOUT=("10:100000")
+    start_ringcast memory
+    bench ringcast publish128.ringcast.memory publish --n "$N128" --payload 128 --window "$WINDOW"
+    fanout_rows ringcast ringcast
+    stop_server
+    auth_rows
+    "$BENCH" report "$RESULTS" | grep -E '^\| (scenario|---)|HS256'
+    exit $((FAILED > 0))
+fi
 
 # ---------------------------------------------------------------- ringcast
 start_ringcast fsync
@@ -279,22 +313,7 @@ done
 bench ringcast latency.ringcast latency --rate 10000 --duration-s "$LAT_S" --payload 128
 stop_server
 
-# The same broker with access control on: HS256 tokens checked once per
-# connection (hello), grants matched once per request.
-head -c 48 /dev/urandom | base64 >"$WORK/jwt.secret"
-printf '[auth.jwt]\nsecret_file = "%s"\n' "$WORK/jwt.secret" >"$WORK/auth.toml"
-TOKEN=$("$RINGCAST_CLI" token --secret-file "$WORK/jwt.secret" --sub bench \
-    --publish '*' --subscribe '*' --ttl 1h)
-start_ringcast memory "$WORK/auth.toml"
-bench ringcast publish128.ringcast.memory.auth --token "$TOKEN" \
-    publish --n "$N128" --payload 128 --window "$WINDOW"
-for spec in "${FANOUT[@]}"; do
-    [[ ${spec%%:*} == 10 ]] || continue
-    bench ringcast fanout10.ringcast.auth --token "$TOKEN" \
-        fanout --subscribers 10 --n "${spec##*:}" --payload 128 --window "$WINDOW"
-done
-stop_server
-
+auth_rows
 start_ringcast memory # fresh process: a clean RSS baseline
 bench ringcast sse.ringcast sse --http-addr "$SRV_HTTP" --connections "$SSE_N" --broadcasts 5
 stop_server
