@@ -402,6 +402,19 @@ mod tests {
         .unwrap()
     }
 
+    /// An `Auth` taking HS tokens signed with a 40-byte secret, and that key.
+    fn hmac_auth() -> (Auth, EncodingKey, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "k".repeat(40)).unwrap();
+        let a = auth(JwtConfig {
+            secret_file: Some(secret),
+            ..JwtConfig::default()
+        });
+        let key = EncodingKey::from_secret("k".repeat(40).as_bytes()).unwrap();
+        (a, key, dir)
+    }
+
     #[test]
     fn every_public_key_kind_verifies_its_own_tokens_only() {
         for (public, private, alg) in [
@@ -497,14 +510,7 @@ mod tests {
 
     #[test]
     fn a_token_is_refused_from_the_instant_its_session_ends() {
-        let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, "k".repeat(40)).unwrap();
-        let a = auth(JwtConfig {
-            secret_file: Some(secret),
-            ..JwtConfig::default()
-        });
-        let key = EncodingKey::from_secret("k".repeat(40).as_bytes()).unwrap();
+        let (a, key, _dir) = hmac_auth();
         // exp = now (whole seconds): jsonwebtoken alone would accept it for
         // the rest of this second; the session ended at exp.
         let e = a
@@ -515,14 +521,7 @@ mod tests {
 
     #[test]
     fn an_absurdly_distant_expiry_never_ends_and_never_panics() {
-        let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, "k".repeat(40)).unwrap();
-        let a = auth(JwtConfig {
-            secret_file: Some(secret),
-            ..JwtConfig::default()
-        });
-        let key = EncodingKey::from_secret("k".repeat(40).as_bytes()).unwrap();
+        let (a, key, _dir) = hmac_auth();
         for exp in [u64::MAX, i64::MAX as u64, 1 << 40] {
             let mut c = claims(0);
             c["exp"] = json!(exp);

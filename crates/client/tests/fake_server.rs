@@ -77,6 +77,25 @@ impl FakeBroker {
     }
 }
 
+/// A client connected to `broker`, and the broker's side of it.
+async fn connected(broker: &FakeBroker) -> (Client, Peer) {
+    tokio::join!(
+        async { Client::connect_with(broker.options()).await.unwrap() },
+        broker.accept()
+    )
+}
+
+/// A ping answered on `peer`: the client still uses that connection.
+async fn assert_same_connection(client: &Client, peer: &mut Peer) {
+    let (rtt, ()) = tokio::join!(client.ping(), async {
+        let ClientMessage::Ping { request_id } = peer.recv().await else {
+            panic!("expected Ping")
+        };
+        peer.send(ServerMessage::Pong { request_id }).await;
+    });
+    rtt.unwrap();
+}
+
 struct Peer {
     framed: Framed<TcpStream, ServerCodec>,
 }
@@ -178,10 +197,7 @@ async fn next_offset(sub: &mut ringcast_client::Subscription) -> u64 {
 #[tokio::test]
 async fn handshake_then_publish_gets_its_ack() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     assert_eq!(client.server_info().server_version, "fake");
     let (ack, ()) = tokio::join!(client.publish("orders", "created", "{}"), async {
         match peer.recv().await {
@@ -220,10 +236,7 @@ async fn handshake_then_publish_gets_its_ack() {
 #[tokio::test]
 async fn publishes_are_pipelined_and_replies_are_matched_by_request_id() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let publishes = futures_util::future::join_all(
         (1..=3u64).map(|n| client.publish("orders", "created", n.to_string())),
     );
@@ -262,10 +275,7 @@ async fn publishes_are_pipelined_and_replies_are_matched_by_request_id() {
 #[tokio::test]
 async fn queued_publishes_leave_in_call_order() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let mut pending = Vec::new();
     for n in 0..50u32 {
         pending.push(
@@ -326,10 +336,7 @@ async fn a_refused_handshake_is_a_refusal_with_the_brokers_code() {
 #[tokio::test]
 async fn a_rate_limited_request_fails_with_its_retry_after_and_the_connection_lives_on() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (result, ()) = tokio::join!(client.publish("orders", "created", "{}"), async {
         let ClientMessage::Publish { request_id, .. } = peer.recv().await else {
             panic!("expected Publish")
@@ -347,22 +354,13 @@ async fn a_rate_limited_request_fails_with_its_retry_after_and_the_connection_li
     assert_eq!(e.code(), Some(ErrorCode::RateLimited));
     assert_eq!(e.retry_after(), Some(Duration::from_millis(1500)));
     assert!(e.is_retryable());
-    let (rtt, ()) = tokio::join!(client.ping(), async {
-        let ClientMessage::Ping { request_id } = peer.recv().await else {
-            panic!("expected Ping")
-        };
-        peer.send(ServerMessage::Pong { request_id }).await;
-    });
-    rtt.unwrap();
+    assert_same_connection(&client, &mut peer).await;
 }
 
 #[tokio::test]
 async fn refresh_sends_the_new_credentials_and_ends_the_subscriptions_the_broker_ends() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (sub, ()) = tokio::join!(client.subscribe("orders").send(), async {
         let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
         peer.subscribed(request_id, sub_id, 7, 1).await;
@@ -403,10 +401,7 @@ async fn refresh_sends_the_new_credentials_and_ends_the_subscriptions_the_broker
 #[tokio::test]
 async fn token_expired_without_a_token_provider_ends_the_client_for_good() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (sub, ()) = tokio::join!(client.subscribe("orders").send(), async {
         let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
         peer.subscribed(request_id, sub_id, 7, 1).await;
@@ -451,10 +446,7 @@ async fn connecting_to_a_closed_port_is_an_io_error() {
 #[tokio::test]
 async fn server_errors_fail_one_request_and_the_connection_lives_on() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (result, ()) = tokio::join!(client.seal("orders"), async {
         let ClientMessage::Seal { request_id, .. } = peer.recv().await else {
             panic!("expected Seal")
@@ -473,22 +465,13 @@ async fn server_errors_fail_one_request_and_the_connection_lives_on() {
         }
         other => panic!("{other:?}"),
     }
-    let (rtt, ()) = tokio::join!(client.ping(), async {
-        let ClientMessage::Ping { request_id } = peer.recv().await else {
-            panic!("expected Ping")
-        };
-        peer.send(ServerMessage::Pong { request_id }).await;
-    });
-    rtt.unwrap();
+    assert_same_connection(&client, &mut peer).await;
 }
 
 #[tokio::test]
 async fn a_resumed_subscription_continues_after_the_last_delivered_offset() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (sub, sub_id) = tokio::join!(client.subscribe("orders").earliest().send(), async {
         let (request_id, sub_id, start) = peer.expect_subscribe("orders").await;
         assert_eq!(start, Start::Earliest);
@@ -527,10 +510,7 @@ async fn a_resumed_subscription_continues_after_the_last_delivered_offset() {
 #[tokio::test]
 async fn a_live_subscription_with_nothing_delivered_resumes_from_subscribed() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (sub, ()) = tokio::join!(
         client.subscribe("orders").types(["created"]).send(),
         async {
@@ -566,10 +546,7 @@ async fn a_live_subscription_with_nothing_delivered_resumes_from_subscribed() {
 #[tokio::test]
 async fn a_gap_is_delivered_and_moves_the_resume_position() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let gap = WireGap {
         topic: "orders".into(),
         event_type: None,
@@ -619,10 +596,7 @@ async fn a_gap_is_delivered_and_moves_the_resume_position() {
 #[tokio::test]
 async fn requests_in_flight_fail_with_connection_lost_and_are_not_retried() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (result, ()) = tokio::join!(client.publish("orders", "created", "{}"), async {
         assert!(matches!(peer.recv().await, ClientMessage::Publish { .. }));
         drop(peer);
@@ -631,13 +605,7 @@ async fn requests_in_flight_fail_with_connection_lost_and_are_not_retried() {
 
     // After the reconnect the first frame is a new request, not the publish.
     let mut peer = broker.accept().await;
-    let (rtt, ()) = tokio::join!(client.ping(), async {
-        let ClientMessage::Ping { request_id } = peer.recv().await else {
-            panic!("expected Ping")
-        };
-        peer.send(ServerMessage::Pong { request_id }).await;
-    });
-    rtt.unwrap();
+    assert_same_connection(&client, &mut peer).await;
 }
 
 #[tokio::test]
@@ -702,10 +670,7 @@ async fn the_client_pings_when_idle_and_leaves_a_silent_broker() {
 #[tokio::test]
 async fn heartbeats_from_the_broker_keep_the_connection_alive() {
     let broker = FakeBroker::with_heartbeat(200).await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     // For 7 heartbeat periods, the broker only sends Heartbeat and answers pings.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
     let mut pings = 0;
@@ -725,22 +690,13 @@ async fn heartbeats_from_the_broker_keep_the_connection_alive() {
     }
     assert!(pings >= 3, "the client sent {pings} pings");
     // Still the same connection.
-    let (rtt, ()) = tokio::join!(client.ping(), async {
-        let ClientMessage::Ping { request_id } = peer.recv().await else {
-            panic!("expected Ping")
-        };
-        peer.send(ServerMessage::Pong { request_id }).await;
-    });
-    rtt.unwrap();
+    assert_same_connection(&client, &mut peer).await;
 }
 
 #[tokio::test]
 async fn end_finishes_the_subscription_and_it_is_not_resumed() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (sub, ()) = tokio::join!(client.subscribe("orders").send(), async {
         let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
         peer.subscribed(request_id, sub_id, 1, 1).await;
@@ -777,10 +733,7 @@ async fn end_finishes_the_subscription_and_it_is_not_resumed() {
 #[tokio::test]
 async fn dropping_a_subscription_unsubscribes_it() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (sub, sub_id) = tokio::join!(client.subscribe("orders").send(), async {
         let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
         peer.subscribed(request_id, sub_id, 1, 1).await;
@@ -798,10 +751,7 @@ async fn dropping_a_subscription_unsubscribes_it() {
 #[tokio::test]
 async fn unsubscribe_waits_for_the_broker() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (sub, ()) = tokio::join!(client.subscribe("orders").send(), async {
         let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
         peer.subscribed(request_id, sub_id, 1, 1).await;
@@ -826,10 +776,7 @@ async fn unsubscribe_waits_for_the_broker() {
 #[tokio::test]
 async fn a_full_queue_pauses_the_subscription_and_resumes_it_after_the_last_delivered_event() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (sub, sub_id) = tokio::join!(client.subscribe("orders").buffer(4).send(), async {
         let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
         peer.subscribed(request_id, sub_id, 1, 1).await;
@@ -848,13 +795,7 @@ async fn a_full_queue_pauses_the_subscription_and_resumes_it_after_the_last_deli
         other => panic!("{other:?}"),
     }
     // ...other requests still flow...
-    let (rtt, ()) = tokio::join!(client.ping(), async {
-        let ClientMessage::Ping { request_id } = peer.recv().await else {
-            panic!("expected Ping")
-        };
-        peer.send(ServerMessage::Pong { request_id }).await;
-    });
-    rtt.unwrap();
+    assert_same_connection(&client, &mut peer).await;
     // ...and once half the queue is drained, it subscribes again, under a
     // new wire id, after the last event it delivered.
     assert_eq!(next_offset(&mut sub).await, 1);
@@ -890,10 +831,7 @@ async fn a_full_queue_pauses_the_subscription_and_resumes_it_after_the_last_deli
 #[tokio::test]
 async fn a_refused_resubscribe_ends_the_subscription_with_the_error() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (sub, ()) = tokio::join!(client.subscribe("orders").send(), async {
         let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
         peer.subscribed(request_id, sub_id, 1, 1).await;
@@ -918,10 +856,7 @@ async fn a_refused_resubscribe_ends_the_subscription_with_the_error() {
 #[tokio::test]
 async fn close_ends_subscriptions_and_later_requests() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (sub, ()) = tokio::join!(client.subscribe("orders").send(), async {
         let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
         peer.subscribed(request_id, sub_id, 1, 1).await;
@@ -941,10 +876,7 @@ async fn close_ends_subscriptions_and_later_requests() {
 #[tokio::test]
 async fn the_subscription_is_a_stream() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (sub, ()) = tokio::join!(client.subscribe("orders").earliest(), async {
         let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
         peer.subscribed(request_id, sub_id, 1, 3).await;
@@ -965,10 +897,7 @@ async fn the_subscription_is_a_stream() {
 #[tokio::test]
 async fn a_subscribe_in_flight_when_the_connection_drops_is_sent_again() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let fake = async {
         let (_, first_id, start) = peer.expect_subscribe("orders").await;
         assert_eq!(start, Start::Earliest);
@@ -989,10 +918,7 @@ async fn a_subscribe_in_flight_when_the_connection_drops_is_sent_again() {
 #[tokio::test]
 async fn a_subscription_paused_across_a_reconnect_resumes_once_drained() {
     let broker = FakeBroker::start().await;
-    let (client, mut peer) = tokio::join!(
-        async { Client::connect_with(broker.options()).await.unwrap() },
-        broker.accept()
-    );
+    let (client, mut peer) = connected(&broker).await;
     let (sub, sub_id) = tokio::join!(client.subscribe("orders").buffer(2).send(), async {
         let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
         peer.subscribed(request_id, sub_id, 1, 1).await;
