@@ -21,7 +21,7 @@ pub struct TopicPattern {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Part {
-    Literal(char),
+    Literal(u8),
     One,
     Any,
 }
@@ -70,7 +70,7 @@ impl TopicPattern {
             if let Some(after) = rest.strip_prefix(SUB) {
                 match subject {
                     Some(s) if !s.is_empty() && s.chars().all(crate::engine::is_topic_char) => {
-                        parts.extend(s.chars().map(Part::Literal));
+                        parts.extend(s.bytes().map(Part::Literal));
                     }
                     _ => usable = false,
                 }
@@ -81,7 +81,8 @@ impl TopicPattern {
             parts.push(match c {
                 '*' => Part::Any,
                 '?' => Part::One,
-                c if crate::engine::is_topic_char(c) => Part::Literal(c),
+                // Topic characters are ASCII.
+                c if crate::engine::is_topic_char(c) => Part::Literal(c as u8),
                 bad => {
                     return Err(PatternError::BadChar {
                         pattern: pattern.to_owned(),
@@ -97,11 +98,13 @@ impl TopicPattern {
         }))
     }
 
-    /// Whether `topic` matches.
+    /// Whether `topic` matches. Allocation-free: patterns hold only
+    /// ASCII (topic characters and wildcards), so a byte walk suffices; a
+    /// non-ASCII byte in `topic` matches no literal.
     pub fn matches(&self, topic: &str) -> bool {
-        // Classic greedy wildcard matching with one backtrack point: linear
-        // in practice, O(n·m) at worst, no recursion.
-        let t: Vec<char> = topic.chars().collect();
+        // Greedy wildcard matching with one backtrack point: linear in
+        // practice, O(n·m) at worst, no recursion.
+        let t = topic.as_bytes();
         let p = &self.parts;
         let (mut ti, mut pi) = (0, 0);
         let mut star: Option<(usize, usize)> = None;
