@@ -1139,7 +1139,7 @@ async fn listed_write_origins_may_write_with_their_origin_reflected_and_credenti
             .header("access-control-request-method", "DELETE")
             .header(
                 "access-control-request-headers",
-                "authorization,idempotency-key",
+                "authorization,content-type,idempotency-key,x-ringcast-header-user-id",
             )
             .send(),
     )
@@ -1158,11 +1158,12 @@ async fn listed_write_origins_may_write_with_their_origin_reflected_and_credenti
         .to_str()
         .unwrap()
         .to_ascii_lowercase();
+    // A listed origin may send what it asks for, event headers included.
     for name in [
         "authorization",
         "content-type",
-        "last-event-id",
         "idempotency-key",
+        "x-ringcast-header-user-id",
     ] {
         assert!(allowed.contains(name), "{name} in {allowed}");
     }

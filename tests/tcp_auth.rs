@@ -932,6 +932,42 @@ async fn the_third_connection_within_the_burst_gets_retry_later_and_a_close() {
     session(broker.tcp_addr(), key).await;
 }
 
+#[tokio::test]
+async fn a_flood_of_refused_connections_holds_a_bounded_number_of_sockets() {
+    // 256 refusals may be in flight (each waits up to a second for a hello
+    // it never gets); beyond that a refused connection is closed at once.
+    const FLOOD: usize = 320;
+    common::ensure_open_files(2 * FLOOD as u64 + 256);
+    let (broker, _dir) = rate_limited_broker(ringcast::auth::RateConfig {
+        connections_per_second: 1,
+        connection_burst: 1,
+        ..Default::default()
+    })
+    .await;
+    let _first = session(broker.tcp_addr(), Some(BACKEND_KEY)).await;
+    let mut flood = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        flood.push(
+            tokio::net::TcpStream::connect(broker.tcp_addr())
+                .await
+                .unwrap(),
+        );
+    }
+    let (mut told, mut silent) = (0, 0);
+    for mut stream in flood {
+        use tokio::io::AsyncReadExt as _;
+        let mut byte = [0u8; 1];
+        // A reset counts as silent too: nothing was said.
+        match within(10, stream.read(&mut byte)).await {
+            Ok(0) | Err(_) => silent += 1,
+            Ok(_) => told += 1,
+        }
+    }
+    assert!(told >= 1, "refused connections are told why");
+    assert!(told <= 256, "{told} refusals were in flight at once");
+    assert!(silent >= FLOOD - 256, "{silent} closed without a word");
+}
+
 // ---------------------------------------------------------------------------
 // Protocol version 1 clients.
 // ---------------------------------------------------------------------------

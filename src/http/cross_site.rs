@@ -32,7 +32,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tower::{Layer as _, ServiceExt as _};
-use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, Cors, CorsLayer};
 
 use super::{ApiError, HttpSettings, HttpState, SSE_ROUTE};
 
@@ -211,7 +211,7 @@ pub(crate) async fn guard(
     next.run(request).await
 }
 
-/// Request headers a page may send cross-origin.
+/// Request headers a page on any origin (`"*"` in `cors_origins`) may send.
 const ALLOWED_HEADERS: [HeaderName; 4] = [
     header::AUTHORIZATION,
     header::CONTENT_TYPE,
@@ -233,7 +233,9 @@ pub(crate) fn with_cors(app: Router, rules: Arc<CrossSite>) -> Router {
         }))
         .allow_credentials(true)
         .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::DELETE])
-        .allow_headers(ALLOWED_HEADERS)
+        // A listed origin is trusted: whatever headers its preflight asks
+        // for (`X-Ringcast-Header-*` event headers included) are allowed.
+        .allow_headers(AllowHeaders::mirror_request())
         .expose_headers([header::RETRY_AFTER])
         .max_age(PREFLIGHT_MAX_AGE);
     if !rules.any_read {

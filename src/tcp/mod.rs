@@ -78,6 +78,9 @@ impl TcpSettings {
     }
 }
 
+/// Most refused connections being told why at once (see [`serve`]).
+const MAX_REFUSALS_IN_FLIGHT: usize = 256;
+
 /// Serves connections from `listener` until `shutdown` is cancelled; every
 /// task it starts is tracked by `tracker`. `kill` drops connections at once
 /// without telling clients (a crash, for tests).
@@ -91,6 +94,11 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(settings.max_connections));
+    // Refusals say why before closing, which takes a task and up to a
+    // second or two per socket: bounded, so that a flood of refused
+    // connections cannot hold more sockets than this; beyond it a refused
+    // connection is closed at once, without a word.
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
     let settings = Arc::new(settings);
     loop {
         let accepted = tokio::select! {
@@ -106,7 +114,12 @@ pub async fn serve(
                     let wait = limited.retry_after();
                     tracing::debug!(%peer, ?wait, "connection refused: connection rate limit");
                     let rate = auth.config().rate.connections_per_second;
-                    tracker.spawn(access::refuse_rate_limited(stream, peer, wait, rate));
+                    if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                        tracker.spawn(async move {
+                            access::refuse_rate_limited(stream, peer, wait, rate).await;
+                            drop(slot);
+                        });
+                    }
                     continue;
                 }
                 match permits.clone().try_acquire_owned() {
@@ -128,7 +141,13 @@ pub async fn serve(
                     Err(_) => {
                         tracing::warn!(%peer, limit = settings.max_connections, "connection refused: too many connections");
                         crate::metrics::refused("max_tcp_connections");
-                        tracker.spawn(refuse(stream, peer, settings.max_connections));
+                        if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                            let limit = settings.max_connections;
+                            tracker.spawn(async move {
+                                refuse(stream, peer, limit).await;
+                                drop(slot);
+                            });
+                        }
                     }
                 }
             }
