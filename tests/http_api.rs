@@ -1318,17 +1318,7 @@ impl Api {
 
     /// The value of a gauge line (`name{labels}`) in `/metrics`, 0 if absent.
     async fn metric(&self, series: &str) -> f64 {
-        let text = within(20, async {
-            self.http
-                .get(self.url("/metrics"))
-                .send()
-                .await
-                .expect("metrics")
-                .text()
-                .await
-                .expect("metrics text")
-        })
-        .await;
+        let text = common::fetch_text(&self.http, self.url("/metrics")).await;
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
             .map_or(0.0, |v| v.trim().parse().expect("a metric value"))

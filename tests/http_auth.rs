@@ -111,17 +111,7 @@ impl Api {
     /// The sum of the values of `/metrics` lines of `name` whose labels
     /// include every one of `labels` (`key="value"`).
     async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
-        let text = within(20, async {
-            self.http
-                .get(self.url("/metrics"))
-                .send()
-                .await
-                .expect("metrics")
-                .text()
-                .await
-                .expect("metrics text")
-        })
-        .await;
+        let text = common::fetch_text(&self.http, self.url("/metrics")).await;
         metric_in(&text, name, labels)
     }
 }

@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use bytesize::ByteSize;
-use common::{config, expect_error, hello, start, within, write_msg, Frames, RawClient};
+use common::{
+    config, expect_error, hello, start, subscribe_live as subscribe, within, write_msg, Frames,
+    RawClient,
+};
 use futures::StreamExt;
 use ringcast::broker::Broker;
 use ringcast::config::{Config, Durability};
@@ -272,16 +275,6 @@ fn publish(request_id: u64, topic: &str, payload: Bytes) -> ClientMessage {
         event_type: "tick".into(),
         headers: vec![],
         payload,
-    }
-}
-
-fn subscribe(request_id: u64, subscription_id: u64, topic: &str) -> ClientMessage {
-    ClientMessage::Subscribe {
-        request_id,
-        subscription_id,
-        topic: topic.into(),
-        types: vec![],
-        start: Start::Live,
     }
 }
 

@@ -18,11 +18,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use common::auth::{claims, hs256, hs256_config, sign_hs256, token, BACKEND_KEY};
 use common::proxy::Proxy;
-use common::{config, start, within, RawClient};
+use common::{config, start, subscribe_live as subscribe, within, RawClient};
 use ringcast::broker::Broker;
 use ringcast::config::{Config, Durability};
 use ringcast_client::{Client, ClientOptions, Delivery, Subscription};
-use ringcast_protocol::{ClientMessage, ErrorCode, NewEvent, ServerMessage, Start};
+use ringcast_protocol::{ClientMessage, ErrorCode, NewEvent, ServerMessage};
 
 // ---------------------------------------------------------------------------
 // Helpers.
@@ -108,16 +108,6 @@ fn batch(request_id: u64, topic: &str, n: usize) -> ClientMessage {
                 payload: Bytes::from_static(b"{}"),
             })
             .collect(),
-    }
-}
-
-fn subscribe(request_id: u64, subscription_id: u64, topic: &str) -> ClientMessage {
-    ClientMessage::Subscribe {
-        request_id,
-        subscription_id,
-        topic: topic.into(),
-        types: vec![],
-        start: Start::Live,
     }
 }
 

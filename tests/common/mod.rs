@@ -39,6 +39,31 @@ pub async fn memory_broker() -> (Broker, tempfile::TempDir) {
     (broker, dir)
 }
 
+/// A `Subscribe` starting live, all types.
+pub fn subscribe_live(request_id: u64, subscription_id: u64, topic: &str) -> ClientMessage {
+    ClientMessage::Subscribe {
+        request_id,
+        subscription_id,
+        topic: topic.into(),
+        types: vec![],
+        start: ringcast_protocol::Start::Live,
+    }
+}
+
+/// The text of `GET url` (a broker's `/metrics`), within 20 seconds.
+pub async fn fetch_text(http: &reqwest::Client, url: String) -> String {
+    within(20, async {
+        http.get(url)
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("body text")
+    })
+    .await
+}
+
 /// Awaits `f` or fails the test after `secs` seconds.
 pub async fn within<T>(secs: u64, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(secs), f)
