@@ -7,6 +7,7 @@ mod common;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use common::http::{parse_response, read_closing_response, read_response, RawResponse};
 use common::{config, within};
 use reqwest::StatusCode;
 use ringcast::broker::Broker;
@@ -1176,83 +1177,6 @@ async fn a_killed_broker_restarts_on_its_data_dir_while_an_sse_client_was_connec
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-
-/// A raw HTTP response, read until the server closed the connection.
-struct RawResponse {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl RawResponse {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body {:?} is not JSON: {e}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-}
-
-/// Reads one response whose server closes the connection after it.
-async fn read_closing_response(stream: &mut TcpStream) -> RawResponse {
-    let mut bytes = Vec::new();
-    within(20, async {
-        let mut buf = [0u8; 8192];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => bytes.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    parse_response(&bytes)
-}
-
-fn parse_response(bytes: &[u8]) -> RawResponse {
-    let split = bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(bytes)));
-    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    RawResponse {
-        status,
-        head,
-        body: bytes[split + 4..].to_vec(),
-    }
-}
-
-/// Reads one keep-alive response with a `Content-Length` body.
-async fn read_response(stream: &mut TcpStream) -> RawResponse {
-    let mut bytes = Vec::new();
-    within(20, async {
-        let mut buf = [0u8; 8192];
-        loop {
-            if let Some(split) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&bytes[..split]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map_or(0, |v| v.trim().parse().unwrap());
-                if bytes.len() >= split + 4 + len {
-                    return;
-                }
-            }
-            let n = stream.read(&mut buf).await.expect("response read");
-            assert!(n > 0, "connection closed mid-response: {bytes:?}");
-            bytes.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await;
-    parse_response(&bytes)
-}
 
 /// Waits until the server closes `stream` (end of stream or reset),
 /// discarding whatever it still sends.

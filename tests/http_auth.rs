@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::auth::{claims, hs256, hs256_config, sign_hs256, token, AUDIENCE, BACKEND_KEY};
+use common::http::{expect_closed_after_response, read_response, RawResponse};
 use common::{config, within};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
@@ -15,7 +16,7 @@ use ringcast::broker::Broker;
 use ringcast::config::{Config, Durability};
 use ringcast::engine::NewEvent;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 // ---------------------------------------------------------------------------
@@ -909,64 +910,12 @@ async fn sse_streams_over_the_per_credential_limit_get_429_until_one_closes() {
     assert!(counted >= 1.0, "{counted}");
 }
 
-/// A raw HTTP/1.1 response.
-struct RawResponse {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-/// Reads one response with a `Content-Length` body; `closes` also waits
-/// for the server to close the connection after it.
-async fn read_response(stream: &mut TcpStream, closes: bool) -> RawResponse {
-    let mut bytes = Vec::new();
-    let mut buf = [0u8; 8192];
-    let split = loop {
-        if let Some(split) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&bytes[..split]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if bytes.len() >= split + 4 + len {
-                break split;
-            }
-        }
-        let n = stream.read(&mut buf).await.expect("response read");
-        assert!(
-            n > 0,
-            "closed mid-response: {:?}",
-            String::from_utf8_lossy(&bytes)
-        );
-        bytes.extend_from_slice(&buf[..n]);
-    };
-    if closes {
-        // The next read sees the end of the stream (or a reset), nothing more.
-        if let Ok(n @ 1..) = stream.read(&mut buf).await {
-            panic!(
-                "more after the response: {:?}",
-                String::from_utf8_lossy(&buf[..n])
-            );
-        }
-    }
-    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
-    RawResponse {
-        status: head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("a status"),
-        head,
-        body: bytes[split + 4..].to_vec(),
-    }
-}
-
 async fn raw_get(stream: &mut TcpStream, path: &str, host: &str) -> RawResponse {
     stream
         .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    read_response(stream, false).await
+    read_response(stream).await
 }
 
 #[tokio::test(start_paused = true)]
@@ -996,7 +945,8 @@ async fn new_connections_over_the_per_ip_rate_get_429_and_are_closed() {
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
-    let refused = read_response(&mut third, true).await;
+    let refused = read_response(&mut third).await;
+    expect_closed_after_response(&mut third).await;
     assert_eq!(refused.status, 429, "{}", refused.head);
     let head = refused.head.to_ascii_lowercase();
     assert!(head.contains("\r\nretry-after: 1\r\n"), "{head}");

@@ -19,7 +19,7 @@ pub mod pattern;
 pub mod rate;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use pattern::{PatternError, TopicPattern};
-pub use rate::{Limited, RateConfig, RateLimits, SseSlot};
+pub use rate::{retry_after_ms, retry_after_secs, Limited, RateConfig, RateLimits, SseSlot};
 
 /// `[auth]`: credentials, grants and rate limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -608,7 +608,7 @@ pub fn unix_now() -> u64 {
 }
 
 /// Where a credential file is read from, for errors.
-pub(crate) fn read_key_file(key: &str, path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_key_file(key: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path)
         .map_err(|e| anyhow::anyhow!("auth.jwt.{key}: cannot read {}: {e}", path.display()))
 }

@@ -59,12 +59,21 @@ impl Limited {
             Limited::TooLarge { .. } => Duration::ZERO,
         }
     }
+}
 
-    /// Whole seconds for an HTTP `Retry-After` header (at least 1).
-    pub fn retry_after_secs(&self) -> u64 {
-        let d = self.retry_after();
-        (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
-    }
+/// `wait` in whole milliseconds, rounded up (a client retrying after them
+/// must not come back early) and at least 1: what `retry_after_ms` says on
+/// every front end.
+pub fn retry_after_ms(wait: Duration) -> u64 {
+    u64::try_from(wait.as_nanos().div_ceil(1_000_000))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// `wait` in whole seconds, rounded up and at least 1: an HTTP
+/// `Retry-After` header (RFC 9110 delay-seconds).
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 /// A `governor` clock reading `tokio::time::Instant`, so a paused test
@@ -250,5 +259,26 @@ impl Drop for SseSlot {
                 *n = n.saturating_sub(1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_rounded_up_to_whole_milliseconds() {
+        assert_eq!(retry_after_ms(Duration::ZERO), 1);
+        assert_eq!(retry_after_ms(Duration::from_nanos(1)), 1);
+        assert_eq!(retry_after_ms(Duration::from_micros(999_001)), 1000);
+        assert_eq!(retry_after_ms(Duration::from_millis(250)), 250);
+        assert_eq!(retry_after_ms(Duration::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn retry_after_secs_is_rounded_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
     }
 }

@@ -391,7 +391,9 @@ impl ApiError {
                     "rate_limited",
                     format!(
                         "{what}; retry after {}",
-                        humantime::format_duration(round_up_ms(after))
+                        humantime::format_duration(Duration::from_millis(
+                            crate::auth::retry_after_ms(after)
+                        ))
                     ),
                 );
                 e.retry_after = Some(after);
@@ -443,18 +445,13 @@ impl From<EngineError> for ApiError {
     }
 }
 
-/// `d` rounded up to whole milliseconds (what a client may wait, never less).
-fn round_up_ms(d: Duration) -> Duration {
-    Duration::from_millis(d.as_nanos().div_ceil(1_000_000) as u64)
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         use axum::http::header;
 
         let mut error = json!({"code": self.code, "message": self.message});
         if let Some(after) = self.retry_after {
-            error["retry_after_ms"] = json!(round_up_ms(after).as_millis() as u64);
+            error["retry_after_ms"] = json!(crate::auth::retry_after_ms(after));
         }
         let mut response = (self.status, Json(json!({ "error": error }))).into_response();
         let headers = response.headers_mut();
@@ -462,8 +459,7 @@ impl IntoResponse for ApiError {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(after) = self.retry_after {
-            // Whole seconds, rounded up, at least 1 (RFC 9110 delay-seconds).
-            let secs = crate::auth::Limited::RetryAfter(after).retry_after_secs();
+            let secs = crate::auth::retry_after_secs(after);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if let Some(challenge) = self.challenge {

@@ -14,6 +14,7 @@ use ringcast_protocol::{encode_frame, ClientMessage, ErrorCode, FrameDecoder, Se
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub(crate) use crate::auth::retry_after_ms;
 use crate::auth::{Auth, Denied, Kind, Principal};
 
 /// How long a connection refused by the connection rate limit may take to
@@ -54,14 +55,6 @@ pub(crate) fn admit(
     };
     crate::metrics::auth_refused("tcp", refused.code());
     Err((code(&refused), refused.to_string()))
-}
-
-/// Milliseconds to announce for `wait`, rounded up (a client retrying after
-/// them must not come back early) and at least 1.
-pub(crate) fn retry_after_ms(wait: Duration) -> u64 {
-    u64::try_from(wait.as_nanos().div_ceil(1_000_000))
-        .unwrap_or(u64::MAX)
-        .max(1)
 }
 
 /// When `principal`'s session ends, in ms since the Unix epoch; 0 = never.
@@ -138,12 +131,18 @@ pub(crate) async fn refuse_rate_limited(
         retry_after_ms(wait)
     );
     let msg = retry_later(version, None, ErrorCode::RateLimited, message, wait);
+    say_and_close(stream, &msg).await;
+    tracing::debug!(%peer, version, "rate-limited connection closed");
+}
+
+/// Sends `msg` (within a second) and closes: how every connection refused
+/// before its session is told why.
+pub(crate) async fn say_and_close(mut stream: TcpStream, msg: &ServerMessage) {
     let mut buf = BytesMut::new();
-    if encode_frame(&msg, &mut buf).is_ok() {
+    if encode_frame(msg, &mut buf).is_ok() {
         let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, stream.write_all(&buf)).await;
     }
     let _ = stream.shutdown().await;
-    tracing::debug!(%peer, version, "rate-limited connection closed");
 }
 
 /// The protocol version named by the first frame, if it is a `Hello`.
@@ -167,15 +166,6 @@ async fn hello_version(stream: &mut TcpStream) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_is_rounded_up_to_whole_milliseconds() {
-        assert_eq!(retry_after_ms(Duration::ZERO), 1);
-        assert_eq!(retry_after_ms(Duration::from_nanos(1)), 1);
-        assert_eq!(retry_after_ms(Duration::from_micros(999_001)), 1000);
-        assert_eq!(retry_after_ms(Duration::from_millis(250)), 250);
-        assert_eq!(retry_after_ms(Duration::MAX), u64::MAX);
-    }
 
     #[test]
     fn a_version_1_peer_gets_retry_later_as_an_error_it_knows() {

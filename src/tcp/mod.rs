@@ -16,9 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use ringcast_protocol::{encode_frame, ErrorCode, ServerMessage};
-use tokio::io::AsyncWriteExt;
+use ringcast_protocol::{ErrorCode, ServerMessage};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -160,16 +158,12 @@ pub async fn serve(
     }
 }
 
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, limit: usize) {
-    let mut buf = BytesMut::new();
+async fn refuse(stream: TcpStream, peer: SocketAddr, limit: usize) {
     let msg = ServerMessage::Error {
         request_id: None,
         code: ErrorCode::TooManyConnections,
         message: format!("too many connections (limit {limit})"),
     };
-    if encode_frame(&msg, &mut buf).is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
-    }
-    let _ = stream.shutdown().await;
+    access::say_and_close(stream, &msg).await;
     tracing::debug!(%peer, "refused connection closed");
 }

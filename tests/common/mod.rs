@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod http;
 
 use std::net::SocketAddr;
 use std::path::Path;
