@@ -233,36 +233,71 @@ struct Inner {
     kind: Kind,
     subject: Option<String>,
     rate_key: Arc<str>,
-    publish: Vec<TopicPattern>,
-    subscribe: Vec<TopicPattern>,
-    admin: Vec<TopicPattern>,
+    /// Shared by every principal of one API key, and by every anonymous one.
+    grants: Arc<Grants>,
     /// When the session ends (`exp` + leeway); `None` = never.
     ends_at: Option<SystemTime>,
 }
 
-impl Principal {
-    /// A principal that may do everything (auth off; tests).
-    pub fn everything(peer: Option<IpAddr>) -> Self {
+/// Compiled grants: topic patterns per action, `{sub}` substituted.
+#[derive(Debug, Default)]
+struct Grants {
+    publish: Vec<TopicPattern>,
+    subscribe: Vec<TopicPattern>,
+    admin: Vec<TopicPattern>,
+}
+
+impl Grants {
+    /// Compiles `config` for `subject`; patterns naming `{sub}` without a
+    /// usable subject grant nothing.
+    fn compile(config: &GrantsConfig, subject: Option<&str>) -> Result<Self, PatternError> {
+        let one = |list: &[String]| -> Result<Vec<TopicPattern>, PatternError> {
+            let mut out = Vec::with_capacity(list.len().min(MAX_PATTERNS));
+            for p in list.iter().take(MAX_PATTERNS) {
+                if let Some(p) = TopicPattern::compile(p, subject)? {
+                    out.push(p);
+                }
+            }
+            Ok(out)
+        };
+        Ok(Self {
+            publish: one(&config.publish)?,
+            subscribe: one(&config.subscribe)?,
+            admin: one(&config.admin)?,
+        })
+    }
+
+    /// Every action on every topic (auth off).
+    fn everything() -> Self {
         let all = || {
             vec![TopicPattern::compile("*", None)
                 .ok()
                 .flatten()
                 .expect("* is valid")]
         };
-        Self::new(
-            Kind::Anonymous,
-            None,
-            anon_key(peer),
-            [all(), all(), all()],
-            None,
-        )
+        Self {
+            publish: all(),
+            subscribe: all(),
+            admin: all(),
+        }
     }
 
+    /// These grants plus `more` (what anyone may do is added to every
+    /// credential).
+    fn with(mut self, more: &Grants) -> Self {
+        self.publish.extend(more.publish.iter().cloned());
+        self.subscribe.extend(more.subscribe.iter().cloned());
+        self.admin.extend(more.admin.iter().cloned());
+        self
+    }
+}
+
+impl Principal {
     fn new(
         kind: Kind,
         subject: Option<String>,
         rate_key: Arc<str>,
-        [publish, subscribe, admin]: [Vec<TopicPattern>; 3],
+        grants: Arc<Grants>,
         ends_at: Option<SystemTime>,
     ) -> Self {
         Self {
@@ -270,9 +305,7 @@ impl Principal {
                 kind,
                 subject,
                 rate_key,
-                publish,
-                subscribe,
-                admin,
+                grants,
                 ends_at,
             }),
         }
@@ -281,9 +314,9 @@ impl Principal {
     /// Whether `action` on `topic` is granted.
     pub fn may(&self, action: Action, topic: &str) -> bool {
         let list = match action {
-            Action::Publish => &self.inner.publish,
-            Action::Subscribe => &self.inner.subscribe,
-            Action::Admin => &self.inner.admin,
+            Action::Publish => &self.inner.grants.publish,
+            Action::Subscribe => &self.inner.grants.subscribe,
+            Action::Admin => &self.inner.grants.admin,
         };
         list.iter().any(|p| p.matches(topic))
     }
@@ -298,9 +331,8 @@ impl Principal {
     /// Whether any grant at all is held (a client with none is refused at
     /// connect).
     pub fn has_any_grant(&self) -> bool {
-        !(self.inner.publish.is_empty()
-            && self.inner.subscribe.is_empty()
-            && self.inner.admin.is_empty())
+        let g = &self.inner.grants;
+        !(g.publish.is_empty() && g.subscribe.is_empty() && g.admin.is_empty())
     }
 
     /// How the principal authenticated.
@@ -396,7 +428,10 @@ impl Denied {
 pub struct Auth {
     config: AuthConfig,
     keys: RwLock<Arc<jwt::KeySet>>,
-    api_keys: std::collections::HashMap<[u8; 32], ApiKeyConfig>,
+    /// By the key's SHA-256: its name and compiled grants.
+    api_keys: std::collections::HashMap<[u8; 32], (Arc<str>, Arc<Grants>)>,
+    /// What a client without credentials may do (everything with auth off).
+    anonymous: Arc<Grants>,
     limits: RateLimits,
 }
 
@@ -420,15 +455,36 @@ impl Auth {
             Some(j) => jwt::KeySet::load(j)?,
             None => jwt::KeySet::default(),
         };
-        let api_keys = config
-            .keys
-            .iter()
-            .filter_map(|k| Some((parse_sha256(&k.sha256)?, k.clone())))
-            .collect();
+        let invalid = |e: PatternError| anyhow::anyhow!("invalid config: {e}");
+        let anonymous = match &config.anonymous {
+            _ if !config.enabled() => Grants::everything(),
+            Some(g) => Grants::compile(g, None).map_err(invalid)?,
+            None => Grants::default(),
+        };
+        let mut api_keys = std::collections::HashMap::new();
+        for k in &config.keys {
+            let Some(hash) = parse_sha256(&k.sha256) else {
+                continue; // validate() refused it already
+            };
+            let own = GrantsConfig {
+                publish: k.publish.clone(),
+                subscribe: k.subscribe.clone(),
+                admin: k.admin.clone(),
+            };
+            let grants = Grants::compile(&own, Some(&k.name)).map_err(invalid)?;
+            api_keys.insert(
+                hash,
+                (
+                    Arc::from(k.name.as_str()),
+                    Arc::new(grants.with(&anonymous)),
+                ),
+            );
+        }
         Ok(Self {
             config: config.clone(),
             keys: RwLock::new(Arc::new(keys)),
             api_keys,
+            anonymous: Arc::new(anonymous),
             limits: RateLimits::new(&config.rate),
         })
     }
@@ -478,21 +534,25 @@ impl Auth {
         credentials: Option<&str>,
         peer: Option<IpAddr>,
     ) -> Result<Principal, Denied> {
-        if !self.config.enabled() {
-            return Ok(Principal::everything(peer));
-        }
         let credentials = credentials.map(str::trim).filter(|c| !c.is_empty());
-        let Some(credentials) = credentials else {
-            return Ok(self.anonymous(peer));
+        let (true, Some(credentials)) = (self.config.enabled(), credentials) else {
+            return Ok(Principal::new(
+                Kind::Anonymous,
+                None,
+                anon_key(peer),
+                self.anonymous.clone(),
+                None,
+            ));
         };
         if jwt::looks_like_jwt(credentials) {
             let keys = self.keys.read().clone();
             let claims = keys.verify(credentials, self.config.jwt.as_ref(), self.config.leeway)?;
             let subject = claims.sub.clone();
-            let grants = claims.grants();
-            let compiled = self.compile(&grants, subject.as_deref()).map_err(|e| {
-                Denied::Invalid(format!("the token's ringcast claim is invalid: {e}"))
-            })?;
+            let grants = Grants::compile(&claims.grants(), subject.as_deref())
+                .map_err(|e| {
+                    Denied::Invalid(format!("the token's ringcast claim is invalid: {e}"))
+                })?
+                .with(&self.anonymous);
             // An `exp` beyond what SystemTime holds (signed, but absurd)
             // never ends rather than overflowing.
             let ends_at = claims.exp.and_then(|exp| {
@@ -512,76 +572,21 @@ impl Auth {
                 Kind::Token,
                 subject,
                 rate_key,
-                compiled,
+                Arc::new(grants),
                 ends_at,
             ));
         }
         let hash: [u8; 32] = Sha256::digest(credentials.as_bytes()).into();
-        let Some(key) = self.api_keys.get(&hash) else {
+        let Some((name, grants)) = self.api_keys.get(&hash) else {
             return Err(Denied::Invalid("unknown API key (and not a JWT)".into()));
         };
-        let grants = GrantsConfig {
-            publish: key.publish.clone(),
-            subscribe: key.subscribe.clone(),
-            admin: key.admin.clone(),
-        };
-        // Validated at load.
-        let compiled = self
-            .compile(&grants, Some(&key.name))
-            .map_err(|e| Denied::Invalid(e.to_string()))?;
         Ok(Principal::new(
             Kind::ApiKey,
-            Some(key.name.clone()),
-            format!("key:{}", key.name).into(),
-            compiled,
+            Some(name.to_string()),
+            format!("key:{name}").into(),
+            grants.clone(),
             None,
         ))
-    }
-
-    fn anonymous(&self, peer: Option<IpAddr>) -> Principal {
-        let grants = self.config.anonymous.clone().unwrap_or_default();
-        let compiled = self
-            .compile_own(&grants, None)
-            .unwrap_or_else(|_| [Vec::new(), Vec::new(), Vec::new()]);
-        Principal::new(Kind::Anonymous, None, anon_key(peer), compiled, None)
-    }
-
-    /// Compiles a credential's grants plus the anonymous ones (anyone may do
-    /// what an anonymous client may).
-    fn compile(
-        &self,
-        grants: &GrantsConfig,
-        subject: Option<&str>,
-    ) -> Result<[Vec<TopicPattern>; 3], PatternError> {
-        let mut own = self.compile_own(grants, subject)?;
-        if let Some(anon) = &self.config.anonymous {
-            let extra = self.compile_own(anon, None)?;
-            for (mine, more) in own.iter_mut().zip(extra) {
-                mine.extend(more);
-            }
-        }
-        Ok(own)
-    }
-
-    fn compile_own(
-        &self,
-        grants: &GrantsConfig,
-        subject: Option<&str>,
-    ) -> Result<[Vec<TopicPattern>; 3], PatternError> {
-        let one = |list: &[String]| -> Result<Vec<TopicPattern>, PatternError> {
-            let mut out = Vec::with_capacity(list.len());
-            for p in list.iter().take(MAX_PATTERNS) {
-                if let Some(p) = TopicPattern::compile(p, subject)? {
-                    out.push(p);
-                }
-            }
-            Ok(out)
-        };
-        Ok([
-            one(&grants.publish)?,
-            one(&grants.subscribe)?,
-            one(&grants.admin)?,
-        ])
     }
 
     /// Re-reads the key files (secret, PEM, JWKS) — on SIGHUP. On error the

@@ -118,14 +118,14 @@ fn identify(
 ) -> Result<Caller, ApiError> {
     let peer = parts.extensions.get::<Peer>().map(|p| p.0.ip());
     let auth = &state.auth;
+    // Auth off: what the broker always did, whatever the request carries.
     let principal = if auth.enabled() {
         credential(&parts.headers, &parts.uri, auth.config(), sse)
-            .and_then(|c| auth.authenticate(c.as_deref(), peer))
-            .map_err(|denied| refused(transport, &denied, Some(&parts.uri)))?
     } else {
-        // Auth off: what the broker always did, whatever the request carries.
-        Principal::everything(peer)
-    };
+        Ok(None)
+    }
+    .and_then(|c| auth.authenticate(c.as_deref(), peer))
+    .map_err(|denied| refused(transport, &denied, Some(&parts.uri)))?;
     Ok(Caller {
         principal,
         transport,
