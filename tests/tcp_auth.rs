@@ -618,6 +618,24 @@ fn short_token_provider(
     })
 }
 
+/// A client for `u1` with [`short_token_provider`], subscribed to
+/// `orders.ticks` from the earliest event.
+async fn ticks_subscriber(
+    options: ClientOptions,
+    calls: Arc<AtomicUsize>,
+) -> (Client, Subscription) {
+    let subscriber = Client::connect_with(short_token_provider(options, "u1", calls))
+        .await
+        .unwrap();
+    let sub = subscriber
+        .subscribe("orders.ticks")
+        .earliest()
+        .send()
+        .await
+        .unwrap();
+    (subscriber, sub)
+}
+
 /// Publishes `1, 2, …` to `topic` with [`BACKEND_KEY`] until `done` says so,
 /// then `tail` more; returns the last offset.
 async fn publish_until(
@@ -672,15 +690,7 @@ async fn the_sdk_reconnects_with_a_fresh_token_at_expiry_and_delivers_every_offs
     let options = ClientOptions::new(proxy.addr().to_string())
         .with_reconnect_backoff(Duration::from_millis(5), Duration::from_millis(50))
         .with_proactive_refresh(false);
-    let subscriber = Client::connect_with(short_token_provider(options, "u1", calls.clone()))
-        .await
-        .unwrap();
-    let mut sub = subscriber
-        .subscribe("orders.ticks")
-        .earliest()
-        .send()
-        .await
-        .unwrap();
+    let (_subscriber, mut sub) = ticks_subscriber(options, calls.clone()).await;
     // Three tokens: the first two expired on the connection.
     let last = publish_until(
         &broker,
@@ -703,15 +713,7 @@ async fn the_sdk_refreshes_before_expiry_without_closing_the_connection() {
     let proxy = Proxy::start(broker.tcp_addr()).await;
     let calls = Arc::new(AtomicUsize::new(0));
     let options = ClientOptions::new(proxy.addr().to_string());
-    let subscriber = Client::connect_with(short_token_provider(options, "u1", calls.clone()))
-        .await
-        .unwrap();
-    let mut sub = subscriber
-        .subscribe("orders.ticks")
-        .earliest()
-        .send()
-        .await
-        .unwrap();
+    let (subscriber, mut sub) = ticks_subscriber(options, calls.clone()).await;
     let started = SystemTime::now();
     // Four tokens, refreshed at half their life: by then the first two have
     // expired.
