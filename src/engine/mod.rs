@@ -3,6 +3,7 @@
 //! `publish` → (store writer: assign, persist, group-commit) → topic ring →
 //! subscription cursors. See `docs/architecture.md` for the data flow.
 
+mod dedup;
 mod event;
 mod log;
 mod settings;
