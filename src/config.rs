@@ -311,6 +311,7 @@ impl Config {
             maintenance_interval: Duration::from_secs(1),
             metered_topics: self.metrics.topics.clone(),
             faults: None,
+            clock: crate::engine::Clock::default(),
         }
     }
 

@@ -14,6 +14,11 @@ pub const CONNECTIONS: &str = "ringcast_connections";
 pub const REFUSED: &str = "ringcast_limit_refusals_total";
 /// Events appended (acknowledged), by topic for listed topics only.
 pub const PUBLISHED: &str = "ringcast_events_published_total";
+/// Published events that repeated an idempotency key (answered with the
+/// original ack, not stored).
+pub const DUPLICATES: &str = "ringcast_duplicate_publishes_total";
+/// Appends refused because their expected position did not hold.
+pub const POSITION_MISMATCHES: &str = "ringcast_position_mismatches_total";
 /// Events delivered to subscribers, by `transport`.
 pub const DELIVERED: &str = "ringcast_deliveries_total";
 /// Bytes received from clients, by `transport`.
@@ -85,6 +90,14 @@ fn describe() {
         "Requests or connections refused by a configured limit."
     );
     describe_counter!(PUBLISHED, "Events appended and acknowledged.");
+    describe_counter!(
+        DUPLICATES,
+        "Published events that repeated an idempotency key within the dedup window; not stored again."
+    );
+    describe_counter!(
+        POSITION_MISMATCHES,
+        "Appends refused because their expected offset or version did not hold."
+    );
     describe_counter!(
         AUTH_REFUSED,
         "Requests or connections refused by access control, by transport and code."

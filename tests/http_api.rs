@@ -400,7 +400,10 @@ async fn events_carry_epoch_offset_ids_their_type_and_a_json_envelope() {
     assert_eq!(json_ack.status(), StatusCode::OK);
     let ack: Value = json_ack.json().await.unwrap();
     let epoch = ack["epoch"].as_str().unwrap().to_owned();
-    assert_eq!(ack, json!({"epoch": epoch, "offset": 1, "version": 1}));
+    assert_eq!(
+        ack,
+        json!({"epoch": epoch, "offset": 1, "version": 1, "duplicate": false})
+    );
     api.publish("orders", "note", "plain text, not JSON\nwith a newline")
         .await;
     api.publish("orders", "created", vec![0xffu8, 0x00, 0xfe])
@@ -852,9 +855,18 @@ async fn publish_answers_epoch_offset_and_per_type_version() {
     let b1 = api.publish("pub", "b", "{}").await;
     let epoch = a1["epoch"].as_str().unwrap();
     epoch.parse::<u64>().expect("decimal epoch");
-    assert_eq!(a1, json!({"epoch": epoch, "offset": 1, "version": 1}));
-    assert_eq!(a2, json!({"epoch": epoch, "offset": 2, "version": 2}));
-    assert_eq!(b1, json!({"epoch": epoch, "offset": 3, "version": 1}));
+    assert_eq!(
+        a1,
+        json!({"epoch": epoch, "offset": 1, "version": 1, "duplicate": false})
+    );
+    assert_eq!(
+        a2,
+        json!({"epoch": epoch, "offset": 2, "version": 2, "duplicate": false})
+    );
+    assert_eq!(
+        b1,
+        json!({"epoch": epoch, "offset": 3, "version": 1, "duplicate": false})
+    );
 }
 
 #[tokio::test]

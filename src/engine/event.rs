@@ -132,16 +132,26 @@ pub struct NewEvent {
     pub headers: Vec<(String, String)>,
     /// Opaque bytes.
     pub payload: Bytes,
+    /// Makes a retry safe: within the topic's dedup window a publish with
+    /// a key already stored returns the original ack and stores nothing.
+    pub idempotency_key: Option<String>,
 }
 
 impl NewEvent {
-    /// An event of `event_type` with `payload` and no headers.
+    /// An event of `event_type` with `payload`, no headers and no key.
     pub fn new(event_type: impl Into<String>, payload: impl Into<Bytes>) -> Self {
         Self {
             event_type: event_type.into(),
             headers: Vec::new(),
             payload: payload.into(),
+            idempotency_key: None,
         }
+    }
+
+    /// Sets the idempotency key.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
     }
 
     /// Adds a header.
@@ -160,6 +170,9 @@ pub struct Ack {
     pub offset: u64,
     /// The event's version within its type.
     pub version: u64,
+    /// The publish repeated an idempotency key: nothing was stored, and
+    /// this is the original's position.
+    pub duplicate: bool,
 }
 
 /// Where a subscription starts.

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
+use super::dedup::{self, Expected, Original, Window};
 use super::event::{Event, NewEvent};
 use super::EngineError;
 
@@ -43,6 +44,10 @@ pub(crate) enum Step {
         topic: TopicId,
         /// The events as published.
         events: Vec<NewEvent>,
+        /// The position the append requires, checked atomically with it.
+        expect: Expected,
+        /// The topic's dedup window in ms (0 = keys are ignored).
+        window_ms: u64,
     },
     /// Persist the topic's seal after every earlier append.
     Seal {
@@ -63,13 +68,21 @@ pub(crate) enum Step {
     },
     /// Make everything before it durable.
     Sync,
+    /// Forget idempotency keys older than their topic's window.
+    Expire,
 }
 
 /// What a step came to, once its pass is persisted.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// The events with their assigned positions.
-    Appended(Vec<Arc<Event>>),
+    /// The new events with their assigned positions, and the events of
+    /// the request that repeated a key: `(index in the request, original)`.
+    Appended {
+        /// New events, in request order.
+        events: Vec<Arc<Event>>,
+        /// Repeats, by index; empty for most appends.
+        repeats: Vec<(usize, Original)>,
+    },
     /// The seal is stored, with its time.
     Sealed(u64),
     /// Done (delete, trim, sync).
@@ -186,12 +199,40 @@ impl Counters {
     }
 }
 
+/// The outcome of a refused or applied append, for a backend's `persist`.
+pub(crate) fn append_outcome(
+    result: Result<dedup::Applied, dedup::Mismatch>,
+) -> (Outcome, Vec<(Arc<str>, Original)>) {
+    match result {
+        Ok(a) => (
+            Outcome::Appended {
+                events: a.events,
+                repeats: a.repeats,
+            },
+            a.keyed,
+        ),
+        Err(m) => {
+            metrics::counter!(crate::metrics::POSITION_MISMATCHES).increment(1);
+            (
+                Outcome::Refused(EngineError::PositionMismatch {
+                    current_offset: m.current_offset,
+                    current_version: m.current_version,
+                }),
+                Vec::new(),
+            )
+        }
+    }
+}
+
 /// What the memory log keeps of a topic.
 #[derive(Debug)]
 struct MemTopic {
     generation: u64,
     counters: Counters,
     sealed_at_ms: Option<u64>,
+    /// Idempotency keys within the window, and the window last used.
+    keys: Window,
+    window_ms: u64,
 }
 
 /// The `memory` durability backend: counters only, no disk. Runs inline.
@@ -213,6 +254,8 @@ impl MemoryLog {
             generation: id.generation,
             counters: Counters::new(),
             sealed_at_ms: None,
+            keys: Window::default(),
+            window_ms: 0,
         };
         let mut t = self.topics.entry(id.name.clone()).or_insert_with(fresh);
         if t.generation != id.generation {
@@ -231,13 +274,37 @@ impl Log for MemoryLog {
         let mut outcomes = Vec::with_capacity(steps.len());
         for step in steps.iter_mut() {
             let outcome = match step {
-                Step::Append { topic, events } => {
+                Step::Append {
+                    topic,
+                    events,
+                    expect,
+                    window_ms,
+                } => {
                     let mut t = self.incarnation(topic);
                     if t.sealed_at_ms.is_some() {
                         Outcome::Refused(EngineError::TopicSealed(topic.name.to_string()))
                     } else {
-                        Outcome::Appended(t.counters.assign(events, now_ms))
+                        let t = &mut *t;
+                        let window = *window_ms;
+                        let keys = &t.keys;
+                        let result =
+                            dedup::append(&mut t.counters, events, *expect, window, now_ms, |k| {
+                                keys.get(k, now_ms, window)
+                            });
+                        let (outcome, keyed) = append_outcome(result);
+                        t.window_ms = window;
+                        for (key, original) in keyed {
+                            t.keys.insert(key, original);
+                        }
+                        outcome
                     }
+                }
+                Step::Expire => {
+                    for mut t in self.topics.iter_mut() {
+                        let window = t.window_ms;
+                        t.keys.expire(now_ms, window);
+                    }
+                    Outcome::Done
                 }
                 Step::Seal { topic } => {
                     let mut t = self.incarnation(topic);

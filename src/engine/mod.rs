@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::mapref::entry::Entry;
 use tokio::sync::{oneshot, Semaphore};
 
+pub use dedup::{Expected, MAX_KEY_LEN};
 pub(crate) use event::Encoding;
 pub use event::{Ack, Delivery, Event, Gap, GapReason, NewEvent, Start};
 pub use log::Health;
@@ -79,6 +80,23 @@ pub enum EngineError {
     /// The start position cannot be honoured (e.g. an offset in the future).
     #[error("invalid start: {0}")]
     InvalidStart(String),
+    /// The request is inconsistent in itself (e.g. an expected version on a
+    /// batch of several types).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// An idempotency key is empty, too long, has a control character, or
+    /// appears twice in one batch.
+    #[error("invalid idempotency key: {0}")]
+    InvalidKey(String),
+    /// The expected position of the append does not hold: nothing was
+    /// stored. The current values let the caller reload and retry.
+    #[error("position mismatch: the topic's last offset is {current_offset}, the type's last version is {current_version}")]
+    PositionMismatch {
+        /// The topic's last offset now (0 = no event yet).
+        current_offset: u64,
+        /// The last version of the batch's event type now (0 = none yet).
+        current_version: u64,
+    },
     /// The store failed; the operation did not happen.
     #[error("storage error: {0}")]
     Storage(String),
@@ -138,6 +156,30 @@ pub struct EngineOptions {
     /// Storage faults to inject (tests of the failure rules).
     #[doc(hidden)]
     pub faults: Option<Arc<Faults>>,
+    /// The clock publishes are stamped (and dedup windows measured) by.
+    #[doc(hidden)]
+    pub clock: Clock,
+}
+
+/// The engine's wall clock: system time plus an offset that only tests
+/// move (to expire dedup windows without waiting for them).
+#[doc(hidden)]
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    skew_ms: Arc<AtomicU64>,
+}
+
+impl Clock {
+    /// Moves this clock (and every engine using it) `by` into the future.
+    pub fn advance(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.skew_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the Unix epoch, as this clock tells them.
+    pub fn now_ms(&self) -> u64 {
+        now_ms().saturating_add(self.skew_ms.load(Ordering::Relaxed))
+    }
 }
 
 impl EngineOptions {
@@ -153,6 +195,7 @@ impl EngineOptions {
             maintenance_interval: Duration::from_secs(1),
             metered_topics: Vec::new(),
             faults: None,
+            clock: Clock::default(),
         }
     }
 
@@ -389,6 +432,45 @@ pub fn validate_topic(name: &str) -> Result<(), EngineError> {
     }
 }
 
+/// Checks what the publish guarantees need of a batch: keys of 1 to
+/// [`MAX_KEY_LEN`] bytes without control characters, none twice in the
+/// batch; an expected version only for a batch of one event type (the
+/// version it names is that type's).
+fn validate_guarantees(events: &[NewEvent], expect: Expected) -> Result<(), EngineError> {
+    let mut keys = 0;
+    for key in events.iter().filter_map(|e| e.idempotency_key.as_deref()) {
+        keys += 1;
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(EngineError::InvalidKey(format!(
+                "{} bytes, expected 1 to {MAX_KEY_LEN}",
+                key.len()
+            )));
+        }
+        if key.chars().any(char::is_control) {
+            return Err(EngineError::InvalidKey(
+                "control characters are not allowed".into(),
+            ));
+        }
+    }
+    if keys > 1 {
+        let mut seen = std::collections::HashSet::with_capacity(keys);
+        for key in events.iter().filter_map(|e| e.idempotency_key.as_deref()) {
+            if !seen.insert(key) {
+                return Err(EngineError::InvalidKey(format!(
+                    "{:?} appears twice in one batch",
+                    key.chars().take(MAX_KEY_LEN).collect::<String>()
+                )));
+            }
+        }
+    }
+    if expect.version.is_some() && events.iter().any(|e| e.event_type != events[0].event_type) {
+        return Err(EngineError::InvalidRequest(
+            "expected_version needs every event of the batch to have the same type".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Queue budget units: one per KiB of payload, at least one per request.
 fn queue_units(bytes: u64, total: u32) -> u32 {
     u32::try_from(bytes / 1024 + 1)
@@ -422,16 +504,43 @@ fn commit_events(
     topic: &Topic,
     state: &mut TopicState,
     events: Vec<Arc<Event>>,
+    repeats: Vec<(usize, dedup::Original)>,
     now: u64,
 ) -> (Vec<Ack>, bool) {
-    let acks = events
-        .iter()
-        .map(|e| Ack {
-            epoch: state.epoch,
-            offset: e.offset,
-            version: e.version,
-        })
-        .collect();
+    let epoch = state.epoch;
+    let fresh = events.iter().map(|e| Ack {
+        epoch,
+        offset: e.offset,
+        version: e.version,
+        duplicate: false,
+    });
+    let acks = if repeats.is_empty() {
+        fresh.collect()
+    } else {
+        metrics::counter!(crate::metrics::DUPLICATES).increment(repeats.len() as u64);
+        let mut fresh = fresh;
+        let mut repeats = repeats.into_iter().peekable();
+        let mut acks = Vec::with_capacity(events.len() + repeats.len());
+        loop {
+            let i = acks.len();
+            if let Some((_, o)) = repeats.next_if(|(at, _)| *at == i) {
+                acks.push(Ack {
+                    epoch,
+                    offset: o.offset,
+                    version: o.version,
+                    duplicate: true,
+                });
+            } else if let Some(a) = fresh.next() {
+                acks.push(a);
+            } else {
+                break;
+            }
+        }
+        acks
+    };
+    if events.is_empty() {
+        return (acks, false);
+    }
     let before = state.first_offset();
     count_published(m, &topic.name, state.metered, events.len());
     // Its first event makes the topic a real one.
@@ -451,10 +560,10 @@ pub(crate) fn commit(
     dirty: &mut std::collections::HashMap<Arc<str>, Arc<Topic>>,
 ) -> Option<Arc<Topic>> {
     match (done, outcome) {
-        (Done::Append { topic, ack }, Outcome::Appended(events)) => {
+        (Done::Append { topic, ack }, Outcome::Appended { events, repeats }) => {
             let (acks, trimmed) = {
                 let mut state = topic.state.write();
-                commit_events(m, &topic, &mut state, events, now)
+                commit_events(m, &topic, &mut state, events, repeats, now)
             };
             if trimmed {
                 dirty.insert(topic.name.clone(), topic.clone());
@@ -485,6 +594,7 @@ pub(crate) fn commit(
             let _ = ack.send(Ok(()));
             None
         }
+        (Done::Trim, Outcome::Done) => None,
         (done, outcome) => {
             // A backend answering a step with another step's outcome is a
             // bug in the backend; refuse rather than guess.
@@ -547,16 +657,19 @@ impl Engine {
                 RecoveryReport::default(),
             ),
             durability => {
+                let topics = options.topics.clone();
                 let opened = store::SledLog::open(
                     &options.data_dir,
                     durability,
                     options.flush_interval,
                     options.faults.clone(),
+                    &move |name: &str| topics.retention_for(name).dedup_window_ms(),
+                    options.clock.now_ms(),
                 )?;
                 (opened.log, opened.topics, opened.report)
             }
         };
-        let now = now_ms();
+        let now = options.clock.now_ms();
         let mut recovered_events = 0;
         let mut trimmed_at_open = Vec::new();
         for r in recovered {
@@ -590,6 +703,7 @@ impl Engine {
                 log: log.clone(),
                 registry: registry.clone(),
                 metrics: metrics.clone(),
+                clock: options.clock.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name("ringcast-writer".into())
@@ -680,6 +794,22 @@ impl Engine {
         });
     }
 
+    /// Lets the log forget idempotency keys older than their window (on the
+    /// writer, after what is queued, for a queued backend).
+    fn expire_keys(&self, now: u64) {
+        if self.inner.log.inline() {
+            if let Err(e) = self.inner.log.persist(&mut [Step::Expire], now) {
+                tracing::warn!(error = %e, "expiring idempotency keys failed");
+            }
+            return;
+        }
+        let _ = self.send(Request::Step {
+            step: Step::Expire,
+            done: Done::Trim,
+            permit: None,
+        });
+    }
+
     /// Publishes one event; resolves once it is acknowledged under the
     /// durability mode.
     pub async fn publish(&self, topic: &str, event: NewEvent) -> Result<Ack, EngineError> {
@@ -707,17 +837,45 @@ impl Engine {
         topic: &str,
         events: Vec<NewEvent>,
     ) -> Result<PendingPublish, EngineError> {
+        self.start_publish_expecting(topic, events, Expected::default())
+            .await
+    }
+
+    /// Publishes a batch only if `expect` holds (the topic's last offset,
+    /// the type's last version), atomically with the append; otherwise
+    /// nothing is stored and the error carries the current values.
+    pub async fn publish_expecting(
+        &self,
+        topic: &str,
+        events: Vec<NewEvent>,
+        expect: Expected,
+    ) -> Result<Vec<Ack>, EngineError> {
+        self.start_publish_expecting(topic, events, expect)
+            .await?
+            .await
+    }
+
+    /// [`start_publish`](Self::start_publish) with an expected position
+    /// (see [`publish_expecting`](Self::publish_expecting)).
+    pub async fn start_publish_expecting(
+        &self,
+        topic: &str,
+        events: Vec<NewEvent>,
+        expect: Expected,
+    ) -> Result<PendingPublish, EngineError> {
         self.check_open()?;
         validate_topic(topic)?;
         if events.is_empty() {
             return Err(EngineError::EmptyBatch);
         }
+        validate_guarantees(&events, expect)?;
         // An existing topic already knows its settings; matching override
         // patterns per publish would compile them each time.
         let retention = match self.inner.registry.topics.get(topic) {
             Some(t) => t.state.read().retention,
             None => self.inner.options.topics.retention_for(topic),
         };
+        let window_ms = retention.dedup_window_ms();
         let mut bytes = 0;
         for e in &events {
             self.validate_event(e, &retention)?;
@@ -751,7 +909,7 @@ impl Engine {
             let t = self.get_or_create(topic, self.inner.options.topics.auto_create, false)?;
             let mut changed = t.notify.subscribe();
             if inline {
-                let now = now_ms();
+                let now = self.inner.options.clock.now_ms();
                 let mut state = t.state.write();
                 if state.deleted {
                     continue;
@@ -762,12 +920,20 @@ impl Engine {
                 let mut steps = [Step::Append {
                     topic: t.id(&state),
                     events: events.take().unwrap_or_default(),
+                    expect,
+                    window_ms,
                 }];
                 let outcome = self.inner.log.persist(&mut steps, now)?.pop();
                 return match outcome {
-                    Some(Outcome::Appended(assigned)) => {
-                        let (acks, _) =
-                            commit_events(&self.inner.metrics, &t, &mut state, assigned, now);
+                    Some(Outcome::Appended { events, repeats }) => {
+                        let (acks, _) = commit_events(
+                            &self.inner.metrics,
+                            &t,
+                            &mut state,
+                            events,
+                            repeats,
+                            now,
+                        );
                         drop(state);
                         t.wake();
                         Ok(PendingPublish {
@@ -797,6 +963,8 @@ impl Engine {
                         step: Step::Append {
                             topic: t.id(&state),
                             events: events.take().unwrap_or_default(),
+                            expect,
+                            window_ms,
                         },
                         done: Done::Append {
                             topic: t.clone(),
@@ -1060,7 +1228,7 @@ impl Engine {
         validate_topic(topic)?;
         let t = self.get(topic)?;
         if self.inner.log.inline() {
-            let now = now_ms();
+            let now = self.inner.options.clock.now_ms();
             {
                 let mut s = t.state.write();
                 let mut steps = [Step::Seal { topic: t.id(&s) }];
@@ -1222,7 +1390,7 @@ fn janitor(inner: Weak<Inner>, stop: std::sync::mpsc::Receiver<()>, interval: Du
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
         let Some(inner) = inner.upgrade() else { return };
         let engine = Engine { inner };
-        maintain(&engine, now_ms());
+        maintain(&engine, engine.inner.options.clock.now_ms());
     }
 }
 
@@ -1267,4 +1435,5 @@ fn maintain(engine: &Engine, now: u64) {
             t.wake();
         }
     }
+    engine.expire_keys(now);
 }

@@ -63,6 +63,10 @@ pub struct TopicsConfig {
     /// Drop a topic with no publish and no subscriber for this long; `0s` = never.
     #[serde(with = "humantime_serde")]
     pub idle_ttl: Duration,
+    /// How long a publish's idempotency key is remembered: a repeat within
+    /// it returns the original ack and stores nothing; `0s` = keys are ignored.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
     /// Create a topic on its first publish or subscribe.
     pub auto_create: bool,
     /// Per-topic overrides, first matching pattern wins.
@@ -78,6 +82,7 @@ impl Default for TopicsConfig {
             max_bytes: ByteSize::mib(64),
             sealed_ttl: Duration::from_secs(300),
             idle_ttl: Duration::ZERO,
+            dedup_window: Duration::from_secs(120),
             auto_create: true,
             overrides: Vec::new(),
         }
@@ -103,6 +108,9 @@ pub struct TopicOverride {
     /// Overrides `topics.idle_ttl`.
     #[serde(with = "humantime_serde")]
     pub idle_ttl: Option<Duration>,
+    /// Overrides `topics.dedup_window`.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Option<Duration>,
 }
 
 /// The effective retention and lifecycle settings of one topic.
@@ -118,6 +126,15 @@ pub struct Retention {
     pub sealed_ttl: Duration,
     /// Idle expiry; `None` = never.
     pub idle_ttl: Option<Duration>,
+    /// How long idempotency keys are remembered; zero = not at all.
+    pub dedup_window: Duration,
+}
+
+impl Retention {
+    /// The dedup window in milliseconds.
+    pub fn dedup_window_ms(&self) -> u64 {
+        u64::try_from(self.dedup_window.as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 impl TopicsConfig {
@@ -138,6 +155,7 @@ impl TopicsConfig {
                 .as_u64(),
             sealed_ttl: o.and_then(|o| o.sealed_ttl).unwrap_or(self.sealed_ttl),
             idle_ttl: nonzero(o.and_then(|o| o.idle_ttl).unwrap_or(self.idle_ttl)),
+            dedup_window: o.and_then(|o| o.dedup_window).unwrap_or(self.dedup_window),
         }
     }
 }

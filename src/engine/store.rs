@@ -12,11 +12,18 @@
 //!   slices of at most [`RECORD_MAX`]). Deleted once all its events are
 //!   trimmed; records of another generation (left by a delete that a crash
 //!   interrupted) are removed at recovery.
+//! - `D` + name length (u8) + name + generation (u64 BE) + first offset
+//!   (u64 BE) → [`StoredKeys`]: the idempotency keys of the events one pass
+//!   appended to the topic, with the pass's time. Written in the same pass,
+//!   before its records, so a key is never durable without being checked
+//!   against them: recovery drops keys at offsets the records do not reach.
+//!   Removed once older than the topic's dedup window, with the topic, and
+//!   (by repair) when their pass failed.
 //! - `_run` → [`RunMarker`]: whether the last run closed cleanly.
 //! - `_format` → the value format (2: every value is a CRC-32 of its body
 //!   followed by the body; 1, the first format, had no checksum).
 //!
-//! Writes are plain inserts in a fixed order (records, pruning, metas) rather
+//! Writes are plain inserts in a fixed order (keys, records, pruning, metas) rather
 //! than `apply_batch`, which in sled 0.34 forces two synchronous buffer
 //! writes per batch. sled recovers a prefix of its log, and recovery takes
 //! the maximum of the meta and the records for every counter, so any prefix
@@ -61,8 +68,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::dedup::{self, Original, Window};
 use super::event::Event;
-use super::log::{Counters, Health, Log, Outcome, Step, TopicId, TopicImage};
+use super::log::{append_outcome, Counters, Health, Log, Outcome, Step, TopicId, TopicImage};
 use super::settings::Durability;
 use super::EngineError;
 
@@ -79,6 +87,7 @@ const CHECKPOINT_FILE: &str = "ringcast.state";
 
 const META: u8 = b'M';
 const RECORD: u8 = b'E';
+const KEYS: u8 = b'D';
 const RUN_MARKER: &[u8] = b"_run";
 const FORMAT_KEY: &[u8] = b"_format";
 /// Values carry a CRC-32 of their body.
@@ -126,6 +135,77 @@ struct StoredEvent {
     payload: serde_bytes::ByteBuf,
 }
 
+/// The idempotency keys one pass appended to a topic.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredKeys {
+    /// The pass's time: the window of every key here counts from it.
+    at_ms: u64,
+    /// `(key, offset, version)` in offset order.
+    keys: Vec<(String, u64, u64)>,
+}
+
+/// What this backend remembers of one topic incarnation's keys.
+#[derive(Debug, Default)]
+struct TopicKeys {
+    generation: u64,
+    /// The topic's dedup window, as its last append (or the config at
+    /// recovery) gave it.
+    window_ms: u64,
+    window: Window,
+    /// (first offset, time) of every stored keys value, oldest first.
+    records: VecDeque<(u64, u64)>,
+}
+
+impl TopicKeys {
+    /// First offsets of the stored keys values older than the window.
+    fn expired_records(&self, now_ms: u64) -> impl Iterator<Item = u64> + '_ {
+        self.records
+            .iter()
+            .take_while(move |(_, at)| at.saturating_add(self.window_ms) <= now_ms)
+            .map(|(first, _)| *first)
+    }
+
+    /// Forgets what [`Self::expired_records`] named, once it is removed.
+    fn expire(&mut self, now_ms: u64) {
+        while self
+            .records
+            .front()
+            .is_some_and(|(_, at)| at.saturating_add(self.window_ms) <= now_ms)
+        {
+            self.records.pop_front();
+        }
+        self.window.expire(now_ms, self.window_ms);
+    }
+
+    /// Takes in the keys of a durable pass made at `now_ms`.
+    fn merge(&mut self, pass: PassKeys, now_ms: u64) {
+        self.window_ms = pass.window_ms;
+        if let Some(first) = pass.window.iter().map(|(_, o)| o.offset).min() {
+            self.records.push_back((first, now_ms));
+        }
+        for (key, original) in pass.window.iter() {
+            self.window.insert(key.clone(), *original);
+        }
+    }
+}
+
+/// The keys one pass adds to a topic incarnation, until it is durable.
+struct PassKeys {
+    generation: u64,
+    window_ms: u64,
+    window: Window,
+}
+
+impl PassKeys {
+    fn new(generation: u64) -> Self {
+        Self {
+            generation,
+            window_ms: 0,
+            window: Window::default(),
+        }
+    }
+}
+
 /// The checkpoint file's content.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Checkpoint {
@@ -148,8 +228,20 @@ fn meta_key(topic: &str) -> Vec<u8> {
 }
 
 fn record_prefix(topic: &str, generation: u64) -> Vec<u8> {
+    prefix(RECORD, topic, generation)
+}
+
+fn keys_key(topic: &str, generation: u64, first_offset: u64) -> Vec<u8> {
+    let mut k = prefix(KEYS, topic, generation);
+    k.extend_from_slice(&first_offset.to_be_bytes());
+    k
+}
+
+/// `kind` + name length + name + generation: the prefix of a topic
+/// incarnation's records (`E`) or keys (`D`).
+fn prefix(kind: u8, topic: &str, generation: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + topic.len() + 16);
-    k.push(RECORD);
+    k.push(kind);
     // Topic names are 1..=255 bytes (validated), so the length fits a u8
     // and no name's prefix is another's.
     k.push(topic.len() as u8);
@@ -166,8 +258,14 @@ fn record_key(topic: &str, generation: u64, first_offset: u64) -> Vec<u8> {
 
 /// Splits a record key into topic name, generation and first offset.
 fn parse_record_key(key: &[u8]) -> Option<(&str, u64, u64)> {
+    parse_key(RECORD, key)
+}
+
+/// Splits a record (`E`) or keys (`D`) key into topic name, generation and
+/// first offset.
+fn parse_key(kind: u8, key: &[u8]) -> Option<(&str, u64, u64)> {
     let len = usize::from(*key.get(1)?);
-    if key.first() != Some(&RECORD) || key.len() != 2 + len + 16 {
+    if key.first() != Some(&kind) || key.len() != 2 + len + 16 {
         return None;
     }
     let name = std::str::from_utf8(&key[2..2 + len]).ok()?;
@@ -465,6 +563,9 @@ pub(crate) struct SledLog {
     /// Only the writer thread persists; the flusher of `interval` mode
     /// syncs beside it.
     topics: parking_lot::Mutex<HashMap<Arc<str>, SledTopic>>,
+    /// Idempotency keys per topic incarnation, as committed (locked after
+    /// `topics`; only passes and repair change it).
+    keys: parking_lot::Mutex<HashMap<Arc<str>, TopicKeys>>,
     /// Why writes are refused, while they are.
     failed: parking_lot::Mutex<Option<String>>,
     /// `failed.is_some()`, readable without the lock (checked per publish).
@@ -481,12 +582,16 @@ pub(crate) struct Opened {
 }
 
 impl SledLog {
-    /// Opens (or creates) the database under `dir` and recovers every topic.
+    /// Opens (or creates) the database under `dir` and recovers every topic
+    /// and the idempotency keys still inside their window (`window_for`
+    /// gives a topic's window in ms; `now_ms` is the time to measure from).
     pub fn open(
         dir: &Path,
         durability: Durability,
         flush_interval: Duration,
         faults: Option<Arc<Faults>>,
+        window_for: &dyn Fn(&str) -> u64,
+        now_ms: u64,
     ) -> Result<Opened, EngineError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| EngineError::Storage(format!("cannot create {}: {e}", dir.display())))?;
@@ -494,6 +599,7 @@ impl SledLog {
         let syncer = Arc::new(FileSync::new(dir)?);
         let checkpoint = read_checkpoint(dir);
         let (recovered, sled_topics, report) = recover(&db, checkpoint.as_ref(), dir)?;
+        let keys = recover_keys(&db, &sled_topics, window_for, now_ms)?;
         let marker = RunMarker {
             clean: false,
             durability: match durability {
@@ -514,6 +620,7 @@ impl SledLog {
             db: parking_lot::RwLock::new(db),
             syncer: parking_lot::RwLock::new(syncer),
             topics: parking_lot::Mutex::new(sled_topics),
+            keys: parking_lot::Mutex::new(keys),
             failed: parking_lot::Mutex::new(None),
             degraded: std::sync::atomic::AtomicBool::new(false),
             last_checkpoint: parking_lot::Mutex::new(Instant::now()),
@@ -628,9 +735,16 @@ impl Log for SledLog {
             return Err(EngineError::StorageUnavailable(why));
         }
         let mut topics = self.topics.lock();
+        let mut keys = self.keys.lock();
         let db = self.db.read().clone();
         let mut staged: HashMap<Arc<str>, SledTopic> = HashMap::new();
         let mut deleted: Vec<Arc<str>> = Vec::new();
+        // Incarnations whose keys a delete of this pass removes.
+        let mut dropped_keys: Vec<(Arc<str>, u64)> = Vec::new();
+        // The keys this pass adds, per topic: merged into `keys` only once
+        // the pass is durable.
+        let mut pass_keys: HashMap<Arc<str>, PassKeys> = HashMap::new();
+        let mut expire = false;
         // Per topic, the steps whose events go into this pass's records
         // (every append to a topic in a pass shares them).
         let mut appended: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
@@ -639,16 +753,49 @@ impl Log for SledLog {
         let mut must_sync = false;
         for (index, step) in steps.iter_mut().enumerate() {
             let outcome = match step {
-                Step::Append { topic, events } => {
+                Step::Append {
+                    topic,
+                    events,
+                    expect,
+                    window_ms,
+                } => {
                     let t = Self::stage(&mut staged, &topics, topic);
                     if t.sealed_at_ms.is_some() {
                         Outcome::Refused(EngineError::TopicSealed(topic.name.to_string()))
                     } else {
-                        let events = t.counters.assign(events, now);
-                        deleted.retain(|d| *d != topic.name);
-                        appended.entry(topic.name.clone()).or_default().push(index);
-                        must_sync |= self.fsync;
-                        Outcome::Appended(events)
+                        let window = *window_ms;
+                        let pass = pass_keys
+                            .get(&topic.name)
+                            .filter(|p| p.generation == topic.generation);
+                        let committed = keys
+                            .get(&topic.name)
+                            .filter(|k| k.generation == topic.generation);
+                        let result =
+                            dedup::append(&mut t.counters, events, *expect, window, now, |k| {
+                                pass.and_then(|p| p.window.get(k, now, window)).or_else(|| {
+                                    committed.and_then(|c| c.window.get(k, now, window))
+                                })
+                            });
+                        let (outcome, keyed) = append_outcome(result);
+                        if matches!(&outcome, Outcome::Appended { events, .. } if !events.is_empty())
+                        {
+                            deleted.retain(|d| *d != topic.name);
+                            appended.entry(topic.name.clone()).or_default().push(index);
+                            must_sync |= self.fsync;
+                        }
+                        if !keyed.is_empty() {
+                            let p = pass_keys
+                                .entry(topic.name.clone())
+                                .or_insert_with(|| PassKeys::new(topic.generation));
+                            if p.generation != topic.generation {
+                                *p = PassKeys::new(topic.generation);
+                            }
+                            p.window_ms = window;
+                            for (key, original) in keyed {
+                                p.window.insert(key, original);
+                            }
+                        }
+                        outcome
                     }
                 }
                 Step::Seal { topic } => {
@@ -664,13 +811,22 @@ impl Log for SledLog {
                     for (first, _) in &t.segments {
                         writes.remove(record_key(&topic.name, t.generation, *first));
                     }
-                    for key in db
-                        .scan_prefix(record_prefix(&topic.name, t.generation))
-                        .keys()
-                        .flatten()
-                    {
-                        writes.remove(key.to_vec());
+                    for kind in [RECORD, KEYS] {
+                        for key in db
+                            .scan_prefix(prefix(kind, &topic.name, t.generation))
+                            .keys()
+                            .flatten()
+                        {
+                            writes.remove(key.to_vec());
+                        }
                     }
+                    if pass_keys
+                        .get(&topic.name)
+                        .is_some_and(|p| p.generation == t.generation)
+                    {
+                        pass_keys.remove(&topic.name);
+                    }
+                    dropped_keys.push((topic.name.clone(), t.generation));
                     *t = SledTopic::new(topic);
                     appended.remove(&topic.name);
                     deleted.push(topic.name.clone());
@@ -696,14 +852,37 @@ impl Log for SledLog {
                     must_sync = true;
                     Outcome::Done
                 }
+                Step::Expire => {
+                    for (name, k) in keys.iter() {
+                        for first in k.expired_records(now) {
+                            writes.remove(keys_key(name, k.generation, first));
+                        }
+                    }
+                    expire = true;
+                    Outcome::Done
+                }
             };
             outcomes.push(outcome);
+        }
+        // Keys before the records they cover (see the module docs).
+        for (name, p) in &pass_keys {
+            let stored = StoredKeys {
+                at_ms: now,
+                keys: p
+                    .window
+                    .iter()
+                    .map(|(k, o)| (k.to_string(), o.offset, o.version))
+                    .collect(),
+            };
+            if let Some(first) = stored.keys.iter().map(|(_, offset, _)| *offset).min() {
+                writes.insert(keys_key(name, p.generation, first), encode(&stored)?);
+            }
         }
         for (name, indices) in &appended {
             let events: Vec<&Arc<Event>> = indices
                 .iter()
                 .filter_map(|i| match &outcomes[*i] {
-                    Outcome::Appended(events) => Some(events),
+                    Outcome::Appended { events, .. } => Some(events),
                     _ => None,
                 })
                 .flatten()
@@ -734,6 +913,27 @@ impl Log for SledLog {
             } else {
                 topics.insert(name, t);
             }
+        }
+        for (name, generation) in dropped_keys {
+            if keys.get(&name).is_some_and(|k| k.generation == generation) {
+                keys.remove(&name);
+            }
+        }
+        if expire {
+            keys.retain(|_, k| {
+                k.expire(now);
+                !k.records.is_empty()
+            });
+        }
+        for (name, p) in pass_keys {
+            let k = keys.entry(name).or_default();
+            if k.generation != p.generation {
+                *k = TopicKeys {
+                    generation: p.generation,
+                    ..TopicKeys::default()
+                };
+            }
+            k.merge(p, now);
         }
         if self.fsync && must_sync && self.last_checkpoint.lock().elapsed() >= CHECKPOINT_EVERY {
             self.checkpoint(&topics);
@@ -854,6 +1054,13 @@ impl Log for SledLog {
                 writes.remove(key.to_vec());
             }
         }
+        let mut keys = self.keys.lock();
+        keys.retain(|name, k| {
+            rebuilt
+                .get(name)
+                .is_some_and(|t| t.generation == k.generation)
+        });
+        repair_keys(&db, &rebuilt, &mut keys, &mut writes)?;
         let syncer = self.syncer.read().clone();
         writes
             .apply(&db, self.faults())
@@ -890,6 +1097,58 @@ impl Drop for SledLog {
     fn drop(&mut self) {
         self.stop_flusher();
     }
+}
+
+/// Repair of the keys values: removes those of incarnations the engine
+/// does not hold and those a failed pass wrote (at offsets not
+/// acknowledged), and rewrites from memory any that a failed pass removed.
+fn repair_keys(
+    db: &sled::Db,
+    topics: &HashMap<Arc<str>, SledTopic>,
+    keys: &mut HashMap<Arc<str>, TopicKeys>,
+    writes: &mut Writes,
+) -> Result<(), EngineError> {
+    let mut on_disk: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
+    for key in db.scan_prefix([KEYS]).keys() {
+        let key = key.map_err(storage_err)?;
+        let kept = parse_key(KEYS, &key).and_then(|(name, generation, first)| {
+            let (name, t) = topics.get_key_value(name)?;
+            (t.generation == generation && first < t.counters.next_offset)
+                .then(|| (name.clone(), first))
+        });
+        match kept {
+            Some((name, first)) => on_disk.entry(name).or_default().push(first),
+            None => writes.remove(key.to_vec()),
+        }
+    }
+    for (name, k) in keys.iter_mut() {
+        let present = on_disk.get(name);
+        let missing: Vec<usize> = (0..k.records.len())
+            .filter(|i| present.is_none_or(|p| !p.contains(&k.records[*i].0)))
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        let mut rebuilt: HashMap<usize, Vec<(String, u64, u64)>> = HashMap::new();
+        for (key, o) in k.window.iter() {
+            let i = k.records.partition_point(|(first, _)| *first <= o.offset);
+            if let Some(i) = i.checked_sub(1).filter(|i| missing.contains(i)) {
+                rebuilt
+                    .entry(i)
+                    .or_default()
+                    .push((key.to_string(), o.offset, o.version));
+            }
+        }
+        for (i, stored) in rebuilt {
+            let (first, at_ms) = k.records[i];
+            let value = encode(&StoredKeys {
+                at_ms,
+                keys: stored,
+            })?;
+            writes.insert(keys_key(name, k.generation, first), value);
+        }
+    }
+    Ok(())
 }
 
 fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
@@ -1152,6 +1411,74 @@ fn recover_topic(
         events,
     };
     (topic, sled_topic, damaged)
+}
+
+/// Loads the idempotency keys still inside their topic's window: values of
+/// unknown incarnations, older than the window, or damaged are removed, and
+/// keys at offsets the recovered records do not reach (their pass failed
+/// after the keys were written) are dropped from their value.
+fn recover_keys(
+    db: &sled::Db,
+    topics: &HashMap<Arc<str>, SledTopic>,
+    window_for: &dyn Fn(&str) -> u64,
+    now_ms: u64,
+) -> Result<HashMap<Arc<str>, TopicKeys>, EngineError> {
+    let mut found: HashMap<Arc<str>, Vec<(u64, StoredKeys)>> = HashMap::new();
+    let mut removed = 0u64;
+    for item in db.scan_prefix([KEYS]) {
+        let (key, value) = item.map_err(storage_err)?;
+        let owner = parse_key(KEYS, &key).and_then(|(name, generation, first)| {
+            let (name, t) = topics.get_key_value(name)?;
+            (t.generation == generation).then(|| (name.clone(), t.counters.next_offset, first))
+        });
+        let window = owner.as_ref().map_or(0, |(name, _, _)| window_for(name));
+        let stored = decode::<StoredKeys>(FORMAT, &value)
+            .filter(|s| s.at_ms.saturating_add(window) > now_ms);
+        let (Some((name, next_offset, first)), Some(mut stored)) = (owner, stored) else {
+            db.remove(&key).map_err(storage_err)?;
+            removed += 1;
+            continue;
+        };
+        let before = stored.keys.len();
+        stored.keys.retain(|(_, offset, _)| *offset < next_offset);
+        if stored.keys.is_empty() {
+            db.remove(&key).map_err(storage_err)?;
+            removed += 1;
+            continue;
+        }
+        if stored.keys.len() < before {
+            db.insert(&key, encode(&stored)?).map_err(storage_err)?;
+        }
+        found.entry(name).or_default().push((first, stored));
+    }
+    if removed > 0 {
+        tracing::debug!(
+            values = removed,
+            "removed expired or orphaned idempotency keys"
+        );
+    }
+    let mut keys = HashMap::new();
+    for (name, mut values) in found {
+        values.sort_by_key(|(first, _)| *first);
+        let mut k = TopicKeys {
+            generation: topics[&name].generation,
+            window_ms: window_for(&name),
+            ..TopicKeys::default()
+        };
+        for (first, stored) in values {
+            k.records.push_back((first, stored.at_ms));
+            for (key, offset, version) in stored.keys {
+                let original = Original {
+                    offset,
+                    version,
+                    at_ms: stored.at_ms,
+                };
+                k.window.insert(Arc::from(key), original);
+            }
+        }
+        keys.insert(name, k);
+    }
+    Ok(keys)
 }
 
 /// Encodes `events` (in offset order) into records of at most

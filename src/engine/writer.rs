@@ -15,7 +15,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use super::event::Ack;
 use super::log::{Health, Log, Step};
 use super::topic::{Registry, Topic};
-use super::{now_ms, EngineError, EngineMetrics};
+use super::{EngineError, EngineMetrics};
 
 /// Most requests folded into one pass.
 const MAX_OPS: usize = 4096;
@@ -61,6 +61,7 @@ pub(crate) struct Writer {
     pub log: Arc<dyn Log>,
     pub registry: Arc<Registry>,
     pub metrics: EngineMetrics,
+    pub clock: super::Clock,
 }
 
 /// When to try the next repair of a degraded log.
@@ -186,7 +187,7 @@ impl Writer {
         dones: Vec<Done>,
         dirty: &mut HashMap<Arc<str>, Arc<Topic>>,
     ) {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let started = Instant::now();
         let result = self.log.persist(&mut steps, now);
         self.metrics.flush_seconds.record(started.elapsed());

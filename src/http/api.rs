@@ -16,7 +16,7 @@ use super::envelope::write_event;
 use super::sse::parse_list;
 use super::{ApiError, HttpState};
 use crate::auth::Action;
-use crate::engine::NewEvent;
+use crate::engine::{Expected, NewEvent};
 
 /// Prefix of request headers carried into the event's headers.
 pub(crate) const HEADER_PREFIX: &str = "x-ringcast-header-";
@@ -72,13 +72,47 @@ pub(crate) async fn publish(
         event_type,
         headers: event_headers,
         payload,
+        idempotency_key: text_header(&headers, "idempotency-key")?,
     };
-    let ack = state.engine.publish(&topic, event).await?;
+    let expect = Expected {
+        offset: number_header(&headers, "expected-offset")?,
+        version: number_header(&headers, "expected-version")?,
+    };
+    let ack = state
+        .engine
+        .publish_expecting(&topic, vec![event], expect)
+        .await?
+        .pop()
+        .ok_or(crate::engine::EngineError::EmptyBatch)?;
     Ok(Json(json!({
         "epoch": ack.epoch.to_string(),
         "offset": ack.offset,
         "version": ack.version,
+        "duplicate": ack.duplicate,
     })))
+}
+
+/// A request header as text, if present (visible ASCII only).
+fn text_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::bad_request(format!("header {name} is not visible ASCII")))
+        })
+        .transpose()
+}
+
+/// A request header as an unsigned number, if present.
+fn number_header(headers: &HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
+    text_header(headers, name)?
+        .map(|v| {
+            v.trim().parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!("header {name} must be an unsigned integer"))
+            })
+        })
+        .transpose()
 }
 
 /// Reads a publish body of at most `max_payload` bytes within

@@ -365,6 +365,8 @@ pub struct ApiError {
     retry_after: Option<Duration>,
     /// Answered as `WWW-Authenticate`.
     challenge: Option<&'static str>,
+    /// `(current_offset, current_version)` of a position mismatch.
+    current: Option<(u64, u64)>,
 }
 
 impl ApiError {
@@ -377,6 +379,7 @@ impl ApiError {
             close: false,
             retry_after: None,
             challenge: None,
+            current: None,
         }
     }
 
@@ -427,6 +430,9 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidType(_) => (StatusCode::BAD_REQUEST, "invalid_type"),
             EngineError::InvalidHeaders(_) => (StatusCode::BAD_REQUEST, "invalid_headers"),
             EngineError::EmptyBatch => (StatusCode::BAD_REQUEST, "empty_batch"),
+            EngineError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            EngineError::InvalidKey(_) => (StatusCode::BAD_REQUEST, "invalid_idempotency_key"),
+            EngineError::PositionMismatch { .. } => (StatusCode::CONFLICT, "position_mismatch"),
             EngineError::InvalidStart(_) => (StatusCode::BAD_REQUEST, "invalid_start"),
             EngineError::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
@@ -441,7 +447,15 @@ impl From<EngineError> for ApiError {
             }
             EngineError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
         };
-        Self::new(status, code, e.to_string())
+        let mut error = Self::new(status, code, e.to_string());
+        if let EngineError::PositionMismatch {
+            current_offset,
+            current_version,
+        } = e
+        {
+            error.current = Some((current_offset, current_version));
+        }
+        error
     }
 }
 
@@ -452,6 +466,10 @@ impl IntoResponse for ApiError {
         let mut error = json!({"code": self.code, "message": self.message});
         if let Some(after) = self.retry_after {
             error["retry_after_ms"] = json!(crate::auth::retry_after_ms(after));
+        }
+        if let Some((offset, version)) = self.current {
+            error["current_offset"] = json!(offset);
+            error["current_version"] = json!(version);
         }
         let mut response = (self.status, Json(json!({ "error": error }))).into_response();
         let headers = response.headers_mut();

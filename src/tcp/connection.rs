@@ -51,7 +51,7 @@ use super::outbound::Outbound;
 use super::{wire, TcpSettings};
 use crate::auth::{Action, Auth, Kind, Limited, Principal};
 use crate::engine::{
-    Ack, Delivery, Encoding, Engine, EngineError, Event, PendingPublish, Subscription,
+    Ack, Delivery, Encoding, Engine, EngineError, Event, Expected, PendingPublish, Subscription,
 };
 
 /// Most bytes of frames a pump encodes before handing them to the writer.
@@ -95,22 +95,34 @@ struct Pump {
     handle: JoinHandle<()>,
 }
 
-/// A publish awaiting its ack, tagged with its request and payload size.
+/// A publish awaiting its ack, tagged with its request, payload size and
+/// the reply it gets.
 struct InFlight {
     request_id: u64,
     bytes: u64,
+    reply: AckReply,
     acks: PendingPublish,
 }
 
-/// A finished publish: request id, payload bytes, outcome.
-type Acked = (u64, u64, Result<Vec<Ack>, EngineError>);
+/// How a publish is answered: `Published` (`Publish`, `PublishBatch`) or
+/// `Appended` (`Append`, with the duplicate flag per ack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckReply {
+    Published,
+    Appended,
+}
+
+/// A finished publish: request id, payload bytes, reply kind, outcome.
+type Acked = (u64, u64, AckReply, Result<Vec<Ack>, EngineError>);
 
 impl Future for InFlight {
     type Output = Acked;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (id, bytes) = (self.request_id, self.bytes);
-        Pin::new(&mut self.acks).poll(cx).map(|r| (id, bytes, r))
+        let (id, bytes, reply) = (self.request_id, self.bytes, self.reply);
+        Pin::new(&mut self.acks)
+            .poll(cx)
+            .map(|r| (id, bytes, reply, r))
     }
 }
 
@@ -432,9 +444,9 @@ impl Session<'_> {
     }
 
     /// Replies to a publish whose acks arrived.
-    async fn acked(&mut self, (request_id, bytes, result): Acked) -> Result<(), Stop> {
+    async fn acked(&mut self, (request_id, bytes, reply, result): Acked) -> Result<(), Stop> {
         self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
-        self.reply_publish(request_id, result).await
+        self.reply_publish(request_id, reply, result).await
     }
 
     /// Handles one request. `Err` closes the connection.
@@ -463,7 +475,14 @@ impl Session<'_> {
                     headers,
                     payload,
                 });
-                self.start_publish(request_id, &topic, vec![event]).await?;
+                self.start_publish(
+                    request_id,
+                    &topic,
+                    vec![event],
+                    Expected::default(),
+                    AckReply::Published,
+                )
+                .await?;
             }
             ClientMessage::PublishBatch {
                 request_id,
@@ -476,7 +495,34 @@ impl Session<'_> {
                     return Ok(());
                 }
                 let events = events.into_iter().map(wire::new_event).collect();
-                self.start_publish(request_id, &topic, events).await?;
+                self.start_publish(
+                    request_id,
+                    &topic,
+                    events,
+                    Expected::default(),
+                    AckReply::Published,
+                )
+                .await?;
+            }
+            ClientMessage::Append {
+                request_id,
+                topic,
+                events,
+                expected_offset,
+                expected_version,
+            } => {
+                if !self.granted(request_id, Action::Publish, &topic).await?
+                    || !self.within_rate(request_id, events.len()).await?
+                {
+                    return Ok(());
+                }
+                let events = events.into_iter().map(wire::append_event).collect();
+                let expect = Expected {
+                    offset: expected_offset,
+                    version: expected_version,
+                };
+                self.start_publish(request_id, &topic, events, expect, AckReply::Appended)
+                    .await?;
             }
             ClientMessage::Subscribe {
                 request_id,
@@ -805,18 +851,26 @@ impl Session<'_> {
         request_id: u64,
         topic: &str,
         events: Vec<crate::engine::NewEvent>,
+        expect: Expected,
+        reply: AckReply,
     ) -> Result<(), Stop> {
         let bytes = events.iter().map(|e| e.payload.len() as u64).sum();
-        match self.conn.engine.start_publish(topic, events).await {
+        match self
+            .conn
+            .engine
+            .start_publish_expecting(topic, events, expect)
+            .await
+        {
             Ok(mut acks) => {
                 // Already acknowledged (memory mode): answer without queueing.
                 if let Some(result) = acks.take_ready() {
-                    return self.reply_publish(request_id, result).await;
+                    return self.reply_publish(request_id, reply, result).await;
                 }
                 self.in_flight_bytes += bytes;
                 self.in_flight.push(InFlight {
                     request_id,
                     bytes,
+                    reply,
                     acks,
                 });
                 Ok(())
@@ -828,17 +882,25 @@ impl Session<'_> {
     async fn reply_publish(
         &mut self,
         request_id: u64,
+        reply: AckReply,
         result: Result<Vec<Ack>, EngineError>,
     ) -> Result<(), Stop> {
-        match result {
-            Ok(acks) => {
+        match (result, reply) {
+            (Ok(acks), AckReply::Published) => {
                 self.reply(ServerMessage::Published {
                     request_id,
                     results: acks.into_iter().map(wire::ack).collect(),
                 })
                 .await
             }
-            Err(e) => self.engine_error(request_id, e).await,
+            (Ok(acks), AckReply::Appended) => {
+                self.reply(ServerMessage::Appended {
+                    request_id,
+                    results: acks.into_iter().map(wire::append_ack).collect(),
+                })
+                .await
+            }
+            (Err(e), _) => self.engine_error(request_id, e).await,
         }
     }
 
@@ -996,6 +1058,22 @@ impl Session<'_> {
 
     async fn engine_error(&mut self, request_id: u64, e: EngineError) -> Result<(), Stop> {
         tracing::debug!(peer = %self.conn.peer, request_id, error = %e, "request refused");
+        if let EngineError::PositionMismatch {
+            current_offset,
+            current_version,
+        } = e
+        {
+            if self.version >= 3 {
+                return self
+                    .reply(ServerMessage::PositionMismatch {
+                        request_id,
+                        message: e.to_string(),
+                        current_offset,
+                        current_version,
+                    })
+                    .await;
+            }
+        }
         self.error(request_id, wire::error_code(&e), e.to_string())
             .await
     }

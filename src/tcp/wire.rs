@@ -18,6 +18,25 @@ pub(crate) fn new_event(e: proto::NewEvent) -> NewEvent {
         event_type: e.event_type,
         headers: e.headers,
         payload: e.payload,
+        idempotency_key: None,
+    }
+}
+
+pub(crate) fn append_event(e: proto::AppendEvent) -> NewEvent {
+    NewEvent {
+        event_type: e.event_type,
+        headers: e.headers,
+        payload: e.payload,
+        idempotency_key: e.idempotency_key,
+    }
+}
+
+pub(crate) fn append_ack(a: Ack) -> proto::AppendAck {
+    proto::AppendAck {
+        epoch: a.epoch,
+        offset: a.offset,
+        version: a.version,
+        duplicate: a.duplicate,
     }
 }
 
@@ -82,7 +101,11 @@ pub(crate) fn error_code(e: &EngineError) -> proto::ErrorCode {
     match e {
         EngineError::InvalidTopic(_) => C::InvalidTopic,
         EngineError::InvalidType(_) => C::InvalidType,
-        EngineError::InvalidHeaders(_) | EngineError::EmptyBatch => C::InvalidRequest,
+        EngineError::InvalidHeaders(_)
+        | EngineError::EmptyBatch
+        | EngineError::InvalidRequest(_)
+        | EngineError::InvalidKey(_) => C::InvalidRequest,
+        EngineError::PositionMismatch { .. } => C::PositionMismatch,
         EngineError::PayloadTooLarge { .. } => C::PayloadTooLarge,
         EngineError::TopicNotFound(_) => C::TopicNotFound,
         EngineError::TopicSealed(_) => C::TopicSealed,

@@ -1213,7 +1213,22 @@ impl Task {
             ServerMessage::Welcome { .. } => {
                 return Err(Exit::Lost("unexpected second Welcome".into()));
             }
+            ServerMessage::PositionMismatch {
+                request_id,
+                message,
+                current_offset,
+                current_version,
+            } => self.request_failed(
+                request_id,
+                Error::Server {
+                    code: ErrorCode::PositionMismatch,
+                    message: format!(
+                        "{message} (current offset {current_offset}, version {current_version})"
+                    ),
+                },
+            ),
             reply @ (ServerMessage::Published { .. }
+            | ServerMessage::Appended { .. }
             | ServerMessage::History { .. }
             | ServerMessage::Topics { .. }
             | ServerMessage::TopicInfo { .. }
@@ -1368,6 +1383,7 @@ async fn poll_token(fetching: &mut Option<TokenFuture>) -> Result<String, String
 fn reply_request_id(msg: &ServerMessage) -> u64 {
     match msg {
         ServerMessage::Published { request_id, .. }
+        | ServerMessage::Appended { request_id, .. }
         | ServerMessage::Subscribed { request_id, .. }
         | ServerMessage::Unsubscribed { request_id, .. }
         | ServerMessage::History { request_id, .. }

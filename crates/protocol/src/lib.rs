@@ -46,8 +46,8 @@ pub use frame::{
     RESERVE_STEP,
 };
 pub use messages::{
-    Ack, ClientMessage, ErrorCode, GapReason, Headers, NewEvent, ServerMessage, Start,
-    TopicSummary, WireEvent, WireGap, WireTopicInfo,
+    Ack, AppendAck, AppendEvent, ClientMessage, ErrorCode, GapReason, Headers, NewEvent,
+    ServerMessage, Start, TopicSummary, WireEvent, WireGap, WireTopicInfo,
 };
 
 /// Version of this wire protocol, sent in `Hello` and `Welcome`.
@@ -55,7 +55,9 @@ pub use messages::{
 /// Bumped on any change to the bytes on the wire, including a new variant.
 /// Version 2 added `Refresh`, `Refreshed`, `RetryLater` and the error codes
 /// `TokenExpired`, `Forbidden` and `RateLimited` (access control).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3 added `Append`, `Appended`, `PositionMismatch` and the error
+/// code `PositionMismatch` (idempotency keys and expected positions).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest protocol version a current server still accepts in `Hello`.
 /// It answers such a client in that version: never with a message or an

@@ -138,6 +138,26 @@ pub enum ClientMessage {
         /// The new credentials (a JWT or an API key).
         credentials: String,
     },
+    /// Tag 12 (protocol version 3). Appends one or more events to one topic
+    /// atomically, with publish guarantees: per-event idempotency keys and
+    /// an expected position. Answered by `Appended` (one ack per event, in
+    /// order, each saying whether it repeated a stored key), by
+    /// `PositionMismatch`, or by `Error`; if anything is invalid, nothing
+    /// is appended.
+    Append {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Topic name.
+        topic: String,
+        /// The events, in the order they are to be appended (at least one).
+        events: Vec<AppendEvent>,
+        /// Append only if the topic's last offset is this (0 = no event was
+        /// ever appended); checked atomically with the append.
+        expected_offset: Option<u64>,
+        /// Append only if the last version of the events' type is this (0 =
+        /// none yet); every event must then have the same type.
+        expected_version: Option<u64>,
+    },
 }
 
 /// One event of a [`ClientMessage::PublishBatch`].
@@ -152,6 +172,25 @@ pub struct NewEvent {
     pub headers: Headers,
     /// Opaque payload.
     pub payload: Bytes,
+}
+
+/// One event of a [`ClientMessage::Append`].
+///
+/// # Wire
+/// `event_type` (string), `headers`, `payload` (bytes), `idempotency_key`
+/// (option of string), in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendEvent {
+    /// Event type.
+    pub event_type: String,
+    /// Event headers.
+    pub headers: Headers,
+    /// Opaque payload.
+    pub payload: Bytes,
+    /// 1–128 bytes, no control characters: within the topic's dedup window
+    /// an event with a key already stored is not stored again, and its ack
+    /// is the original's (with `duplicate` set). Unique within a request.
+    pub idempotency_key: Option<String>,
 }
 
 /// Where a subscription starts.
@@ -332,6 +371,26 @@ pub enum ServerMessage {
         /// Milliseconds to wait before retrying (at least 1).
         retry_after_ms: u64,
     },
+    /// Tag 17 (protocol version 3). Acks an `Append`: one per event, in order.
+    Appended {
+        /// The request's id.
+        request_id: u64,
+        /// Where each event landed (or had landed, for a duplicate).
+        results: Vec<AppendAck>,
+    },
+    /// Tag 18 (protocol version 3). An `Append`'s expected position did not
+    /// hold: nothing was appended. Carries the current values, so that the
+    /// writer can reload and retry. (Error code `PositionMismatch`.)
+    PositionMismatch {
+        /// The request's id.
+        request_id: u64,
+        /// Human-readable detail.
+        message: String,
+        /// The topic's last offset now (0 = none).
+        current_offset: u64,
+        /// The last version of the request's first event type now (0 = none).
+        current_version: u64,
+    },
 }
 
 /// Where one published event landed.
@@ -346,6 +405,23 @@ pub struct Ack {
     pub offset: u64,
     /// The event's version within its (topic, type).
     pub version: u64,
+}
+
+/// Where one event of an `Append` landed.
+///
+/// # Wire
+/// `epoch`, `offset`, `version` (three `u64`), `duplicate` (bool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AppendAck {
+    /// The topic's epoch.
+    pub epoch: u64,
+    /// The event's offset in the topic.
+    pub offset: u64,
+    /// The event's version within its (topic, type).
+    pub version: u64,
+    /// The event repeated an idempotency key stored within the dedup
+    /// window: nothing was stored, and this is where the original landed.
+    pub duplicate: bool,
 }
 
 /// An event as delivered to subscribers and history readers.
@@ -525,11 +601,15 @@ pub enum ErrorCode {
     /// Code 22 (protocol version 2): A rate limit refused the request (or the
     /// connection); sent in `RetryLater` with the time to wait.
     RateLimited = 22,
+    /// Code 23 (protocol version 3): An `Append`'s expected offset or
+    /// version did not hold; sent in `PositionMismatch` with the current
+    /// values. Nothing was appended.
+    PositionMismatch = 23,
 }
 
 impl ErrorCode {
     /// Every code, in tag order (`ALL[n] as u32 == n`).
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::BadFrame,
         ErrorCode::BadHello,
         ErrorCode::UnsupportedVersion,
@@ -553,6 +633,7 @@ impl ErrorCode {
         ErrorCode::TokenExpired,
         ErrorCode::Forbidden,
         ErrorCode::RateLimited,
+        ErrorCode::PositionMismatch,
     ];
 
     /// The numeric code, equal to the wire tag.
@@ -604,6 +685,7 @@ impl ErrorCode {
     pub const fn introduced_in(self) -> u16 {
         match self {
             ErrorCode::TokenExpired | ErrorCode::Forbidden | ErrorCode::RateLimited => 2,
+            ErrorCode::PositionMismatch => 3,
             _ => 1,
         }
     }
@@ -612,13 +694,14 @@ impl ErrorCode {
     /// than the peer are replaced by the closest one it knows —
     /// `TokenExpired` and `Forbidden` by `Unauthorized`, `RateLimited` by
     /// `OverCapacity` (both "retry later" and "refused", as a version 1 client
-    /// understood them).
+    /// understood them), `PositionMismatch` by `InvalidRequest`.
     pub const fn for_version(self, version: u16) -> ErrorCode {
         if self.introduced_in() <= version {
             return self;
         }
         match self {
             ErrorCode::RateLimited => ErrorCode::OverCapacity,
+            ErrorCode::PositionMismatch => ErrorCode::InvalidRequest,
             _ => ErrorCode::Unauthorized,
         }
     }
@@ -640,6 +723,7 @@ impl ClientMessage {
             Self::Delete { .. } => "Delete",
             Self::Ping { .. } => "Ping",
             Self::Refresh { .. } => "Refresh",
+            Self::Append { .. } => "Append",
         }
     }
 }
@@ -665,6 +749,8 @@ impl ServerMessage {
             Self::Shutdown { .. } => "Shutdown",
             Self::Refreshed { .. } => "Refreshed",
             Self::RetryLater { .. } => "RetryLater",
+            Self::Appended { .. } => "Appended",
+            Self::PositionMismatch { .. } => "PositionMismatch",
         }
     }
 }

@@ -116,21 +116,26 @@ fn enum_with_an_unknown_variant_index_is_rejected() {
 fn error_code_tag_is_its_numeric_code() {
     use crate::ErrorCode;
     for (n, code) in ErrorCode::ALL.into_iter().enumerate() {
-        let n = u32::try_from(n).expect("23 codes");
+        let n = u32::try_from(n).expect("24 codes");
         assert_eq!(code.as_u32(), n);
         assert_eq!(ErrorCode::from_u32(n), Some(code));
         assert_eq!(enc(code), n.to_be_bytes());
         assert_eq!(dec::<ErrorCode>(&n.to_be_bytes()), Ok(code));
     }
-    assert_eq!(ErrorCode::from_u32(23), None);
-    assert!(dec::<ErrorCode>(&23u32.to_be_bytes()).is_err());
+    assert_eq!(ErrorCode::from_u32(24), None);
+    assert!(dec::<ErrorCode>(&24u32.to_be_bytes()).is_err());
 }
 
 #[test]
 fn codes_newer_than_the_peer_are_replaced_by_ones_it_knows() {
     use crate::ErrorCode;
     for code in ErrorCode::ALL {
-        assert_eq!(code.for_version(2), code, "{code:?}");
+        assert_eq!(code.for_version(3), code, "{code:?}");
+        let v2 = code.for_version(2);
+        assert!(v2.introduced_in() <= 2, "{code:?} -> {v2:?}");
+        if code.introduced_in() <= 2 {
+            assert_eq!(v2, code);
+        }
         let v1 = code.for_version(1);
         assert_eq!(v1.introduced_in(), 1, "{code:?} -> {v1:?}");
         if code.introduced_in() == 1 {
@@ -145,5 +150,9 @@ fn codes_newer_than_the_peer_are_replaced_by_ones_it_knows() {
     assert_eq!(
         ErrorCode::RateLimited.for_version(1),
         ErrorCode::OverCapacity
+    );
+    assert_eq!(
+        ErrorCode::PositionMismatch.for_version(2),
+        ErrorCode::InvalidRequest
     );
 }

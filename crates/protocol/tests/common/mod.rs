@@ -8,9 +8,9 @@ use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
 use ringcast_protocol::{
-    decode_body, encode_frame, Ack, ClientMessage, ErrorCode, GapReason, Headers, NewEvent,
-    ProtocolError, ServerMessage, Start, TopicSummary, WireEvent, WireGap, WireTopicInfo,
-    PROTOCOL_VERSION,
+    decode_body, encode_frame, Ack, AppendAck, AppendEvent, ClientMessage, ErrorCode, GapReason,
+    Headers, NewEvent, ProtocolError, ServerMessage, Start, TopicSummary, WireEvent, WireGap,
+    WireTopicInfo, PROTOCOL_VERSION,
 };
 
 /// A message of either direction, so both can share one list.
@@ -231,6 +231,29 @@ pub fn samples() -> Vec<(&'static str, AnyMessage)> {
             }),
         ),
         (
+            "client.Append",
+            C(ClientMessage::Append {
+                request_id: 12,
+                topic: "orders".to_owned(),
+                events: vec![
+                    AppendEvent {
+                        event_type: "created".to_owned(),
+                        headers: headers(),
+                        payload: Bytes::from_static(b"a"),
+                        idempotency_key: Some("k1".to_owned()),
+                    },
+                    AppendEvent {
+                        event_type: "created".to_owned(),
+                        headers: Vec::new(),
+                        payload: Bytes::new(),
+                        idempotency_key: None,
+                    },
+                ],
+                expected_offset: Some(50),
+                expected_version: None,
+            }),
+        ),
+        (
             "server.Welcome",
             S(ServerMessage::Welcome {
                 server_version: "0.1.0".to_owned(),
@@ -406,6 +429,35 @@ pub fn samples() -> Vec<(&'static str, AnyMessage)> {
                 retry_after_ms: 1000,
             }),
         ),
+        (
+            "server.Appended",
+            S(ServerMessage::Appended {
+                request_id: 12,
+                results: vec![
+                    AppendAck {
+                        epoch: EPOCH,
+                        offset: 44,
+                        version: 7,
+                        duplicate: true,
+                    },
+                    AppendAck {
+                        epoch: EPOCH,
+                        offset: 51,
+                        version: 8,
+                        duplicate: false,
+                    },
+                ],
+            }),
+        ),
+        (
+            "server.PositionMismatch",
+            S(ServerMessage::PositionMismatch {
+                request_id: 12,
+                message: "moved".to_owned(),
+                current_offset: 52,
+                current_version: 8,
+            }),
+        ),
     ]
 }
 
@@ -522,7 +574,47 @@ pub fn client_message() -> impl Strategy<Value = ClientMessage> {
             request_id,
             credentials
         }),
+        (
+            any::<u64>(),
+            text(),
+            vec(append_event(), 0..4),
+            option::of(any::<u64>()),
+            option::of(any::<u64>()),
+        )
+            .prop_map(
+                |(request_id, topic, events, expected_offset, expected_version)| {
+                    ClientMessage::Append {
+                        request_id,
+                        topic,
+                        events,
+                        expected_offset,
+                        expected_version,
+                    }
+                }
+            ),
     ]
+}
+
+pub fn append_event() -> impl Strategy<Value = AppendEvent> {
+    (text(), header_list(), payload(), option::of(text())).prop_map(
+        |(event_type, headers, payload, idempotency_key)| AppendEvent {
+            event_type,
+            headers,
+            payload,
+            idempotency_key,
+        },
+    )
+}
+
+pub fn append_ack() -> impl Strategy<Value = AppendAck> {
+    (any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
+        |(epoch, offset, version, duplicate)| AppendAck {
+            epoch,
+            offset,
+            version,
+            duplicate,
+        },
+    )
 }
 
 pub fn wire_event() -> impl Strategy<Value = WireEvent> {
@@ -733,6 +825,22 @@ pub fn server_message() -> impl Strategy<Value = ServerMessage> {
                 code,
                 message,
                 retry_after_ms,
+            }
+        ),
+        (any::<u64>(), vec(append_ack(), 0..4)).prop_map(|(request_id, results)| {
+            ServerMessage::Appended {
+                request_id,
+                results,
+            }
+        }),
+        (any::<u64>(), text(), any::<u64>(), any::<u64>()).prop_map(
+            |(request_id, message, current_offset, current_version)| {
+                ServerMessage::PositionMismatch {
+                    request_id,
+                    message,
+                    current_offset,
+                    current_version,
+                }
             }
         ),
     ]

@@ -1,0 +1,389 @@
+//! Publish guarantees: idempotency keys (a retry stores nothing and gets
+//! the original ack, across a lost ack and a restart, until the window
+//! ends), expected positions checked atomically (racing writers: exactly
+//! one wins), and all-or-nothing batches — in the engine, over TCP and HTTP.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::proxy::Proxy;
+use common::RawClient;
+use ringcast::config::Durability;
+use ringcast::engine::{Engine, EngineError, EngineOptions, Expected, NewEvent};
+use ringcast_protocol::{AppendEvent, ClientMessage, ServerMessage};
+
+fn options(dir: &Path, durability: Durability) -> EngineOptions {
+    let mut options = EngineOptions::persistent(dir, durability);
+    options.topics.max_events = 1_000_000;
+    options.maintenance_interval = Duration::from_secs(3600);
+    options
+}
+
+async fn open(options: EngineOptions) -> Engine {
+    tokio::task::spawn_blocking(move || Engine::open(options))
+        .await
+        .expect("the open task does not panic")
+        .expect("the engine opens")
+}
+
+async fn release(engine: Engine) {
+    tokio::task::spawn_blocking(move || drop(engine))
+        .await
+        .expect("dropping the engine does not panic");
+}
+
+fn stored(engine: &Engine, topic: &str) -> Vec<(u64, Bytes)> {
+    engine
+        .history(topic, 0, &[], usize::MAX)
+        .map(|page| {
+            page.events
+                .iter()
+                .map(|e| (e.offset, e.payload.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn keyed(payload: &'static str, key: &str) -> NewEvent {
+    NewEvent::new("created", Bytes::from_static(payload.as_bytes())).key(key)
+}
+
+#[tokio::test]
+async fn a_repeated_key_returns_the_original_ack_and_stores_nothing() {
+    for durability in [Durability::Memory, Durability::Fsync] {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open(options(dir.path(), durability)).await;
+        engine
+            .publish("t", NewEvent::new("created", "a"))
+            .await
+            .unwrap();
+        let first = engine.publish("t", keyed("b", "k-1")).await.unwrap();
+        assert!(!first.duplicate);
+        assert_eq!(first.offset, 2);
+        let again = engine.publish("t", keyed("other", "k-1")).await.unwrap();
+        assert!(again.duplicate, "{durability:?}");
+        assert_eq!(
+            (again.epoch, again.offset, again.version),
+            (first.epoch, first.offset, first.version)
+        );
+        // A batch mixing a repeat and new events: the repeat gets its
+        // original, the new ones follow contiguously.
+        let acks = engine
+            .publish_batch("t", vec![keyed("c", "k-2"), keyed("x", "k-1")])
+            .await
+            .unwrap();
+        assert_eq!(
+            acks.iter()
+                .map(|a| (a.offset, a.duplicate))
+                .collect::<Vec<_>>(),
+            vec![(3, false), (2, true)]
+        );
+        assert_eq!(
+            stored(&engine, "t"),
+            vec![
+                (1, Bytes::from_static(b"a")),
+                (2, Bytes::from_static(b"b")),
+                (3, Bytes::from_static(b"c"))
+            ]
+        );
+        release(engine).await;
+    }
+}
+
+#[tokio::test]
+async fn keys_survive_an_unclean_restart_in_fsync_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(options(dir.path(), Durability::Fsync)).await;
+    let mut originals = Vec::new();
+    for i in 0..20 {
+        let ack = engine
+            .publish(
+                "t",
+                NewEvent::new("created", format!("{i}")).key(format!("k{i}")),
+            )
+            .await
+            .unwrap();
+        originals.push(ack);
+    }
+    let epoch = originals[0].epoch;
+    // No close: the run is not marked clean.
+    release(engine).await;
+    let engine = open(options(dir.path(), Durability::Fsync)).await;
+    for (i, original) in originals.iter().enumerate() {
+        let ack = engine
+            .publish("t", NewEvent::new("created", "retry").key(format!("k{i}")))
+            .await
+            .unwrap();
+        assert!(ack.duplicate, "key k{i} is remembered after the restart");
+        assert_eq!(
+            (ack.offset, ack.version, ack.epoch),
+            (original.offset, original.version, epoch)
+        );
+    }
+    assert_eq!(stored(&engine, "t").len(), 20);
+    let fresh = engine.publish("t", keyed("new", "k-new")).await.unwrap();
+    assert_eq!((fresh.offset, fresh.duplicate), (21, false));
+    release(engine).await;
+}
+
+#[tokio::test]
+async fn keys_expire_after_the_window_also_across_a_restart() {
+    for durability in [Durability::Memory, Durability::Fsync] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(dir.path(), durability);
+        opts.topics.dedup_window = Duration::from_secs(60);
+        let clock = opts.clock.clone();
+        let engine = open(opts).await;
+        let first = engine.publish("t", keyed("a", "k")).await.unwrap();
+        clock.advance(Duration::from_secs(59));
+        assert!(
+            engine
+                .publish("t", keyed("a", "k"))
+                .await
+                .unwrap()
+                .duplicate
+        );
+        clock.advance(Duration::from_secs(2));
+        engine.maintain_at(std::time::SystemTime::now() + Duration::from_secs(61));
+        let second = engine.publish("t", keyed("a", "k")).await.unwrap();
+        assert!(!second.duplicate, "{durability:?}: the window is over");
+        assert_eq!(second.offset, first.offset + 1);
+        release(engine).await;
+        if durability == Durability::Fsync {
+            // The second key is within the window: still known after a
+            // restart; once the window passes, not even the stored keys
+            // bring it back.
+            let mut opts = options(dir.path(), durability);
+            opts.topics.dedup_window = Duration::from_secs(60);
+            opts.clock = clock.clone();
+            let engine = open(opts).await;
+            let ack = engine.publish("t", keyed("a", "k")).await.unwrap();
+            assert!(ack.duplicate);
+            assert_eq!(ack.offset, second.offset);
+            release(engine).await;
+            clock.advance(Duration::from_secs(61));
+            let mut opts = options(dir.path(), durability);
+            opts.topics.dedup_window = Duration::from_secs(60);
+            opts.clock = clock.clone();
+            let engine = open(opts).await;
+            let ack = engine.publish("t", keyed("a", "k")).await.unwrap();
+            assert!(!ack.duplicate);
+            assert_eq!(ack.offset, second.offset + 1);
+            release(engine).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn racing_writers_with_the_same_expected_position_exactly_one_wins() {
+    for durability in [Durability::Memory, Durability::Fsync] {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open(options(dir.path(), durability)).await;
+        for round in 0..10u64 {
+            let expect = Expected {
+                offset: Some(round),
+                version: None,
+            };
+            let (a, b) = tokio::join!(
+                engine.publish_expecting("t", vec![NewEvent::new("created", "a")], expect),
+                engine.publish_expecting("t", vec![NewEvent::new("created", "b")], expect),
+            );
+            let (won, lost) = match (a, b) {
+                (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+                other => panic!("exactly one must win: {other:?}"),
+            };
+            assert_eq!(won[0].offset, round + 1);
+            match lost {
+                EngineError::PositionMismatch { current_offset, .. } => {
+                    assert_eq!(current_offset, round + 1)
+                }
+                e => panic!("expected a position mismatch, got {e:?}"),
+            }
+        }
+        // Versions: per type, while other types move the offset.
+        engine
+            .publish("t", NewEvent::new("other", "x"))
+            .await
+            .unwrap();
+        let expect = Expected {
+            offset: None,
+            version: Some(10),
+        };
+        let (a, b) = tokio::join!(
+            engine.publish_expecting("t", vec![NewEvent::new("created", "a")], expect),
+            engine.publish_expecting("t", vec![NewEvent::new("created", "b")], expect),
+        );
+        let lost = match (a, b) {
+            (Ok(w), Err(l)) | (Err(l), Ok(w)) => {
+                assert_eq!(w[0].version, 11);
+                l
+            }
+            other => panic!("exactly one must win: {other:?}"),
+        };
+        assert!(
+            matches!(
+                lost,
+                EngineError::PositionMismatch {
+                    current_version: 11,
+                    ..
+                }
+            ),
+            "{lost:?}"
+        );
+        assert_eq!(stored(&engine, "t").len(), 12);
+        release(engine).await;
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_batch_stores_nothing_and_batches_stay_contiguous() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(options(dir.path(), Durability::Fsync)).await;
+    let bad = vec![
+        NewEvent::new("created", "a"),
+        NewEvent::new("bad type!", "b"),
+    ];
+    assert!(matches!(
+        engine.publish_batch("t", bad).await,
+        Err(EngineError::InvalidType(_))
+    ));
+    let repeated = vec![keyed("a", "same"), keyed("b", "same")];
+    assert!(matches!(
+        engine.publish_batch("t", repeated).await,
+        Err(EngineError::InvalidKey(_))
+    ));
+    let long = "k".repeat(129);
+    assert!(matches!(
+        engine.publish_batch("t", vec![keyed("a", &long)]).await,
+        Err(EngineError::InvalidKey(_))
+    ));
+    let mixed = Expected {
+        offset: None,
+        version: Some(0),
+    };
+    let two_types = vec![NewEvent::new("created", "a"), NewEvent::new("paid", "b")];
+    assert!(matches!(
+        engine.publish_expecting("t", two_types, mixed).await,
+        Err(EngineError::InvalidRequest(_))
+    ));
+    assert!(stored(&engine, "t").is_empty());
+    // Concurrent batches of 5: each one's offsets are contiguous.
+    let batches = (0..8).map(|p| {
+        let engine = engine.clone();
+        async move {
+            let mut all = Vec::new();
+            for _ in 0..10 {
+                let events = (0..5)
+                    .map(|i| NewEvent::new("created", format!("{p}-{i}")))
+                    .collect();
+                all.push(engine.publish_batch("t", events).await.unwrap());
+            }
+            all
+        }
+    });
+    for batch in futures_util::future::join_all(batches)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        let offsets: Vec<u64> = batch.iter().map(|a| a.offset).collect();
+        assert_eq!(offsets, (offsets[0]..offsets[0] + 5).collect::<Vec<_>>());
+    }
+    assert_eq!(stored(&engine, "t").len(), 400);
+    release(engine).await;
+}
+
+fn append(request_id: u64, key: &str, expected_offset: Option<u64>) -> ClientMessage {
+    ClientMessage::Append {
+        request_id,
+        topic: "orders".into(),
+        events: vec![AppendEvent {
+            event_type: "created".into(),
+            headers: Vec::new(),
+            payload: Bytes::from_static(b"{}"),
+            idempotency_key: Some(key.into()),
+        }],
+        expected_offset,
+        expected_version: None,
+    }
+}
+
+#[tokio::test]
+async fn tcp_retry_after_a_lost_ack_gets_the_original_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::start(common::config(dir.path(), Durability::Fsync)).await;
+    let proxy = Proxy::start(broker.tcp_addr()).await;
+    let mut client = RawClient::handshake(proxy.addr()).await;
+    client.send(&append(1, "order-1", Some(0))).await;
+    // The broker stored it; the connection is cut before the client read
+    // the ack.
+    common::within(20, async {
+        while broker.engine().info("orders").map_or(0, |i| i.last_offset) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    proxy.cut().await;
+    let mut retry = RawClient::handshake(proxy.addr()).await;
+    // The same request again, expectation included: a stored retry
+    // succeeds even though the position moved.
+    retry.send(&append(2, "order-1", Some(0))).await;
+    match retry.recv().await {
+        Some(ServerMessage::Appended {
+            request_id: 2,
+            results,
+        }) => {
+            assert_eq!(results.len(), 1);
+            assert!(results[0].duplicate);
+            assert_eq!(results[0].offset, 1);
+        }
+        other => panic!("expected Appended, got {other:?}"),
+    }
+    // A new key with a stale expectation: refused with the current offset.
+    retry.send(&append(3, "order-2", Some(0))).await;
+    match retry.recv().await {
+        Some(ServerMessage::PositionMismatch {
+            request_id: 3,
+            current_offset,
+            ..
+        }) => assert_eq!(current_offset, 1),
+        other => panic!("expected PositionMismatch, got {other:?}"),
+    }
+    assert_eq!(stored(broker.engine(), "orders").len(), 1);
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn http_idempotency_key_and_expected_offset() {
+    let (broker, _dir) = common::memory_broker().await;
+    let http = reqwest::Client::new();
+    let url = format!(
+        "http://{}/v1/topics/orders/events?type=created",
+        broker.http_addr()
+    );
+    let post = |key: &'static str, expect: Option<&'static str>| {
+        let mut req = http.post(&url).header("Idempotency-Key", key).body("{}");
+        if let Some(e) = expect {
+            req = req.header("Expected-Offset", e);
+        }
+        req.send()
+    };
+    let first: serde_json::Value = post("a", Some("0")).await.unwrap().json().await.unwrap();
+    assert_eq!(first["offset"], 1);
+    assert_eq!(first["duplicate"], false);
+    let again: serde_json::Value = post("a", Some("0")).await.unwrap().json().await.unwrap();
+    assert_eq!(again["offset"], 1);
+    assert_eq!(again["duplicate"], true);
+    let conflict = post("b", Some("0")).await.unwrap();
+    assert_eq!(conflict.status(), 409);
+    let body: serde_json::Value = conflict.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "position_mismatch");
+    assert_eq!(body["error"]["current_offset"], 1);
+    let bad = post("c", Some("nope")).await.unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(stored(broker.engine(), "orders").len(), 1);
+    broker.shutdown().await.unwrap();
+}
