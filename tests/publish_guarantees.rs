@@ -387,3 +387,110 @@ async fn http_idempotency_key_and_expected_offset() {
     assert_eq!(stored(broker.engine(), "orders").len(), 1);
     broker.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn http_batches_are_atomic_keyed_and_expect_a_position() {
+    let (broker, _dir) = common::memory_broker().await;
+    let http = reqwest::Client::new();
+    let url = format!(
+        "http://{}/v1/topics/orders/events:batch",
+        broker.http_addr()
+    );
+    // Raw bodies: serde_json's json! would sort the header keys.
+    let post = |body: serde_json::Value, expect: Option<&'static str>| {
+        let mut req = http.post(&url).body(body.to_string());
+        if let Some(e) = expect {
+            req = req.header("Expected-Offset", e);
+        }
+        req.send()
+    };
+    let batch = r#"[
+        {"type": "created", "data": {"id": 1}, "headers": {"trace": "t1", "b": "2"}, "idempotency_key": "k1"},
+        {"type": "note", "data": "plain", "encoding": "text"},
+        {"type": "blob", "data": "AP8=", "encoding": "base64", "idempotency_key": "k3"}
+    ]"#;
+    let first = http
+        .post(&url)
+        .header("Expected-Offset", "0")
+        .body(batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let first: serde_json::Value = first.json().await.unwrap();
+    let offsets: Vec<_> = first["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["offset"].as_u64().unwrap(),
+                r["duplicate"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(offsets, [(1, false), (2, false), (3, false)]);
+    assert!(first["epoch"].as_str().unwrap().parse::<u64>().is_ok());
+    let events = broker.engine().history("orders", 0, &[], 10).unwrap();
+    let payloads: Vec<_> = events.events.iter().map(|e| e.payload.clone()).collect();
+    assert_eq!(
+        payloads,
+        [
+            Bytes::from_static(br#"{"id": 1}"#),
+            Bytes::from_static(b"plain"),
+            Bytes::from_static(&[0x00, 0xff]),
+        ]
+    );
+    assert_eq!(
+        events.events[0].headers,
+        vec![("trace".into(), "t1".into()), ("b".into(), "2".into())]
+    );
+
+    // A stale expectation is refused even for new keys; nothing stored.
+    let stale = post(
+        serde_json::json!([{"type": "created", "data": 1, "idempotency_key": "k9"}]),
+        Some("0"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stale.status(), 409);
+    let body: serde_json::Value = stale.json().await.unwrap();
+    assert_eq!(body["error"]["current_offset"], 3);
+
+    // One bad event (a repeated key, a bad encoding, an invalid type)
+    // refuses the whole batch.
+    for bad in [
+        serde_json::json!([{"type": "a", "data": 1, "idempotency_key": "x"}, {"type": "a", "data": 2, "idempotency_key": "x"}]),
+        serde_json::json!([{"type": "a", "data": 1}, {"type": "a", "data": 2, "encoding": "base64"}]),
+        serde_json::json!([{"type": "a", "data": 1}, {"type": "", "data": 2}]),
+        serde_json::json!([{"type": "a", "data": 1}, {"type": "a", "data": 2, "unknown": true}]),
+        serde_json::json!([]),
+    ] {
+        let refused = post(bad.clone(), None).await.unwrap();
+        assert_eq!(refused.status(), 400, "{bad}");
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert!(body["error"]["message"].is_string(), "{body}");
+    }
+    let last = broker.engine().info("orders").unwrap().last_offset;
+    assert_eq!(last, 3, "a refused batch stored something");
+
+    // The retry of the first batch is answered from the window, though the
+    // position moved past its expectation.
+    let retry: serde_json::Value = post(
+        serde_json::json!([
+            {"type": "created", "data": {"id": 1}, "idempotency_key": "k1"},
+            {"type": "blob", "data": "AP8=", "encoding": "base64", "idempotency_key": "k3"},
+        ]),
+        Some("0"),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(retry["results"][0]["offset"], 1);
+    assert_eq!(retry["results"][1]["offset"], 3);
+    assert_eq!(retry["results"][1]["duplicate"], true);
+    assert_eq!(stored(broker.engine(), "orders").len(), 3);
+    broker.shutdown().await.unwrap();
+}

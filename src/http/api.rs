@@ -58,7 +58,7 @@ pub(crate) async fn publish(
                 "over this credential's publish rate (auth.rate.publish_per_second)",
             )
         })?;
-    let payload = read_payload(&state, &headers, body).await?;
+    let payload = read_body(&state, &headers, body, state.settings.max_payload).await?;
     let mut event_headers = Vec::new();
     for (name, value) in &headers {
         if let Some(key) = name.as_str().strip_prefix(HEADER_PREFIX) {
@@ -92,6 +92,146 @@ pub(crate) async fn publish(
     })))
 }
 
+/// One event of a `POST .../events:batch` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem<'a> {
+    #[serde(rename = "type")]
+    event_type: String,
+    /// The payload: JSON (kept as sent), or a string decoded per `encoding`.
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+    /// `json` (default): `data` is the payload as JSON text; `text`: `data`
+    /// is a string whose content is the payload; `base64`: `data` is a
+    /// base64 string of the payload bytes.
+    #[serde(default)]
+    encoding: Option<String>,
+    #[serde(default, deserialize_with = "header_object")]
+    headers: Vec<(String, String)>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// `POST /v1/topics/{topic}/events:batch`: a JSON array of `{"type",
+/// "data", "headers", "idempotency_key", "encoding"}` appended atomically
+/// (all or none, contiguous offsets); `Expected-Offset` / `Expected-Version`
+/// apply to the batch. Answers `{"epoch", "results": [{offset, version,
+/// duplicate}]}` in request order. The body is bounded by `limits.max_frame`.
+pub(crate) async fn publish_batch(
+    caller: Caller,
+    State(state): State<HttpState>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Action::Publish, &topic)?;
+    let body = read_body(&state, &headers, body, state.settings.max_batch_body).await?;
+    let items: Vec<BatchItem<'_>> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be a JSON array of {{\"type\", \"data\", \"headers\", \"idempotency_key\"}}: {e}"
+        ))
+    })?;
+    if items.is_empty() {
+        return Err(ApiError::bad_request(
+            "a batch must hold at least one event",
+        ));
+    }
+    let mut events = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let payload =
+            batch_payload(&item).map_err(|e| ApiError::bad_request(format!("event {i}: {e}")))?;
+        if payload.len() as u64 > state.settings.max_payload {
+            crate::metrics::refused("max_payload");
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "event {i}: payload exceeds the limit of {} bytes",
+                    state.settings.max_payload
+                ),
+            ));
+        }
+        events.push(NewEvent {
+            event_type: item.event_type,
+            headers: item.headers,
+            payload,
+            idempotency_key: item.idempotency_key,
+        });
+    }
+    state
+        .auth
+        .limits()
+        .check_publish(
+            &caller.principal,
+            u32::try_from(events.len()).unwrap_or(u32::MAX),
+        )
+        .map_err(|limited| {
+            tracing::warn!(topic, "HTTP batch refused: over the publish rate");
+            ApiError::limited(
+                limited,
+                "over this credential's publish rate (auth.rate.publish_per_second)",
+            )
+        })?;
+    let expect = Expected {
+        offset: number_header(&headers, "expected-offset")?,
+        version: number_header(&headers, "expected-version")?,
+    };
+    let acks = state
+        .engine
+        .publish_expecting(&topic, events, expect)
+        .await?;
+    let epoch = acks.first().map(|a| a.epoch.to_string());
+    let results: Vec<Value> = acks
+        .iter()
+        .map(|a| json!({"offset": a.offset, "version": a.version, "duplicate": a.duplicate}))
+        .collect();
+    Ok(Json(json!({"epoch": epoch, "results": results})))
+}
+
+/// A JSON object of string values as header pairs, in the order sent.
+fn header_object<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<(String, String)>, D::Error> {
+    struct Pairs;
+    impl<'de> serde::de::Visitor<'de> for Pairs {
+        type Value = Vec<(String, String)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of string header values")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(0));
+            while let Some(pair) = map.next_entry::<String, String>()? {
+                pairs.push(pair);
+            }
+            Ok(pairs)
+        }
+    }
+    deserializer.deserialize_map(Pairs)
+}
+
+/// The payload bytes of a batch item, per its `encoding`.
+fn batch_payload(item: &BatchItem<'_>) -> Result<bytes::Bytes, String> {
+    let string = || {
+        serde_json::from_str::<String>(item.data.get())
+            .map_err(|_| "with this encoding, data must be a JSON string".to_owned())
+    };
+    match item.encoding.as_deref() {
+        None | Some("json") => Ok(bytes::Bytes::copy_from_slice(item.data.get().as_bytes())),
+        Some("text") => Ok(string()?.into()),
+        Some("base64") => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(string()?)
+                .map(Into::into)
+                .map_err(|e| format!("data is not valid base64: {e}"))
+        }
+        Some(other) => Err(format!("unknown encoding {other:?} (json, text or base64)")),
+    }
+}
+
 /// A request header as text, if present (visible ASCII only).
 fn text_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
     headers
@@ -115,23 +255,23 @@ fn number_header(headers: &HeaderMap, name: &str) -> Result<Option<u64>, ApiErro
         .transpose()
 }
 
-/// Reads a publish body of at most `max_payload` bytes within
-/// `read_timeout`. A declared `Content-Length` over the limit is refused
-/// before reading anything; memory held is bounded by the limit, not by
-/// what the peer claims or trickles.
-async fn read_payload(
+/// Reads a request body of at most `max` bytes within `read_timeout`. A
+/// declared `Content-Length` over the limit is refused before reading
+/// anything; memory held is bounded by the limit, not by what the peer
+/// claims or trickles.
+async fn read_body(
     state: &HttpState,
     headers: &HeaderMap,
     body: Body,
+    max: u64,
 ) -> Result<bytes::Bytes, ApiError> {
-    let max = state.settings.max_payload;
     let too_large = || {
         crate::metrics::refused("max_payload");
         // The rest of the body is never read: the connection cannot be reused.
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!("payload exceeds the limit of {max} bytes"),
+            format!("request body exceeds the limit of {max} bytes"),
         )
         .closing()
     };

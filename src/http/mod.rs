@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | `GET /v1/topics/{topic}/events` | SSE stream ([`sse`]) |
 //! | `POST /v1/topics/{topic}/events?type=T` | publish the body |
+//! | `POST /v1/topics/{topic}/events:batch` | publish a JSON array atomically |
 //! | `GET /v1/topics/{topic}/history` | paginated retained events |
 //! | `GET /v1/topics`, `GET /v1/topics/{topic}` | list, info |
 //! | `POST /v1/topics/{topic}/seal`, `DELETE /v1/topics/{topic}` | lifecycle |
@@ -53,6 +54,9 @@ pub struct HttpSettings {
     pub max_sse_connections: usize,
     /// Largest payload accepted by `POST .../events`.
     pub max_payload: u64,
+    /// Largest body of `POST .../events:batch` (`limits.max_frame`, the
+    /// largest TCP request).
+    pub max_batch_body: u64,
     /// Origins whose pages may read cross-origin (`*` = any, without
     /// credentials).
     pub cors_origins: Vec<String>,
@@ -84,6 +88,7 @@ impl HttpSettings {
             retry: Duration::from_secs(2),
             max_sse_connections: config.limits.max_sse_connections,
             max_payload: config.limits.max_payload.as_u64(),
+            max_batch_body: config.limits.max_frame.as_u64(),
             cors_origins: config.server.cors_origins.clone(),
             cors_write_origins: config.server.cors_write_origins.clone(),
             allowed_hosts: config.server.allowed_hosts.clone(),
@@ -151,6 +156,7 @@ pub fn router(state: HttpState) -> Router {
             get(api::topic_info).delete(api::delete_topic),
         )
         .route(SSE_ROUTE, post(api::publish))
+        .route("/v1/topics/{topic}/events:batch", post(api::publish_batch))
         .route("/v1/topics/{topic}/history", get(api::history))
         .route("/v1/topics/{topic}/seal", post(api::seal))
         .route("/metrics", get(api::metrics))
