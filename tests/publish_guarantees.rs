@@ -494,3 +494,35 @@ async fn http_batches_are_atomic_keyed_and_expect_a_position() {
     assert_eq!(stored(broker.engine(), "orders").len(), 3);
     broker.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_version_2_client_is_never_sent_version_3_messages() {
+    let (broker, _dir) = common::memory_broker().await;
+    let mut c = RawClient::connect(broker.tcp_addr()).await;
+    c.send(&ClientMessage::Hello {
+        protocol_version: 2,
+        client_name: "v2".into(),
+        credentials: None,
+    })
+    .await;
+    assert!(matches!(
+        c.recv().await,
+        Some(ServerMessage::Welcome {
+            protocol_version: 2,
+            ..
+        })
+    ));
+    // Append does not exist in version 2: as undecodable as to a v2 server.
+    c.send(&append(1, "k", None)).await;
+    assert!(matches!(
+        c.recv().await,
+        Some(ServerMessage::Error {
+            request_id: None,
+            code: ringcast_protocol::ErrorCode::BadFrame,
+            ..
+        })
+    ));
+    c.expect_closed().await;
+    assert_eq!(stored(broker.engine(), "orders").len(), 0);
+    broker.shutdown().await.unwrap();
+}

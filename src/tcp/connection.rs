@@ -511,6 +511,18 @@ impl Session<'_> {
                 expected_offset,
                 expected_version,
             } => {
+                if self.version < 3 {
+                    // A version 1 or 2 server knows no tag 12: the same answer.
+                    return Err(self
+                        .fatal(
+                            ErrorCode::BadFrame,
+                            format!(
+                                "Append needs protocol version 3; this connection speaks {}",
+                                self.version
+                            ),
+                        )
+                        .await);
+                }
                 if !self.granted(request_id, Action::Publish, &topic).await?
                     || !self.within_rate(request_id, events.len()).await?
                 {
