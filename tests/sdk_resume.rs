@@ -559,3 +559,65 @@ async fn a_cut_during_an_after_versions_replay_resumes_without_replaying_unnamed
     );
     assert_eq!(proxy.connections(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_in_flight_across_repeated_cuts_are_stored_exactly_once_in_order() {
+    const EVENTS: u64 = 4_000;
+    const CUT_EVERY: u64 = 400;
+    const TOPIC: &str = "exactly-once";
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(config(dir.path(), Durability::Fsync)).await;
+    let proxy = Proxy::start(broker.tcp_addr()).await;
+    // The publisher goes through the proxy: its acks are what the cuts lose.
+    let publisher = connect(proxy.addr()).await;
+    let subscriber = connect(broker.tcp_addr()).await;
+    let mut sub = subscriber.subscribe(TOPIC).earliest().send().await.unwrap();
+
+    let publishing = tokio::spawn(async move {
+        let acks = publish_pipelined(&publisher, TOPIC, 1..=EVENTS).await;
+        // Every publish succeeded, once, at the offset of its number.
+        let offsets: Vec<u64> = acks.iter().map(|a| a.offset).collect();
+        assert_eq!(offsets, (1..=EVENTS).collect::<Vec<_>>());
+        publisher.seal(TOPIC).await.expect("sealed");
+    });
+
+    let mut expected = 1;
+    let mut cut = 0;
+    loop {
+        match next(&mut sub).await {
+            Delivery::Event(event) => {
+                assert_eq!(event.offset, expected, "duplicate or hole");
+                assert_eq!(
+                    event.payload,
+                    expected.to_string(),
+                    "stored twice or out of order"
+                );
+                expected += 1;
+                if event.offset % CUT_EVERY == 0 {
+                    cut += proxy.cut().await;
+                }
+            }
+            Delivery::End { last_offset, .. } => {
+                assert_eq!(last_offset, EVENTS, "events stored twice");
+                break;
+            }
+            gap @ Delivery::Gap(_) => panic!("nothing was trimmed, yet got {gap:?}"),
+        }
+    }
+    within(60, publishing).await.unwrap();
+    assert!(cut > 0, "the cuts dropped live connections");
+    // Some publishes were stored but their acks lost: their retries were
+    // answered as duplicates.
+    let metrics = common::fetch_text(
+        &reqwest::Client::new(),
+        format!("http://{}/metrics", broker.http_addr()),
+    )
+    .await;
+    let duplicates: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ringcast_duplicate_publishes_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(duplicates > 0.0, "no retry met a stored event:\n{metrics}");
+    broker.shutdown().await.unwrap();
+}

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use ringcast_protocol::{
-    Ack, ClientMessage, NewEvent, ServerMessage, Start, TopicSummary, WireEvent, WireTopicInfo,
+    Ack, AppendAck, AppendEvent, ClientMessage, NewEvent, ServerMessage, Start, TopicSummary,
+    WireEvent, WireTopicInfo,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
@@ -67,10 +68,20 @@ pub fn new_event(event_type: impl Into<String>, payload: impl Into<Bytes>) -> Ne
     }
 }
 
-/// Builder-style additions to [`NewEvent`].
+/// Builder-style additions to [`NewEvent`] and [`AppendEvent`].
+///
+/// ```
+/// use ringcast_client::{new_event, NewEventExt};
+/// let event = new_event("paid", "{}").header("trace", "t1").key("order-17-paid");
+/// assert_eq!(event.idempotency_key.as_deref(), Some("order-17-paid"));
+/// ```
 pub trait NewEventExt {
     /// Appends a header (names may repeat; order is kept).
     fn header(self, name: impl Into<String>, value: impl Into<String>) -> Self;
+    /// The event with this idempotency key (1–128 bytes, no control
+    /// characters) instead of a random one: within the topic's dedup window
+    /// the broker stores an event with a given key at most once.
+    fn key(self, key: impl Into<String>) -> AppendEvent;
 }
 
 impl NewEventExt for NewEvent {
@@ -78,6 +89,78 @@ impl NewEventExt for NewEvent {
         self.headers.push((name.into(), value.into()));
         self
     }
+
+    fn key(self, key: impl Into<String>) -> AppendEvent {
+        AppendEvent::from(self).key(key)
+    }
+}
+
+impl NewEventExt for AppendEvent {
+    fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    fn key(mut self, key: impl Into<String>) -> AppendEvent {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+}
+
+/// What an append expects of its topic, checked by the broker atomically
+/// with it ([`Client::publish_expecting`]).
+///
+/// ```
+/// use ringcast_client::Expected;
+/// let new_stream = Expected::offset(0); // only into an empty topic
+/// let after_v3 = Expected::version(3); // only if the type's last version is 3
+/// assert_eq!(new_stream.offset, Some(0));
+/// assert_eq!(after_v3.version, Some(3));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expected {
+    /// The topic's last offset must be this (0 = no event was ever published).
+    pub offset: Option<u64>,
+    /// The last version of the batch's event type must be this (0 = none
+    /// yet); the batch must then hold one event type.
+    pub version: Option<u64>,
+}
+
+impl Expected {
+    /// Expects the topic's last offset to be `offset`.
+    pub fn offset(offset: u64) -> Self {
+        Expected {
+            offset: Some(offset),
+            version: None,
+        }
+    }
+
+    /// Expects the last version of the events' type to be `version`.
+    pub fn version(version: u64) -> Self {
+        Expected {
+            offset: None,
+            version: Some(version),
+        }
+    }
+}
+
+/// A fresh random idempotency key: 16 random bytes in hex.
+fn random_key() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `events` with a random key where none was given.
+fn keyed(events: Vec<AppendEvent>) -> Vec<AppendEvent> {
+    events
+        .into_iter()
+        .map(|mut e| {
+            if e.idempotency_key.is_none() {
+                e.idempotency_key = Some(random_key());
+            }
+            e
+        })
+        .collect()
 }
 
 /// State shared by every clone of a [`Client`] and its subscriptions.
@@ -115,11 +198,15 @@ impl Inner {
 /// no hole, and a [`Delivery::Gap`](crate::Delivery::Gap) only when the
 /// broker no longer has what was missed.
 ///
-/// Requests in flight when the connection drops fail with
-/// [`Error::ConnectionLost`] and are **not** retried: a publish may or may not
-/// have been appended, and only the caller can decide whether publishing it
-/// again is right (e.g. by checking [`history`](Self::history)). Requests
-/// issued while the client is reconnecting wait for the new connection, up to
+/// Publishes in flight when the connection drops are sent again on the new
+/// connection, in their original order: every event carries an idempotency
+/// key (a random one unless the caller gave one), so the broker stores it
+/// exactly once however often it is sent, and the ack is the original's.
+/// This holds while the retry comes within the topic's `dedup_window` (2
+/// minutes by default; keep [`ClientOptions::request_timeout`] below it).
+/// Other requests in flight fail with [`Error::ConnectionLost`] and are not
+/// retried: they may or may not have taken effect. Requests issued
+/// while the client is reconnecting wait for the new connection, up to
 /// [`ClientOptions::request_timeout`].
 ///
 /// # Credentials
@@ -213,8 +300,13 @@ impl Client {
             .await
     }
 
-    /// Publishes one event (with headers) and waits for its ack.
-    pub async fn publish_event(&self, topic: impl Into<String>, event: NewEvent) -> Result<Ack> {
+    /// Publishes one event (with headers, and maybe an idempotency key: see
+    /// [`NewEventExt::key`]) and waits for its ack.
+    pub async fn publish_event(
+        &self,
+        topic: impl Into<String>,
+        event: impl Into<AppendEvent>,
+    ) -> Result<Ack> {
         self.queue_publish(topic, event).await?.await
     }
 
@@ -244,49 +336,101 @@ impl Client {
     pub async fn queue_publish(
         &self,
         topic: impl Into<String>,
-        event: NewEvent,
+        event: impl Into<AppendEvent>,
     ) -> Result<PendingAck> {
-        let topic = topic.into();
         let reply = self
-            .send_request(|request_id| ClientMessage::Publish {
-                request_id,
-                topic,
-                event_type: event.event_type,
-                headers: event.headers,
-                payload: event.payload,
-            })
+            .send_append(topic.into(), vec![event.into()], Expected::default())
             .await?;
         Ok(PendingAck { reply })
+    }
+
+    /// Queues `events` as one `Append`, each with a key (random where the
+    /// caller gave none), sent again on the next connection if this one
+    /// drops before the reply.
+    async fn send_append(
+        &self,
+        topic: String,
+        events: Vec<AppendEvent>,
+        expected: Expected,
+    ) -> Result<PendingReply> {
+        let events = keyed(events);
+        self.send_request_with(true, |request_id| ClientMessage::Append {
+            request_id,
+            topic,
+            events,
+            expected_offset: expected.offset,
+            expected_version: expected.version,
+        })
+        .await
     }
 
     /// Publishes several events to one topic atomically (all or none), in
     /// order, and returns one ack per event. An empty batch returns no acks
     /// without asking the broker.
-    pub async fn publish_batch(
+    pub async fn publish_batch<E: Into<AppendEvent>>(
         &self,
         topic: impl Into<String>,
-        events: Vec<NewEvent>,
+        events: Vec<E>,
     ) -> Result<Vec<Ack>> {
+        let acks = self
+            .publish_expecting(topic, events, Expected::default())
+            .await?;
+        Ok(acks
+            .into_iter()
+            .map(|a| Ack {
+                epoch: a.epoch,
+                offset: a.offset,
+                version: a.version,
+            })
+            .collect())
+    }
+
+    /// Appends `events` to `topic` atomically, only if `expected` holds —
+    /// for event-sourced writers (`Expected::offset(0)`: only into a new
+    /// topic; `Expected::version(v)`: only if nobody appended this type
+    /// since version `v`). Returns one ack per event, in order, each saying
+    /// whether it was a duplicate of an event already stored with its key.
+    ///
+    /// If another writer got there first, nothing is stored and the call
+    /// fails with [`Error::PositionMismatch`], carrying the current offset
+    /// and version. An empty batch returns no acks
+    /// without asking the broker.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: ringcast_client::Client) -> ringcast_client::Result<()> {
+    /// use ringcast_client::{new_event, Error, Expected};
+    /// match client
+    ///     .publish_expecting("cart-7", vec![new_event("item_added", "{}")], Expected::version(4))
+    ///     .await
+    /// {
+    ///     Ok(acks) => println!("now at version {}", acks[0].version),
+    ///     Err(Error::PositionMismatch { current_version, .. }) => {
+    ///         println!("someone else wrote version {current_version}; reload and retry")
+    ///     }
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish_expecting<E: Into<AppendEvent>>(
+        &self,
+        topic: impl Into<String>,
+        events: Vec<E>,
+        expected: Expected,
+    ) -> Result<Vec<AppendAck>> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let expected = events.len();
-        let topic = topic.into();
-        match self
-            .request(|request_id| ClientMessage::PublishBatch {
-                request_id,
-                topic,
-                events,
-            })
-            .await?
-        {
-            ServerMessage::Published { results, .. } if results.len() == expected => Ok(results),
-            ServerMessage::Published { results, .. } => Err(Error::UnexpectedReply(format!(
-                "{} acks for a batch of {expected}",
-                results.len()
-            ))),
-            other => Err(unexpected(&other)),
+        let count = events.len();
+        let events = events.into_iter().map(Into::into).collect();
+        let reply = self.send_append(topic.into(), events, expected).await?;
+        let acks = append_acks(reply.await?)?;
+        if acks.len() != count {
+            return Err(Error::UnexpectedReply(format!(
+                "{} acks for a batch of {count}",
+                acks.len()
+            )));
         }
+        Ok(acks)
     }
 
     /// Starts building a subscription to `topic`; finish with
@@ -451,6 +595,16 @@ impl Client {
     /// Queues a request and returns the future of its reply; both steps
     /// share one deadline.
     async fn send_request(&self, build: impl FnOnce(u64) -> ClientMessage) -> Result<PendingReply> {
+        self.send_request_with(false, build).await
+    }
+
+    /// [`send_request`](Self::send_request), saying whether the request is
+    /// sent again on the next connection when this one drops first.
+    async fn send_request_with(
+        &self,
+        resend: bool,
+        build: impl FnOnce(u64) -> ClientMessage,
+    ) -> Result<PendingReply> {
         let deadline = Instant::now() + self.inner.options.request_timeout;
         let id = self.inner.request_ids.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
@@ -458,6 +612,7 @@ impl Client {
             id,
             msg: build(id),
             reply,
+            resend,
         };
         self.enqueue(cmd, deadline).await?;
         Ok(PendingReply {
@@ -517,6 +672,14 @@ fn unexpected(msg: &ServerMessage) -> Error {
     Error::UnexpectedReply(format!("got {}", msg.kind()))
 }
 
+/// The acks of an `Appended` reply.
+fn append_acks(msg: ServerMessage) -> Result<Vec<AppendAck>> {
+    match msg {
+        ServerMessage::Appended { results, .. } => Ok(results),
+        other => Err(unexpected(&other)),
+    }
+}
+
 /// The reply to a queued request, with the request's deadline.
 struct PendingReply {
     rx: oneshot::Receiver<Result<ServerMessage>>,
@@ -559,16 +722,19 @@ impl Future for PendingAck {
         match Pin::new(&mut self.reply).poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(ServerMessage::Published { results, .. })) => {
-                Poll::Ready(match results.as_slice() {
-                    [ack] => Ok(*ack),
+            Poll::Ready(Ok(reply)) => {
+                Poll::Ready(append_acks(reply).and_then(|acks| match acks.as_slice() {
+                    [ack] => Ok(Ack {
+                        epoch: ack.epoch,
+                        offset: ack.offset,
+                        version: ack.version,
+                    }),
                     _ => Err(Error::UnexpectedReply(format!(
                         "{} acks for one event",
-                        results.len()
+                        acks.len()
                     ))),
-                })
+                }))
             }
-            Poll::Ready(Ok(other)) => Poll::Ready(Err(unexpected(&other))),
         }
     }
 }

@@ -120,11 +120,14 @@ pub(crate) struct Subscribed {
 
 /// What a [`Client`](crate::Client) asks of the task.
 pub(crate) enum Command {
-    /// Send `msg` (whose request id is `id`) and hand back the reply.
+    /// Send `msg` (whose request id is `id`) and hand back the reply;
+    /// `resend`: send it again on the next connection if this one drops
+    /// before the reply (only for requests a repeat cannot harm).
     Request {
         id: u64,
         msg: ClientMessage,
         reply: oneshot::Sender<Result<ServerMessage>>,
+        resend: bool,
     },
     /// Start a subscription and keep it alive across reconnects.
     Subscribe {
@@ -287,8 +290,13 @@ async fn connect_inner(options: &ClientOptions, credentials: Option<String>) -> 
 
 /// What a request in flight is waiting for.
 enum Pending {
-    /// A caller waits for the reply.
-    Reply(oneshot::Sender<Result<ServerMessage>>),
+    /// A caller waits for the reply. `resend`: the request, when it is safe
+    /// to send again on the next connection if this one drops (an `Append`
+    /// whose every event has an idempotency key).
+    Reply {
+        reply: oneshot::Sender<Result<ServerMessage>>,
+        resend: Option<ClientMessage>,
+    },
     /// A caller's `unsubscribe` waits for `Unsubscribed`.
     Unsubscribe(oneshot::Sender<Result<()>>),
     /// A `Subscribe` for this (client-side) subscription id.
@@ -460,11 +468,18 @@ impl Task {
         self.request_ids.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Fails what was in flight on a lost connection; subscriptions stay.
+    /// Fails what was in flight on a lost connection, except the requests
+    /// that may be sent again: those go first, in their original order, to
+    /// the next connection. Subscriptions stay.
     fn fail_in_flight(&mut self) {
-        for (_, pending) in self.pending.drain() {
+        let mut again = Vec::new();
+        for (id, pending) in self.pending.drain() {
             match pending {
-                Pending::Reply(reply) => {
+                Pending::Reply {
+                    reply,
+                    resend: Some(msg),
+                } if !reply.is_closed() => again.push((id, msg, reply)),
+                Pending::Reply { reply, .. } => {
                     let _ = reply.send(Err(Error::ConnectionLost));
                 }
                 // The subscription is gone with the connection anyway.
@@ -478,6 +493,22 @@ impl Task {
                 }
                 Pending::Subscribe(_) | Pending::Ignore => {}
             }
+        }
+        if !again.is_empty() {
+            debug!(
+                requests = again.len(),
+                "publishes in flight go again, with their idempotency keys"
+            );
+        }
+        // Request ids grow in sending order.
+        again.sort_unstable_by_key(|(id, ..)| std::cmp::Reverse(*id));
+        for (id, msg, reply) in again {
+            self.waiting.push_front(Command::Request {
+                id,
+                msg,
+                reply,
+                resend: true,
+            });
         }
         self.wbuf.clear();
         for sub in self.subs.values_mut() {
@@ -498,7 +529,7 @@ impl Task {
         let closed = matches!(exit, Exit::Closed(_) | Exit::Fatal(_));
         for (_, pending) in self.pending.drain() {
             match pending {
-                Pending::Reply(reply) => {
+                Pending::Reply { reply, .. } => {
                     let _ = reply.send(Err(error()));
                 }
                 Pending::Unsubscribe(reply) => {
@@ -788,9 +819,15 @@ impl Task {
     /// Handles a command on a live connection; `Some` ends the session.
     fn handle_command(&mut self, cmd: Command) -> Option<Exit> {
         match cmd {
-            Command::Request { id, msg, reply } => match self.encode(&msg) {
+            Command::Request {
+                id,
+                msg,
+                reply,
+                resend,
+            } => match self.encode(&msg) {
                 Ok(()) => {
-                    self.pending.insert(id, Pending::Reply(reply));
+                    let resend = resend.then_some(msg);
+                    self.pending.insert(id, Pending::Reply { reply, resend });
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e));
@@ -1220,11 +1257,10 @@ impl Task {
                 current_version,
             } => self.request_failed(
                 request_id,
-                Error::Server {
-                    code: ErrorCode::PositionMismatch,
-                    message: format!(
-                        "{message} (current offset {current_offset}, version {current_version})"
-                    ),
+                Error::PositionMismatch {
+                    message,
+                    current_offset,
+                    current_version,
                 },
             ),
             reply @ (ServerMessage::Published { .. }
@@ -1236,7 +1272,7 @@ impl Task {
             | ServerMessage::Pong { .. }) => {
                 let id = reply_request_id(&reply);
                 match self.pending.remove(&id) {
-                    Some(Pending::Reply(tx)) => {
+                    Some(Pending::Reply { reply: tx, .. }) => {
                         let _ = tx.send(Ok(reply));
                     }
                     Some(Pending::Ignore) => {}
@@ -1265,7 +1301,7 @@ impl Task {
     /// A request failed with `error`.
     fn request_failed(&mut self, id: u64, error: Error) {
         match self.pending.remove(&id) {
-            Some(Pending::Reply(reply)) => {
+            Some(Pending::Reply { reply, .. }) => {
                 let _ = reply.send(Err(error));
             }
             Some(Pending::Unsubscribe(reply)) => {

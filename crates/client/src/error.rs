@@ -21,8 +21,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///   a new token: [`Client::refresh`](crate::Client::refresh), or a token
 ///   provider, with which the client handles expiry by itself), and every
 ///   request error (`InvalidTopic`, `TopicSealed`, …);
-/// - [`Error::ConnectionLost`] is deliberately not retryable: a publish may
-///   or may not have been appended.
+/// - [`Error::ConnectionLost`] is deliberately not retryable: the request may
+///   or may not have taken effect (publishes are retried by the client itself,
+///   with idempotency keys, and do not fail with it);
+/// - [`Error::PositionMismatch`] is not: reload and decide again.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -74,9 +76,25 @@ pub enum Error {
     /// The [`TokenProvider`](crate::TokenProvider) failed to produce credentials.
     #[error("the token provider failed: {0}")]
     TokenProvider(String),
+    /// An expected position did not hold
+    /// ([`Client::publish_expecting`](crate::Client::publish_expecting)):
+    /// another writer appended first. Nothing was stored; reload from the
+    /// current position and decide again. Code `PositionMismatch`.
+    #[error(
+        "{message} (position_mismatch: current offset {current_offset}, version {current_version})"
+    )]
+    PositionMismatch {
+        /// The broker's explanation.
+        message: String,
+        /// The topic's last offset now.
+        current_offset: u64,
+        /// The last version of the batch's event type now.
+        current_version: u64,
+    },
     /// The connection dropped while this request was in flight. The client
-    /// reconnects by itself, but the request is not retried: a publish may or
-    /// may not have been appended.
+    /// reconnects by itself, but the request is not retried: it may or may
+    /// not have taken effect. (Publishes are retried with their idempotency
+    /// keys instead, and never end with this.)
     #[error("connection to the broker lost while the request was in flight")]
     ConnectionLost,
     /// No answer within the request (or connect) timeout.
@@ -99,6 +117,7 @@ impl Error {
             Error::Server { code, .. }
             | Error::RetryLater { code, .. }
             | Error::Refused { code, .. } => Some(*code),
+            Error::PositionMismatch { .. } => Some(ErrorCode::PositionMismatch),
             _ => None,
         }
     }

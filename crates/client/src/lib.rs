@@ -49,10 +49,15 @@
 //! most once, across reconnects; anything skipped is announced by a gap.
 //! A consumer that falls behind its buffer is paused and resumed the same way
 //! (see [`ClientOptions::subscription_buffer`]), so one slow subscription
-//! never holds up the others or the replies on the shared connection. Publishes are at most once from the SDK's
-//! side: a publish in flight when the connection drops fails with
-//! [`Error::ConnectionLost`] and is not retried, since it may or may not have
-//! been appended.
+//! never holds up the others or the replies on the shared connection.
+//!
+//! Publishes are exactly once into the log: every event gets an idempotency
+//! key (random, or the caller's: [`NewEventExt::key`]), and a publish in
+//! flight when the connection drops is sent again on the next one with the
+//! same key, so the broker stores it once and the caller gets the original
+//! ack (within the topic's dedup window). For
+//! event-sourced writers, [`Client::publish_expecting`] appends only if the
+//! topic (or the event type) is still where the writer last saw it.
 
 //! # Access control
 //! When the broker requires credentials, set a JWT or an API key with
@@ -79,7 +84,7 @@ mod subscription;
 mod token;
 
 pub use client::{
-    new_event, Client, HistoryPage, NewEventExt, PendingAck, ServerInfo, SubscribeBuilder,
+    new_event, Client, Expected, HistoryPage, NewEventExt, PendingAck, ServerInfo, SubscribeBuilder,
 };
 pub use error::{code_name, Error, Result};
 pub use options::{ClientOptions, DEFAULT_ADDR};
@@ -88,6 +93,6 @@ pub use token::{TokenFuture, TokenProvider};
 
 pub use bytes::Bytes;
 pub use ringcast_protocol::{
-    Ack, ErrorCode, GapReason, Headers, NewEvent, Start, TopicSummary, WireEvent, WireGap,
-    WireTopicInfo, PROTOCOL_VERSION,
+    Ack, AppendAck, AppendEvent, ErrorCode, GapReason, Headers, NewEvent, Start, TopicSummary,
+    WireEvent, WireGap, WireTopicInfo, PROTOCOL_VERSION,
 };

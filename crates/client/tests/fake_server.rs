@@ -7,7 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use ringcast_client::{
-    Ack, Client, ClientOptions, Delivery, Error, ErrorCode, GapReason, Start, WireEvent, WireGap,
+    Ack, AppendAck, Client, ClientOptions, Delivery, Error, ErrorCode, GapReason, Start, WireEvent,
+    WireGap,
 };
 use ringcast_protocol::{ClientMessage, ServerCodec, ServerMessage, PROTOCOL_VERSION};
 use tokio::net::{TcpListener, TcpStream};
@@ -113,6 +114,41 @@ impl Peer {
         .await;
     }
 
+    /// Reads a one-event `Append` (how the SDK publishes to a protocol 3
+    /// broker), asserting it carries a random key: (request id, topic,
+    /// type, payload, key).
+    async fn expect_publish(&mut self) -> (u64, String, String, Bytes, String) {
+        match self.recv().await {
+            ClientMessage::Append {
+                request_id,
+                topic,
+                mut events,
+                expected_offset: None,
+                expected_version: None,
+            } if events.len() == 1 => {
+                let event = events.remove(0);
+                let key = event.idempotency_key.expect("every publish has a key");
+                assert_eq!(key.len(), 32, "16 random bytes in hex: {key}");
+                (request_id, topic, event.event_type, event.payload, key)
+            }
+            other => panic!("expected a one-event Append, got {other:?}"),
+        }
+    }
+
+    /// Answers `request_id` with one ack.
+    async fn ack(&mut self, request_id: u64, epoch: u64, offset: u64, version: u64) {
+        self.send(ServerMessage::Appended {
+            request_id,
+            results: vec![AppendAck {
+                epoch,
+                offset,
+                version,
+                duplicate: false,
+            }],
+        })
+        .await;
+    }
+
     async fn recv(&mut self) -> ClientMessage {
         timeout(WAIT, self.framed.next())
             .await
@@ -200,28 +236,10 @@ async fn handshake_then_publish_gets_its_ack() {
     let (client, mut peer) = connected(&broker).await;
     assert_eq!(client.server_info().server_version, "fake");
     let (ack, ()) = tokio::join!(client.publish("orders", "created", "{}"), async {
-        match peer.recv().await {
-            ClientMessage::Publish {
-                request_id,
-                topic,
-                event_type,
-                payload,
-                ..
-            } => {
-                assert_eq!((topic.as_str(), event_type.as_str()), ("orders", "created"));
-                assert_eq!(&payload[..], b"{}");
-                peer.send(ServerMessage::Published {
-                    request_id,
-                    results: vec![Ack {
-                        epoch: 7,
-                        offset: 1,
-                        version: 1,
-                    }],
-                })
-                .await;
-            }
-            other => panic!("{other:?}"),
-        }
+        let (request_id, topic, event_type, payload, _) = peer.expect_publish().await;
+        assert_eq!((topic.as_str(), event_type.as_str()), ("orders", "created"));
+        assert_eq!(&payload[..], b"{}");
+        peer.ack(request_id, 7, 1, 1).await;
     });
     assert_eq!(
         ack.unwrap(),
@@ -244,27 +262,15 @@ async fn publishes_are_pipelined_and_replies_are_matched_by_request_id() {
         // All three arrive before any is answered: nobody waited for an ack.
         let mut requests = Vec::new();
         for _ in 0..3 {
-            match peer.recv().await {
-                ClientMessage::Publish {
-                    request_id,
-                    payload,
-                    ..
-                } => requests.push((request_id, payload)),
-                other => panic!("{other:?}"),
-            }
+            let (request_id, _, _, payload, key) = peer.expect_publish().await;
+            requests.push((request_id, payload, key));
         }
+        let keys: std::collections::HashSet<_> = requests.iter().map(|r| r.2.clone()).collect();
+        assert_eq!(keys.len(), 3, "one key per event");
         // Answer in reverse order; the ack's offset echoes the payload.
-        for (request_id, payload) in requests.into_iter().rev() {
+        for (request_id, payload, _) in requests.into_iter().rev() {
             let n: u64 = std::str::from_utf8(&payload).unwrap().parse().unwrap();
-            peer.send(ServerMessage::Published {
-                request_id,
-                results: vec![Ack {
-                    epoch: 1,
-                    offset: n,
-                    version: n,
-                }],
-            })
-            .await;
+            peer.ack(request_id, 1, n, n).await;
         }
     };
     let (acks, ()) = tokio::join!(publishes, fake);
@@ -286,25 +292,9 @@ async fn queued_publishes_leave_in_call_order() {
         );
     }
     for n in 0..50u32 {
-        match peer.recv().await {
-            ClientMessage::Publish {
-                request_id,
-                payload,
-                ..
-            } => {
-                assert_eq!(payload, Bytes::from(n.to_string()));
-                peer.send(ServerMessage::Published {
-                    request_id,
-                    results: vec![Ack {
-                        epoch: 1,
-                        offset: u64::from(n) + 1,
-                        version: 1,
-                    }],
-                })
-                .await;
-            }
-            other => panic!("{other:?}"),
-        }
+        let (request_id, _, _, payload, _) = peer.expect_publish().await;
+        assert_eq!(payload, Bytes::from(n.to_string()));
+        peer.ack(request_id, 1, u64::from(n) + 1, 1).await;
     }
     for (n, ack) in pending.into_iter().enumerate() {
         assert_eq!(ack.await.unwrap().offset, n as u64 + 1);
@@ -338,9 +328,7 @@ async fn a_rate_limited_request_fails_with_its_retry_after_and_the_connection_li
     let broker = FakeBroker::start().await;
     let (client, mut peer) = connected(&broker).await;
     let (result, ()) = tokio::join!(client.publish("orders", "created", "{}"), async {
-        let ClientMessage::Publish { request_id, .. } = peer.recv().await else {
-            panic!("expected Publish")
-        };
+        let (request_id, ..) = peer.expect_publish().await;
         peer.send(ServerMessage::RetryLater {
             request_id: Some(request_id),
             code: ErrorCode::RateLimited,
@@ -597,14 +585,53 @@ async fn a_gap_is_delivered_and_moves_the_resume_position() {
 async fn requests_in_flight_fail_with_connection_lost_and_are_not_retried() {
     let broker = FakeBroker::start().await;
     let (client, mut peer) = connected(&broker).await;
-    let (result, ()) = tokio::join!(client.publish("orders", "created", "{}"), async {
-        assert!(matches!(peer.recv().await, ClientMessage::Publish { .. }));
+    let (result, ()) = tokio::join!(client.topics(), async {
+        assert!(matches!(
+            peer.recv().await,
+            ClientMessage::ListTopics { .. }
+        ));
         drop(peer);
     });
     assert!(matches!(result, Err(Error::ConnectionLost)), "{result:?}");
 
-    // After the reconnect the first frame is a new request, not the publish.
+    // After the reconnect the first frame is a new request, not the old one.
     let mut peer = broker.accept().await;
+    assert_same_connection(&client, &mut peer).await;
+}
+
+#[tokio::test]
+async fn publishes_in_flight_go_again_with_the_same_keys_in_order() {
+    let broker = FakeBroker::start().await;
+    let (client, mut peer) = connected(&broker).await;
+    let mut pending = Vec::new();
+    for n in 1..=3u64 {
+        let event = ringcast_client::new_event("t", n.to_string());
+        pending.push(client.queue_publish("orders", event).await.unwrap());
+    }
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(peer.expect_publish().await);
+    }
+    // The first is acked; the connection drops before the others are.
+    peer.ack(first[0].0, 1, 1, 1).await;
+    let acked = pending.remove(0).await.unwrap();
+    assert_eq!(acked.offset, 1);
+    drop(peer);
+
+    let mut peer = broker.accept().await;
+    for (request_id, topic, _, payload, key) in &first[1..] {
+        let again = peer.expect_publish().await;
+        assert_eq!((&again.1, &again.3, &again.4), (topic, payload, key));
+        let n: u64 = std::str::from_utf8(payload).unwrap().parse().unwrap();
+        assert!(again.0 >= *request_id);
+        peer.ack(again.0, 1, n, n).await;
+    }
+    let offsets: Vec<u64> = futures_util::future::join_all(pending)
+        .await
+        .into_iter()
+        .map(|a| a.unwrap().offset)
+        .collect();
+    assert_eq!(offsets, [2, 3]);
     assert_same_connection(&client, &mut peer).await;
 }
 

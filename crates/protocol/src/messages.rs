@@ -193,6 +193,18 @@ pub struct AppendEvent {
     pub idempotency_key: Option<String>,
 }
 
+impl From<NewEvent> for AppendEvent {
+    /// The same event, without an idempotency key.
+    fn from(event: NewEvent) -> Self {
+        AppendEvent {
+            event_type: event.event_type,
+            headers: event.headers,
+            payload: event.payload,
+            idempotency_key: None,
+        }
+    }
+}
+
 /// Where a subscription starts.
 ///
 /// # Wire

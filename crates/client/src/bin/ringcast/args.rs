@@ -142,6 +142,21 @@ pub struct PubArgs {
     /// A header `name=value`; repeatable.
     #[arg(long = "header", short = 'H', value_name = "NAME=VALUE", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
+    /// Idempotency key (default: a random one): within the topic's dedup
+    /// window a publish with a key already stored is not stored again, and
+    /// the ack is the original's (`"duplicate": true`). With `-`, line N of
+    /// stdin (counting non-empty lines from 1) gets `KEY-N`, so re-running
+    /// an import stores nothing twice.
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// Publish only if the topic's last offset is N (0 = an empty topic);
+    /// otherwise fail with `position_mismatch` and the current offset.
+    #[arg(long, value_name = "N", conflicts_with = "expect_version")]
+    pub expect_offset: Option<u64>,
+    /// Publish only if the last version of TYPE is N (0 = none yet);
+    /// otherwise fail with `position_mismatch` and the current version.
+    #[arg(long, value_name = "N")]
+    pub expect_version: Option<u64>,
 }
 
 /// `ringcast sub`.
@@ -371,6 +386,40 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn pub_takes_a_key_and_one_expected_position() {
+        match parse(&[
+            "pub",
+            "t",
+            "created",
+            "{}",
+            "--key",
+            "k1",
+            "--expect-offset",
+            "0",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Pub(p) => {
+                assert_eq!(p.key.as_deref(), Some("k1"));
+                assert_eq!(p.expect_offset, Some(0));
+                assert_eq!(p.expect_version, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&[
+            "pub",
+            "t",
+            "created",
+            "--expect-offset",
+            "1",
+            "--expect-version",
+            "2"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context as _};
 use clap::Parser;
-use ringcast_client::{new_event, Client, ClientOptions, Delivery, Error, NewEvent, PendingAck};
+use ringcast_client::{
+    new_event, AppendEvent, Client, ClientOptions, Delivery, Error, Expected, PendingAck,
+};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -131,24 +133,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn publish(client: &Client, args: PubArgs, out: &mut Output) -> anyhow::Result<()> {
     let what = format!("publishing to {}", args.topic);
-    let make = |payload: Vec<u8>| -> NewEvent {
-        let mut event = new_event(args.event_type.clone(), payload);
+    let make = |payload: Vec<u8>, key: Option<String>| -> AppendEvent {
+        let mut event = AppendEvent::from(new_event(args.event_type.clone(), payload));
         event.headers = args.headers.clone();
+        event.idempotency_key = key;
         event
+    };
+    let expected = Expected {
+        offset: args.expect_offset,
+        version: args.expect_version,
     };
     if args.data.as_deref() != Some("-") {
         let payload = args.data.clone().unwrap_or_default().into_bytes();
-        let ack = client
-            .publish_event(args.topic.as_str(), make(payload))
+        let acks = client
+            .publish_expecting(
+                args.topic.as_str(),
+                vec![make(payload, args.key.clone())],
+                expected,
+            )
             .await
             .map_err(fail(&what))?;
-        return out.line(&render::ack(&ack)).await;
+        for ack in &acks {
+            out.line(&render::append_ack(ack)).await?;
+        }
+        return Ok(());
+    }
+    if expected != Expected::default() {
+        return Err(anyhow!(
+            "--expect-offset and --expect-version take one event, not stdin lines"
+        ));
     }
     // One event per stdin line, pipelined: queued in order, acks printed in
     // order as they come, at most PUBLISH_WINDOW outstanding.
     let mut stdin = BufReader::new(tokio::io::stdin());
     let mut acks: VecDeque<PendingAck> = VecDeque::new();
     let mut line = Vec::new();
+    let mut lines = 0u64;
     loop {
         line.clear();
         let n = stdin
@@ -162,6 +182,8 @@ async fn publish(client: &Client, args: PubArgs, out: &mut Output) -> anyhow::Re
         if payload.is_empty() {
             continue;
         }
+        lines += 1;
+        let key = args.key.as_ref().map(|k| format!("{k}-{lines}"));
         if acks.len() >= PUBLISH_WINDOW {
             if let Some(ack) = acks.pop_front() {
                 out.line(&render::ack(&ack.await.map_err(fail(&what))?))
@@ -169,7 +191,7 @@ async fn publish(client: &Client, args: PubArgs, out: &mut Output) -> anyhow::Re
             }
         }
         let ack = client
-            .queue_publish(args.topic.as_str(), make(payload.to_vec()))
+            .queue_publish(args.topic.as_str(), make(payload.to_vec(), key))
             .await
             .map_err(fail(&what))?;
         acks.push_back(ack);

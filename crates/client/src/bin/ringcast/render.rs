@@ -6,7 +6,7 @@
 //! `"encoding":"base64"`. `epoch` is added so that a line is enough to resume
 //! with `--after-offset EPOCH:OFFSET`.
 
-use ringcast_client::{Ack, GapReason, TopicSummary, WireEvent, WireGap, WireTopicInfo};
+use ringcast_client::{Ack, AppendAck, GapReason, TopicSummary, WireEvent, WireGap, WireTopicInfo};
 use serde_json::{json, Map, Value};
 
 /// The payload as JSON `data`, plus the `encoding` to announce, if any.
@@ -80,6 +80,16 @@ pub fn end(topic: &str, last_offset: u64) -> Value {
 /// An ack line.
 pub fn ack(ack: &Ack) -> Value {
     json!({ "epoch": ack.epoch, "offset": ack.offset, "version": ack.version })
+}
+
+/// An ack line that says whether the event was a duplicate.
+pub fn append_ack(ack: &AppendAck) -> Value {
+    json!({
+        "epoch": ack.epoch,
+        "offset": ack.offset,
+        "version": ack.version,
+        "duplicate": ack.duplicate,
+    })
 }
 
 /// One topic of `topics`.
