@@ -45,6 +45,15 @@ fn event(payload: &Bytes) -> NewEvent {
     NewEvent::new(EVENT_TYPE, payload.clone())
 }
 
+/// Keys of `keyed_event`: unique across the whole run, as an SDK's are.
+static NEXT_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// An event with a fresh 32-byte idempotency key (the SDK's key length).
+fn keyed_event(payload: &Bytes) -> NewEvent {
+    let n = NEXT_KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    event(payload).key(format!("{n:032x}"))
+}
+
 /// Publishes `count` events in batches, outside any measurement.
 fn prefill(rt: &Runtime, engine: &Engine, count: u64) {
     let payload = payload();
@@ -87,7 +96,13 @@ async fn append_round(engine: &Engine, publishers: u64, payload: &Bytes) {
 
 /// Like [`append_round`], but each publisher keeps `window` publishes in
 /// flight, as one pipelining SDK connection does.
-async fn append_round_pipelined(engine: &Engine, publishers: u64, window: usize, payload: &Bytes) {
+async fn append_round_pipelined(
+    engine: &Engine,
+    publishers: u64,
+    window: usize,
+    payload: &Bytes,
+    keys: bool,
+) {
     use futures::stream::{FuturesUnordered, StreamExt};
     let per = APPEND_EVENTS / publishers;
     let tasks: Vec<_> = (0..publishers)
@@ -105,9 +120,14 @@ async fn append_round_pipelined(engine: &Engine, publishers: u64, window: usize,
                             .expect("one in flight")
                             .expect("publish");
                     }
+                    let event = if keys {
+                        keyed_event(&payload)
+                    } else {
+                        event(&payload)
+                    };
                     in_flight.push(
                         engine
-                            .start_publish(TOPIC, vec![event(&payload)])
+                            .start_publish(TOPIC, vec![event])
                             .await
                             .expect("queue publish"),
                     );
@@ -159,7 +179,7 @@ fn append(c: &mut Criterion) {
                 // 16 publishers pipelining 16 publishes each (SDK behaviour).
                 group.bench_function(BenchmarkId::new("fsync_pipelined_x16", publishers), |b| {
                     b.to_async(&rt)
-                        .iter(|| append_round_pipelined(&engine, publishers, 16, &payload));
+                        .iter(|| append_round_pipelined(&engine, publishers, 16, &payload, false));
                 });
             }
             rt.block_on(engine.close()).expect("close engine");
@@ -307,5 +327,45 @@ fn fanout(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append, replay, fanout);
+/// The cost of idempotency keys: the same pipelined load (16 publishers,
+/// 16 in flight each, 128 B) without and with a fresh key per event, side
+/// by side per durability mode.
+fn append_keys(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("append_keys");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sampling_mode(SamplingMode::Flat)
+        .throughput(Throughput::Elements(APPEND_EVENTS));
+    let payload = payload();
+    for (name, durability) in [
+        ("memory", Durability::Memory),
+        ("interval", Durability::Interval),
+        ("fsync", Durability::Fsync),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = match durability {
+            Durability::Memory => EngineOptions::memory(),
+            d => EngineOptions::persistent(dir.path(), d),
+        };
+        let engine = Engine::open(options).expect("open engine");
+        // Both in the steady state of a full ring, so neither runs first
+        // into an emptier one.
+        prefill(&rt, &engine, EngineOptions::memory().topics.max_events);
+        for keys in [false, true] {
+            let id = format!("{name}_{}", if keys { "keys" } else { "no_keys" });
+            group.bench_function(BenchmarkId::new(id, 16), |b| {
+                b.to_async(&rt)
+                    .iter(|| append_round_pipelined(&engine, 16, 16, &payload, keys));
+            });
+        }
+        rt.block_on(engine.close()).expect("close engine");
+        drop(engine);
+    }
+    group.finish();
+}
+
+criterion_group!(benches, append, append_keys, replay, fanout);
 criterion_main!(benches);

@@ -1084,3 +1084,98 @@ async fn sighup_rotates_jwks_keys_without_a_restart() {
     assert_eq!(hello_with(daemon.tcp, &new).await, Ok(()));
     assert!(daemon.stop(30).await.success());
 }
+
+// ---------------------------------------------------------------------------
+// Exactly once across kill -9
+// ---------------------------------------------------------------------------
+
+/// An `Append` of one event whose payload is its key.
+fn keyed_append(request_id: u64) -> ClientMessage {
+    let key = format!("key-{request_id}");
+    ClientMessage::Append {
+        request_id,
+        topic: "once".into(),
+        events: vec![ringcast_protocol::AppendEvent {
+            event_type: "e".into(),
+            headers: Vec::new(),
+            payload: Bytes::from(key.clone()),
+            idempotency_key: Some(key),
+        }],
+        expected_offset: None,
+        expected_version: None,
+    }
+}
+
+/// The next `Appended`, as (request id, offset, duplicate).
+async fn appended(c: &mut RawClient) -> (u64, u64, bool) {
+    match c.recv().await {
+        Some(ServerMessage::Appended {
+            request_id,
+            results,
+        }) if results.len() == 1 => (request_id, results[0].offset, results[0].duplicate),
+        other => panic!("expected Appended, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn keyed_retries_after_kill_9_in_fsync_mode_store_each_event_once() {
+    const SENT: u64 = 300;
+    const READ: u64 = 100;
+    let data = tempfile::tempdir().unwrap();
+    let launch = || Launch::new(data.path()).arg("--durability").arg("fsync");
+    let mut d = launch().start().await;
+    let mut c = RawClient::handshake(d.tcp).await;
+    for id in 1..=SENT {
+        c.send(&keyed_append(id)).await;
+    }
+    // Some acks read; the rest in flight when the broker dies.
+    let mut acked = BTreeMap::new();
+    for _ in 0..READ {
+        let (id, offset, duplicate) = appended(&mut c).await;
+        assert!(!duplicate);
+        acked.insert(id, offset);
+    }
+    d.signal("KILL");
+    d.exit(30).await;
+
+    let d = launch().start().await;
+    let mut c = RawClient::handshake(d.tcp).await;
+    // The publisher retries everything it was not sure of, and more.
+    for id in 1..=SENT {
+        c.send(&keyed_append(id)).await;
+    }
+    let mut offsets = BTreeMap::new();
+    for _ in 0..SENT {
+        let (id, offset, duplicate) = appended(&mut c).await;
+        if let Some(&before) = acked.get(&id) {
+            assert!(
+                duplicate,
+                "request {id}, acked before the kill, stored again"
+            );
+            assert_eq!(offset, before, "request {id} answered with another offset");
+        }
+        offsets.insert(id, offset);
+    }
+    // One event per key, in request order.
+    let in_order: Vec<u64> = offsets.values().copied().collect();
+    assert_eq!(in_order, (1..=SENT).collect::<Vec<_>>());
+    c.send(&ClientMessage::History {
+        request_id: 1,
+        topic: "once".into(),
+        after: 0,
+        types: Vec::new(),
+        limit: 1_000,
+    })
+    .await;
+    match c.recv().await {
+        Some(ServerMessage::History { events, .. }) => {
+            let payloads: Vec<String> = events
+                .iter()
+                .map(|e| String::from_utf8(e.payload.to_vec()).unwrap())
+                .collect();
+            let want: Vec<String> = (1..=SENT).map(|id| format!("key-{id}")).collect();
+            assert_eq!(payloads, want);
+        }
+        other => panic!("expected History, got {other:?}"),
+    }
+}
