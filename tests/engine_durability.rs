@@ -8,47 +8,21 @@
 //! alive across that drop (tests that need trimming by age drive it with
 //! `maintain_at`).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
+use common::engine::{close, open, options, release};
 use ringcast::config::Durability;
 use ringcast::engine::{
-    Delivery, Engine, EngineError, EngineOptions, Event, GapReason, NewEvent, Start, TopicInfo,
+    Delivery, Engine, EngineError, Event, GapReason, NewEvent, Start, TopicInfo,
 };
 
 /// Options on `dir` with retention wide enough that nothing is trimmed.
-fn options(dir: &Path, durability: Durability) -> EngineOptions {
-    let mut options = EngineOptions::persistent(dir, durability);
-    options.topics.max_events = 1_000_000;
-    options.maintenance_interval = Duration::from_secs(3600);
-    options
-}
-
-/// Opens the engine off the async workers: recovery reads and fsyncs.
-async fn open(options: EngineOptions) -> Engine {
-    tokio::task::spawn_blocking(move || Engine::open(options))
-        .await
-        .expect("the open task does not panic")
-        .expect("the engine opens")
-}
-
-/// Drops the last handle of `engine`, which joins its writer thread and
-/// releases sled's lock, without marking the run clean.
-async fn release(engine: Engine) {
-    tokio::task::spawn_blocking(move || drop(engine))
-        .await
-        .expect("dropping the engine does not panic");
-}
-
-/// Shuts the engine down cleanly and releases the data directory.
-async fn close(engine: Engine) {
-    engine.close().await.expect("the engine closes cleanly");
-    release(engine).await;
-}
-
 /// Every retained event of `topic`, in offset order.
 fn all_events(engine: &Engine, topic: &str) -> Vec<Event> {
     engine

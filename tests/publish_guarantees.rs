@@ -5,35 +5,15 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::engine::{open, options, release};
 use common::proxy::Proxy;
 use common::RawClient;
 use ringcast::config::Durability;
-use ringcast::engine::{Engine, EngineError, EngineOptions, Expected, NewEvent};
+use ringcast::engine::{Engine, EngineError, Expected, NewEvent};
 use ringcast_protocol::{AppendEvent, ClientMessage, ServerMessage};
-
-fn options(dir: &Path, durability: Durability) -> EngineOptions {
-    let mut options = EngineOptions::persistent(dir, durability);
-    options.topics.max_events = 1_000_000;
-    options.maintenance_interval = Duration::from_secs(3600);
-    options
-}
-
-async fn open(options: EngineOptions) -> Engine {
-    tokio::task::spawn_blocking(move || Engine::open(options))
-        .await
-        .expect("the open task does not panic")
-        .expect("the engine opens")
-}
-
-async fn release(engine: Engine) {
-    tokio::task::spawn_blocking(move || drop(engine))
-        .await
-        .expect("dropping the engine does not panic");
-}
 
 fn stored(engine: &Engine, topic: &str) -> Vec<(u64, Bytes)> {
     engine

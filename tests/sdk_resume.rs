@@ -89,6 +89,43 @@ async fn expect_end(sub: &mut Subscription, last_offset: u64) {
 
 /// Queues one `tick` event per number (payload: the number), pipelined,
 /// then awaits every ack in order.
+/// Reads `sub` to its `End`, asserting it holds exactly the events 1 to
+/// `events` (offset n carries payload "n": no duplicate, no hole, nothing
+/// stored twice or out of order), and cuts every connection through `proxy`
+/// after each `cut_every`-th; returns how many connections the cuts dropped.
+async fn read_to_end_cutting(
+    sub: &mut Subscription,
+    proxy: &Proxy,
+    events: u64,
+    cut_every: u64,
+) -> usize {
+    let mut expected = 1;
+    let mut cut = 0;
+    loop {
+        match next(sub).await {
+            Delivery::Event(event) => {
+                assert_eq!(event.offset, expected, "duplicate or hole");
+                assert_eq!(
+                    event.payload,
+                    expected.to_string(),
+                    "stored twice or out of order"
+                );
+                expected += 1;
+                if event.offset % cut_every == 0 {
+                    cut += proxy.cut().await;
+                }
+            }
+            Delivery::End { last_offset, .. } => {
+                assert_eq!(last_offset, events);
+                break;
+            }
+            gap @ Delivery::Gap(_) => panic!("nothing was trimmed, yet got {gap:?}"),
+        }
+    }
+    assert_eq!(expected, events + 1, "every offset was delivered");
+    cut
+}
+
 async fn publish_pipelined(client: &Client, topic: &str, numbers: RangeInclusive<u64>) -> Vec<Ack> {
     let mut pending = Vec::new();
     for n in numbers {
@@ -289,26 +326,7 @@ async fn a_connection_cut_under_load_resumes_with_no_duplicate_and_no_hole() {
         publisher.seal(TOPIC).await.expect("sealed");
     });
 
-    let mut expected = 1;
-    let mut cut = 0;
-    loop {
-        match next(&mut sub).await {
-            Delivery::Event(event) => {
-                assert_eq!(event.offset, expected, "duplicate or hole");
-                assert_eq!(event.payload, expected.to_string());
-                expected += 1;
-                if event.offset % CUT_EVERY == 0 {
-                    cut += proxy.cut().await;
-                }
-            }
-            Delivery::End { last_offset, .. } => {
-                assert_eq!(last_offset, EVENTS);
-                break;
-            }
-            gap @ Delivery::Gap(_) => panic!("nothing was trimmed, yet got {gap:?}"),
-        }
-    }
-    assert_eq!(expected, EVENTS + 1, "every offset was delivered");
+    let cut = read_to_end_cutting(&mut sub, &proxy, EVENTS, CUT_EVERY).await;
     assert!(within(5, sub.next_delivery()).await.is_none());
     within(30, publishing).await.unwrap();
     assert!(cut > 0, "the cuts dropped live connections");
@@ -581,29 +599,7 @@ async fn publishes_in_flight_across_repeated_cuts_are_stored_exactly_once_in_ord
         publisher.seal(TOPIC).await.expect("sealed");
     });
 
-    let mut expected = 1;
-    let mut cut = 0;
-    loop {
-        match next(&mut sub).await {
-            Delivery::Event(event) => {
-                assert_eq!(event.offset, expected, "duplicate or hole");
-                assert_eq!(
-                    event.payload,
-                    expected.to_string(),
-                    "stored twice or out of order"
-                );
-                expected += 1;
-                if event.offset % CUT_EVERY == 0 {
-                    cut += proxy.cut().await;
-                }
-            }
-            Delivery::End { last_offset, .. } => {
-                assert_eq!(last_offset, EVENTS, "events stored twice");
-                break;
-            }
-            gap @ Delivery::Gap(_) => panic!("nothing was trimmed, yet got {gap:?}"),
-        }
-    }
+    let cut = read_to_end_cutting(&mut sub, &proxy, EVENTS, CUT_EVERY).await;
     within(60, publishing).await.unwrap();
     assert!(cut > 0, "the cuts dropped live connections");
     // Some publishes were stored but their acks lost: their retries were

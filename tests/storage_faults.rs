@@ -11,11 +11,14 @@
 //! reopen. Waiting for the store to repair itself polls `health()`: there is
 //! no event to await for it.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::engine::{open, options, release, try_open};
 use ringcast::config::Durability;
 use ringcast::engine::{
     Ack, Delivery, Engine, EngineError, EngineOptions, Event, Faults, GapReason, Health, NewEvent,
@@ -26,38 +29,12 @@ use ringcast::engine::{
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Options on `dir` with retention wide enough that nothing is trimmed.
-fn options(dir: &Path, durability: Durability) -> EngineOptions {
-    let mut options = EngineOptions::persistent(dir, durability);
-    options.topics.max_events = 1_000_000;
-    options.maintenance_interval = Duration::from_secs(3600);
-    options
-}
-
 /// Options on `dir` with fault injection; returns the handle to inject with.
 fn faulty(dir: &Path, durability: Durability) -> (EngineOptions, Arc<Faults>) {
     let faults = Arc::new(Faults::default());
     let mut options = options(dir, durability);
     options.faults = Some(faults.clone());
     (options, faults)
-}
-
-/// Opens the engine off the async workers: recovery reads and fsyncs.
-async fn try_open(options: EngineOptions) -> Result<Engine, EngineError> {
-    tokio::task::spawn_blocking(move || Engine::open(options))
-        .await
-        .expect("the open task does not panic")
-}
-
-async fn open(options: EngineOptions) -> Engine {
-    try_open(options).await.expect("the engine opens")
-}
-
-/// Drops the last handle of `engine`, which joins its writer thread and
-/// releases sled's lock.
-async fn release(engine: Engine) {
-    tokio::task::spawn_blocking(move || drop(engine))
-        .await
-        .expect("dropping the engine does not panic");
 }
 
 /// Shuts the engine down cleanly and releases the data directory.

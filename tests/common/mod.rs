@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod engine;
 pub mod http;
 
 use std::net::SocketAddr;
