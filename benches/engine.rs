@@ -340,16 +340,25 @@ fn append_keys(c: &mut Criterion) {
         .sampling_mode(SamplingMode::Flat)
         .throughput(Throughput::Elements(APPEND_EVENTS));
     let payload = payload();
-    for (name, durability) in [
-        ("memory", Durability::Memory),
-        ("interval", Durability::Interval),
-        ("fsync", Durability::Fsync),
+    // The default 2-minute window, and a 1-second one: what a big key
+    // index costs (cache misses, growth) beside the per-key work.
+    let default_window = EngineOptions::memory().topics.dedup_window;
+    for (name, durability, window) in [
+        ("memory", Durability::Memory, default_window),
+        (
+            "memory_window_1s",
+            Durability::Memory,
+            Duration::from_secs(1),
+        ),
+        ("interval", Durability::Interval, default_window),
+        ("fsync", Durability::Fsync, default_window),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let options = match durability {
+        let mut options = match durability {
             Durability::Memory => EngineOptions::memory(),
             d => EngineOptions::persistent(dir.path(), d),
         };
+        options.topics.dedup_window = window;
         let engine = Engine::open(options).expect("open engine");
         // Both in the steady state of a full ring, so neither runs first
         // into an emptier one.
