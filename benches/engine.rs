@@ -37,6 +37,14 @@ fn runtime() -> Runtime {
         .expect("tokio runtime")
 }
 
+/// Engine options of `durability`, storing under `dir` unless in memory.
+fn options(dir: &std::path::Path, durability: Durability) -> EngineOptions {
+    match durability {
+        Durability::Memory => EngineOptions::memory(),
+        d => EngineOptions::persistent(dir, d),
+    }
+}
+
 fn payload() -> Bytes {
     Bytes::from(vec![0xAB_u8; PAYLOAD_LEN])
 }
@@ -161,11 +169,7 @@ fn append(c: &mut Criterion) {
     ] {
         for publishers in [1_u64, 16] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let options = match durability {
-                Durability::Memory => EngineOptions::memory(),
-                d => EngineOptions::persistent(dir.path(), d),
-            };
-            let engine = Engine::open(options).expect("open engine");
+            let engine = Engine::open(options(dir.path(), durability)).expect("open engine");
             // Start in the steady state of a long-lived topic: the ring is
             // full (default retention), so every commit also trims.
             let retained = engine.info(TOPIC).map_or(0, |i| i.retained_events);
@@ -354,10 +358,7 @@ fn append_keys(c: &mut Criterion) {
         ("fsync", Durability::Fsync, default_window),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut options = match durability {
-            Durability::Memory => EngineOptions::memory(),
-            d => EngineOptions::persistent(dir.path(), d),
-        };
+        let mut options = options(dir.path(), durability);
         options.topics.dedup_window = window;
         let engine = Engine::open(options).expect("open engine");
         // Both in the steady state of a full ring, so neither runs first

@@ -46,8 +46,10 @@ pub(crate) struct Original {
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Window {
     entries: HashMap<Arc<str>, Original>,
-    /// Keys in append order (= time order), for expiry.
-    order: VecDeque<Arc<str>>,
+    /// Every insert in append order (= time order), for expiry and
+    /// iteration; an item whose key was inserted again since (after it
+    /// expired) is stale: `entries` holds the newer original.
+    order: VecDeque<(Arc<str>, Original)>,
 }
 
 impl Window {
@@ -61,28 +63,22 @@ impl Window {
 
     /// Remembers `key` for a new append (replacing an expired original).
     pub fn insert(&mut self, key: Arc<str>, original: Original) {
-        if self.entries.insert(key.clone(), original).is_some() {
-            // An expired original still queued: its slot now names the new one.
-            self.order.retain(|k| *k != key);
-        }
-        self.order.push_back(key);
+        self.entries.insert(key.clone(), original);
+        self.order.push_back((key, original));
     }
 
     /// Forgets keys older than the window; returns how many.
     pub fn expire(&mut self, now_ms: u64, window_ms: u64) -> usize {
         let mut gone = 0;
-        while let Some(key) = self.order.front() {
-            let old = self
-                .entries
-                .get(key)
-                .is_none_or(|o| now_ms.saturating_sub(o.at_ms) >= window_ms);
-            if !old {
+        while let Some((key, original)) = self.order.front() {
+            if now_ms.saturating_sub(original.at_ms) < window_ms {
                 break;
             }
-            if let Some(key) = self.order.pop_front() {
-                self.entries.remove(&key);
+            if self.entries.get(key) == Some(original) {
+                self.entries.remove(key);
                 gone += 1;
             }
+            self.order.pop_front();
         }
         gone
     }
@@ -91,7 +87,8 @@ impl Window {
     pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Original)> {
         self.order
             .iter()
-            .filter_map(|k| self.entries.get_key_value(k))
+            .filter(|(key, original)| self.entries.get(key) == Some(original))
+            .map(|(key, original)| (key, original))
     }
 
     /// Keys remembered.

@@ -58,7 +58,7 @@
 //! the checkpoint had them (no offset is ever reused), gets a new epoch (so
 //! every resuming client gets `gap(epoch_changed)`), and is logged at error.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -135,13 +135,14 @@ struct StoredEvent {
     payload: serde_bytes::ByteBuf,
 }
 
-/// The idempotency keys one pass appended to a topic.
+/// The idempotency keys one pass appended to a topic; written with
+/// borrowed keys (`K = &str`, the same bytes), read with owned ones.
 #[derive(Debug, Serialize, Deserialize)]
-struct StoredKeys {
+struct StoredKeys<K = String> {
     /// The pass's time: the window of every key here counts from it.
     at_ms: u64,
     /// `(key, offset, version)` in offset order.
-    keys: Vec<(String, u64, u64)>,
+    keys: Vec<(K, u64, u64)>,
 }
 
 /// What this backend remembers of one topic incarnation's keys.
@@ -180,20 +181,24 @@ impl TopicKeys {
     /// Takes in the keys of a durable pass made at `now_ms`.
     fn merge(&mut self, pass: PassKeys, now_ms: u64) {
         self.window_ms = pass.window_ms;
-        if let Some(first) = pass.window.iter().map(|(_, o)| o.offset).min() {
+        if let Some(first) = pass.first_offset() {
             self.records.push_back((first, now_ms));
         }
-        for (key, original) in pass.window.iter() {
-            self.window.insert(key.clone(), *original);
+        for (key, original) in pass.keys {
+            self.window.insert(key, original);
         }
     }
 }
 
-/// The keys one pass adds to a topic incarnation, until it is durable.
+/// The keys one pass adds to a topic incarnation, until it is durable. All
+/// are stamped with the pass's time, so none expires within the pass.
 struct PassKeys {
     generation: u64,
     window_ms: u64,
-    window: Window,
+    /// For the lookups of later appends in the same pass.
+    index: HashMap<Arc<str>, Original>,
+    /// In offset order.
+    keys: Vec<(Arc<str>, Original)>,
 }
 
 impl PassKeys {
@@ -201,8 +206,22 @@ impl PassKeys {
         Self {
             generation,
             window_ms: 0,
-            window: Window::default(),
+            index: HashMap::new(),
+            keys: Vec::new(),
         }
+    }
+
+    fn get(&self, key: &str) -> Option<Original> {
+        self.index.get(key).copied()
+    }
+
+    fn insert(&mut self, key: Arc<str>, original: Original) {
+        self.index.insert(key.clone(), original);
+        self.keys.push((key, original));
+    }
+
+    fn first_offset(&self) -> Option<u64> {
+        self.keys.first().map(|(_, o)| o.offset)
     }
 }
 
@@ -772,7 +791,7 @@ impl Log for SledLog {
                             .filter(|k| k.generation == topic.generation);
                         let result =
                             dedup::append(&mut t.counters, events, *expect, window, now, |k| {
-                                pass.and_then(|p| p.window.get(k, now, window)).or_else(|| {
+                                pass.and_then(|p| p.get(k)).or_else(|| {
                                     committed.and_then(|c| c.window.get(k, now, window))
                                 })
                             });
@@ -792,7 +811,7 @@ impl Log for SledLog {
                             }
                             p.window_ms = window;
                             for (key, original) in keyed {
-                                p.window.insert(key, original);
+                                p.insert(key, original);
                             }
                         }
                         outcome
@@ -866,15 +885,15 @@ impl Log for SledLog {
         }
         // Keys before the records they cover (see the module docs).
         for (name, p) in &pass_keys {
-            let stored = StoredKeys {
-                at_ms: now,
-                keys: p
-                    .window
-                    .iter()
-                    .map(|(k, o)| (k.to_string(), o.offset, o.version))
-                    .collect(),
-            };
-            if let Some(first) = stored.keys.iter().map(|(_, offset, _)| *offset).min() {
+            if let Some(first) = p.first_offset() {
+                let stored = StoredKeys {
+                    at_ms: now,
+                    keys: p
+                        .keys
+                        .iter()
+                        .map(|(k, o)| (&**k, o.offset, o.version))
+                        .collect(),
+                };
                 writes.insert(keys_key(name, p.generation, first), encode(&stored)?);
             }
         }
@@ -1108,7 +1127,7 @@ fn repair_keys(
     keys: &mut HashMap<Arc<str>, TopicKeys>,
     writes: &mut Writes,
 ) -> Result<(), EngineError> {
-    let mut on_disk: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
+    let mut on_disk: HashMap<Arc<str>, HashSet<u64>> = HashMap::new();
     for key in db.scan_prefix([KEYS]).keys() {
         let key = key.map_err(storage_err)?;
         let kept = parse_key(KEYS, &key).and_then(|(name, generation, first)| {
@@ -1117,26 +1136,28 @@ fn repair_keys(
                 .then(|| (name.clone(), first))
         });
         match kept {
-            Some((name, first)) => on_disk.entry(name).or_default().push(first),
+            Some((name, first)) => {
+                on_disk.entry(name).or_default().insert(first);
+            }
             None => writes.remove(key.to_vec()),
         }
     }
     for (name, k) in keys.iter_mut() {
         let present = on_disk.get(name);
-        let missing: Vec<usize> = (0..k.records.len())
+        let missing: HashSet<usize> = (0..k.records.len())
             .filter(|i| present.is_none_or(|p| !p.contains(&k.records[*i].0)))
             .collect();
         if missing.is_empty() {
             continue;
         }
-        let mut rebuilt: HashMap<usize, Vec<(String, u64, u64)>> = HashMap::new();
+        let mut rebuilt: HashMap<usize, Vec<(&str, u64, u64)>> = HashMap::new();
         for (key, o) in k.window.iter() {
             let i = k.records.partition_point(|(first, _)| *first <= o.offset);
             if let Some(i) = i.checked_sub(1).filter(|i| missing.contains(i)) {
                 rebuilt
                     .entry(i)
                     .or_default()
-                    .push((key.to_string(), o.offset, o.version));
+                    .push((&**key, o.offset, o.version));
             }
         }
         for (i, stored) in rebuilt {

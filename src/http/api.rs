@@ -47,17 +47,7 @@ pub(crate) async fn publish(
     let event_type = query
         .event_type
         .ok_or_else(|| ApiError::bad_request("missing ?type=<event type>"))?;
-    state
-        .auth
-        .limits()
-        .check_publish(&caller.principal, 1)
-        .map_err(|limited| {
-            tracing::warn!(topic, "HTTP publish refused: over the publish rate");
-            ApiError::limited(
-                limited,
-                "over this credential's publish rate (auth.rate.publish_per_second)",
-            )
-        })?;
+    within_publish_rate(&state, &caller, &topic, 1)?;
     let payload = read_body(&state, &headers, body, state.settings.max_payload).await?;
     let mut event_headers = Vec::new();
     for (name, value) in &headers {
@@ -74,10 +64,7 @@ pub(crate) async fn publish(
         payload,
         idempotency_key: text_header(&headers, "idempotency-key")?,
     };
-    let expect = Expected {
-        offset: number_header(&headers, "expected-offset")?,
-        version: number_header(&headers, "expected-version")?,
-    };
+    let expect = expected_position(&headers)?;
     let ack = state
         .engine
         .publish_expecting(&topic, vec![event], expect)
@@ -140,17 +127,7 @@ pub(crate) async fn publish_batch(
     for (i, item) in items.into_iter().enumerate() {
         let payload =
             batch_payload(&item).map_err(|e| ApiError::bad_request(format!("event {i}: {e}")))?;
-        if payload.len() as u64 > state.settings.max_payload {
-            crate::metrics::refused("max_payload");
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!(
-                    "event {i}: payload exceeds the limit of {} bytes",
-                    state.settings.max_payload
-                ),
-            ));
-        }
+        // Sizes, types and headers are the engine's to check, as for TCP.
         events.push(NewEvent {
             event_type: item.event_type,
             headers: item.headers,
@@ -158,24 +135,8 @@ pub(crate) async fn publish_batch(
             idempotency_key: item.idempotency_key,
         });
     }
-    state
-        .auth
-        .limits()
-        .check_publish(
-            &caller.principal,
-            u32::try_from(events.len()).unwrap_or(u32::MAX),
-        )
-        .map_err(|limited| {
-            tracing::warn!(topic, "HTTP batch refused: over the publish rate");
-            ApiError::limited(
-                limited,
-                "over this credential's publish rate (auth.rate.publish_per_second)",
-            )
-        })?;
-    let expect = Expected {
-        offset: number_header(&headers, "expected-offset")?,
-        version: number_header(&headers, "expected-version")?,
-    };
+    within_publish_rate(&state, &caller, &topic, events.len())?;
+    let expect = expected_position(&headers)?;
     let acks = state
         .engine
         .publish_expecting(&topic, events, expect)
@@ -232,6 +193,27 @@ fn batch_payload(item: &BatchItem<'_>) -> Result<bytes::Bytes, String> {
     }
 }
 
+/// Counts `events` against the caller's publish rate, or refuses them all.
+fn within_publish_rate(
+    state: &HttpState,
+    caller: &Caller,
+    topic: &str,
+    events: usize,
+) -> Result<(), ApiError> {
+    let events = u32::try_from(events).unwrap_or(u32::MAX);
+    state
+        .auth
+        .limits()
+        .check_publish(&caller.principal, events)
+        .map_err(|limited| {
+            tracing::warn!(topic, events, "HTTP publish refused: over the publish rate");
+            ApiError::limited(
+                limited,
+                "over this credential's publish rate (auth.rate.publish_per_second)",
+            )
+        })
+}
+
 /// A request header as text, if present (visible ASCII only).
 fn text_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
     headers
@@ -242,6 +224,14 @@ fn text_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiErr
                 .map_err(|_| ApiError::bad_request(format!("header {name} is not visible ASCII")))
         })
         .transpose()
+}
+
+/// The `Expected-Offset` / `Expected-Version` request headers.
+fn expected_position(headers: &HeaderMap) -> Result<Expected, ApiError> {
+    Ok(Expected {
+        offset: number_header(headers, "expected-offset")?,
+        version: number_header(headers, "expected-version")?,
+    })
 }
 
 /// A request header as an unsigned number, if present.

@@ -511,18 +511,7 @@ impl Session<'_> {
                 expected_offset,
                 expected_version,
             } => {
-                if self.version < 3 {
-                    // A version 1 or 2 server knows no tag 12: the same answer.
-                    return Err(self
-                        .fatal(
-                            ErrorCode::BadFrame,
-                            format!(
-                                "Append needs protocol version 3; this connection speaks {}",
-                                self.version
-                            ),
-                        )
-                        .await);
-                }
+                self.require_version(3, "Append").await?;
                 if !self.granted(request_id, Action::Publish, &topic).await?
                     || !self.within_rate(request_id, events.len()).await?
                 {
@@ -674,22 +663,25 @@ impl Session<'_> {
                 request_id,
                 credentials,
             } => {
-                if self.version < 2 {
-                    // A version 1 server knows no tag 11: the same answer.
-                    return Err(self
-                        .fatal(
-                            ErrorCode::BadFrame,
-                            format!(
-                                "Refresh needs protocol version 2; this connection speaks {}",
-                                self.version
-                            ),
-                        )
-                        .await);
-                }
+                self.require_version(2, "Refresh").await?;
                 self.refresh(request_id, &credentials).await?;
             }
         }
         Ok(())
+    }
+
+    /// Refuses a message this connection's protocol version does not have
+    /// as a server of that version would answer its unknown tag: `BadFrame`
+    /// and a close.
+    async fn require_version(&mut self, min: u16, message: &str) -> Result<(), Stop> {
+        if self.version >= min {
+            return Ok(());
+        }
+        let why = format!(
+            "{message} needs protocol version {min}; this connection speaks {}",
+            self.version
+        );
+        Err(self.fatal(ErrorCode::BadFrame, why).await)
     }
 
     /// Whether the principal may do `action` on `topic`; if not, answers

@@ -14,12 +14,7 @@ pub(crate) fn start(s: proto::Start) -> Start {
 }
 
 pub(crate) fn new_event(e: proto::NewEvent) -> NewEvent {
-    NewEvent {
-        event_type: e.event_type,
-        headers: e.headers,
-        payload: e.payload,
-        idempotency_key: None,
-    }
+    append_event(e.into())
 }
 
 pub(crate) fn append_event(e: proto::AppendEvent) -> NewEvent {

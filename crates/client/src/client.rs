@@ -146,8 +146,7 @@ impl Expected {
 
 /// A fresh random idempotency key: 16 random bytes in hex.
 fn random_key() -> String {
-    let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// `events` with a random key where none was given.
@@ -375,14 +374,7 @@ impl Client {
         let acks = self
             .publish_expecting(topic, events, Expected::default())
             .await?;
-        Ok(acks
-            .into_iter()
-            .map(|a| Ack {
-                epoch: a.epoch,
-                offset: a.offset,
-                version: a.version,
-            })
-            .collect())
+        Ok(acks.into_iter().map(Ack::from).collect())
     }
 
     /// Appends `events` to `topic` atomically, only if `expected` holds —
@@ -724,11 +716,7 @@ impl Future for PendingAck {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Ready(Ok(reply)) => {
                 Poll::Ready(append_acks(reply).and_then(|acks| match acks.as_slice() {
-                    [ack] => Ok(Ack {
-                        epoch: ack.epoch,
-                        offset: ack.offset,
-                        version: ack.version,
-                    }),
+                    [ack] => Ok(Ack::from(*ack)),
                     _ => Err(Error::UnexpectedReply(format!(
                         "{} acks for one event",
                         acks.len()

@@ -436,6 +436,17 @@ pub struct AppendAck {
     pub duplicate: bool,
 }
 
+impl From<AppendAck> for Ack {
+    /// The position alone, without the duplicate flag.
+    fn from(a: AppendAck) -> Self {
+        Ack {
+            epoch: a.epoch,
+            offset: a.offset,
+            version: a.version,
+        }
+    }
+}
+
 /// An event as delivered to subscribers and history readers.
 ///
 /// # Wire

@@ -16,9 +16,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context as _};
 use clap::Parser;
-use ringcast_client::{
-    new_event, AppendEvent, Client, ClientOptions, Delivery, Error, Expected, PendingAck,
-};
+use ringcast_client::{AppendEvent, Client, ClientOptions, Delivery, Error, Expected, PendingAck};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -133,11 +131,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn publish(client: &Client, args: PubArgs, out: &mut Output) -> anyhow::Result<()> {
     let what = format!("publishing to {}", args.topic);
-    let make = |payload: Vec<u8>, key: Option<String>| -> AppendEvent {
-        let mut event = AppendEvent::from(new_event(args.event_type.clone(), payload));
-        event.headers = args.headers.clone();
-        event.idempotency_key = key;
-        event
+    let make = |payload: Vec<u8>, key: Option<String>| AppendEvent {
+        event_type: args.event_type.clone(),
+        headers: args.headers.clone(),
+        payload: payload.into(),
+        idempotency_key: key,
     };
     let expected = Expected {
         offset: args.expect_offset,
