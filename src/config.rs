@@ -128,6 +128,8 @@ pub struct LimitsConfig {
     /// Most topics that exist only because a subscribe created them (no
     /// event yet); each goes with its last subscriber and is never stored.
     pub max_ephemeral_topics: usize,
+    /// Most consumer groups over all topics.
+    pub max_groups: usize,
 }
 
 impl Default for LimitsConfig {
@@ -147,6 +149,7 @@ impl Default for LimitsConfig {
             max_in_flight_bytes: ByteSize::mib(16),
             max_history_bytes: ByteSize::mib(4),
             max_ephemeral_topics: engine.max_ephemeral_topics,
+            max_groups: engine.max_groups,
         }
     }
 }
@@ -159,6 +162,7 @@ impl LimitsConfig {
             max_topics: self.max_topics,
             max_retained_bytes: self.max_retained_bytes.as_u64(),
             max_ephemeral_topics: self.max_ephemeral_topics,
+            max_groups: self.max_groups,
         }
     }
 }

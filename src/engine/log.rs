@@ -68,8 +68,25 @@ pub(crate) enum Step {
     },
     /// Make everything before it durable.
     Sync,
+    /// Store (or remove) consumer group records; the writer fills in the
+    /// groups changed since the last pass when it plans the pass.
+    Groups {
+        /// The records, in order.
+        writes: Vec<GroupWrite>,
+    },
     /// Forget idempotency keys older than their topic's window.
     Expire,
+}
+
+/// One consumer group record for the log to store (`Some`) or remove.
+#[derive(Debug)]
+pub(crate) struct GroupWrite {
+    /// The group's topic.
+    pub topic: Arc<str>,
+    /// The group's name.
+    pub group: Arc<str>,
+    /// The engine's encoding of the group; `None` removes it.
+    pub value: Option<Vec<u8>>,
 }
 
 /// What a step came to, once its pass is persisted.
@@ -315,7 +332,7 @@ impl Log for MemoryLog {
                         .remove_if(&topic.name, |_, t| t.generation == topic.generation);
                     Outcome::Done
                 }
-                Step::Trim { .. } | Step::Sync => Outcome::Done,
+                Step::Trim { .. } | Step::Sync | Step::Groups { .. } => Outcome::Done,
             };
             outcomes.push(outcome);
         }

@@ -3,8 +3,10 @@
 //! `publish` → (store writer: assign, persist, group-commit) → topic ring →
 //! subscription cursors. See `docs/architecture.md` for the data flow.
 
+mod consume;
 mod dedup;
 mod event;
+mod group;
 mod log;
 mod settings;
 mod store;
@@ -23,9 +25,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::mapref::entry::Entry;
 use tokio::sync::{oneshot, Semaphore};
 
+pub use consume::{GroupMember, Settle, MAX_FETCH, MAX_FETCH_WAIT, MAX_SETTLE};
 pub use dedup::{Expected, MAX_KEY_LEN};
 pub(crate) use event::Encoding;
 pub use event::{Ack, Delivery, Event, Gap, GapReason, NewEvent, Start};
+pub use group::{
+    valid_group_name, Fetched, GroupConfig, GroupDelivery, GroupInfo, GroupStart, MemberInfo,
+    PendingInfo, Settled, DLQ_ATTEMPTS, DLQ_EPOCH, DLQ_GROUP, DLQ_OFFSET, DLQ_REASON, DLQ_TOPIC,
+};
 pub use log::Health;
 pub use settings::{Durability, Retention, TopicOverride, TopicsConfig};
 pub use store::{Faults, RecoveryReport};
@@ -107,6 +114,24 @@ pub enum EngineError {
     /// The engine is closing.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// The consumer group does not exist (`topic/group`).
+    #[error("consumer group {0:?} not found")]
+    GroupNotFound(String),
+    /// A group name is empty, too long or has a character outside `[A-Za-z0-9._:-]`.
+    #[error("invalid group name {0:?}: 1-255 bytes of A-Z a-z 0-9 . _ : -")]
+    InvalidGroup(String),
+    /// Creating the group would exceed `max_groups`.
+    #[error("too many consumer groups (limit {0})")]
+    TooManyGroups(usize),
+    /// A `retain_until_acked` topic holds `max_bytes` that some group has
+    /// not acked yet: the publish is refused until the groups catch up.
+    #[error("topic {topic:?} retains {max_bytes} bytes not yet acked by its consumer groups; retry later")]
+    TopicFull {
+        /// The topic.
+        topic: String,
+        /// Its `max_bytes`.
+        max_bytes: u64,
+    },
 }
 
 /// Engine-wide limits.
@@ -121,6 +146,8 @@ pub struct Limits {
     pub max_retained_bytes: u64,
     /// Most topics created by a subscribe alone (no event yet) at once.
     pub max_ephemeral_topics: usize,
+    /// Most consumer groups over all topics.
+    pub max_groups: usize,
 }
 
 impl Default for Limits {
@@ -130,6 +157,7 @@ impl Default for Limits {
             max_topics: 100_000,
             max_retained_bytes: 1024 * 1024 * 1024,
             max_ephemeral_topics: 10_000,
+            max_groups: 10_000,
         }
     }
 }
@@ -356,6 +384,8 @@ struct Inner {
     metrics: EngineMetrics,
     closed: std::sync::atomic::AtomicBool,
     janitor: parking_lot::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// The consumer-group ticker task is running.
+    ticker: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -636,6 +666,7 @@ fn finish_delete(topic: &Arc<Topic>) {
         topic.clear_ephemeral(&mut s);
     }
     if let Some(registry) = topic.registry.upgrade() {
+        Engine::drop_groups_of(&registry, topic);
         registry
             .topics
             .remove_if(&topic.name, |_, t| Arc::ptr_eq(t, topic));
@@ -650,11 +681,12 @@ impl Engine {
     pub fn open(options: EngineOptions) -> Result<Self, EngineError> {
         let global_bytes = Arc::new(AtomicU64::new(0));
         let registry = Arc::new(Registry::default());
-        let (log, recovered, recovery): (Arc<dyn Log>, _, _) = match options.durability {
+        let (log, recovered, recovery, groups): (Arc<dyn Log>, _, _, _) = match options.durability {
             Durability::Memory => (
                 Arc::new(MemoryLog::new()),
                 Vec::new(),
                 RecoveryReport::default(),
+                Vec::new(),
             ),
             durability => {
                 let topics = options.topics.clone();
@@ -666,7 +698,7 @@ impl Engine {
                     &move |name: &str| topics.retention_for(name).dedup_window_ms(),
                     options.clock.now_ms(),
                 )?;
-                (opened.log, opened.topics, opened.report)
+                (opened.log, opened.topics, opened.report, opened.groups)
             }
         };
         let now = options.clock.now_ms();
@@ -725,8 +757,10 @@ impl Engine {
             metrics,
             closed: std::sync::atomic::AtomicBool::new(false),
             janitor: parking_lot::Mutex::new(None),
+            ticker: std::sync::atomic::AtomicBool::new(false),
         });
         let engine = Self { inner };
+        engine.install_groups(groups);
         for t in trimmed_at_open {
             engine.queue_trim(&t);
         }
@@ -917,6 +951,13 @@ impl Engine {
                 if state.sealed {
                     return Err(EngineError::TopicSealed(topic.to_owned()));
                 }
+                if state.pinned_full(bytes) {
+                    crate::metrics::refused("retain_until_acked");
+                    return Err(EngineError::TopicFull {
+                        topic: topic.to_owned(),
+                        max_bytes: state.retention.max_bytes,
+                    });
+                }
                 let mut steps = [Step::Append {
                     topic: t.id(&state),
                     events: events.take().unwrap_or_default(),
@@ -956,6 +997,13 @@ impl Engine {
                 }
                 if state.sealed {
                     return Err(EngineError::TopicSealed(topic.to_owned()));
+                }
+                if state.pinned_full(bytes) {
+                    crate::metrics::refused("retain_until_acked");
+                    return Err(EngineError::TopicFull {
+                        topic: topic.to_owned(),
+                        max_bytes: state.retention.max_bytes,
+                    });
                 }
                 if !state.deleting {
                     t.pending.fetch_add(1, Ordering::AcqRel);
@@ -1359,6 +1407,12 @@ impl Engine {
         if self.inner.log.inline() {
             return Ok(());
         }
+        // What the groups changed last goes into the final pass.
+        let _ = self.send(Request::Step {
+            step: Step::Groups { writes: Vec::new() },
+            done: Done::Trim,
+            permit: None,
+        });
         let (ack, rx) = oneshot::channel();
         let sent = self.send(Request::Close { ack });
         let result = match sent {
@@ -1417,6 +1471,7 @@ fn maintain(engine: &Engine, now: u64) {
                 .is_some_and(|at| now >= at.saturating_add(ttl_ms(r.sealed_ttl)));
             let idle_out = r.idle_ttl.is_some_and(|ttl| {
                 t.subscribers.load(Ordering::Relaxed) == 0
+                    && t.groups.load(Ordering::Relaxed) == 0
                     && t.pending.load(Ordering::Relaxed) == 0
                     && now
                         >= t.last_activity_ms

@@ -67,8 +67,12 @@ pub struct TopicsConfig {
     /// it returns the original ack and stores nothing; `0s` = keys are ignored.
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
-    /// Create a topic on its first publish or subscribe.
+    /// Create a topic on its first publish or subscribe (and a consumer
+    /// group on its first join).
     pub auto_create: bool,
+    /// Keep events until every consumer group of the topic is done with
+    /// them; at `max_bytes` publishes are refused with `over_capacity`.
+    pub retain_until_acked: bool,
     /// Per-topic overrides, first matching pattern wins.
     #[serde(rename = "override")]
     pub overrides: Vec<TopicOverride>,
@@ -84,6 +88,7 @@ impl Default for TopicsConfig {
             idle_ttl: Duration::ZERO,
             dedup_window: Duration::from_secs(120),
             auto_create: true,
+            retain_until_acked: false,
             overrides: Vec::new(),
         }
     }
@@ -111,6 +116,8 @@ pub struct TopicOverride {
     /// Overrides `topics.dedup_window`.
     #[serde(with = "humantime_serde")]
     pub dedup_window: Option<Duration>,
+    /// Overrides `topics.retain_until_acked`.
+    pub retain_until_acked: Option<bool>,
 }
 
 /// The effective retention and lifecycle settings of one topic.
@@ -128,6 +135,8 @@ pub struct Retention {
     pub idle_ttl: Option<Duration>,
     /// How long idempotency keys are remembered; zero = not at all.
     pub dedup_window: Duration,
+    /// Events stay until every consumer group is done with them.
+    pub retain_until_acked: bool,
 }
 
 impl Retention {
@@ -156,6 +165,9 @@ impl TopicsConfig {
             sealed_ttl: o.and_then(|o| o.sealed_ttl).unwrap_or(self.sealed_ttl),
             idle_ttl: nonzero(o.and_then(|o| o.idle_ttl).unwrap_or(self.idle_ttl)),
             dedup_window: o.and_then(|o| o.dedup_window).unwrap_or(self.dedup_window),
+            retain_until_acked: o
+                .and_then(|o| o.retain_until_acked)
+                .unwrap_or(self.retain_until_acked),
         }
     }
 }

@@ -88,6 +88,7 @@ const CHECKPOINT_FILE: &str = "ringcast.state";
 const META: u8 = b'M';
 const RECORD: u8 = b'E';
 const KEYS: u8 = b'D';
+const GROUP: u8 = b'G';
 const RUN_MARKER: &[u8] = b"_run";
 const FORMAT_KEY: &[u8] = b"_format";
 /// Values carry a CRC-32 of their body.
@@ -267,6 +268,33 @@ fn prefix(kind: u8, topic: &str, generation: u64) -> Vec<u8> {
     k.extend_from_slice(topic.as_bytes());
     k.extend_from_slice(&generation.to_be_bytes());
     k
+}
+
+/// `G` + name length + topic name: the prefix of a topic's group records.
+fn group_prefix(topic: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + topic.len());
+    k.push(GROUP);
+    k.push(topic.len() as u8);
+    k.extend_from_slice(topic.as_bytes());
+    k
+}
+
+/// The key of one group's record: its topic's group prefix + group name.
+fn group_key(topic: &str, group: &str) -> Vec<u8> {
+    let mut k = group_prefix(topic);
+    k.extend_from_slice(group.as_bytes());
+    k
+}
+
+/// Splits a group key into topic and group name.
+fn parse_group_key(key: &[u8]) -> Option<(&str, &str)> {
+    let len = usize::from(*key.get(1)?);
+    if key.first() != Some(&GROUP) || key.len() <= 2 + len {
+        return None;
+    }
+    let topic = std::str::from_utf8(&key[2..2 + len]).ok()?;
+    let group = std::str::from_utf8(&key[2 + len..]).ok()?;
+    Some((topic, group))
 }
 
 fn record_key(topic: &str, generation: u64, first_offset: u64) -> Vec<u8> {
@@ -598,6 +626,8 @@ pub(crate) struct Opened {
     pub log: Arc<SledLog>,
     pub topics: Vec<TopicImage>,
     pub report: RecoveryReport,
+    /// Every stored group record: topic, group, the engine's bytes.
+    pub groups: Vec<(String, String, Vec<u8>)>,
 }
 
 impl SledLog {
@@ -619,6 +649,7 @@ impl SledLog {
         let checkpoint = read_checkpoint(dir);
         let (recovered, sled_topics, report) = recover(&db, checkpoint.as_ref(), dir)?;
         let keys = recover_keys(&db, &sled_topics, window_for, now_ms)?;
+        let groups = recover_groups(&db)?;
         let marker = RunMarker {
             clean: false,
             durability: match durability {
@@ -665,6 +696,7 @@ impl SledLog {
             log,
             topics: recovered,
             report,
+            groups,
         })
     }
 
@@ -839,6 +871,9 @@ impl Log for SledLog {
                             writes.remove(key.to_vec());
                         }
                     }
+                    for key in db.scan_prefix(group_prefix(&topic.name)).keys().flatten() {
+                        writes.remove(key.to_vec());
+                    }
                     if pass_keys
                         .get(&topic.name)
                         .is_some_and(|p| p.generation == t.generation)
@@ -869,6 +904,17 @@ impl Log for SledLog {
                 }
                 Step::Sync => {
                     must_sync = true;
+                    Outcome::Done
+                }
+                Step::Groups { writes: groups } => {
+                    for g in groups.drain(..) {
+                        let key = group_key(&g.topic, &g.group);
+                        match g.value {
+                            Some(v) => writes.insert(key, checksummed(v)),
+                            None => writes.remove(key),
+                        }
+                        must_sync |= self.fsync;
+                    }
                     Outcome::Done
                 }
                 Step::Expire => {
@@ -1215,6 +1261,28 @@ type Recovery = (
     HashMap<Arc<str>, SledTopic>,
     RecoveryReport,
 );
+
+/// Reads every group record back (bodies whose checksum holds; others are
+/// logged and dropped: their groups start over from their defaults would be
+/// wrong, so they are reported and removed).
+fn recover_groups(db: &sled::Db) -> Result<Vec<(String, String, Vec<u8>)>, EngineError> {
+    let mut out = Vec::new();
+    for item in db.scan_prefix([GROUP]) {
+        let (key, value) = item.map_err(storage_err)?;
+        let parsed = parse_group_key(&key);
+        match (parsed, verified(FORMAT, &value)) {
+            (Some((topic, group)), Some(body)) => {
+                out.push((topic.to_owned(), group.to_owned(), body.to_vec()));
+            }
+            _ => {
+                tracing::error!(key = %String::from_utf8_lossy(&key), "a consumer group record is damaged; removing it");
+                metrics::counter!(crate::metrics::DAMAGED_TOPICS).increment(1);
+                db.remove(&key).map_err(storage_err)?;
+            }
+        }
+    }
+    Ok(out)
+}
 
 /// Reads every topic back, checking it against the checkpoint.
 fn recover(

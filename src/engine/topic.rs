@@ -51,6 +51,9 @@ pub(crate) struct TopicState {
     pub metered: bool,
     /// Bytes retained over all topics; this ring's share is kept in it.
     pub global_bytes: Arc<AtomicU64>,
+    /// With `retain_until_acked`: the lowest offset some group has not
+    /// done yet; trimming stops there (`u64::MAX` = nothing pinned).
+    pub pin: u64,
 }
 
 impl Drop for TopicState {
@@ -79,6 +82,7 @@ impl TopicState {
             ephemeral: false,
             metered: false,
             global_bytes,
+            pin: u64::MAX,
         }
     }
 
@@ -181,7 +185,15 @@ impl TopicState {
             .max_age
             .map(|age| now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)));
         let mut dropped = 0;
+        let pin = if r.retain_until_acked {
+            self.pin
+        } else {
+            u64::MAX
+        };
         while let Some(front) = self.ring.front() {
+            if front.offset >= pin {
+                break;
+            }
             let protected = self.ring.len() <= self.protected;
             let too_many = !protected && self.ring.len() as u64 > r.max_events;
             let too_big = !protected && self.retained_bytes() > max_bytes;
@@ -199,6 +211,24 @@ impl TopicState {
             dropped += 1;
         }
         dropped
+    }
+
+    /// Whether `bytes` more would exceed `max_bytes` even after trimming
+    /// everything below the pin: `retain_until_acked` then refuses them.
+    pub fn pinned_full(&self, bytes: u64) -> bool {
+        let max = self.retention.max_bytes;
+        let over = (self.retained_bytes() + bytes).saturating_sub(max);
+        if !self.retention.retain_until_acked || over == 0 {
+            return false;
+        }
+        let mut freeable = 0;
+        for e in &self.ring {
+            if e.offset >= self.pin || freeable >= over {
+                break;
+            }
+            freeable += e.retained_size() + e.charged.load(Ordering::Relaxed);
+        }
+        freeable < over
     }
 
     /// The current version of `event_type` (0 when none was published).
@@ -231,6 +261,8 @@ pub(crate) struct Topic {
     /// Publishes queued and not yet committed or refused (an ephemeral
     /// topic is not removed under them).
     pub pending: AtomicUsize,
+    /// Consumer groups on the topic (it is never idle-expired while it has one).
+    pub groups: AtomicUsize,
     /// Where the topic is registered, to remove it when ephemeral.
     pub registry: std::sync::Weak<Registry>,
 }
@@ -243,6 +275,10 @@ pub(crate) struct Registry {
     pub topics: dashmap::DashMap<Arc<str>, Arc<Topic>>,
     /// How many of them are ephemeral.
     pub ephemeral: AtomicUsize,
+    /// Every consumer group by (topic, group).
+    pub groups: dashmap::DashMap<(Arc<str>, Arc<str>), Arc<super::group::Group>>,
+    /// Groups changed since the writer last stored them.
+    pub dirty_groups: parking_lot::Mutex<Vec<Arc<super::group::Group>>>,
 }
 
 impl Topic {
@@ -261,6 +297,7 @@ impl Topic {
             last_activity_ms: AtomicU64::new(now_ms),
             needs_prune: std::sync::atomic::AtomicBool::new(false),
             pending: AtomicUsize::new(0),
+            groups: AtomicUsize::new(0),
             registry,
         })
     }

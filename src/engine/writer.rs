@@ -93,6 +93,8 @@ impl Repairs {
         }
         match log.repair(&super::committed(registry)) {
             Ok(()) => {
+                // The store may lack group records of failed passes.
+                super::consume::redirty_all(registry);
                 self.backoff = REPAIR_BACKOFF.0;
                 true
             }
@@ -188,6 +190,16 @@ impl Writer {
         dirty: &mut HashMap<Arc<str>, Arc<Topic>>,
     ) {
         let now = self.clock.now_ms();
+        // The groups changed since the last pass go into its first
+        // `Groups` step: many acks, one record per group.
+        let mut stored_groups = Vec::new();
+        if let Some(Step::Groups { writes }) =
+            steps.iter_mut().find(|s| matches!(s, Step::Groups { .. }))
+        {
+            let (records, groups) = super::consume::take_dirty_records(&self.registry, now);
+            writes.extend(records);
+            stored_groups = groups;
+        }
         let started = Instant::now();
         let result = self.log.persist(&mut steps, now);
         self.metrics.flush_seconds.record(started.elapsed());
@@ -204,6 +216,7 @@ impl Writer {
                 }
             }
             Err(e) => {
+                super::consume::redirty(&self.registry, stored_groups);
                 for done in dones {
                     super::fail(done, &e);
                 }

@@ -446,7 +446,12 @@ impl From<EngineError> for ApiError {
             EngineError::TopicNotFound(_) => (StatusCode::NOT_FOUND, "topic_not_found"),
             EngineError::TopicSealed(_) => (StatusCode::CONFLICT, "topic_sealed"),
             EngineError::TooManyTopics(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_topics"),
-            EngineError::OverCapacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "over_capacity"),
+            EngineError::OverCapacity(_) | EngineError::TopicFull { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "over_capacity")
+            }
+            EngineError::GroupNotFound(_) => (StatusCode::NOT_FOUND, "group_not_found"),
+            EngineError::InvalidGroup(_) => (StatusCode::BAD_REQUEST, "invalid_group"),
+            EngineError::TooManyGroups(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_groups"),
             EngineError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
             EngineError::StorageUnavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")

@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -51,7 +52,8 @@ use super::outbound::Outbound;
 use super::{wire, TcpSettings};
 use crate::auth::{Action, Auth, Kind, Limited, Principal};
 use crate::engine::{
-    Ack, Delivery, Encoding, Engine, EngineError, Event, Expected, PendingPublish, Subscription,
+    Ack, Delivery, Encoding, Engine, EngineError, Event, Expected, GroupMember, PendingPublish,
+    Settled, Subscription,
 };
 
 /// Most bytes of frames a pump encodes before handing them to the writer.
@@ -91,9 +93,15 @@ pub(crate) struct Connection {
 struct Pump {
     /// The subscribed topic, checked again when the credentials change.
     topic: String,
+    /// For a group membership: the group, and whether the pump is to
+    /// leave it cleanly (a `LeaveGroup`) when cancelled.
+    group: Option<(String, Arc<AtomicBool>)>,
     cancel: CancellationToken,
     handle: JoinHandle<()>,
 }
+
+/// A settle (ack, nack, …) awaiting its store: request id and outcome.
+type Settling = Pin<Box<dyn Future<Output = (u64, Result<Settled, EngineError>)> + Send>>;
 
 /// A publish awaiting its ack, tagged with its request, payload size and
 /// the reply it gets.
@@ -139,6 +147,9 @@ struct Session<'a> {
     replies: BytesMut,
     pumps: HashMap<u64, Pump>,
     in_flight: FuturesUnordered<InFlight>,
+    /// Settles of group deliveries awaiting their store, answered as they
+    /// complete; they count against `max_in_flight` like publishes.
+    settling: FuturesUnordered<Settling>,
     /// Payload bytes of the publishes in `in_flight`.
     in_flight_bytes: u64,
     /// The protocol version of this connection, from `hello` (until then the
@@ -199,6 +210,7 @@ impl Connection {
             replies: BytesMut::new(),
             pumps: HashMap::new(),
             in_flight: FuturesUnordered::new(),
+            settling: FuturesUnordered::new(),
             in_flight_bytes: 0,
             version: MIN_PROTOCOL_VERSION,
             principal: None,
@@ -387,6 +399,11 @@ impl Session<'_> {
                         return Stop::Closed;
                     }
                 }
+                Some((request_id, settled)) = self.settling.next(), if !self.settling.is_empty() => {
+                    if self.reply_settled(request_id, settled).await.is_err() {
+                        return Stop::Closed;
+                    }
+                }
                 r = rd.read_buf(&mut buf), if can_read => match r {
                     Ok(0) => {
                         if !buf.is_empty() {
@@ -439,7 +456,7 @@ impl Session<'_> {
     /// publish of any size goes when none is in flight.
     fn may_read(&self) -> bool {
         let settings = &self.conn.settings;
-        self.in_flight.len() < settings.max_in_flight
+        self.in_flight.len() + self.settling.len() < settings.max_in_flight
             && (self.in_flight.is_empty() || self.in_flight_bytes < settings.max_in_flight_bytes)
     }
 
@@ -666,8 +683,291 @@ impl Session<'_> {
                 self.require_version(2, "Refresh").await?;
                 self.refresh(request_id, &credentials).await?;
             }
+            ClientMessage::CreateGroup {
+                request_id,
+                topic,
+                group,
+                options,
+                update,
+            } => {
+                self.require_version(4, "CreateGroup").await?;
+                // Creating a missing group is consuming; changing one is admin.
+                let action = if update {
+                    Action::Admin
+                } else {
+                    Action::Subscribe
+                };
+                if self.granted(request_id, action, &topic).await? {
+                    let created = engine
+                        .create_group(&topic, &group, wire::group_config(options), update)
+                        .await;
+                    self.reply_group_info(request_id, created).await?;
+                }
+            }
+            ClientMessage::JoinGroup {
+                request_id,
+                subscription_id,
+                topic,
+                group,
+                consumer,
+                max_in_flight,
+                create,
+            } => {
+                self.require_version(4, "JoinGroup").await?;
+                if self.granted(request_id, Action::Subscribe, &topic).await? {
+                    let create = create.map(wire::group_config);
+                    self.join_group(
+                        request_id,
+                        subscription_id,
+                        (topic, group, consumer),
+                        max_in_flight,
+                        create,
+                    )
+                    .await?;
+                }
+            }
+            ClientMessage::LeaveGroup {
+                request_id,
+                subscription_id,
+            } => {
+                self.require_version(4, "LeaveGroup").await?;
+                match self.pumps.remove(&subscription_id) {
+                    Some(pump) if pump.group.is_some() => {
+                        if let Some((_, clean)) = &pump.group {
+                            clean.store(true, Ordering::Release);
+                        }
+                        pump.cancel.cancel();
+                        let _ = pump.handle.await;
+                        self.reply(ServerMessage::Unsubscribed {
+                            request_id,
+                            subscription_id,
+                        })
+                        .await?;
+                    }
+                    other => {
+                        if let Some(pump) = other {
+                            self.pumps.insert(subscription_id, pump);
+                        }
+                        self.error(
+                            request_id,
+                            ErrorCode::GroupNotFound,
+                            format!("no group membership {subscription_id} on this connection"),
+                        )
+                        .await?;
+                    }
+                }
+            }
+            ClientMessage::Settle {
+                request_id,
+                subscription_id,
+                offsets,
+                action,
+            } => {
+                self.require_version(4, "Settle").await?;
+                let membership = self
+                    .pumps
+                    .get(&subscription_id)
+                    .and_then(|p| Some((p.topic.clone(), p.group.as_ref()?.0.clone())));
+                let Some((topic, group)) = membership else {
+                    return self
+                        .error(
+                            request_id,
+                            ErrorCode::GroupNotFound,
+                            format!("no group membership {subscription_id} on this connection"),
+                        )
+                        .await;
+                };
+                let engine = engine.clone();
+                let how = wire::settle(action);
+                self.settling.push(Box::pin(async move {
+                    let r = engine.settle(&topic, &group, &offsets, how).await;
+                    (request_id, r)
+                }));
+            }
+            ClientMessage::GroupInfo {
+                request_id,
+                topic,
+                group,
+            } => {
+                self.require_version(4, "GroupInfo").await?;
+                if self.granted(request_id, Action::Subscribe, &topic).await? {
+                    let info = engine.group_info(&topic, &group);
+                    self.reply_group_info(request_id, info).await?;
+                }
+            }
+            ClientMessage::ListGroups { request_id, topic } => {
+                self.require_version(4, "ListGroups").await?;
+                if self.granted(request_id, Action::Subscribe, &topic).await? {
+                    match engine.groups(&topic) {
+                        Ok(groups) => {
+                            let groups = groups.into_iter().map(wire::group_info).collect();
+                            self.reply(ServerMessage::Groups { request_id, groups })
+                                .await?;
+                        }
+                        Err(e) => self.engine_error(request_id, e).await?,
+                    }
+                }
+            }
+            ClientMessage::DeleteGroup {
+                request_id,
+                topic,
+                group,
+            } => {
+                self.require_version(4, "DeleteGroup").await?;
+                if self.granted(request_id, Action::Admin, &topic).await? {
+                    match engine.delete_group(&topic, &group).await {
+                        Ok(()) => self.reply(ServerMessage::Ok { request_id }).await?,
+                        Err(e) => self.engine_error(request_id, e).await?,
+                    }
+                }
+            }
+            ClientMessage::Redrive {
+                request_id,
+                topic,
+                group,
+            } => {
+                self.require_version(4, "Redrive").await?;
+                if self.granted(request_id, Action::Admin, &topic).await? {
+                    match engine.redrive(&topic, &group).await {
+                        Ok(count) => {
+                            self.reply(ServerMessage::Redriven { request_id, count })
+                                .await?;
+                        }
+                        Err(e) => self.engine_error(request_id, e).await?,
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    async fn reply_group_info(
+        &mut self,
+        request_id: u64,
+        info: Result<crate::engine::GroupInfo, EngineError>,
+    ) -> Result<(), Stop> {
+        match info {
+            Ok(info) => {
+                self.reply(ServerMessage::GroupInfo {
+                    request_id,
+                    info: wire::group_info(info),
+                })
+                .await
+            }
+            Err(e) => self.engine_error(request_id, e).await,
+        }
+    }
+
+    async fn reply_settled(
+        &mut self,
+        request_id: u64,
+        settled: Result<Settled, EngineError>,
+    ) -> Result<(), Stop> {
+        match settled {
+            Ok(s) => {
+                self.reply(ServerMessage::Settled {
+                    request_id,
+                    applied: s.applied,
+                    already_done: s.already_done,
+                    unknown: s.unknown,
+                })
+                .await
+            }
+            Err(e) => self.engine_error(request_id, e).await,
+        }
+    }
+
+    /// Joins a group and starts the pump pushing its deliveries.
+    async fn join_group(
+        &mut self,
+        request_id: u64,
+        subscription_id: u64,
+        (topic, group, consumer): (String, String, String),
+        max_in_flight: u32,
+        create: Option<crate::engine::GroupConfig>,
+    ) -> Result<(), Stop> {
+        if !self
+            .room_for_subscription(request_id, subscription_id)
+            .await?
+        {
+            return Ok(());
+        }
+        let member = match self
+            .conn
+            .engine
+            .join_group(&topic, &group, &consumer, max_in_flight, create)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => return self.engine_error(request_id, e).await,
+        };
+        let epoch = self
+            .conn
+            .engine
+            .info(&topic)
+            .map(|i| i.epoch)
+            .unwrap_or_default();
+        self.reply(ServerMessage::Joined {
+            request_id,
+            subscription_id,
+            epoch,
+        })
+        .await?;
+        self.flush().await?;
+        let cancel = CancellationToken::new();
+        let clean = Arc::new(AtomicBool::new(false));
+        let handle = self.conn.tracker.spawn(group_pump(
+            member,
+            subscription_id,
+            self.out.clone(),
+            self.outbound.clone(),
+            self.chunk,
+            cancel.clone(),
+            clean.clone(),
+        ));
+        tracing::debug!(peer = %self.conn.peer, topic, group, consumer, subscription_id, "joined a consumer group");
+        self.pumps.insert(
+            subscription_id,
+            Pump {
+                topic,
+                group: Some((group, clean)),
+                cancel,
+                handle,
+            },
+        );
+        Ok(())
+    }
+
+    /// Whether a new subscription or membership `subscription_id` may
+    /// start; if not, answers the request with why.
+    async fn room_for_subscription(
+        &mut self,
+        request_id: u64,
+        subscription_id: u64,
+    ) -> Result<bool, Stop> {
+        self.pumps.retain(|_, p| !p.handle.is_finished());
+        if self.pumps.contains_key(&subscription_id) {
+            self.error(
+                request_id,
+                ErrorCode::DuplicateSubscription,
+                format!("subscription id {subscription_id} is already in use"),
+            )
+            .await?;
+            return Ok(false);
+        }
+        let max = self.conn.settings.max_subscriptions;
+        if self.pumps.len() >= max {
+            tracing::warn!(peer = %self.conn.peer, limit = max, "subscription refused: too many on one connection");
+            crate::metrics::refused("max_subscriptions_per_connection");
+            self.error(
+                request_id,
+                ErrorCode::TooManySubscriptions,
+                format!("at most {max} subscriptions per connection"),
+            )
+            .await?;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Refuses a message this connection's protocol version does not have
@@ -916,27 +1216,11 @@ impl Session<'_> {
         types: Vec<String>,
         start: ringcast_protocol::Start,
     ) -> Result<(), Stop> {
-        self.pumps.retain(|_, p| !p.handle.is_finished());
-        if self.pumps.contains_key(&subscription_id) {
-            return self
-                .error(
-                    request_id,
-                    ErrorCode::DuplicateSubscription,
-                    format!("subscription id {subscription_id} is already in use"),
-                )
-                .await;
-        }
-        let max = self.conn.settings.max_subscriptions;
-        if self.pumps.len() >= max {
-            tracing::warn!(peer = %self.conn.peer, limit = max, "subscription refused: too many on one connection");
-            crate::metrics::refused("max_subscriptions_per_connection");
-            return self
-                .error(
-                    request_id,
-                    ErrorCode::TooManySubscriptions,
-                    format!("at most {max} subscriptions per connection"),
-                )
-                .await;
+        if !self
+            .room_for_subscription(request_id, subscription_id)
+            .await?
+        {
+            return Ok(());
         }
         let sub = match self
             .conn
@@ -969,6 +1253,7 @@ impl Session<'_> {
             subscription_id,
             Pump {
                 topic,
+                group: None,
                 cancel,
                 handle,
             },
@@ -996,6 +1281,13 @@ impl Session<'_> {
         let deadline = Instant::now() + self.conn.write_timeout();
         while let Ok(Some(acked)) = tokio::time::timeout_at(deadline, self.in_flight.next()).await {
             if self.acked(acked).await.is_err() {
+                return false;
+            }
+        }
+        while let Ok(Some((request_id, settled))) =
+            tokio::time::timeout_at(deadline, self.settling.next()).await
+        {
+            if self.reply_settled(request_id, settled).await.is_err() {
                 return false;
             }
         }
@@ -1167,6 +1459,78 @@ async fn pump(
         if ended {
             return;
         }
+    }
+}
+
+/// Most deliveries a group pump takes from the engine at once.
+const GROUP_BATCH: usize = 256;
+
+/// Pushes a group member's deliveries (and gaps for lost work) to the
+/// connection's writer. It takes work only while the connection's budget
+/// has room; the engine bounds what the member holds unsettled. Cancelled
+/// with `clean` set, the member leaves cleanly (its events are redelivered
+/// at once); otherwise, as on a disconnect, they wait for their deadlines.
+async fn group_pump(
+    member: GroupMember,
+    subscription_id: u64,
+    out: mpsc::Sender<Bytes>,
+    outbound: Arc<Outbound>,
+    chunk: usize,
+    cancel: CancellationToken,
+    clean: Arc<AtomicBool>,
+) {
+    let topic = member.topic().to_owned();
+    let delivered = metrics::counter!(crate::metrics::DELIVERED, "transport" => "tcp_group");
+    let mut buf = BytesMut::new();
+    'pump: loop {
+        let fetched = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            f = async {
+                outbound.room().await.ok()?;
+                Some(member.next(GROUP_BATCH).await)
+            } => f,
+        };
+        let fetched = match fetched {
+            Some(Ok(f)) => f,
+            // The connection is closing, or the group was deleted.
+            _ => break,
+        };
+        delivered.increment(fetched.deliveries.len() as u64);
+        for gap in fetched.gaps {
+            let msg = ServerMessage::Gap {
+                subscription_id,
+                gap: wire::gap(gap),
+            };
+            if let Err(e) = encode_frame(&msg, &mut buf) {
+                tracing::error!(error = %e, "cannot encode a gap");
+            }
+        }
+        for d in fetched.deliveries {
+            let msg = ServerMessage::Delivery {
+                subscription_id,
+                attempt: d.attempt,
+                event: wire::event(&topic, &d.event),
+            };
+            if let Err(e) = encode_frame(&msg, &mut buf) {
+                tracing::error!(error = %e, "cannot encode a delivery");
+            }
+            if buf.len() >= chunk {
+                let frames = buf.split().freeze();
+                if send_charged(&out, &outbound, frames).await.is_err() {
+                    break 'pump;
+                }
+            }
+        }
+        if !buf.is_empty() {
+            let frames = buf.split().freeze();
+            if send_charged(&out, &outbound, frames).await.is_err() {
+                break;
+            }
+        }
+    }
+    if clean.load(Ordering::Acquire) {
+        member.leave();
     }
 }
 

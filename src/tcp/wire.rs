@@ -2,7 +2,10 @@
 
 use ringcast_protocol as proto;
 
-use crate::engine::{Ack, EngineError, Event, Gap, GapReason, NewEvent, Start, TopicInfo};
+use crate::engine::{
+    Ack, EngineError, Event, Gap, GapReason, GroupConfig, GroupInfo, GroupStart, NewEvent, Settle,
+    Start, TopicInfo,
+};
 
 pub(crate) fn start(s: proto::Start) -> Start {
     match s {
@@ -105,9 +108,95 @@ pub(crate) fn error_code(e: &EngineError) -> proto::ErrorCode {
         EngineError::TopicNotFound(_) => C::TopicNotFound,
         EngineError::TopicSealed(_) => C::TopicSealed,
         EngineError::TooManyTopics(_) => C::TooManyTopics,
-        EngineError::OverCapacity(_) => C::OverCapacity,
+        EngineError::OverCapacity(_) | EngineError::TopicFull { .. } => C::OverCapacity,
+        EngineError::TooManyGroups(_) => C::TooManyTopics,
+        EngineError::GroupNotFound(_) => C::GroupNotFound,
+        EngineError::InvalidGroup(_) => C::InvalidRequest,
         EngineError::InvalidStart(_) => C::InvalidStart,
         EngineError::Storage(_) | EngineError::StorageUnavailable(_) => C::Internal,
         EngineError::ShuttingDown => C::ShuttingDown,
+    }
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub(crate) fn group_config(o: proto::GroupOptions) -> GroupConfig {
+    use std::time::Duration;
+    GroupConfig {
+        start: match o.start {
+            proto::GroupStart::Earliest => GroupStart::Earliest,
+            proto::GroupStart::Live => GroupStart::Live,
+            proto::GroupStart::AfterOffset(n) => GroupStart::AfterOffset(n),
+        },
+        ack_wait: Duration::from_millis(o.ack_wait_ms),
+        max_deliver: o.max_deliver,
+        backoff: o
+            .backoff_ms
+            .into_iter()
+            .map(Duration::from_millis)
+            .collect(),
+        max_ack_pending: o.max_ack_pending,
+        dead_letter_topic: o.dead_letter_topic,
+    }
+}
+
+pub(crate) fn group_options(c: &GroupConfig) -> proto::GroupOptions {
+    proto::GroupOptions {
+        start: match c.start {
+            GroupStart::Earliest => proto::GroupStart::Earliest,
+            GroupStart::Live => proto::GroupStart::Live,
+            GroupStart::AfterOffset(n) => proto::GroupStart::AfterOffset(n),
+        },
+        ack_wait_ms: ms(c.ack_wait),
+        max_deliver: c.max_deliver,
+        backoff_ms: c.backoff.iter().map(|d| ms(*d)).collect(),
+        max_ack_pending: c.max_ack_pending,
+        dead_letter_topic: c.dead_letter_topic.clone(),
+    }
+}
+
+pub(crate) fn settle(a: proto::SettleAction) -> Settle {
+    match a {
+        proto::SettleAction::Ack => Settle::Ack,
+        proto::SettleAction::Nack(delay) => {
+            Settle::Nack(delay.map(std::time::Duration::from_millis))
+        }
+        proto::SettleAction::InProgress => Settle::InProgress,
+        proto::SettleAction::Term(reason) => Settle::Term(reason),
+    }
+}
+
+pub(crate) fn group_info(i: GroupInfo) -> proto::WireGroupInfo {
+    proto::WireGroupInfo {
+        topic: i.topic,
+        group: i.group,
+        options: group_options(&i.config),
+        dead_letter_topic: i.dead_letter_topic,
+        epoch: i.epoch,
+        ack_floor: i.ack_floor,
+        next_offset: i.next_offset,
+        last_offset: i.last_offset,
+        lag: i.lag,
+        pending: i.pending,
+        in_flight: i.in_flight,
+        oldest_pending_ms: i.oldest_pending_ms,
+        members: i
+            .members
+            .into_iter()
+            .map(|m| proto::WireMember {
+                consumer: m.consumer,
+                sessions: m.sessions,
+                in_flight: m.in_flight,
+                max_in_flight: m.max_in_flight,
+                idle_ms: m.idle_ms,
+            })
+            .collect(),
+        delivered: i.delivered,
+        redelivered: i.redelivered,
+        acked: i.acked,
+        dead_lettered: i.dead_lettered,
+        lost: i.lost,
     }
 }

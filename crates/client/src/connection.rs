@@ -1138,6 +1138,14 @@ impl Task {
     /// Routes one message from the broker; `Err` ends the connection.
     fn dispatch(&mut self, msg: ServerMessage) -> Result<(), Exit> {
         match msg {
+            ServerMessage::Joined { .. }
+            | ServerMessage::Delivery { .. }
+            | ServerMessage::Settled { .. }
+            | ServerMessage::GroupInfo { .. }
+            | ServerMessage::Groups { .. }
+            | ServerMessage::Redriven { .. } => {
+                debug!(kind = msg.kind(), "consumer-group message not handled yet");
+            }
             ServerMessage::Event {
                 subscription_id,
                 event,

@@ -46,8 +46,9 @@ pub use frame::{
     RESERVE_STEP,
 };
 pub use messages::{
-    Ack, AppendAck, AppendEvent, ClientMessage, ErrorCode, GapReason, Headers, NewEvent,
-    ServerMessage, Start, TopicSummary, WireEvent, WireGap, WireTopicInfo,
+    Ack, AppendAck, AppendEvent, ClientMessage, ErrorCode, GapReason, GroupOptions, GroupStart,
+    Headers, NewEvent, ServerMessage, SettleAction, Start, TopicSummary, WireEvent, WireGap,
+    WireGroupInfo, WireMember, WireTopicInfo,
 };
 
 /// Version of this wire protocol, sent in `Hello` and `Welcome`.
@@ -57,7 +58,11 @@ pub use messages::{
 /// `TokenExpired`, `Forbidden` and `RateLimited` (access control).
 /// Version 3 added `Append`, `Appended`, `PositionMismatch` and the error
 /// code `PositionMismatch` (idempotency keys and expected positions).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 4 added consumer groups: `CreateGroup`, `JoinGroup`,
+/// `LeaveGroup`, `Settle`, `GroupInfo`, `ListGroups`, `DeleteGroup`,
+/// `Redrive`, `Joined`, `Delivery`, `Settled`, `GroupInfo`, `Groups`,
+/// `Redriven` and the error code `GroupNotFound`.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The oldest protocol version a current server still accepts in `Hello`.
 /// It answers such a client in that version: never with a message or an

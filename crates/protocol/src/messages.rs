@@ -158,6 +158,233 @@ pub enum ClientMessage {
         /// none yet); every event must then have the same type.
         expected_version: Option<u64>,
     },
+    /// Tag 13 (protocol version 4). Creates a consumer group (idempotent;
+    /// with `update`, an existing group takes the new settings, all but
+    /// its start); answered by `GroupInfo`.
+    CreateGroup {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Topic name.
+        topic: String,
+        /// Group name (the topic-name alphabet, 1–255 bytes).
+        group: String,
+        /// The group's settings.
+        options: GroupOptions,
+        /// Change an existing group's settings instead of leaving them.
+        update: bool,
+    },
+    /// Tag 14 (protocol version 4). Joins a consumer group as `consumer`;
+    /// answered by `Joined`, then deliveries are pushed as `Delivery` (and
+    /// lost work as `Gap`) carrying `subscription_id`, at most
+    /// `max_in_flight` unsettled at once.
+    JoinGroup {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Client-chosen id, unique among this connection's live
+        /// subscriptions and group memberships.
+        subscription_id: u64,
+        /// Topic name.
+        topic: String,
+        /// Group name.
+        group: String,
+        /// Consumer (member) name; sessions with the same name share its
+        /// pending work.
+        consumer: String,
+        /// Most deliveries this member holds unsettled (0 = the group's
+        /// `max_ack_pending`).
+        max_in_flight: u32,
+        /// Create the group with these settings when it does not exist;
+        /// absent = it must exist.
+        create: Option<GroupOptions>,
+    },
+    /// Tag 15 (protocol version 4). Leaves a group cleanly: what this
+    /// member holds is redelivered at once; answered by `Unsubscribed`.
+    LeaveGroup {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// The membership's subscription id.
+        subscription_id: u64,
+    },
+    /// Tag 16 (protocol version 4). Settles deliveries of a membership by
+    /// offset; answered by `Settled`.
+    Settle {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// The membership's subscription id.
+        subscription_id: u64,
+        /// The deliveries' offsets.
+        offsets: Vec<u64>,
+        /// What to do with them.
+        action: SettleAction,
+    },
+    /// Tag 17 (protocol version 4). Describes a group; answered by `GroupInfo`.
+    GroupInfo {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Topic name.
+        topic: String,
+        /// Group name.
+        group: String,
+    },
+    /// Tag 18 (protocol version 4). Lists a topic's groups; answered by `Groups`.
+    ListGroups {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Topic name.
+        topic: String,
+    },
+    /// Tag 19 (protocol version 4). Deletes a group and its pending work;
+    /// answered by `Ok`.
+    DeleteGroup {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Topic name.
+        topic: String,
+        /// Group name.
+        group: String,
+    },
+    /// Tag 20 (protocol version 4). Publishes the group's dead letters back
+    /// to its topic (each once); answered by `Redriven`.
+    Redrive {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Topic name.
+        topic: String,
+        /// Group name.
+        group: String,
+    },
+}
+
+/// Where a new consumer group starts reading its topic.
+///
+/// # Wire
+/// `u32` tag: 0 `Earliest`, 1 `Live`, 2 `AfterOffset` followed by a `u64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupStart {
+    /// Tag 0. Every retained event.
+    Earliest,
+    /// Tag 1. Only events published after the group was created.
+    Live,
+    /// Tag 2. Events with an offset greater than this one.
+    AfterOffset(u64),
+}
+
+/// A consumer group's settings.
+///
+/// # Wire
+/// `start`, `ack_wait_ms` (u64), `max_deliver` (u32), `backoff_ms`
+/// (`u64` count then `u64`s), `max_ack_pending` (u32),
+/// `dead_letter_topic` (option of string), in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupOptions {
+    /// Where the group starts (at creation only).
+    pub start: GroupStart,
+    /// Milliseconds a delivery may stay unsettled before it is redelivered.
+    pub ack_wait_ms: u64,
+    /// Deliveries per event before it is dead-lettered.
+    pub max_deliver: u32,
+    /// Delay before redelivery after attempt *n* failed (`backoff_ms[n-1]`,
+    /// the last one repeating); empty = at once.
+    pub backoff_ms: Vec<u64>,
+    /// Most events handed out and not done over the whole group.
+    pub max_ack_pending: u32,
+    /// Where given-up events are appended; absent = `<topic>.dlq`.
+    pub dead_letter_topic: Option<String>,
+}
+
+impl Default for GroupOptions {
+    /// The broker's defaults: earliest, 30 s, 5 deliveries, no backoff,
+    /// 1,000 pending, `<topic>.dlq`.
+    fn default() -> Self {
+        Self {
+            start: GroupStart::Earliest,
+            ack_wait_ms: 30_000,
+            max_deliver: 5,
+            backoff_ms: Vec::new(),
+            max_ack_pending: 1000,
+            dead_letter_topic: None,
+        }
+    }
+}
+
+/// How to settle group deliveries.
+///
+/// # Wire
+/// `u32` tag: 0 `Ack`, 1 `Nack` + option of `u64` delay in ms,
+/// 2 `InProgress`, 3 `Term` + reason string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SettleAction {
+    /// Tag 0. Done: never delivered again.
+    Ack,
+    /// Tag 1. Failed: redeliver after this delay (absent = the group's backoff).
+    Nack(Option<u64>),
+    /// Tag 2. Still working: the deadline moves a whole `ack_wait` on.
+    InProgress,
+    /// Tag 3. Give up now: dead-letter with this reason.
+    Term(String),
+}
+
+/// One member of a group in a [`WireGroupInfo`].
+///
+/// # Wire
+/// `consumer` (string), `sessions`, `in_flight`, `max_in_flight` (u32),
+/// `idle_ms` (u64), in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireMember {
+    /// Consumer name.
+    pub consumer: String,
+    /// Live TCP sessions under this name (0 for HTTP workers).
+    pub sessions: u32,
+    /// Deliveries it holds unsettled.
+    pub in_flight: u32,
+    /// Most deliveries it may hold.
+    pub max_in_flight: u32,
+    /// Milliseconds since it last fetched, settled or joined.
+    pub idle_ms: u64,
+}
+
+/// A consumer group's state and counters.
+///
+/// # Wire
+/// The fields in declaration order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireGroupInfo {
+    /// Topic name.
+    pub topic: String,
+    /// Group name.
+    pub group: String,
+    /// Its settings.
+    pub options: GroupOptions,
+    /// The dead-letter topic it uses.
+    pub dead_letter_topic: String,
+    /// The topic's epoch.
+    pub epoch: u64,
+    /// Every offset at or below it is done.
+    pub ack_floor: u64,
+    /// The next offset never handed out.
+    pub next_offset: u64,
+    /// The topic's last offset.
+    pub last_offset: u64,
+    /// Events not yet handed out.
+    pub lag: u64,
+    /// Events handed out and not done.
+    pub pending: u64,
+    /// Of those, held by a member now.
+    pub in_flight: u64,
+    /// Age of the oldest pending event, in ms.
+    pub oldest_pending_ms: u64,
+    /// Members.
+    pub members: Vec<WireMember>,
+    /// Deliveries, first ones and redeliveries.
+    pub delivered: u64,
+    /// Redeliveries.
+    pub redelivered: u64,
+    /// Events acked.
+    pub acked: u64,
+    /// Events appended to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Events lost to retention before they were done.
+    pub lost: u64,
 }
 
 /// One event of a [`ClientMessage::PublishBatch`].
@@ -403,6 +630,60 @@ pub enum ServerMessage {
         /// The last version of the request's first event type now (0 = none).
         current_version: u64,
     },
+    /// Tag 19 (protocol version 4). Accepts a `JoinGroup`; deliveries for
+    /// it may follow at once.
+    Joined {
+        /// The request's id.
+        request_id: u64,
+        /// The membership's id, as the client chose it.
+        subscription_id: u64,
+        /// The topic's epoch.
+        epoch: u64,
+    },
+    /// Tag 20 (protocol version 4). Pushes one group delivery: settle it by
+    /// its offset with `Settle`.
+    Delivery {
+        /// The membership it is for.
+        subscription_id: u64,
+        /// 1 for the first delivery, +1 per redelivery.
+        attempt: u32,
+        /// The event.
+        event: WireEvent,
+    },
+    /// Tag 21 (protocol version 4). Answers `Settle`: how many offsets the
+    /// action applied to, were already done, or were not known.
+    Settled {
+        /// The request's id.
+        request_id: u64,
+        /// Offsets the action applied to.
+        applied: u64,
+        /// Offsets already done (acked, dead-lettered or lost).
+        already_done: u64,
+        /// Offsets never handed out, or not in flight for a nack or
+        /// in-progress.
+        unknown: u64,
+    },
+    /// Tag 22 (protocol version 4). Answers `CreateGroup` and `GroupInfo`.
+    GroupInfo {
+        /// The request's id.
+        request_id: u64,
+        /// The group.
+        info: WireGroupInfo,
+    },
+    /// Tag 23 (protocol version 4). Answers `ListGroups`.
+    Groups {
+        /// The request's id.
+        request_id: u64,
+        /// The topic's groups, by name.
+        groups: Vec<WireGroupInfo>,
+    },
+    /// Tag 24 (protocol version 4). Answers `Redrive`.
+    Redriven {
+        /// The request's id.
+        request_id: u64,
+        /// Dead letters published back to the topic (repeats not counted).
+        count: u64,
+    },
 }
 
 /// Where one published event landed.
@@ -628,11 +909,14 @@ pub enum ErrorCode {
     /// version did not hold; sent in `PositionMismatch` with the current
     /// values. Nothing was appended.
     PositionMismatch = 23,
+    /// Code 24 (protocol version 4): The consumer group (or the membership
+    /// named by a subscription id) does not exist.
+    GroupNotFound = 24,
 }
 
 impl ErrorCode {
     /// Every code, in tag order (`ALL[n] as u32 == n`).
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::BadFrame,
         ErrorCode::BadHello,
         ErrorCode::UnsupportedVersion,
@@ -657,6 +941,7 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::RateLimited,
         ErrorCode::PositionMismatch,
+        ErrorCode::GroupNotFound,
     ];
 
     /// The numeric code, equal to the wire tag.
@@ -709,6 +994,7 @@ impl ErrorCode {
         match self {
             ErrorCode::TokenExpired | ErrorCode::Forbidden | ErrorCode::RateLimited => 2,
             ErrorCode::PositionMismatch => 3,
+            ErrorCode::GroupNotFound => 4,
             _ => 1,
         }
     }
@@ -717,14 +1003,15 @@ impl ErrorCode {
     /// than the peer are replaced by the closest one it knows —
     /// `TokenExpired` and `Forbidden` by `Unauthorized`, `RateLimited` by
     /// `OverCapacity` (both "retry later" and "refused", as a version 1 client
-    /// understood them), `PositionMismatch` by `InvalidRequest`.
+    /// understood them), `PositionMismatch` and `GroupNotFound` by
+    /// `InvalidRequest`.
     pub const fn for_version(self, version: u16) -> ErrorCode {
         if self.introduced_in() <= version {
             return self;
         }
         match self {
             ErrorCode::RateLimited => ErrorCode::OverCapacity,
-            ErrorCode::PositionMismatch => ErrorCode::InvalidRequest,
+            ErrorCode::PositionMismatch | ErrorCode::GroupNotFound => ErrorCode::InvalidRequest,
             _ => ErrorCode::Unauthorized,
         }
     }
@@ -747,6 +1034,14 @@ impl ClientMessage {
             Self::Ping { .. } => "Ping",
             Self::Refresh { .. } => "Refresh",
             Self::Append { .. } => "Append",
+            Self::CreateGroup { .. } => "CreateGroup",
+            Self::JoinGroup { .. } => "JoinGroup",
+            Self::LeaveGroup { .. } => "LeaveGroup",
+            Self::Settle { .. } => "Settle",
+            Self::GroupInfo { .. } => "GroupInfo",
+            Self::ListGroups { .. } => "ListGroups",
+            Self::DeleteGroup { .. } => "DeleteGroup",
+            Self::Redrive { .. } => "Redrive",
         }
     }
 }
@@ -774,6 +1069,12 @@ impl ServerMessage {
             Self::RetryLater { .. } => "RetryLater",
             Self::Appended { .. } => "Appended",
             Self::PositionMismatch { .. } => "PositionMismatch",
+            Self::Joined { .. } => "Joined",
+            Self::Delivery { .. } => "Delivery",
+            Self::Settled { .. } => "Settled",
+            Self::GroupInfo { .. } => "GroupInfo",
+            Self::Groups { .. } => "Groups",
+            Self::Redriven { .. } => "Redriven",
         }
     }
 }
