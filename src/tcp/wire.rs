@@ -198,5 +198,16 @@ pub(crate) fn group_info(i: GroupInfo) -> proto::WireGroupInfo {
         acked: i.acked,
         dead_lettered: i.dead_lettered,
         lost: i.lost,
+        pending_sample: i
+            .pending_sample
+            .into_iter()
+            .map(|p| proto::WirePending {
+                offset: p.offset,
+                attempt: p.attempt,
+                consumer: p.consumer,
+                due_in_ms: p.due_in_ms,
+                first_delivered_ms: p.first_delivered_ms,
+            })
+            .collect(),
     }
 }

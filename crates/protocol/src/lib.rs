@@ -48,7 +48,7 @@ pub use frame::{
 pub use messages::{
     Ack, AppendAck, AppendEvent, ClientMessage, ErrorCode, GapReason, GroupOptions, GroupStart,
     Headers, NewEvent, ServerMessage, SettleAction, Start, TopicSummary, WireEvent, WireGap,
-    WireGroupInfo, WireMember, WireTopicInfo,
+    WireGroupInfo, WireMember, WirePending, WireTopicInfo,
 };
 
 /// Version of this wire protocol, sent in `Hello` and `Welcome`.

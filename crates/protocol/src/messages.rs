@@ -385,6 +385,27 @@ pub struct WireGroupInfo {
     pub dead_lettered: u64,
     /// Events lost to retention before they were done.
     pub lost: u64,
+    /// The oldest pending events (up to 100), lowest offset first.
+    pub pending_sample: Vec<WirePending>,
+}
+
+/// One pending event of a group in a [`WireGroupInfo`].
+///
+/// # Wire
+/// `offset` (u64), `attempt` (u32), `consumer` (option of string),
+/// `due_in_ms`, `first_delivered_ms` (u64), in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WirePending {
+    /// The event's offset.
+    pub offset: u64,
+    /// Deliveries so far.
+    pub attempt: u32,
+    /// The member holding it, when it is in flight.
+    pub consumer: Option<String>,
+    /// Milliseconds until its deadline (in flight) or redelivery (waiting).
+    pub due_in_ms: u64,
+    /// When it was first delivered, in ms since the Unix epoch.
+    pub first_delivered_ms: u64,
 }
 
 /// One event of a [`ClientMessage::PublishBatch`].
