@@ -5,6 +5,9 @@
 #   benches/compare.sh --quick    # smaller N, fewer rows, under 3 minutes (once built)
 #   benches/compare.sh --auth     # only the cost of access control: ringcast memory
 #                                 # with and without HS256 tokens (no peers needed)
+#   benches/compare.sh --groups   # only the consumer-group rows (ringcast fsync,
+#                                 # interval, memory; Redis Streams; JetStream)
+#                                 # (combine with --quick for the small size)
 #
 # Installs redis-server and nats-server if absent (Debian packages), builds
 # ringcastd and ringcast-bench in release, starts every server on loopback
@@ -18,17 +21,18 @@ set -euo pipefail
 # Debian installs nats-server in /usr/sbin, which a non-root PATH may lack.
 PATH=$PATH:/usr/sbin:/sbin
 
-QUICK=0 AUTH_ONLY=0
+QUICK=0 AUTH_ONLY=0 GROUPS_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
         --auth) AUTH_ONLY=1 ;;
+        --groups) GROUPS_ONLY=1 ;;
         -h | --help)
-            sed -n '2,15p' "$0"
+            sed -n '2,18p' "$0"
             exit 0
             ;;
         *)
-            echo "compare.sh: unknown argument $arg (use --quick, --auth or nothing)" >&2
+            echo "compare.sh: unknown argument $arg (use --quick, --auth, --groups or nothing)" >&2
             exit 2
             ;;
     esac
@@ -44,6 +48,7 @@ if ((QUICK)); then
     FANOUT=("1:50000" "100:5000")
     LAT_S=3
     SSE_N=1000
+    GROUP_N=50000
     REPEAT=1
 else
     N128=1000000 N4K=100000
@@ -51,8 +56,13 @@ else
     FANOUT=("1:500000" "10:100000" "100:20000" "1000:3000")
     LAT_S=10
     SSE_N=10000
+    GROUP_N=100000
     REPEAT=3
 fi
+# Consumer groups: workers per row; per worker, jobs in flight (ringcast
+# max_in_flight), entries per XREADGROUP (COUNT), messages per JetStream pull.
+GROUP_WORKERS=(1 4)
+GROUP_BATCH=256
 RESUME_N=100000
 WINDOW=1024
 # Retention, the same everywhere: ringcast topics.max_events, Redis
@@ -255,6 +265,16 @@ fanout_rows() { # target label-system
     done
 }
 
+# N events stored, then W workers ack each through a consumer group
+# (ringcast: pipelined Job::ack; Redis: XREADGROUP + one XACK per entry;
+# JetStream: durable pull consumer, AckExplicit, ack() per message).
+group_rows() { # target label-system
+    local w
+    for w in "${GROUP_WORKERS[@]}"; do
+        bench "$1" "group$w.$2" group --n "$GROUP_N" --workers "$w" --payload 128 --batch "$GROUP_BATCH"
+    done
+}
+
 # The same broker with access control on: HS256 tokens checked once per
 # connection (hello), grants matched once per request.
 auth_rows() {
@@ -288,19 +308,41 @@ if ((AUTH_ONLY)); then
     exit $((FAILED > 0))
 fi
 
+if ((GROUPS_ONLY)); then
+    # Consumer groups only, every system in one run, the peers with the
+    # settings of the publish rows (Redis AOF everysec, JetStream file).
+    for mode in fsync interval memory; do
+        start_ringcast "$mode"
+        group_rows ringcast "ringcast.$mode"
+        stop_server
+    done
+    start_redis everysec
+    group_rows redis-streams redis
+    stop_server
+    start_nats js
+    group_rows nats-jetstream jetstream
+    stop_server
+    echo "== $(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+    "$BENCH" report "$RESULTS" | grep -E '^\| (scenario|---)|consumer group|^Targets'
+    exit $((FAILED > 0))
+fi
+
 # ---------------------------------------------------------------- ringcast
 start_ringcast fsync
 publish_pair ringcast ringcast.fsync
+group_rows ringcast ringcast.fsync
 stop_server
 
 start_ringcast interval
 publish_pair ringcast ringcast.interval
+group_rows ringcast ringcast.interval
 bench ringcast resume.ringcast resume --n "$RESUME_N" --payload 128
 bench ringcast resume.ringcast.buf1k --dest bench1k --sub-buffer 1024 resume --n "$RESUME_N" --payload 128
 stop_server
 
 start_ringcast memory
 publish_pair ringcast ringcast.memory
+group_rows ringcast ringcast.memory
 fanout_rows ringcast ringcast
 # The SDK pauses a subscription whose queue (default 16,384; 1,024 before)
 # fills and re-subscribes it later: the same row with the old, shallow queue
@@ -326,6 +368,7 @@ stop_server
 start_redis everysec
 publish_pair redis-streams redis-xadd.everysec
 bench redis-streams resume.redis resume --n "$RESUME_N" --payload 128 --page 1000
+group_rows redis-streams redis
 stop_server
 
 start_redis none
@@ -338,6 +381,7 @@ stop_server
 start_nats js
 publish_pair nats-jetstream jetstream
 bench nats-jetstream resume.jetstream resume --n "$RESUME_N" --payload 128
+group_rows nats-jetstream jetstream
 stop_server
 
 start_nats core

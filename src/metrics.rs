@@ -3,6 +3,13 @@
 //!
 //! Label values are bounded: transports, gap reasons, limit names, and topic
 //! names only for topics listed in `[metrics] topics`.
+//!
+//! Consumer groups are not recorded on the hot path: [`render_groups`]
+//! computes their series from the engine's group reports at scrape time.
+//! Every family has one unlabelled series over all groups; the groups of
+//! topics listed in `[metrics] topics` also get their own series, labelled
+//! `{topic, group}` (as for published events, the label set stays bounded
+//! by configuration, not by what clients create).
 
 use std::sync::OnceLock;
 
@@ -58,6 +65,27 @@ pub const AUTH_REFUSED: &str = "ringcast_auth_refusals_total";
 /// Requests refused by a rate limit, by `limit` (`publish`, `connections`,
 /// `sse_per_credential`).
 pub const RATE_LIMITED: &str = "ringcast_rate_limited_total";
+
+/// Consumer groups alive.
+pub const GROUPS: &str = "ringcast_groups";
+/// Events of a group's topic not yet handed out.
+pub const GROUP_LAG: &str = "ringcast_group_lag";
+/// Events handed out and not yet done (acked, dead-lettered or lost).
+pub const GROUP_PENDING: &str = "ringcast_group_pending";
+/// Pending events held by a member now.
+pub const GROUP_IN_FLIGHT: &str = "ringcast_group_in_flight";
+/// Age of the oldest pending event since its first delivery, seconds.
+pub const GROUP_OLDEST_PENDING: &str = "ringcast_group_oldest_pending_age_seconds";
+/// Deliveries, first ones and redeliveries.
+pub const GROUP_DELIVERED: &str = "ringcast_group_delivered_total";
+/// Redeliveries.
+pub const GROUP_REDELIVERED: &str = "ringcast_group_redelivered_total";
+/// Events acked.
+pub const GROUP_ACKED: &str = "ringcast_group_acked_total";
+/// Events appended to a dead-letter topic.
+pub const GROUP_DEAD_LETTERED: &str = "ringcast_group_dead_lettered_total";
+/// Events lost to retention before they were done.
+pub const GROUP_LOST: &str = "ringcast_group_lost_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -162,4 +190,71 @@ pub fn auth_refused(transport: &'static str, code: &'static str) {
 /// Counts a refusal by `limit` (e.g. `max_tcp_connections`).
 pub fn refused(limit: &'static str) {
     metrics::counter!(REFUSED, "limit" => limit).increment(1);
+}
+
+/// Appends the consumer-group families to a Prometheus text exposition
+/// (`out`, as rendered by [`handle`]): for each, one unlabelled series
+/// over `groups` (a sum; the oldest age for the age gauge), and one series
+/// labelled `{topic, group}` per group whose topic is `metered`. The
+/// counters are the groups' own (persisted with them); the totals count
+/// live groups only, so deleting a group lowers them.
+pub fn render_groups(
+    out: &mut String,
+    groups: &[crate::engine::GroupInfo],
+    metered: impl Fn(&str) -> bool,
+) {
+    use crate::engine::GroupInfo;
+    use std::fmt::Write as _;
+
+    type Value = fn(&GroupInfo) -> f64;
+    let families: [(&str, &str, &str, Value); 9] = [
+        (GROUP_LAG, "gauge", "Events of the group's topic not yet handed out.", |g| g.lag as f64),
+        (GROUP_PENDING, "gauge", "Events handed out and not yet done (bounded by max_ack_pending).", |g| g.pending as f64),
+        (GROUP_IN_FLIGHT, "gauge", "Pending events held by a member now.", |g| g.in_flight as f64),
+        (GROUP_OLDEST_PENDING, "gauge", "Age of the oldest pending event since its first delivery; the unlabelled series is the oldest over all groups.", |g| g.oldest_pending_ms as f64 / 1000.0),
+        (GROUP_DELIVERED, "counter", "Group deliveries, first ones and redeliveries.", |g| g.delivered as f64),
+        (GROUP_REDELIVERED, "counter", "Group redeliveries (ack_wait expired, nack, member gone).", |g| g.redelivered as f64),
+        (GROUP_ACKED, "counter", "Events acked by group members.", |g| g.acked as f64),
+        (GROUP_DEAD_LETTERED, "counter", "Events a group appended to its dead-letter topic.", |g| g.dead_lettered as f64),
+        (GROUP_LOST, "counter", "Events retention took before the group was done with them.", |g| g.lost as f64),
+    ];
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# HELP {GROUPS} Consumer groups alive.");
+    let _ = writeln!(out, "# TYPE {GROUPS} gauge");
+    let _ = writeln!(out, "{GROUPS} {}", groups.len());
+    for (name, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let total = if name == GROUP_OLDEST_PENDING {
+            groups.iter().map(value).fold(0.0, f64::max)
+        } else {
+            groups.iter().map(value).sum()
+        };
+        let _ = writeln!(out, "{name} {total}");
+        for g in groups.iter().filter(|g| metered(&g.topic)) {
+            let _ = writeln!(
+                out,
+                "{name}{{topic=\"{}\",group=\"{}\"}} {}",
+                label(&g.topic),
+                label(&g.group),
+                value(g)
+            );
+        }
+    }
+}
+
+/// A label value escaped for the text format (names of topics and groups
+/// hold none of these characters; the escaping is a safeguard).
+fn label(v: &str) -> std::borrow::Cow<'_, str> {
+    if v.contains(['\\', '"', '\n']) {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+            .into()
+    } else {
+        v.into()
+    }
 }

@@ -35,7 +35,7 @@ const TICK: Duration = Duration::from_secs(1);
 pub enum Settle {
     /// Done: never delivered again.
     Ack,
-    /// Failed: redeliver after the delay (or the group's backoff).
+    /// Failed: redeliver after the delay (at most 24 h; or the group's backoff).
     Nack(Option<Duration>),
     /// Still working: the deadline moves a whole `ack_wait` on.
     InProgress,
@@ -448,6 +448,13 @@ impl Engine {
                 "at most {MAX_SETTLE} offsets per request"
             )));
         }
+        if let Settle::Nack(Some(delay)) = &how {
+            if *delay > group::MAX_ACK_WAIT {
+                return Err(EngineError::InvalidRequest(
+                    "a nack delay is at most 24 h".into(),
+                ));
+            }
+        }
         let g = self.group(topic, group)?;
         let now = Instant::now();
         let (settled, floor_moved) = {
@@ -687,7 +694,16 @@ impl Engine {
                 .map(|t| t.clone());
             match (record, t) {
                 (Some(r), Some(t)) if r.generation == t.state.read().generation => {
-                    let state = GroupState::from_record(r, now, now_ms);
+                    let mut state = GroupState::from_record(r, now, now_ms);
+                    let forgot = state.fit_to(t.state.read().next_offset());
+                    if forgot > 0 {
+                        tracing::warn!(
+                            topic,
+                            group = name,
+                            forgot,
+                            "the topic came back shorter than its consumer group saw it (unclean stop in interval mode); the group continues from the topic's end"
+                        );
+                    }
                     let g = Arc::new(Group {
                         topic: t.clone(),
                         name: Arc::from(name.as_str()),

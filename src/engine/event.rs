@@ -117,10 +117,20 @@ impl Event {
     /// and a fixed per-event overhead for the struct itself. Its front-end
     /// encodings are counted apart, once built (`TopicState::cache_bytes`).
     pub fn retained_size(&self) -> u64 {
-        const OVERHEAD: usize = 64;
-        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-        (self.payload.len() + self.event_type.len() + headers + OVERHEAD) as u64
+        retained_size(self.payload.len(), &self.event_type, &self.headers)
     }
+}
+
+/// Bytes an event of this payload length, type and headers is charged.
+fn retained_size(payload: usize, event_type: &str, headers: &[(String, String)]) -> u64 {
+    const OVERHEAD: usize = 64;
+    let headers: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (payload + event_type.len() + headers + OVERHEAD) as u64
+}
+
+/// What [`Event::retained_size`] will be for `e` once it is stored.
+pub(crate) fn retained_size_of(e: &NewEvent) -> u64 {
+    retained_size(e.payload.len(), &e.event_type, &e.headers)
 }
 
 /// An event as a publisher hands it in: the broker assigns the rest.

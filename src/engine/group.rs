@@ -425,6 +425,7 @@ impl GroupState {
     }
 
     fn mark_done(&mut self, o: u64) {
+        self.clear_timer(o);
         self.pending.remove(&o);
         self.ready.remove(&o);
         self.dead.remove(&o);
@@ -462,6 +463,30 @@ impl GroupState {
             })
     }
 
+    /// Removes the timer of entry `o` (its deadline or due time), so that
+    /// `timers` holds one entry per in-flight or waiting event and never
+    /// grows with stale ones. Call before the entry's state changes.
+    fn clear_timer(&mut self, o: u64) {
+        let at = match self.pending.get(&o).map(|e| &e.state) {
+            Some(State::InFlight { deadline, .. }) => *deadline,
+            Some(State::Waiting { due }) => *due,
+            _ => return,
+        };
+        self.timers.remove(&(at, o));
+    }
+
+    /// Queues a lost range for the next fetch, merged with the previous
+    /// one when they touch (one gap per contiguous loss).
+    fn push_gap(&mut self, from: u64, to: u64) {
+        if let Some(last) = self.gaps.last_mut() {
+            if last.1.checked_add(1) == Some(from) {
+                last.1 = to;
+                return;
+            }
+        }
+        self.gaps.push((from, to));
+    }
+
     /// The entry at `o` leaves the in-flight state: its holder gets room.
     fn leave_flight(&mut self, o: u64) {
         let holder = match self.pending.get(&o).map(|e| &e.state) {
@@ -488,7 +513,11 @@ impl GroupState {
                 publishing: false,
             }
         } else {
-            let delay = delay.unwrap_or_else(|| self.config.backoff_after(attempt));
+            // Checked at the API (`MAX_ACK_WAIT`); clamped again so that
+            // no delay can overflow the instant below.
+            let delay = delay
+                .unwrap_or_else(|| self.config.backoff_after(attempt))
+                .min(MAX_ACK_WAIT);
             if delay.is_zero() {
                 self.ready.insert(o);
                 State::Ready
@@ -580,7 +609,7 @@ impl GroupState {
                 None => {
                     // Retention took it before it was done.
                     self.stats.lost += 1;
-                    self.gaps.push((o, o));
+                    self.push_gap(o, o);
                     self.mark_done(o);
                 }
             }
@@ -593,7 +622,7 @@ impl GroupState {
             if self.next < first {
                 let (from, to) = (self.next, first - 1);
                 self.stats.lost += to - from + 1;
-                self.gaps.push((from, to));
+                self.push_gap(from, to);
                 self.mark_range_done(from, to);
                 self.next = first;
                 continue;
@@ -667,6 +696,7 @@ impl GroupState {
             match self.pending.get(&o).map(|e| &e.state) {
                 Some(State::InFlight { .. }) => {
                     self.leave_flight(o);
+                    self.clear_timer(o);
                     self.retry(o, delay, now, "nacked");
                     s.applied += 1;
                 }
@@ -710,6 +740,7 @@ impl GroupState {
                 Some(State::Dead { .. }) => s.already_done += 1,
                 Some(_) => {
                     self.leave_flight(o);
+                    self.clear_timer(o);
                     self.ready.remove(&o);
                     self.dead.insert(o);
                     if let Some(e) = self.pending.get_mut(&o) {
@@ -750,7 +781,7 @@ impl GroupState {
                 }
                 None => {
                     self.stats.lost += 1;
-                    self.gaps.push((o, o));
+                    self.push_gap(o, o);
                     self.mark_done(o);
                 }
             }
@@ -817,6 +848,7 @@ impl GroupState {
             .collect();
         for &o in &held {
             self.leave_flight(o);
+            self.clear_timer(o);
             self.ready.insert(o);
             if let Some(e) = self.pending.get_mut(&o) {
                 e.state = State::Ready;
@@ -951,6 +983,38 @@ impl GroupState {
         }
     }
 
+    /// Fits a recovered group to its topic, whose next offset is
+    /// `next_offset`. After an unclean stop in `interval` mode the topic
+    /// can come back shorter than the group saw it (with a new epoch):
+    /// offsets at or past its end will name new events, so the group's
+    /// cursor, floor and pending work are cut back to it. Returns how many
+    /// offsets the group forgot.
+    pub fn fit_to(&mut self, next_offset: u64) -> u64 {
+        let next_offset = next_offset.max(1);
+        if self.next <= next_offset {
+            return 0;
+        }
+        let forgot = self.next - next_offset;
+        self.next = next_offset;
+        self.floor = self.floor.min(next_offset - 1);
+        let done: Vec<(u64, u64)> = self.done.0.iter().map(|(a, b)| (*a, *b)).collect();
+        self.done = Ranges::default();
+        for (a, b) in done {
+            if a < next_offset {
+                self.done.insert(a, b.min(next_offset - 1));
+            }
+        }
+        let cut: Vec<u64> = self.pending.range(next_offset..).map(|(o, _)| *o).collect();
+        for o in cut {
+            self.leave_flight(o);
+            self.pending.remove(&o);
+            self.ready.remove(&o);
+            self.dead.remove(&o);
+        }
+        self.timers.retain(|(_, o)| *o < next_offset);
+        forgot
+    }
+
     /// The state a record describes, as of `now` / `now_ms`.
     pub fn from_record(r: GroupRecord, now: Instant, now_ms: u64) -> Self {
         let mut s = Self {
@@ -973,13 +1037,10 @@ impl GroupState {
                 s.done.insert(a, b);
             }
         }
-        let instant = |wall: u64| {
-            if wall >= now_ms {
-                now + Duration::from_millis(wall - now_ms)
-            } else {
-                now
-            }
-        };
+        // Deadlines and due times are at most `MAX_ACK_WAIT` ahead; a
+        // record (or a clock) saying otherwise must not overflow `now + d`.
+        let instant =
+            |wall: u64| now + Duration::from_millis(wall.saturating_sub(now_ms)).min(MAX_ACK_WAIT);
         for p in r.pending {
             if p.offset <= s.floor || p.offset >= s.next || s.done.contains(p.offset) {
                 continue;
@@ -1019,21 +1080,24 @@ impl GroupState {
             );
         }
         // An offset below `next` that is neither done nor pending was handed
-        // out in a pass that a crash lost: hand it out again.
-        let mut o = s.floor + 1;
-        while o < s.next {
-            if !s.pending.contains_key(&o) && !s.done.contains(o) {
-                s.pending.insert(
-                    o,
-                    Entry {
-                        attempt: 0,
-                        first_ms: now_ms,
-                        state: State::Ready,
-                    },
-                );
+        // out in a pass that a crash lost: hand it out again. Only the holes
+        // between the done ranges are walked (pending ones and such), not
+        // every offset above the floor.
+        let mut holes = Vec::new();
+        let mut from = s.floor + 1;
+        for (&a, &b) in s.done.0.iter().chain(std::iter::once((&s.next, &s.next))) {
+            holes.push(from..a.min(s.next));
+            from = b.saturating_add(1);
+        }
+        for o in holes.into_iter().flatten() {
+            if let std::collections::btree_map::Entry::Vacant(slot) = s.pending.entry(o) {
+                slot.insert(Entry {
+                    attempt: 0,
+                    first_ms: now_ms,
+                    state: State::Ready,
+                });
                 s.ready.insert(o);
             }
-            o += 1;
         }
         s
     }
@@ -1148,6 +1212,113 @@ mod tests {
         assert_eq!(c.backoff_after(2), Duration::from_secs(5));
         assert_eq!(c.backoff_after(9), Duration::from_secs(5));
         assert_eq!(GroupConfig::default().backoff_after(1), Duration::ZERO);
+    }
+
+    fn topic_with(n: u64) -> TopicState {
+        let retention = super::super::TopicsConfig::default().retention_for("t");
+        let mut t = TopicState::new(1, retention, Default::default());
+        let events = (1..=n).map(|o| {
+            Arc::new(Event::new(
+                o,
+                o,
+                0,
+                Arc::from("e"),
+                Vec::new(),
+                bytes::Bytes::new(),
+            ))
+        });
+        t.push(events, 0);
+        t
+    }
+
+    #[test]
+    fn settled_entries_leave_no_timers_behind() {
+        let topic = topic_with(1005);
+        let mut g = GroupState::new(GroupConfig::default(), &topic, 0);
+        let w: Arc<str> = Arc::from("w");
+        let now = Instant::now();
+        for round in 0..10u64 {
+            let f = g.fetch(&topic, &w, 100, now, 0);
+            let offsets: Vec<u64> = f.deliveries.iter().map(|d| d.event.offset).collect();
+            assert_eq!(offsets.len(), 100);
+            // Acks, nacks (waiting on a delay), terms and a clean leave all
+            // change an entry's state: none may leave a stale timer.
+            g.nack(&offsets[..10], Some(Duration::from_secs(60)), now);
+            g.term(&offsets[10..20], "x");
+            g.ack(&offsets[20..]);
+            g.ack(&offsets[..10]);
+            assert_eq!(g.timers.len(), 0, "round {round}");
+            assert!(g.take_dead(&topic).len() == 10);
+            for o in &offsets[10..20] {
+                g.dead_lettered(*o, true);
+            }
+            assert_eq!(g.pending.len(), 0);
+        }
+        let f = g.fetch(&topic, &w, 5, now, 0);
+        assert_eq!(g.timers.len(), 5);
+        g.join(&w, 0, now);
+        assert!(g.leave("w", true, now));
+        assert_eq!(g.timers.len(), 0);
+        assert_eq!(g.ready.len(), f.deliveries.len());
+    }
+
+    #[test]
+    fn lost_neighbours_are_reported_as_one_gap() {
+        let mut g = GroupState::new(GroupConfig::default(), &topic_with(1), 0);
+        g.push_gap(1, 1);
+        g.push_gap(2, 2);
+        g.push_gap(3, 9);
+        g.push_gap(12, 12);
+        assert_eq!(g.gaps, vec![(1, 9), (12, 12)]);
+    }
+
+    #[test]
+    fn recovery_hands_out_again_what_a_lost_pass_had_handed_out() {
+        let topic = topic_with(10);
+        let mut g = GroupState::new(GroupConfig::default(), &topic, 0);
+        let w: Arc<str> = Arc::from("w");
+        let now = Instant::now();
+        g.fetch(&topic, &w, 10, now, 0);
+        g.ack(&[1, 2, 5, 6, 9]);
+        let mut record = g.record(now, 0);
+        // As if the record of a later pass was lost: 3 and 8 are missing.
+        record.pending.retain(|p| p.offset != 3 && p.offset != 8);
+        let back = GroupState::from_record(record, now, 0);
+        assert_eq!(back.floor, 2);
+        assert_eq!(back.ready.iter().copied().collect::<Vec<_>>(), vec![3, 8]);
+        assert_eq!(back.pending.len(), 5);
+        assert_eq!(back.timers.len(), 3);
+    }
+
+    #[test]
+    fn a_group_ahead_of_its_recovered_topic_is_cut_back_to_its_end() {
+        let topic = topic_with(10);
+        let mut g = GroupState::new(GroupConfig::default(), &topic, 0);
+        let w: Arc<str> = Arc::from("w");
+        let now = Instant::now();
+        g.fetch(&topic, &w, 10, now, 0);
+        g.ack(&[1, 2, 3, 5, 8, 9]);
+        // The topic came back with 6 events: offsets 7.. will be new ones.
+        assert_eq!(g.fit_to(7), 4);
+        assert_eq!((g.next, g.floor), (7, 3));
+        assert!(g.done.contains(5) && !g.done.contains(8));
+        assert_eq!(g.pending.keys().copied().collect::<Vec<_>>(), vec![4, 6]);
+        assert_eq!(g.timers.len(), 2);
+        assert_eq!(g.members[&w].in_flight, 2);
+        assert_eq!(g.fit_to(7), 0);
+    }
+
+    #[test]
+    fn a_record_with_a_far_deadline_does_not_overflow() {
+        let topic = topic_with(1);
+        let mut g = GroupState::new(GroupConfig::default(), &topic, 0);
+        let w: Arc<str> = Arc::from("w");
+        let now = Instant::now();
+        g.fetch(&topic, &w, 1, now, 0);
+        let mut record = g.record(now, 0);
+        record.pending[0].due_ms = u64::MAX;
+        let back = GroupState::from_record(record, now, 0);
+        assert_eq!(back.next_timer(), Some(now + MAX_ACK_WAIT));
     }
 
     #[test]

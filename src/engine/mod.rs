@@ -911,9 +911,13 @@ impl Engine {
         };
         let window_ms = retention.dedup_window_ms();
         let mut bytes = 0;
+        // What the ring will count for them (`Event::retained_size`), for
+        // the `retain_until_acked` cap.
+        let mut retained = 0;
         for e in &events {
             self.validate_event(e, &retention)?;
             bytes += e.payload.len() as u64;
+            retained += event::retained_size_of(e);
         }
         let cap = self.inner.options.limits.max_retained_bytes;
         if self.inner.global_bytes.load(Ordering::Relaxed) + bytes > cap {
@@ -951,7 +955,7 @@ impl Engine {
                 if state.sealed {
                     return Err(EngineError::TopicSealed(topic.to_owned()));
                 }
-                if state.pinned_full(bytes) {
+                if state.pinned_full(retained) {
                     crate::metrics::refused("retain_until_acked");
                     return Err(EngineError::TopicFull {
                         topic: topic.to_owned(),
@@ -998,7 +1002,7 @@ impl Engine {
                 if state.sealed {
                     return Err(EngineError::TopicSealed(topic.to_owned()));
                 }
-                if state.pinned_full(bytes) {
+                if state.pinned_full(retained) {
                     crate::metrics::refused("retain_until_acked");
                     return Err(EngineError::TopicFull {
                         topic: topic.to_owned(),

@@ -232,7 +232,13 @@ pub(crate) fn with_cors(app: Router, rules: Arc<CrossSite>) -> Router {
             })
         }))
         .allow_credentials(true)
-        .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::DELETE])
+        .allow_methods([
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+        ])
         // A listed origin is trusted: whatever headers its preflight asks
         // for (`X-Ringcast-Header-*` event headers included) are allowed.
         .allow_headers(AllowHeaders::mirror_request())

@@ -23,6 +23,7 @@ mod api;
 mod conn;
 mod cross_site;
 mod envelope;
+mod groups;
 mod sse;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,6 +79,9 @@ pub struct HttpSettings {
     pub max_history_bytes: usize,
     /// A started request (headers and body) must arrive whole within this.
     pub read_timeout: Duration,
+    /// Topics whose consumer groups get their own `/metrics` series
+    /// (`[metrics] topics`).
+    pub metered_topics: Vec<String>,
 }
 
 impl HttpSettings {
@@ -98,6 +102,7 @@ impl HttpSettings {
             max_outbound_bytes: crate::config::usize_bytes(config.limits.max_outbound_bytes),
             max_history_bytes: crate::config::usize_bytes(config.limits.max_history_bytes),
             read_timeout: config.server.read_timeout,
+            metered_topics: config.metrics.topics.clone(),
         }
     }
 }
@@ -159,7 +164,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/topics/{topic}/events:batch", post(api::publish_batch))
         .route("/v1/topics/{topic}/history", get(api::history))
         .route("/v1/topics/{topic}/seal", post(api::seal))
-        .route("/metrics", get(api::metrics))
+        .merge(groups::routes())
+        .route("/metrics", get(groups::metrics))
         // Only the routes above: SSE streams have their own limit, and
         // health probes must answer under load.
         .route_layer(axum::middleware::from_fn_with_state(

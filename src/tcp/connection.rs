@@ -1493,7 +1493,20 @@ async fn group_pump(
         };
         let fetched = match fetched {
             Some(Ok(f)) => f,
-            // The connection is closing, or the group was deleted.
+            Some(Err(EngineError::GroupNotFound(_))) => {
+                // The group (or its topic) was deleted: the membership is
+                // over, and the member is told so.
+                let end = ServerMessage::End {
+                    subscription_id,
+                    topic: topic.clone(),
+                    last_offset: 0,
+                };
+                if encode_frame(&end, &mut buf).is_ok() {
+                    let _ = send_charged(&out, &outbound, buf.split().freeze()).await;
+                }
+                break;
+            }
+            // The connection is closing.
             _ => break,
         };
         delivered.increment(fetched.deliveries.len() as u64);

@@ -9,6 +9,7 @@
 //! ```
 
 mod common;
+mod groups;
 mod report;
 mod scenarios;
 mod sse;
@@ -52,7 +53,7 @@ struct Args {
     /// does; 0 = unbounded.
     #[arg(long, global = true, default_value_t = 0)]
     retain: u64,
-    /// Runs of publish / fanout / resume (fresh topics each); the median
+    /// Runs of publish / fanout / resume / group (fresh topics each); the median
     /// run is reported, with every run's figure in `runs`.
     #[arg(long, global = true, default_value_t = 1)]
     repeat: usize,
@@ -125,6 +126,23 @@ enum Scenario {
         /// Redis Streams: entries per XREAD.
         #[arg(long, default_value_t = 1000)]
         page: usize,
+    },
+    /// Consumer group: `n` events stored first, then W workers take them
+    /// through a group and ack each one; acked events/s.
+    Group {
+        /// Events published (untimed) and then consumed.
+        #[arg(long, default_value_t = 100_000)]
+        n: u64,
+        /// Workers, each on its own connection.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 128)]
+        payload: usize,
+        /// Per worker: ringcast `max_in_flight`, Redis `XREADGROUP COUNT`,
+        /// JetStream messages per pull batch.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
     },
     /// ringcast only: N idle SSE connections, RSS per connection, broadcast delivery.
     Sse {
@@ -219,7 +237,7 @@ async fn run(args: Args) -> Result<()> {
     // the run with the median figure is reported, with every run's figure.
     let (repeat, key) = match &args.scenario {
         Scenario::Publish { .. } | Scenario::Fanout { .. } => (args.repeat.max(1), "msgs_per_s"),
-        Scenario::Resume { .. } => (args.repeat.max(1), "events_per_s"),
+        Scenario::Resume { .. } | Scenario::Group { .. } => (args.repeat.max(1), "events_per_s"),
         _ => (1, ""),
     };
     let mut runs = Vec::with_capacity(repeat);
@@ -292,6 +310,12 @@ async fn run_once(c: &Common, scenario: &Scenario) -> Result<Record> {
             .await?
         }
         Scenario::Resume { n, payload, page } => scenarios::resume(c, n, payload, page).await?,
+        Scenario::Group {
+            n,
+            workers,
+            payload,
+            batch,
+        } => groups::group(c, n, workers, payload, batch).await?,
         Scenario::Sse {
             ref http_addr,
             connections,
@@ -340,6 +364,15 @@ fn emit(rec: &Record, out: Option<&std::path::Path>) -> Result<()> {
             s("lost")
         ),
         "resume" => format!("{:.0} events/s", n("events_per_s")),
+        "group" => format!(
+            "{} workers: {:.0} acked events/s ({} of {}), server {:.2} µs CPU/ack, client {} CPU-s",
+            s("workers"),
+            n("events_per_s"),
+            s("acked"),
+            s("n"),
+            n("server_cpu_us_per_msg"),
+            s("client_cpu_s")
+        ),
         "sse" => format!(
             "{} connections: {:.2} KiB RSS each; broadcast p99 {:.0} µs",
             s("connections"),

@@ -26,6 +26,8 @@ enum Metric {
     Resume,
     /// SSE RSS per connection against a fixed target (KiB).
     SseRss,
+    /// Consumer group: acked events/s plus server CPU per acked event.
+    Group,
 }
 
 struct Row {
@@ -180,6 +182,29 @@ fn rows() -> Vec<Row> {
         "resume.jetstream".into(),
         Resume,
     ));
+    for w in [1, 4] {
+        let scen = format!(
+            "consumer group, {w} worker{}, ack each (acked events/s; server CPU per ack)",
+            if w == 1 { "" } else { "s" }
+        );
+        for mode in ["fsync", "interval", "memory"] {
+            for (peer_name, peer) in [
+                ("Redis XREADGROUP + XACK, appendfsync everysec", "redis"),
+                (
+                    "JetStream pull consumer, AckExplicit, file storage",
+                    "jetstream",
+                ),
+            ] {
+                rows.push(row(
+                    format!("{scen}, ringcast {mode}"),
+                    format!("group{w}.ringcast.{mode}"),
+                    peer_name,
+                    format!("group{w}.{peer}"),
+                    Group,
+                ));
+            }
+        }
+    }
     // The cost of access control: the same broker with every client
     // holding an HS256 token, against no auth, in the same run.
     rows.push(row(
@@ -289,6 +314,20 @@ fn cell_figures(r: &Record, metric: Metric) -> String {
             si(n("events_per_s")),
             redelivery_note(r, "received")
         ),
+        Metric::Group => {
+            let mut s = format!("{} acked/s", si(n("events_per_s")));
+            if let Some(cpu) = r.num("server_cpu_us_per_msg") {
+                s.push_str(&format!(", {cpu:.2} µs CPU/ack"));
+            }
+            match (r.num("acked"), r.num("n")) {
+                (Some(a), Some(n)) if a < n => s.push_str(&format!(", **acked {a:.0} of {n:.0}**")),
+                _ => {}
+            }
+            if let Some(k) = r.num("redelivered_seen").filter(|k| *k > 0.0) {
+                s.push_str(&format!(", {k:.0} redelivered"));
+            }
+            s
+        }
         Metric::SseRss => format!(
             "{:.2} KiB/conn at {} conns; broadcast p99 {}",
             n("rss_per_conn_kib"),
@@ -303,7 +342,7 @@ fn figure(r: &Record, metric: Metric) -> Option<f64> {
     match metric {
         Metric::Publish | Metric::Fanout => r.num("msgs_per_s"),
         Metric::P99 => r.num("p99_us"),
-        Metric::Resume => r.num("events_per_s"),
+        Metric::Resume | Metric::Group => r.num("events_per_s"),
         Metric::SseRss => r.num("rss_per_conn_kib"),
     }
 }
@@ -357,7 +396,7 @@ pub fn run(path: &str) -> Result<()> {
         ) {
             (Some(a), Some(b)) if b > 0.0 => {
                 let mut s = format!("{:.2}×", a / b);
-                if matches!(r.metric, Metric::Fanout | Metric::Publish) {
+                if matches!(r.metric, Metric::Fanout | Metric::Publish | Metric::Group) {
                     if let (Some(ca), Some(cb)) = (
                         ours.and_then(|o| o.num("server_cpu_us_per_msg")),
                         peer.and_then(|p| p.num("server_cpu_us_per_msg")),
@@ -446,6 +485,27 @@ pub fn run(path: &str) -> Result<()> {
             false,
         ),
         None => println!("- SSE RSS per connection: not measured"),
+    }
+    for w in [1, 4] {
+        for mode in ["fsync", "interval"] {
+            for (peer, name) in [
+                ("redis", "Redis XREADGROUP + XACK (everysec)"),
+                ("jetstream", "JetStream pull consumer (file)"),
+            ] {
+                verdict(
+                    format!(
+                        "consumer group, {w} worker{}, ringcast {mode} ≥ {name} (acked events/s)",
+                        if w == 1 { "" } else { "s" }
+                    ),
+                    ratio(
+                        &format!("group{w}.ringcast.{mode}"),
+                        &format!("group{w}.{peer}"),
+                        "events_per_s",
+                    ),
+                    true,
+                );
+            }
+        }
     }
     match results.get("resume.ringcast") {
         Some(r) => verdict(

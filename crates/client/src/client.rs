@@ -9,13 +9,14 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use ringcast_protocol::{
-    Ack, AppendAck, AppendEvent, ClientMessage, NewEvent, ServerMessage, Start, TopicSummary,
-    WireEvent, WireTopicInfo,
+    Ack, AppendAck, AppendEvent, ClientMessage, GroupOptions, NewEvent, ServerMessage,
+    SettleAction, Start, TopicSummary, WireEvent, WireGroupInfo, WireTopicInfo,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
 
-use crate::connection::{self, Command, FatalSlot, Subscribed, Task};
+use crate::connection::{self, Command, FatalSlot, JoinSpec, Subscribed, Task};
+use crate::consumer::{ConsumeOptions, Consumer, Settled};
 use crate::error::{Error, Result};
 use crate::options::ClientOptions;
 use crate::subscription::Subscription;
@@ -511,6 +512,200 @@ impl Client {
         let topic = topic.into();
         self.expect_ok(|request_id| ClientMessage::Delete { request_id, topic })
             .await
+    }
+
+    /// Joins consumer group `group` of `topic` as `options.consumer` and
+    /// returns the membership: a stream of [`Job`](crate::Job)s — each event
+    /// to one member of the group at a time, to settle with `ack`, `nack`,
+    /// `in_progress` or `term` — and of gaps for work the group lost.
+    ///
+    /// The group must exist unless [`ConsumeOptions::create`] is set. The
+    /// membership survives reconnects (see [`Consumer`]); it ends with
+    /// [`Consumer::leave`], or when the consumer and its jobs are dropped.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: ringcast_client::Client) -> ringcast_client::Result<()> {
+    /// use ringcast_client::{ConsumeOptions, ConsumerItem, GroupOptions};
+    /// let options = ConsumeOptions::new("mailer-1").create(GroupOptions::default());
+    /// let mut jobs = client.consume("emails", "mailer", options).await?;
+    /// while let Some(item) = jobs.next().await {
+    ///     match item? {
+    ///         ConsumerItem::Job(job) => {
+    ///             println!("sending {} (attempt {})", job.offset(), job.attempt());
+    ///             job.ack().await?;
+    ///         }
+    ///         ConsumerItem::Gap(gap) => eprintln!("lost work up to {}", gap.first_available - 1),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn consume(
+        &self,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+        options: ConsumeOptions,
+    ) -> Result<Consumer> {
+        let deadline = Instant::now() + self.inner.options.request_timeout;
+        let id = self.inner.sub_ids.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let terminal = Arc::default();
+        let (ready, ready_rx) = oneshot::channel();
+        let spec = JoinSpec {
+            topic: topic.into(),
+            group: group.into(),
+            consumer: options.consumer,
+            max_in_flight: options.max_in_flight,
+            create: options.create,
+        };
+        let cmd = Command::Join {
+            sub_id: id,
+            spec: spec.clone(),
+            tx,
+            terminal: Arc::clone(&terminal),
+            ready,
+        };
+        self.enqueue(cmd, deadline).await?;
+        let epoch = match timeout_at(deadline, ready_rx).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(_)) => return Err(self.inner.gone()),
+            Err(_) => return Err(Error::Timeout),
+        };
+        Ok(Consumer::new(
+            self.clone(),
+            id,
+            spec.topic,
+            spec.group,
+            spec.consumer,
+            epoch,
+            rx,
+            terminal,
+        ))
+    }
+
+    /// Settles `offsets` through membership `id`. Everything but a nack is
+    /// sent again on the next connection if this one drops first: a repeat
+    /// counts as `already_done`, while a repeated nack could hit another
+    /// member's redelivery.
+    pub(crate) async fn settle(
+        &self,
+        id: u64,
+        offsets: Vec<u64>,
+        action: SettleAction,
+    ) -> Result<Settled> {
+        let resend = !matches!(action, SettleAction::Nack(_));
+        let reply = self
+            .send_request_with(resend, |request_id| ClientMessage::Settle {
+                request_id,
+                subscription_id: id,
+                offsets,
+                action,
+            })
+            .await?;
+        match reply.await? {
+            ServerMessage::Settled {
+                applied,
+                already_done,
+                unknown,
+                ..
+            } => Ok(Settled {
+                applied,
+                already_done,
+                unknown,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Creates consumer group `group` of `topic` with `options` and returns
+    /// it. Idempotent: an existing group is returned unchanged, unless
+    /// `update` is set, which gives it the new settings (all but `start`;
+    /// needs the `admin` grant).
+    pub async fn create_group(
+        &self,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+        options: GroupOptions,
+        update: bool,
+    ) -> Result<WireGroupInfo> {
+        let (topic, group) = (topic.into(), group.into());
+        self.group_reply(|request_id| ClientMessage::CreateGroup {
+            request_id,
+            topic,
+            group,
+            options,
+            update,
+        })
+        .await
+    }
+
+    /// Describes a consumer group: settings, position, lag, pending work
+    /// (with the oldest pending events), members and counters.
+    pub async fn group_info(
+        &self,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+    ) -> Result<WireGroupInfo> {
+        let (topic, group) = (topic.into(), group.into());
+        self.group_reply(|request_id| ClientMessage::GroupInfo {
+            request_id,
+            topic,
+            group,
+        })
+        .await
+    }
+
+    /// Lists the consumer groups of `topic`, by name.
+    pub async fn groups(&self, topic: impl Into<String>) -> Result<Vec<WireGroupInfo>> {
+        let topic = topic.into();
+        match self
+            .request(|request_id| ClientMessage::ListGroups { request_id, topic })
+            .await?
+        {
+            ServerMessage::Groups { groups, .. } => Ok(groups),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Deletes a consumer group and its pending work (needs `admin`). Its
+    /// members get no more jobs; their consumers end with `group_not_found`
+    /// when they next join (after a reconnect), or when the broker ends the
+    /// membership with `End`.
+    pub async fn delete_group(
+        &self,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+    ) -> Result<()> {
+        let (topic, group) = (topic.into(), group.into());
+        self.expect_ok(|request_id| ClientMessage::DeleteGroup {
+            request_id,
+            topic,
+            group,
+        })
+        .await
+    }
+
+    /// Publishes the group's dead letters back to its topic, each once (needs
+    /// `admin`); returns how many were published (repeats not counted).
+    pub async fn redrive(&self, topic: impl Into<String>, group: impl Into<String>) -> Result<u64> {
+        let (topic, group) = (topic.into(), group.into());
+        match self
+            .request(|request_id| ClientMessage::Redrive {
+                request_id,
+                topic,
+                group,
+            })
+            .await?
+        {
+            ServerMessage::Redriven { count, .. } => Ok(count),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn group_reply(&self, build: impl FnOnce(u64) -> ClientMessage) -> Result<WireGroupInfo> {
+        match self.request(build).await? {
+            ServerMessage::GroupInfo { info, .. } => Ok(info),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Sends `Ping` and returns the round-trip time.

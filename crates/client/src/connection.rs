@@ -33,6 +33,17 @@
 //! broker replays what it still retains and reports the rest as a gap, so a
 //! slow consumer costs memory neither here nor at the broker, and never
 //! receives a duplicate or misses something silently.
+//!
+//! Consumer-group memberships live beside the subscriptions, in the same id
+//! space. Their queues need no pausing: the broker pushes at most the
+//! membership's `max_in_flight` unsettled deliveries. After a reconnect the
+//! task joins each membership again under the same id and consumer name
+//! before it sends what waited, so a `Settle` for a delivery of the old
+//! connection reaches the broker through the membership's new session (the
+//! broker settles by topic, group and offset, whichever session took it).
+//! Acks, in-progress and terms in flight at a loss are sent again on the next
+//! connection (a repeat only counts as `already_done`); nacks are not, since a
+//! repeat could nack the redelivery another member holds by then.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
@@ -42,8 +53,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use ringcast_protocol::{
-    encode_frame, ClientMessage, ErrorCode, FrameDecoder, ProtocolError, ServerMessage, Start,
-    WireEvent, WireGap, FRAME_HEADER_LEN, PROTOCOL_VERSION,
+    encode_frame, ClientMessage, ErrorCode, FrameDecoder, GroupOptions, ProtocolError,
+    ServerMessage, Start, WireEvent, WireGap, FRAME_HEADER_LEN, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -111,6 +122,29 @@ pub(crate) enum Push {
     End { topic: String, last_offset: u64 },
 }
 
+/// One item of a group membership's queue.
+#[derive(Debug)]
+pub(crate) enum GroupPush {
+    /// A delivery: settle it by its offset.
+    Job { attempt: u32, event: WireEvent },
+    /// Work the group lost (retention) before it was done.
+    Gap(WireGap),
+}
+
+/// The task's end of a membership's queue. Unbounded: the broker bounds
+/// what it pushes by the membership's `max_in_flight`.
+pub(crate) type GroupSender = mpsc::UnboundedSender<GroupPush>;
+
+/// What a membership is: where, and as whom.
+#[derive(Debug, Clone)]
+pub(crate) struct JoinSpec {
+    pub(crate) topic: String,
+    pub(crate) group: String,
+    pub(crate) consumer: String,
+    pub(crate) max_in_flight: u32,
+    pub(crate) create: Option<GroupOptions>,
+}
+
 /// The broker's answer to a subscription's first `Subscribe`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Subscribed {
@@ -140,7 +174,18 @@ pub(crate) enum Command {
         terminal: TerminalSlot,
         ready: oneshot::Sender<Result<Subscribed>>,
     },
-    /// End a subscription, answering once the broker confirmed.
+    /// Join a consumer group and keep the membership across reconnects;
+    /// `ready` gets the topic's epoch from `Joined`.
+    Join {
+        /// The client-side id, also its wire id on every connection.
+        sub_id: u64,
+        spec: JoinSpec,
+        tx: GroupSender,
+        terminal: TerminalSlot,
+        ready: oneshot::Sender<Result<u64>>,
+    },
+    /// End a subscription (or leave a group cleanly), answering once the
+    /// broker confirmed.
     Unsubscribe {
         sub_id: u64,
         reply: oneshot::Sender<Result<()>>,
@@ -160,6 +205,7 @@ impl Command {
         match self {
             Command::Request { reply, .. } => reply.is_closed(),
             Command::Subscribe { ready, .. } => ready.is_closed(),
+            Command::Join { ready, .. } => ready.is_closed(),
             Command::Unsubscribe { reply, .. } => reply.is_closed(),
             Command::Refresh { reply, .. } => reply.is_closed(),
             Command::Close { .. } => false,
@@ -301,6 +347,8 @@ enum Pending {
     Unsubscribe(oneshot::Sender<Result<()>>),
     /// A `Subscribe` for this (client-side) subscription id.
     Subscribe(u64),
+    /// A `JoinGroup` for this membership id.
+    Join(u64),
     /// A `Refresh` with these credentials; `reply` is `None` for the task's
     /// own (proactive) refreshes.
     Refresh {
@@ -359,6 +407,51 @@ impl SubEntry {
     }
 }
 
+/// The task's view of one group membership.
+struct GroupEntry {
+    spec: JoinSpec,
+    tx: GroupSender,
+    terminal: TerminalSlot,
+    /// The caller's `consume`, until the first `Joined`.
+    ready: Option<oneshot::Sender<Result<u64>>>,
+    /// Whether pushes are taken: from `Joined` until the connection is lost.
+    accepting: bool,
+}
+
+impl GroupEntry {
+    fn new(
+        spec: JoinSpec,
+        tx: GroupSender,
+        terminal: TerminalSlot,
+        ready: oneshot::Sender<Result<u64>>,
+    ) -> Self {
+        GroupEntry {
+            spec,
+            tx,
+            terminal,
+            ready: Some(ready),
+            accepting: false,
+        }
+    }
+
+    /// Ends the membership with an error the caller will see last.
+    fn fail(self, error: Error) {
+        let mut slot = self.terminal.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some(error);
+    }
+
+    /// Hands the error to whoever waits: the caller's `consume` before the
+    /// first `Joined`, the consumer's stream after.
+    fn fail_or_refuse(mut self, error: Error) {
+        match self.ready.take() {
+            Some(ready) => {
+                let _ = ready.send(Err(error));
+            }
+            None => self.fail(error),
+        }
+    }
+}
+
 /// Why a connection's loop returned.
 enum Exit {
     /// The connection is gone; reconnect.
@@ -387,6 +480,8 @@ pub(crate) struct Task {
     subs: BTreeMap<u64, SubEntry>,
     /// Wire id → client-side id.
     wire: HashMap<u64, u64>,
+    /// Group memberships by id (the same on the wire, on every connection).
+    groups: BTreeMap<u64, GroupEntry>,
     /// Requests issued while disconnected, sent after the next handshake.
     waiting: VecDeque<Command>,
     wbuf: BytesMut,
@@ -436,6 +531,7 @@ impl Task {
             pending: HashMap::new(),
             subs: BTreeMap::new(),
             wire: HashMap::new(),
+            groups: BTreeMap::new(),
             waiting: VecDeque::new(),
             wbuf: BytesMut::new(),
             max_frame_out: usize::MAX,
@@ -491,13 +587,13 @@ impl Task {
                         let _ = reply.send(Err(Error::ConnectionLost));
                     }
                 }
-                Pending::Subscribe(_) | Pending::Ignore => {}
+                Pending::Subscribe(_) | Pending::Join(_) | Pending::Ignore => {}
             }
         }
         if !again.is_empty() {
             debug!(
                 requests = again.len(),
-                "publishes in flight go again, with their idempotency keys"
+                "requests in flight go again (publishes with their idempotency keys, settles)"
             );
         }
         // Request ids grow in sending order.
@@ -513,6 +609,9 @@ impl Task {
         self.wbuf.clear();
         for sub in self.subs.values_mut() {
             sub.accepting = false;
+        }
+        for membership in self.groups.values_mut() {
+            membership.accepting = false;
         }
     }
 
@@ -540,7 +639,7 @@ impl Task {
                         let _ = reply.send(Err(error()));
                     }
                 }
-                Pending::Subscribe(_) | Pending::Ignore => {}
+                Pending::Subscribe(_) | Pending::Join(_) | Pending::Ignore => {}
             }
         }
         for cmd in self.waiting.drain(..) {
@@ -554,6 +653,15 @@ impl Task {
                     let _ = ready.send(Err(error()));
                 }
                 None if fatal.is_some() => sub.fail(error()),
+                None => {}
+            }
+        }
+        for (_, mut membership) in std::mem::take(&mut self.groups) {
+            match membership.ready.take() {
+                Some(ready) => {
+                    let _ = ready.send(Err(error()));
+                }
+                None if fatal.is_some() => membership.fail(error()),
                 None => {}
             }
         }
@@ -616,7 +724,9 @@ impl Task {
                         Some(cmd) => self.handle_offline(cmd),
                     },
                     Some(sub_id) = self.drop_rx.recv() => {
+                        // Without a connection there is no one to tell.
                         self.forget(sub_id);
+                        self.groups.remove(&sub_id);
                     }
                     Some(sub_id) = self.room_rx.recv() => {
                         // Subscribed again with the others on the next connection.
@@ -644,8 +754,20 @@ impl Task {
                 self.wire.insert(entry.wire_id, sub_id);
                 self.subs.insert(sub_id, entry);
             }
+            Command::Join {
+                sub_id,
+                spec,
+                tx,
+                terminal,
+                ready,
+            } => {
+                // Joined on the next connection with the others.
+                self.groups
+                    .insert(sub_id, GroupEntry::new(spec, tx, terminal, ready));
+            }
             Command::Unsubscribe { sub_id, reply } => {
                 self.forget(sub_id);
+                self.groups.remove(&sub_id);
                 let _ = reply.send(Ok(()));
             }
             Command::Refresh { credentials, reply } => {
@@ -693,6 +815,12 @@ impl Task {
             .collect();
         for sub_id in sub_ids {
             self.send_subscribe(sub_id);
+        }
+        // Memberships before the waiting requests: settles among them need
+        // the membership on this connection.
+        let group_ids: Vec<u64> = self.groups.keys().copied().collect();
+        for id in group_ids {
+            self.send_join(id);
         }
         let waiting = std::mem::take(&mut self.waiting);
         // A caller that stopped waiting was told `Timeout`: its request must
@@ -846,6 +974,32 @@ impl Task {
                 self.wire.insert(entry.wire_id, sub_id);
                 self.subs.insert(sub_id, entry);
                 self.send_subscribe(sub_id);
+            }
+            Command::Join {
+                sub_id,
+                spec,
+                tx,
+                terminal,
+                ready,
+            } => {
+                self.groups
+                    .insert(sub_id, GroupEntry::new(spec, tx, terminal, ready));
+                self.send_join(sub_id);
+            }
+            Command::Unsubscribe { sub_id, reply } if self.groups.contains_key(&sub_id) => {
+                self.groups.remove(&sub_id);
+                let id = self.next_request_id();
+                match self.encode(&ClientMessage::LeaveGroup {
+                    request_id: id,
+                    subscription_id: sub_id,
+                }) {
+                    Ok(()) => {
+                        self.pending.insert(id, Pending::Unsubscribe(reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             Command::Unsubscribe { sub_id, reply } => {
                 let Some(sub) = self.forget(sub_id) else {
@@ -1034,14 +1188,103 @@ impl Task {
         }
     }
 
-    /// A `Subscription` was dropped: forget it and tell the broker.
+    /// A `Subscription` was dropped (or a membership's consumer and last
+    /// job): forget it and tell the broker.
     fn drop_subscription(&mut self, sub_id: u64) {
+        if self.groups.remove(&sub_id).is_some() {
+            self.send_leave(sub_id);
+            return;
+        }
         let Some(sub) = self.forget(sub_id) else {
             return;
         };
         if sub.paused.is_none() {
             self.send_unsubscribe(sub.wire_id);
         }
+    }
+
+    /// Leaves a group cleanly, nobody waiting for the answer: what the
+    /// membership still holds is redelivered at once.
+    fn send_leave(&mut self, id: u64) {
+        let request_id = self.next_request_id();
+        debug!(membership = id, "leaving the group");
+        if self
+            .encode(&ClientMessage::LeaveGroup {
+                request_id,
+                subscription_id: id,
+            })
+            .is_ok()
+        {
+            self.pending.insert(request_id, Pending::Ignore);
+        }
+    }
+
+    /// Sends `JoinGroup` for a known membership, under its own id.
+    fn send_join(&mut self, id: u64) {
+        let Some(membership) = self.groups.get(&id) else {
+            return;
+        };
+        let spec = &membership.spec;
+        debug!(membership = id, topic = %spec.topic, group = %spec.group, consumer = %spec.consumer, "joining the group");
+        let request_id = self.next_request_id();
+        let msg = ClientMessage::JoinGroup {
+            request_id,
+            subscription_id: id,
+            topic: spec.topic.clone(),
+            group: spec.group.clone(),
+            consumer: spec.consumer.clone(),
+            max_in_flight: spec.max_in_flight,
+            create: spec.create.clone(),
+        };
+        match self.encode(&msg) {
+            Ok(()) => {
+                self.pending.insert(request_id, Pending::Join(id));
+            }
+            Err(e) => {
+                if let Some(membership) = self.groups.remove(&id) {
+                    membership.fail_or_refuse(e);
+                }
+            }
+        }
+    }
+
+    fn on_joined(&mut self, id: u64, epoch: u64) {
+        let Some(membership) = self.groups.get_mut(&id) else {
+            // Left meanwhile; its LeaveGroup is on its way.
+            return;
+        };
+        debug!(membership = id, epoch, "joined");
+        membership.accepting = true;
+        if let Some(ready) = membership.ready.take() {
+            if ready.send(Ok(epoch)).is_err() {
+                // The caller gave up waiting: nobody will read this one.
+                self.drop_subscription(id);
+            }
+        }
+    }
+
+    fn on_join_failed(&mut self, id: u64, error: Error) {
+        let Some(membership) = self.groups.remove(&id) else {
+            return;
+        };
+        if membership.ready.is_none() {
+            warn!(membership = id, topic = %membership.spec.topic, group = %membership.spec.group, %error, "joining the group again failed; the consumer ends");
+        }
+        membership.fail_or_refuse(error);
+    }
+
+    /// Hands a delivery or a group gap to its membership's queue.
+    fn route_job(&mut self, id: u64, push: GroupPush) {
+        let Some(membership) = self.groups.get(&id) else {
+            return;
+        };
+        if !membership.accepting {
+            return;
+        }
+        // A closed queue: the consumer was dropped while jobs of it live
+        // on. What the broker pushes meanwhile stays held by this member
+        // until the membership ends (then it is redelivered at once).
+        let _ = membership.tx.send(push);
     }
 
     fn send_unsubscribe(&mut self, wire_id: u64) {
@@ -1138,13 +1381,46 @@ impl Task {
     /// Routes one message from the broker; `Err` ends the connection.
     fn dispatch(&mut self, msg: ServerMessage) -> Result<(), Exit> {
         match msg {
-            ServerMessage::Joined { .. }
-            | ServerMessage::Delivery { .. }
-            | ServerMessage::Settled { .. }
-            | ServerMessage::GroupInfo { .. }
-            | ServerMessage::Groups { .. }
-            | ServerMessage::Redriven { .. } => {
-                debug!(kind = msg.kind(), "consumer-group message not handled yet");
+            ServerMessage::Joined {
+                request_id,
+                subscription_id,
+                epoch,
+            } => {
+                self.pending.remove(&request_id);
+                self.on_joined(subscription_id, epoch);
+            }
+            ServerMessage::Delivery {
+                subscription_id,
+                attempt,
+                event,
+            } => self.route_job(subscription_id, GroupPush::Job { attempt, event }),
+            ServerMessage::Gap {
+                subscription_id,
+                gap,
+            } if self.groups.contains_key(&subscription_id) => {
+                warn!(
+                    membership = subscription_id,
+                    topic = %gap.topic,
+                    requested = gap.requested,
+                    first_available = gap.first_available,
+                    "group gap: work was lost before it was done"
+                );
+                self.route_job(subscription_id, GroupPush::Gap(gap));
+            }
+            ServerMessage::End {
+                subscription_id, ..
+            } if self.groups.contains_key(&subscription_id) => {
+                // The broker ended the membership: its group or topic is gone.
+                if let Some(membership) = self.groups.remove(&subscription_id) {
+                    let message = format!(
+                        "the broker ended the membership in {}/{} (the group or the topic was deleted)",
+                        membership.spec.topic, membership.spec.group
+                    );
+                    membership.fail_or_refuse(Error::Server {
+                        code: ErrorCode::GroupNotFound,
+                        message,
+                    });
+                }
             }
             ServerMessage::Event {
                 subscription_id,
@@ -1277,7 +1553,11 @@ impl Task {
             | ServerMessage::Topics { .. }
             | ServerMessage::TopicInfo { .. }
             | ServerMessage::Ok { .. }
-            | ServerMessage::Pong { .. }) => {
+            | ServerMessage::Pong { .. }
+            | ServerMessage::Settled { .. }
+            | ServerMessage::GroupInfo { .. }
+            | ServerMessage::Groups { .. }
+            | ServerMessage::Redriven { .. }) => {
                 let id = reply_request_id(&reply);
                 match self.pending.remove(&id) {
                     Some(Pending::Reply { reply: tx, .. }) => {
@@ -1317,6 +1597,7 @@ impl Task {
                 let _ = reply.send(Ok(()));
             }
             Some(Pending::Subscribe(sub_id)) => self.on_subscribe_failed(sub_id, error),
+            Some(Pending::Join(id)) => self.on_join_failed(id, error),
             Some(Pending::Refresh {
                 reply: Some(reply), ..
             }) => {
@@ -1434,7 +1715,12 @@ fn reply_request_id(msg: &ServerMessage) -> u64 {
         | ServerMessage::Topics { request_id, .. }
         | ServerMessage::TopicInfo { request_id, .. }
         | ServerMessage::Ok { request_id }
-        | ServerMessage::Pong { request_id } => *request_id,
+        | ServerMessage::Pong { request_id }
+        | ServerMessage::Joined { request_id, .. }
+        | ServerMessage::Settled { request_id, .. }
+        | ServerMessage::GroupInfo { request_id, .. }
+        | ServerMessage::Groups { request_id, .. }
+        | ServerMessage::Redriven { request_id, .. } => *request_id,
         ServerMessage::Error { request_id, .. } => request_id.unwrap_or(0),
         _ => 0,
     }
@@ -1446,6 +1732,9 @@ fn fail_command(cmd: Command, error: impl Fn() -> Error) {
             let _ = reply.send(Err(error()));
         }
         Command::Subscribe { ready, .. } => {
+            let _ = ready.send(Err(error()));
+        }
+        Command::Join { ready, .. } => {
             let _ = ready.send(Err(error()));
         }
         Command::Unsubscribe { reply, .. } => {

@@ -34,6 +34,8 @@
 //! - [`Client`] (`client.rs`): the cloneable handle; one method per request,
 //!   [`SubscribeBuilder`], [`PendingAck`] for ordered pipelined publishing.
 //! - [`Subscription`] (`subscription.rs`): a `Stream` of [`Delivery`].
+//! - [`Consumer`] (`consumer.rs`): a consumer-group membership, a `Stream`
+//!   of [`Job`]s to settle (and gaps for lost work); [`ConsumeOptions`].
 //! - `connection.rs`: the background task that owns the socket — a
 //!   coalescing writer, a reader routing replies by request id and pushes by
 //!   subscription id, heartbeats, and the reconnect loop.
@@ -59,6 +61,20 @@
 //! event-sourced writers, [`Client::publish_expecting`] appends only if the
 //! topic (or the event type) is still where the writer last saw it.
 
+//! # Consumer groups
+//! [`Client::consume`] joins a topic's consumer group as a named member and
+//! returns a [`Consumer`]: each event goes to one member at a time as a
+//! [`Job`], to [`ack`](Job::ack), [`nack`](Job::nack),
+//! [`in_progress`](Job::in_progress) or [`term`](Job::term); one not settled
+//! within the group's `ack_wait` is redelivered with a higher
+//! [`attempt`](Job::attempt). Work the group lost to retention arrives as
+//! [`ConsumerItem::Gap`], never silently. After a reconnect the member joins
+//! again under the same name, jobs already handed out can still be settled,
+//! and an ack cut off before its answer is sent again (a repeat counts as
+//! `already_done`). [`Client::create_group`], [`Client::group_info`],
+//! [`Client::groups`], [`Client::delete_group`] and [`Client::redrive`]
+//! manage groups.
+//!
 //! # Access control
 //! When the broker requires credentials, set a JWT or an API key with
 //! [`ClientOptions::with_credentials`], or a [`TokenProvider`] with
@@ -77,6 +93,7 @@
 mod backoff;
 mod client;
 mod connection;
+mod consumer;
 mod error;
 mod options;
 mod resume;
@@ -86,6 +103,7 @@ mod token;
 pub use client::{
     new_event, Client, Expected, HistoryPage, NewEventExt, PendingAck, ServerInfo, SubscribeBuilder,
 };
+pub use consumer::{ConsumeOptions, Consumer, ConsumerItem, Job, Settled, DEFAULT_MAX_IN_FLIGHT};
 pub use error::{code_name, Error, Result};
 pub use options::{ClientOptions, DEFAULT_ADDR};
 pub use subscription::{Delivery, Subscription};
@@ -93,6 +111,7 @@ pub use token::{TokenFuture, TokenProvider};
 
 pub use bytes::Bytes;
 pub use ringcast_protocol::{
-    Ack, AppendAck, AppendEvent, ErrorCode, GapReason, Headers, NewEvent, Start, TopicSummary,
-    WireEvent, WireGap, WireTopicInfo, PROTOCOL_VERSION,
+    Ack, AppendAck, AppendEvent, ErrorCode, GapReason, GroupOptions, GroupStart, Headers, NewEvent,
+    Start, TopicSummary, WireEvent, WireGap, WireGroupInfo, WireMember, WirePending, WireTopicInfo,
+    PROTOCOL_VERSION,
 };

@@ -168,10 +168,10 @@ fn trailing_bytes_after_a_message_are_rejected() {
 
 #[test]
 fn unknown_enum_tags_are_rejected_at_every_level() {
-    // Top level: ClientMessage has 12 variants, ServerMessage 17.
-    assert!(decode_body::<ClientMessage>(&12u32.to_be_bytes()).is_err());
+    // Top level: ClientMessage has 21 variants, ServerMessage 25.
+    assert!(decode_body::<ClientMessage>(&21u32.to_be_bytes()).is_err());
     assert!(decode_body::<ClientMessage>(&u32::MAX.to_be_bytes()).is_err());
-    assert!(decode_body::<ServerMessage>(&17u32.to_be_bytes()).is_err());
+    assert!(decode_body::<ServerMessage>(&25u32.to_be_bytes()).is_err());
 
     // Nested: rewrite the inner tag of a valid sample to one past the last variant.
     let sample = |name: &str| {
@@ -196,6 +196,20 @@ fn unknown_enum_tags_are_rejected_at_every_level() {
     assert_eq!(gap[reason_at..reason_at + 4], [0, 0, 0, 0]);
     gap[reason_at..reason_at + 4].copy_from_slice(&3u32.to_be_bytes());
     assert!(decode_body::<ServerMessage>(&gap).is_err());
+
+    // Settle: tag, request_id, subscription_id, offsets [42], action tag.
+    let mut settle = sample("client.Settle.Ack");
+    let action_at = settle.len() - 4;
+    assert_eq!(settle[action_at..], [0, 0, 0, 0]);
+    settle[action_at..].copy_from_slice(&4u32.to_be_bytes());
+    assert!(decode_body::<ClientMessage>(&settle).is_err());
+
+    // CreateGroup: tag, request_id, topic "orders", group "workers", start tag, ...
+    let mut create = sample("client.CreateGroup");
+    let start_at = 4 + 8 + 8 + 6 + 8 + 7;
+    assert_eq!(create[start_at..start_at + 4], [0, 0, 0, 0]);
+    create[start_at..start_at + 4].copy_from_slice(&3u32.to_be_bytes());
+    assert!(decode_body::<ClientMessage>(&create).is_err());
 
     // Error: tag, request_id Some(1), code, ...
     let mut error = sample("server.Error");

@@ -11,10 +11,13 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use bytes::BytesMut;
-use common::{gap_reason_variant, samples, start_variant, AnyMessage};
+use common::{
+    gap_reason_variant, group_start_variant, samples, settle_action_variant, start_variant,
+    AnyMessage,
+};
 use ringcast_protocol::{
-    decode_body, ClientMessage, FrameDecoder, GapReason, ProtocolError, ServerMessage, Start,
-    PROTOCOL_VERSION,
+    decode_body, ClientMessage, FrameDecoder, GapReason, GroupStart, ProtocolError, ServerMessage,
+    SettleAction, Start, PROTOCOL_VERSION,
 };
 
 fn vectors_path() -> PathBuf {
@@ -105,6 +108,38 @@ fn samples_cover_every_variant_of_every_wire_enum() {
     assert!(is_unknown_variant(
         decode_body::<GapReason>(&3u32.to_be_bytes()).unwrap_err()
     ));
+
+    // Group starts, in CreateGroup options and JoinGroup's create.
+    let group_starts: BTreeSet<_> = all
+        .iter()
+        .filter_map(|(_, m)| match m {
+            AnyMessage::Client(ClientMessage::CreateGroup { options, .. }) => Some(&options.start),
+            AnyMessage::Client(ClientMessage::JoinGroup {
+                create: Some(options),
+                ..
+            }) => Some(&options.start),
+            _ => None,
+        })
+        .map(group_start_variant)
+        .collect();
+    assert_eq!(group_starts.len(), 3);
+    assert!(is_unknown_variant(
+        decode_body::<GroupStart>(&3u32.to_be_bytes()).unwrap_err()
+    ));
+
+    let actions: BTreeSet<_> = all
+        .iter()
+        .filter_map(|(_, m)| match m {
+            AnyMessage::Client(ClientMessage::Settle { action, .. }) => {
+                Some(settle_action_variant(action))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(actions.len(), 4);
+    assert!(is_unknown_variant(
+        decode_body::<SettleAction>(&4u32.to_be_bytes()).unwrap_err()
+    ));
 }
 
 #[test]
@@ -158,7 +193,15 @@ fn decoding_every_vector_gives_the_sample_and_reencodes_identically() {
 fn protocol_doc_worked_examples_are_their_vectors() {
     let doc_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/protocol.md");
     let doc = std::fs::read_to_string(doc_path).expect("docs/protocol.md exists");
-    for name in ["client.Publish", "server.RetryLater"] {
+    for name in [
+        "client.Publish",
+        "server.RetryLater",
+        "client.JoinGroup",
+        "server.Joined",
+        "server.Delivery",
+        "client.Settle.Ack",
+        "server.Settled",
+    ] {
         let marker = format!("<!-- worked-example: {name} -->");
         let start = doc.find(&marker).expect("worked example marker") + marker.len();
         let block = &doc[start..];

@@ -116,21 +116,28 @@ fn enum_with_an_unknown_variant_index_is_rejected() {
 fn error_code_tag_is_its_numeric_code() {
     use crate::ErrorCode;
     for (n, code) in ErrorCode::ALL.into_iter().enumerate() {
-        let n = u32::try_from(n).expect("24 codes");
+        let n = u32::try_from(n).expect("25 codes");
         assert_eq!(code.as_u32(), n);
         assert_eq!(ErrorCode::from_u32(n), Some(code));
         assert_eq!(enc(code), n.to_be_bytes());
         assert_eq!(dec::<ErrorCode>(&n.to_be_bytes()), Ok(code));
     }
-    assert_eq!(ErrorCode::from_u32(24), None);
-    assert!(dec::<ErrorCode>(&24u32.to_be_bytes()).is_err());
+    let past = u32::try_from(ErrorCode::ALL.len()).expect("25 codes");
+    assert_eq!(past, 25);
+    assert_eq!(ErrorCode::from_u32(past), None);
+    assert!(dec::<ErrorCode>(&past.to_be_bytes()).is_err());
 }
 
 #[test]
 fn codes_newer_than_the_peer_are_replaced_by_ones_it_knows() {
     use crate::ErrorCode;
     for code in ErrorCode::ALL {
-        assert_eq!(code.for_version(3), code, "{code:?}");
+        assert_eq!(code.for_version(4), code, "{code:?}");
+        let v3 = code.for_version(3);
+        assert!(v3.introduced_in() <= 3, "{code:?} -> {v3:?}");
+        if code.introduced_in() <= 3 {
+            assert_eq!(v3, code);
+        }
         let v2 = code.for_version(2);
         assert!(v2.introduced_in() <= 2, "{code:?} -> {v2:?}");
         if code.introduced_in() <= 2 {
@@ -155,4 +162,11 @@ fn codes_newer_than_the_peer_are_replaced_by_ones_it_knows() {
         ErrorCode::PositionMismatch.for_version(2),
         ErrorCode::InvalidRequest
     );
+    assert_eq!(ErrorCode::GroupNotFound.introduced_in(), 4);
+    for version in 1..=3 {
+        assert_eq!(
+            ErrorCode::GroupNotFound.for_version(version),
+            ErrorCode::InvalidRequest
+        );
+    }
 }

@@ -9,8 +9,9 @@ use proptest::option;
 use proptest::prelude::*;
 use ringcast_protocol::{
     decode_body, encode_frame, Ack, AppendAck, AppendEvent, ClientMessage, ErrorCode, GapReason,
-    Headers, NewEvent, ProtocolError, ServerMessage, Start, TopicSummary, WireEvent, WireGap,
-    WireTopicInfo, PROTOCOL_VERSION,
+    GroupOptions, GroupStart, Headers, NewEvent, ProtocolError, ServerMessage, SettleAction, Start,
+    TopicSummary, WireEvent, WireGap, WireGroupInfo, WireMember, WirePending, WireTopicInfo,
+    PROTOCOL_VERSION,
 };
 
 /// A message of either direction, so both can share one list.
@@ -71,7 +72,104 @@ pub fn gap_reason_variant(r: GapReason) -> &'static str {
     }
 }
 
+/// Every variant of `GroupStart`, exhaustively (see [`client_variant`]).
+pub fn group_start_variant(s: &GroupStart) -> &'static str {
+    match s {
+        GroupStart::Earliest => "Earliest",
+        GroupStart::Live => "Live",
+        GroupStart::AfterOffset(_) => "AfterOffset",
+    }
+}
+
+/// Every variant of `SettleAction`, exhaustively (see [`client_variant`]).
+pub fn settle_action_variant(a: &SettleAction) -> &'static str {
+    match a {
+        SettleAction::Ack => "Ack",
+        SettleAction::Nack(_) => "Nack",
+        SettleAction::InProgress => "InProgress",
+        SettleAction::Term(_) => "Term",
+    }
+}
+
 const EPOCH: u64 = 0x0123_4567_89ab_cdef;
+
+/// The membership id of the group samples (the subscriptions use 1).
+const MEMBERSHIP: u64 = 2;
+
+fn sample_options(start: GroupStart, dead_letter_topic: Option<&str>) -> GroupOptions {
+    GroupOptions {
+        start,
+        ack_wait_ms: 30_000,
+        max_deliver: 5,
+        backoff_ms: vec![1_000, 5_000],
+        max_ack_pending: 1_000,
+        dead_letter_topic: dead_letter_topic.map(str::to_owned),
+    }
+}
+
+fn create_group(request_id: u64, start: GroupStart, update: bool) -> ClientMessage {
+    ClientMessage::CreateGroup {
+        request_id,
+        topic: "orders".to_owned(),
+        group: "workers".to_owned(),
+        options: sample_options(start, update.then_some("orders.failed")),
+        update,
+    }
+}
+
+fn settle(action: SettleAction) -> ClientMessage {
+    ClientMessage::Settle {
+        request_id: 16,
+        subscription_id: MEMBERSHIP,
+        offsets: vec![42],
+        action,
+    }
+}
+
+fn sample_group_info() -> WireGroupInfo {
+    WireGroupInfo {
+        topic: "orders".to_owned(),
+        group: "workers".to_owned(),
+        options: sample_options(GroupStart::Earliest, None),
+        dead_letter_topic: "orders.dlq".to_owned(),
+        epoch: EPOCH,
+        ack_floor: 41,
+        next_offset: 44,
+        last_offset: 52,
+        lag: 9,
+        pending: 2,
+        in_flight: 1,
+        oldest_pending_ms: 1_500,
+        members: vec![WireMember {
+            consumer: "w1".to_owned(),
+            sessions: 1,
+            in_flight: 1,
+            max_in_flight: 10,
+            idle_ms: 20,
+        }],
+        delivered: 4,
+        redelivered: 1,
+        acked: 1,
+        dead_lettered: 0,
+        lost: 0,
+        pending_sample: vec![
+            WirePending {
+                offset: 42,
+                attempt: 2,
+                consumer: Some("w1".to_owned()),
+                due_in_ms: 28_500,
+                first_delivered_ms: 1_700_000_000_042,
+            },
+            WirePending {
+                offset: 43,
+                attempt: 1,
+                consumer: None,
+                due_in_ms: 1_000,
+                first_delivered_ms: 1_700_000_000_043,
+            },
+        ],
+    }
+}
 
 fn headers() -> Headers {
     vec![("trace".to_owned(), "t1".to_owned())]
@@ -251,6 +349,97 @@ pub fn samples() -> Vec<(&'static str, AnyMessage)> {
                 ],
                 expected_offset: Some(50),
                 expected_version: None,
+            }),
+        ),
+        (
+            "client.CreateGroup",
+            C(create_group(13, GroupStart::Earliest, false)),
+        ),
+        (
+            "client.CreateGroup.Live",
+            C(create_group(13, GroupStart::Live, true)),
+        ),
+        (
+            "client.CreateGroup.AfterOffset",
+            C(create_group(13, GroupStart::AfterOffset(41), false)),
+        ),
+        (
+            "client.JoinGroup",
+            C(ClientMessage::JoinGroup {
+                request_id: 14,
+                subscription_id: MEMBERSHIP,
+                topic: "orders".to_owned(),
+                group: "workers".to_owned(),
+                consumer: "w1".to_owned(),
+                max_in_flight: 10,
+                create: None,
+            }),
+        ),
+        (
+            "client.JoinGroup.Create",
+            C(ClientMessage::JoinGroup {
+                request_id: 14,
+                subscription_id: MEMBERSHIP,
+                topic: "orders".to_owned(),
+                group: "workers".to_owned(),
+                consumer: "w1".to_owned(),
+                max_in_flight: 0,
+                create: Some(GroupOptions::default()),
+            }),
+        ),
+        (
+            "client.LeaveGroup",
+            C(ClientMessage::LeaveGroup {
+                request_id: 15,
+                subscription_id: MEMBERSHIP,
+            }),
+        ),
+        ("client.Settle.Ack", C(settle(SettleAction::Ack))),
+        (
+            "client.Settle.Nack",
+            C(settle(SettleAction::Nack(Some(500)))),
+        ),
+        (
+            "client.Settle.NackWithBackoff",
+            C(settle(SettleAction::Nack(None))),
+        ),
+        (
+            "client.Settle.InProgress",
+            C(settle(SettleAction::InProgress)),
+        ),
+        (
+            "client.Settle.Term",
+            C(settle(SettleAction::Term("bad input".to_owned()))),
+        ),
+        (
+            "client.GroupInfo",
+            C(ClientMessage::GroupInfo {
+                request_id: 17,
+                topic: "orders".to_owned(),
+                group: "workers".to_owned(),
+            }),
+        ),
+        (
+            "client.ListGroups",
+            C(ClientMessage::ListGroups {
+                request_id: 18,
+                topic: "orders".to_owned(),
+            }),
+        ),
+        (
+            "client.DeleteGroup",
+            C(ClientMessage::DeleteGroup {
+                request_id: 19,
+                topic: "orders".to_owned(),
+                group: "workers".to_owned(),
+            }),
+        ),
+        (
+            "client.Redrive",
+            C(ClientMessage::Redrive {
+                request_id: 20,
+                topic: "orders".to_owned(),
+                group: "workers".to_owned(),
             }),
         ),
         (
@@ -458,6 +647,75 @@ pub fn samples() -> Vec<(&'static str, AnyMessage)> {
                 current_version: 8,
             }),
         ),
+        (
+            "server.Joined",
+            S(ServerMessage::Joined {
+                request_id: 14,
+                subscription_id: MEMBERSHIP,
+                epoch: EPOCH,
+            }),
+        ),
+        (
+            "server.Delivery",
+            S(ServerMessage::Delivery {
+                subscription_id: MEMBERSHIP,
+                attempt: 1,
+                event: event(42),
+            }),
+        ),
+        (
+            "server.Settled",
+            S(ServerMessage::Settled {
+                request_id: 16,
+                applied: 1,
+                already_done: 0,
+                unknown: 0,
+            }),
+        ),
+        (
+            "server.GroupInfo",
+            S(ServerMessage::GroupInfo {
+                request_id: 17,
+                info: sample_group_info(),
+            }),
+        ),
+        (
+            "server.Groups",
+            S(ServerMessage::Groups {
+                request_id: 18,
+                groups: vec![sample_group_info()],
+            }),
+        ),
+        (
+            "server.Redriven",
+            S(ServerMessage::Redriven {
+                request_id: 20,
+                count: 3,
+            }),
+        ),
+        (
+            "server.Gap.Group",
+            S(ServerMessage::Gap {
+                subscription_id: MEMBERSHIP,
+                gap: WireGap {
+                    topic: "orders".to_owned(),
+                    event_type: None,
+                    reason: GapReason::Retention,
+                    epoch: EPOCH,
+                    requested: 43,
+                    first_available: 48,
+                    current: 52,
+                },
+            }),
+        ),
+        (
+            "server.Error.GroupNotFound",
+            S(ServerMessage::Error {
+                request_id: Some(14),
+                code: ErrorCode::GroupNotFound,
+                message: "orders/workers".to_owned(),
+            }),
+        ),
     ]
 }
 
@@ -592,7 +850,204 @@ pub fn client_message() -> impl Strategy<Value = ClientMessage> {
                     }
                 }
             ),
+        (any::<u64>(), text(), text(), group_options(), any::<bool>()).prop_map(
+            |(request_id, topic, group, options, update)| ClientMessage::CreateGroup {
+                request_id,
+                topic,
+                group,
+                options,
+                update,
+            }
+        ),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            (text(), text(), text()),
+            any::<u32>(),
+            option::of(group_options()),
+        )
+            .prop_map(
+                |(request_id, subscription_id, (topic, group, consumer), max_in_flight, create)| {
+                    ClientMessage::JoinGroup {
+                        request_id,
+                        subscription_id,
+                        topic,
+                        group,
+                        consumer,
+                        max_in_flight,
+                        create,
+                    }
+                }
+            ),
+        (any::<u64>(), any::<u64>()).prop_map(|(request_id, subscription_id)| {
+            ClientMessage::LeaveGroup {
+                request_id,
+                subscription_id,
+            }
+        }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            vec(any::<u64>(), 0..6),
+            settle_action()
+        )
+            .prop_map(|(request_id, subscription_id, offsets, action)| {
+                ClientMessage::Settle {
+                    request_id,
+                    subscription_id,
+                    offsets,
+                    action,
+                }
+            }),
+        (any::<u64>(), text(), text()).prop_map(|(request_id, topic, group)| {
+            ClientMessage::GroupInfo {
+                request_id,
+                topic,
+                group,
+            }
+        }),
+        (any::<u64>(), text())
+            .prop_map(|(request_id, topic)| ClientMessage::ListGroups { request_id, topic }),
+        (any::<u64>(), text(), text()).prop_map(|(request_id, topic, group)| {
+            ClientMessage::DeleteGroup {
+                request_id,
+                topic,
+                group,
+            }
+        }),
+        (any::<u64>(), text(), text()).prop_map(|(request_id, topic, group)| {
+            ClientMessage::Redrive {
+                request_id,
+                topic,
+                group,
+            }
+        }),
     ]
+}
+
+pub fn group_start() -> impl Strategy<Value = GroupStart> {
+    prop_oneof![
+        Just(GroupStart::Earliest),
+        Just(GroupStart::Live),
+        any::<u64>().prop_map(GroupStart::AfterOffset),
+    ]
+}
+
+pub fn group_options() -> impl Strategy<Value = GroupOptions> {
+    (
+        group_start(),
+        any::<u64>(),
+        any::<u32>(),
+        vec(any::<u64>(), 0..4),
+        any::<u32>(),
+        option::of(text()),
+    )
+        .prop_map(
+            |(start, ack_wait_ms, max_deliver, backoff_ms, max_ack_pending, dead_letter_topic)| {
+                GroupOptions {
+                    start,
+                    ack_wait_ms,
+                    max_deliver,
+                    backoff_ms,
+                    max_ack_pending,
+                    dead_letter_topic,
+                }
+            },
+        )
+}
+
+pub fn settle_action() -> impl Strategy<Value = SettleAction> {
+    prop_oneof![
+        Just(SettleAction::Ack),
+        option::of(any::<u64>()).prop_map(SettleAction::Nack),
+        Just(SettleAction::InProgress),
+        text().prop_map(SettleAction::Term),
+    ]
+}
+
+pub fn wire_member() -> impl Strategy<Value = WireMember> {
+    (
+        text(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(consumer, sessions, in_flight, max_in_flight, idle_ms)| WireMember {
+                consumer,
+                sessions,
+                in_flight,
+                max_in_flight,
+                idle_ms,
+            },
+        )
+}
+
+pub fn wire_pending() -> impl Strategy<Value = WirePending> {
+    (
+        any::<u64>(),
+        any::<u32>(),
+        option::of(text()),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(offset, attempt, consumer, due_in_ms, first_delivered_ms)| WirePending {
+                offset,
+                attempt,
+                consumer,
+                due_in_ms,
+                first_delivered_ms,
+            },
+        )
+}
+
+pub fn wire_group_info() -> impl Strategy<Value = WireGroupInfo> {
+    (
+        (text(), text(), group_options(), text()),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
+        vec(wire_member(), 0..3),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+        ),
+        vec(wire_pending(), 0..3),
+    )
+        .prop_map(
+            |(
+                (topic, group, options, dead_letter_topic),
+                (epoch, ack_floor, next_offset, last_offset),
+                (lag, pending, in_flight, oldest_pending_ms),
+                members,
+                (delivered, redelivered, acked, dead_lettered, lost),
+                pending_sample,
+            )| WireGroupInfo {
+                topic,
+                group,
+                options,
+                dead_letter_topic,
+                epoch,
+                ack_floor,
+                next_offset,
+                last_offset,
+                lag,
+                pending,
+                in_flight,
+                oldest_pending_ms,
+                members,
+                delivered,
+                redelivered,
+                acked,
+                dead_lettered,
+                lost,
+                pending_sample,
+            },
+        )
 }
 
 pub fn append_event() -> impl Strategy<Value = AppendEvent> {
@@ -843,6 +1298,34 @@ pub fn server_message() -> impl Strategy<Value = ServerMessage> {
                 }
             }
         ),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+            |(request_id, subscription_id, epoch)| ServerMessage::Joined {
+                request_id,
+                subscription_id,
+                epoch,
+            }
+        ),
+        (any::<u64>(), any::<u32>(), wire_event()).prop_map(|(subscription_id, attempt, event)| {
+            ServerMessage::Delivery {
+                subscription_id,
+                attempt,
+                event,
+            }
+        }),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+            |(request_id, applied, already_done, unknown)| ServerMessage::Settled {
+                request_id,
+                applied,
+                already_done,
+                unknown,
+            }
+        ),
+        (any::<u64>(), wire_group_info())
+            .prop_map(|(request_id, info)| ServerMessage::GroupInfo { request_id, info }),
+        (any::<u64>(), vec(wire_group_info(), 0..3))
+            .prop_map(|(request_id, groups)| ServerMessage::Groups { request_id, groups }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(request_id, count)| ServerMessage::Redriven { request_id, count }),
     ]
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ringcast_client::{Start, DEFAULT_ADDR};
+use ringcast_client::{GroupOptions, GroupStart, Start, DEFAULT_ADDR};
 
 /// Command-line client for the ringcast broker. Output is JSON, one value
 /// per line; errors go to stderr.
@@ -77,6 +77,9 @@ pub enum Command {
     },
     /// Measure the round trip to the broker.
     Ping,
+    /// Consumer groups: create, inspect, consume, redrive dead letters.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Mint an HS256 token (printed on stdout, no broker contacted).
     ///
     /// Claims: sub, iat, exp (now + --ttl), aud and iss when given, and
@@ -87,6 +90,146 @@ pub enum Command {
     /// `export RINGCAST_TOKEN=$(ringcast token --secret-file jwt.secret --sub u1 --subscribe 'user:{sub}')`
     #[command(verbatim_doc_comment)]
     Token(TokenArgs),
+}
+
+/// `ringcast group ...`.
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create a group (idempotent: an existing one is printed unchanged),
+    /// or with --update change an existing group's settings (those given;
+    /// the start never changes). Prints the group.
+    Create(GroupCreateArgs),
+    /// List a topic's groups (one JSON array, without pending samples).
+    Ls {
+        /// Topic name.
+        topic: String,
+    },
+    /// Describe a group: settings, position, lag, pending, members, counters.
+    Info(GroupRef),
+    /// Print a group's oldest pending events (up to 100; one JSON array).
+    Pending(GroupRef),
+    /// Join a group and print one JSON line per job (the event envelope plus
+    /// `attempt`) or gap. Each job is acked once its line is handed to
+    /// stdout, unless --no-ack; on exit the member leaves cleanly, so what it
+    /// holds unacked is redelivered at once.
+    Consume(GroupConsumeArgs),
+    /// Delete a group and its pending work.
+    Delete(GroupRef),
+    /// Publish the group's dead letters back to its topic (each once).
+    Redrive(GroupRef),
+}
+
+/// A topic and one of its groups.
+#[derive(Debug, Args)]
+pub struct GroupRef {
+    /// Topic name.
+    pub topic: String,
+    /// Group name.
+    pub group: String,
+}
+
+/// `ringcast group create`.
+#[derive(Debug, Args)]
+pub struct GroupCreateArgs {
+    /// Topic name.
+    pub topic: String,
+    /// Group name.
+    pub group: String,
+    /// Where a new group starts: `earliest` (every retained event, the
+    /// default), `live` (events published from now on) or `after:N`.
+    #[arg(long, value_name = "earliest|live|after:N", value_parser = parse_group_start)]
+    pub start: Option<GroupStart>,
+    /// How long a delivery may stay unsettled before it is redelivered
+    /// (e.g. 30s, 500ms; default 30s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_millis)]
+    pub ack_wait: Option<u64>,
+    /// Deliveries per event before it is dead-lettered (default 5).
+    #[arg(long, value_name = "N")]
+    pub max_deliver: Option<u32>,
+    /// Delays before redelivery, per failed attempt, the last repeating
+    /// (e.g. 1s,5s,30s; default none: at once).
+    #[arg(long, value_name = "DURATION,...", value_delimiter = ',', value_parser = parse_millis)]
+    pub backoff: Option<Vec<u64>>,
+    /// Most events handed out and not done over the whole group (default 1000).
+    #[arg(long, value_name = "N")]
+    pub max_ack_pending: Option<u32>,
+    /// Where given-up events go (default `TOPIC.dlq`).
+    #[arg(long, value_name = "TOPIC")]
+    pub dead_letter_topic: Option<String>,
+    /// Change an existing group: the settings given replace its current
+    /// ones, the others stay (needs the admin grant).
+    #[arg(long, conflicts_with = "start")]
+    pub update: bool,
+}
+
+impl GroupCreateArgs {
+    /// `base` with the settings given on the command line.
+    pub fn options(&self, base: GroupOptions) -> GroupOptions {
+        let mut o = base;
+        if let Some(start) = self.start {
+            o.start = start;
+        }
+        if let Some(ms) = self.ack_wait {
+            o.ack_wait_ms = ms;
+        }
+        if let Some(n) = self.max_deliver {
+            o.max_deliver = n;
+        }
+        if let Some(backoff) = &self.backoff {
+            o.backoff_ms = backoff.clone();
+        }
+        if let Some(n) = self.max_ack_pending {
+            o.max_ack_pending = n;
+        }
+        if let Some(t) = &self.dead_letter_topic {
+            o.dead_letter_topic = Some(t.clone());
+        }
+        o
+    }
+}
+
+/// `ringcast group consume`.
+#[derive(Debug, Args)]
+pub struct GroupConsumeArgs {
+    /// Topic name.
+    pub topic: String,
+    /// Group name.
+    pub group: String,
+    /// This member's name: a worker that comes back under the same name
+    /// takes over what its earlier session held.
+    #[arg(long, value_name = "NAME")]
+    pub consumer: String,
+    /// Print jobs without acking them: they are redelivered when this
+    /// command exits (or after the group's ack_wait).
+    #[arg(long)]
+    pub no_ack: bool,
+    /// Exit after this many jobs.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Most jobs held unsettled at once (0 = the group's max_ack_pending).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_in_flight: u32,
+}
+
+/// Parses a group start: `earliest`, `live` or `after:N`.
+pub fn parse_group_start(s: &str) -> Result<GroupStart, String> {
+    match s {
+        "earliest" => Ok(GroupStart::Earliest),
+        "live" => Ok(GroupStart::Live),
+        _ => match s.strip_prefix("after:") {
+            Some(n) => n
+                .parse()
+                .map(GroupStart::AfterOffset)
+                .map_err(|_| format!("offset {n:?} is not an unsigned integer")),
+            None => Err(format!("expected earliest, live or after:N, got {s:?}")),
+        },
+    }
+}
+
+/// Parses a duration (`humantime` syntax: 30s, 500ms, 1m) into milliseconds.
+pub fn parse_millis(s: &str) -> Result<u64, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    u64::try_from(d.as_millis()).map_err(|_| format!("{s:?} is too long"))
 }
 
 /// `ringcast token`.
@@ -476,6 +619,133 @@ mod tests {
         assert_eq!(cli.token.as_deref(), Some("k"));
         let cli = parse(&["--token", "t", "topics"]).unwrap();
         assert_eq!(cli.token.as_deref(), Some("t"));
+    }
+
+    fn group(args: &[&str]) -> GroupCommand {
+        let mut all = vec!["group"];
+        all.extend_from_slice(args);
+        match parse(&all).unwrap().command {
+            Command::Group(g) => g,
+            other => panic!("not group: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn group_create_takes_every_setting() {
+        let GroupCommand::Create(c) = group(&[
+            "create",
+            "orders",
+            "billing",
+            "--start",
+            "after:41",
+            "--ack-wait",
+            "300ms",
+            "--max-deliver",
+            "3",
+            "--backoff",
+            "1s,5s",
+            "--max-ack-pending",
+            "50",
+            "--dead-letter-topic",
+            "orders.failed",
+        ]) else {
+            panic!("not create")
+        };
+        assert_eq!((c.topic.as_str(), c.group.as_str()), ("orders", "billing"));
+        assert!(!c.update);
+        assert_eq!(
+            c.options(GroupOptions::default()),
+            GroupOptions {
+                start: GroupStart::AfterOffset(41),
+                ack_wait_ms: 300,
+                max_deliver: 3,
+                backoff_ms: vec![1000, 5000],
+                max_ack_pending: 50,
+                dead_letter_topic: Some("orders.failed".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn group_create_leaves_settings_not_given_as_they_were() {
+        let GroupCommand::Create(c) =
+            group(&["create", "t", "g", "--update", "--max-deliver", "9"])
+        else {
+            panic!("not create")
+        };
+        assert!(c.update);
+        let current = GroupOptions {
+            start: GroupStart::Live,
+            ack_wait_ms: 1234,
+            backoff_ms: vec![7],
+            ..GroupOptions::default()
+        };
+        assert_eq!(
+            c.options(current.clone()),
+            GroupOptions {
+                max_deliver: 9,
+                ..current
+            }
+        );
+        let GroupCommand::Create(c) = group(&["create", "t", "g"]) else {
+            panic!("not create")
+        };
+        assert_eq!(c.options(GroupOptions::default()), GroupOptions::default());
+    }
+
+    #[test]
+    fn bad_group_settings_are_argument_errors() {
+        for args in [
+            &["group", "create", "t", "g", "--start", "after:x"][..],
+            &["group", "create", "t", "g", "--start", "latest"],
+            &["group", "create", "t", "g", "--ack-wait", "soon"],
+            &["group", "create", "t", "g", "--backoff", "1s,x"],
+            &["group", "create", "t", "g", "--max-deliver", "-1"],
+            &["group", "create", "t", "g", "--update", "--start", "live"],
+            &["group", "consume", "t", "g"],
+            &["group", "info", "t"],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn group_starts_parse() {
+        assert_eq!(parse_group_start("earliest"), Ok(GroupStart::Earliest));
+        assert_eq!(parse_group_start("live"), Ok(GroupStart::Live));
+        assert_eq!(parse_group_start("after:0"), Ok(GroupStart::AfterOffset(0)));
+        assert!(parse_group_start("after:").is_err());
+        assert_eq!(parse_millis("30s"), Ok(30_000));
+        assert_eq!(parse_millis("1m 5ms"), Ok(60_005));
+    }
+
+    #[test]
+    fn group_consume_acks_by_default() {
+        let GroupCommand::Consume(c) = group(&["consume", "t", "g", "--consumer", "w1"]) else {
+            panic!("not consume")
+        };
+        assert_eq!(c.consumer, "w1");
+        assert!(!c.no_ack);
+        assert_eq!((c.count, c.max_in_flight), (None, 64));
+        let GroupCommand::Consume(c) = group(&[
+            "consume",
+            "t",
+            "g",
+            "--consumer",
+            "w1",
+            "--no-ack",
+            "--count",
+            "3",
+        ]) else {
+            panic!("not consume")
+        };
+        assert!(c.no_ack);
+        assert_eq!(c.count, Some(3));
+        assert!(matches!(group(&["ls", "t"]), GroupCommand::Ls { topic } if topic == "t"));
+        for sub in ["info", "pending", "delete", "redrive"] {
+            group(&[sub, "t", "g"]);
+        }
     }
 
     #[test]

@@ -16,12 +16,17 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context as _};
 use clap::Parser;
-use ringcast_client::{AppendEvent, Client, ClientOptions, Delivery, Error, Expected, PendingAck};
+use ringcast_client::{
+    AppendEvent, Client, ClientOptions, ConsumeOptions, ConsumerItem, Delivery, Error, Expected,
+    GroupOptions, PendingAck,
+};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
-use args::{Cli, Command, HistoryArgs, PubArgs, SubArgs};
+use args::{
+    Cli, Command, GroupCommand, GroupConsumeArgs, GroupCreateArgs, HistoryArgs, PubArgs, SubArgs,
+};
 
 /// Publishes from stdin keep at most this many acks outstanding.
 const PUBLISH_WINDOW: usize = 256;
@@ -120,6 +125,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.line(&serde_json::json!({ "rtt_us": rtt.as_micros() as u64 }))
                 .await
         }
+        Command::Group(command) => group(&client, command, &mut out).await,
         Command::Token(_) => Ok(()),
     };
     // Flushes what was queued; errors here change nothing for the user.
@@ -236,6 +242,130 @@ async fn subscribe(client: &Client, args: SubArgs, out: &mut Output) -> anyhow::
         }
     }
     Ok(())
+}
+
+async fn group(client: &Client, command: GroupCommand, out: &mut Output) -> anyhow::Result<()> {
+    match command {
+        GroupCommand::Create(args) => create_group(client, args, out).await,
+        GroupCommand::Ls { topic } => {
+            let groups = client
+                .groups(topic.as_str())
+                .await
+                .map_err(fail(&format!("listing the groups of {topic}")))?;
+            out.line(&Value::Array(
+                groups.iter().map(render::group_summary).collect(),
+            ))
+            .await
+        }
+        GroupCommand::Info(g) => {
+            let info = client
+                .group_info(g.topic.as_str(), g.group.as_str())
+                .await
+                .map_err(fail(&format!(
+                    "describing group {} of {}",
+                    g.group, g.topic
+                )))?;
+            out.line(&render::group_info(&info)).await
+        }
+        GroupCommand::Pending(g) => {
+            let info = client
+                .group_info(g.topic.as_str(), g.group.as_str())
+                .await
+                .map_err(fail(&format!(
+                    "describing group {} of {}",
+                    g.group, g.topic
+                )))?;
+            out.line(&Value::Array(
+                info.pending_sample.iter().map(render::pending).collect(),
+            ))
+            .await
+        }
+        GroupCommand::Consume(args) => consume(client, args, out).await,
+        GroupCommand::Delete(g) => {
+            client
+                .delete_group(g.topic.as_str(), g.group.as_str())
+                .await
+                .map_err(fail(&format!("deleting group {} of {}", g.group, g.topic)))?;
+            out.line(&serde_json::json!({ "ok": true, "topic": g.topic, "group": g.group }))
+                .await
+        }
+        GroupCommand::Redrive(g) => {
+            let count = client
+                .redrive(g.topic.as_str(), g.group.as_str())
+                .await
+                .map_err(fail(&format!(
+                    "redriving the dead letters of group {} of {}",
+                    g.group, g.topic
+                )))?;
+            out.line(&serde_json::json!({ "topic": g.topic, "group": g.group, "redriven": count }))
+                .await
+        }
+    }
+}
+
+async fn create_group(
+    client: &Client,
+    args: GroupCreateArgs,
+    out: &mut Output,
+) -> anyhow::Result<()> {
+    let what = format!("creating group {} of {}", args.group, args.topic);
+    // An update changes the settings given and keeps the others.
+    let base = if args.update {
+        client
+            .group_info(args.topic.as_str(), args.group.as_str())
+            .await
+            .map_err(fail(&what))?
+            .options
+    } else {
+        GroupOptions::default()
+    };
+    let info = client
+        .create_group(
+            args.topic.as_str(),
+            args.group.as_str(),
+            args.options(base),
+            args.update,
+        )
+        .await
+        .map_err(fail(&what))?;
+    out.line(&render::group_info(&info)).await
+}
+
+async fn consume(client: &Client, args: GroupConsumeArgs, out: &mut Output) -> anyhow::Result<()> {
+    let what = format!("consuming group {} of {}", args.group, args.topic);
+    if args.count == Some(0) {
+        return Ok(());
+    }
+    let options = ConsumeOptions::new(args.consumer.as_str()).max_in_flight(args.max_in_flight);
+    let mut consumer = client
+        .consume(args.topic.as_str(), args.group.as_str(), options)
+        .await
+        .map_err(fail(&what))?;
+    let epoch = consumer.epoch();
+    let mut jobs = 0u64;
+    let result = async {
+        while let Some(item) = consumer.next().await {
+            match item.map_err(fail(&what))? {
+                ConsumerItem::Job(job) => {
+                    out.line(&render::job(job.event(), epoch, job.attempt()))
+                        .await?;
+                    if !args.no_ack {
+                        job.ack().await.map_err(fail(&what))?;
+                    }
+                    jobs += 1;
+                    if args.count.is_some_and(|n| jobs >= n) {
+                        break;
+                    }
+                }
+                ConsumerItem::Gap(gap) => out.line(&render::gap(&gap)).await?,
+            }
+        }
+        Ok(())
+    }
+    .await;
+    // Unacked jobs go back to the group at once, not after ack_wait.
+    let _ = consumer.leave().await;
+    result
 }
 
 async fn history(client: &Client, args: HistoryArgs, out: &mut Output) -> anyhow::Result<()> {

@@ -6,7 +6,10 @@
 //! `"encoding":"base64"`. `epoch` is added so that a line is enough to resume
 //! with `--after-offset EPOCH:OFFSET`.
 
-use ringcast_client::{Ack, AppendAck, GapReason, TopicSummary, WireEvent, WireGap, WireTopicInfo};
+use ringcast_client::{
+    Ack, AppendAck, GapReason, GroupOptions, GroupStart, TopicSummary, WireEvent, WireGap,
+    WireGroupInfo, WirePending, WireTopicInfo,
+};
 use serde_json::{json, Map, Value};
 
 /// The payload as JSON `data`, plus the `encoding` to announce, if any.
@@ -123,6 +126,89 @@ pub fn topic_info(info: &WireTopicInfo) -> Value {
         "subscribers": info.subscribers,
         "sealed": info.sealed,
     })
+}
+
+/// One job line of `group consume`: the event line plus `attempt`.
+pub fn job(e: &WireEvent, epoch: u64, attempt: u32) -> Value {
+    let mut line = event(e, epoch);
+    line["attempt"] = Value::from(attempt);
+    line
+}
+
+/// A group's start: `"earliest"`, `"live"` or `{"after_offset": N}`.
+fn group_start(start: GroupStart) -> Value {
+    match start {
+        GroupStart::Earliest => json!("earliest"),
+        GroupStart::Live => json!("live"),
+        GroupStart::AfterOffset(n) => json!({ "after_offset": n }),
+    }
+}
+
+/// A group's settings.
+pub fn group_options(o: &GroupOptions) -> Value {
+    json!({
+        "start": group_start(o.start),
+        "ack_wait_ms": o.ack_wait_ms,
+        "max_deliver": o.max_deliver,
+        "backoff_ms": o.backoff_ms,
+        "max_ack_pending": o.max_ack_pending,
+        "dead_letter_topic": o.dead_letter_topic,
+    })
+}
+
+/// One pending event of a group.
+pub fn pending(p: &WirePending) -> Value {
+    json!({
+        "offset": p.offset,
+        "attempt": p.attempt,
+        "consumer": p.consumer,
+        "due_in_ms": p.due_in_ms,
+        "first_delivered_ms": p.first_delivered_ms,
+    })
+}
+
+/// A group, without its pending sample (`group ls`).
+pub fn group_summary(g: &WireGroupInfo) -> Value {
+    let members: Vec<Value> = g
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "consumer": m.consumer,
+                "sessions": m.sessions,
+                "in_flight": m.in_flight,
+                "max_in_flight": m.max_in_flight,
+                "idle_ms": m.idle_ms,
+            })
+        })
+        .collect();
+    json!({
+        "topic": g.topic,
+        "group": g.group,
+        "options": group_options(&g.options),
+        "dead_letter_topic": g.dead_letter_topic,
+        "epoch": g.epoch,
+        "ack_floor": g.ack_floor,
+        "next_offset": g.next_offset,
+        "last_offset": g.last_offset,
+        "lag": g.lag,
+        "pending": g.pending,
+        "in_flight": g.in_flight,
+        "oldest_pending_ms": g.oldest_pending_ms,
+        "members": members,
+        "delivered": g.delivered,
+        "redelivered": g.redelivered,
+        "acked": g.acked,
+        "dead_lettered": g.dead_lettered,
+        "lost": g.lost,
+    })
+}
+
+/// A group with its oldest pending events (`group info`, `group create`).
+pub fn group_info(g: &WireGroupInfo) -> Value {
+    let mut out = group_summary(g);
+    out["pending_sample"] = Value::Array(g.pending_sample.iter().map(pending).collect());
+    out
 }
 
 /// Standard base64 with padding (RFC 4648 §4).
@@ -245,6 +331,29 @@ mod tests {
             end("orders", 12),
             json!({"end": {"topic": "orders", "last_offset": 12}})
         );
+    }
+
+    #[test]
+    fn a_job_line_is_the_event_line_with_its_attempt() {
+        let line = job(&wire_event(b"{}"), 4, 2);
+        assert_eq!(line["attempt"], json!(2));
+        assert_eq!(line["offset"], json!(7));
+        assert_eq!(line["epoch"], json!(4));
+    }
+
+    #[test]
+    fn group_settings_name_their_units() {
+        let o = GroupOptions {
+            start: GroupStart::AfterOffset(9),
+            backoff_ms: vec![1000, 5000],
+            ..GroupOptions::default()
+        };
+        assert_eq!(
+            group_options(&o),
+            json!({"start": {"after_offset": 9}, "ack_wait_ms": 30000, "max_deliver": 5,
+                "backoff_ms": [1000, 5000], "max_ack_pending": 1000, "dead_letter_topic": null})
+        );
+        assert_eq!(group_start(GroupStart::Live), json!("live"));
     }
 
     #[test]
