@@ -249,7 +249,7 @@ fn number_header(headers: &HeaderMap, name: &str) -> Result<Option<u64>, ApiErro
 /// declared `Content-Length` over the limit is refused before reading
 /// anything; memory held is bounded by the limit, not by what the peer
 /// claims or trickles.
-async fn read_body(
+pub(super) async fn read_body(
     state: &HttpState,
     headers: &HeaderMap,
     body: Body,
@@ -474,7 +474,11 @@ pub(crate) async fn metrics(State(state): State<HttpState>) -> Response {
     metrics::gauge!(m::RETAINED_EVENTS).set(stats.retained_events as f64);
     metrics::gauge!(m::RETAINED_BYTES).set(stats.retained_bytes as f64);
     metrics::gauge!(m::SUBSCRIPTIONS).set(stats.subscribers as f64);
-    let body = m::handle().render();
+    let mut body = m::handle().render();
+    let metered = &state.settings.metered_topics;
+    m::render_groups(&mut body, &state.engine.all_groups(), |topic| {
+        metered.iter().any(|t| t == topic)
+    });
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -36,8 +36,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bytes::BytesMut;
-use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -204,7 +202,7 @@ async fn read_json<T: DeserializeOwned>(
     what: &str,
     empty: Option<&str>,
 ) -> Result<T, ApiError> {
-    let bytes = read_body(state, headers, body).await?;
+    let bytes = super::api::read_body(state, headers, body, state.settings.max_batch_body).await?;
     let text: &[u8] = match (bytes.iter().all(u8::is_ascii_whitespace), empty) {
         (true, Some(default)) => default.as_bytes(),
         _ => &bytes,
@@ -217,59 +215,6 @@ async fn read_json<T: DeserializeOwned>(
         return Err(bad(&"it is not an object"));
     }
     serde_json::from_slice(text).map_err(|e| bad(&e))
-}
-
-/// Reads a request body of at most `limits.max_frame` bytes (as the batch
-/// route does): a declared length over it is refused before reading.
-async fn read_body(
-    state: &HttpState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<bytes::Bytes, ApiError> {
-    let max = state.settings.max_batch_body;
-    let too_large = || {
-        crate::metrics::refused("max_frame");
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("request body exceeds the limit of {max} bytes (limits.max_frame)"),
-        )
-        .closing()
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max) {
-        return Err(too_large());
-    }
-    let read = async {
-        let mut stream = body.into_data_stream();
-        let mut buf = BytesMut::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                ApiError::bad_request(format!("request body could not be read: {e}")).closing()
-            })?;
-            if (buf.len() + chunk.len()) as u64 > max {
-                return Err(too_large());
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        Ok(buf.freeze())
-    };
-    let timeout = state.settings.read_timeout;
-    tokio::time::timeout(timeout, read).await.map_err(|_| {
-        crate::metrics::refused("read_timeout");
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            format!(
-                "the request body did not arrive within {} (server.read_timeout)",
-                humantime::format_duration(timeout)
-            ),
-        )
-        .closing()
-    })?
 }
 
 // ---------------------------------------------------------------------------
@@ -687,22 +632,4 @@ async fn redrive(
     caller.require(Action::Admin, &topic)?;
     let n = state.engine.redrive(&topic, &group).await?;
     Ok(Json(json!({ "redriven": n })))
-}
-
-/// `GET /metrics`: the API's exposition plus the consumer-group series,
-/// computed now from every group (nothing on the hot path).
-pub(crate) async fn metrics(State(state): State<HttpState>) -> Response {
-    let engine = state.engine.clone();
-    let metered = state.settings.metered_topics.clone();
-    let response = super::api::metrics(State(state)).await;
-    let (parts, body) = response.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
-        // The body is an in-memory string: reading it back cannot fail.
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    };
-    let mut text = String::from_utf8_lossy(&bytes).into_owned();
-    crate::metrics::render_groups(&mut text, &engine.all_groups(), |topic| {
-        metered.iter().any(|m| m == topic)
-    });
-    Response::from_parts(parts, Body::from(text))
 }

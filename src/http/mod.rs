@@ -165,7 +165,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/topics/{topic}/history", get(api::history))
         .route("/v1/topics/{topic}/seal", post(api::seal))
         .merge(groups::routes())
-        .route("/metrics", get(groups::metrics))
+        .route("/metrics", get(api::metrics))
         // Only the routes above: SSE streams have their own limit, and
         // health probes must answer under load.
         .route_layer(axum::middleware::from_fn_with_state(

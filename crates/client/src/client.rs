@@ -768,6 +768,19 @@ impl Client {
         &self.inner
     }
 
+    /// Ends subscription (or group membership) `sub_id` and waits for the
+    /// broker's confirmation, within the request timeout.
+    pub(crate) async fn end_subscription(&self, sub_id: u64) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Unsubscribe { sub_id, reply };
+        let deadline = Instant::now() + self.inner.options.request_timeout;
+        self.enqueue(cmd, deadline).await?;
+        match timeout_at(deadline, rx).await {
+            Ok(result) => result.unwrap_or(Err(Error::Closed)),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
     async fn expect_ok(&self, build: impl FnOnce(u64) -> ClientMessage) -> Result<()> {
         match self.request(build).await? {
             ServerMessage::Ok { .. } => Ok(()),

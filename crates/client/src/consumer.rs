@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use ringcast_protocol::{GroupOptions, SettleAction, WireEvent, WireGap};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::client::Client;
-use crate::connection::{Command, GroupPush, TerminalSlot};
+use crate::connection::{GroupPush, TerminalSlot};
 use crate::error::{Error, Result};
 
 /// Deliveries a membership holds unsettled by default
@@ -204,22 +204,10 @@ impl Consumer {
     /// this membership afterwards fails with `group_not_found`.
     pub async fn leave(mut self) -> Result<()> {
         self.done = true;
-        let client = self.membership.client.clone();
-        let inner = client.inner();
-        let (reply, rx) = oneshot::channel();
-        let cmd = Command::Unsubscribe {
-            sub_id: self.membership.id,
-            reply,
-        };
-        match tokio::time::timeout(inner.options.request_timeout, async {
-            inner.cmd_tx.send(cmd).await.map_err(|_| inner.gone())?;
-            rx.await.unwrap_or(Err(Error::Closed))
-        })
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout),
-        }
+        self.membership
+            .client
+            .end_subscription(self.membership.id)
+            .await
     }
 
     fn take_terminal(&self) -> Error {

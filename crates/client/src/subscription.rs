@@ -5,10 +5,10 @@ use std::task::{Context, Poll};
 
 use futures_core::Stream;
 use ringcast_protocol::{WireEvent, WireGap};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::client::Client;
-use crate::connection::{Command, Push, TerminalSlot};
+use crate::connection::{Push, TerminalSlot};
 use crate::error::{Error, Result};
 
 /// One item of a subscription.
@@ -124,22 +124,7 @@ impl Subscription {
     /// request timeout). Deliveries already buffered are discarded.
     pub async fn unsubscribe(mut self) -> Result<()> {
         self.done = true;
-        let (reply, rx) = oneshot::channel();
-        let inner = self.client.inner();
-        let timeout = inner.options.request_timeout;
-        let cmd = Command::Unsubscribe {
-            sub_id: self.id,
-            reply,
-        };
-        match tokio::time::timeout(timeout, async {
-            inner.cmd_tx.send(cmd).await.map_err(|_| Error::Closed)?;
-            rx.await.unwrap_or(Err(Error::Closed))
-        })
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout),
-        }
+        self.client.end_subscription(self.id).await
     }
 
     fn take_terminal(&self) -> Error {
