@@ -295,6 +295,33 @@ async fn dropping_a_consumer_and_its_jobs_hands_them_back_at_once() {
 }
 
 #[tokio::test]
+async fn deleting_the_group_ends_its_members_with_group_not_found() {
+    let (broker, _dir) = memory_broker().await;
+    let client = connect(broker.tcp_addr()).await;
+    client
+        .create_group("gone", "g", group_options(30_000), false)
+        .await
+        .unwrap();
+    let mut consumer = consume(&client, "gone", "g", "w", 10).await;
+    publish(&client, "gone", 1).await;
+    let job = next_job(&mut consumer).await;
+    // The member waits for more work when the group goes away.
+    client.delete_group("gone", "g").await.unwrap();
+    match within(30, consumer.next()).await {
+        Some(Err(e)) => assert!(
+            e.to_string().contains("group_not_found") || format!("{e:?}").contains("GroupNotFound"),
+            "{e:?}"
+        ),
+        other => panic!("expected the membership to end with group_not_found, got {other:?}"),
+    }
+    assert!(within(30, consumer.next()).await.is_none());
+    assert!(
+        job.ack().await.is_err(),
+        "settling a job of a deleted group"
+    );
+}
+
+#[tokio::test]
 async fn a_group_behind_retention_gets_one_gap_then_the_retained_events() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), Durability::Memory);

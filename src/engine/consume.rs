@@ -3,8 +3,11 @@
 //! redrive, persistence through the writer, and the one ticker task that
 //! fires every group's deadlines.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -55,6 +58,15 @@ pub struct GroupMember {
 }
 
 impl GroupMember {
+    /// A handle settling this group's deliveries without looking the group
+    /// up by name again (for the TCP session holding the membership).
+    pub fn settler(&self) -> GroupSettler {
+        GroupSettler {
+            engine: self.engine.clone(),
+            group: self.group.clone(),
+        }
+    }
+
     /// The group's topic.
     pub fn topic(&self) -> &str {
         &self.group.topic.name
@@ -91,6 +103,79 @@ impl Drop for GroupMember {
         if !self.left {
             self.release(false);
         }
+    }
+}
+
+/// Settles deliveries of one group (see [`Engine::settle`]), resolved once.
+#[derive(Debug, Clone)]
+pub struct GroupSettler {
+    engine: Engine,
+    group: Arc<Group>,
+}
+
+impl GroupSettler {
+    /// Applies the settle now; the returned future resolves once it is
+    /// stored (a `term`: once its dead letters are appended).
+    pub fn settle(&self, offsets: &[u64], how: Settle) -> Result<PendingSettle, EngineError> {
+        self.engine.start_settle(&self.group, offsets, how)
+    }
+}
+
+/// The writer's word that a group change is stored.
+type Stored = oneshot::Receiver<Result<(), EngineError>>;
+
+/// A settle applied to its group, waiting for its store: small and
+/// unboxed in the common case (ack, nack, in-progress).
+pub enum PendingSettle {
+    /// Nothing to wait for.
+    Ready(Settled),
+    /// Waiting for the writer to store the change.
+    Stored {
+        /// The counts to answer with.
+        settled: Settled,
+        /// Resolves once the pass holding the change is stored.
+        stored: Stored,
+    },
+    /// A `term`: dead letters to append, then the store.
+    Boxed(Pin<Box<dyn Future<Output = Result<Settled, EngineError>> + Send>>),
+}
+
+impl std::fmt::Debug for PendingSettle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingSettle")
+    }
+}
+
+impl Future for PendingSettle {
+    type Output = Result<Settled, EngineError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut *self {
+            PendingSettle::Ready(settled) => Poll::Ready(Ok(*settled)),
+            PendingSettle::Stored { settled, stored } => {
+                let settled = *settled;
+                Pin::new(stored).poll(cx).map(|r| match r {
+                    Ok(Ok(())) => Ok(settled),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(EngineError::ShuttingDown),
+                })
+            }
+            PendingSettle::Boxed(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
+/// A `term` reason as stored: at most [`group::MAX_REASON`] bytes (cut at
+/// a character boundary), `terminated` when empty.
+fn term_reason(reason: &str) -> String {
+    let mut cut = reason.len().min(group::MAX_REASON);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    if cut == 0 {
+        "terminated".into()
+    } else {
+        reason[..cut].to_owned()
     }
 }
 
@@ -442,6 +527,17 @@ impl Engine {
         offsets: &[u64],
         how: Settle,
     ) -> Result<Settled, EngineError> {
+        let g = self.group(topic, group)?;
+        self.start_settle(&g, offsets, how)?.await
+    }
+
+    /// Applies a settle to `g` now and returns the wait for its store.
+    fn start_settle(
+        &self,
+        g: &Arc<Group>,
+        offsets: &[u64],
+        how: Settle,
+    ) -> Result<PendingSettle, EngineError> {
         self.check_open()?;
         if offsets.len() > MAX_SETTLE {
             return Err(EngineError::InvalidRequest(format!(
@@ -455,47 +551,44 @@ impl Engine {
                 ));
             }
         }
-        let g = self.group(topic, group)?;
+        if g.deleted.load(Ordering::Acquire) {
+            return Err(group_err(&g.topic.name, &g.name));
+        }
         let now = Instant::now();
-        let (settled, floor_moved) = {
+        let (settled, floor_moved, unblocked) = {
             let mut s = g.state.lock();
             let floor = s.first_undone();
             let settled = match &how {
                 Settle::Ack => s.ack(offsets),
                 Settle::Nack(delay) => s.nack(offsets, *delay, now),
                 Settle::InProgress => s.in_progress(offsets, now),
-                Settle::Term(reason) => {
-                    let mut reason = reason.clone();
-                    if reason.len() > group::MAX_REASON {
-                        let mut cut = group::MAX_REASON;
-                        while !reason.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        reason.truncate(cut);
-                    }
-                    let reason = if reason.is_empty() {
-                        "terminated".into()
-                    } else {
-                        reason
-                    };
-                    s.term(offsets, &reason)
-                }
+                Settle::Term(reason) => s.term(offsets, &term_reason(reason)),
             };
-            (settled, s.first_undone() != floor)
+            (settled, s.first_undone() != floor, s.take_unblocked())
         };
-        if settled.applied > 0 {
-            if matches!(how, Settle::Nack(_)) || floor_moved || matches!(how, Settle::Ack) {
-                g.notify.notify_waiters();
-            }
-            if floor_moved {
-                self.refresh_pin(&g.topic);
-            }
-            if matches!(how, Settle::Term(_)) {
-                self.flush_dead(&g).await;
-            }
-            self.persist_group(&g).await?;
+        if settled.applied == 0 {
+            return Ok(PendingSettle::Ready(settled));
         }
-        Ok(settled)
+        // Waiting members care only about work becoming available: a
+        // nack's redelivery, or room at a member's or the group's limit.
+        if unblocked || matches!(how, Settle::Nack(_)) {
+            g.notify.notify_waiters();
+        }
+        if floor_moved {
+            self.refresh_pin(&g.topic);
+        }
+        if matches!(how, Settle::Term(_)) {
+            let (engine, g) = (self.clone(), g.clone());
+            return Ok(PendingSettle::Boxed(Box::pin(async move {
+                engine.flush_dead(&g).await;
+                engine.persist_group(&g).await?;
+                Ok(settled)
+            })));
+        }
+        Ok(match self.queue_group_store(g)? {
+            Some(stored) => PendingSettle::Stored { settled, stored },
+            None => PendingSettle::Ready(settled),
+        })
     }
 
     /// Republishes the group's dead letters (from its dead-letter topic,
@@ -620,8 +713,17 @@ impl Engine {
 
     /// Marks the group changed and waits until the writer stored it.
     async fn persist_group(&self, g: &Arc<Group>) -> Result<(), EngineError> {
+        match self.queue_group_store(g)? {
+            Some(stored) => stored.await.map_err(|_| EngineError::ShuttingDown)?,
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the group changed and asks the writer to store it; the
+    /// receiver says when it is (`None`: nothing to store, memory mode).
+    fn queue_group_store(&self, g: &Arc<Group>) -> Result<Option<Stored>, EngineError> {
         if self.inner.log.inline() {
-            return Ok(());
+            return Ok(None);
         }
         self.mark_dirty(g);
         let (ack, rx) = oneshot::channel();
@@ -630,7 +732,7 @@ impl Engine {
             done: Done::Sync { ack },
             permit: None,
         })?;
-        rx.await.map_err(|_| EngineError::ShuttingDown)?
+        Ok(Some(rx))
     }
 
     /// With `retain_until_acked`, moves the topic's pin to the lowest offset

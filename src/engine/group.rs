@@ -363,6 +363,9 @@ pub(crate) struct GroupState {
     pub stats: Stats,
     /// Dead-letter offsets (state `Dead`, not publishing).
     dead: BTreeSet<u64>,
+    /// Room opened for a member that may be waiting for it: a holder at
+    /// its `max_in_flight`, or the group at `max_ack_pending`, lost one.
+    unblocked: bool,
 }
 
 /// A group: its state, and the waiters for work.
@@ -402,6 +405,7 @@ impl GroupState {
             gaps: Vec::new(),
             stats: Stats::default(),
             dead: BTreeSet::new(),
+            unblocked: false,
         }
     }
 
@@ -426,6 +430,7 @@ impl GroupState {
 
     fn mark_done(&mut self, o: u64) {
         self.clear_timer(o);
+        self.unblocked |= self.pending.len() >= self.config.max_ack_pending as usize;
         self.pending.remove(&o);
         self.ready.remove(&o);
         self.dead.remove(&o);
@@ -494,8 +499,14 @@ impl GroupState {
             _ => return,
         };
         if let Some(m) = self.members.get_mut(&holder) {
+            self.unblocked |= m.in_flight >= m.max_in_flight;
             m.in_flight = m.in_flight.saturating_sub(1);
         }
+    }
+
+    /// Whether room opened for a waiting member since the last call.
+    pub fn take_unblocked(&mut self) -> bool {
+        std::mem::take(&mut self.unblocked)
     }
 
     /// Moves entry `o` (not in flight any more) towards its next delivery
@@ -1031,6 +1042,7 @@ impl GroupState {
             gaps: Vec::new(),
             stats: r.stats,
             dead: BTreeSet::new(),
+            unblocked: false,
         };
         for (a, b) in r.done {
             if a > s.floor && a <= b && b < s.next {

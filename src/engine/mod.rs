@@ -25,7 +25,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::mapref::entry::Entry;
 use tokio::sync::{oneshot, Semaphore};
 
-pub use consume::{GroupMember, Settle, MAX_FETCH, MAX_FETCH_WAIT, MAX_SETTLE};
+pub use consume::{
+    GroupMember, GroupSettler, PendingSettle, Settle, MAX_FETCH, MAX_FETCH_WAIT, MAX_SETTLE,
+};
 pub use dedup::{Expected, MAX_KEY_LEN};
 pub(crate) use event::Encoding;
 pub use event::{Ack, Delivery, Event, Gap, GapReason, NewEvent, Start};

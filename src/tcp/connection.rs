@@ -52,8 +52,8 @@ use super::outbound::Outbound;
 use super::{wire, TcpSettings};
 use crate::auth::{Action, Auth, Kind, Limited, Principal};
 use crate::engine::{
-    Ack, Delivery, Encoding, Engine, EngineError, Event, Expected, GroupMember, PendingPublish,
-    Settled, Subscription,
+    Ack, Delivery, Encoding, Engine, EngineError, Event, Expected, GroupMember, GroupSettler,
+    PendingPublish, PendingSettle, Settled, Subscription,
 };
 
 /// Most bytes of frames a pump encodes before handing them to the writer.
@@ -93,15 +93,27 @@ pub(crate) struct Connection {
 struct Pump {
     /// The subscribed topic, checked again when the credentials change.
     topic: String,
-    /// For a group membership: the group, and whether the pump is to
-    /// leave it cleanly (a `LeaveGroup`) when cancelled.
-    group: Option<(String, Arc<AtomicBool>)>,
+    /// For a group membership: its settle handle, and whether the pump is
+    /// to leave the group cleanly (a `LeaveGroup`) when cancelled.
+    group: Option<(GroupSettler, Arc<AtomicBool>)>,
     cancel: CancellationToken,
     handle: JoinHandle<()>,
 }
 
-/// A settle (ack, nack, …) awaiting its store: request id and outcome.
-type Settling = Pin<Box<dyn Future<Output = (u64, Result<Settled, EngineError>)> + Send>>;
+/// A settle (ack, nack, …) awaiting its store, tagged with its request.
+struct Settling {
+    request_id: u64,
+    pending: PendingSettle,
+}
+
+impl Future for Settling {
+    type Output = (u64, Result<Settled, EngineError>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let id = self.request_id;
+        Pin::new(&mut self.pending).poll(cx).map(|r| (id, r))
+    }
+}
 
 /// A publish awaiting its ack, tagged with its request, payload size and
 /// the reply it gets.
@@ -764,11 +776,11 @@ impl Session<'_> {
                 action,
             } => {
                 self.require_version(4, "Settle").await?;
-                let membership = self
+                let settler = self
                     .pumps
                     .get(&subscription_id)
-                    .and_then(|p| Some((p.topic.clone(), p.group.as_ref()?.0.clone())));
-                let Some((topic, group)) = membership else {
+                    .and_then(|p| Some(p.group.as_ref()?.0.clone()));
+                let Some(settler) = settler else {
                     return self
                         .error(
                             request_id,
@@ -777,12 +789,13 @@ impl Session<'_> {
                         )
                         .await;
                 };
-                let engine = engine.clone();
-                let how = wire::settle(action);
-                self.settling.push(Box::pin(async move {
-                    let r = engine.settle(&topic, &group, &offsets, how).await;
-                    (request_id, r)
-                }));
+                match settler.settle(&offsets, wire::settle(action)) {
+                    Ok(pending) => self.settling.push(Settling {
+                        request_id,
+                        pending,
+                    }),
+                    Err(e) => self.engine_error(request_id, e).await?,
+                }
             }
             ClientMessage::GroupInfo {
                 request_id,
@@ -916,6 +929,7 @@ impl Session<'_> {
         self.flush().await?;
         let cancel = CancellationToken::new();
         let clean = Arc::new(AtomicBool::new(false));
+        let settler = member.settler();
         let handle = self.conn.tracker.spawn(group_pump(
             member,
             subscription_id,
@@ -930,7 +944,7 @@ impl Session<'_> {
             subscription_id,
             Pump {
                 topic,
-                group: Some((group, clean)),
+                group: Some((settler, clean)),
                 cancel,
                 handle,
             },
