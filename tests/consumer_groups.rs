@@ -986,3 +986,121 @@ async fn create_is_idempotent_and_update_keeps_the_start() {
     assert_eq!(c.config.start, GroupStart::Live, "the start is kept");
     assert_eq!(c.next_offset, 4);
 }
+
+// ---- review mends ---------------------------------------------------------
+
+#[tokio::test]
+async fn a_worker_leaving_cleanly_on_the_same_event_every_time_ends_it_in_the_dead_letters() {
+    let engine = memory(|_| {});
+    engine
+        .create_group(TOPIC, GROUP, config(Duration::from_secs(60), 2, &[]), false)
+        .await
+        .unwrap();
+    publish_n(&engine, 1).await;
+    for attempt in 1..=2 {
+        let member = engine.join_group(TOPIC, GROUP, "w", 0, None).await.unwrap();
+        let f = member.next(10).await.unwrap();
+        assert_eq!(attempts_of(&f), vec![attempt]);
+        member.leave();
+    }
+    let mut dlq = engine
+        .subscribe("jobs.dlq", vec![], Start::Earliest)
+        .unwrap();
+    let letter = next_event(&mut dlq).await;
+    assert_eq!(header(&letter.headers, DLQ_REASON), Some("max_deliver"));
+    assert_eq!(header(&letter.headers, DLQ_ATTEMPTS), Some("2"));
+    assert!(fetch_now(&engine, "w", 10).await.is_empty());
+}
+
+#[tokio::test]
+async fn retain_until_acked_keeps_unacked_events_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || {
+        let mut o = common::engine::options(dir.path(), Durability::Fsync);
+        o.topics.retain_until_acked = true;
+        o.topics.max_events = 5;
+        o
+    };
+    let engine = common::engine::open(options()).await;
+    engine
+        .create_group(TOPIC, GROUP, GroupConfig::default(), false)
+        .await
+        .unwrap();
+    publish_n(&engine, 20).await;
+    let f = fetch_now(&engine, "w", 3).await;
+    settle(&engine, &offsets_of(&f), Settle::Ack).await;
+    common::engine::close(engine).await;
+
+    let engine = common::engine::open(options()).await;
+    // Only what the group acked may go: 4..=20 stay although max_events is 5.
+    let info = engine.info(TOPIC).unwrap();
+    assert_eq!((info.first_offset, info.last_offset), (4, 20));
+    let f = fetch_now(&engine, "w", 100).await;
+    assert!(f.gaps.is_empty(), "{:?}", f.gaps);
+    assert_eq!(offsets_of(&f), (4..=20).collect::<Vec<_>>());
+    common::engine::close(engine).await;
+}
+
+#[tokio::test]
+async fn a_sealed_topic_stays_until_its_groups_are_done() {
+    let engine = memory(|o| o.topics.sealed_ttl = Duration::from_secs(60));
+    engine
+        .create_group(TOPIC, GROUP, GroupConfig::default(), false)
+        .await
+        .unwrap();
+    publish_n(&engine, 2).await;
+    engine.seal(TOPIC).await.unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(61);
+    engine.maintain_at(later);
+    assert!(engine.info(TOPIC).is_ok(), "removed with work left");
+    let f = fetch_now(&engine, "w", 10).await;
+    settle(&engine, &offsets_of(&f), Settle::Ack).await;
+    engine.maintain_at(later);
+    assert!(matches!(
+        engine.info(TOPIC),
+        Err(EngineError::TopicNotFound(_))
+    ));
+    assert!(matches!(
+        engine.group_info(TOPIC, GROUP),
+        Err(EngineError::GroupNotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_group_knows_a_bounded_number_of_consumer_names() {
+    let engine = memory(|_| {});
+    engine
+        .create_group(TOPIC, GROUP, GroupConfig::default(), false)
+        .await
+        .unwrap();
+    for i in 0..1024 {
+        fetch_now(&engine, &format!("w{i}"), 1).await;
+    }
+    let refused = engine
+        .fetch(TOPIC, GROUP, "one-too-many", 1, Duration::ZERO, 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, EngineError::InvalidRequest(_)),
+        "{refused:?}"
+    );
+    // A known name is still served.
+    fetch_now(&engine, "w7", 1).await;
+}
+
+#[tokio::test]
+async fn a_group_cannot_dead_letter_into_its_own_topic() {
+    let engine = memory(|_| {});
+    let cfg = GroupConfig {
+        dead_letter_topic: Some(TOPIC.into()),
+        ..GroupConfig::default()
+    };
+    let refused = engine
+        .create_group(TOPIC, GROUP, cfg, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, EngineError::InvalidRequest(_)),
+        "{refused:?}"
+    );
+}

@@ -413,6 +413,26 @@ async fn creating_needs_subscribe_and_changing_settings_needs_admin() {
         StatusCode::BAD_REQUEST,
         "invalid_request",
     );
+    // Naming a dead-letter topic is publishing there: the worker may
+    // publish to `jobs` only.
+    assert_error(
+        &api.put(
+            &group_path("jobs", "g2", ""),
+            json!({"dead_letter_topic": "billing"}).to_string(),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_error(
+        &api.put(
+            &group_path("jobs", "g2", ""),
+            json!({"dead_letter_topic": "jobs"}).to_string(),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
     // The worker may consume and settle, not delete or redrive.
     let fetched = api.fetch("jobs", "g", "w1", 1, 0).await;
     assert_eq!(offsets(&fetched), [1]);

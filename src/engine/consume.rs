@@ -179,6 +179,17 @@ fn term_reason(reason: &str) -> String {
     }
 }
 
+/// Refuses a consumer name new to a group that has [`group::MAX_MEMBERS`].
+fn admit(s: &GroupState, consumer: &str) -> Result<(), EngineError> {
+    if s.knows(consumer) || s.members_len() < group::MAX_MEMBERS {
+        return Ok(());
+    }
+    Err(EngineError::InvalidRequest(format!(
+        "the group has {} consumers already; reuse a consumer name (idle ones are forgotten after 2 x max(ack_wait, 60 s))",
+        group::MAX_MEMBERS
+    )))
+}
+
 fn group_err(topic: &str, group: &str) -> EngineError {
     EngineError::GroupNotFound(format!("{topic}/{group}"))
 }
@@ -245,6 +256,11 @@ impl Engine {
     ) -> Result<Arc<Group>, EngineError> {
         check_names(topic, group)?;
         config.validate().map_err(EngineError::InvalidRequest)?;
+        if config.dead_letter_topic_for(topic) == topic {
+            return Err(EngineError::InvalidRequest(
+                "dead_letter_topic must be another topic than the group's own".into(),
+            ));
+        }
         self.ensure_ticker();
         if let Ok(g) = self.group(topic, group) {
             if update {
@@ -314,12 +330,9 @@ impl Engine {
         super::validate_topic(topic)?;
         let now_ms = self.inner.options.clock.now_ms();
         let mut list: Vec<GroupInfo> = self
-            .inner
-            .registry
-            .groups
+            .live_groups(|g| &*g.topic.name == topic)
             .iter()
-            .filter(|e| &*e.key().0 == topic && !e.value().deleted.load(Ordering::Acquire))
-            .map(|e| info_of(e.value(), now_ms))
+            .map(|g| info_of(g, now_ms))
             .collect();
         if list.is_empty() {
             self.get(topic)?;
@@ -332,15 +345,33 @@ impl Engine {
     pub fn all_groups(&self) -> Vec<GroupInfo> {
         let now_ms = self.inner.options.clock.now_ms();
         let mut list: Vec<GroupInfo> = self
-            .inner
-            .registry
-            .groups
+            .live_groups(|_| true)
             .iter()
-            .filter(|e| !e.value().deleted.load(Ordering::Acquire))
-            .map(|e| info_of(e.value(), now_ms))
+            .map(|g| info_of(g, now_ms))
             .collect();
         list.sort_by(|a, b| (&a.topic, &a.group).cmp(&(&b.topic, &b.group)));
         list
+    }
+
+    /// Whether some group of `t` has not done every event of it.
+    pub(crate) fn groups_unfinished(&self, t: &Arc<Topic>) -> bool {
+        let last = t.state.read().last_offset();
+        self.live_groups(|g| Arc::ptr_eq(&g.topic, t))
+            .iter()
+            .any(|g| g.state.lock().first_undone() <= last)
+    }
+
+    /// The groups not deleted that `keep` selects. Collected first, so that
+    /// no map shard is locked while a group's or a topic's lock is taken
+    /// (`ensure_group` takes a shard under a topic's lock).
+    fn live_groups(&self, keep: impl Fn(&Group) -> bool) -> Vec<Arc<Group>> {
+        self.inner
+            .registry
+            .groups
+            .iter()
+            .map(|e| e.value().clone())
+            .filter(|g| !g.deleted.load(Ordering::Acquire) && keep(g))
+            .collect()
     }
 
     /// Deletes the group: its pending work is forgotten, waiting members
@@ -416,9 +447,11 @@ impl Engine {
         };
         self.ensure_ticker();
         let consumer: Arc<str> = Arc::from(consumer);
-        g.state
-            .lock()
-            .join(&consumer, max_in_flight, Instant::now());
+        {
+            let mut s = g.state.lock();
+            admit(&s, &consumer)?;
+            s.join(&consumer, max_in_flight, Instant::now());
+        }
         Ok(GroupMember {
             engine: self.clone(),
             group: g,
@@ -444,7 +477,11 @@ impl Engine {
         let g = self.group(topic, group)?;
         self.ensure_ticker();
         let consumer: Arc<str> = Arc::from(consumer);
-        g.state.lock().set_room(&consumer, max_in_flight);
+        {
+            let mut s = g.state.lock();
+            admit(&s, &consumer)?;
+            s.set_room(&consumer, max_in_flight);
+        }
         let deadline = Instant::now() + wait.min(MAX_FETCH_WAIT);
         self.wait_fetch(&g, &consumer, max.clamp(1, MAX_FETCH), Some(deadline))
             .await
@@ -566,9 +603,12 @@ impl Engine {
             };
             (settled, s.first_undone() != floor, s.take_unblocked())
         };
-        if settled.applied == 0 {
+        if settled.applied == 0 && settled.already_done == 0 {
             return Ok(PendingSettle::Ready(settled));
         }
+        // A repeated ack waits for the store too: the first one's pass may
+        // not be stored yet (or failed and is being redone), and the reply
+        // must mean "stored" either way.
         // Waiting members care only about work becoming available: a
         // nack's redelivery, or room at a member's or the group's limit.
         if unblocked || matches!(how, Settle::Nack(_)) {
@@ -742,14 +782,9 @@ impl Engine {
             return;
         }
         let pin = self
-            .inner
-            .registry
-            .groups
+            .live_groups(|g| Arc::ptr_eq(&g.topic, t))
             .iter()
-            .filter(|e| {
-                Arc::ptr_eq(&e.value().topic, t) && !e.value().deleted.load(Ordering::Acquire)
-            })
-            .map(|e| e.value().state.lock().first_undone())
+            .map(|g| g.state.lock().first_undone())
             .min()
             .unwrap_or(u64::MAX);
         let trimmed = {
@@ -841,7 +876,9 @@ impl Engine {
             .registry
             .topics
             .iter()
-            .filter(|t| t.groups.load(Ordering::Acquire) > 0)
+            .filter(|t| {
+                t.groups.load(Ordering::Acquire) > 0 || t.state.read().retention.retain_until_acked
+            })
             .map(|t| t.clone())
             .collect();
         for t in &topics {
@@ -913,6 +950,35 @@ pub(crate) fn take_dirty_records(
         }
     }
     (writes, groups)
+}
+
+/// Drops the removals of group records whose name a live group holds
+/// again (deleted, then created anew before the removal's pass): that
+/// group's record goes into this pass instead, so a removal queued before
+/// the re-creation cannot delete the new group's record.
+pub(crate) fn drop_stale_removals(registry: &Registry, steps: &mut [Step]) {
+    let mut revived = Vec::new();
+    for step in steps.iter_mut() {
+        let Step::Groups { writes } = step else {
+            continue;
+        };
+        writes.retain(|w| {
+            if w.value.is_some() {
+                return true;
+            }
+            let key = (w.topic.clone(), w.group.clone());
+            match registry.groups.get(&key).map(|g| g.value().clone()) {
+                Some(g) if !g.deleted.load(Ordering::Acquire) => {
+                    revived.push(g);
+                    false
+                }
+                _ => true,
+            }
+        });
+    }
+    if !revived.is_empty() {
+        redirty(registry, revived);
+    }
 }
 
 /// Queues `groups` for the next pass again (theirs failed).

@@ -36,6 +36,10 @@ pub const DLQ_ATTEMPTS: &str = "ringcast-dlq-attempts";
 pub const DLQ_REASON: &str = "ringcast-dlq-reason";
 /// Header with the original topic's epoch.
 pub const DLQ_EPOCH: &str = "ringcast-dlq-epoch";
+/// Most consumer names a group knows at once (a new one beyond is refused).
+pub const MAX_MEMBERS: usize = 1024;
+/// Most lost ranges a group holds for its members (see `push_gap`).
+const MAX_GAPS: usize = 1024;
 /// Longest `term` reason kept, in bytes.
 pub const MAX_REASON: usize = 1024;
 
@@ -482,10 +486,14 @@ impl GroupState {
 
     /// Queues a lost range for the next fetch, merged with the previous
     /// one when they touch (one gap per contiguous loss).
+    /// At most [`MAX_GAPS`] are held: beyond, the last one is widened to
+    /// cover the new loss too (reporting the done offsets between them as
+    /// lost as well: too much, never too little).
     fn push_gap(&mut self, from: u64, to: u64) {
+        let full = self.gaps.len() >= MAX_GAPS;
         if let Some(last) = self.gaps.last_mut() {
-            if last.1.checked_add(1) == Some(from) {
-                last.1 = to;
+            if last.1.checked_add(1) == Some(from) || full {
+                last.1 = last.1.max(to);
                 return;
             }
         }
@@ -860,12 +868,21 @@ impl GroupState {
         for &o in &held {
             self.leave_flight(o);
             self.clear_timer(o);
-            self.ready.insert(o);
-            if let Some(e) = self.pending.get_mut(&o) {
-                e.state = State::Ready;
-            }
+            // Handed back at once, but still an attempt spent: an event
+            // whose worker dies on it every time ends in the dead letters.
+            self.retry(o, Some(Duration::ZERO), now, "max_deliver");
         }
         !held.is_empty()
+    }
+
+    /// Whether `consumer` is a member already.
+    pub fn knows(&self, consumer: &str) -> bool {
+        self.members.contains_key(consumer)
+    }
+
+    /// How many consumer names the group knows.
+    pub fn members_len(&self) -> usize {
+        self.members.len()
     }
 
     /// Forgets members with no session, nothing in flight and no activity
@@ -991,6 +1008,7 @@ impl GroupState {
                 })
                 .collect(),
             stats: self.stats,
+            gaps: self.gaps.clone(),
         }
     }
 
@@ -1023,6 +1041,10 @@ impl GroupState {
             self.dead.remove(&o);
         }
         self.timers.retain(|(_, o)| *o < next_offset);
+        self.gaps.retain(|(a, _)| *a < next_offset);
+        for g in &mut self.gaps {
+            g.1 = g.1.min(next_offset - 1);
+        }
         forgot
     }
 
@@ -1044,6 +1066,11 @@ impl GroupState {
             dead: BTreeSet::new(),
             unblocked: false,
         };
+        for (a, b) in r.gaps {
+            if a <= b {
+                s.push_gap(a, b);
+            }
+        }
         for (a, b) in r.done {
             if a > s.floor && a <= b && b < s.next {
                 s.done.insert(a, b);
@@ -1183,6 +1210,9 @@ pub(crate) struct GroupRecord {
     done: Vec<(u64, u64)>,
     pending: Vec<StoredPending>,
     stats: Stats,
+    /// Lost ranges not yet reported to a member: stored, so that a crash
+    /// before the next fetch does not make the loss silent.
+    gaps: Vec<(u64, u64)>,
 }
 
 impl Group {

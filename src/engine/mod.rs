@@ -717,6 +717,11 @@ impl Engine {
             for e in r.events {
                 state.push_back(e);
             }
+            if state.retention.retain_until_acked {
+                // Nothing goes before the groups are back and say what
+                // they have done (`install_groups` moves the pin).
+                state.pin = 0;
+            }
             state.trim(now);
             recovered_events += state.ring.len() as u64;
             let topic = Topic::new(name.clone(), state, now, Arc::downgrade(&registry));
@@ -1486,6 +1491,10 @@ fn maintain(engine: &Engine, now: u64) {
             });
             (trimmed, sealed_out || idle_out)
         };
+        // A sealed topic stays while a consumer group has work left in it:
+        // removing it would drop that work unreported.
+        let expired =
+            expired && (t.groups.load(Ordering::Acquire) == 0 || !engine.groups_unfinished(&t));
         if expired {
             match engine.start_delete(&t, false) {
                 Ok(_) => tracing::info!(topic = %t.name, "topic expired"),

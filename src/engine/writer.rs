@@ -193,6 +193,7 @@ impl Writer {
         // The groups changed since the last pass go into its first
         // `Groups` step: many acks, one record per group.
         let mut stored_groups = Vec::new();
+        super::consume::drop_stale_removals(&self.registry, &mut steps);
         if let Some(Step::Groups { writes }) =
             steps.iter_mut().find(|s| matches!(s, Step::Groups { .. }))
         {

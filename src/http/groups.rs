@@ -398,6 +398,11 @@ async fn create(
         Some("{}"),
     )
     .await?;
+    // Dead letters are appended by the broker: naming where they go is
+    // publishing there.
+    if let Some(Some(dlq)) = &options.dead_letter_topic {
+        caller.require(Action::Publish, dlq)?;
+    }
     let engine = &state.engine;
     let existing = match engine.group_info(&topic, &group) {
         Ok(i) => Some(i),

@@ -709,7 +709,9 @@ impl Session<'_> {
                 } else {
                     Action::Subscribe
                 };
-                if self.granted(request_id, action, &topic).await? {
+                if self.granted(request_id, action, &topic).await?
+                    && self.may_dead_letter(request_id, &options).await?
+                {
                     let created = engine
                         .create_group(&topic, &group, wire::group_config(options), update)
                         .await;
@@ -726,7 +728,11 @@ impl Session<'_> {
                 create,
             } => {
                 self.require_version(4, "JoinGroup").await?;
-                if self.granted(request_id, Action::Subscribe, &topic).await? {
+                let may_create = match &create {
+                    Some(options) => self.may_dead_letter(request_id, options).await?,
+                    None => true,
+                };
+                if may_create && self.granted(request_id, Action::Subscribe, &topic).await? {
                     let create = create.map(wire::group_config);
                     self.join_group(
                         request_id,
@@ -852,6 +858,19 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Dead letters are appended by the broker: a group naming its own
+    /// dead-letter topic needs the publish grant there.
+    async fn may_dead_letter(
+        &mut self,
+        request_id: u64,
+        options: &ringcast_protocol::GroupOptions,
+    ) -> Result<bool, Stop> {
+        match &options.dead_letter_topic {
+            Some(dlq) => self.granted(request_id, Action::Publish, dlq).await,
+            None => Ok(true),
+        }
     }
 
     async fn reply_group_info(

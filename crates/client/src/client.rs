@@ -582,17 +582,17 @@ impl Client {
         ))
     }
 
-    /// Settles `offsets` through membership `id`. Everything but a nack is
-    /// sent again on the next connection if this one drops first: a repeat
-    /// counts as `already_done`, while a repeated nack could hit another
-    /// member's redelivery.
+    /// Settles `offsets` through membership `id`. An ack is sent again on
+    /// the next connection if this one drops first (a repeat counts as
+    /// `already_done`); a nack, in-progress or term is not, since the
+    /// offset may meanwhile be another member's redelivery.
     pub(crate) async fn settle(
         &self,
         id: u64,
         offsets: Vec<u64>,
         action: SettleAction,
     ) -> Result<Settled> {
-        let resend = !matches!(action, SettleAction::Nack(_));
+        let resend = matches!(action, SettleAction::Ack);
         let reply = self
             .send_request_with(resend, |request_id| ClientMessage::Settle {
                 request_id,

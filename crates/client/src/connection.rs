@@ -1255,6 +1255,9 @@ impl Task {
         };
         debug!(membership = id, epoch, "joined");
         membership.accepting = true;
+        // The group exists now: a re-join after a reconnect must not create
+        // it again if an admin deleted it meanwhile.
+        membership.spec.create = None;
         if let Some(ready) = membership.ready.take() {
             if ready.send(Ok(epoch)).is_err() {
                 // The caller gave up waiting: nobody will read this one.

@@ -2,9 +2,12 @@
 //! options.
 //!
 //! A membership is shared by its [`Consumer`] and every [`Job`] it handed
-//! out (an `Arc`); it ends — a clean leave, so that whatever it still holds
-//! is redelivered at once — when the last of them is dropped, or on
-//! [`Consumer::leave`].
+//! out (an `Arc`, so that jobs name their membership when settled); it ends
+//! — a clean leave, so that whatever it still holds is redelivered at once
+//! — when the consumer is dropped or [`Consumer::leave`] is called. Keep
+//! the consumer while working on its jobs: once it is gone the broker
+//! pushes it nothing more (nothing would read it), and its jobs can no
+//! longer be settled.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -133,9 +136,10 @@ impl Drop for Membership {
 /// An `Err` item is terminal (then `None`): [`Error::Closed`] after
 /// [`Client::close`], or [`Error::Server`] when the broker refused to let
 /// the membership join again after a reconnect (the group was deleted, say).
-/// [`leave`](Self::leave) leaves cleanly; dropping the consumer leaves too,
-/// once the jobs it handed out are dropped as well. A clean leave redelivers
-/// every job not settled at once.
+/// [`leave`](Self::leave) leaves cleanly and waits for the broker's answer;
+/// dropping the consumer leaves too, without waiting. A clean leave
+/// redelivers every job not settled at once (the attempt counts), and
+/// settling one of them afterwards fails.
 #[derive(Debug)]
 pub struct Consumer {
     membership: Arc<Membership>,
@@ -219,6 +223,20 @@ impl Consumer {
     }
 }
 
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // A consumer nobody reads must not keep taking work: leave now,
+        // whatever jobs are still alive (harmless after `leave`: the task
+        // ignores ids it no longer knows).
+        let _ = self
+            .membership
+            .client
+            .inner()
+            .drop_tx
+            .send(self.membership.id);
+    }
+}
+
 impl Stream for Consumer {
     type Item = Result<ConsumerItem>;
 
@@ -252,9 +270,10 @@ impl Stream for Consumer {
 /// Settling is by offset and idempotent: [`ack`](Self::ack) twice counts
 /// the second as `already_done`. A job dropped without being settled is
 /// redelivered (attempt + 1) when the group's `ack_wait` runs out, or at
-/// once when its membership ends cleanly (the [`Consumer`] and all its
-/// jobs dropped, or [`Consumer::leave`]). A job can be settled after the
-/// connection that delivered it dropped: the settle goes over the new one.
+/// once when its membership ends cleanly (its [`Consumer`] dropped, or
+/// [`Consumer::leave`]). A job can be settled after the connection that
+/// delivered it dropped (the settle goes over the new one), but not after
+/// its consumer is gone.
 #[derive(Debug)]
 pub struct Job {
     membership: Arc<Membership>,
@@ -289,6 +308,8 @@ impl Job {
     /// Not sent again if the connection drops before the answer (a repeat
     /// could nack another member's redelivery): it then fails with
     /// [`Error::ConnectionLost`], and the job comes back after `ack_wait`.
+    /// The same holds for [`in_progress`](Self::in_progress) and
+    /// [`term`](Self::term).
     pub async fn nack(&self, delay: Option<Duration>) -> Result<Settled> {
         let delay = delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.settle(SettleAction::Nack(delay)).await

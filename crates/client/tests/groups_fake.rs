@@ -434,23 +434,24 @@ async fn a_nack_in_flight_at_a_loss_fails_and_is_not_sent_again() {
 }
 
 #[tokio::test]
-async fn dropping_the_consumer_and_then_its_last_job_leaves_the_group() {
+async fn dropping_the_consumer_leaves_the_group_even_while_a_job_lives() {
     let broker = FakeBroker::start().await;
     let (client, mut peer) = connected(&broker).await;
     let (mut consumer, id) = joined(&client, &mut peer).await;
     peer.deliver(id, 1, 1).await;
     let job = next_job(&mut consumer).await;
 
+    // Nobody reads the consumer any more: it must not keep taking work.
     drop(consumer);
-    // The job still needs the membership to be settled.
-    peer.expect_ping_next(&client).await;
-    drop(job);
     match peer.recv().await {
         ClientMessage::LeaveGroup {
             subscription_id, ..
         } => assert_eq!(subscription_id, id),
         other => panic!("expected LeaveGroup, got {other:?}"),
     }
+    drop(job);
+    // The job's drop sends nothing more.
+    peer.expect_ping_next(&client).await;
 }
 
 #[tokio::test]
