@@ -1104,3 +1104,30 @@ async fn a_group_cannot_dead_letter_into_its_own_topic() {
         "{refused:?}"
     );
 }
+
+#[tokio::test]
+async fn a_dead_letter_refused_by_a_sealed_dead_letter_topic_stays_pending_and_is_retried() {
+    let engine = memory(|_| {});
+    let cfg = GroupConfig {
+        dead_letter_topic: Some("jobs.failed".into()),
+        ..GroupConfig::default()
+    };
+    engine.create_group(TOPIC, GROUP, cfg, false).await.unwrap();
+    engine.create("jobs.failed").unwrap();
+    engine.seal("jobs.failed").await.unwrap();
+    publish_n(&engine, 1).await;
+    let f = fetch_now(&engine, "w", 1).await;
+    settle(&engine, &offsets_of(&f), Settle::Term("bad".into())).await;
+    let info = engine.group_info(TOPIC, GROUP).unwrap();
+    assert_eq!((info.pending, info.dead_lettered), (1, 0), "{info:?}");
+    // Nothing is handed out meanwhile: it is dead, waiting for its append.
+    assert!(fetch_now(&engine, "w", 1).await.is_empty());
+
+    // Once the dead-letter topic takes events again, the ticker appends it.
+    engine.delete("jobs.failed").await.unwrap();
+    let mut dlq = engine
+        .subscribe("jobs.failed", vec![], Start::Earliest)
+        .unwrap();
+    let letter = next_event(&mut dlq).await;
+    assert_eq!(header(&letter.headers, DLQ_REASON), Some("bad"));
+}

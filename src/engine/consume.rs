@@ -15,8 +15,8 @@ use tokio::time::Instant;
 
 use super::event::NewEvent;
 use super::group::{
-    self, Fetched, Group, GroupConfig, GroupInfo, GroupRecord, GroupState, Settled, DLQ_ATTEMPTS,
-    DLQ_EPOCH, DLQ_GROUP, DLQ_OFFSET, DLQ_REASON, DLQ_TOPIC,
+    self, DeadLetter, Fetched, Group, GroupConfig, GroupInfo, GroupRecord, GroupState, Settled,
+    DLQ_ATTEMPTS, DLQ_EPOCH, DLQ_GROUP, DLQ_OFFSET, DLQ_REASON, DLQ_TOPIC,
 };
 use super::log::{GroupWrite, Step};
 use super::topic::{Registry, Topic};
@@ -702,42 +702,35 @@ impl Engine {
                 tracing::warn!(topic = %g.topic.name, group = %g.name, dlq, error = %e, "cannot create the dead-letter topic; retrying");
             }
         }
-        for d in letters {
-            let mut headers = d.event.headers.clone();
-            let ours = [
-                (DLQ_TOPIC, g.topic.name.to_string()),
-                (DLQ_OFFSET, d.offset.to_string()),
-                (DLQ_GROUP, g.name.to_string()),
-                (DLQ_ATTEMPTS, d.attempt.to_string()),
-                (DLQ_REASON, d.reason.clone()),
-                (DLQ_EPOCH, epoch.to_string()),
-            ];
-            let extra: usize = ours.iter().map(|(k, v)| k.len() + v.len()).sum();
-            // The original headers go along while they fit the limits.
-            while headers.len() + ours.len() > super::MAX_HEADERS
-                || headers
+        // Appended in batches (one group commit each); the first failure
+        // leaves it and every later letter for the ticker's next round, with
+        // one warning, so a sealed or full dead-letter topic costs one
+        // refused append per round, not one per letter.
+        let mut failed: Option<EngineError> = None;
+        for chunk in letters.chunks(DEAD_LETTER_BATCH) {
+            if failed.is_none() {
+                let events = chunk
                     .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>()
-                    + extra
-                    > super::MAX_HEADER_BYTES
-            {
-                headers.pop();
+                    .map(|d| dead_letter(g, d, epoch, generation))
+                    .collect();
+                if let Err(e) = self.publish_batch(&dlq, events).await {
+                    failed = Some(e);
+                }
             }
-            headers.extend(ours.into_iter().map(|(k, v)| (k.to_owned(), v)));
-            let event = NewEvent {
-                event_type: d.event.event_type.to_string(),
-                headers,
-                payload: d.event.payload.clone(),
-                idempotency_key: Some(format!("dlq:{}:{generation:x}:{}", g.name, d.offset)),
-            };
-            let result = self.publish(&dlq, event).await;
-            if let Err(e) = &result {
-                tracing::warn!(topic = %g.topic.name, group = %g.name, offset = d.offset, dlq, error = %e, "dead letter not appended; retrying");
-            } else {
-                tracing::info!(topic = %g.topic.name, group = %g.name, offset = d.offset, attempts = d.attempt, reason = d.reason, dlq, "event dead-lettered");
+            let ok = failed.is_none();
+            let mut s = g.state.lock();
+            for d in chunk {
+                s.dead_lettered(d.offset, ok);
             }
-            g.state.lock().dead_lettered(d.offset, result.is_ok());
+            drop(s);
+            if ok {
+                for d in chunk {
+                    tracing::info!(topic = %g.topic.name, group = %g.name, offset = d.offset, attempts = d.attempt, reason = d.reason, dlq, "event dead-lettered");
+                }
+            }
+        }
+        if let Some(e) = failed {
+            tracing::warn!(topic = %g.topic.name, group = %g.name, dlq, error = %e, "dead letters not appended; retrying");
         }
         self.mark_dirty(g);
         self.refresh_pin(&g.topic);
@@ -981,6 +974,43 @@ pub(crate) fn drop_stale_removals(registry: &Registry, steps: &mut [Step]) {
     }
 }
 
+/// Most dead letters appended in one batch.
+const DEAD_LETTER_BATCH: usize = 256;
+
+/// The dead letter of `d` for `g`'s dead-letter topic: the original type,
+/// payload and headers (as many as fit beside ours), our headers, and an
+/// idempotency key per group incarnation and offset.
+fn dead_letter(g: &Group, d: &DeadLetter, epoch: u64, generation: u64) -> NewEvent {
+    let mut headers = d.event.headers.clone();
+    let ours = [
+        (DLQ_TOPIC, g.topic.name.to_string()),
+        (DLQ_OFFSET, d.offset.to_string()),
+        (DLQ_GROUP, g.name.to_string()),
+        (DLQ_ATTEMPTS, d.attempt.to_string()),
+        (DLQ_REASON, d.reason.clone()),
+        (DLQ_EPOCH, epoch.to_string()),
+    ];
+    let extra: usize = ours.iter().map(|(k, v)| k.len() + v.len()).sum();
+    // The original headers go along while they fit the limits.
+    while headers.len() + ours.len() > super::MAX_HEADERS
+        || headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+            + extra
+            > super::MAX_HEADER_BYTES
+    {
+        headers.pop();
+    }
+    headers.extend(ours.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    NewEvent {
+        event_type: d.event.event_type.to_string(),
+        headers,
+        payload: d.event.payload.clone(),
+        idempotency_key: Some(format!("dlq:{}:{generation:x}:{}", g.name, d.offset)),
+    }
+}
+
 /// Queues `groups` for the next pass again (theirs failed).
 pub(crate) fn redirty(registry: &Registry, groups: Vec<Arc<Group>>) {
     let mut dirty = registry.dirty_groups.lock();
@@ -1029,7 +1059,11 @@ async fn ticker(inner: Weak<Inner>) {
                     g.notify.notify_waiters();
                 }
                 if dead {
-                    engine.flush_dead(&g).await;
+                    // Its own task: appends wait for the writer, and the
+                    // other groups' deadlines must not wait for them. A
+                    // letter being appended is not taken twice.
+                    let engine = engine.clone();
+                    tokio::spawn(async move { engine.flush_dead(&g).await });
                 }
                 if let Some(t) = timer {
                     next = next.min(t.max(now));
