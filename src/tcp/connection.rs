@@ -1553,10 +1553,11 @@ async fn group_pump(
             }
         }
         for d in fetched.deliveries {
-            let msg = ServerMessage::Delivery {
+            let msg = wire::DeliveryRef {
                 subscription_id,
                 attempt: d.attempt,
-                event: wire::event(&topic, &d.event),
+                topic: &topic,
+                event: &d.event,
             };
             if let Err(e) = encode_frame(&msg, &mut buf) {
                 tracing::error!(error = %e, "cannot encode a delivery");

@@ -211,3 +211,101 @@ pub(crate) fn group_info(i: GroupInfo) -> proto::WireGroupInfo {
             .collect(),
     }
 }
+
+/// A `ServerMessage::Delivery` (tag 20) serialized straight from the
+/// engine's shared event: the same bytes as the owned message, without
+/// copying the topic, type and headers for every delivery.
+pub(crate) struct DeliveryRef<'a> {
+    pub subscription_id: u64,
+    pub attempt: u32,
+    pub topic: &'a str,
+    pub event: &'a Event,
+}
+
+/// The `Delivery` variant's tag (its position in `ServerMessage`).
+const DELIVERY_TAG: u32 = 20;
+
+impl serde::Serialize for DeliveryRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStructVariant;
+        let mut v = s.serialize_struct_variant("ServerMessage", DELIVERY_TAG, "Delivery", 3)?;
+        v.serialize_field("subscription_id", &self.subscription_id)?;
+        v.serialize_field("attempt", &self.attempt)?;
+        v.serialize_field(
+            "event",
+            &EventRef {
+                topic: self.topic,
+                event: self.event,
+            },
+        )?;
+        v.end()
+    }
+}
+
+/// A `WireEvent` borrowed from the engine's event (same field order).
+struct EventRef<'a> {
+    topic: &'a str,
+    event: &'a Event,
+}
+
+impl serde::Serialize for EventRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let e = self.event;
+        let mut v = s.serialize_struct("WireEvent", 7)?;
+        v.serialize_field("topic", self.topic)?;
+        v.serialize_field("offset", &e.offset)?;
+        v.serialize_field("event_type", &*e.event_type)?;
+        v.serialize_field("version", &e.version)?;
+        v.serialize_field("timestamp_ms", &e.timestamp_ms)?;
+        v.serialize_field("headers", &e.headers)?;
+        v.serialize_field("payload", &e.payload)?;
+        v.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::{Bytes, BytesMut};
+    use ringcast_protocol::{encode_frame, ServerMessage};
+
+    use super::*;
+
+    #[test]
+    fn a_borrowed_delivery_encodes_as_the_owned_message() {
+        let event = Event::new(
+            9,
+            4,
+            1_700_000_000_000,
+            Arc::from("created"),
+            vec![("k".into(), "v".into()), ("trace".into(), "t-1".into())],
+            Bytes::from_static(b"{\"a\":1}"),
+        );
+        for (sid, attempt) in [(0, 1), (7, 3), (u64::MAX, u32::MAX)] {
+            let mut borrowed = BytesMut::new();
+            encode_frame(
+                &DeliveryRef {
+                    subscription_id: sid,
+                    attempt,
+                    topic: "orders",
+                    event: &event,
+                },
+                &mut borrowed,
+            )
+            .unwrap();
+            let mut owned = BytesMut::new();
+            encode_frame(
+                &ServerMessage::Delivery {
+                    subscription_id: sid,
+                    attempt,
+                    event: super::event("orders", &event),
+                },
+                &mut owned,
+            )
+            .unwrap();
+            assert_eq!(borrowed, owned, "subscription {sid}, attempt {attempt}");
+        }
+    }
+}
