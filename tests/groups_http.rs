@@ -80,20 +80,7 @@ impl Api {
 
     /// Sends a request; the status and the JSON body (`Null` when empty).
     async fn send(&self, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
-        within(30, async {
-            let response = request.send().await.expect("request sent");
-            let status = response.status();
-            let body = response.bytes().await.expect("body read");
-            let value = if body.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&body).unwrap_or_else(|e| {
-                    panic!("body {:?} is not JSON: {e}", String::from_utf8_lossy(&body))
-                })
-            };
-            (status, value)
-        })
-        .await
+        common::http::send_json(request, 30).await
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {

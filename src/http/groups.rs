@@ -61,10 +61,13 @@ pub(crate) fn routes() -> Router<HttpState> {
         .route("/v1/topics/{topic}/groups", get(list))
         .route(GROUP, get(info).put(create).delete(delete))
         .route(&format!("{GROUP}/fetch"), post(fetch))
-        .route(&format!("{GROUP}/ack"), post(ack))
-        .route(&format!("{GROUP}/nack"), post(nack))
-        .route(&format!("{GROUP}/in_progress"), post(in_progress))
-        .route(&format!("{GROUP}/term"), post(term))
+        .route(&format!("{GROUP}/ack"), post(settle::<AckBody>))
+        .route(&format!("{GROUP}/nack"), post(settle::<NackBody>))
+        .route(
+            &format!("{GROUP}/in_progress"),
+            post(settle::<InProgressBody>),
+        )
+        .route(&format!("{GROUP}/term"), post(settle::<TermBody>))
         .route(&format!("{GROUP}/redrive"), post(redrive))
 }
 
@@ -166,11 +169,40 @@ struct FetchBody {
     max_in_flight: u32,
 }
 
-/// An `ack` or `in_progress` body.
+/// A settle request's body: its JSON shape (for errors) and the action.
+trait SettleBody: DeserializeOwned + Send {
+    /// The expected shape, named in the error for a malformed body.
+    const SHAPE: &'static str;
+    /// The offsets and what to do with them.
+    fn into_parts(self) -> Result<(Vec<u64>, Settle), ApiError>;
+}
+
+/// An `ack` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OffsetsBody {
+struct AckBody {
     offsets: Vec<u64>,
+}
+
+impl SettleBody for AckBody {
+    const SHAPE: &'static str = "{\"offsets\": [..]}";
+    fn into_parts(self) -> Result<(Vec<u64>, Settle), ApiError> {
+        Ok((self.offsets, Settle::Ack))
+    }
+}
+
+/// An `in_progress` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InProgressBody {
+    offsets: Vec<u64>,
+}
+
+impl SettleBody for InProgressBody {
+    const SHAPE: &'static str = "{\"offsets\": [..]}";
+    fn into_parts(self) -> Result<(Vec<u64>, Settle), ApiError> {
+        Ok((self.offsets, Settle::InProgress))
+    }
 }
 
 /// A `nack` body.
@@ -183,6 +215,14 @@ struct NackBody {
     delay_ms: Option<u64>,
 }
 
+impl SettleBody for NackBody {
+    const SHAPE: &'static str = "{\"offsets\": [..], \"delay_ms\"}";
+    fn into_parts(self) -> Result<(Vec<u64>, Settle), ApiError> {
+        let delay = self.delay_ms.map(|ms| delay("delay_ms", ms)).transpose()?;
+        Ok((self.offsets, Settle::Nack(delay)))
+    }
+}
+
 /// A `term` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -190,6 +230,13 @@ struct TermBody {
     offsets: Vec<u64>,
     #[serde(default)]
     reason: Option<String>,
+}
+
+impl SettleBody for TermBody {
+    const SHAPE: &'static str = "{\"offsets\": [..], \"reason\"}";
+    fn into_parts(self) -> Result<(Vec<u64>, Settle), ApiError> {
+        Ok((self.offsets, Settle::Term(self.reason.unwrap_or_default())))
+    }
 }
 
 /// Reads a JSON body of at most `limits.max_frame` bytes within
@@ -541,90 +588,25 @@ async fn fetch(
     Ok(fetched_response(&topic, &fetched))
 }
 
-/// Settles `offsets` with `how` (the caller's subscribe grant was checked
-/// before its body was read).
-async fn settle(
-    state: &HttpState,
-    topic: &str,
-    group: &str,
-    offsets: &[u64],
-    how: Settle,
+/// `POST .../ack` `{"offsets"}` (done, never delivered again),
+/// `.../nack` `{"offsets", "delay_ms"}` (redeliver after the delay, absent:
+/// the group's backoff), `.../in_progress` `{"offsets"}` (each deadline
+/// moves a whole `ack_wait` on) and `.../term` `{"offsets", "reason"}`
+/// (dead-letter now). Answers `{"applied", "already_done", "unknown"}` once
+/// the change is stored (a term: once its dead letters' append was tried).
+async fn settle<B: SettleBody>(
+    caller: Caller,
+    State(state): State<HttpState>,
+    Path((topic, group)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(Action::Subscribe, &topic)?;
+    let req: B = read_json(&state, &headers, body, B::SHAPE, None).await?;
+    let (offsets, how) = req.into_parts()?;
     Ok(settled_json(
-        state.engine.settle(topic, group, offsets, how).await?,
+        state.engine.settle(&topic, &group, &offsets, how).await?,
     ))
-}
-
-/// `POST .../ack` `{"offsets"}`: done, never delivered again. Answers
-/// `{"applied", "already_done", "unknown"}` once the acks are stored.
-async fn ack(
-    caller: Caller,
-    State(state): State<HttpState>,
-    Path((topic, group)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<Value>, ApiError> {
-    caller.require(Action::Subscribe, &topic)?;
-    let req: OffsetsBody = read_json(&state, &headers, body, "{\"offsets\": [..]}", None).await?;
-    settle(&state, &topic, &group, &req.offsets, Settle::Ack).await
-}
-
-/// `POST .../nack` `{"offsets", "delay_ms"}`: redeliver after the delay
-/// (absent: the group's backoff).
-async fn nack(
-    caller: Caller,
-    State(state): State<HttpState>,
-    Path((topic, group)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<Value>, ApiError> {
-    caller.require(Action::Subscribe, &topic)?;
-    let req: NackBody = read_json(
-        &state,
-        &headers,
-        body,
-        "{\"offsets\": [..], \"delay_ms\"}",
-        None,
-    )
-    .await?;
-    let delay = req.delay_ms.map(|ms| delay("delay_ms", ms)).transpose()?;
-    settle(&state, &topic, &group, &req.offsets, Settle::Nack(delay)).await
-}
-
-/// `POST .../in_progress` `{"offsets"}`: still working; each deadline moves
-/// a whole `ack_wait` on.
-async fn in_progress(
-    caller: Caller,
-    State(state): State<HttpState>,
-    Path((topic, group)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<Value>, ApiError> {
-    caller.require(Action::Subscribe, &topic)?;
-    let req: OffsetsBody = read_json(&state, &headers, body, "{\"offsets\": [..]}", None).await?;
-    settle(&state, &topic, &group, &req.offsets, Settle::InProgress).await
-}
-
-/// `POST .../term` `{"offsets", "reason"}`: give up now; the events go to
-/// the dead-letter topic with the reason. Answers once they are appended.
-async fn term(
-    caller: Caller,
-    State(state): State<HttpState>,
-    Path((topic, group)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<Value>, ApiError> {
-    caller.require(Action::Subscribe, &topic)?;
-    let req: TermBody = read_json(
-        &state,
-        &headers,
-        body,
-        "{\"offsets\": [..], \"reason\"}",
-        None,
-    )
-    .await?;
-    let reason = req.reason.unwrap_or_default();
-    settle(&state, &topic, &group, &req.offsets, Settle::Term(reason)).await
 }
 
 /// `POST .../redrive`: republishes the group's dead letters to the topic

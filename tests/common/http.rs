@@ -1,12 +1,33 @@
-//! Raw HTTP/1.1 over a `TcpStream`, for tests that need what a client
+//! HTTP for the tests: a request's status and JSON body through `reqwest`,
+//! and raw HTTP/1.1 over a `TcpStream` for tests that need what a client
 //! library hides: exact bytes, foreign `Host` headers, closes.
 #![allow(dead_code)]
 
+use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::within;
+
+/// Sends `request`, waiting at most `secs` seconds: the status and the JSON
+/// body (`Null` when the body is empty).
+pub async fn send_json(request: reqwest::RequestBuilder, secs: u64) -> (StatusCode, Value) {
+    within(secs, async {
+        let response = request.send().await.expect("request sent");
+        let status = response.status();
+        let body = response.bytes().await.expect("body read");
+        let value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap_or_else(|e| {
+                panic!("body {:?} is not JSON: {e}", String::from_utf8_lossy(&body))
+            })
+        };
+        (status, value)
+    })
+    .await
+}
 
 /// A raw HTTP/1.1 response: status, head (status line and headers), body.
 pub struct RawResponse {

@@ -2,59 +2,24 @@
 //! over loopback: handshake, pipelined replies, pushes, and — the point —
 //! what the client does when the connection drops.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use common::{event, FakeBroker, Peer, WAIT};
+use futures_util::StreamExt;
 use ringcast_client::{
-    Ack, AppendAck, Client, ClientOptions, Delivery, Error, ErrorCode, GapReason, Start, WireEvent,
-    WireGap,
+    Ack, AppendAck, Client, Delivery, Error, ErrorCode, GapReason, Start, WireGap,
 };
-use ringcast_protocol::{ClientMessage, ServerCodec, ServerMessage, PROTOCOL_VERSION};
-use tokio::net::{TcpListener, TcpStream};
+use ringcast_protocol::{ClientMessage, ServerMessage, PROTOCOL_VERSION};
+use tokio::net::TcpListener;
 use tokio::time::timeout;
-use tokio_util::codec::Framed;
-
-/// Upper bound for anything a test waits for; generous for a loaded CI box.
-const WAIT: Duration = Duration::from_secs(10);
-
-struct FakeBroker {
-    listener: TcpListener,
-    heartbeat_ms: u32,
-}
 
 impl FakeBroker {
-    async fn start() -> Self {
-        Self::with_heartbeat(0).await
-    }
-
-    async fn with_heartbeat(heartbeat_ms: u32) -> Self {
-        FakeBroker {
-            listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            heartbeat_ms,
-        }
-    }
-
-    fn addr(&self) -> String {
-        self.listener.local_addr().unwrap().to_string()
-    }
-
-    /// Fast reconnects, so tests do not wait on backoff.
-    fn options(&self) -> ClientOptions {
-        ClientOptions::new(self.addr())
-            .with_reconnect_backoff(Duration::from_millis(5), Duration::from_millis(20))
-            .with_request_timeout(WAIT)
-    }
-
     /// Accepts a connection and reads its `Hello`, without answering it.
     async fn accept_hello(&self) -> Peer {
-        let (stream, _) = timeout(WAIT, self.listener.accept())
-            .await
-            .expect("no connection")
-            .unwrap();
-        let mut peer = Peer {
-            framed: Framed::new(stream, ServerCodec::default()),
-        };
+        let mut peer = self.accept_connection().await;
         match peer.recv().await {
             ClientMessage::Hello {
                 protocol_version,
@@ -97,23 +62,7 @@ async fn assert_same_connection(client: &Client, peer: &mut Peer) {
     rtt.unwrap();
 }
 
-struct Peer {
-    framed: Framed<TcpStream, ServerCodec>,
-}
-
 impl Peer {
-    async fn welcome(&mut self, heartbeat_ms: u32) {
-        self.send(ServerMessage::Welcome {
-            server_version: "fake".into(),
-            protocol_version: PROTOCOL_VERSION,
-            max_frame: 1 << 20,
-            max_payload: 1 << 16,
-            max_subscriptions: 16,
-            heartbeat_ms,
-        })
-        .await;
-    }
-
     /// Reads a one-event `Append` (how the SDK publishes to a protocol 3
     /// broker), asserting it carries a random key: (request id, topic,
     /// type, payload, key).
@@ -149,14 +98,6 @@ impl Peer {
         .await;
     }
 
-    async fn recv(&mut self) -> ClientMessage {
-        timeout(WAIT, self.framed.next())
-            .await
-            .expect("no frame from the client")
-            .expect("the client closed the connection")
-            .expect("undecodable frame")
-    }
-
     /// Whether the client closes the connection, sending nothing but pings.
     async fn closed_by_client(&mut self) -> bool {
         loop {
@@ -166,10 +107,6 @@ impl Peer {
                 Ok(Some(Ok(_))) | Err(_) => return false,
             }
         }
-    }
-
-    async fn send(&mut self, msg: ServerMessage) {
-        self.framed.send(msg).await.unwrap();
     }
 
     /// Reads a `Subscribe`, returning its request id, subscription id and start.
@@ -205,18 +142,6 @@ impl Peer {
             event: event(offset),
         })
         .await;
-    }
-}
-
-fn event(offset: u64) -> WireEvent {
-    WireEvent {
-        topic: "orders".into(),
-        offset,
-        event_type: "created".into(),
-        version: offset,
-        timestamp_ms: 1_700_000_000_000 + offset,
-        headers: vec![],
-        payload: Bytes::from(format!("{{\"n\":{offset}}}")),
     }
 }
 

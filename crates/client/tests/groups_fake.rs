@@ -3,70 +3,29 @@
 //! what goes on the wire for joins and settles, how deliveries, gaps and
 //! settle answers come back, and what survives a dropped connection.
 
+mod common;
+
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use common::{event, FakeBroker, Peer, WAIT};
 use ringcast_client::{
-    Client, ClientOptions, ConsumeOptions, Consumer, ConsumerItem, Error, ErrorCode, GapReason,
-    GroupOptions, GroupStart, Job, Settled, WireEvent, WireGap, WireGroupInfo, WirePending,
+    Client, ConsumeOptions, Consumer, ConsumerItem, Error, ErrorCode, GapReason, GroupOptions,
+    GroupStart, Job, Settled, WireGap, WireGroupInfo, WirePending,
 };
-use ringcast_protocol::{
-    ClientMessage, ServerCodec, ServerMessage, SettleAction, PROTOCOL_VERSION,
-};
-use tokio::net::{TcpListener, TcpStream};
+use ringcast_protocol::{ClientMessage, ServerMessage, SettleAction, PROTOCOL_VERSION};
 use tokio::time::timeout;
-use tokio_util::codec::Framed;
-
-/// Upper bound for anything a test waits for; generous for a loaded CI box.
-const WAIT: Duration = Duration::from_secs(10);
-
-struct FakeBroker {
-    listener: TcpListener,
-}
 
 impl FakeBroker {
-    async fn start() -> Self {
-        FakeBroker {
-            listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        }
-    }
-
-    fn addr(&self) -> String {
-        self.listener.local_addr().unwrap().to_string()
-    }
-
-    /// Fast reconnects, so tests do not wait on backoff.
-    fn options(&self) -> ClientOptions {
-        ClientOptions::new(self.addr())
-            .with_reconnect_backoff(Duration::from_millis(5), Duration::from_millis(20))
-            .with_request_timeout(WAIT)
-    }
-
     /// Accepts a connection and completes the handshake.
     async fn accept(&self) -> Peer {
-        let (stream, _) = timeout(WAIT, self.listener.accept())
-            .await
-            .expect("no connection")
-            .unwrap();
-        let mut peer = Peer {
-            framed: Framed::new(stream, ServerCodec::default()),
-        };
+        let mut peer = self.accept_connection().await;
         match peer.recv().await {
             ClientMessage::Hello {
                 protocol_version, ..
             } => assert_eq!(protocol_version, PROTOCOL_VERSION),
             other => panic!("expected Hello, got {other:?}"),
         }
-        peer.send(ServerMessage::Welcome {
-            server_version: "fake".into(),
-            protocol_version: PROTOCOL_VERSION,
-            max_frame: 1 << 20,
-            max_payload: 1 << 16,
-            max_subscriptions: 16,
-            heartbeat_ms: 0,
-        })
-        .await;
+        peer.welcome(0).await;
         peer
     }
 }
@@ -76,10 +35,6 @@ async fn connected(broker: &FakeBroker) -> (Client, Peer) {
         async { Client::connect_with(broker.options()).await.unwrap() },
         broker.accept()
     )
-}
-
-struct Peer {
-    framed: Framed<TcpStream, ServerCodec>,
 }
 
 /// A `JoinGroup` as the fake broker read it.
@@ -95,18 +50,6 @@ struct Join {
 }
 
 impl Peer {
-    async fn recv(&mut self) -> ClientMessage {
-        timeout(WAIT, self.framed.next())
-            .await
-            .expect("no frame from the client")
-            .expect("the client closed the connection")
-            .expect("undecodable frame")
-    }
-
-    async fn send(&mut self, msg: ServerMessage) {
-        self.framed.send(msg).await.unwrap();
-    }
-
     async fn expect_join(&mut self) -> Join {
         match self.recv().await {
             ClientMessage::JoinGroup {
@@ -189,18 +132,6 @@ impl Peer {
     }
 }
 
-fn event(offset: u64) -> WireEvent {
-    WireEvent {
-        topic: "orders".into(),
-        offset,
-        event_type: "created".into(),
-        version: offset,
-        timestamp_ms: 1_700_000_000_000 + offset,
-        headers: vec![],
-        payload: Bytes::from(format!("{{\"n\":{offset}}}")),
-    }
-}
-
 fn group_info(topic: &str, group: &str, options: GroupOptions) -> WireGroupInfo {
     WireGroupInfo {
         topic: topic.into(),
@@ -248,6 +179,16 @@ async fn next_job(consumer: &mut Consumer) -> Job {
         Some(Ok(ConsumerItem::Job(job))) => job,
         other => panic!("expected a job, got {other:?}"),
     }
+}
+
+/// The consumer's next item is a `GroupNotFound` error (`what` names it in a
+/// failure), and then the consumer ends.
+async fn ends_with_group_not_found(consumer: &mut Consumer, what: &str) {
+    match timeout(WAIT, consumer.next()).await.unwrap() {
+        Some(Err(e)) => assert_eq!(e.code(), Some(ErrorCode::GroupNotFound), "{e}"),
+        other => panic!("expected {what}, got {other:?}"),
+    }
+    assert!(timeout(WAIT, consumer.next()).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -513,11 +454,7 @@ async fn a_refused_join_after_a_reconnect_ends_the_consumer_with_the_error() {
         message: "the group was deleted".into(),
     })
     .await;
-    match timeout(WAIT, consumer.next()).await.unwrap() {
-        Some(Err(e)) => assert_eq!(e.code(), Some(ErrorCode::GroupNotFound), "{e}"),
-        other => panic!("expected the broker's error, got {other:?}"),
-    }
-    assert!(timeout(WAIT, consumer.next()).await.unwrap().is_none());
+    ends_with_group_not_found(&mut consumer, "the broker's error").await;
 }
 
 #[tokio::test]
@@ -531,11 +468,7 @@ async fn an_end_from_the_broker_ends_the_consumer_with_group_not_found() {
         last_offset: 9,
     })
     .await;
-    match timeout(WAIT, consumer.next()).await.unwrap() {
-        Some(Err(e)) => assert_eq!(e.code(), Some(ErrorCode::GroupNotFound), "{e}"),
-        other => panic!("expected the end of the membership, got {other:?}"),
-    }
-    assert!(timeout(WAIT, consumer.next()).await.unwrap().is_none());
+    ends_with_group_not_found(&mut consumer, "the end of the membership").await;
 }
 
 #[tokio::test]

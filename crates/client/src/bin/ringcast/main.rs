@@ -25,7 +25,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
 use args::{
-    Cli, Command, GroupCommand, GroupConsumeArgs, GroupCreateArgs, HistoryArgs, PubArgs, SubArgs,
+    Cli, Command, GroupCommand, GroupConsumeArgs, GroupCreateArgs, GroupRef, HistoryArgs, PubArgs,
+    SubArgs,
 };
 
 /// Publishes from stdin keep at most this many acks outstanding.
@@ -244,6 +245,20 @@ async fn subscribe(client: &Client, args: SubArgs, out: &mut Output) -> anyhow::
     Ok(())
 }
 
+/// The group's state, or an error line naming it.
+async fn describe_group(
+    client: &Client,
+    g: &GroupRef,
+) -> anyhow::Result<ringcast_client::WireGroupInfo> {
+    client
+        .group_info(g.topic.as_str(), g.group.as_str())
+        .await
+        .map_err(fail(&format!(
+            "describing group {} of {}",
+            g.group, g.topic
+        )))
+}
+
 async fn group(client: &Client, command: GroupCommand, out: &mut Output) -> anyhow::Result<()> {
     match command {
         GroupCommand::Create(args) => create_group(client, args, out).await,
@@ -258,23 +273,11 @@ async fn group(client: &Client, command: GroupCommand, out: &mut Output) -> anyh
             .await
         }
         GroupCommand::Info(g) => {
-            let info = client
-                .group_info(g.topic.as_str(), g.group.as_str())
-                .await
-                .map_err(fail(&format!(
-                    "describing group {} of {}",
-                    g.group, g.topic
-                )))?;
+            let info = describe_group(client, &g).await?;
             out.line(&render::group_info(&info)).await
         }
         GroupCommand::Pending(g) => {
-            let info = client
-                .group_info(g.topic.as_str(), g.group.as_str())
-                .await
-                .map_err(fail(&format!(
-                    "describing group {} of {}",
-                    g.group, g.topic
-                )))?;
+            let info = describe_group(client, &g).await?;
             out.line(&Value::Array(
                 info.pending_sample.iter().map(render::pending).collect(),
             ))
