@@ -203,7 +203,9 @@ pub struct GroupConsumeArgs {
     /// command exits (or after the group's ack_wait).
     #[arg(long)]
     pub no_ack: bool,
-    /// Exit after this many jobs.
+    /// Exit after this many jobs (holding at most N at once; a job the
+    /// broker pushed meanwhile is handed back at the exit, which counts as
+    /// one of its deliveries).
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
     /// Most jobs held unsettled at once (0 = the group's max_ack_pending).

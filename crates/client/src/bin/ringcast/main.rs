@@ -339,7 +339,21 @@ async fn consume(client: &Client, args: GroupConsumeArgs, out: &mut Output) -> a
     if args.count == Some(0) {
         return Ok(());
     }
-    let options = ConsumeOptions::new(args.consumer.as_str()).max_in_flight(args.max_in_flight);
+    // With --count, take no more jobs than will be printed: a job taken and
+    // handed back at the leave would spend one of its attempts.
+    let window = match (args.count, args.max_in_flight) {
+        (Some(n), room) => {
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            // 0 = the group's max_ack_pending: no smaller than n either.
+            if room == 0 {
+                n
+            } else {
+                room.min(n)
+            }
+        }
+        (None, room) => room,
+    };
+    let options = ConsumeOptions::new(args.consumer.as_str()).max_in_flight(window);
     let mut consumer = client
         .consume(args.topic.as_str(), args.group.as_str(), options)
         .await
