@@ -751,7 +751,7 @@ mod cli {
         .unwrap();
         let mut peer = broker.accept().await;
         let join = peer.accept_join(5).await;
-        assert_eq!((join.consumer.as_str(), join.max_in_flight), ("w9", 64));
+        assert_eq!((join.consumer.as_str(), join.max_in_flight), ("w9", 2));
         let id = join.subscription_id;
         peer.deliver(id, 10, 1).await;
         peer.deliver(id, 11, 2).await;
