@@ -235,13 +235,7 @@ impl Engine {
         config: GroupConfig,
         update: bool,
     ) -> Result<GroupInfo, EngineError> {
-        let g = self.ensure_group(
-            topic,
-            group,
-            config,
-            update,
-            self.inner.options.topics.auto_create,
-        )?;
+        let g = self.ensure_group(topic, group, config, update)?;
         self.persist_group(&g).await?;
         self.group_info(topic, group)
     }
@@ -252,7 +246,6 @@ impl Engine {
         group: &str,
         config: GroupConfig,
         update: bool,
-        create_topic: bool,
     ) -> Result<Arc<Group>, EngineError> {
         check_names(topic, group)?;
         config.validate().map_err(EngineError::InvalidRequest)?;
@@ -280,7 +273,7 @@ impl Engine {
         }
         let t = match self.get(topic) {
             Ok(t) => t,
-            Err(_) if create_topic => {
+            Err(_) if self.inner.options.topics.auto_create => {
                 self.create(topic)?;
                 self.get(topic)?
             }
@@ -433,13 +426,7 @@ impl Engine {
         check_consumer(consumer)?;
         let g = match create {
             Some(config) => {
-                let g = self.ensure_group(
-                    topic,
-                    group,
-                    config,
-                    false,
-                    self.inner.options.topics.auto_create,
-                )?;
+                let g = self.ensure_group(topic, group, config, false)?;
                 self.persist_group(&g).await?;
                 g
             }

@@ -1273,12 +1273,17 @@ mod tests {
         t
     }
 
+    /// A topic of `n` events, a new group on it with the default settings,
+    /// a consumer name and the instant the test acts at.
+    fn setup(n: u64) -> (TopicState, GroupState, Arc<str>, Instant) {
+        let topic = topic_with(n);
+        let g = GroupState::new(GroupConfig::default(), &topic, 0);
+        (topic, g, Arc::from("w"), Instant::now())
+    }
+
     #[test]
     fn settled_entries_leave_no_timers_behind() {
-        let topic = topic_with(1005);
-        let mut g = GroupState::new(GroupConfig::default(), &topic, 0);
-        let w: Arc<str> = Arc::from("w");
-        let now = Instant::now();
+        let (topic, mut g, w, now) = setup(1005);
         for round in 0..10u64 {
             let f = g.fetch(&topic, &w, 100, now, 0);
             let offsets: Vec<u64> = f.deliveries.iter().map(|d| d.event.offset).collect();
@@ -1316,10 +1321,7 @@ mod tests {
 
     #[test]
     fn recovery_hands_out_again_what_a_lost_pass_had_handed_out() {
-        let topic = topic_with(10);
-        let mut g = GroupState::new(GroupConfig::default(), &topic, 0);
-        let w: Arc<str> = Arc::from("w");
-        let now = Instant::now();
+        let (topic, mut g, w, now) = setup(10);
         g.fetch(&topic, &w, 10, now, 0);
         g.ack(&[1, 2, 5, 6, 9]);
         let mut record = g.record(now, 0);
@@ -1334,10 +1336,7 @@ mod tests {
 
     #[test]
     fn a_group_ahead_of_its_recovered_topic_is_cut_back_to_its_end() {
-        let topic = topic_with(10);
-        let mut g = GroupState::new(GroupConfig::default(), &topic, 0);
-        let w: Arc<str> = Arc::from("w");
-        let now = Instant::now();
+        let (topic, mut g, w, now) = setup(10);
         g.fetch(&topic, &w, 10, now, 0);
         g.ack(&[1, 2, 3, 5, 8, 9]);
         // The topic came back with 6 events: offsets 7.. will be new ones.
@@ -1352,10 +1351,7 @@ mod tests {
 
     #[test]
     fn a_record_with_a_far_deadline_does_not_overflow() {
-        let topic = topic_with(1);
-        let mut g = GroupState::new(GroupConfig::default(), &topic, 0);
-        let w: Arc<str> = Arc::from("w");
-        let now = Instant::now();
+        let (topic, mut g, w, now) = setup(1);
         g.fetch(&topic, &w, 1, now, 0);
         let mut record = g.record(now, 0);
         record.pending[0].due_ms = u64::MAX;

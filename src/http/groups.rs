@@ -61,11 +61,11 @@ pub(crate) fn routes() -> Router<HttpState> {
         .route("/v1/topics/{topic}/groups", get(list))
         .route(GROUP, get(info).put(create).delete(delete))
         .route(&format!("{GROUP}/fetch"), post(fetch))
-        .route(&format!("{GROUP}/ack"), post(settle::<AckBody>))
+        .route(&format!("{GROUP}/ack"), post(settle::<OffsetsBody<false>>))
         .route(&format!("{GROUP}/nack"), post(settle::<NackBody>))
         .route(
             &format!("{GROUP}/in_progress"),
-            post(settle::<InProgressBody>),
+            post(settle::<OffsetsBody<true>>),
         )
         .route(&format!("{GROUP}/term"), post(settle::<TermBody>))
         .route(&format!("{GROUP}/redrive"), post(redrive))
@@ -177,31 +177,22 @@ trait SettleBody: DeserializeOwned + Send {
     fn into_parts(self) -> Result<(Vec<u64>, Settle), ApiError>;
 }
 
-/// An `ack` body.
+/// An `ack` body (`IN_PROGRESS` false) or an `in_progress` body (true).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AckBody {
+struct OffsetsBody<const IN_PROGRESS: bool> {
     offsets: Vec<u64>,
 }
 
-impl SettleBody for AckBody {
+impl<const IN_PROGRESS: bool> SettleBody for OffsetsBody<IN_PROGRESS> {
     const SHAPE: &'static str = "{\"offsets\": [..]}";
     fn into_parts(self) -> Result<(Vec<u64>, Settle), ApiError> {
-        Ok((self.offsets, Settle::Ack))
-    }
-}
-
-/// An `in_progress` body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InProgressBody {
-    offsets: Vec<u64>,
-}
-
-impl SettleBody for InProgressBody {
-    const SHAPE: &'static str = "{\"offsets\": [..]}";
-    fn into_parts(self) -> Result<(Vec<u64>, Settle), ApiError> {
-        Ok((self.offsets, Settle::InProgress))
+        let how = if IN_PROGRESS {
+            Settle::InProgress
+        } else {
+            Settle::Ack
+        };
+        Ok((self.offsets, how))
     }
 }
 

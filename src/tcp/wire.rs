@@ -274,6 +274,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_protocol_and_the_engine_agree_on_group_defaults() {
+        // Two crates spell the defaults (the protocol's for SDKs, the
+        // engine's for HTTP and config); they must not drift apart.
+        assert_eq!(
+            group_config(ringcast_protocol::GroupOptions::default()),
+            GroupConfig::default()
+        );
+    }
+
+    #[test]
     fn a_borrowed_delivery_encodes_as_the_owned_message() {
         let event = Event::new(
             9,

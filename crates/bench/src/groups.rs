@@ -56,6 +56,32 @@ impl Progress {
 
 /// Waits until every event is acked, or fails when a worker stopped first
 /// (workers run until aborted) or nothing was acked for `idle`.
+/// Spawns `workers`, waits until every event is acked (see [`wait_done`])
+/// and `settled` resolves, and returns the seconds from the spawn to then;
+/// the workers are stopped whatever the outcome.
+async fn timed_workers<W>(
+    progress: &Progress,
+    idle: Duration,
+    workers: impl Iterator<Item = W>,
+    settled: impl std::future::Future<Output = Result<()>>,
+) -> Result<f64>
+where
+    W: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let started = Instant::now();
+    let mut tasks: Vec<_> = workers.map(tokio::spawn).collect();
+    let done = wait_done(progress, &mut tasks, idle).await;
+    let done = match done {
+        Ok(()) => settled.await,
+        Err(e) => Err(e),
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    for t in &tasks {
+        t.abort();
+    }
+    done.map(|()| elapsed)
+}
+
 async fn wait_done(
     progress: &Progress,
     workers: &mut [tokio::task::JoinHandle<Result<()>>],
@@ -145,21 +171,10 @@ pub async fn group(
                 clients.push(ringcast_connect(&c.addr).await?);
             }
             let cpu = CpuMeter::start(c.server_pid, c.metrics_addr.as_deref()).await;
-            let started = Instant::now();
-            let mut tasks: Vec<_> = clients
-                .into_iter()
-                .enumerate()
-                .map(|(i, client)| {
-                    let (dest, progress) = (dest.clone(), progress.clone());
-                    tokio::spawn(ringcast_worker(client, dest, group, i, batch, progress))
-                })
-                .collect();
-            let r = wait_done(&progress, &mut tasks, idle).await;
-            let elapsed = started.elapsed().as_secs_f64();
-            for t in &tasks {
-                t.abort();
-            }
-            r?;
+            let workers = clients.into_iter().enumerate().map(|(i, client)| {
+                ringcast_worker(client, dest.clone(), group, i, batch, progress.clone())
+            });
+            let elapsed = timed_workers(&progress, idle, workers, async { Ok(()) }).await?;
             let info = admin.group_info(dest.as_str(), group).await?;
             rec.set("group_ack_floor", info.ack_floor);
             rec.set("group_last_offset", info.last_offset);
@@ -189,21 +204,10 @@ pub async fn group(
                 );
             }
             let cpu = CpuMeter::start(c.server_pid, None).await;
-            let started = Instant::now();
-            let mut tasks: Vec<_> = conns
-                .into_iter()
-                .enumerate()
-                .map(|(i, conn)| {
-                    let (dest, progress) = (dest.clone(), progress.clone());
-                    tokio::spawn(redis_worker(conn, dest, group, i, batch, progress))
-                })
-                .collect();
-            let r = wait_done(&progress, &mut tasks, idle).await;
-            let elapsed = started.elapsed().as_secs_f64();
-            for t in &tasks {
-                t.abort();
-            }
-            r?;
+            let workers = conns.into_iter().enumerate().map(|(i, conn)| {
+                redis_worker(conn, dest.clone(), group, i, batch, progress.clone())
+            });
+            let elapsed = timed_workers(&progress, idle, workers, async { Ok(()) }).await?;
             // XPENDING summary: [count, min, max, consumers].
             let pending: redis::Value = redis::cmd("XPENDING")
                 .arg(&dest)
@@ -252,25 +256,18 @@ pub async fn group(
                 consumers.push(consumer);
             }
             let cpu = CpuMeter::start(c.server_pid, None).await;
-            let started = Instant::now();
-            let mut tasks: Vec<_> = consumers
+            let workers = consumers
                 .into_iter()
-                .map(|consumer| {
-                    let progress = progress.clone();
-                    tokio::spawn(jetstream_worker(consumer, batch, progress))
-                })
-                .collect();
-            let r = wait_done(&progress, &mut tasks, idle).await;
+                .map(|consumer| jetstream_worker(consumer, batch, progress.clone()));
             // Every ack publish has left the client and been processed once
-            // its connection's PING is answered.
-            for client in &clients {
-                client.flush().await?;
-            }
-            let elapsed = started.elapsed().as_secs_f64();
-            for t in &tasks {
-                t.abort();
-            }
-            r?;
+            // its connection's PING is answered: the clock stops after that.
+            let flushed = async {
+                for client in &clients {
+                    client.flush().await?;
+                }
+                Ok(())
+            };
+            let elapsed = timed_workers(&progress, idle, workers, flushed).await?;
             // Untimed check that the server took every ack.
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
