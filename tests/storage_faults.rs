@@ -954,3 +954,332 @@ async fn disk_full_refuses_publishes_serves_reads_and_recovers_when_space_is_fre
     );
     close(engine).await;
 }
+
+/// The event files of a data dir (`events/*.rce`) in sequence order, with
+/// their lengths.
+fn event_files(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut files: Vec<(std::path::PathBuf, u64)> = std::fs::read_dir(dir.join("events"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "rce"))
+        // A file the engine removes meanwhile is not counted.
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?.len())))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Sum of the event files' lengths.
+fn event_file_bytes(dir: &Path) -> u64 {
+    event_files(dir).iter().map(|(_, len)| len).sum()
+}
+
+/// `dir`'s event files after `write_big_topic`: where the events are.
+fn big_topic_event_files(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    let files = event_files(dir);
+    let total: u64 = files.iter().map(|(_, len)| len).sum();
+    assert!(
+        total > DAMAGE_EVENTS * 200,
+        "the events' bytes are in the event files ({total} bytes in {files:?})"
+    );
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_an_event_file_is_detected_never_a_silent_shorter_history() {
+    let original = tempfile::tempdir().unwrap();
+    let epoch = write_big_topic(original.path()).await;
+    let files = big_topic_event_files(original.path());
+    let total: u64 = files.iter().map(|(_, len)| len).sum();
+    // Positions across all the files, as if they were one: both ends, and
+    // points in between (a record's list header, payloads, offsets).
+    for at in [
+        0,
+        total / 7,
+        total * 2 / 5,
+        total / 2 + 3,
+        total * 4 / 5,
+        total - 1,
+    ] {
+        let (mut index, mut position) = (0, at);
+        while position >= files[index].1 {
+            position -= files[index].1;
+            index += 1;
+        }
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(original.path(), copy.path());
+        let file = copy
+            .path()
+            .join("events")
+            .join(files[index].0.file_name().unwrap());
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[position as usize] ^= 0xff;
+        std::fs::write(&file, bytes).unwrap();
+        let what = format!(
+            "byte {position} of {} ({} of {} files)",
+            files[index].1,
+            index + 1,
+            files.len()
+        );
+        assert_damage_detected(copy.path(), epoch, &what, AfterDamage::RuleOnly).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_or_removed_event_file_is_detected() {
+    let original = tempfile::tempdir().unwrap();
+    let epoch = write_big_topic(original.path()).await;
+    let files = big_topic_event_files(original.path());
+    for (index, (path, len)) in files.iter().enumerate() {
+        let name = path.file_name().unwrap();
+
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(original.path(), copy.path());
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(copy.path().join("events").join(name))
+            .unwrap();
+        file.set_len(len / 2).unwrap();
+        drop(file);
+        let what = format!(
+            "event file {} of {} truncated to {} of {len}",
+            index + 1,
+            files.len(),
+            len / 2
+        );
+        assert_damage_detected(copy.path(), epoch, &what, AfterDamage::RuleOnly).await;
+
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(original.path(), copy.path());
+        std::fs::remove_file(copy.path().join("events").join(name)).unwrap();
+        let what = format!("event file {} of {} removed", index + 1, files.len());
+        assert_damage_detected(copy.path(), epoch, &what, AfterDamage::RuleOnly).await;
+    }
+}
+
+const MIB: u64 = 1024 * 1024;
+/// Payload size of the busy topic's events.
+const BUSY_PAYLOAD: usize = 4096;
+
+fn busy_payload(n: u64) -> String {
+    format!("{n:0>BUSY_PAYLOAD$}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_files_stay_bounded_with_quiet_topics_among_a_busy_one() {
+    // The busy topic keeps 256 events of 4 KiB (~1 MiB) and gets 20 MiB in
+    // batches of 32; "quiet" gets one event at the start, "sparse" one
+    // every 8 batches (~1 MiB), so without relocation each file would stay
+    // pinned by a few bytes.
+    const KEEP: u64 = 256;
+    const BATCH: u64 = 32;
+    const BATCHES: u64 = 20 * MIB / (BATCH * BUSY_PAYLOAD as u64);
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path(), Durability::Fsync);
+    opts.topics.overrides.push(ringcast::engine::TopicOverride {
+        pattern: "busy".into(),
+        max_events: Some(KEEP),
+        ..ringcast::engine::TopicOverride::default()
+    });
+    let engine = open(opts.clone()).await;
+    let quiet = within(engine.publish("quiet", event("the only one")))
+        .await
+        .unwrap();
+    assert_eq!(quiet.offset, 1);
+
+    // The bound, from src/engine/files.rs: the roll size is live / 8
+    // clamped to 1..=64 MiB, here 1 MiB. Live bytes are the retained events
+    // (~4.1 KiB each, encoded) plus at most one partly trimmed busy record
+    // (RECORD_MAX, 256 KiB) and the tiny quiet records. Relocation keeps
+    // the files holding live records within 1.5 x live + 2 roll sizes
+    // (checked before each appending pass, so one more pass and one more
+    // file, the active one, may be over); files with nothing live are
+    // removed at the next sync. So: 1.5 x live + 4 roll sizes.
+    let live = KEEP * (BUSY_PAYLOAD as u64 + 64) + 256 * 1024 + 64 * 1024;
+    let bound = live * 3 / 2 + 4 * MIB;
+    let mut sparse = Vec::new();
+    let mut largest = 0;
+    for batch in 0..BATCHES {
+        let events = (0..BATCH)
+            .map(|i| NewEvent::new("e", busy_payload(batch * BATCH + i + 1).into_bytes()))
+            .collect();
+        let acks = within(engine.publish_batch("busy", events)).await.unwrap();
+        assert_eq!(acks[0].offset, batch * BATCH + 1);
+        if batch % 8 == 7 {
+            let name = format!("sparse-{batch}");
+            let ack = within(engine.publish("sparse", event(&name)))
+                .await
+                .unwrap();
+            sparse.push((ack.offset, name));
+        }
+        largest = largest.max(event_file_bytes(dir.path()));
+    }
+    let written = BATCHES * BATCH * BUSY_PAYLOAD as u64;
+    // Twice: the trim of the last publish may come in the pass after it,
+    // and files left with nothing live go at the sync after that.
+    within(engine.sync()).await.unwrap();
+    within(engine.sync()).await.unwrap();
+    let running = event_file_bytes(dir.path());
+    println!(
+        "wrote {written} bytes; event files: {running} bytes at the end, {largest} at most \
+         while running, in {} files; bound {bound}",
+        event_files(dir.path()).len()
+    );
+    assert!(
+        running <= bound,
+        "event files take {running} bytes, over the bound {bound}"
+    );
+    // While running, a pass's dead files wait for the next sync: one more
+    // roll size.
+    assert!(
+        largest <= bound + MIB,
+        "event files took {largest} bytes while running, over {}",
+        bound + MIB
+    );
+    let last = BATCHES * BATCH;
+    let busy: Vec<(u64, String)> = (last - KEEP + 1..=last)
+        .map(|n| (n, busy_payload(n)))
+        .collect();
+    assert_eq!(stored(&engine, "busy"), busy);
+    close(engine).await;
+    let closed = event_file_bytes(dir.path());
+    assert!(closed <= bound, "{closed} bytes after close, over {bound}");
+
+    let engine = open(opts).await;
+    assert!(engine.recovery_report().damaged_topics.is_empty());
+    assert_eq!(
+        stored(&engine, "quiet"),
+        vec![(1, "the only one".to_string())]
+    );
+    assert_eq!(engine.info("quiet").unwrap().epoch, quiet.epoch);
+    assert_eq!(stored(&engine, "sparse"), sparse);
+    assert_eq!(stored(&engine, "busy"), busy);
+    let ack = within(engine.publish("busy", event("next"))).await.unwrap();
+    assert_eq!(ack.offset, last + 1);
+    close(engine).await;
+    let reopened = event_file_bytes(dir.path());
+    assert!(
+        reopened <= bound,
+        "{reopened} bytes after reopen, over {bound}"
+    );
+}
+
+/// Interval mode with no flusher tick during the test: only `sync` (and
+/// close, and dropping the engine) write sled.
+fn interval_without_ticks(dir: &Path) -> EngineOptions {
+    let mut opts = options(dir, Durability::Interval);
+    opts.flush_interval = Duration::from_secs(3600);
+    opts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_mode_keeps_what_sync_acknowledged_across_a_crash_and_a_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = interval_without_ticks(dir.path());
+    let engine = open(opts.clone()).await;
+    let mut acked = Vec::new();
+    let publish_some = |engine: Engine, round: u64| async move {
+        let mut out = Vec::new();
+        for i in 0..300 {
+            let name = format!("r{round}-{i}");
+            let ack = within(engine.publish("t", event(&name))).await.unwrap();
+            out.push((ack.offset, name));
+        }
+        let events = (0..200).map(|i| event(&format!("r{round}-b{i}"))).collect();
+        let acks = within(engine.publish_batch("t", events)).await.unwrap();
+        for (i, ack) in acks.iter().enumerate() {
+            out.push((ack.offset, format!("r{round}-b{i}")));
+        }
+        out
+    };
+    acked.extend(publish_some(engine.clone(), 0).await);
+    within(engine.publish("other", event("o"))).await.unwrap();
+    acked.extend(publish_some(engine.clone(), 1).await);
+    within(engine.sync()).await.unwrap();
+    let synced = acked.len();
+
+    // A crash right after the sync: the data dir as it is on disk now.
+    let crashed = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), crashed.path());
+
+    acked.extend(publish_some(engine.clone(), 2).await);
+    let expected_offsets: Vec<u64> = (1..=acked.len() as u64).collect();
+    assert_eq!(
+        acked.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+        expected_offsets
+    );
+    // Dropped without a close: the deferred writes still reach sled.
+    release(engine).await;
+
+    let engine = open(opts.clone()).await;
+    assert!(engine.recovery_report().damaged_topics.is_empty());
+    assert_eq!(
+        stored(&engine, "t"),
+        acked,
+        "every acked event after a drop"
+    );
+    assert_eq!(stored(&engine, "other"), vec![(1, "o".to_string())]);
+    let ack = within(engine.publish("t", event("after"))).await.unwrap();
+    assert_eq!(ack.offset, acked.len() as u64 + 1);
+    close(engine).await;
+
+    let engine = open(interval_without_ticks(crashed.path())).await;
+    let report = engine.recovery_report().clone();
+    let back = stored(&engine, "t");
+    println!(
+        "after the crash: {} of {} acked events back ({synced} synced), report {report:?}",
+        back.len(),
+        acked.len()
+    );
+    assert!(
+        back.len() >= synced,
+        "only {} of the {synced} events acknowledged before the sync are back",
+        back.len()
+    );
+    assert_eq!(back[..], acked[..back.len()], "a prefix of what was acked");
+    assert_eq!(stored(&engine, "other"), vec![(1, "o".to_string())]);
+    assert!(report.damaged_topics.is_empty(), "{report:?}");
+    let ack = within(engine.publish("t", event("after"))).await.unwrap();
+    assert_eq!(ack.offset, back.len() as u64 + 1);
+    close(engine).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_mode_keeps_everything_across_a_close_with_many_small_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = interval_without_ticks(dir.path());
+    let mut expected = Vec::new();
+    let mut epoch = 0;
+    for run in 0..3u64 {
+        let engine = open(opts.clone()).await;
+        assert!(engine.recovery_report().damaged_topics.is_empty());
+        if run > 0 {
+            assert_eq!(stored(&engine, "steady"), expected, "run {run}");
+            assert_eq!(
+                engine.info("steady").unwrap().epoch,
+                epoch,
+                "a clean close keeps the epoch"
+            );
+        }
+        // One event per pass: each pass's bytes land right after the
+        // previous ones, growing the topic's record.
+        for i in 0..1500 {
+            let name = format!("run{run}-{i}");
+            let ack = within(engine.publish("steady", event(&name)))
+                .await
+                .unwrap();
+            assert_eq!(ack.offset, expected.len() as u64 + 1);
+            epoch = ack.epoch;
+            expected.push((ack.offset, name));
+        }
+        assert_eq!(stored(&engine, "steady"), expected);
+        close(engine).await;
+    }
+    // ~30 bytes of event per pass: nothing but the events' bytes is kept.
+    let bytes = event_file_bytes(dir.path());
+    println!("{} events in {bytes} bytes of event files", expected.len());
+    assert!(bytes < expected.len() as u64 * 64, "{bytes} bytes");
+    let engine = open(opts).await;
+    assert_eq!(stored(&engine, "steady"), expected);
+    close(engine).await;
+}

@@ -6,6 +6,7 @@
 mod consume;
 mod dedup;
 mod event;
+mod files;
 mod group;
 mod log;
 mod settings;

@@ -7,11 +7,18 @@
 //!   versions per type, trimmed-through offset, sealed time. Rewritten in
 //!   every pass that touches the topic, so counters survive even when every
 //!   event of a type has been trimmed.
-//! - `E` + name length (u8) + name + generation (u64 BE) + first offset
-//!   (u64 BE) → one record: the events one pass appended to the topic (in
-//!   slices of at most [`RECORD_MAX`]). Deleted once all its events are
-//!   trimmed; records of another generation (left by a delete that a crash
-//!   interrupted) are removed at recovery.
+//! - `R` + name length (u8) + name + generation (u64 BE) + first offset
+//!   (u64 BE) → a [`RecordRef`]: where one record's bytes are in the
+//!   event files (module [`files`](super::files)): the events of one topic
+//!   that one or more consecutive passes appended, as bincode lists back to
+//!   back, at most [`RECORD_MAX`] bytes. Each record's bytes are written
+//!   once, outside sled: sled's pages hold values inline and rewrite whole
+//!   leaves when they consolidate or split, which wrote 4–6× the payload
+//!   when the records were sled values (BENCHMARKS.md, "Storage layout").
+//!   Deleted once all its events are trimmed; records of another generation
+//!   (left by a delete that a crash interrupted) are removed at recovery.
+//! - `E` + the same key → one record stored inline (the layout before the
+//!   event files): still read, trimmed and deleted, never written.
 //! - `D` + name length (u8) + name + generation (u64 BE) + first offset
 //!   (u64 BE) → [`StoredKeys`]: the idempotency keys of the events one pass
 //!   appended to the topic, with the pass's time. Written in the same pass,
@@ -23,17 +30,24 @@
 //! - `_format` → the value format (2: every value is a CRC-32 of its body
 //!   followed by the body; 1, the first format, had no checksum).
 //!
-//! Writes are plain inserts in a fixed order (keys, records, pruning, metas) rather
-//! than `apply_batch`, which in sled 0.34 forces two synchronous buffer
-//! writes per batch. sled recovers a prefix of its log, and recovery takes
-//! the maximum of the meta and the records for every counter, so any prefix
-//! recovers consistently.
+//! A pass first writes its records' bytes to the active event file (one
+//! write), then makes plain sled inserts in a fixed order (keys, records,
+//! pruning, metas) rather than `apply_batch`, which in sled 0.34 forces two
+//! synchronous buffer writes per batch. sled recovers a prefix of its log,
+//! and recovery takes the maximum of the meta and the records for every
+//! counter, so any prefix recovers consistently. In `interval` mode the
+//! sled writes of the passes between two flusher ticks are coalesced per
+//! key ([`Deferred`]) and applied at the tick, off the writer's path.
 //!
 //! # Durability
-//! sled's `flush` ends in `sync_file_range`, which survives `kill -9` but not
-//! power loss, so `fsync` mode follows every flush with `fdatasync` of the
-//! data file (and of blob files when a record was large enough to become
-//! one). Concurrent publishes share one flush: a pass is everything queued.
+//! A sync `fdatasync`s the event files written since the last one, then
+//! flushes sled and `fdatasync`s its data file (sled's `flush` ends in
+//! `sync_file_range`, which survives `kill -9` but not power loss; blob
+//! files sled wrote for large pages are synced too): an index entry is
+//! never durable before the bytes it points to. `fsync` mode syncs every
+//! pass before acknowledging it; concurrent publishes share one sync, a
+//! pass being everything queued. An event file is removed only after the
+//! sync that made the removal of its last record durable.
 //!
 //! # Failures
 //! A failed insert, flush or fsync fails the whole pass: nothing of it is
@@ -53,10 +67,13 @@
 //! holds every topic's counters as of the last clean stop, the last start,
 //! and every few seconds of running. Recovery compares: a topic that comes
 //! back with fewer offsets or lower versions than the checkpoint says, with
-//! a record that fails its checksum, or with a hole in its offsets, is
-//! damaged. It keeps what is readable, keeps its counters at least where
-//! the checkpoint had them (no offset is ever reused), gets a new epoch (so
-//! every resuming client gets `gap(epoch_changed)`), and is logged at error.
+//! a record that fails its checksum (its index entry's, or its bytes' CRC
+//! in the event file), whose event file is missing or too short, or with a
+//! hole in its offsets, is damaged. It keeps what is readable, keeps its
+//! counters at least where the checkpoint had them (no offset is ever
+//! reused), gets a new epoch (so every resuming client gets
+//! `gap(epoch_changed)`), and is logged at error; the damaged record's
+//! index entry is removed, so the next start does not report it again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
@@ -70,6 +87,7 @@ use serde::{Deserialize, Serialize};
 
 use super::dedup::{self, Original, Window};
 use super::event::Event;
+use super::files::{EventFiles, RecordRef};
 use super::log::{append_outcome, Counters, Health, Log, Outcome, Step, TopicId, TopicImage};
 use super::settings::Durability;
 use super::EngineError;
@@ -80,19 +98,26 @@ use super::EngineError;
 const RECORD_MAX: usize = 256 * 1024;
 /// sled segment size: log entries above a quarter of it become blob files.
 const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
+/// sled's page cache: it holds the index, metas, keys and groups (event
+/// bytes are in the event files, and in the rings); 1 GiB by default.
+const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 /// How often the checkpoint is rewritten while running.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 /// The checkpoint file, beside sled's files.
 const CHECKPOINT_FILE: &str = "ringcast.state";
 
 const META: u8 = b'M';
+/// A record stored inline (the layout before event files; still read).
 const RECORD: u8 = b'E';
+/// A record in the event files: its [`RecordRef`].
+const RECORD_REF: u8 = b'R';
 const KEYS: u8 = b'D';
 const GROUP: u8 = b'G';
 const RUN_MARKER: &[u8] = b"_run";
 const FORMAT_KEY: &[u8] = b"_format";
-/// Values carry a CRC-32 of their body.
-const FORMAT: u8 = 2;
+/// Values carry a CRC-32 of their body (2); records may be in event files
+/// (3). A data dir of a newer format is refused.
+const FORMAT: u8 = 3;
 
 fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
@@ -247,10 +272,6 @@ fn meta_key(topic: &str) -> Vec<u8> {
     k
 }
 
-fn record_prefix(topic: &str, generation: u64) -> Vec<u8> {
-    prefix(RECORD, topic, generation)
-}
-
 fn keys_key(topic: &str, generation: u64, first_offset: u64) -> Vec<u8> {
     let mut k = prefix(KEYS, topic, generation);
     k.extend_from_slice(&first_offset.to_be_bytes());
@@ -295,17 +316,6 @@ fn parse_group_key(key: &[u8]) -> Option<(&str, &str)> {
     let topic = std::str::from_utf8(&key[2..2 + len]).ok()?;
     let group = std::str::from_utf8(&key[2 + len..]).ok()?;
     Some((topic, group))
-}
-
-fn record_key(topic: &str, generation: u64, first_offset: u64) -> Vec<u8> {
-    let mut k = record_prefix(topic, generation);
-    k.extend_from_slice(&first_offset.to_be_bytes());
-    k
-}
-
-/// Splits a record key into topic name, generation and first offset.
-fn parse_record_key(key: &[u8]) -> Option<(&str, u64, u64)> {
-    parse_key(RECORD, key)
 }
 
 /// Splits a record (`E`) or keys (`D`) key into topic name, generation and
@@ -448,6 +458,32 @@ impl Writes {
     }
 }
 
+/// The sled writes of `interval` mode passes, applied (and synced) by the
+/// flusher's next tick instead of one by one: a key written many times in
+/// between (a topic's meta, a growing record) is written once, in the
+/// order of its last write, so whatever prefix sled recovers is a state
+/// some sequence of passes could have left.
+#[derive(Default)]
+struct Deferred {
+    seq: u64,
+    writes: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+}
+
+impl Deferred {
+    fn add(&mut self, writes: Writes) {
+        for (key, value) in writes.0 {
+            self.seq += 1;
+            self.writes.insert(key, (self.seq, value));
+        }
+    }
+
+    fn take(&mut self) -> Writes {
+        let mut all: Vec<_> = self.writes.drain().collect();
+        all.sort_unstable_by_key(|(_, (seq, _))| *seq);
+        Writes(all.into_iter().map(|(k, (_, v))| (k, v)).collect())
+    }
+}
+
 /// What this backend knows of one topic incarnation: the counters it
 /// assigns on and which records hold which offsets.
 #[derive(Debug, Clone)]
@@ -457,8 +493,78 @@ struct SledTopic {
     counters: Counters,
     sealed_at_ms: Option<u64>,
     trimmed_through: u64,
-    /// (first, last) offset of every stored record, in order.
-    segments: VecDeque<(u64, u64)>,
+    /// Every stored record, in offset order.
+    segments: VecDeque<Segment>,
+}
+
+/// One stored record of a topic.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    first: u64,
+    last: u64,
+    /// Where its bytes are; `None` for an inline record (an `E` key).
+    at: Option<RecordRef>,
+}
+
+impl Segment {
+    /// The record's key in sled.
+    fn key(&self, topic: &str, generation: u64) -> Vec<u8> {
+        let kind = if self.at.is_some() {
+            RECORD_REF
+        } else {
+            RECORD
+        };
+        let mut k = prefix(kind, topic, generation);
+        k.extend_from_slice(&self.first.to_be_bytes());
+        k
+    }
+}
+
+/// The records one pass writes to the event files: their bytes, appended
+/// to the active file in one write before sled's inserts, and the index
+/// changes to count once the pass is durable.
+#[derive(Default)]
+struct PassFile {
+    /// Active file and the position of `buf`'s first byte in it.
+    at: Option<(u64, u64)>,
+    buf: Vec<u8>,
+    /// Records added (`true`) and removed (`false`).
+    changes: Vec<(RecordRef, bool)>,
+}
+
+impl PassFile {
+    /// Appends one record's bytes (encoded by `encode` into the buffer)
+    /// and returns where they will be.
+    fn push(
+        &mut self,
+        files: &parking_lot::Mutex<EventFiles>,
+        last: u64,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), EngineError>,
+    ) -> Result<RecordRef, EngineError> {
+        let (file, base) = match self.at {
+            Some(at) => at,
+            None => *self.at.insert(files.lock().append_position()?),
+        };
+        let start = self.buf.len();
+        encode(&mut self.buf)?;
+        let bytes = &self.buf[start..];
+        let r = RecordRef {
+            file,
+            pos: base + start as u64,
+            len: u32::try_from(bytes.len()).map_err(storage_err)?,
+            crc: crc32fast::hash(bytes),
+            last,
+        };
+        self.changes.push((r, true));
+        Ok(r)
+    }
+
+    /// Counts a record's removal (once the pass is durable).
+    fn removed(&mut self, segment: &Segment) {
+        if let Some(r) = segment.at {
+            self.changes.push((r, false));
+        }
+    }
 }
 
 impl SledTopic {
@@ -547,6 +653,23 @@ impl FileSync {
     }
 }
 
+/// Makes everything written durable: the event files first, then sled
+/// (whose index entries point into them); then removes the event files
+/// whose last record's removal that made durable.
+fn sync_all<T>(
+    db: &sled::Db,
+    syncer: &FileSync,
+    files: &parking_lot::Mutex<EventFiles>,
+    faults: Option<&Faults>,
+    hold_until_planned: T,
+) -> Result<(), EngineError> {
+    let plan = files.lock().plan_sync();
+    drop(hold_until_planned);
+    let result = plan.run().and_then(|()| syncer.sync(db, faults));
+    files.lock().synced(plan, result.is_ok());
+    result
+}
+
 /// Opens sled under `dir`. sled's lock on its data file can outlive the
 /// previous `Db` by a moment (its I/O threads finish last), so a lock held
 /// when restarting in the same process, or right after the previous daemon
@@ -558,6 +681,7 @@ fn open_sled(dir: &Path) -> Result<sled::Db, EngineError> {
         let config = sled::Config::new()
             .path(dir)
             .segment_size(SEGMENT_SIZE)
+            .cache_capacity(CACHE_CAPACITY)
             .flush_every_ms(None);
         // sled 0.34 can panic on some damaged files instead of returning
         // an error; that must be a clear refusal to start, not a crash.
@@ -607,6 +731,10 @@ pub(crate) struct SledLog {
     faults: Option<Arc<Faults>>,
     db: parking_lot::RwLock<sled::Db>,
     syncer: parking_lot::RwLock<Arc<FileSync>>,
+    /// The event files (locked after `keys` and `deferred`, briefly).
+    files: parking_lot::Mutex<EventFiles>,
+    /// `interval` mode: sled writes waiting for the flusher's next tick.
+    deferred: Option<parking_lot::Mutex<Deferred>>,
     /// Only the writer thread persists; the flusher of `interval` mode
     /// syncs beside it.
     topics: parking_lot::Mutex<HashMap<Arc<str>, SledTopic>>,
@@ -647,7 +775,9 @@ impl SledLog {
         let db = open_sled(dir)?;
         let syncer = Arc::new(FileSync::new(dir)?);
         let checkpoint = read_checkpoint(dir);
-        let (recovered, sled_topics, report) = recover(&db, checkpoint.as_ref(), dir)?;
+        let mut files = EventFiles::open(dir)?;
+        let (recovered, sled_topics, report) = recover(&db, &mut files, checkpoint.as_ref(), dir)?;
+        files.start();
         let keys = recover_keys(&db, &sled_topics, window_for, now_ms)?;
         let groups = recover_groups(&db)?;
         let marker = RunMarker {
@@ -660,7 +790,8 @@ impl SledLog {
         db.insert(RUN_MARKER, encode(&marker)?)
             .map_err(storage_err)?;
         db.insert(FORMAT_KEY, vec![FORMAT]).map_err(storage_err)?;
-        syncer.sync(&db, None)?;
+        let files = parking_lot::Mutex::new(files);
+        sync_all(&db, &syncer, &files, None, ())?;
         write_checkpoint(dir, &sled_topics)?;
 
         let log = Arc::new(SledLog {
@@ -669,6 +800,9 @@ impl SledLog {
             faults,
             db: parking_lot::RwLock::new(db),
             syncer: parking_lot::RwLock::new(syncer),
+            files,
+            deferred: (durability == Durability::Interval)
+                .then(|| parking_lot::Mutex::new(Deferred::default())),
             topics: parking_lot::Mutex::new(sled_topics),
             keys: parking_lot::Mutex::new(keys),
             failed: parking_lot::Mutex::new(None),
@@ -715,7 +849,22 @@ impl SledLog {
     fn sync_now(&self) -> Result<(), EngineError> {
         let db = self.db.read().clone();
         let syncer = self.syncer.read().clone();
-        syncer.sync(&db, self.faults())
+        // The deferred writes go to sled first, and the plan (which event
+        // files it may remove) is taken before a pass can defer more.
+        let mut deferred = self.deferred.as_ref().map(|d| d.lock());
+        if let Some(d) = deferred.as_mut() {
+            d.take().apply(&db, self.faults())?;
+        }
+        sync_all(&db, &syncer, &self.files, self.faults(), deferred)
+    }
+
+    /// Applies the deferred writes to sled (unsynced): before a pass reads
+    /// sled back.
+    fn apply_deferred(&self, db: &sled::Db) -> Result<(), EngineError> {
+        match &self.deferred {
+            Some(d) => d.lock().take().apply(db, self.faults()),
+            None => Ok(()),
+        }
     }
 
     fn fail(&self, e: &EngineError) {
@@ -753,6 +902,72 @@ impl SledLog {
             // an old checkpoint only detects less.
             Err(e) => tracing::warn!(error = %e, "cannot write the checkpoint file"),
         }
+    }
+
+    /// Writes a pass's record bytes to the active event file (before sled's
+    /// inserts point at them).
+    fn append_pass_file(&self, pass: &PassFile) -> Result<(), EngineError> {
+        if pass.buf.is_empty() {
+            return Ok(());
+        }
+        if let Some(f) = self.faults() {
+            f.write()?;
+        }
+        self.files.lock().append(&pass.buf)
+    }
+
+    /// Moves up to [`files::RELOCATE_BUDGET`](super::files::RELOCATE_BUDGET)
+    /// bytes of live records out of a mostly dead event file into this
+    /// pass, so a few records of a quiet topic never keep a whole file.
+    fn relocate(
+        &self,
+        staged: &mut HashMap<Arc<str>, SledTopic>,
+        topics: &HashMap<Arc<str>, SledTopic>,
+        deleted: &[Arc<str>],
+        writes: &mut Writes,
+        pass: &mut PassFile,
+    ) -> Result<(), EngineError> {
+        let Some(file) = self.files.lock().relocation_candidate() else {
+            return Ok(());
+        };
+        let mut moves: Vec<(Arc<str>, usize)> = Vec::new();
+        let mut budget = super::files::RELOCATE_BUDGET;
+        for (name, t) in topics.iter().filter(|(n, _)| !deleted.contains(n)) {
+            let t = staged.get(name).unwrap_or(t);
+            for (i, segment) in t.segments.iter().enumerate() {
+                if budget == 0 {
+                    break;
+                }
+                if let Some(r) = segment.at.filter(|r| r.file == file) {
+                    budget = budget.saturating_sub(u64::from(r.len));
+                    moves.push((name.clone(), i));
+                }
+            }
+        }
+        for (name, i) in moves {
+            let t = staged
+                .entry(name.clone())
+                .or_insert_with(|| topics[&name].clone());
+            let segment = t.segments[i];
+            let Some(old) = segment.at else { continue };
+            let Some(bytes) = self.files.lock().read(&old) else {
+                // Left where it is: recovery reports it if it is damaged.
+                tracing::warn!(
+                    topic = &*name,
+                    file = old.file,
+                    "cannot read a record to relocate it"
+                );
+                continue;
+            };
+            let new = pass.push(&self.files, segment.last, |buf| {
+                buf.extend_from_slice(&bytes);
+                Ok(())
+            })?;
+            writes.insert(segment.key(&name, t.generation), encode(&new)?);
+            pass.removed(&segment);
+            t.segments[i].at = Some(new);
+        }
+        Ok(())
     }
 
     /// Stages a topic of the pass: a copy of its state (or a fresh one for
@@ -799,7 +1014,15 @@ impl Log for SledLog {
         // Per topic, the steps whose events go into this pass's records
         // (every append to a topic in a pass shares them).
         let mut appended: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+        if steps.iter().any(|s| matches!(s, Step::Delete { .. })) {
+            // A delete scans sled for the topic's keys.
+            if let Err(e) = self.apply_deferred(&db) {
+                self.fail(&e);
+                return Err(EngineError::StorageUnavailable(e.to_string()));
+            }
+        }
         let mut writes = Writes::default();
+        let mut pass_file = PassFile::default();
         let mut outcomes = Vec::with_capacity(steps.len());
         let mut must_sync = false;
         for (index, step) in steps.iter_mut().enumerate() {
@@ -859,10 +1082,11 @@ impl Log for SledLog {
                     // The meta goes first: a crash mid-way leaves records of
                     // a generation no meta names, which recovery removes.
                     writes.remove(meta_key(&topic.name));
-                    for (first, _) in &t.segments {
-                        writes.remove(record_key(&topic.name, t.generation, *first));
+                    for segment in &t.segments {
+                        writes.remove(segment.key(&topic.name, t.generation));
+                        pass_file.removed(segment);
                     }
-                    for kind in [RECORD, KEYS] {
+                    for kind in [RECORD, RECORD_REF, KEYS] {
                         for key in db
                             .scan_prefix(prefix(kind, &topic.name, t.generation))
                             .keys()
@@ -893,11 +1117,12 @@ impl Log for SledLog {
                 } => {
                     let t = Self::stage(&mut staged, &topics, topic);
                     t.trimmed_through = t.trimmed_through.max(first_retained.saturating_sub(1));
-                    while let Some(&(first, last)) = t.segments.front() {
-                        if last > t.trimmed_through {
+                    while let Some(segment) = t.segments.front() {
+                        if segment.last > t.trimmed_through {
                             break;
                         }
-                        writes.remove(record_key(&topic.name, t.generation, first));
+                        writes.remove(segment.key(&topic.name, t.generation));
+                        pass_file.removed(segment);
                         t.segments.pop_front();
                     }
                     Outcome::Done
@@ -953,21 +1178,27 @@ impl Log for SledLog {
                 .flatten()
                 .collect();
             if let Some(t) = staged.get_mut(name) {
-                encode_records(&mut writes, name, t, &events)?;
+                encode_records(&mut writes, &mut pass_file, &self.files, name, t, &events)?;
             }
+        }
+        if !appended.is_empty() {
+            self.relocate(&mut staged, &topics, &deleted, &mut writes, &mut pass_file)?;
         }
         for (name, t) in &staged {
             if !deleted.contains(name) {
                 writes.insert(meta_key(name), encode(&t.meta())?);
             }
         }
-        let result = writes.apply(&db, self.faults()).and_then(|()| {
-            if must_sync {
-                self.sync_now()
-            } else {
-                Ok(())
-            }
-        });
+        let result = self
+            .append_pass_file(&pass_file)
+            .and_then(|()| match &self.deferred {
+                Some(d) => {
+                    d.lock().add(writes);
+                    Ok(())
+                }
+                None => writes.apply(&db, self.faults()),
+            })
+            .and_then(|()| if must_sync { self.sync_now() } else { Ok(()) });
         if let Err(e) = result {
             self.fail(&e);
             return Err(EngineError::StorageUnavailable(e.to_string()));
@@ -979,6 +1210,7 @@ impl Log for SledLog {
                 topics.insert(name, t);
             }
         }
+        self.files.lock().commit(&pass_file.changes);
         for (name, generation) in dropped_keys {
             if keys.get(&name).is_some_and(|k| k.generation == generation) {
                 keys.remove(&name);
@@ -1038,24 +1270,53 @@ impl Log for SledLog {
         }
         let db = self.db.read().clone();
         let mut writes = Writes::default();
-        let mut stored: HashMap<String, Vec<(u64, u64, u64)>> = HashMap::new();
-        for item in db.scan_prefix([RECORD]) {
-            let (key, value) = item.map_err(storage_err)?;
-            let Some((name, generation, first)) = parse_record_key(&key) else {
-                writes.remove(key.to_vec());
-                continue;
-            };
-            let last = decode::<Vec<StoredEvent>>(FORMAT, &value)
-                .and_then(|events| events.last().map(|e| e.offset));
-            match last {
-                Some(last) => stored
-                    .entry(name.to_owned())
-                    .or_default()
-                    .push((generation, first, last)),
-                None => writes.remove(key.to_vec()),
+        // Rebuilt below from what was committed (the rings, the keys and
+        // groups in memory).
+        if let Some(d) = &self.deferred {
+            d.lock().writes.clear();
+        }
+        let mut files = self.files.lock();
+        files.reset()?;
+        // Per topic: (generation, segment) of every readable record.
+        let mut stored: HashMap<String, Vec<(u64, Segment)>> = HashMap::new();
+        for kind in [RECORD, RECORD_REF] {
+            for item in db.scan_prefix([kind]) {
+                let (key, value) = item.map_err(storage_err)?;
+                let Some((name, generation, first)) = parse_key(kind, &key) else {
+                    writes.remove(key.to_vec());
+                    continue;
+                };
+                let segment = if kind == RECORD {
+                    decode::<Vec<StoredEvent>>(FORMAT, &value)
+                        .and_then(|events| events.last().map(|e| e.offset))
+                        .map(|last| Segment {
+                            first,
+                            last,
+                            at: None,
+                        })
+                } else {
+                    // Only whether its bytes are there: reading every
+                    // record back would make a repair as slow as a start.
+                    decode::<RecordRef>(FORMAT, &value)
+                        .filter(|r| files.present(r))
+                        .map(|r| Segment {
+                            first,
+                            last: r.last,
+                            at: Some(r),
+                        })
+                };
+                match segment {
+                    Some(segment) => stored
+                        .entry(name.to_owned())
+                        .or_default()
+                        .push((generation, segment)),
+                    None => writes.remove(key.to_vec()),
+                }
             }
         }
         let mut rebuilt: HashMap<Arc<str>, SledTopic> = HashMap::new();
+        // Acknowledged events to write again, per topic.
+        let mut rewrite: Vec<(Arc<str>, Vec<&Arc<Event>>)> = Vec::new();
         for c in committed {
             let name = &*c.id.name;
             let mut t = SledTopic {
@@ -1070,25 +1331,30 @@ impl Log for SledLog {
                     - 1,
                 segments: VecDeque::new(),
             };
-            let mut kept: Vec<(u64, u64)> = Vec::new();
-            for (generation, first, last) in stored.remove(name).unwrap_or_default() {
-                let refused = last >= c.counters.next_offset;
-                if generation != c.id.generation || refused || last <= t.trimmed_through {
-                    writes.remove(record_key(name, generation, first));
+            let mut kept: Vec<Segment> = Vec::new();
+            for (generation, segment) in stored.remove(name).unwrap_or_default() {
+                let refused = segment.last >= c.counters.next_offset;
+                if generation != c.id.generation || refused || segment.last <= t.trimmed_through {
+                    writes.remove(segment.key(name, generation));
                 } else {
-                    kept.push((first, last));
+                    kept.push(segment);
                 }
             }
-            kept.sort_unstable();
+            kept.sort_unstable_by_key(|s| s.first);
+            for segment in &kept {
+                if let Some(r) = segment.at {
+                    files.found(&r);
+                }
+            }
             // Acknowledged events no stored record covers (a failed delete
             // or trim removed them, or the disk lost them): rewrite them.
             let mut missing: Vec<&Arc<Event>> = Vec::new();
             let mut covered = kept.iter().peekable();
             for e in &c.events {
-                while covered.peek().is_some_and(|(_, last)| *last < e.offset) {
+                while covered.peek().is_some_and(|s| s.last < e.offset) {
                     covered.next();
                 }
-                if covered.peek().is_none_or(|(first, _)| *first > e.offset) {
+                if covered.peek().is_none_or(|s| s.first > e.offset) {
                     missing.push(e);
                 }
             }
@@ -1099,8 +1365,7 @@ impl Log for SledLog {
                     events = missing.len(),
                     "repair: rewriting acknowledged events missing from disk"
                 );
-                encode_records(&mut writes, name, &mut t, &missing)?;
-                t.segments.make_contiguous().sort_unstable();
+                rewrite.push((c.id.name.clone(), missing));
             }
             writes.insert(meta_key(name), encode(&t.meta())?);
             rebuilt.insert(c.id.name.clone(), t);
@@ -1108,9 +1373,19 @@ impl Log for SledLog {
         // Topics on disk the engine does not hold (deleted, or created by
         // the failed pass alone).
         for (name, records) in stored {
-            for (generation, first, _) in records {
-                writes.remove(record_key(&name, generation, first));
+            for (generation, segment) in records {
+                writes.remove(segment.key(&name, generation));
             }
+        }
+        files.start();
+        drop(files);
+        let mut pass_file = PassFile::default();
+        for (name, missing) in rewrite {
+            let t = rebuilt.get_mut(&name).expect("rebuilt above");
+            encode_records(&mut writes, &mut pass_file, &self.files, &name, t, &missing)?;
+            t.segments
+                .make_contiguous()
+                .sort_unstable_by_key(|s| s.first);
         }
         for item in db.scan_prefix([META]) {
             let (key, _) = item.map_err(storage_err)?;
@@ -1126,10 +1401,10 @@ impl Log for SledLog {
                 .is_some_and(|t| t.generation == k.generation)
         });
         repair_keys(&db, &rebuilt, &mut keys, &mut writes)?;
-        let syncer = self.syncer.read().clone();
-        writes
-            .apply(&db, self.faults())
-            .and_then(|()| syncer.sync(&db, self.faults()))?;
+        self.append_pass_file(&pass_file)?;
+        writes.apply(&db, self.faults())?;
+        self.sync_now()?;
+        self.files.lock().commit(&pass_file.changes);
         *topics = rebuilt;
         self.checkpoint(&topics);
         *self.failed.lock() = None;
@@ -1161,6 +1436,14 @@ impl Log for SledLog {
 impl Drop for SledLog {
     fn drop(&mut self) {
         self.stop_flusher();
+        // Dropped without a close: sled writes what it holds on drop, so
+        // the deferred writes go to it first.
+        if let Some(d) = &self.deferred {
+            let db = self.db.read().clone();
+            if let Err(e) = d.lock().take().apply(&db, None) {
+                tracing::warn!(error = %e, "cannot write the last deferred writes");
+            }
+        }
     }
 }
 
@@ -1287,6 +1570,7 @@ fn recover_groups(db: &sled::Db) -> Result<Vec<(String, String, Vec<u8>)>, Engin
 /// Reads every topic back, checking it against the checkpoint.
 fn recover(
     db: &sled::Db,
+    files: &mut EventFiles,
     checkpoint: Option<&Checkpoint>,
     dir: &Path,
 ) -> Result<Recovery, EngineError> {
@@ -1295,6 +1579,12 @@ fn recover(
         None if db.is_empty() => FORMAT,
         None => 1,
     };
+    if format > FORMAT {
+        return Err(EngineError::Storage(format!(
+            "{} was written by a newer ringcastd (data format {format}, this one reads up to {FORMAT}); run that version or move the data away",
+            dir.display()
+        )));
+    }
     let previous: Option<RunMarker> = db
         .get(RUN_MARKER)
         .map_err(storage_err)?
@@ -1304,7 +1594,7 @@ fn recover(
     // makes resuming clients get `epoch_changed` instead of a silent hole.
     let rotate_all = previous.is_some_and(|m| !m.clean && m.durability != 0);
     let mut report = RecoveryReport::default();
-    let mut metas: HashMap<String, (TopicMeta, Vec<Vec<StoredEvent>>, bool)> = HashMap::new();
+    let mut metas: HashMap<String, (TopicMeta, Vec<StoredRecord>, bool)> = HashMap::new();
     let mut bad_metas = Vec::new();
     for item in db.scan_prefix([META]) {
         let (key, value) = item.map_err(storage_err)?;
@@ -1346,26 +1636,37 @@ fn recover(
         }
     }
     let mut orphans = 0;
-    for item in db.scan_prefix([RECORD]) {
-        let (key, value) = item.map_err(storage_err)?;
-        let parsed = parse_record_key(&key);
-        let Some(((meta, records, damaged), generation)) =
-            parsed.and_then(|(name, g, _)| Some((metas.get_mut(name)?, g)))
-        else {
-            db.remove(&key).map_err(storage_err)?;
-            orphans += 1;
-            continue;
-        };
-        if meta.generation != generation {
-            db.remove(&key).map_err(storage_err)?;
-            orphans += 1;
-            continue;
-        }
-        match decode::<Vec<StoredEvent>>(format, &value) {
-            Some(events) => records.push(events),
-            None => {
-                report.bad_records += 1;
-                *damaged = true;
+    for kind in [RECORD, RECORD_REF] {
+        for item in db.scan_prefix([kind]) {
+            let (key, value) = item.map_err(storage_err)?;
+            let parsed = parse_key(kind, &key);
+            let Some(((meta, records, damaged), generation)) =
+                parsed.and_then(|(name, g, _)| Some((metas.get_mut(name)?, g)))
+            else {
+                db.remove(&key).map_err(storage_err)?;
+                orphans += 1;
+                continue;
+            };
+            if meta.generation != generation {
+                db.remove(&key).map_err(storage_err)?;
+                orphans += 1;
+                continue;
+            }
+            let record = if kind == RECORD {
+                decode::<Vec<StoredEvent>>(format, &value)
+                    .map(|events| StoredRecord { at: None, events })
+            } else {
+                read_record(files, format, &value)
+            };
+            match record {
+                Some(record) => records.push(record),
+                None => {
+                    // Reported once: the topic gets a new epoch now, and
+                    // the record is not read again at the next start.
+                    report.bad_records += 1;
+                    *damaged = true;
+                    db.remove(&key).map_err(storage_err)?;
+                }
             }
         }
     }
@@ -1414,10 +1715,52 @@ fn recover(
     Ok((recovered, sled_topics, report))
 }
 
+/// Decodes a record in the event files: one or more encoded lists of
+/// events back to back (a record grows by a list per pass).
+fn decode_chunks(mut bytes: &[u8]) -> Option<Vec<StoredEvent>> {
+    let mut events = Vec::new();
+    while !bytes.is_empty() {
+        let (chunk, used): (Vec<StoredEvent>, usize) =
+            bincode::serde::decode_from_slice(bytes, bincode_config()).ok()?;
+        if chunk.is_empty() || used == 0 {
+            return None;
+        }
+        events.extend(chunk);
+        bytes = &bytes[used..];
+    }
+    Some(events)
+}
+
+/// One record read back: where it is (`None`: inline) and its events.
+struct StoredRecord {
+    at: Option<RecordRef>,
+    events: Vec<StoredEvent>,
+}
+
+/// Reads the record an index entry points to: `None` when the entry, the
+/// file or the bytes are damaged or missing.
+fn read_record(files: &mut EventFiles, format: u8, value: &[u8]) -> Option<StoredRecord> {
+    let at = decode::<RecordRef>(format, value)?;
+    if !files.found(&at) {
+        return None;
+    }
+    let events = files.read(&at).and_then(|bytes| decode_chunks(&bytes));
+    match events {
+        Some(events) if events.last().is_some_and(|e| e.offset == at.last) => Some(StoredRecord {
+            at: Some(at),
+            events,
+        }),
+        _ => {
+            files.commit(&[(at, false)]);
+            None
+        }
+    }
+}
+
 fn recover_topic(
     name: &str,
     meta: TopicMeta,
-    records: Vec<Vec<StoredEvent>>,
+    records: Vec<StoredRecord>,
     mut damaged: bool,
     checkpoint: Option<&CheckpointTopic>,
 ) -> (TopicImage, SledTopic, bool) {
@@ -1425,13 +1768,17 @@ fn recover_topic(
     let mut segments = VecDeque::new();
     let mut events: Vec<Arc<Event>> = Vec::new();
     let mut records = records;
-    records.sort_by_key(|r| r.first().map_or(0, |e| e.offset));
+    records.sort_by_key(|r| r.events.first().map_or(0, |e| e.offset));
     for record in records {
-        let (Some(first), Some(last)) = (record.first(), record.last()) else {
+        let (Some(first), Some(last)) = (record.events.first(), record.events.last()) else {
             continue;
         };
-        segments.push_back((first.offset, last.offset));
-        for e in record {
+        segments.push_back(Segment {
+            first: first.offset,
+            last: last.offset,
+            at: record.at,
+        });
+        for e in record.events {
             if e.offset <= meta.trimmed_through {
                 continue;
             }
@@ -1574,6 +1921,8 @@ fn recover_keys(
 /// `RECORD_MAX` bytes.
 fn encode_records(
     writes: &mut Writes,
+    pass: &mut PassFile,
+    files: &parking_lot::Mutex<EventFiles>,
     topic: &str,
     t: &mut SledTopic,
     events: &[impl AsRef<Event>],
@@ -1599,11 +1948,49 @@ fn encode_records(
                 payload: serde_bytes::Bytes::new(&e.payload),
             })
             .collect();
-        let value = encode(&refs)?;
         let (first, last) = (refs[0].offset, refs[refs.len() - 1].offset);
-        writes.insert(record_key(topic, t.generation, first), value);
-        t.segments.push_back((first, last));
+        let at = pass.push(files, last, |buf| {
+            bincode::serde::encode_into_std_write(&refs, buf, bincode_config())
+                .map(drop)
+                .map_err(storage_err)
+        })?;
+        // Right after the topic's previous record in the same file (one
+        // topic publishing steadily): that record grows instead, so sled
+        // holds one index entry per RECORD_MAX bytes, not one per pass.
+        let previous = t.segments.back_mut().filter(|s| {
+            s.at.is_some_and(|p| {
+                p.file == at.file
+                    && p.pos + u64::from(p.len) == at.pos
+                    && p.len as usize + at.len as usize <= RECORD_MAX
+                    && s.last + 1 == first
+            })
+        });
+        match previous {
+            Some(segment) => {
+                let old = segment.at.expect("filtered above");
+                let grown = old.extend(&at);
+                pass.changes.pop();
+                pass.changes.push((grown, true));
+                pass.changes.push((old, false));
+                segment.last = last;
+                segment.at = Some(grown);
+                writes.insert(segment.key(topic, t.generation), encode(&grown)?);
+            }
+            None => {
+                let segment = Segment {
+                    first,
+                    last,
+                    at: Some(at),
+                };
+                writes.insert(segment.key(topic, t.generation), encode(&at)?);
+                t.segments.push_back(segment);
+            }
+        }
         start = end;
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;
