@@ -8,12 +8,20 @@
 #   benches/compare.sh --groups   # only the consumer-group rows (ringcast fsync,
 #                                 # interval, memory; Redis Streams; JetStream)
 #                                 # (combine with --quick for the small size)
+#   benches/compare.sh --persist  # only the persisted publish rows (ringcast fsync,
+#                                 # interval; Redis XADD always, everysec; JetStream
+#                                 # file), with their storage cost: write
+#                                 # amplification, disk and RSS per retained byte
+#                                 # (combine with --quick for the small size)
 #
 # Installs redis-server and nats-server if absent (Debian packages), builds
 # ringcastd and ringcast-bench in release, starts every server on loopback
 # on free ports with a fresh temp directory, runs each scenario through the
 # system's real client (ringcast-bench), stops everything it started, and
-# prints one Markdown table plus the targets met or missed.
+# prints one Markdown table plus the targets met or missed. Servers that
+# store (ringcast fsync/interval, Redis with AOF, JetStream) are benchmarked
+# with --data-dir: their publish rows also report the storage cost (a
+# "Storage cost of persisted publish" section after the targets).
 #
 # Environment: BENCH_TMPDIR (where data dirs go; default: mktemp's, i.e.
 # $TMPDIR or /tmp — put it on the disk you want to measure), CARGO_TARGET_DIR.
@@ -21,18 +29,19 @@ set -euo pipefail
 # Debian installs nats-server in /usr/sbin, which a non-root PATH may lack.
 PATH=$PATH:/usr/sbin:/sbin
 
-QUICK=0 AUTH_ONLY=0 GROUPS_ONLY=0
+QUICK=0 AUTH_ONLY=0 GROUPS_ONLY=0 PERSIST_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
         --auth) AUTH_ONLY=1 ;;
         --groups) GROUPS_ONLY=1 ;;
+        --persist) PERSIST_ONLY=1 ;;
         -h | --help)
-            sed -n '2,18p' "$0"
+            sed -n '2,26p' "$0"
             exit 0
             ;;
         *)
-            echo "compare.sh: unknown argument $arg (use --quick, --auth, --groups or nothing)" >&2
+            echo "compare.sh: unknown argument $arg (use --quick, --auth, --groups, --persist or nothing)" >&2
             exit 2
             ;;
     esac
@@ -160,13 +169,16 @@ wait_port() {
     return 1
 }
 
-SRV_PID= SRV_ADDR= SRV_HTTP=
+# SRV_DIR: the running server's data directory, empty when it stores
+# nothing (ringcast memory, Redis without AOF, NATS core); bench() passes it
+# as --data-dir, which adds the storage cost to publish rows.
+SRV_PID= SRV_ADDR= SRV_HTTP= SRV_DIR=
 stop_server() {
     stop_pid "$SRV_PID"
     local keep=() pid
     for pid in "${STARTED[@]}"; do [[ $pid == "$SRV_PID" ]] || keep+=("$pid"); done
     STARTED=("${keep[@]}")
-    SRV_PID=
+    SRV_PID= SRV_DIR=
 }
 
 # ringcastd in one durability mode, fresh data dir. Retention is raised so
@@ -194,6 +206,8 @@ start_ringcast() {
     wait_port "$http" "$SRV_PID"
     SRV_ADDR=127.0.0.1:$tcp
     SRV_HTTP=127.0.0.1:$http
+    SRV_DIR=$dir
+    [[ $mode == memory ]] && SRV_DIR=
     echo "== ringcastd --durability $mode (pid $SRV_PID, $SRV_ADDR)" >&2
 }
 
@@ -215,12 +229,14 @@ start_redis() {
     STARTED+=("$SRV_PID")
     wait_port "$port" "$SRV_PID"
     SRV_ADDR=127.0.0.1:$port
+    SRV_DIR=$dir
+    [[ $fsync == none ]] && SRV_DIR=
     echo "== redis-server appendfsync=$fsync (pid $SRV_PID, $SRV_ADDR)" >&2
 }
 
 # nats-server: core only, or with JetStream (file store in a fresh dir).
 start_nats() {
-    local js=$1 port dir args
+    local js=$1 port dir= args
     port=$(free_port)
     args=(-a 127.0.0.1 -p "$port" -l "$WORK/nats.log")
     if [[ $js == js ]]; then
@@ -233,6 +249,7 @@ start_nats() {
     STARTED+=("$SRV_PID")
     wait_port "$port" "$SRV_PID"
     SRV_ADDR=127.0.0.1:$port
+    SRV_DIR=$dir
     echo "== nats-server ${js} (pid $SRV_PID, $SRV_ADDR)" >&2
 }
 
@@ -243,7 +260,8 @@ bench() {
     local target=$1 label=$2
     shift 2
     local extra=()
-    [[ $target == ringcast ]] && extra=(--metrics-addr "$SRV_HTTP")
+    [[ $target == ringcast ]] && extra+=(--metrics-addr "$SRV_HTTP")
+    [[ -n $SRV_DIR ]] && extra+=(--data-dir "$SRV_DIR")
     if ! "$BENCH" --target "$target" --addr "$SRV_ADDR" --server-pid "$SRV_PID" \
         --label "$label" --repeat "$REPEAT" --retain "$RETAIN" --out "$RESULTS" \
         "${extra[@]}" "$@" >/dev/null; then
@@ -324,6 +342,31 @@ if ((GROUPS_ONLY)); then
     stop_server
     echo "== $(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
     "$BENCH" report "$RESULTS" | grep -E '^\| (scenario|---)|consumer group|^Targets'
+    exit $((FAILED > 0))
+fi
+
+if ((PERSIST_ONLY)); then
+    # The persisted publish rows only, back to back, each with its storage
+    # cost; the main table's publish rows, their targets, and the storage
+    # section.
+    for mode in fsync interval; do
+        start_ringcast "$mode"
+        publish_pair ringcast "ringcast.$mode"
+        stop_server
+    done
+    for fsync in always everysec; do
+        start_redis "$fsync"
+        publish_pair redis-streams "redis-xadd.$fsync"
+        stop_server
+    done
+    start_nats js
+    publish_pair nats-jetstream jetstream
+    stop_server
+    echo "== $(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+    "$BENCH" report "$RESULTS" | awk '
+        /^$/ && part == 0 { part = 1 }
+        /^Storage cost/ { part = 2 }
+        part != 1 || /^$/ || /^Targets:/ || /persisted publish/'
     exit $((FAILED > 0))
 fi
 

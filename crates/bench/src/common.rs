@@ -173,6 +173,174 @@ impl CpuMeter {
     }
 }
 
+// ---------------------------------------------------------------- storage
+
+/// Bytes a process caused to be written to storage so far:
+/// `write_bytes − cancelled_write_bytes` of `/proc/<pid>/io`. The kernel
+/// charges `write_bytes` to the task that dirties a page (or submits direct
+/// I/O), when it dirties it, so deferred writeback still counts for the
+/// server; `cancelled_write_bytes` takes back dirty pages that were
+/// truncated before they reached the disk. Unlike `wchar`, socket writes
+/// are not in it. (On tmpfs nothing is ever written back: 0.)
+pub fn storage_written(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(field("write_bytes:")?.saturating_sub(field("cancelled_write_bytes:")?))
+}
+
+/// Space allocated on disk to everything under `dir`: the sum of
+/// `st_blocks × 512` of every file, recursively (what `du` reports), each
+/// hard-linked file once; symbolic links are not followed. Files removed
+/// while the walk runs are skipped; `None` when `dir` cannot be read.
+pub fn disk_usage(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::symlink_metadata(dir).ok()?;
+    let mut total = root.blocks() * 512;
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut first = true;
+    while let Some(d) = stack.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(_) if !first => continue, // removed meanwhile
+            Err(_) => return None,
+        };
+        first = false;
+        for entry in entries.flatten() {
+            let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
+            total += meta.blocks() * 512;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Some(total)
+}
+
+/// The storage cost of a publish run (`--data-dir` with `--server-pid`):
+/// the server's writes to storage over the measured publish, and its disk
+/// usage and RSS over the whole run, against the payload it published and
+/// the payload it retains.
+pub struct StorageMeter {
+    pid: u32,
+    dir: std::path::PathBuf,
+    disk_before: Option<u64>,
+    rss_before: Option<u64>,
+    written_before: Option<u64>,
+}
+
+/// How long the server's write counter must stay still to count as settled
+/// (above ringcast's 200 ms `interval` flush and sled's own 500 ms flush),
+/// and the longest wait for it.
+const SETTLE_QUIET: Duration = Duration::from_millis(700);
+const SETTLE_MAX: Duration = Duration::from_secs(4);
+
+impl StorageMeter {
+    /// Takes the disk-usage and RSS baselines: call it just before the
+    /// warm-up, on a fresh topic / stream. `None` unless both the pid and
+    /// the data directory are known.
+    pub fn start(pid: Option<u32>, dir: Option<&std::path::Path>) -> Option<Self> {
+        let (pid, dir) = (pid?, dir?);
+        Some(StorageMeter {
+            pid,
+            dir: dir.to_path_buf(),
+            disk_before: disk_usage(dir),
+            rss_before: rss_kib(pid),
+            written_before: None,
+        })
+    }
+
+    /// Waits until the server has stopped writing (its write counter still
+    /// for [`SETTLE_QUIET`], at most [`SETTLE_MAX`]) and returns the counter.
+    /// A broker in `interval` mode, or sled's own flusher, writes what was
+    /// published a few hundred ms later: settling after the warm-up keeps
+    /// the warm-up's deferred writes out of the measured interval, settling
+    /// after the measured publish keeps its own in. Untimed.
+    async fn settle(&self) -> Option<u64> {
+        let started = Instant::now();
+        let mut last = storage_written(self.pid)?;
+        let mut still_since = Instant::now();
+        while started.elapsed() < SETTLE_MAX && still_since.elapsed() < SETTLE_QUIET {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = storage_written(self.pid)?;
+            if now != last {
+                last = now;
+                still_since = Instant::now();
+            }
+        }
+        Some(last)
+    }
+
+    /// After the warm-up, right before the measured publish: settles and
+    /// takes the write-counter baseline.
+    pub async fn begin_measured(&mut self) {
+        self.written_before = self.settle().await;
+    }
+
+    /// After the measured publish (and its CPU figures): settles, then
+    /// writes into the record
+    /// - `disk_write_bytes`, `write_amp`: bytes the server wrote to storage
+    ///   over the measured publish ÷ `measured_payload` (its payload bytes);
+    /// - `disk_bytes` (growth of the data directory over the run, warm-up
+    ///   included), `disk_bytes_total`, `disk_per_retained`;
+    /// - `rss_delta_bytes`, `rss_per_retained` (VmRSS growth over the run);
+    /// - `retained_events`, `retained_payload_bytes`.
+    ///
+    /// Disk and RSS are deltas, not totals: a data directory and a server
+    /// process serve several rows (128 B then 4 KiB, and `--repeat` runs on
+    /// fresh topics), so what this run added is set against what this run
+    /// leaves retained, `retained_events × payload`. Both can come out low
+    /// (or negative) when the server frees older data meanwhile (segment
+    /// reuse, compaction) and high when it preallocates.
+    pub async fn finish(
+        self,
+        rec: &mut Record,
+        measured_payload: u64,
+        retained_events: u64,
+        payload_size: u64,
+    ) {
+        let written_after = self.settle().await;
+        let retained = retained_events * payload_size;
+        let per = |bytes: f64, of: u64| {
+            if of > 0 {
+                Value::from(round(bytes / of as f64, 3))
+            } else {
+                Value::Null
+            }
+        };
+        rec.set("retained_events", retained_events);
+        rec.set("retained_payload_bytes", retained);
+        if let (Some(a), Some(b)) = (written_after, self.written_before) {
+            let w = a.saturating_sub(b);
+            rec.set("disk_write_bytes", w);
+            rec.set("write_amp", per(w as f64, measured_payload));
+        }
+        let disk_after = disk_usage(&self.dir);
+        if let Some(after) = disk_after {
+            rec.set("disk_bytes_total", after);
+        }
+        if let (Some(after), Some(before)) = (disk_after, self.disk_before) {
+            let d = after as i64 - before as i64;
+            rec.set("disk_bytes", d);
+            rec.set("disk_per_retained", per(d as f64, retained));
+        }
+        if let (Some(after), Some(before)) = (rss_kib(self.pid), self.rss_before) {
+            let d = (after as i64 - before as i64) * 1024;
+            rec.set("rss_delta_bytes", d);
+            rec.set("rss_per_retained", per(d as f64, retained));
+        }
+    }
+}
+
 /// Rounds to `digits` decimals (for readable JSON).
 pub fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);

@@ -35,6 +35,13 @@ struct Args {
     /// /proc/<pid> before and after the measured part.
     #[arg(long, global = true)]
     server_pid: Option<u32>,
+    /// The server's data directory. With `--server-pid`, `publish` also
+    /// reports its storage cost: bytes the server wrote to storage
+    /// (`/proc/<pid>/io`) per payload byte published, and the growth of this
+    /// directory's disk usage and of the server's RSS per payload byte
+    /// retained.
+    #[arg(long, global = true)]
+    data_dir: Option<std::path::PathBuf>,
     /// Label stored in the result (the report pairs rows by label).
     #[arg(long, global = true, default_value = "")]
     label: String,
@@ -185,6 +192,7 @@ pub struct Common {
     target: Target,
     addr: String,
     server_pid: Option<u32>,
+    data_dir: Option<std::path::PathBuf>,
     label: String,
     dest: String,
     sub_buffer: usize,
@@ -223,6 +231,7 @@ async fn run(args: Args) -> Result<()> {
         target: args.target,
         addr: args.addr.clone(),
         server_pid: args.server_pid,
+        data_dir: args.data_dir.clone(),
         label: if args.label.is_empty() {
             args.target.name().to_owned()
         } else {
@@ -235,6 +244,10 @@ async fn run(args: Args) -> Result<()> {
     };
     // Throughput scenarios may run several times (fresh topics each time);
     // the run with the median figure is reported, with every run's figure.
+    // Everything else in the record comes from that same run: a publish
+    // row's storage figures (`write_amp`, `disk_per_retained`,
+    // `rss_per_retained`) are the median-rate run's own, not medians of
+    // their own, so that they describe the run whose rate is shown.
     let (repeat, key) = match &args.scenario {
         Scenario::Publish { .. } | Scenario::Fanout { .. } => (args.repeat.max(1), "msgs_per_s"),
         Scenario::Resume { .. } | Scenario::Group { .. } => (args.repeat.max(1), "events_per_s"),
@@ -345,7 +358,18 @@ fn emit(rec: &Record, out: Option<&std::path::Path>) -> Result<()> {
     let s = |k: &str| rec.0.get(k).map(|v| v.to_string()).unwrap_or_default();
     let n = |k: &str| rec.num(k).unwrap_or(f64::NAN);
     let human = match s("scenario").trim_matches('"') {
-        "publish" => format!("{:.0} msg/s, {:.1} MiB/s", n("msgs_per_s"), n("mib_per_s")),
+        "publish" => {
+            let mut h = format!("{:.0} msg/s, {:.1} MiB/s", n("msgs_per_s"), n("mib_per_s"));
+            if rec.num("retained_payload_bytes").is_some() {
+                h.push_str(&format!(
+                    "; write amplification {:.2}×, disk {:.2}× and RSS {:.2}× the retained payload",
+                    n("write_amp"),
+                    n("disk_per_retained"),
+                    n("rss_per_retained")
+                ));
+            }
+            h
+        }
         "fanout" => format!(
             "{} subs: {:.0} delivered msg/s, {} of {} delivered, server {:.2} µs CPU/msg",
             s("subscribers"),

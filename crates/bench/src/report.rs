@@ -518,5 +518,159 @@ pub fn run(path: &str) -> Result<()> {
         ),
         None => println!("- resume: not measured"),
     }
+    storage(&results);
     Ok(())
+}
+
+/// Goals of issue 15 for persisted publish (ringcast; peers for reference).
+const WRITE_AMP_GOAL: f64 = 1.5;
+const DISK_GOAL: f64 = 1.5;
+const RSS_GOAL: f64 = 1.3;
+
+/// Below this (× the payload), a peer's storage figure is noise: no ratio.
+const MIN_DENOMINATOR: f64 = 0.05;
+
+/// The persisted publish rows: label suffix and system.
+const PERSISTED: [(&str, &str); 5] = [
+    ("ringcast.fsync", "ringcast fsync"),
+    ("ringcast.interval", "ringcast interval"),
+    ("redis-xadd.always", "Redis XADD, appendfsync always"),
+    ("redis-xadd.everysec", "Redis XADD, appendfsync everysec"),
+    ("jetstream", "JetStream, file storage"),
+];
+
+/// ringcast row, peer row: the pairs of the main table.
+const PERSISTED_PAIRS: [(&str, &str); 4] = [
+    ("ringcast.fsync", "redis-xadd.always"),
+    ("ringcast.interval", "redis-xadd.everysec"),
+    ("ringcast.fsync", "jetstream"),
+    ("ringcast.interval", "jetstream"),
+];
+
+/// The storage figures of a publish record, in table order.
+const STORAGE_KEYS: [(&str, &str, f64); 3] = [
+    ("write_amp", "disk_write_bytes", WRITE_AMP_GOAL),
+    ("disk_per_retained", "disk_bytes", DISK_GOAL),
+    ("rss_per_retained", "rss_delta_bytes", RSS_GOAL),
+];
+
+/// `12.3 MiB`.
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / 1_048_576.0)
+}
+
+/// A storage ratio with the bytes behind it, in bold when over its goal.
+fn storage_cell(r: &Record, key: &str, bytes_key: &str, goal: f64) -> String {
+    match r.num(key) {
+        Some(v) => {
+            let v_s = if v > goal {
+                format!("**{v:.2}×**")
+            } else {
+                format!("{v:.2}×")
+            };
+            match r.num(bytes_key) {
+                Some(b) => format!("{v_s} ({})", mib(b)),
+                None => v_s,
+            }
+        }
+        None => "n/a".into(),
+    }
+}
+
+/// "Storage cost of persisted publish": per persisted publish row, what the
+/// server wrote to storage per payload byte published, and what its data
+/// directory and its RSS grew by per payload byte retained; then ringcast
+/// over each peer. Printed only when some row was measured with
+/// `--data-dir` (so `--groups` and `--auth` output is unchanged).
+fn storage(results: &HashMap<String, Record>) {
+    let measured = |label: &str| {
+        results
+            .get(label)
+            .filter(|r| r.num("retained_payload_bytes").is_some())
+    };
+    let sizes = [(128, "128 B"), (4096, "4 KiB")];
+    let any = sizes.iter().any(|(p, _)| {
+        PERSISTED
+            .iter()
+            .any(|(l, _)| measured(&format!("publish{p}.{l}")).is_some())
+    });
+    if !any {
+        return;
+    }
+    println!();
+    println!(
+        "Storage cost of persisted publish (goals for ringcast: write amplification ≤ \
+         {WRITE_AMP_GOAL}×, disk ≤ {DISK_GOAL}× and RSS ≤ {RSS_GOAL}× the retained payload; \
+         above a goal in bold):"
+    );
+    println!();
+    println!(
+        "| system | payload | msg/s | write amplification (written ÷ published) \
+         | disk ÷ retained | RSS ÷ retained | retained payload |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (p, size) in sizes {
+        for (label, system) in PERSISTED {
+            let Some(r) = measured(&format!("publish{p}.{label}")) else {
+                continue;
+            };
+            let cells: Vec<String> = STORAGE_KEYS
+                .iter()
+                .map(|(k, b, goal)| storage_cell(r, k, b, *goal))
+                .collect();
+            println!(
+                "| {system} | {size} | {} msg/s | {} | {} | {} | {} events, {} |",
+                si(r.num("msgs_per_s").unwrap_or(f64::NAN)),
+                cells[0],
+                cells[1],
+                cells[2],
+                si(r.num("retained_events").unwrap_or(f64::NAN)),
+                mib(r.num("retained_payload_bytes").unwrap_or(f64::NAN))
+            );
+        }
+    }
+    println!();
+    println!("Ratios ringcast / peer (below 1 is better):");
+    println!();
+    println!(
+        "| payload | ringcast | peer | write amplification | disk ÷ retained | RSS ÷ retained |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let name = |label: &'static str| -> &'static str {
+        PERSISTED
+            .iter()
+            .find(|(l, _)| *l == label)
+            .map_or(label, |(_, n)| *n)
+    };
+    for (p, size) in sizes {
+        for (ours, peer) in PERSISTED_PAIRS {
+            let (o, q) = (
+                measured(&format!("publish{p}.{ours}")),
+                measured(&format!("publish{p}.{peer}")),
+            );
+            if o.is_none() && q.is_none() {
+                continue;
+            }
+            let ratios: Vec<String> = STORAGE_KEYS
+                .iter()
+                .map(
+                    |(k, _, _)| match (o.and_then(|o| o.num(k)), q.and_then(|q| q.num(k))) {
+                        // A peer figure about zero (e.g. a Go heap reusing what the
+                        // previous row freed) gives no meaningful ratio.
+                        (Some(a), Some(b)) if b >= MIN_DENOMINATOR => format!("{:.2}×", a / b),
+                        (Some(_), Some(_)) => format!("n/a (peer < {MIN_DENOMINATOR}×)"),
+                        _ => "n/a".into(),
+                    },
+                )
+                .collect();
+            println!(
+                "| {size} | {} | {} | {} | {} | {} |",
+                name(ours),
+                name(peer),
+                ratios[0],
+                ratios[1],
+                ratios[2]
+            );
+        }
+    }
 }

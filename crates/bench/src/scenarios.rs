@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 
 use crate::common::{
     bounded, now_ns, read_stamp, round, stamped, stream_name, AckDrain, CpuMeter, Item, Publisher,
-    Record, Subscriber, Target,
+    Record, StorageMeter, Subscriber, Target,
 };
 use crate::Common;
 
@@ -36,9 +36,15 @@ pub async fn publish(c: &Common, n: u64, payload_size: usize, window: usize) -> 
     let publisher = Publisher::connect(c.target, &c.addr, window, c.retain).await?;
     publisher.prepare(&dest).await?;
     let payload = Bytes::from(vec![b'x'; payload_size]);
+    // Storage cost (--data-dir with --server-pid): baselines before the
+    // warm-up, on the fresh (just prepared) topic.
+    let mut storage = StorageMeter::start(c.server_pid, c.data_dir.as_deref());
     // Warm-up (not timed): connection buffers, topic creation, allocator.
     let warm = (n / 20).clamp(100, 5_000);
     publisher.publish_n(&dest, warm, window, &payload).await?;
+    if let Some(s) = storage.as_mut() {
+        s.begin_measured().await;
+    }
 
     let cpu = CpuMeter::start(c.server_pid, c.metrics_addr.as_deref()).await;
     let started = Instant::now();
@@ -56,6 +62,19 @@ pub async fn publish(c: &Common, n: u64, payload_size: usize, window: usize) -> 
         round(n as f64 * payload_size as f64 / elapsed / 1_048_576.0, 1),
     );
     cpu.finish(&mut rec, n).await;
+    if let Some(s) = storage {
+        // What the server keeps of this run's topic: everything published
+        // into it (warm-up included) up to the retention cap (ringcast
+        // topics.max_events, JetStream max_msgs; Redis MAXLEN ~ may keep
+        // slightly more).
+        let retained = if c.retain > 0 {
+            (warm + n).min(c.retain)
+        } else {
+            warm + n
+        };
+        let size = payload_size as u64;
+        s.finish(&mut rec, n * size, retained, size).await;
+    }
     Ok(rec)
 }
 
