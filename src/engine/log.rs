@@ -162,15 +162,19 @@ pub(crate) struct Counters {
     /// The offset the next event gets.
     pub next_offset: u64,
     /// The last version assigned per type.
-    pub versions: HashMap<Arc<str>, u64>,
+    pub versions: FastMap<Arc<str>, u64>,
 }
+
+/// A hash map for the hot paths (a lookup per event or per publish):
+/// foldhash, randomly seeded per map, instead of SipHash.
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 impl Counters {
     /// Counters of a topic whose history just started.
     pub fn new() -> Self {
         Self {
             next_offset: 1,
-            versions: HashMap::new(),
+            versions: FastMap::default(),
         }
     }
 

@@ -88,7 +88,9 @@ use serde::{Deserialize, Serialize};
 use super::dedup::{self, Original, Window};
 use super::event::Event;
 use super::files::{EventFiles, RecordRef};
-use super::log::{append_outcome, Counters, Health, Log, Outcome, Step, TopicId, TopicImage};
+use super::log::{
+    append_outcome, Counters, FastMap, Health, Log, Outcome, Step, TopicId, TopicImage,
+};
 use super::settings::Durability;
 use super::EngineError;
 
@@ -735,6 +737,9 @@ pub(crate) struct SledLog {
     files: parking_lot::Mutex<EventFiles>,
     /// `interval` mode: sled writes waiting for the flusher's next tick.
     deferred: Option<parking_lot::Mutex<Deferred>>,
+    /// The buffer of the last pass's records, kept for the next one (no
+    /// allocation, page faults and regrowth per pass).
+    pass_buf: parking_lot::Mutex<Vec<u8>>,
     /// Only the writer thread persists; the flusher of `interval` mode
     /// syncs beside it.
     topics: parking_lot::Mutex<HashMap<Arc<str>, SledTopic>>,
@@ -803,6 +808,7 @@ impl SledLog {
             files,
             deferred: (durability == Durability::Interval)
                 .then(|| parking_lot::Mutex::new(Deferred::default())),
+            pass_buf: parking_lot::Mutex::new(Vec::new()),
             topics: parking_lot::Mutex::new(sled_topics),
             keys: parking_lot::Mutex::new(keys),
             failed: parking_lot::Mutex::new(None),
@@ -904,6 +910,15 @@ impl SledLog {
         }
     }
 
+    /// Keeps a pass's buffer for the next pass (up to a size worth keeping).
+    fn recycle(&self, mut buf: Vec<u8>) {
+        const KEEP: usize = 16 * 1024 * 1024;
+        if buf.capacity() <= KEEP {
+            buf.clear();
+            *self.pass_buf.lock() = buf;
+        }
+    }
+
     /// Writes a pass's record bytes to the active event file (before sled's
     /// inserts point at them).
     fn append_pass_file(&self, pass: &PassFile) -> Result<(), EngineError> {
@@ -921,7 +936,7 @@ impl SledLog {
     /// pass, so a few records of a quiet topic never keep a whole file.
     fn relocate(
         &self,
-        staged: &mut HashMap<Arc<str>, SledTopic>,
+        staged: &mut FastMap<Arc<str>, SledTopic>,
         topics: &HashMap<Arc<str>, SledTopic>,
         deleted: &[Arc<str>],
         writes: &mut Writes,
@@ -973,7 +988,7 @@ impl SledLog {
     /// Stages a topic of the pass: a copy of its state (or a fresh one for
     /// a new incarnation), swapped in only if the pass succeeds.
     fn stage<'a>(
-        staged: &'a mut HashMap<Arc<str>, SledTopic>,
+        staged: &'a mut FastMap<Arc<str>, SledTopic>,
         topics: &HashMap<Arc<str>, SledTopic>,
         id: &TopicId,
     ) -> &'a mut SledTopic {
@@ -1003,17 +1018,17 @@ impl Log for SledLog {
         let mut topics = self.topics.lock();
         let mut keys = self.keys.lock();
         let db = self.db.read().clone();
-        let mut staged: HashMap<Arc<str>, SledTopic> = HashMap::new();
+        let mut staged: FastMap<Arc<str>, SledTopic> = FastMap::default();
         let mut deleted: Vec<Arc<str>> = Vec::new();
         // Incarnations whose keys a delete of this pass removes.
         let mut dropped_keys: Vec<(Arc<str>, u64)> = Vec::new();
         // The keys this pass adds, per topic: merged into `keys` only once
         // the pass is durable.
-        let mut pass_keys: HashMap<Arc<str>, PassKeys> = HashMap::new();
+        let mut pass_keys: FastMap<Arc<str>, PassKeys> = FastMap::default();
         let mut expire = false;
         // Per topic, the steps whose events go into this pass's records
         // (every append to a topic in a pass shares them).
-        let mut appended: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+        let mut appended: FastMap<Arc<str>, Vec<usize>> = FastMap::default();
         if steps.iter().any(|s| matches!(s, Step::Delete { .. })) {
             // A delete scans sled for the topic's keys.
             if let Err(e) = self.apply_deferred(&db) {
@@ -1022,7 +1037,10 @@ impl Log for SledLog {
             }
         }
         let mut writes = Writes::default();
-        let mut pass_file = PassFile::default();
+        let mut pass_file = PassFile {
+            buf: std::mem::take(&mut *self.pass_buf.lock()),
+            ..PassFile::default()
+        };
         let mut outcomes = Vec::with_capacity(steps.len());
         let mut must_sync = false;
         for (index, step) in steps.iter_mut().enumerate() {
@@ -1178,6 +1196,8 @@ impl Log for SledLog {
                 .flatten()
                 .collect();
             if let Some(t) = staged.get_mut(name) {
+                let size: u64 = events.iter().map(|e| e.retained_size() + 16).sum();
+                pass_file.buf.reserve(size as usize);
                 encode_records(&mut writes, &mut pass_file, &self.files, name, t, &events)?;
             }
         }
@@ -1199,6 +1219,7 @@ impl Log for SledLog {
                 None => writes.apply(&db, self.faults()),
             })
             .and_then(|()| if must_sync { self.sync_now() } else { Ok(()) });
+        self.recycle(std::mem::take(&mut pass_file.buf));
         if let Err(e) = result {
             self.fail(&e);
             return Err(EngineError::StorageUnavailable(e.to_string()));
