@@ -990,10 +990,6 @@ async fn front_end_encodings_count_as_retained_bytes_until_their_event_is_trimme
     let engine = broker.engine().clone();
     const SIZE: u64 = 64 * 1024;
     let big = Bytes::from(vec![b'x'; SIZE as usize]);
-    engine
-        .publish("enc", ringcast::engine::NewEvent::new("t", big))
-        .await
-        .unwrap();
     let retained = |engine: &ringcast::engine::Engine| {
         let topic = engine.info("enc").unwrap().retained_bytes;
         assert_eq!(
@@ -1003,38 +999,54 @@ async fn front_end_encodings_count_as_retained_bytes_until_their_event_is_trimme
         );
         topic
     };
-    let base = retained(&engine);
-    assert!((SIZE..SIZE + 1024).contains(&base), "{base}");
+    engine
+        .publish("enc", ringcast::engine::NewEvent::new("t", "{}"))
+        .await
+        .unwrap();
+    let small = retained(&engine);
+    assert!(small < 1024, "{small}");
 
-    // A TCP subscriber makes the broker build the event's frame.
-    let mut tcp = RawClient::handshake(broker.tcp_addr()).await;
-    tcp.send(&ClientMessage::Subscribe {
-        request_id: 1,
-        subscription_id: 1,
-        topic: "enc".into(),
-        types: vec![],
-        start: Start::Earliest,
-    })
-    .await;
-    loop {
-        match tcp.recv().await {
+    // Two live TCP subscribers make the broker build the event's frame,
+    // once for both (a replay, or a sole subscriber, gets it encoded straight
+    // into its own buffer, which the ring does not keep).
+    let mut tcp = Vec::new();
+    for id in 1..=2 {
+        let mut c = RawClient::handshake(broker.tcp_addr()).await;
+        c.send(&ClientMessage::Subscribe {
+            request_id: id,
+            subscription_id: id,
+            topic: "enc".into(),
+            types: vec![],
+            start: Start::Live,
+        })
+        .await;
+        match c.recv().await {
             Some(ServerMessage::Subscribed { .. }) => {}
-            Some(ServerMessage::Event { event, .. }) => {
-                assert_eq!(event.offset, 1);
-                break;
-            }
+            other => panic!("expected subscribed, got {other:?}"),
+        }
+        tcp.push(c);
+    }
+    engine
+        .publish("enc", ringcast::engine::NewEvent::new("t", big))
+        .await
+        .unwrap();
+    for c in &mut tcp {
+        match c.recv().await {
+            Some(ServerMessage::Event { event, .. }) => assert_eq!(event.offset, 2),
             other => panic!("expected the event, got {other:?}"),
         }
     }
     let with_tcp = retained(&engine);
     assert!(
-        with_tcp >= base + SIZE,
-        "TCP frame counted: {base} -> {with_tcp}"
+        (small + 2 * SIZE..small + 2 * SIZE + 2048).contains(&with_tcp),
+        "payload and one TCP frame counted: {small} -> {with_tcp}"
     );
 
     // An SSE stream makes it build the SSE message too.
     let mut sse = Sse::open(broker.http_addr(), "/v1/topics/enc/events?earliest=true").await;
     assert_eq!(sse.next_event().await, "ready");
+    // The small event, then the big one.
+    assert_eq!(sse.next_event().await, "t");
     assert_eq!(sse.next_event().await, "t");
     let with_sse = retained(&engine);
     assert!(

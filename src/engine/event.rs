@@ -113,6 +113,14 @@ impl Event {
         (bytes, built)
     }
 
+    /// The shared `which` encoding of this event, if one was built.
+    pub(crate) fn cached(&self, which: Encoding) -> Option<&Bytes> {
+        match which {
+            Encoding::Tcp => self.tcp_frame.get(),
+            Encoding::Sse => self.sse_data.get(),
+        }
+    }
+
     /// Bytes this event counts against `max_bytes`: payload, type, headers
     /// and a fixed per-event overhead for the struct itself. Its front-end
     /// encodings are counted apart, once built (`TopicState::cache_bytes`).

@@ -953,7 +953,6 @@ impl Engine {
         let mut events = Some(events);
         loop {
             let t = self.get_or_create(topic, self.inner.options.topics.auto_create, false)?;
-            let mut changed = t.notify.subscribe();
             if inline {
                 let now = self.inner.options.clock.now_ms();
                 let mut state = t.state.write();
@@ -988,7 +987,7 @@ impl Engine {
                             now,
                         );
                         drop(state);
-                        t.wake();
+                        t.wake_watched();
                         Ok(PendingPublish {
                             pending: Pending::Ready(Some(acks)),
                             started,
@@ -999,6 +998,8 @@ impl Engine {
                     _ => Err(EngineError::Storage("internal: mismatched outcome".into())),
                 };
             }
+            // Before the state is read: a delete persisted after it is seen.
+            let mut changed = t.notify.subscribe();
             let (ack, rx) = oneshot::channel();
             {
                 // Checked and queued under the lock so that a seal or

@@ -200,6 +200,17 @@ impl Subscription {
         bytes
     }
 
+    /// Whether a front end should build the shared encoding of `event`
+    /// (see [`encoded`](Self::encoded)) rather than encode it for this
+    /// subscriber alone: only for a live event of a topic with other
+    /// subscribers, who get the same event at about the same time. A
+    /// replayed event, or the only subscriber's, is cheaper encoded straight
+    /// into the subscriber's buffer: no allocation, no topic write lock, no
+    /// cached bytes kept in the ring.
+    pub(crate) fn shares(&self, event: &Event) -> bool {
+        event.offset >= self.live_offset && self.topic.subscribers.load(Ordering::Relaxed) > 1
+    }
+
     /// The next delivery, waiting for one if needed; `None` after `End`.
     pub async fn recv(&mut self) -> Option<Delivery> {
         loop {

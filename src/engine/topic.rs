@@ -360,6 +360,17 @@ impl Topic {
         self.notify.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// [`wake`](Self::wake), skipped when nobody watches the topic (no
+    /// subscription or waiting group member holds a receiver): a publish to
+    /// a topic nobody reads then takes no notification locks. Call it after
+    /// the commit's write lock: a receiver that could have missed the commit
+    /// subscribed before its own read of the state, so before that lock.
+    pub fn wake_watched(&self) {
+        if self.notify.receiver_count() > 0 {
+            self.wake();
+        }
+    }
+
     /// Records activity for idle expiry.
     pub fn touch(&self, now_ms: u64) {
         self.last_activity_ms.store(now_ms, Ordering::Relaxed);

@@ -365,7 +365,8 @@ impl Session<'_> {
         loop {
             let mut decoded = false;
             while self.may_read() {
-                match decoder.decode(&mut buf) {
+                // Appends (most frames of a busy publisher) are read by hand.
+                match decoder.decode_with(&mut buf, ringcast_protocol::decode_client_body) {
                     Ok(Some(msg)) => {
                         decoded = true;
                         if let Err(stop) = self.dispatch(msg).await {
@@ -1222,23 +1223,26 @@ impl Session<'_> {
         reply: AckReply,
         result: Result<Vec<Ack>, EngineError>,
     ) -> Result<(), Stop> {
-        match (result, reply) {
-            (Ok(acks), AckReply::Published) => {
-                self.reply(ServerMessage::Published {
-                    request_id,
-                    results: acks.into_iter().map(wire::ack).collect(),
-                })
-                .await
-            }
-            (Ok(acks), AckReply::Appended) => {
-                self.reply(ServerMessage::Appended {
-                    request_id,
-                    results: acks.into_iter().map(wire::append_ack).collect(),
-                })
-                .await
-            }
-            (Err(e), _) => self.engine_error(request_id, e).await,
+        // Written by hand, straight from the engine's acks: one reply per
+        // publish is the hottest thing the broker encodes.
+        let encoded = match (result, reply) {
+            (Ok(acks), AckReply::Published) => ringcast_protocol::encode_published_frame(
+                request_id,
+                acks.into_iter().map(wire::ack),
+                &mut self.replies,
+            ),
+            (Ok(acks), AckReply::Appended) => ringcast_protocol::encode_appended_frame(
+                request_id,
+                acks.into_iter().map(wire::append_ack),
+                &mut self.replies,
+            ),
+            (Err(e), _) => return self.engine_error(request_id, e).await,
+        };
+        encoded.map_err(|_| Stop::Closed)?;
+        if self.replies.len() >= self.chunk {
+            self.flush().await?;
         }
+        Ok(())
     }
 
     async fn subscribe(
@@ -1419,7 +1423,9 @@ impl Session<'_> {
 }
 
 /// Moves deliveries of one subscription to the connection's writer,
-/// encoding several (up to `chunk` bytes) per hand-off. It pulls from the
+/// encoding several (up to `chunk` bytes) per hand-off: each event straight
+/// into the chunk, or copied from its shared frame when several live
+/// subscribers take it (`Subscription::shares`). It pulls from the
 /// subscription only while the connection's budget has room, so a peer that
 /// does not read leaves the subscription behind in the ring (where it costs
 /// nothing and later yields one `gap(slow_consumer)`), not in our buffers.
@@ -1455,8 +1461,17 @@ async fn pump(
             let msg = match delivery {
                 Delivery::Event(e) => {
                     events += 1;
-                    let frame = sub.encoded(&e, Encoding::Tcp, || shared_event_frame(&topic, &e));
-                    put_event_frame(&mut buf, subscription_id, frame);
+                    if e.cached(Encoding::Tcp).is_some() || sub.shares(&e) {
+                        let frame =
+                            sub.encoded(&e, Encoding::Tcp, || shared_event_frame(&topic, &e));
+                        put_event_frame(&mut buf, subscription_id, frame);
+                    } else if let Err(err) = ringcast_protocol::encode_event_frame(
+                        subscription_id,
+                        &wire::event_ref(&topic, &e),
+                        &mut buf,
+                    ) {
+                        tracing::error!(error = %err, "cannot encode an event");
+                    }
                     None
                 }
                 Delivery::Gap(g) => Some(ServerMessage::Gap {
@@ -1603,12 +1618,9 @@ const SUBSCRIPTION_ID_AT: std::ops::Range<usize> = 8..16;
 /// The `Event` frame of `event` with subscription id 0: encoded once per
 /// event and shared by every TCP subscriber, each copy patching the id.
 fn shared_event_frame(topic: &str, event: &Event) -> Bytes {
-    let mut b = BytesMut::new();
-    let msg = ServerMessage::Event {
-        subscription_id: 0,
-        event: wire::event(topic, event),
-    };
-    if let Err(e) = encode_frame(&msg, &mut b) {
+    let event = wire::event_ref(topic, event);
+    let mut b = BytesMut::with_capacity(event.frame_len());
+    if let Err(e) = ringcast_protocol::encode_event_frame(0, &event, &mut b) {
         tracing::error!(error = %e, "cannot encode an event");
     }
     b.freeze()

@@ -58,6 +58,19 @@ pub(crate) fn event(topic: &str, e: &Event) -> proto::WireEvent {
     }
 }
 
+/// The engine's event as the protocol's borrowed `WireEvent`.
+pub(crate) fn event_ref<'a>(topic: &'a str, e: &'a Event) -> proto::EventRef<'a> {
+    proto::EventRef {
+        topic,
+        offset: e.offset,
+        event_type: &e.event_type,
+        version: e.version,
+        timestamp_ms: e.timestamp_ms,
+        headers: &e.headers,
+        payload: &e.payload,
+    }
+}
+
 pub(crate) fn gap(g: Gap) -> proto::WireGap {
     proto::WireGap {
         topic: g.topic,

@@ -838,7 +838,7 @@ impl Client {
     ) -> Result<Subscription> {
         let deadline = Instant::now() + self.inner.options.request_timeout;
         let sub_id = self.inner.sub_ids.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let (tx, rx) = crate::queue::queue(buffer);
         let terminal = Arc::default();
         let (ready, ready_rx) = oneshot::channel();
         let cmd = Command::Subscribe {

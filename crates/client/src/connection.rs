@@ -5,7 +5,9 @@
 //! - encodes commands into a write buffer that is flushed with one write per
 //!   wakeup, so pipelined requests coalesce into few syscalls;
 //! - decodes frames as they arrive and routes replies by `request_id` (a map
-//!   of oneshot senders) and pushes by `subscription_id`;
+//!   of oneshot senders) and pushes by `subscription_id`, handing each
+//!   subscription what one socket read brought in one batch
+//!   ([`queue`](crate::queue));
 //! - sends `Ping` after `heartbeat_ms` without sending, and declares the
 //!   broker dead after `3 × heartbeat_ms` without receiving.
 //!
@@ -53,8 +55,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use ringcast_protocol::{
-    encode_frame, ClientMessage, ErrorCode, FrameDecoder, GroupOptions, ProtocolError,
-    ServerMessage, Start, WireEvent, WireGap, FRAME_HEADER_LEN, PROTOCOL_VERSION,
+    decode_server_body, encode_frame, ClientMessage, ErrorCode, FrameDecoder, GroupOptions,
+    ProtocolError, ServerMessage, Start, WireEvent, WireGap, FRAME_HEADER_LEN, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -80,8 +82,7 @@ const READ_CHUNK: usize = 64 * 1024;
 /// How long `close` waits for queued frames to be written.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
-/// The task's end of a subscription's delivery queue.
-pub(crate) type PushSender = mpsc::Sender<Push>;
+pub(crate) use crate::queue::PushSender;
 
 /// Where a subscription's terminal error is left for its [`Subscription`](crate::Subscription).
 pub(crate) type TerminalSlot = Arc<Mutex<Option<Error>>>;
@@ -374,6 +375,9 @@ struct SubEntry {
     accepting: bool,
     /// While paused: dropping it cancels the task waiting for queue room.
     paused: Option<oneshot::Sender<()>>,
+    /// Pushes taken from the socket read being processed, handed to the
+    /// queue in one send when the read is done (see [`Task::flush_batches`]).
+    batch: Vec<Push>,
 }
 
 impl SubEntry {
@@ -396,6 +400,7 @@ impl SubEntry {
             wire_id: sub_id,
             accepting: false,
             paused: None,
+            batch: Vec::new(),
         }
     }
 
@@ -484,6 +489,12 @@ pub(crate) struct Task {
     groups: BTreeMap<u64, GroupEntry>,
     /// Requests issued while disconnected, sent after the next handshake.
     waiting: VecDeque<Command>,
+    /// Subscriptions whose `batch` holds pushes of the current read.
+    batched: Vec<u64>,
+    /// The capacity a batch starts with in the current read: about its
+    /// share of the events buffered, so that it rarely grows (each growth
+    /// copies the whole batch).
+    batch_hint: usize,
     wbuf: BytesMut,
     max_frame_out: usize,
     backoff: Backoff,
@@ -533,6 +544,8 @@ impl Task {
             wire: HashMap::new(),
             groups: BTreeMap::new(),
             waiting: VecDeque::new(),
+            batched: Vec::new(),
+            batch_hint: 0,
             wbuf: BytesMut::new(),
             max_frame_out: usize::MAX,
             backoff,
@@ -1149,10 +1162,13 @@ impl Task {
         }
     }
 
-    /// Removes a subscription from the task's books.
+    /// Removes a subscription from the task's books, handing what its
+    /// batch holds to its queue first (it precedes whatever ends it).
     fn forget(&mut self, sub_id: u64) -> Option<SubEntry> {
-        let sub = self.subs.remove(&sub_id)?;
+        let mut sub = self.subs.remove(&sub_id)?;
         self.wire.remove(&sub.wire_id);
+        // A dropped subscription's queue refuses it; nothing is lost then.
+        let _ = sub.tx.send(std::mem::take(&mut sub.batch));
         Some(sub)
     }
 
@@ -1314,17 +1330,16 @@ impl Task {
         let wire_id = sub.wire_id;
         let (cancel, cancelled) = oneshot::channel::<()>();
         sub.paused = Some(cancel);
-        let tx = sub.tx.clone();
         let room_tx = self.room_tx.clone();
         // Half the queue, so that a resumed subscription has room to run
         // before it fills again.
-        let room = (tx.max_capacity() / 2).max(1);
+        let capacity = sub.tx.capacity();
+        let room = sub.tx.room(capacity - (capacity / 2).max(1));
         tokio::spawn(async move {
             tokio::select! {
                 // Dropping the entry (close, unsubscribe) drops `cancel`.
                 _ = cancelled => {}
-                permits = tx.reserve_many(room) => {
-                    drop(permits);
+                () = room => {
                     let _ = room_tx.send(sub_id);
                 }
             }
@@ -1366,17 +1381,43 @@ impl Task {
         Ok(())
     }
 
-    /// Decodes and dispatches every whole frame in the read buffer.
+    /// Decodes and dispatches every whole frame in the read buffer, then
+    /// hands each subscription what it got in one batch.
     fn process_buffered(&mut self, conn: &mut Conn) -> Result<(), Exit> {
-        loop {
-            match conn.decoder.decode(&mut conn.rbuf) {
-                Ok(Some(msg)) => self.dispatch(msg)?,
-                Ok(None) => return Ok(()),
+        // An event frame is about 100 bytes plus its payload.
+        self.batch_hint = (conn.rbuf.len() / 128 / self.subs.len().max(1)).clamp(4, 1024);
+        let result = loop {
+            // Events (nearly every frame) are read by hand, the rest by serde.
+            match conn.decoder.decode_with(&mut conn.rbuf, decode_server_body) {
+                Ok(Some(msg)) => {
+                    if let Err(exit) = self.dispatch(msg) {
+                        break Err(exit);
+                    }
+                }
+                Ok(None) => break Ok(()),
                 Err(e) => {
-                    return Err(Exit::Lost(format!(
+                    break Err(Exit::Lost(format!(
                         "undecodable frame from the broker: {e}"
                     )))
                 }
+            }
+        };
+        // Also when the connection ends here: what was batched is in the
+        // resume positions already, so it must reach the callers.
+        self.flush_batches();
+        result
+    }
+
+    /// Sends every subscription's batch to its queue: one send (and at most
+    /// one wake-up of the consumer) per subscription per socket read.
+    fn flush_batches(&mut self) {
+        for sub_id in std::mem::take(&mut self.batched) {
+            let Some(sub) = self.subs.get_mut(&sub_id) else {
+                // Forgotten meanwhile, which flushed it.
+                continue;
+            };
+            if sub.tx.send(std::mem::take(&mut sub.batch)).is_err() {
+                self.drop_subscription(sub_id);
             }
         }
     }
@@ -1677,25 +1718,35 @@ impl Task {
         }
     }
 
-    /// Hands a push to its subscription's queue and records it for resuming
-    /// (`effect` is `None` for `End`, which ends the subscription); pauses
-    /// the subscription when the queue is full.
+    /// Takes a push into its subscription's batch (handed to the queue when
+    /// the socket read is processed) and records it for resuming (`effect`
+    /// is `None` for `End`, which ends the subscription); pauses the
+    /// subscription when its queue is full.
     fn deliver(&mut self, sub_id: u64, push: Push, effect: Option<Effect>) {
         let Some(sub) = self.subs.get_mut(&sub_id) else {
             return;
         };
-        match sub.tx.try_send(push) {
-            Ok(()) => match effect {
-                Some(effect) => sub.resume.apply(effect),
-                // `End`: the broker freed the id; nothing follows.
-                None => {
-                    self.forget(sub_id);
-                }
-            },
-            // Not handed over, so not in the resume position: it comes again
-            // (or as part of a gap) when the subscription resumes.
-            Err(mpsc::error::TrySendError::Full(_)) => self.pause(sub_id),
-            Err(mpsc::error::TrySendError::Closed(_)) => self.drop_subscription(sub_id),
+        if sub.tx.is_closed() {
+            self.drop_subscription(sub_id);
+            return;
+        }
+        if !sub.tx.has_room(sub.batch.len()) {
+            // Not taken, so not in the resume position: it comes again (or
+            // as part of a gap) when the subscription resumes.
+            self.pause(sub_id);
+            return;
+        }
+        if sub.batch.is_empty() {
+            self.batched.push(sub_id);
+            sub.batch.reserve(self.batch_hint);
+        }
+        sub.batch.push(push);
+        match effect {
+            Some(effect) => sub.resume.apply(effect),
+            // `End`: the broker freed the id; nothing follows.
+            None => {
+                self.forget(sub_id);
+            }
         }
     }
 }

@@ -39,6 +39,9 @@
 //! - `connection.rs`: the background task that owns the socket — a
 //!   coalescing writer, a reader routing replies by request id and pushes by
 //!   subscription id, heartbeats, and the reconnect loop.
+//! - `queue.rs`: a subscription's delivery queue, bounded in events and
+//!   handed over one batch per socket read (one wake-up per read, not per
+//!   event).
 //! - `resume.rs`: per-subscription bookkeeping that picks the `Start` of a
 //!   resumed `Subscribe` and drops duplicates.
 //! - `backoff.rs`: exponential backoff with full jitter.
@@ -96,6 +99,7 @@ mod connection;
 mod consumer;
 mod error;
 mod options;
+mod queue;
 mod resume;
 mod subscription;
 mod token;

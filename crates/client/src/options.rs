@@ -66,7 +66,9 @@ pub struct ClientOptions {
     /// Deliveries buffered per subscription. When a subscription's buffer is
     /// full, the client pauses it (unsubscribes at the broker) and resumes it
     /// from its last delivered event once the caller has drained half the
-    /// buffer; what the broker no longer retains by then arrives as a gap.
+    /// buffer (noticed within a sixteenth of it: the SDK counts what the
+    /// caller took in steps, not per event); what the broker no longer
+    /// retains by then arrives as a gap.
     /// Other subscriptions and requests are not held up. Default 16384:
     /// deep enough that a consumer keeping up with a burst (a catch-up
     /// replay, a fan-out spike) is never paused, which would make the broker

@@ -5,11 +5,11 @@ use std::task::{Context, Poll};
 
 use futures_core::Stream;
 use ringcast_protocol::{WireEvent, WireGap};
-use tokio::sync::mpsc;
 
 use crate::client::Client;
 use crate::connection::{Push, TerminalSlot};
 use crate::error::{Error, Result};
+use crate::queue::PushReceiver;
 
 /// One item of a subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +55,7 @@ pub struct Subscription {
     epoch: u64,
     next_offset: u64,
     last_offset: Option<u64>,
-    rx: mpsc::Receiver<Push>,
+    rx: PushReceiver,
     terminal: TerminalSlot,
     done: bool,
 }
@@ -67,7 +67,7 @@ impl Subscription {
         topic: String,
         epoch: u64,
         next_offset: u64,
-        rx: mpsc::Receiver<Push>,
+        rx: PushReceiver,
         terminal: TerminalSlot,
     ) -> Self {
         Subscription {

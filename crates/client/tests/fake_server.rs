@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{event, FakeBroker, Peer, WAIT};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use ringcast_client::{
     Ack, AppendAck, Client, Delivery, Error, ErrorCode, GapReason, Start, WireGap,
 };
@@ -136,6 +136,16 @@ impl Peer {
         .await;
     }
 
+    /// Sends `msgs` in one write, so that the client reads them at once.
+    async fn send_together(&mut self, msgs: impl IntoIterator<Item = ServerMessage>) {
+        for msg in msgs {
+            self.framed.feed(msg).await.unwrap();
+        }
+        SinkExt::<ServerMessage>::flush(&mut self.framed)
+            .await
+            .unwrap();
+    }
+
     async fn push_event(&mut self, sub_id: u64, offset: u64) {
         self.send(ServerMessage::Event {
             subscription_id: sub_id,
@@ -143,6 +153,17 @@ impl Peer {
         })
         .await;
     }
+}
+
+/// `Event` pushes for `sub_id` at `offsets`.
+fn events(
+    sub_id: u64,
+    offsets: std::ops::RangeInclusive<u64>,
+) -> impl Iterator<Item = ServerMessage> {
+    offsets.map(move |offset| ServerMessage::Event {
+        subscription_id: sub_id,
+        event: event(offset),
+    })
 }
 
 async fn next_offset(sub: &mut ringcast_client::Subscription) -> u64 {
@@ -680,6 +701,67 @@ async fn end_finishes_the_subscription_and_it_is_not_resumed() {
         peer.send(ServerMessage::Pong { request_id }).await;
     });
     rtt.unwrap();
+}
+
+#[tokio::test]
+async fn events_arriving_in_one_read_are_handed_over_in_order_before_the_end() {
+    let broker = FakeBroker::start().await;
+    let (client, mut peer) = connected(&broker).await;
+    let (sub, ()) = tokio::join!(client.subscribe("orders").send(), async {
+        let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
+        peer.subscribed(request_id, sub_id, 1, 1).await;
+        let end = ServerMessage::End {
+            subscription_id: sub_id,
+            topic: "orders".into(),
+            last_offset: 300,
+        };
+        peer.send_together(events(sub_id, 1..=300).chain([end]))
+            .await;
+    });
+    let mut sub = sub.unwrap();
+    for offset in 1..=300 {
+        assert_eq!(next_offset(&mut sub).await, offset);
+    }
+    assert!(matches!(
+        sub.next_delivery().await,
+        Some(Ok(Delivery::End {
+            last_offset: 300,
+            ..
+        }))
+    ));
+    assert!(sub.next_delivery().await.is_none());
+}
+
+#[tokio::test]
+async fn events_read_together_with_a_shutdown_are_delivered_and_not_resent() {
+    let broker = FakeBroker::start().await;
+    let (client, mut peer) = connected(&broker).await;
+    let (sub, ()) = tokio::join!(client.subscribe("orders").send(), async {
+        let (request_id, sub_id, _) = peer.expect_subscribe("orders").await;
+        peer.subscribed(request_id, sub_id, 1, 1).await;
+        // The shutdown ends the connection in the middle of the read.
+        let shutdown = ServerMessage::Shutdown {
+            reason: "restart".into(),
+        };
+        peer.send_together(events(sub_id, 1..=20).chain([shutdown]))
+            .await;
+    });
+    let mut sub = sub.unwrap();
+    // Delivered before any reconnect...
+    for offset in 1..=20 {
+        assert_eq!(next_offset(&mut sub).await, offset);
+    }
+    // ...and resumed after, not sent again.
+    drop(peer);
+    let mut peer = broker.accept().await;
+    let (_, _, start) = peer.expect_subscribe("orders").await;
+    assert_eq!(
+        start,
+        Start::AfterOffset {
+            epoch: 1,
+            offset: 20
+        }
+    );
 }
 
 #[tokio::test]

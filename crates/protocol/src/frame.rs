@@ -236,6 +236,18 @@ impl<M: DeserializeOwned> FrameDecoder<M> {
     /// Returns `Ok(None)` when `buf` does not yet hold a whole frame (call
     /// again after reading more), an error for an oversize or undecodable frame.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<M>, ProtocolError> {
+        self.decode_with(buf, decode_body)
+    }
+
+    /// Like [`decode`](Self::decode), with `body` turning the frame body
+    /// into the message: a fast path for a hot message (such as
+    /// [`decode_server_body`](crate::decode_server_body)) that must decode
+    /// exactly what [`decode_body`] would.
+    pub fn decode_with(
+        &mut self,
+        buf: &mut BytesMut,
+        body: impl FnOnce(&[u8]) -> Result<M, ProtocolError>,
+    ) -> Result<Option<M>, ProtocolError> {
         let len = match self.state {
             State::Body(len) => len,
             State::Head => {
@@ -267,9 +279,9 @@ impl<M: DeserializeOwned> FrameDecoder<M> {
             }
             return Ok(None);
         }
-        let body = buf.split_to(len);
+        let frame = buf.split_to(len);
         self.state = State::Head;
-        decode_body(&body).map(Some)
+        body(&frame).map(Some)
     }
 
     /// Like [`decode`](Self::decode), for when the stream has ended: a clean

@@ -15,6 +15,10 @@
 //!   bincode-encoded message), the single bincode configuration,
 //!   [`encode_frame`], [`decode_body`], the incremental [`FrameDecoder`] and
 //!   [`ProtocolError`].
+//! - [`hot`]: the hot messages — `Event`, `Append`, `Appended`, `Published`
+//!   — written and read by hand ([`encode_event_frame`],
+//!   [`decode_server_body`], [`decode_client_body`], …), byte for byte what
+//!   the serde path gives.
 //! - `codec` (feature `codec`): `tokio_util::codec` adapters over [`frame`].
 //!
 //! # Example
@@ -37,6 +41,7 @@
 #[cfg(feature = "codec")]
 pub mod codec;
 pub mod frame;
+pub mod hot;
 pub mod messages;
 
 #[cfg(feature = "codec")]
@@ -44,6 +49,10 @@ pub use codec::{ClientCodec, CodecError, FrameCodec, ServerCodec};
 pub use frame::{
     decode_body, encode_frame, FrameDecoder, ProtocolError, DEFAULT_MAX_FRAME, FRAME_HEADER_LEN,
     RESERVE_STEP,
+};
+pub use hot::{
+    decode_client_body, decode_server_body, encode_appended_frame, encode_event_frame,
+    encode_published_frame, EventRef,
 };
 pub use messages::{
     Ack, AppendAck, AppendEvent, ClientMessage, ErrorCode, GapReason, GroupOptions, GroupStart,

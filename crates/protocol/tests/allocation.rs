@@ -5,7 +5,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ringcast_protocol::{decode_body, ClientMessage, ServerMessage};
+use ringcast_protocol::{
+    decode_body, decode_client_body, decode_server_body, ClientMessage, ServerMessage,
+};
 
 struct Counting;
 
@@ -57,18 +59,38 @@ fn hostile_length_fields_never_allocate_more_than_a_mebibyte() {
     ]
     .concat();
 
+    // The hand-written hot paths (`Append`, `Event`, `Appended`).
+    let append_head: Vec<u8> = [
+        &12u32.to_be_bytes()[..],
+        &1u64.to_be_bytes()[..],
+        &[0, 0, 0, 0, 0, 0, 0, 1, b't'],
+    ]
+    .concat();
+    let event_head: Vec<u8> = [&4u32.to_be_bytes()[..], &1u64.to_be_bytes()[..]].concat();
+    let appended_head: Vec<u8> = [&17u32.to_be_bytes()[..], &1u64.to_be_bytes()[..]].concat();
+
     for claim in [1u64 << 60, u64::MAX, 1 << 32, 1 << 24, 100_000, 60_000] {
         let cases = [
             ("topic", body(&publish_head, claim), true),
             ("payload", body(&publish_payload_head, claim), true),
             ("events", body(&history_head, claim), false),
+            ("hot topic", body(&event_head, claim), false),
+            ("hot events", body(&append_head, claim), true),
+            ("hot acks", body(&appended_head, claim), false),
         ];
         for (what, bytes, client) in cases {
-            LARGEST.store(0, Ordering::Relaxed);
-            let failed = if client {
-                decode_body::<ClientMessage>(&bytes).is_err()
+            let hot = what.starts_with("hot");
+            let what = if hot && what != "hot topic" {
+                "events"
             } else {
-                decode_body::<ServerMessage>(&bytes).is_err()
+                what.trim_start_matches("hot ")
+            };
+            LARGEST.store(0, Ordering::Relaxed);
+            let failed = match (client, hot) {
+                (true, false) => decode_body::<ClientMessage>(&bytes).is_err(),
+                (false, false) => decode_body::<ServerMessage>(&bytes).is_err(),
+                (true, true) => decode_client_body(&bytes).is_err(),
+                (false, true) => decode_server_body(&bytes).is_err(),
             };
             let largest = LARGEST.load(Ordering::Relaxed);
             assert!(failed, "{what} claiming {claim}");

@@ -8,8 +8,8 @@ use common::{any_message, client_message, server_message};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use ringcast_protocol::{
-    decode_body, encode_frame, ClientMessage, FrameDecoder, ProtocolError, ServerMessage,
-    DEFAULT_MAX_FRAME,
+    decode_body, decode_client_body, decode_server_body, encode_frame, ClientMessage, FrameDecoder,
+    ProtocolError, ServerMessage, DEFAULT_MAX_FRAME,
 };
 
 /// A piece of a hostile stream: a valid frame of either direction, a small
@@ -159,6 +159,57 @@ proptest! {
             feed(&mut FrameDecoder::<ServerMessage>::new(max_frame), &chunks),
             feed(&mut FrameDecoder::<ServerMessage>::new(max_frame), &whole)
         );
+    }
+
+    #[test]
+    fn the_hot_paths_decode_every_server_message_as_decode_body_does(
+        msg in server_message(),
+        flips in vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut frame = BytesMut::new();
+        encode_frame(&msg, &mut frame).unwrap();
+        let mut body = frame[4..].to_vec();
+        prop_assert_eq!(decode_server_body(&body), Ok(msg));
+        for (at, byte) in flips {
+            let i = at.index(body.len());
+            body[i] = byte;
+        }
+        prop_assert_eq!(decode_server_body(&body), decode_body::<ServerMessage>(&body));
+        let short = &body[..cut.index(body.len() + 1)];
+        prop_assert_eq!(decode_server_body(short), decode_body::<ServerMessage>(short));
+    }
+
+    #[test]
+    fn the_hot_paths_decode_every_client_message_as_decode_body_does(
+        msg in client_message(),
+        flips in vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut frame = BytesMut::new();
+        encode_frame(&msg, &mut frame).unwrap();
+        let mut body = frame[4..].to_vec();
+        prop_assert_eq!(decode_client_body(&body), Ok(msg));
+        for (at, byte) in flips {
+            let i = at.index(body.len());
+            body[i] = byte;
+        }
+        prop_assert_eq!(decode_client_body(&body), decode_body::<ClientMessage>(&body));
+        let short = &body[..cut.index(body.len() + 1)];
+        prop_assert_eq!(decode_client_body(short), decode_body::<ClientMessage>(short));
+    }
+
+    #[test]
+    fn arbitrary_hot_bodies_decode_on_the_fast_paths_as_decode_body_does(
+        tag in prop_oneof![Just(4u32), Just(17u32)],
+        rest in vec(any::<u8>(), 0..256),
+    ) {
+        let mut body = tag.to_be_bytes().to_vec();
+        body.extend_from_slice(&rest);
+        prop_assert_eq!(decode_server_body(&body), decode_body::<ServerMessage>(&body));
+        let mut body = 12u32.to_be_bytes().to_vec();
+        body.extend_from_slice(&rest);
+        prop_assert_eq!(decode_client_body(&body), decode_body::<ClientMessage>(&body));
     }
 
     #[test]

@@ -16,8 +16,9 @@ use common::{
     AnyMessage,
 };
 use ringcast_protocol::{
-    decode_body, ClientMessage, FrameDecoder, GapReason, GroupStart, ProtocolError, ServerMessage,
-    SettleAction, Start, PROTOCOL_VERSION,
+    decode_body, decode_client_body, decode_server_body, encode_appended_frame, encode_event_frame,
+    encode_published_frame, ClientMessage, EventRef, FrameDecoder, GapReason, GroupStart,
+    ProtocolError, ServerMessage, SettleAction, Start, PROTOCOL_VERSION,
 };
 
 fn vectors_path() -> PathBuf {
@@ -216,4 +217,60 @@ fn protocol_doc_worked_examples_are_their_vectors() {
         let (_, sample) = samples().into_iter().find(|(n, _)| *n == name).unwrap();
         assert_eq!(hex, hex::encode(sample.frame()), "{name}");
     }
+}
+
+#[test]
+fn the_hand_written_hot_paths_read_and_write_every_vector_as_serde_does() {
+    let mut hand_written = BTreeSet::new();
+    for (name, frame) in read_vectors() {
+        let body = &frame[4..];
+        if name.starts_with("client.") {
+            assert_eq!(
+                decode_client_body(body),
+                decode_body::<ClientMessage>(body),
+                "{name}"
+            );
+            continue;
+        }
+        assert_eq!(
+            decode_server_body(body),
+            decode_body::<ServerMessage>(body),
+            "{name}"
+        );
+        let mut out = BytesMut::new();
+        match decode_body::<ServerMessage>(body).unwrap() {
+            ServerMessage::Event {
+                subscription_id,
+                event: e,
+            } => {
+                let event = EventRef {
+                    topic: &e.topic,
+                    offset: e.offset,
+                    event_type: &e.event_type,
+                    version: e.version,
+                    timestamp_ms: e.timestamp_ms,
+                    headers: &e.headers,
+                    payload: &e.payload,
+                };
+                encode_event_frame(subscription_id, &event, &mut out).unwrap();
+            }
+            ServerMessage::Appended {
+                request_id,
+                results,
+            } => encode_appended_frame(request_id, results.into_iter(), &mut out).unwrap(),
+            ServerMessage::Published {
+                request_id,
+                results,
+            } => encode_published_frame(request_id, results.into_iter(), &mut out).unwrap(),
+            _ => continue,
+        }
+        assert_eq!(hex::encode(&out), hex::encode(&frame), "{name}");
+        hand_written.insert(name);
+    }
+    assert_eq!(
+        hand_written,
+        ["server.Appended", "server.Event", "server.Published"]
+            .map(String::from)
+            .into(),
+    );
 }
