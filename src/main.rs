@@ -13,6 +13,12 @@ use ringcast::systemd;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's malloc: events are allocated on the
+/// connection tasks and freed on the writer thread or when trimmed, a
+/// pattern where glibc spent ~17% of the publish path's CPU (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The ringcast broker daemon.
 #[derive(Debug, Parser)]
 #[command(name = "ringcastd", version, about)]

@@ -4,11 +4,11 @@
 //! the rest. A backend calls [`append`] on its own counters and key index
 //! inside `persist`, so both checks are atomic with position assignment.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::event::{Event, NewEvent};
-use super::log::Counters;
+use super::log::{Counters, FastMap};
 
 /// Longest idempotency key, in bytes.
 pub const MAX_KEY_LEN: usize = 128;
@@ -45,7 +45,7 @@ pub(crate) struct Original {
 /// before [`Window::expire`] has dropped them.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Window {
-    entries: HashMap<Arc<str>, Original>,
+    entries: FastMap<Arc<str>, Original>,
     /// Every insert in append order (= time order), for expiry and
     /// iteration; an item whose key was inserted again since (after it
     /// expired) is stale: `entries` holds the newer original.

@@ -590,7 +590,7 @@ pub(crate) fn commit(
     done: Done,
     outcome: Outcome,
     now: u64,
-    dirty: &mut std::collections::HashMap<Arc<str>, Arc<Topic>>,
+    dirty: &mut log::FastMap<Arc<str>, Arc<Topic>>,
 ) -> Option<Arc<Topic>> {
     match (done, outcome) {
         (Done::Append { topic, ack }, Outcome::Appended { events, repeats }) => {

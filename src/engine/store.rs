@@ -224,7 +224,7 @@ struct PassKeys {
     generation: u64,
     window_ms: u64,
     /// For the lookups of later appends in the same pass.
-    index: HashMap<Arc<str>, Original>,
+    index: FastMap<Arc<str>, Original>,
     /// In offset order.
     keys: Vec<(Arc<str>, Original)>,
 }
@@ -234,7 +234,7 @@ impl PassKeys {
         Self {
             generation,
             window_ms: 0,
-            index: HashMap::new(),
+            index: FastMap::default(),
             keys: Vec::new(),
         }
     }
@@ -742,10 +742,10 @@ pub(crate) struct SledLog {
     pass_buf: parking_lot::Mutex<Vec<u8>>,
     /// Only the writer thread persists; the flusher of `interval` mode
     /// syncs beside it.
-    topics: parking_lot::Mutex<HashMap<Arc<str>, SledTopic>>,
+    topics: parking_lot::Mutex<FastMap<Arc<str>, SledTopic>>,
     /// Idempotency keys per topic incarnation, as committed (locked after
     /// `topics`; only passes and repair change it).
-    keys: parking_lot::Mutex<HashMap<Arc<str>, TopicKeys>>,
+    keys: parking_lot::Mutex<FastMap<Arc<str>, TopicKeys>>,
     /// Why writes are refused, while they are.
     failed: parking_lot::Mutex<Option<String>>,
     /// `failed.is_some()`, readable without the lock (checked per publish).
@@ -901,7 +901,7 @@ impl SledLog {
         }
     }
 
-    fn checkpoint(&self, topics: &HashMap<Arc<str>, SledTopic>) {
+    fn checkpoint(&self, topics: &FastMap<Arc<str>, SledTopic>) {
         match write_checkpoint(&self.dir, topics) {
             Ok(()) => *self.last_checkpoint.lock() = Instant::now(),
             // Not a failed write of events: the next one may succeed, and
@@ -937,7 +937,7 @@ impl SledLog {
     fn relocate(
         &self,
         staged: &mut FastMap<Arc<str>, SledTopic>,
-        topics: &HashMap<Arc<str>, SledTopic>,
+        topics: &FastMap<Arc<str>, SledTopic>,
         deleted: &[Arc<str>],
         writes: &mut Writes,
         pass: &mut PassFile,
@@ -989,7 +989,7 @@ impl SledLog {
     /// a new incarnation), swapped in only if the pass succeeds.
     fn stage<'a>(
         staged: &'a mut FastMap<Arc<str>, SledTopic>,
-        topics: &HashMap<Arc<str>, SledTopic>,
+        topics: &FastMap<Arc<str>, SledTopic>,
         id: &TopicId,
     ) -> &'a mut SledTopic {
         let t = staged.entry(id.name.clone()).or_insert_with(|| {
@@ -1335,7 +1335,7 @@ impl Log for SledLog {
                 }
             }
         }
-        let mut rebuilt: HashMap<Arc<str>, SledTopic> = HashMap::new();
+        let mut rebuilt: FastMap<Arc<str>, SledTopic> = FastMap::default();
         // Acknowledged events to write again, per topic.
         let mut rewrite: Vec<(Arc<str>, Vec<&Arc<Event>>)> = Vec::new();
         for c in committed {
@@ -1473,8 +1473,8 @@ impl Drop for SledLog {
 /// acknowledged), and rewrites from memory any that a failed pass removed.
 fn repair_keys(
     db: &sled::Db,
-    topics: &HashMap<Arc<str>, SledTopic>,
-    keys: &mut HashMap<Arc<str>, TopicKeys>,
+    topics: &FastMap<Arc<str>, SledTopic>,
+    keys: &mut FastMap<Arc<str>, TopicKeys>,
     writes: &mut Writes,
 ) -> Result<(), EngineError> {
     let mut on_disk: HashMap<Arc<str>, HashSet<u64>> = HashMap::new();
@@ -1536,7 +1536,7 @@ fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
 
 /// Writes the checkpoint atomically: a temporary file, fsynced, renamed
 /// over the old one, and the directory fsynced.
-fn write_checkpoint(dir: &Path, topics: &HashMap<Arc<str>, SledTopic>) -> Result<(), EngineError> {
+fn write_checkpoint(dir: &Path, topics: &FastMap<Arc<str>, SledTopic>) -> Result<(), EngineError> {
     use std::io::Write;
     let checkpoint = Checkpoint {
         topics: topics
@@ -1562,7 +1562,7 @@ fn write_checkpoint(dir: &Path, topics: &HashMap<Arc<str>, SledTopic>) -> Result
 
 type Recovery = (
     Vec<TopicImage>,
-    HashMap<Arc<str>, SledTopic>,
+    FastMap<Arc<str>, SledTopic>,
     RecoveryReport,
 );
 
@@ -1695,7 +1695,7 @@ fn recover(
         tracing::info!(records = orphans, "removed records of deleted topics");
     }
     let mut recovered = Vec::new();
-    let mut sled_topics = HashMap::new();
+    let mut sled_topics = FastMap::default();
     for (name, (meta, records, damaged)) in metas {
         let cp = expected
             .get(name.as_str())
@@ -1876,10 +1876,10 @@ fn recover_topic(
 /// after the keys were written) are dropped from their value.
 fn recover_keys(
     db: &sled::Db,
-    topics: &HashMap<Arc<str>, SledTopic>,
+    topics: &FastMap<Arc<str>, SledTopic>,
     window_for: &dyn Fn(&str) -> u64,
     now_ms: u64,
-) -> Result<HashMap<Arc<str>, TopicKeys>, EngineError> {
+) -> Result<FastMap<Arc<str>, TopicKeys>, EngineError> {
     let mut found: HashMap<Arc<str>, Vec<(u64, StoredKeys)>> = HashMap::new();
     let mut removed = 0u64;
     for item in db.scan_prefix([KEYS]) {
@@ -1914,7 +1914,7 @@ fn recover_keys(
             "removed expired or orphaned idempotency keys"
         );
     }
-    let mut keys = HashMap::new();
+    let mut keys = FastMap::default();
     for (name, mut values) in found {
         values.sort_by_key(|(first, _)| *first);
         let mut k = TopicKeys {

@@ -4,7 +4,6 @@
 //! acks reach publishers. While the log is degraded it retries the repair
 //! (with backoff) and refuses what is queued.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -13,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::event::Ack;
-use super::log::{Health, Log, Step};
+use super::log::{FastMap, Health, Log, Step};
 use super::topic::{Registry, Topic};
 use super::{EngineError, EngineMetrics};
 
@@ -111,7 +110,7 @@ impl Repairs {
 impl Writer {
     pub fn run(self, rx: Receiver<Request>) {
         let writable = metrics::gauge!(crate::metrics::STORAGE_WRITABLE);
-        let mut dirty: HashMap<Arc<str>, Arc<Topic>> = HashMap::new();
+        let mut dirty: FastMap<Arc<str>, Arc<Topic>> = FastMap::default();
         let mut repairs = Repairs::new();
         loop {
             let healthy = repairs.attempt(&*self.log, &self.registry);
@@ -187,7 +186,7 @@ impl Writer {
         &self,
         mut steps: Vec<Step>,
         dones: Vec<Done>,
-        dirty: &mut HashMap<Arc<str>, Arc<Topic>>,
+        dirty: &mut FastMap<Arc<str>, Arc<Topic>>,
     ) {
         let now = self.clock.now_ms();
         // The groups changed since the last pass go into its first
@@ -206,7 +205,7 @@ impl Writer {
         self.metrics.flush_seconds.record(started.elapsed());
         match result {
             Ok(outcomes) => {
-                let mut wake: HashMap<Arc<str>, Arc<Topic>> = HashMap::new();
+                let mut wake: FastMap<Arc<str>, Arc<Topic>> = FastMap::default();
                 for (done, outcome) in dones.into_iter().zip(outcomes) {
                     if let Some(topic) = super::commit(&self.metrics, done, outcome, now, dirty) {
                         wake.insert(topic.name.clone(), topic);
