@@ -583,6 +583,42 @@ fn commit_events(
     (acks, state.first_offset() != before)
 }
 
+/// What one committed append hands back to its publisher.
+pub(crate) type AppendReply = (
+    oneshot::Sender<Result<Vec<Ack>, EngineError>>,
+    Vec<Arc<Event>>,
+    Vec<(usize, dedup::Original)>,
+);
+
+/// Commits consecutive appends of one pass to one topic under one lock of
+/// its state (a pass of pipelined publishes holds hundreds), then answers
+/// their publishers in order. The same as [`commit`] for each, once.
+pub(crate) fn commit_appends(
+    m: &EngineMetrics,
+    topic: &Arc<Topic>,
+    run: &mut Vec<AppendReply>,
+    now: u64,
+    dirty: &mut log::FastMap<Arc<str>, Arc<Topic>>,
+) {
+    let mut answers = Vec::with_capacity(run.len());
+    let mut trimmed = false;
+    {
+        let mut state = topic.state.write();
+        for (ack, events, repeats) in run.drain(..) {
+            let (acks, t) = commit_events(m, topic, &mut state, events, repeats, now);
+            trimmed |= t;
+            answers.push((ack, acks));
+        }
+    }
+    if trimmed {
+        dirty.insert(topic.name.clone(), topic.clone());
+    }
+    for (ack, acks) in answers {
+        let _ = ack.send(Ok(acks));
+        writer::settle(topic);
+    }
+}
+
 /// Commits one step's outcome: the single place where a persisted change
 /// becomes visible. Returns the topic to wake.
 pub(crate) fn commit(
@@ -998,8 +1034,6 @@ impl Engine {
                     _ => Err(EngineError::Storage("internal: mismatched outcome".into())),
                 };
             }
-            // Before the state is read: a delete persisted after it is seen.
-            let mut changed = t.notify.subscribe();
             let (ack, rx) = oneshot::channel();
             {
                 // Checked and queued under the lock so that a seal or
@@ -1046,8 +1080,13 @@ impl Engine {
                 }
             }
             // A delete is being persisted: its outcome decides whether this
-            // publish goes to the old topic or re-creates it.
-            let _ = changed.changed().await;
+            // publish goes to the old topic or re-creates it. Subscribed
+            // before the state is read again, so a delete persisted after
+            // that read is seen (no receiver on the path of every publish).
+            let mut changed = t.notify.subscribe();
+            if t.state.read().deleting {
+                let _ = changed.changed().await;
+            }
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::event::Ack;
-use super::log::{FastMap, Health, Log, Step};
+use super::log::{FastMap, Health, Log, Outcome, Step};
 use super::topic::{Registry, Topic};
 use super::{EngineError, EngineMetrics};
 
@@ -206,11 +206,38 @@ impl Writer {
         match result {
             Ok(outcomes) => {
                 let mut wake: FastMap<Arc<str>, Arc<Topic>> = FastMap::default();
-                for (done, outcome) in dones.into_iter().zip(outcomes) {
-                    if let Some(topic) = super::commit(&self.metrics, done, outcome, now, dirty) {
+                // Consecutive appends to one topic, committed together.
+                let mut run: Vec<super::AppendReply> = Vec::new();
+                let mut run_topic: Option<Arc<Topic>> = None;
+                let flush = |run: &mut Vec<super::AppendReply>,
+                             topic: Option<Arc<Topic>>,
+                             dirty: &mut FastMap<Arc<str>, Arc<Topic>>,
+                             wake: &mut FastMap<Arc<str>, Arc<Topic>>| {
+                    if let Some(topic) = topic {
+                        super::commit_appends(&self.metrics, &topic, run, now, dirty);
                         wake.insert(topic.name.clone(), topic);
                     }
+                };
+                for (done, outcome) in dones.into_iter().zip(outcomes) {
+                    match (done, outcome) {
+                        (Done::Append { topic, ack }, Outcome::Appended { events, repeats }) => {
+                            if run_topic.as_ref().is_some_and(|t| !Arc::ptr_eq(t, &topic)) {
+                                flush(&mut run, run_topic.take(), dirty, &mut wake);
+                            }
+                            run_topic = Some(topic);
+                            run.push((ack, events, repeats));
+                        }
+                        (done, outcome) => {
+                            flush(&mut run, run_topic.take(), dirty, &mut wake);
+                            if let Some(topic) =
+                                super::commit(&self.metrics, done, outcome, now, dirty)
+                            {
+                                wake.insert(topic.name.clone(), topic);
+                            }
+                        }
+                    }
                 }
+                flush(&mut run, run_topic.take(), dirty, &mut wake);
                 for topic in wake.values() {
                     topic.wake();
                 }
