@@ -31,6 +31,10 @@ const FILE_MIN: u64 = 1024 * 1024;
 pub(crate) const RELOCATE_BUDGET: u64 = 4 * 1024 * 1024;
 /// The directory of the event files, under the data dir.
 pub(crate) const EVENTS_DIR: &str = "events";
+/// The directory of the files holding idempotency keys (kept apart: keys
+/// expire with their window, records with retention, and a file holding
+/// both would stay until the later of the two).
+pub(crate) const KEYS_DIR: &str = "keys";
 const SUFFIX: &str = ".rce";
 
 /// Where one record's bytes are: stored in sled under the record's key.
@@ -87,6 +91,8 @@ struct Unsynced {
 /// The event files of one data dir.
 pub(crate) struct EventFiles {
     dir: PathBuf,
+    /// Its name under the data dir.
+    sub: &'static str,
     /// The file appended to: sequence number and handle.
     active: Option<(u64, Arc<File>)>,
     next_seq: u64,
@@ -113,8 +119,8 @@ impl EventFiles {
     /// Opens the directory (creating it) with nothing known yet: recovery
     /// reports every record it finds with [`Self::found`], then calls
     /// [`Self::start`].
-    pub fn open(data_dir: &Path) -> Result<Self, EngineError> {
-        let dir = data_dir.join(EVENTS_DIR);
+    pub fn open(data_dir: &Path, sub: &'static str) -> Result<Self, EngineError> {
+        let dir = data_dir.join(sub);
         std::fs::create_dir_all(&dir).map_err(storage_err)?;
         let mut stats = BTreeMap::new();
         for entry in std::fs::read_dir(&dir).map_err(storage_err)?.flatten() {
@@ -138,6 +144,7 @@ impl EventFiles {
         let next_seq = stats.keys().next_back().map_or(1, |s| s + 1);
         Ok(Self {
             dir,
+            sub,
             active: None,
             next_seq,
             stats,
@@ -213,7 +220,7 @@ impl EventFiles {
     /// Forgets every count (a repair rescans the index) and rolls the
     /// active file: a failed write leaves its length unknown.
     pub fn reset(&mut self) -> Result<(), EngineError> {
-        let mut fresh = Self::open(self.dir.parent().unwrap_or(&self.dir))?;
+        let mut fresh = Self::open(self.dir.parent().unwrap_or(&self.dir), self.sub)?;
         // Files still unsynced stay so: what they hold may be referenced.
         fresh.unsynced = std::mem::take(&mut self.unsynced);
         fresh.next_seq = fresh.next_seq.max(self.next_seq);

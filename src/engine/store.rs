@@ -19,19 +19,24 @@
 //!   (left by a delete that a crash interrupted) are removed at recovery.
 //! - `E` + the same key → one record stored inline (the layout before the
 //!   event files): still read, trimmed and deleted, never written.
-//! - `D` + name length (u8) + name + generation (u64 BE) + first offset
-//!   (u64 BE) → [`StoredKeys`]: the idempotency keys of the events one pass
-//!   appended to the topic, with the pass's time. Written in the same pass,
-//!   before its records, so a key is never durable without being checked
-//!   against them: recovery drops keys at offsets the records do not reach.
-//!   Removed once older than the topic's dedup window, with the topic, and
-//!   (by repair) when their pass failed.
+//! - `K` + name length (u8) + name + generation (u64 BE) + first offset
+//!   (u64 BE) → [`KeysRef`]: where the idempotency keys of the events one
+//!   pass appended to the topic are (a [`StoredKeys`], with the pass's
+//!   time), in the keys files (`<data_dir>/keys/`, apart from the event
+//!   files: keys live for the dedup window, records for the retention).
+//!   Written in the same pass, before its records, so a key is never
+//!   durable without being checked against them: recovery drops keys at
+//!   offsets the records do not reach. Removed once older than the topic's
+//!   dedup window, with the topic, and (by repair) when their pass failed.
+//! - `D` + the same key → [`StoredKeys`] inline (the layout before the keys
+//!   files): still read, expired and deleted, never written.
 //! - `_run` → [`RunMarker`]: whether the last run closed cleanly.
-//! - `_format` → the value format (2: every value is a CRC-32 of its body
-//!   followed by the body; 1, the first format, had no checksum).
+//! - `_format` → the value format (3: records and keys may be in files; 2:
+//!   every value is a CRC-32 of its body followed by the body; 1, the first
+//!   format, had no checksum).
 //!
-//! A pass first writes its records' bytes to the active event file (one
-//! write), then makes plain sled inserts in a fixed order (keys, records,
+//! A pass first writes its keys' and records' bytes to the active keys and
+//! event files (one write each), then makes plain sled inserts in a fixed order (keys, records,
 //! pruning, metas) rather than `apply_batch`, which in sled 0.34 forces two
 //! synchronous buffer writes per batch. sled recovers a prefix of its log,
 //! and recovery takes the maximum of the meta and the records for every
@@ -87,7 +92,7 @@ use serde::{Deserialize, Serialize};
 
 use super::dedup::{self, Original, Window};
 use super::event::Event;
-use super::files::{EventFiles, RecordRef};
+use super::files::{EventFiles, RecordRef, EVENTS_DIR, KEYS_DIR};
 use super::log::{
     append_outcome, Counters, FastMap, Health, Log, Outcome, Step, TopicId, TopicImage,
 };
@@ -114,6 +119,8 @@ const RECORD: u8 = b'E';
 /// A record in the event files: its [`RecordRef`].
 const RECORD_REF: u8 = b'R';
 const KEYS: u8 = b'D';
+/// The idempotency keys of one pass in the event files: a [`KeysRef`].
+const KEYS_REF: u8 = b'K';
 const GROUP: u8 = b'G';
 const RUN_MARKER: &[u8] = b"_run";
 const FORMAT_KEY: &[u8] = b"_format";
@@ -173,6 +180,36 @@ struct StoredKeys<K = String> {
     keys: Vec<(K, u64, u64)>,
 }
 
+/// Where the keys of one pass are: sled's value under a `K` key.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct KeysRef {
+    /// Their bytes (an encoded [`StoredKeys`]) in the event files.
+    at: RecordRef,
+    /// The pass's time (also in the bytes): expiry without a read.
+    at_ms: u64,
+}
+
+/// One stored keys value of a topic.
+#[derive(Debug, Clone, Copy)]
+struct KeysAt {
+    /// The first offset its keys name (the key's last part in sled).
+    first: u64,
+    /// The pass's time: its keys expire together.
+    at_ms: u64,
+    /// Where the bytes are; `None` for an inline value (a `D` key).
+    at: Option<RecordRef>,
+}
+
+impl KeysAt {
+    /// Its key in sled.
+    fn key(&self, topic: &str, generation: u64) -> Vec<u8> {
+        let kind = if self.at.is_some() { KEYS_REF } else { KEYS };
+        let mut k = prefix(kind, topic, generation);
+        k.extend_from_slice(&self.first.to_be_bytes());
+        k
+    }
+}
+
 /// What this backend remembers of one topic incarnation's keys.
 #[derive(Debug, Default)]
 struct TopicKeys {
@@ -181,17 +218,16 @@ struct TopicKeys {
     /// recovery) gave it.
     window_ms: u64,
     window: Window,
-    /// (first offset, time) of every stored keys value, oldest first.
-    records: VecDeque<(u64, u64)>,
+    /// Every stored keys value, oldest first.
+    records: VecDeque<KeysAt>,
 }
 
 impl TopicKeys {
-    /// First offsets of the stored keys values older than the window.
-    fn expired_records(&self, now_ms: u64) -> impl Iterator<Item = u64> + '_ {
+    /// The stored keys values older than the window.
+    fn expired_records(&self, now_ms: u64) -> impl Iterator<Item = &KeysAt> + '_ {
         self.records
             .iter()
-            .take_while(move |(_, at)| at.saturating_add(self.window_ms) <= now_ms)
-            .map(|(first, _)| *first)
+            .take_while(move |k| k.at_ms.saturating_add(self.window_ms) <= now_ms)
     }
 
     /// Forgets what [`Self::expired_records`] named, once it is removed.
@@ -199,18 +235,22 @@ impl TopicKeys {
         while self
             .records
             .front()
-            .is_some_and(|(_, at)| at.saturating_add(self.window_ms) <= now_ms)
+            .is_some_and(|k| k.at_ms.saturating_add(self.window_ms) <= now_ms)
         {
             self.records.pop_front();
         }
         self.window.expire(now_ms, self.window_ms);
     }
 
-    /// Takes in the keys of a durable pass made at `now_ms`.
-    fn merge(&mut self, pass: PassKeys, now_ms: u64) {
+    /// Takes in the keys of a durable pass made at `now_ms`, stored at `at`.
+    fn merge(&mut self, pass: PassKeys, now_ms: u64, at: Option<RecordRef>) {
         self.window_ms = pass.window_ms;
         if let Some(first) = pass.first_offset() {
-            self.records.push_back((first, now_ms));
+            self.records.push_back(KeysAt {
+                first,
+                at_ms: now_ms,
+                at,
+            });
         }
         for (key, original) in pass.keys {
             self.window.insert(key, original);
@@ -271,12 +311,6 @@ fn meta_key(topic: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + topic.len());
     k.push(META);
     k.extend_from_slice(topic.as_bytes());
-    k
-}
-
-fn keys_key(topic: &str, generation: u64, first_offset: u64) -> Vec<u8> {
-    let mut k = prefix(KEYS, topic, generation);
-    k.extend_from_slice(&first_offset.to_be_bytes());
     k
 }
 
@@ -661,14 +695,19 @@ impl FileSync {
 fn sync_all<T>(
     db: &sled::Db,
     syncer: &FileSync,
-    files: &parking_lot::Mutex<EventFiles>,
+    sets: [&parking_lot::Mutex<EventFiles>; 2],
     faults: Option<&Faults>,
     hold_until_planned: T,
 ) -> Result<(), EngineError> {
-    let plan = files.lock().plan_sync();
+    let plans = sets.map(|files| files.lock().plan_sync());
     drop(hold_until_planned);
-    let result = plan.run().and_then(|()| syncer.sync(db, faults));
-    files.lock().synced(plan, result.is_ok());
+    let result = plans
+        .iter()
+        .try_for_each(|plan| plan.run())
+        .and_then(|()| syncer.sync(db, faults));
+    for (files, plan) in sets.into_iter().zip(plans) {
+        files.lock().synced(plan, result.is_ok());
+    }
     result
 }
 
@@ -735,6 +774,8 @@ pub(crate) struct SledLog {
     syncer: parking_lot::RwLock<Arc<FileSync>>,
     /// The event files (locked after `keys` and `deferred`, briefly).
     files: parking_lot::Mutex<EventFiles>,
+    /// The files of the idempotency keys (locked after `files`).
+    keys_files: parking_lot::Mutex<EventFiles>,
     /// `interval` mode: sled writes waiting for the flusher's next tick.
     deferred: Option<parking_lot::Mutex<Deferred>>,
     /// The buffer of the last pass's records, kept for the next one (no
@@ -780,10 +821,12 @@ impl SledLog {
         let db = open_sled(dir)?;
         let syncer = Arc::new(FileSync::new(dir)?);
         let checkpoint = read_checkpoint(dir);
-        let mut files = EventFiles::open(dir)?;
+        let mut files = EventFiles::open(dir, EVENTS_DIR)?;
+        let mut keys_files = EventFiles::open(dir, KEYS_DIR)?;
         let (recovered, sled_topics, report) = recover(&db, &mut files, checkpoint.as_ref(), dir)?;
+        let keys = recover_keys(&db, &mut keys_files, &sled_topics, window_for, now_ms)?;
         files.start();
-        let keys = recover_keys(&db, &sled_topics, window_for, now_ms)?;
+        keys_files.start();
         let groups = recover_groups(&db)?;
         let marker = RunMarker {
             clean: false,
@@ -796,7 +839,8 @@ impl SledLog {
             .map_err(storage_err)?;
         db.insert(FORMAT_KEY, vec![FORMAT]).map_err(storage_err)?;
         let files = parking_lot::Mutex::new(files);
-        sync_all(&db, &syncer, &files, None, ())?;
+        let keys_files = parking_lot::Mutex::new(keys_files);
+        sync_all(&db, &syncer, [&files, &keys_files], None, ())?;
         write_checkpoint(dir, &sled_topics)?;
 
         let log = Arc::new(SledLog {
@@ -806,6 +850,7 @@ impl SledLog {
             db: parking_lot::RwLock::new(db),
             syncer: parking_lot::RwLock::new(syncer),
             files,
+            keys_files,
             deferred: (durability == Durability::Interval)
                 .then(|| parking_lot::Mutex::new(Deferred::default())),
             pass_buf: parking_lot::Mutex::new(Vec::new()),
@@ -861,7 +906,13 @@ impl SledLog {
         if let Some(d) = deferred.as_mut() {
             d.take().apply(&db, self.faults())?;
         }
-        sync_all(&db, &syncer, &self.files, self.faults(), deferred)
+        sync_all(
+            &db,
+            &syncer,
+            [&self.files, &self.keys_files],
+            self.faults(),
+            deferred,
+        )
     }
 
     /// Applies the deferred writes to sled (unsynced): before a pass reads
@@ -921,14 +972,18 @@ impl SledLog {
 
     /// Writes a pass's record bytes to the active event file (before sled's
     /// inserts point at them).
-    fn append_pass_file(&self, pass: &PassFile) -> Result<(), EngineError> {
+    fn append_pass_file(
+        &self,
+        pass: &PassFile,
+        files: &parking_lot::Mutex<EventFiles>,
+    ) -> Result<(), EngineError> {
         if pass.buf.is_empty() {
             return Ok(());
         }
         if let Some(f) = self.faults() {
             f.write()?;
         }
-        self.files.lock().append(&pass.buf)
+        files.lock().append(&pass.buf)
     }
 
     /// Moves up to [`files::RELOCATE_BUDGET`](super::files::RELOCATE_BUDGET)
@@ -1041,6 +1096,7 @@ impl Log for SledLog {
             buf: std::mem::take(&mut *self.pass_buf.lock()),
             ..PassFile::default()
         };
+        let mut keys_pass = PassFile::default();
         let mut outcomes = Vec::with_capacity(steps.len());
         let mut must_sync = false;
         for (index, step) in steps.iter_mut().enumerate() {
@@ -1104,7 +1160,15 @@ impl Log for SledLog {
                         writes.remove(segment.key(&topic.name, t.generation));
                         pass_file.removed(segment);
                     }
-                    for kind in [RECORD, RECORD_REF, KEYS] {
+                    if let Some(k) = keys
+                        .get(&topic.name)
+                        .filter(|k| k.generation == t.generation)
+                    {
+                        for r in k.records.iter().filter_map(|k| k.at) {
+                            keys_pass.changes.push((r, false));
+                        }
+                    }
+                    for kind in [RECORD, RECORD_REF, KEYS, KEYS_REF] {
                         for key in db
                             .scan_prefix(prefix(kind, &topic.name, t.generation))
                             .keys()
@@ -1162,8 +1226,11 @@ impl Log for SledLog {
                 }
                 Step::Expire => {
                     for (name, k) in keys.iter() {
-                        for first in k.expired_records(now) {
-                            writes.remove(keys_key(name, k.generation, first));
+                        for expired in k.expired_records(now) {
+                            writes.remove(expired.key(name, k.generation));
+                            if let Some(r) = expired.at {
+                                keys_pass.changes.push((r, false));
+                            }
                         }
                     }
                     expire = true;
@@ -1172,9 +1239,11 @@ impl Log for SledLog {
             };
             outcomes.push(outcome);
         }
-        // Keys before the records they cover (see the module docs).
+        // Keys before the records they cover (see the module docs), in
+        // the event files too (sled would rewrite them with its pages).
+        let mut keys_at: FastMap<Arc<str>, RecordRef> = FastMap::default();
         for (name, p) in &pass_keys {
-            if let Some(first) = p.first_offset() {
+            if let (Some(first), Some((_, last))) = (p.first_offset(), p.keys.last()) {
                 let stored = StoredKeys {
                     at_ms: now,
                     keys: p
@@ -1183,7 +1252,21 @@ impl Log for SledLog {
                         .map(|(k, o)| (&**k, o.offset, o.version))
                         .collect(),
                 };
-                writes.insert(keys_key(name, p.generation, first), encode(&stored)?);
+                let at = keys_pass.push(&self.keys_files, last.offset, |buf| {
+                    bincode::serde::encode_into_std_write(&stored, buf, bincode_config())
+                        .map(drop)
+                        .map_err(storage_err)
+                })?;
+                let stored_at = KeysAt {
+                    first,
+                    at_ms: now,
+                    at: Some(at),
+                };
+                writes.insert(
+                    stored_at.key(name, p.generation),
+                    encode(&KeysRef { at, at_ms: now })?,
+                );
+                keys_at.insert(name.clone(), at);
             }
         }
         for (name, indices) in &appended {
@@ -1210,7 +1293,8 @@ impl Log for SledLog {
             }
         }
         let result = self
-            .append_pass_file(&pass_file)
+            .append_pass_file(&keys_pass, &self.keys_files)
+            .and_then(|()| self.append_pass_file(&pass_file, &self.files))
             .and_then(|()| match &self.deferred {
                 Some(d) => {
                     d.lock().add(writes);
@@ -1232,6 +1316,7 @@ impl Log for SledLog {
             }
         }
         self.files.lock().commit(&pass_file.changes);
+        self.keys_files.lock().commit(&keys_pass.changes);
         for (name, generation) in dropped_keys {
             if keys.get(&name).is_some_and(|k| k.generation == generation) {
                 keys.remove(&name);
@@ -1244,6 +1329,7 @@ impl Log for SledLog {
             });
         }
         for (name, p) in pass_keys {
+            let at = keys_at.get(&name).copied();
             let k = keys.entry(name).or_default();
             if k.generation != p.generation {
                 *k = TopicKeys {
@@ -1251,7 +1337,7 @@ impl Log for SledLog {
                     ..TopicKeys::default()
                 };
             }
-            k.merge(p, now);
+            k.merge(p, now, at);
         }
         if self.fsync && must_sync && self.last_checkpoint.lock().elapsed() >= CHECKPOINT_EVERY {
             self.checkpoint(&topics);
@@ -1277,6 +1363,7 @@ impl Log for SledLog {
             f.repair()?;
         }
         let mut topics = self.topics.lock();
+        let mut keys = self.keys.lock();
         // Reopen from disk: sled's I/O errors are sticky in its Db, and
         // what it holds in memory may include the failed pass.
         {
@@ -1398,9 +1485,45 @@ impl Log for SledLog {
                 writes.remove(segment.key(&name, generation));
             }
         }
+        keys.retain(|name, k| {
+            rebuilt
+                .get(name)
+                .is_some_and(|t| t.generation == k.generation)
+        });
+        let key_rewrites = {
+            let mut keys_files = self.keys_files.lock();
+            keys_files.reset()?;
+            let rewrites = repair_keys(&db, &mut keys_files, &rebuilt, &mut keys, &mut writes)?;
+            keys_files.start();
+            rewrites
+        };
         files.start();
         drop(files);
         let mut pass_file = PassFile::default();
+        let mut keys_pass = PassFile::default();
+        // Keys before the records they cover, as in a pass.
+        for (name, i, bytes) in key_rewrites {
+            let Some(k) = keys.get_mut(&name) else {
+                continue;
+            };
+            let old = k.records[i];
+            let at = keys_pass.push(&self.keys_files, old.first, |buf| {
+                buf.extend_from_slice(&bytes);
+                Ok(())
+            })?;
+            let new = KeysAt {
+                at: Some(at),
+                ..old
+            };
+            writes.insert(
+                new.key(&name, k.generation),
+                encode(&KeysRef {
+                    at,
+                    at_ms: old.at_ms,
+                })?,
+            );
+            k.records[i] = new;
+        }
         for (name, missing) in rewrite {
             let t = rebuilt.get_mut(&name).expect("rebuilt above");
             encode_records(&mut writes, &mut pass_file, &self.files, &name, t, &missing)?;
@@ -1415,17 +1538,13 @@ impl Log for SledLog {
                 writes.remove(key.to_vec());
             }
         }
-        let mut keys = self.keys.lock();
-        keys.retain(|name, k| {
-            rebuilt
-                .get(name)
-                .is_some_and(|t| t.generation == k.generation)
-        });
-        repair_keys(&db, &rebuilt, &mut keys, &mut writes)?;
-        self.append_pass_file(&pass_file)?;
+        drop(keys);
+        self.append_pass_file(&keys_pass, &self.keys_files)?;
+        self.append_pass_file(&pass_file, &self.files)?;
         writes.apply(&db, self.faults())?;
         self.sync_now()?;
         self.files.lock().commit(&pass_file.changes);
+        self.keys_files.lock().commit(&keys_pass.changes);
         *topics = rebuilt;
         self.checkpoint(&topics);
         *self.failed.lock() = None;
@@ -1468,41 +1587,60 @@ impl Drop for SledLog {
     }
 }
 
+/// A keys value [`repair_keys`] found missing: its topic, its index in the
+/// topic's records, and its bytes (an encoded [`StoredKeys`]).
+type KeysRewrite = (Arc<str>, usize, Vec<u8>);
+
 /// Repair of the keys values: removes those of incarnations the engine
 /// does not hold and those a failed pass wrote (at offsets not
-/// acknowledged), and rewrites from memory any that a failed pass removed.
+/// acknowledged), counts the ones kept in the event files, and returns the
+/// ones to write again from memory (a failed pass removed them, or their
+/// bytes are gone): topic, index in its records, encoded [`StoredKeys`].
 fn repair_keys(
     db: &sled::Db,
+    files: &mut EventFiles,
     topics: &FastMap<Arc<str>, SledTopic>,
     keys: &mut FastMap<Arc<str>, TopicKeys>,
     writes: &mut Writes,
-) -> Result<(), EngineError> {
+) -> Result<Vec<KeysRewrite>, EngineError> {
     let mut on_disk: HashMap<Arc<str>, HashSet<u64>> = HashMap::new();
-    for key in db.scan_prefix([KEYS]).keys() {
-        let key = key.map_err(storage_err)?;
-        let kept = parse_key(KEYS, &key).and_then(|(name, generation, first)| {
-            let (name, t) = topics.get_key_value(name)?;
-            (t.generation == generation && first < t.counters.next_offset)
-                .then(|| (name.clone(), first))
-        });
-        match kept {
-            Some((name, first)) => {
-                on_disk.entry(name).or_default().insert(first);
+    for kind in [KEYS, KEYS_REF] {
+        for item in db.scan_prefix([kind]) {
+            let (key, value) = item.map_err(storage_err)?;
+            let kept = parse_key(kind, &key).and_then(|(name, generation, first)| {
+                let (name, t) = topics.get_key_value(name)?;
+                (t.generation == generation && first < t.counters.next_offset)
+                    .then(|| (name.clone(), first))
+            });
+            let present = kind == KEYS
+                || decode::<KeysRef>(FORMAT, &value).is_some_and(|r| files.present(&r.at));
+            match kept.filter(|_| present) {
+                Some((name, first)) => {
+                    on_disk.entry(name).or_default().insert(first);
+                }
+                None => writes.remove(key.to_vec()),
             }
-            None => writes.remove(key.to_vec()),
         }
     }
+    let mut rewrite = Vec::new();
     for (name, k) in keys.iter_mut() {
         let present = on_disk.get(name);
-        let missing: HashSet<usize> = (0..k.records.len())
-            .filter(|i| present.is_none_or(|p| !p.contains(&k.records[*i].0)))
-            .collect();
+        let mut missing: HashSet<usize> = HashSet::new();
+        for (i, stored) in k.records.iter().enumerate() {
+            if present.is_some_and(|p| p.contains(&stored.first)) {
+                if let Some(r) = stored.at {
+                    files.found(&r);
+                }
+            } else {
+                missing.insert(i);
+            }
+        }
         if missing.is_empty() {
             continue;
         }
         let mut rebuilt: HashMap<usize, Vec<(&str, u64, u64)>> = HashMap::new();
         for (key, o) in k.window.iter() {
-            let i = k.records.partition_point(|(first, _)| *first <= o.offset);
+            let i = k.records.partition_point(|r| r.first <= o.offset);
             if let Some(i) = i.checked_sub(1).filter(|i| missing.contains(i)) {
                 rebuilt
                     .entry(i)
@@ -1511,15 +1649,16 @@ fn repair_keys(
             }
         }
         for (i, stored) in rebuilt {
-            let (first, at_ms) = k.records[i];
-            let value = encode(&StoredKeys {
-                at_ms,
+            let body = StoredKeys {
+                at_ms: k.records[i].at_ms,
                 keys: stored,
-            })?;
-            writes.insert(keys_key(name, k.generation, first), value);
+            };
+            let bytes =
+                bincode::serde::encode_to_vec(&body, bincode_config()).map_err(storage_err)?;
+            rewrite.push((name.clone(), i, bytes));
         }
     }
-    Ok(())
+    Ok(rewrite)
 }
 
 fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
@@ -1876,37 +2015,58 @@ fn recover_topic(
 /// after the keys were written) are dropped from their value.
 fn recover_keys(
     db: &sled::Db,
+    files: &mut EventFiles,
     topics: &FastMap<Arc<str>, SledTopic>,
     window_for: &dyn Fn(&str) -> u64,
     now_ms: u64,
 ) -> Result<FastMap<Arc<str>, TopicKeys>, EngineError> {
-    let mut found: HashMap<Arc<str>, Vec<(u64, StoredKeys)>> = HashMap::new();
+    let mut found: HashMap<Arc<str>, Vec<(KeysAt, StoredKeys)>> = HashMap::new();
     let mut removed = 0u64;
-    for item in db.scan_prefix([KEYS]) {
-        let (key, value) = item.map_err(storage_err)?;
-        let owner = parse_key(KEYS, &key).and_then(|(name, generation, first)| {
-            let (name, t) = topics.get_key_value(name)?;
-            (t.generation == generation).then(|| (name.clone(), t.counters.next_offset, first))
-        });
-        let window = owner.as_ref().map_or(0, |(name, _, _)| window_for(name));
-        let stored = decode::<StoredKeys>(FORMAT, &value)
-            .filter(|s| s.at_ms.saturating_add(window) > now_ms);
-        let (Some((name, next_offset, first)), Some(mut stored)) = (owner, stored) else {
-            db.remove(&key).map_err(storage_err)?;
-            removed += 1;
-            continue;
-        };
-        let before = stored.keys.len();
-        stored.keys.retain(|(_, offset, _)| *offset < next_offset);
-        if stored.keys.is_empty() {
-            db.remove(&key).map_err(storage_err)?;
-            removed += 1;
-            continue;
+    for kind in [KEYS, KEYS_REF] {
+        for item in db.scan_prefix([kind]) {
+            let (key, value) = item.map_err(storage_err)?;
+            let owner = parse_key(kind, &key).and_then(|(name, generation, first)| {
+                let (name, t) = topics.get_key_value(name)?;
+                (t.generation == generation).then(|| (name.clone(), t.counters.next_offset, first))
+            });
+            let window = owner.as_ref().map_or(0, |(name, _, _)| window_for(name));
+            let fresh = |at_ms: u64| at_ms.saturating_add(window) > now_ms;
+            let stored = if owner.is_none() {
+                None
+            } else if kind == KEYS {
+                decode::<StoredKeys>(FORMAT, &value)
+                    .filter(|s| fresh(s.at_ms))
+                    .map(|s| (None, s))
+            } else {
+                decode::<KeysRef>(FORMAT, &value)
+                    .filter(|r| fresh(r.at_ms))
+                    .and_then(|r| read_keys(files, &r.at).map(|s| (Some(r.at), s)))
+            };
+            let (Some((name, next_offset, first)), Some((at, mut stored))) = (owner, stored) else {
+                db.remove(&key).map_err(storage_err)?;
+                removed += 1;
+                continue;
+            };
+            let before = stored.keys.len();
+            stored.keys.retain(|(_, offset, _)| *offset < next_offset);
+            if stored.keys.is_empty() {
+                if let Some(r) = at {
+                    files.commit(&[(r, false)]);
+                }
+                db.remove(&key).map_err(storage_err)?;
+                removed += 1;
+                continue;
+            }
+            if at.is_none() && stored.keys.len() < before {
+                db.insert(&key, encode(&stored)?).map_err(storage_err)?;
+            }
+            let stored_at = KeysAt {
+                first,
+                at_ms: stored.at_ms,
+                at,
+            };
+            found.entry(name).or_default().push((stored_at, stored));
         }
-        if stored.keys.len() < before {
-            db.insert(&key, encode(&stored)?).map_err(storage_err)?;
-        }
-        found.entry(name).or_default().push((first, stored));
     }
     if removed > 0 {
         tracing::debug!(
@@ -1916,14 +2076,14 @@ fn recover_keys(
     }
     let mut keys = FastMap::default();
     for (name, mut values) in found {
-        values.sort_by_key(|(first, _)| *first);
+        values.sort_by_key(|(at, _)| at.first);
         let mut k = TopicKeys {
             generation: topics[&name].generation,
             window_ms: window_for(&name),
             ..TopicKeys::default()
         };
-        for (first, stored) in values {
-            k.records.push_back((first, stored.at_ms));
+        for (stored_at, stored) in values {
+            k.records.push_back(stored_at);
             for (key, offset, version) in stored.keys {
                 let original = Original {
                     offset,
@@ -1936,6 +2096,24 @@ fn recover_keys(
         keys.insert(name, k);
     }
     Ok(keys)
+}
+
+/// Reads (and counts as live) the keys value a [`KeysRef`] points to;
+/// `None` (not counted) when its bytes are missing or damaged.
+fn read_keys(files: &mut EventFiles, at: &RecordRef) -> Option<StoredKeys> {
+    if !files.found(at) {
+        return None;
+    }
+    let stored = files.read(at).and_then(|bytes| {
+        bincode::serde::decode_from_slice::<StoredKeys, _>(&bytes, bincode_config())
+            .ok()
+            .map(|(v, _)| v)
+    });
+    if stored.is_none() {
+        files.commit(&[(*at, false)]);
+        tracing::warn!("idempotency keys of a pass are damaged; retries of those publishes are no longer recognised");
+    }
+    stored
 }
 
 /// Encodes `events` (in offset order) into records of at most
