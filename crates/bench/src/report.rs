@@ -518,8 +518,116 @@ pub fn run(path: &str) -> Result<()> {
         ),
         None => println!("- resume: not measured"),
     }
+    issue15_targets(&results);
     storage(&results);
     Ok(())
+}
+
+/// The targets of issue 15 (persisted and memory publish, fan-out CPU,
+/// resume), each a ratio against its goal, from the same run.
+fn issue15_targets(results: &HashMap<String, Record>) {
+    let ratio = |a: &str, b: &str, key: &str| -> Option<f64> {
+        Some(results.get(a)?.num(key)? / results.get(b)?.num(key)?)
+    };
+    println!();
+    println!("Issue 15 targets (ratio ringcast / peer; goal):");
+    let goal = |name: &str, r: Option<f64>, goal: f64, higher: bool| {
+        let Some(r) = r else {
+            println!("- {name}: not measured");
+            return;
+        };
+        let met = if higher { r >= goal } else { r <= goal };
+        let sign = if higher { "≥" } else { "≤" };
+        println!(
+            "- {name}: {r:.2}× (goal {sign} {goal}×) — {}",
+            if met { "met" } else { "MISSED" }
+        );
+    };
+    let msgs = "msgs_per_s";
+    let cpu = "server_cpu_us_per_msg";
+    goal(
+        "128 B, interval vs Redis XADD everysec (msg/s)",
+        ratio(
+            "publish128.ringcast.interval",
+            "publish128.redis-xadd.everysec",
+            msgs,
+        ),
+        1.0,
+        true,
+    );
+    goal(
+        "128 B, fsync vs Redis XADD always (msg/s)",
+        ratio(
+            "publish128.ringcast.fsync",
+            "publish128.redis-xadd.always",
+            msgs,
+        ),
+        1.5,
+        true,
+    );
+    goal(
+        "4 KiB, interval vs Redis XADD everysec (msg/s)",
+        ratio(
+            "publish4096.ringcast.interval",
+            "publish4096.redis-xadd.everysec",
+            msgs,
+        ),
+        1.0,
+        true,
+    );
+    goal(
+        "4 KiB, interval vs JetStream file (msg/s)",
+        ratio(
+            "publish4096.ringcast.interval",
+            "publish4096.jetstream",
+            msgs,
+        ),
+        1.0,
+        true,
+    );
+    goal(
+        "4 KiB, fsync vs JetStream file (msg/s)",
+        ratio("publish4096.ringcast.fsync", "publish4096.jetstream", msgs),
+        1.0,
+        true,
+    );
+    goal(
+        "128 B, memory vs Redis PUBLISH (msg/s)",
+        ratio(
+            "publish128.ringcast.memory",
+            "publish128.redis-publish",
+            msgs,
+        ),
+        1.0,
+        true,
+    );
+    goal(
+        "fan-out, 1 subscriber, server CPU per delivery vs Redis pub/sub",
+        ratio("fanout1.ringcast", "fanout1.redis", cpu),
+        1.0,
+        false,
+    );
+    goal(
+        "fan-out, 1 subscriber, server CPU per delivery vs NATS core",
+        ratio("fanout1.ringcast", "fanout1.nats", cpu),
+        1.0,
+        false,
+    );
+    goal(
+        "fan-out, 10 subscribers, server CPU per delivery vs NATS core",
+        ratio("fanout10.ringcast", "fanout10.nats", cpu),
+        1.0,
+        false,
+    );
+    goal(
+        "resume of 100,000 missed events vs 1 M events/s",
+        results
+            .get("resume.ringcast")
+            .and_then(|r| r.num("events_per_s"))
+            .map(|v| v / RESUME_TARGET),
+        1.0,
+        true,
+    );
 }
 
 /// Goals of issue 15 for persisted publish (ringcast; peers for reference).
