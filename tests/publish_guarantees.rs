@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use common::engine::{open, options, release};
 use common::proxy::Proxy;
 use common::RawClient;
 use ringcast::config::Durability;
-use ringcast::engine::{Engine, EngineError, Expected, NewEvent};
+use ringcast::engine::{Ack, Engine, EngineError, Expected, Faults, Health, NewEvent};
 use ringcast_protocol::{AppendEvent, ClientMessage, ServerMessage};
 
 fn stored(engine: &Engine, topic: &str) -> Vec<(u64, Bytes)> {
@@ -505,4 +506,212 @@ async fn a_version_2_client_is_never_sent_version_3_messages() {
     c.expect_closed().await;
     assert_eq!(stored(broker.engine(), "orders").len(), 0);
     broker.shutdown().await.unwrap();
+}
+
+/// Polls `health()` until the store has repaired itself after a failed
+/// pass (there is no event to await for it).
+async fn healthy(engine: &Engine) {
+    common::within(60, async {
+        while engine.health() != Health::Ok {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// Publishes one keyed event to "t".
+async fn publish_keyed(engine: &Engine, payload: &str, key: &str) -> Result<Ack, EngineError> {
+    common::within(
+        60,
+        engine.publish(
+            "t",
+            NewEvent::new("created", payload.as_bytes().to_vec()).key(key),
+        ),
+    )
+    .await
+}
+
+/// Asserts that publishing every key of `acked` again returns its original
+/// ack (same epoch when `epoch` says so) and stores nothing.
+async fn assert_remembered(engine: &Engine, acked: &[(String, Ack)], same_epoch: bool, when: &str) {
+    let before = stored(engine, "t").len();
+    for (key, original) in acked {
+        let ack = publish_keyed(engine, "retry", key).await.unwrap();
+        assert!(ack.duplicate, "{when}: key {key} is remembered");
+        assert_eq!(
+            (ack.offset, ack.version),
+            (original.offset, original.version),
+            "{when}: key {key}"
+        );
+        if same_epoch {
+            assert_eq!(ack.epoch, original.epoch, "{when}: key {key}");
+        }
+    }
+    assert_eq!(stored(engine, "t").len(), before, "{when}: a retry stored");
+}
+
+/// Keyed publishes, then two passes refused by `inject`: after each repair
+/// and after a reopen, every acknowledged key is remembered and the keys of
+/// the refused passes are not.
+async fn keys_survive_a_failed_pass(inject: impl Fn(&Faults), what: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::default());
+    let mut opts = options(dir.path(), Durability::Fsync);
+    opts.faults = Some(faults.clone());
+    let engine = open(opts.clone()).await;
+    let mut acked: Vec<(String, Ack)> = Vec::new();
+    for i in 0..3 {
+        let key = format!("k{i}");
+        let ack = publish_keyed(&engine, &key, &key).await.unwrap();
+        acked.push((key, ack));
+    }
+    let acks = engine
+        .publish_batch(
+            "t",
+            vec![
+                NewEvent::new("created", "k3").key("k3"),
+                NewEvent::new("other", "k4").key("k4"),
+            ],
+        )
+        .await
+        .unwrap();
+    acked.extend(["k3", "k4"].map(String::from).into_iter().zip(acks));
+    assert_eq!(
+        acked.iter().map(|(_, a)| a.offset).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+
+    inject(&faults);
+    let r = publish_keyed(&engine, "lost-1", "lost-1").await;
+    assert!(
+        matches!(r, Err(EngineError::StorageUnavailable(_))),
+        "{what}: the failed pass is refused: {r:?}"
+    );
+    healthy(&engine).await;
+    assert_remembered(&engine, &acked, true, &format!("{what}, repaired")).await;
+    let ack = publish_keyed(&engine, "lost-1", "lost-1").await.unwrap();
+    assert_eq!(
+        (ack.offset, ack.duplicate),
+        (6, false),
+        "{what}: the refused key is not remembered"
+    );
+    acked.push(("lost-1".into(), ack));
+
+    // Another failure; its key is tried again only after the reopen.
+    inject(&faults);
+    let r = publish_keyed(&engine, "lost-2", "lost-2").await;
+    assert!(
+        matches!(r, Err(EngineError::StorageUnavailable(_))),
+        "{what}: {r:?}"
+    );
+    healthy(&engine).await;
+    assert_remembered(&engine, &acked, true, &format!("{what}, repaired twice")).await;
+    // The offset the refused key would have had goes to another event: a
+    // trace of the failed pass left on disk would name it at the reopen.
+    let ack = common::within(60, engine.publish("t", NewEvent::new("created", "filler")))
+        .await
+        .unwrap();
+    assert_eq!(ack.offset, 7);
+    common::engine::close(engine).await;
+
+    let engine = open(opts).await;
+    assert!(engine.recovery_report().damaged_topics.is_empty());
+    assert_remembered(&engine, &acked, true, &format!("{what}, reopened")).await;
+    let ack = publish_keyed(&engine, "lost-2", "lost-2").await.unwrap();
+    assert_eq!(
+        (ack.offset, ack.duplicate),
+        (8, false),
+        "{what}: the key refused before the reopen is not remembered"
+    );
+    let payloads: Vec<(u64, Bytes)> = stored(&engine, "t");
+    let expected: Vec<(u64, Bytes)> = ["k0", "k1", "k2", "k3", "k4", "lost-1", "filler", "lost-2"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 + 1, Bytes::from(p)))
+        .collect();
+    assert_eq!(payloads, expected, "{what}");
+    common::engine::close(engine).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_acknowledged_publishes_survive_a_failed_write_and_its_repair() {
+    // The writes of a keyed pass: keys file, event file, then sled's K, R
+    // and M entries.
+    for n in [1, 3, 4, 5] {
+        keys_survive_a_failed_pass(|f| f.fail_nth_write(n), &format!("write {n} fails")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_acknowledged_publishes_survive_a_failed_fsync_and_its_repair() {
+    keys_survive_a_failed_pass(|f| f.fail_nth_sync(1), "the fsync fails").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_survive_a_delete_that_failed_to_persist() {
+    // The failed delete removed the keys from disk (sled was flushed, the
+    // fsync failed): the repair writes them again from memory.
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::default());
+    let mut opts = options(dir.path(), Durability::Fsync);
+    opts.faults = Some(faults.clone());
+    let engine = open(opts.clone()).await;
+    let mut acked: Vec<(String, Ack)> = Vec::new();
+    for i in 0..5 {
+        let key = format!("k{i}");
+        let ack = publish_keyed(&engine, &key, &key).await.unwrap();
+        acked.push((key, ack));
+    }
+    faults.fail_nth_sync(1);
+    let r = common::within(60, engine.delete("t")).await;
+    assert!(r.is_err(), "the delete failed to persist: {r:?}");
+    healthy(&engine).await;
+    assert_eq!(engine.info("t").unwrap().last_offset, 5);
+    assert_remembered(&engine, &acked, true, "repaired").await;
+    common::engine::close(engine).await;
+
+    let engine = open(opts).await;
+    assert!(engine.recovery_report().damaged_topics.is_empty());
+    assert_eq!(stored(&engine, "t").len(), 5);
+    assert_remembered(&engine, &acked, true, "reopened").await;
+    let ack = publish_keyed(&engine, "new", "new").await.unwrap();
+    assert_eq!((ack.offset, ack.duplicate), (6, false));
+    common::engine::close(engine).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_in_interval_mode_survive_a_clean_close_and_a_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path(), Durability::Interval);
+    // No flusher tick: only the close, and dropping the engine, write the
+    // passes' sled entries.
+    opts.flush_interval = Duration::from_secs(3600);
+    let engine = open(opts.clone()).await;
+    let mut acked: Vec<(String, Ack)> = Vec::new();
+    for i in 0..10 {
+        let key = format!("k{i}");
+        let ack = publish_keyed(&engine, &key, &key).await.unwrap();
+        acked.push((key, ack));
+    }
+    common::engine::close(engine).await;
+
+    let engine = open(opts.clone()).await;
+    assert_remembered(&engine, &acked, true, "after a clean close").await;
+    for i in 10..20 {
+        let key = format!("k{i}");
+        let ack = publish_keyed(&engine, &key, &key).await.unwrap();
+        assert_eq!((ack.offset, ack.duplicate), (i + 1, false));
+        acked.push((key, ack));
+    }
+    // No close: dropped.
+    release(engine).await;
+
+    let engine = open(opts).await;
+    assert!(engine.recovery_report().damaged_topics.is_empty());
+    assert_eq!(stored(&engine, "t").len(), 20);
+    // An unclean stop in interval mode gives the topic a new epoch.
+    assert_remembered(&engine, &acked, false, "after a drop").await;
+    let ack = publish_keyed(&engine, "new", "new").await.unwrap();
+    assert_eq!((ack.offset, ack.duplicate), (21, false));
+    common::engine::close(engine).await;
 }

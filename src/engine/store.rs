@@ -1316,6 +1316,12 @@ impl Log for SledLog {
             }
         }
         self.files.lock().commit(&pass_file.changes);
+        // A keys value that two steps removed (two expires, or a delete and
+        // an expire, in one pass) counts once.
+        let mut removed = HashSet::new();
+        keys_pass
+            .changes
+            .retain(|(r, added)| *added || removed.insert((r.file, r.pos)));
         self.keys_files.lock().commit(&keys_pass.changes);
         for (name, generation) in dropped_keys {
             if keys.get(&name).is_some_and(|k| k.generation == generation) {
@@ -1502,8 +1508,11 @@ impl Log for SledLog {
         let mut pass_file = PassFile::default();
         let mut keys_pass = PassFile::default();
         // Keys before the records they cover, as in a pass.
-        for (name, i, bytes) in key_rewrites {
+        for (name, first, bytes) in key_rewrites {
             let Some(k) = keys.get_mut(&name) else {
+                continue;
+            };
+            let Some(i) = k.records.iter().position(|r| r.first == first) else {
                 continue;
             };
             let old = k.records[i];
@@ -1587,9 +1596,9 @@ impl Drop for SledLog {
     }
 }
 
-/// A keys value [`repair_keys`] found missing: its topic, its index in the
-/// topic's records, and its bytes (an encoded [`StoredKeys`]).
-type KeysRewrite = (Arc<str>, usize, Vec<u8>);
+/// A keys value [`repair_keys`] found missing: its topic, its first
+/// offset, and its bytes (an encoded [`StoredKeys`]).
+type KeysRewrite = (Arc<str>, u64, Vec<u8>);
 
 /// Repair of the keys values: removes those of incarnations the engine
 /// does not hold and those a failed pass wrote (at offsets not
@@ -1648,15 +1657,24 @@ fn repair_keys(
                     .push((&**key, o.offset, o.version));
             }
         }
+        let mut stale = missing;
         for (i, stored) in rebuilt {
+            stale.remove(&i);
             let body = StoredKeys {
                 at_ms: k.records[i].at_ms,
                 keys: stored,
             };
             let bytes =
                 bincode::serde::encode_to_vec(&body, bincode_config()).map_err(storage_err)?;
-            rewrite.push((name.clone(), i, bytes));
+            rewrite.push((name.clone(), k.records[i].first, bytes));
         }
+        // Missing with no key left in the window (each was published again
+        // since): nothing to write again, nor to remove or uncount later.
+        let mut i = 0;
+        k.records.retain(|_| {
+            i += 1;
+            !stale.contains(&(i - 1))
+        });
     }
     Ok(rewrite)
 }
