@@ -102,19 +102,12 @@ pub fn encode_appended_frame(
     acks: impl ExactSizeIterator<Item = AppendAck>,
     dst: &mut BytesMut,
 ) -> Result<(), ProtocolError> {
-    let len = FRAME_HEADER_LEN + 4 + 8 + 8 + acks.len() * 25;
-    dst.reserve(len);
-    dst.put_u32(body_len(len)?);
-    dst.put_u32(APPENDED_TAG);
-    dst.put_u64(request_id);
-    dst.put_u64(acks.len() as u64);
-    for a in acks {
+    encode_acks_frame(APPENDED_TAG, request_id, acks, 25, dst, |dst, a| {
         dst.put_u64(a.epoch);
         dst.put_u64(a.offset);
         dst.put_u64(a.version);
         dst.put_u8(u8::from(a.duplicate));
-    }
-    Ok(())
+    })
 }
 
 /// Appends a `ServerMessage::Published` frame with one `Ack` per event of
@@ -124,21 +117,35 @@ pub fn encode_published_frame(
     acks: impl ExactSizeIterator<Item = Ack>,
     dst: &mut BytesMut,
 ) -> Result<(), ProtocolError> {
-    let len = FRAME_HEADER_LEN + 4 + 8 + 8 + acks.len() * 24;
-    dst.reserve(len);
-    dst.put_u32(body_len(len)?);
-    dst.put_u32(PUBLISHED_TAG);
-    dst.put_u64(request_id);
-    dst.put_u64(acks.len() as u64);
-    for a in acks {
+    encode_acks_frame(PUBLISHED_TAG, request_id, acks, 24, dst, |dst, a| {
         dst.put_u64(a.epoch);
         dst.put_u64(a.offset);
         dst.put_u64(a.version);
+    })
+}
+
+/// A reply frame of `tag`: the request id, then the acks (`ack_len` bytes
+/// each, written by `put`) as a length-prefixed list.
+fn encode_acks_frame<A>(
+    tag: u32,
+    request_id: u64,
+    acks: impl ExactSizeIterator<Item = A>,
+    ack_len: usize,
+    dst: &mut BytesMut,
+    put: impl Fn(&mut BytesMut, A),
+) -> Result<(), ProtocolError> {
+    let len = FRAME_HEADER_LEN + 4 + 8 + 8 + acks.len() * ack_len;
+    dst.reserve(len);
+    dst.put_u32(body_len(len)?);
+    dst.put_u32(tag);
+    dst.put_u64(request_id);
+    dst.put_u64(acks.len() as u64);
+    for a in acks {
+        put(dst, a);
     }
     Ok(())
 }
 
-/// The length prefix of a frame of `len` bytes in all.
 fn body_len(len: usize) -> Result<u32, ProtocolError> {
     let body = len - FRAME_HEADER_LEN;
     u32::try_from(body).map_err(|_| ProtocolError::FrameTooLarge {
