@@ -1283,3 +1283,73 @@ async fn interval_mode_keeps_everything_across_a_close_with_many_small_passes() 
     assert_eq!(stored(&engine, "steady"), expected);
     close(engine).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_event_file_fsync_is_never_trusted_again() {
+    for durability in [Durability::Fsync, Durability::Interval] {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut opts, faults) = faulty(dir.path(), durability);
+        // The flusher never ticks on its own: `sync` drives it.
+        opts.flush_interval = Duration::from_secs(3600);
+        let engine = open(opts.clone()).await;
+        let mut acked = Vec::new();
+        for i in 1..=20u64 {
+            let ack = within(engine.publish("t", event(&i.to_string())))
+                .await
+                .unwrap();
+            assert_eq!(ack.offset, i);
+            acked.push((i, i.to_string()));
+        }
+        let before: Vec<_> = event_files(dir.path())
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert!(
+            !before.is_empty(),
+            "{durability:?}: events are in event files"
+        );
+        // The next fsync of an event file fails: the pass (fsync) or the
+        // sync (interval) is refused, the store degrades and repairs itself.
+        faults.fail_nth_file_sync(1);
+        match durability {
+            Durability::Fsync => {
+                let r = within(engine.publish("t", event("lost"))).await;
+                assert_unavailable(&r);
+            }
+            _ => {
+                let r = within(engine.sync()).await;
+                assert!(r.is_err(), "{durability:?}: a failed fsync fails the sync");
+            }
+        }
+        healthy(&engine).await;
+        let ack = within(engine.publish("t", event("21"))).await.unwrap();
+        assert_eq!(
+            ack.offset, 21,
+            "{durability:?}: no offset consumed by the refusal"
+        );
+        acked.push((21, "21".to_string()));
+        within(engine.sync()).await.unwrap();
+        // Every record of the poisoned files was written again by the
+        // repair, so those files hold nothing live and are gone.
+        let after: Vec<_> = event_files(dir.path())
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        for name in &before {
+            assert!(
+                !after.contains(name),
+                "{durability:?}: {} failed its fsync and is still in use ({after:?})",
+                name.display()
+            );
+        }
+        close(engine).await;
+        let engine = open(opts).await;
+        assert_eq!(
+            stored(&engine, "t"),
+            acked,
+            "{durability:?}: every acknowledged event after reopen"
+        );
+        assert!(engine.recovery_report().damaged_topics.is_empty());
+        close(engine).await;
+    }
+}

@@ -12,7 +12,7 @@
 //! among busy ones) has them moved to the active file once less than half
 //! of it is live, a few MiB per pass.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -106,6 +106,14 @@ pub(crate) struct EventFiles {
     readers: HashMap<u64, Arc<File>>,
     /// Sum of every file's live bytes.
     total_live: u64,
+    /// Files whose fsync failed: what they hold is not trusted (after
+    /// fsyncgate a second fsync can report success for pages the kernel
+    /// dropped), so they are never synced again, never appended to, and a
+    /// repair writes their live records again from memory.
+    poisoned: HashSet<u64>,
+    /// Rolled files whose relocation failed to read a record: not tried
+    /// again (recovery reports such a record as damaged).
+    unmovable: HashSet<u64>,
 }
 
 /// What a sync has to do, taken under the lock and done outside it.
@@ -153,6 +161,8 @@ impl EventFiles {
             dead: Vec::new(),
             readers: HashMap::new(),
             total_live: 0,
+            poisoned: HashSet::new(),
+            unmovable: HashSet::new(),
         })
     }
 
@@ -174,11 +184,14 @@ impl EventFiles {
         }
     }
 
-    /// Whether a record's file holds its bytes' range (not counted).
+    /// Whether a record's file holds its bytes' range and can be trusted
+    /// (not poisoned by a failed fsync); not counted.
     pub fn present(&self, r: &RecordRef) -> bool {
-        self.stats
-            .get(&r.file)
-            .is_some_and(|s| r.pos + u64::from(r.len) <= s.size)
+        !self.poisoned.contains(&r.file)
+            && self
+                .stats
+                .get(&r.file)
+                .is_some_and(|s| r.pos + u64::from(r.len) <= s.size)
     }
 
     /// Reads a record's bytes, checking its CRC; `None` when they are
@@ -223,6 +236,7 @@ impl EventFiles {
         let mut fresh = Self::open(self.dir.parent().unwrap_or(&self.dir), self.sub)?;
         // Files still unsynced stay so: what they hold may be referenced.
         fresh.unsynced = std::mem::take(&mut self.unsynced);
+        fresh.poisoned = std::mem::take(&mut self.poisoned);
         fresh.next_seq = fresh.next_seq.max(self.next_seq);
         *self = fresh;
         Ok(())
@@ -332,10 +346,18 @@ impl EventFiles {
         self.stats
             .iter()
             .filter(|(seq, s)| {
-                Some(**seq) != active && s.live_records > 0 && s.live_bytes * 2 < s.size
+                Some(**seq) != active
+                    && !self.unmovable.contains(seq)
+                    && s.live_records > 0
+                    && s.live_bytes * 2 < s.size
             })
             .min_by_key(|(_, s)| s.live_bytes * 1000 / s.size.max(1))
             .map(|(seq, _)| *seq)
+    }
+
+    /// A relocation could not read a record of `seq`: it is not tried again.
+    pub fn unmovable(&mut self, seq: u64) {
+        self.unmovable.insert(seq);
     }
 
     /// What the next sync has to fsync and may then remove.
@@ -353,8 +375,19 @@ impl EventFiles {
 
     /// Once the sync of `plan` succeeded: files not written since are
     /// synced, and the dead files are removed (their index entries' removal
-    /// is durable now). On failure the directory stays to be synced.
-    pub fn synced(&mut self, plan: SyncPlan, ok: bool) {
+    /// is durable now). On failure the directory stays to be synced; when
+    /// the files' own fsync failed (`poison`), every file of the plan is
+    /// poisoned.
+    pub fn synced(&mut self, plan: SyncPlan, ok: bool, poison: bool) {
+        if poison {
+            for (seq, _, _) in &plan.files {
+                self.poisoned.insert(*seq);
+                self.unsynced.remove(seq);
+                if self.active.as_ref().is_some_and(|(a, _)| a == seq) {
+                    self.active = None;
+                }
+            }
+        }
         if !ok {
             self.dir_dirty |= plan.dir.is_some();
             return;
@@ -381,6 +414,8 @@ impl EventFiles {
             }
             self.stats.remove(&seq);
             self.readers.remove(&seq);
+            self.poisoned.remove(&seq);
+            self.unmovable.remove(&seq);
             self.dead.retain(|d| *d != seq);
         }
     }
@@ -389,8 +424,9 @@ impl EventFiles {
 impl SyncPlan {
     /// fsyncs the files (and the directory, when files were created or
     /// removed); sled is synced after this, by the caller.
-    pub fn run(&self) -> Result<(), EngineError> {
+    pub fn run(&self, fail: impl Fn() -> Result<(), EngineError>) -> Result<(), EngineError> {
         for (_, file, _) in &self.files {
+            fail()?;
             file.sync_data().map_err(storage_err)?;
         }
         if let Some(dir) = &self.dir {

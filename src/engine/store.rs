@@ -410,6 +410,8 @@ pub struct Faults {
     writes: AtomicU64,
     fail_sync_at: AtomicU64,
     syncs: AtomicU64,
+    fail_file_sync_at: AtomicU64,
+    file_syncs: AtomicU64,
     failing_repairs: AtomicU64,
 }
 
@@ -424,6 +426,22 @@ impl Faults {
     pub fn fail_nth_sync(&self, n: u64) {
         self.syncs.store(0, Ordering::SeqCst);
         self.fail_sync_at.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the `n`th fsync of an event or keys file (counted from now)
+    /// fail, as an I/O error of that file would.
+    pub fn fail_nth_file_sync(&self, n: u64) {
+        self.file_syncs.store(0, Ordering::SeqCst);
+        self.fail_file_sync_at.store(n, Ordering::SeqCst);
+    }
+
+    fn file_sync(&self) -> Result<(), EngineError> {
+        if Self::hit(&self.file_syncs, &self.fail_file_sync_at) {
+            return Err(EngineError::Storage(
+                "injected event file fsync failure".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Makes the next `n` repairs fail (as if the disk were still full).
@@ -480,6 +498,21 @@ impl Writes {
         self.0.push((key.into(), None));
     }
 
+    /// The same writes with every insert before every removal, and no
+    /// removal of a key that is also inserted (its insert replaces it).
+    fn inserts_first(self) -> Writes {
+        let inserted: HashSet<Vec<u8>> = self
+            .0
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let (inserts, removals): (Vec<_>, Vec<_>) =
+            self.0.into_iter().partition(|(_, v)| v.is_some());
+        let removals = removals.into_iter().filter(|(k, _)| !inserted.contains(k));
+        Writes(inserts.into_iter().chain(removals).collect())
+    }
+
     fn apply(self, db: &sled::Db, faults: Option<&Faults>) -> Result<(), EngineError> {
         for (key, value) in self.0 {
             if let Some(f) = faults {
@@ -496,9 +529,13 @@ impl Writes {
 
 /// The sled writes of `interval` mode passes, applied (and synced) by the
 /// flusher's next tick instead of one by one: a key written many times in
-/// between (a topic's meta, a growing record) is written once, in the
-/// order of its last write, so whatever prefix sled recovers is a state
-/// some sequence of passes could have left.
+/// between (a topic's meta, a growing record) is written once, in the order
+/// of its last write. A prefix of that order is not always a state some
+/// sequence of passes left (a group record may come before the record
+/// growth it counts on); recovery tolerates that: counters take the maximum
+/// of meta and records, keys beyond the records are dropped, and a group
+/// is cut back to its topic (`fit_to`). Only ever applied after the files
+/// the writes point into are fsynced.
 #[derive(Default)]
 struct Deferred {
     seq: u64,
@@ -513,9 +550,27 @@ impl Deferred {
         }
     }
 
-    fn take(&mut self) -> Writes {
+    /// Everything deferred, in the order of each key's last write.
+    fn take(&mut self) -> Vec<DeferredWrite> {
         let mut all: Vec<_> = self.writes.drain().collect();
         all.sort_unstable_by_key(|(_, (seq, _))| *seq);
+        all
+    }
+
+    /// Puts back what a failed sync took (a key written since keeps its
+    /// newer value), so that a repair still applies it.
+    fn restore(&mut self, taken: Vec<DeferredWrite>) {
+        for (key, write) in taken {
+            self.writes.entry(key).or_insert(write);
+        }
+    }
+}
+
+/// One deferred write: key, (sequence of its last write, value or removal).
+type DeferredWrite = (Vec<u8>, (u64, Option<Vec<u8>>));
+
+impl From<Vec<DeferredWrite>> for Writes {
+    fn from(all: Vec<DeferredWrite>) -> Self {
         Writes(all.into_iter().map(|(k, (_, v))| (k, v)).collect())
     }
 }
@@ -689,28 +744,6 @@ impl FileSync {
     }
 }
 
-/// Makes everything written durable: the event files first, then sled
-/// (whose index entries point into them); then removes the event files
-/// whose last record's removal that made durable.
-fn sync_all<T>(
-    db: &sled::Db,
-    syncer: &FileSync,
-    sets: [&parking_lot::Mutex<EventFiles>; 2],
-    faults: Option<&Faults>,
-    hold_until_planned: T,
-) -> Result<(), EngineError> {
-    let plans = sets.map(|files| files.lock().plan_sync());
-    drop(hold_until_planned);
-    let result = plans
-        .iter()
-        .try_for_each(|plan| plan.run())
-        .and_then(|()| syncer.sync(db, faults));
-    for (files, plan) in sets.into_iter().zip(plans) {
-        files.lock().synced(plan, result.is_ok());
-    }
-    result
-}
-
 /// Opens sled under `dir`. sled's lock on its data file can outlive the
 /// previous `Db` by a moment (its I/O threads finish last), so a lock held
 /// when restarting in the same process, or right after the previous daemon
@@ -778,6 +811,10 @@ pub(crate) struct SledLog {
     keys_files: parking_lot::Mutex<EventFiles>,
     /// `interval` mode: sled writes waiting for the flusher's next tick.
     deferred: Option<parking_lot::Mutex<Deferred>>,
+    /// Serialises syncs (a pass's, the flusher's, repair's): the sled
+    /// writes one sync takes reach sled before those of the next (locked
+    /// after `topics` and `keys`, before `deferred`).
+    sync_lock: parking_lot::Mutex<()>,
     /// The buffer of the last pass's records, kept for the next one (no
     /// allocation, page faults and regrowth per pass).
     pass_buf: parking_lot::Mutex<Vec<u8>>,
@@ -840,7 +877,15 @@ impl SledLog {
         db.insert(FORMAT_KEY, vec![FORMAT]).map_err(storage_err)?;
         let files = parking_lot::Mutex::new(files);
         let keys_files = parking_lot::Mutex::new(keys_files);
-        sync_all(&db, &syncer, [&files, &keys_files], None, ())?;
+        // Nothing new is in the files yet: sled, then the files no record
+        // points into are removed.
+        syncer.sync(&db, None)?;
+        for f in [&files, &keys_files] {
+            let mut f = f.lock();
+            let plan = f.plan_sync();
+            plan.run(|| Ok(()))?;
+            f.synced(plan, true, false);
+        }
         write_checkpoint(dir, &sled_topics)?;
 
         let log = Arc::new(SledLog {
@@ -854,6 +899,7 @@ impl SledLog {
             deferred: (durability == Durability::Interval)
                 .then(|| parking_lot::Mutex::new(Deferred::default())),
             pass_buf: parking_lot::Mutex::new(Vec::new()),
+            sync_lock: parking_lot::Mutex::new(()),
             topics: parking_lot::Mutex::new(sled_topics),
             keys: parking_lot::Mutex::new(keys),
             failed: parking_lot::Mutex::new(None),
@@ -889,7 +935,11 @@ impl SledLog {
     fn stop_flusher(&self) {
         if let Some((stop, handle)) = self.flusher.lock().take() {
             drop(stop);
-            let _ = handle.join();
+            // The flusher itself may drop the last handle (it holds one
+            // while it syncs): it ends on its own then.
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
         }
     }
 
@@ -898,29 +948,57 @@ impl SledLog {
     }
 
     fn sync_now(&self) -> Result<(), EngineError> {
-        let db = self.db.read().clone();
-        let syncer = self.syncer.read().clone();
-        // The deferred writes go to sled first, and the plan (which event
-        // files it may remove) is taken before a pass can defer more.
-        let mut deferred = self.deferred.as_ref().map(|d| d.lock());
-        if let Some(d) = deferred.as_mut() {
-            d.take().apply(&db, self.faults())?;
-        }
-        sync_all(
-            &db,
-            &syncer,
-            [&self.files, &self.keys_files],
-            self.faults(),
-            deferred,
-        )
+        self.sync_with(Writes::default())
     }
 
-    /// Applies the deferred writes to sled (unsynced): before a pass reads
-    /// sled back.
-    fn apply_deferred(&self, db: &sled::Db) -> Result<(), EngineError> {
-        match &self.deferred {
-            Some(d) => d.lock().take().apply(db, self.faults()),
-            None => Ok(()),
+    /// A sync that also writes `writes` (a pass's sled writes in `fsync`
+    /// mode) after the deferred ones: see [`Self::sync_locked`].
+    fn sync_with(&self, writes: Writes) -> Result<(), EngineError> {
+        let _sync = self.sync_lock.lock();
+        self.sync_locked(writes)
+    }
+
+    /// One sync, with `sync_lock` held. The deferred writes and the plan
+    /// (which files to fsync, which dead ones to remove) are taken together;
+    /// the event and keys files are fsynced first, then the sled writes are
+    /// applied and sled is synced, so no index entry reaches sled (whose
+    /// buffers and `Drop` write on their own) before the bytes it points
+    /// to are durable. On failure the deferred writes are kept for the
+    /// repair, and a failed file fsync poisons the plan's files.
+    fn sync_locked(&self, writes: Writes) -> Result<(), EngineError> {
+        let db = self.db.read().clone();
+        let syncer = self.syncer.read().clone();
+        let (taken, plans) = {
+            let mut deferred = self.deferred.as_ref().map(|d| d.lock());
+            let taken = deferred.as_mut().map(|d| d.take()).unwrap_or_default();
+            let plans = [&self.files, &self.keys_files].map(|f| f.lock().plan_sync());
+            (taken, plans)
+        };
+        let file_faults = || self.faults().map_or(Ok(()), Faults::file_sync);
+        if let Err(e) = plans.iter().try_for_each(|p| p.run(file_faults)) {
+            self.keep_deferred(taken);
+            for (files, plan) in [&self.files, &self.keys_files].into_iter().zip(plans) {
+                files.lock().synced(plan, false, true);
+            }
+            return Err(e);
+        }
+        let applied = Writes::from(taken.clone())
+            .apply(&db, self.faults())
+            .and_then(|()| writes.apply(&db, self.faults()));
+        let result = applied.and_then(|()| syncer.sync(&db, self.faults()));
+        if result.is_err() {
+            self.keep_deferred(taken);
+        }
+        for (files, plan) in [&self.files, &self.keys_files].into_iter().zip(plans) {
+            files.lock().synced(plan, result.is_ok(), false);
+        }
+        result
+    }
+
+    /// Puts taken deferred writes back after a failed sync.
+    fn keep_deferred(&self, taken: Vec<DeferredWrite>) {
+        if let Some(d) = &self.deferred {
+            d.lock().restore(taken);
         }
     }
 
@@ -937,12 +1015,16 @@ impl SledLog {
     /// `interval` mode: fsync what was written, then checkpoint the
     /// counters as of before the fsync (those are durable now).
     fn periodic_sync(&self) {
+        let due = self.last_checkpoint.lock().elapsed() >= CHECKPOINT_EVERY;
+        // Taken before the sync (and before `sync_lock`, which comes after
+        // `topics`): counters as of then are durable after it.
+        let snapshot = due.then(|| self.topics.lock().clone());
+        let _sync = self.sync_lock.lock();
+        // Checked under the lock: a repair holds it from start to end.
         if self.failed.lock().is_some() {
             return;
         }
-        let due = self.last_checkpoint.lock().elapsed() >= CHECKPOINT_EVERY;
-        let snapshot = due.then(|| self.topics.lock().clone());
-        match self.sync_now() {
+        match self.sync_locked(Writes::default()) {
             Ok(()) => {
                 if let Some(topics) = snapshot {
                     self.checkpoint(&topics);
@@ -961,115 +1043,9 @@ impl SledLog {
         }
     }
 
-    /// Keeps a pass's buffer for the next pass (up to a size worth keeping).
-    fn recycle(&self, mut buf: Vec<u8>) {
-        const KEEP: usize = 16 * 1024 * 1024;
-        if buf.capacity() <= KEEP {
-            buf.clear();
-            *self.pass_buf.lock() = buf;
-        }
-    }
-
-    /// Writes a pass's record bytes to the active event file (before sled's
-    /// inserts point at them).
-    fn append_pass_file(
-        &self,
-        pass: &PassFile,
-        files: &parking_lot::Mutex<EventFiles>,
-    ) -> Result<(), EngineError> {
-        if pass.buf.is_empty() {
-            return Ok(());
-        }
-        if let Some(f) = self.faults() {
-            f.write()?;
-        }
-        files.lock().append(&pass.buf)
-    }
-
-    /// Moves up to [`files::RELOCATE_BUDGET`](super::files::RELOCATE_BUDGET)
-    /// bytes of live records out of a mostly dead event file into this
-    /// pass, so a few records of a quiet topic never keep a whole file.
-    fn relocate(
-        &self,
-        staged: &mut FastMap<Arc<str>, SledTopic>,
-        topics: &FastMap<Arc<str>, SledTopic>,
-        deleted: &[Arc<str>],
-        writes: &mut Writes,
-        pass: &mut PassFile,
-    ) -> Result<(), EngineError> {
-        let Some(file) = self.files.lock().relocation_candidate() else {
-            return Ok(());
-        };
-        let mut moves: Vec<(Arc<str>, usize)> = Vec::new();
-        let mut budget = super::files::RELOCATE_BUDGET;
-        for (name, t) in topics.iter().filter(|(n, _)| !deleted.contains(n)) {
-            let t = staged.get(name).unwrap_or(t);
-            for (i, segment) in t.segments.iter().enumerate() {
-                if budget == 0 {
-                    break;
-                }
-                if let Some(r) = segment.at.filter(|r| r.file == file) {
-                    budget = budget.saturating_sub(u64::from(r.len));
-                    moves.push((name.clone(), i));
-                }
-            }
-        }
-        for (name, i) in moves {
-            let t = staged
-                .entry(name.clone())
-                .or_insert_with(|| topics[&name].clone());
-            let segment = t.segments[i];
-            let Some(old) = segment.at else { continue };
-            let Some(bytes) = self.files.lock().read(&old) else {
-                // Left where it is: recovery reports it if it is damaged.
-                tracing::warn!(
-                    topic = &*name,
-                    file = old.file,
-                    "cannot read a record to relocate it"
-                );
-                continue;
-            };
-            let new = pass.push(&self.files, segment.last, |buf| {
-                buf.extend_from_slice(&bytes);
-                Ok(())
-            })?;
-            writes.insert(segment.key(&name, t.generation), encode(&new)?);
-            pass.removed(&segment);
-            t.segments[i].at = Some(new);
-        }
-        Ok(())
-    }
-
-    /// Stages a topic of the pass: a copy of its state (or a fresh one for
-    /// a new incarnation), swapped in only if the pass succeeds.
-    fn stage<'a>(
-        staged: &'a mut FastMap<Arc<str>, SledTopic>,
-        topics: &FastMap<Arc<str>, SledTopic>,
-        id: &TopicId,
-    ) -> &'a mut SledTopic {
-        let t = staged.entry(id.name.clone()).or_insert_with(|| {
-            topics
-                .get(&id.name)
-                .filter(|t| t.generation == id.generation)
-                .cloned()
-                .unwrap_or_else(|| SledTopic::new(id))
-        });
-        if t.generation != id.generation {
-            *t = SledTopic::new(id);
-        }
-        t
-    }
-}
-
-impl Log for SledLog {
-    fn inline(&self) -> bool {
-        false
-    }
-
-    fn persist(&self, steps: &mut [Step], now: u64) -> Result<Vec<Outcome>, EngineError> {
-        if let Health::Degraded(why) = self.health() {
-            return Err(EngineError::StorageUnavailable(why));
-        }
+    /// One pass (see [`Log::persist`]); a storage error it returns fails
+    /// the store.
+    fn persist_pass(&self, steps: &mut [Step], now: u64) -> Result<Vec<Outcome>, EngineError> {
         let mut topics = self.topics.lock();
         let mut keys = self.keys.lock();
         let db = self.db.read().clone();
@@ -1085,8 +1061,10 @@ impl Log for SledLog {
         // (every append to a topic in a pass shares them).
         let mut appended: FastMap<Arc<str>, Vec<usize>> = FastMap::default();
         if steps.iter().any(|s| matches!(s, Step::Delete { .. })) {
-            // A delete scans sled for the topic's keys.
-            if let Err(e) = self.apply_deferred(&db) {
+            // A delete scans sled for the topic's keys: the deferred
+            // writes go there first (through a whole sync, so that none
+            // reaches sled before the bytes it points to).
+            if let Err(e) = self.sync_now() {
                 self.fail(&e);
                 return Err(EngineError::StorageUnavailable(e.to_string()));
             }
@@ -1298,11 +1276,17 @@ impl Log for SledLog {
             .and_then(|()| match &self.deferred {
                 Some(d) => {
                     d.lock().add(writes);
-                    Ok(())
+                    if must_sync {
+                        self.sync_now()
+                    } else {
+                        Ok(())
+                    }
                 }
+                // fsync mode: the files are fsynced before these writes
+                // reach sled (a pass without new bytes has none to wait for).
+                None if must_sync => self.sync_with(writes),
                 None => writes.apply(&db, self.faults()),
-            })
-            .and_then(|()| if must_sync { self.sync_now() } else { Ok(()) });
+            });
         self.recycle(std::mem::take(&mut pass_file.buf));
         if let Err(e) = result {
             self.fail(&e);
@@ -1351,6 +1335,127 @@ impl Log for SledLog {
         Ok(outcomes)
     }
 
+    /// Keeps a pass's buffer for the next pass (up to a size worth keeping).
+    fn recycle(&self, mut buf: Vec<u8>) {
+        const KEEP: usize = 16 * 1024 * 1024;
+        if buf.capacity() <= KEEP {
+            buf.clear();
+            *self.pass_buf.lock() = buf;
+        }
+    }
+
+    /// Writes a pass's record bytes to the active event file (before sled's
+    /// inserts point at them).
+    fn append_pass_file(
+        &self,
+        pass: &PassFile,
+        files: &parking_lot::Mutex<EventFiles>,
+    ) -> Result<(), EngineError> {
+        if pass.buf.is_empty() {
+            return Ok(());
+        }
+        if let Some(f) = self.faults() {
+            f.write()?;
+        }
+        files.lock().append(&pass.buf)
+    }
+
+    /// Moves up to [`files::RELOCATE_BUDGET`](super::files::RELOCATE_BUDGET)
+    /// bytes of live records out of a mostly dead event file into this
+    /// pass, so a few records of a quiet topic never keep a whole file.
+    fn relocate(
+        &self,
+        staged: &mut FastMap<Arc<str>, SledTopic>,
+        topics: &FastMap<Arc<str>, SledTopic>,
+        deleted: &[Arc<str>],
+        writes: &mut Writes,
+        pass: &mut PassFile,
+    ) -> Result<(), EngineError> {
+        let Some(file) = self.files.lock().relocation_candidate() else {
+            return Ok(());
+        };
+        let mut moves: Vec<(Arc<str>, usize)> = Vec::new();
+        let mut budget = super::files::RELOCATE_BUDGET;
+        for (name, t) in topics.iter().filter(|(n, _)| !deleted.contains(n)) {
+            let t = staged.get(name).unwrap_or(t);
+            for (i, segment) in t.segments.iter().enumerate() {
+                if budget == 0 {
+                    break;
+                }
+                if let Some(r) = segment.at.filter(|r| r.file == file) {
+                    budget = budget.saturating_sub(u64::from(r.len));
+                    moves.push((name.clone(), i));
+                }
+            }
+        }
+        for (name, i) in moves {
+            let t = staged
+                .entry(name.clone())
+                .or_insert_with(|| topics[&name].clone());
+            let segment = t.segments[i];
+            let Some(old) = segment.at else { continue };
+            let Some(bytes) = self.files.lock().read(&old) else {
+                // Left where it is: recovery reports it if it is damaged.
+                tracing::warn!(
+                    topic = &*name,
+                    file = old.file,
+                    "cannot read a record to relocate it"
+                );
+                self.files.lock().unmovable(old.file);
+                continue;
+            };
+            let new = pass.push(&self.files, segment.last, |buf| {
+                buf.extend_from_slice(&bytes);
+                Ok(())
+            })?;
+            writes.insert(segment.key(&name, t.generation), encode(&new)?);
+            pass.removed(&segment);
+            t.segments[i].at = Some(new);
+        }
+        Ok(())
+    }
+
+    /// Stages a topic of the pass: a copy of its state (or a fresh one for
+    /// a new incarnation), swapped in only if the pass succeeds.
+    fn stage<'a>(
+        staged: &'a mut FastMap<Arc<str>, SledTopic>,
+        topics: &FastMap<Arc<str>, SledTopic>,
+        id: &TopicId,
+    ) -> &'a mut SledTopic {
+        let t = staged.entry(id.name.clone()).or_insert_with(|| {
+            topics
+                .get(&id.name)
+                .filter(|t| t.generation == id.generation)
+                .cloned()
+                .unwrap_or_else(|| SledTopic::new(id))
+        });
+        if t.generation != id.generation {
+            *t = SledTopic::new(id);
+        }
+        t
+    }
+}
+
+impl Log for SledLog {
+    fn inline(&self) -> bool {
+        false
+    }
+
+    fn persist(&self, steps: &mut [Step], now: u64) -> Result<Vec<Outcome>, EngineError> {
+        if let Health::Degraded(why) = self.health() {
+            return Err(EngineError::StorageUnavailable(why));
+        }
+        match self.persist_pass(steps, now) {
+            // Any storage error fails the pass and degrades the store (the
+            // repair then restores what it may have left half done).
+            Err(e @ EngineError::Storage(_)) => {
+                self.fail(&e);
+                Err(EngineError::StorageUnavailable(e.to_string()))
+            }
+            other => other,
+        }
+    }
+
     fn health(&self) -> Health {
         if !self.degraded.load(Ordering::Acquire) {
             return Health::Ok;
@@ -1370,6 +1475,8 @@ impl Log for SledLog {
         }
         let mut topics = self.topics.lock();
         let mut keys = self.keys.lock();
+        // No sync (the flusher's) runs beside a repair.
+        let _sync = self.sync_lock.lock();
         // Reopen from disk: sled's I/O errors are sticky in its Db, and
         // what it holds in memory may include the failed pass.
         {
@@ -1384,10 +1491,16 @@ impl Log for SledLog {
         }
         let db = self.db.read().clone();
         let mut writes = Writes::default();
-        // Rebuilt below from what was committed (the rings, the keys and
-        // groups in memory).
+        // What passes acknowledged before the failure but the flusher had
+        // not written yet (a group's deletion, say) goes in first; the scan
+        // below then judges it like the rest (index entries into files a
+        // failed fsync poisoned count as missing and are written again).
         if let Some(d) = &self.deferred {
-            d.lock().writes.clear();
+            let taken = d.lock().take();
+            if let Err(e) = Writes::from(taken.clone()).apply(&db, self.faults()) {
+                d.lock().restore(taken);
+                return Err(e);
+            }
         }
         let mut files = self.files.lock();
         files.reset()?;
@@ -1535,7 +1648,11 @@ impl Log for SledLog {
         }
         for (name, missing) in rewrite {
             let t = rebuilt.get_mut(&name).expect("rebuilt above");
-            encode_records(&mut writes, &mut pass_file, &self.files, &name, t, &missing)?;
+            // One record per contiguous run: recovery reads a hole inside a
+            // record as damage.
+            for run in missing.chunk_by(|a, b| a.offset + 1 == b.offset) {
+                encode_records(&mut writes, &mut pass_file, &self.files, &name, t, run)?;
+            }
             t.segments
                 .make_contiguous()
                 .sort_unstable_by_key(|s| s.first);
@@ -1550,8 +1667,9 @@ impl Log for SledLog {
         drop(keys);
         self.append_pass_file(&keys_pass, &self.keys_files)?;
         self.append_pass_file(&pass_file, &self.files)?;
-        writes.apply(&db, self.faults())?;
-        self.sync_now()?;
+        // The files first, then what sled gets: rewrites before removals,
+        // so no prefix of it loses a record before its replacement is in.
+        self.sync_locked(writes.inserts_first())?;
         self.files.lock().commit(&pass_file.changes);
         self.keys_files.lock().commit(&keys_pass.changes);
         *topics = rebuilt;
@@ -1586,10 +1704,16 @@ impl Drop for SledLog {
     fn drop(&mut self) {
         self.stop_flusher();
         // Dropped without a close: sled writes what it holds on drop, so
-        // the deferred writes go to it first.
+        // the deferred writes go to it, once the files they point into are
+        // fsynced.
         if let Some(d) = &self.deferred {
+            let _sync = self.sync_lock.lock();
             let db = self.db.read().clone();
-            if let Err(e) = d.lock().take().apply(&db, None) {
+            let taken = d.lock().take();
+            let synced = [&self.files, &self.keys_files]
+                .into_iter()
+                .try_for_each(|f| f.lock().plan_sync().run(|| Ok(())));
+            if let Err(e) = synced.and_then(|()| Writes::from(taken).apply(&db, None)) {
                 tracing::warn!(error = %e, "cannot write the last deferred writes");
             }
         }
@@ -1612,7 +1736,8 @@ fn repair_keys(
     keys: &mut FastMap<Arc<str>, TopicKeys>,
     writes: &mut Writes,
 ) -> Result<Vec<KeysRewrite>, EngineError> {
-    let mut on_disk: HashMap<Arc<str>, HashSet<u64>> = HashMap::new();
+    // Per topic: first offset → sled key of every keys value kept so far.
+    let mut on_disk: HashMap<Arc<str>, HashMap<u64, Vec<u8>>> = HashMap::new();
     for kind in [KEYS, KEYS_REF] {
         for item in db.scan_prefix([kind]) {
             let (key, value) = item.map_err(storage_err)?;
@@ -1625,7 +1750,7 @@ fn repair_keys(
                 || decode::<KeysRef>(FORMAT, &value).is_some_and(|r| files.present(&r.at));
             match kept.filter(|_| present) {
                 Some((name, first)) => {
-                    on_disk.entry(name).or_default().insert(first);
+                    on_disk.entry(name).or_default().insert(first, key.to_vec());
                 }
                 None => writes.remove(key.to_vec()),
             }
@@ -1633,16 +1758,21 @@ fn repair_keys(
     }
     let mut rewrite = Vec::new();
     for (name, k) in keys.iter_mut() {
-        let present = on_disk.get(name);
+        let mut present = on_disk.remove(name).unwrap_or_default();
         let mut missing: HashSet<usize> = HashSet::new();
         for (i, stored) in k.records.iter().enumerate() {
-            if present.is_some_and(|p| p.contains(&stored.first)) {
+            if present.remove(&stored.first).is_some() {
                 if let Some(r) = stored.at {
                     files.found(&r);
                 }
             } else {
                 missing.insert(i);
             }
+        }
+        // On disk but unknown to memory (their expiry's removal was lost):
+        // nothing may point into a file once memory no longer counts it.
+        for (_, key) in present {
+            writes.remove(key);
         }
         if missing.is_empty() {
             continue;
@@ -1675,6 +1805,9 @@ fn repair_keys(
             i += 1;
             !stale.contains(&(i - 1))
         });
+    }
+    for (_, key) in on_disk.into_values().flatten() {
+        writes.remove(key);
     }
     Ok(rewrite)
 }
