@@ -21,15 +21,32 @@ pub struct Event {
     pub headers: Vec<(String, String)>,
     /// Opaque bytes; JSON by convention.
     pub payload: Bytes,
+    /// Its front-end encodings, allocated on the first one built (most
+    /// retained events never get one: 16 bytes each instead of 80).
+    encodings: OnceLock<Box<Encodings>>,
+    /// Bytes of those encodings charged to the ring holding the event
+    /// (0 once it left the ring); changed under the topic's lock.
+    pub(crate) charged: AtomicU64,
+}
+
+/// The shared encodings of one event.
+#[derive(Debug, Default)]
+struct Encodings {
     /// The event encoded once for all TCP subscribers (a whole `Event`
     /// frame with subscription id 0, patched per subscriber).
     tcp_frame: OnceLock<Bytes>,
     /// The SSE message (`id:`, `event:`, `data:` envelope), built once for
     /// all SSE subscribers.
     sse_data: OnceLock<Bytes>,
-    /// Bytes of those encodings charged to the ring holding the event
-    /// (0 once it left the ring); changed under the topic's lock.
-    pub(crate) charged: AtomicU64,
+}
+
+impl Encodings {
+    fn cell(&self, which: Encoding) -> &OnceLock<Bytes> {
+        match which {
+            Encoding::Tcp => &self.tcp_frame,
+            Encoding::Sse => &self.sse_data,
+        }
+    }
 }
 
 /// Which front-end encoding of an event.
@@ -86,8 +103,7 @@ impl Event {
             event_type,
             headers,
             payload,
-            tcp_frame: OnceLock::new(),
-            sse_data: OnceLock::new(),
+            encodings: OnceLock::new(),
             charged: AtomicU64::new(0),
         }
     }
@@ -100,10 +116,7 @@ impl Event {
         which: Encoding,
         build: impl FnOnce() -> Bytes,
     ) -> (&Bytes, Option<u64>) {
-        let cell = match which {
-            Encoding::Tcp => &self.tcp_frame,
-            Encoding::Sse => &self.sse_data,
-        };
+        let cell = self.encodings.get_or_init(Box::default).cell(which);
         let mut built = None;
         let bytes = cell.get_or_init(|| {
             let b = build();
@@ -115,10 +128,7 @@ impl Event {
 
     /// The shared `which` encoding of this event, if one was built.
     pub(crate) fn cached(&self, which: Encoding) -> Option<&Bytes> {
-        match which {
-            Encoding::Tcp => self.tcp_frame.get(),
-            Encoding::Sse => self.sse_data.get(),
-        }
+        self.encodings.get()?.cell(which).get()
     }
 
     /// Bytes this event counts against `max_bytes`: payload, type, headers
