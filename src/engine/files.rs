@@ -173,25 +173,45 @@ impl EventFiles {
     /// Counts a record found in the index. Returns false when its file is
     /// missing or shorter than the record (the record is damaged).
     pub fn found(&mut self, r: &RecordRef) -> bool {
-        match self.stats.get_mut(&r.file) {
-            Some(s) if r.pos + u64::from(r.len) <= s.size => {
-                s.live_records += 1;
-                s.live_bytes += u64::from(r.len);
-                self.total_live += u64::from(r.len);
-                true
-            }
-            _ => false,
+        if !self.holds(r) {
+            return false;
         }
+        let s = self.stats.get_mut(&r.file).expect("held above");
+        s.live_records += 1;
+        s.live_bytes += u64::from(r.len);
+        self.total_live += u64::from(r.len);
+        true
+    }
+
+    /// Whether a record's file exists and is long enough for it.
+    fn holds(&self, r: &RecordRef) -> bool {
+        self.stats
+            .get(&r.file)
+            .is_some_and(|s| r.pos + u64::from(r.len) <= s.size)
     }
 
     /// Whether a record's file holds its bytes' range and can be trusted
     /// (not poisoned by a failed fsync); not counted.
     pub fn present(&self, r: &RecordRef) -> bool {
-        !self.poisoned.contains(&r.file)
-            && self
-                .stats
-                .get(&r.file)
-                .is_some_and(|s| r.pos + u64::from(r.len) <= s.size)
+        !self.poisoned.contains(&r.file) && self.holds(r)
+    }
+
+    /// Reads the bytes a live index entry points to and decodes them,
+    /// counting them as live in their file; `None` (not counted) when they
+    /// are missing, damaged or do not decode.
+    pub fn read_live<T>(
+        &mut self,
+        r: &RecordRef,
+        decode: impl FnOnce(&[u8]) -> Option<T>,
+    ) -> Option<T> {
+        if !self.found(r) {
+            return None;
+        }
+        let value = self.read(r).and_then(|bytes| decode(&bytes));
+        if value.is_none() {
+            self.commit(&[(*r, false)]);
+        }
+        value
     }
 
     /// Reads a record's bytes, checking its CRC; `None` when they are

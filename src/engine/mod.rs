@@ -630,15 +630,7 @@ pub(crate) fn commit(
 ) -> Option<Arc<Topic>> {
     match (done, outcome) {
         (Done::Append { topic, ack }, Outcome::Appended { events, repeats }) => {
-            let (acks, trimmed) = {
-                let mut state = topic.state.write();
-                commit_events(m, &topic, &mut state, events, repeats, now)
-            };
-            if trimmed {
-                dirty.insert(topic.name.clone(), topic.clone());
-            }
-            let _ = ack.send(Ok(acks));
-            writer::settle(&topic);
+            commit_appends(m, &topic, &mut vec![(ack, events, repeats)], now, dirty);
             Some(topic)
         }
         (Done::Seal { topic, ack }, Outcome::Sealed(at)) => {

@@ -514,17 +514,36 @@ impl Writes {
     }
 
     fn apply(self, db: &sled::Db, faults: Option<&Faults>) -> Result<(), EngineError> {
-        for (key, value) in self.0 {
-            if let Some(f) = faults {
-                f.write()?;
-            }
-            match value {
-                Some(v) => db.insert(key, v).map_err(storage_err)?,
-                None => db.remove(key).map_err(storage_err)?,
-            };
-        }
-        Ok(())
+        apply_writes(
+            self.0.iter().map(|(k, v)| (&k[..], v.as_deref())),
+            db,
+            faults,
+        )
     }
+}
+
+/// Applies `(key, value, or None to remove)` writes to sled in order.
+fn apply_writes<'a>(
+    writes: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    db: &sled::Db,
+    faults: Option<&Faults>,
+) -> Result<(), EngineError> {
+    for (key, value) in writes {
+        if let Some(f) = faults {
+            f.write()?;
+        }
+        match value {
+            Some(v) => db.insert(key, v).map_err(storage_err)?,
+            None => db.remove(key).map_err(storage_err)?,
+        };
+    }
+    Ok(())
+}
+
+/// Deferred writes as [`apply_writes`] takes them (borrowed: a failed
+/// sync keeps them for the repair).
+fn deferred_writes(taken: &[DeferredWrite]) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> + '_ {
+    taken.iter().map(|(k, (_, v))| (&k[..], v.as_deref()))
 }
 
 /// The sled writes of `interval` mode passes, applied (and synced) by the
@@ -568,12 +587,6 @@ impl Deferred {
 
 /// One deferred write: key, (sequence of its last write, value or removal).
 type DeferredWrite = (Vec<u8>, (u64, Option<Vec<u8>>));
-
-impl From<Vec<DeferredWrite>> for Writes {
-    fn from(all: Vec<DeferredWrite>) -> Self {
-        Writes(all.into_iter().map(|(k, (_, v))| (k, v)).collect())
-    }
-}
 
 /// What this backend knows of one topic incarnation: the counters it
 /// assigns on and which records hold which offsets.
@@ -971,28 +984,32 @@ impl SledLog {
         let (taken, plans) = {
             let mut deferred = self.deferred.as_ref().map(|d| d.lock());
             let taken = deferred.as_mut().map(|d| d.take()).unwrap_or_default();
-            let plans = [&self.files, &self.keys_files].map(|f| f.lock().plan_sync());
+            let plans = self.file_sets().map(|f| f.lock().plan_sync());
             (taken, plans)
         };
         let file_faults = || self.faults().map_or(Ok(()), Faults::file_sync);
         if let Err(e) = plans.iter().try_for_each(|p| p.run(file_faults)) {
             self.keep_deferred(taken);
-            for (files, plan) in [&self.files, &self.keys_files].into_iter().zip(plans) {
+            for (files, plan) in self.file_sets().into_iter().zip(plans) {
                 files.lock().synced(plan, false, true);
             }
             return Err(e);
         }
-        let applied = Writes::from(taken.clone())
-            .apply(&db, self.faults())
+        let applied = apply_writes(deferred_writes(&taken), &db, self.faults())
             .and_then(|()| writes.apply(&db, self.faults()));
         let result = applied.and_then(|()| syncer.sync(&db, self.faults()));
         if result.is_err() {
             self.keep_deferred(taken);
         }
-        for (files, plan) in [&self.files, &self.keys_files].into_iter().zip(plans) {
+        for (files, plan) in self.file_sets().into_iter().zip(plans) {
             files.lock().synced(plan, result.is_ok(), false);
         }
         result
+    }
+
+    /// The event files and the keys files, in the order syncs take them.
+    fn file_sets(&self) -> [&parking_lot::Mutex<EventFiles>; 2] {
+        [&self.files, &self.keys_files]
     }
 
     /// Puts taken deferred writes back after a failed sync.
@@ -1497,7 +1514,7 @@ impl Log for SledLog {
         // failed fsync poisoned count as missing and are written again).
         if let Some(d) = &self.deferred {
             let taken = d.lock().take();
-            if let Err(e) = Writes::from(taken.clone()).apply(&db, self.faults()) {
+            if let Err(e) = apply_writes(deferred_writes(&taken), &db, self.faults()) {
                 d.lock().restore(taken);
                 return Err(e);
             }
@@ -1710,10 +1727,11 @@ impl Drop for SledLog {
             let _sync = self.sync_lock.lock();
             let db = self.db.read().clone();
             let taken = d.lock().take();
-            let synced = [&self.files, &self.keys_files]
+            let synced = self
+                .file_sets()
                 .into_iter()
                 .try_for_each(|f| f.lock().plan_sync().run(|| Ok(())));
-            if let Err(e) = synced.and_then(|()| Writes::from(taken).apply(&db, None)) {
+            if let Err(e) = synced.and_then(|()| apply_writes(deferred_writes(&taken), &db, None)) {
                 tracing::warn!(error = %e, "cannot write the last deferred writes");
             }
         }
@@ -2052,20 +2070,13 @@ struct StoredRecord {
 /// file or the bytes are damaged or missing.
 fn read_record(files: &mut EventFiles, format: u8, value: &[u8]) -> Option<StoredRecord> {
     let at = decode::<RecordRef>(format, value)?;
-    if !files.found(&at) {
-        return None;
-    }
-    let events = files.read(&at).and_then(|bytes| decode_chunks(&bytes));
-    match events {
-        Some(events) if events.last().is_some_and(|e| e.offset == at.last) => Some(StoredRecord {
-            at: Some(at),
-            events,
-        }),
-        _ => {
-            files.commit(&[(at, false)]);
-            None
-        }
-    }
+    let events = files.read_live(&at, |bytes| {
+        decode_chunks(bytes).filter(|events| events.last().is_some_and(|e| e.offset == at.last))
+    })?;
+    Some(StoredRecord {
+        at: Some(at),
+        events,
+    })
 }
 
 fn recover_topic(
@@ -2252,16 +2263,12 @@ fn recover_keys(
 /// Reads (and counts as live) the keys value a [`KeysRef`] points to;
 /// `None` (not counted) when its bytes are missing or damaged.
 fn read_keys(files: &mut EventFiles, at: &RecordRef) -> Option<StoredKeys> {
-    if !files.found(at) {
-        return None;
-    }
-    let stored = files.read(at).and_then(|bytes| {
-        bincode::serde::decode_from_slice::<StoredKeys, _>(&bytes, bincode_config())
+    let stored = files.read_live(at, |bytes| {
+        bincode::serde::decode_from_slice::<StoredKeys, _>(bytes, bincode_config())
             .ok()
             .map(|(v, _)| v)
     });
     if stored.is_none() {
-        files.commit(&[(*at, false)]);
         tracing::warn!("idempotency keys of a pass are damaged; retries of those publishes are no longer recognised");
     }
     stored

@@ -423,9 +423,7 @@ pub fn run(path: &str) -> Result<()> {
     }
     println!();
     println!("Targets:");
-    let ratio = |a: &str, b: &str, key: &str| -> Option<f64> {
-        Some(results.get(a)?.num(key)? / results.get(b)?.num(key)?)
-    };
+    let ratio = |a: &str, b: &str, key: &str| ratio_of(&results, a, b, key);
     let verdict = |name: String, r: Option<f64>, higher: bool| match r {
         Some(r) => {
             let met = if higher { r >= 1.0 } else { r <= 1.0 };
@@ -523,12 +521,15 @@ pub fn run(path: &str) -> Result<()> {
     Ok(())
 }
 
+/// `key` of the result labelled `a` over the same of `b`.
+fn ratio_of(results: &HashMap<String, Record>, a: &str, b: &str, key: &str) -> Option<f64> {
+    Some(results.get(a)?.num(key)? / results.get(b)?.num(key)?)
+}
+
 /// The targets of issue 15 (persisted and memory publish, fan-out CPU,
 /// resume), each a ratio against its goal, from the same run.
 fn issue15_targets(results: &HashMap<String, Record>) {
-    let ratio = |a: &str, b: &str, key: &str| -> Option<f64> {
-        Some(results.get(a)?.num(key)? / results.get(b)?.num(key)?)
-    };
+    let ratio = |a: &str, b: &str, key: &str| ratio_of(results, a, b, key);
     println!();
     println!("Issue 15 targets (ratio ringcast / peer; goal):");
     let goal = |name: &str, r: Option<f64>, goal: f64, higher: bool| {
