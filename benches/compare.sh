@@ -13,6 +13,13 @@
 #                                 # file), with their storage cost: write
 #                                 # amplification, disk and RSS per retained byte
 #                                 # (combine with --quick for the small size)
+#   benches/compare.sh --sse      # only the SSE row (ringcast alone, about a minute):
+#                                 # server RSS per idle SSE connection and broadcast
+#                                 # delivery at 10,000 connections (--quick: 1,000).
+#                                 # With BASELINE_RINGCASTD=<a ringcastd built before a
+#                                 # change>, the same row for that binary first, in the
+#                                 # same run (BASELINE_BENCH: a ringcast-bench that
+#                                 # speaks its protocol, when it differs).
 #
 # Installs redis-server and nats-server if absent (Debian packages), builds
 # ringcastd and ringcast-bench in release, starts every server on loopback
@@ -29,19 +36,20 @@ set -euo pipefail
 # Debian installs nats-server in /usr/sbin, which a non-root PATH may lack.
 PATH=$PATH:/usr/sbin:/sbin
 
-QUICK=0 AUTH_ONLY=0 GROUPS_ONLY=0 PERSIST_ONLY=0
+QUICK=0 AUTH_ONLY=0 GROUPS_ONLY=0 PERSIST_ONLY=0 SSE_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
         --auth) AUTH_ONLY=1 ;;
         --groups) GROUPS_ONLY=1 ;;
         --persist) PERSIST_ONLY=1 ;;
+        --sse) SSE_ONLY=1 ;;
         -h | --help)
-            sed -n '2,26p' "$0"
+            sed -n '2,34p' "$0"
             exit 0
             ;;
         *)
-            echo "compare.sh: unknown argument $arg (use --quick, --auth, --groups, --persist or nothing)" >&2
+            echo "compare.sh: unknown argument $arg (use --quick, --auth, --groups, --persist, --sse or nothing)" >&2
             exit 2
             ;;
     esac
@@ -90,7 +98,7 @@ if (($(ulimit -n) < SSE_N + 256)); then
 fi
 
 # ---------------------------------------------------------------- peers
-if ((!AUTH_ONLY)) && { ! command -v redis-server >/dev/null || ! command -v nats-server >/dev/null; }; then
+if ((!AUTH_ONLY && !SSE_ONLY)) && { ! command -v redis-server >/dev/null || ! command -v nats-server >/dev/null; }; then
     SUDO=()
     if (($(id -u) != 0)); then SUDO=(sudo); fi
     echo "== installing redis-server and nats-server" >&2
@@ -312,7 +320,34 @@ auth_rows() {
     stop_server
 }
 
+# The SSE row: SSE_N idle SSE connections on a fresh broker (a clean RSS
+# baseline), then broadcasts to all of them.
+sse_row() { # label
+    start_ringcast memory
+    bench ringcast "$1" sse --http-addr "$SRV_HTTP" --connections "$SSE_N" --broadcasts 5
+    stop_server
+}
+
 BEGIN=$(date +%s)
+
+if ((SSE_ONLY)); then
+    if [[ -n ${BASELINE_RINGCASTD:-} ]]; then
+        BUILT_RINGCASTD=$RINGCASTD BUILT_BENCH=$BENCH
+        RINGCASTD=$BASELINE_RINGCASTD BENCH=${BASELINE_BENCH:-$BENCH}
+        sse_row sse.ringcast.baseline
+        RINGCASTD=$BUILT_RINGCASTD BENCH=$BUILT_BENCH
+    fi
+    sse_row sse.ringcast
+    echo "== $(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+    "$BENCH" report "$RESULTS" | grep -E '^\| (scenario|---)|SSE'
+    if [[ -n ${BASELINE_RINGCASTD:-} ]]; then
+        kib() { grep -F "\"label\":\"$1\"" "$RESULTS" | grep -o '"rss_per_conn_kib":[0-9.]*' | cut -d: -f2; }
+        echo
+        echo "RSS per idle SSE connection: $(kib sse.ringcast) KiB ($RINGCASTD)," \
+            "$(kib sse.ringcast.baseline) KiB ($BASELINE_RINGCASTD)"
+    fi
+    exit $((FAILED > 0))
+fi
 
 if ((AUTH_ONLY)); then
     # Back to back in one run (each row the median of REPEAT runs).
@@ -399,9 +434,7 @@ bench ringcast latency.ringcast latency --rate 10000 --duration-s "$LAT_S" --pay
 stop_server
 
 auth_rows
-start_ringcast memory # fresh process: a clean RSS baseline
-bench ringcast sse.ringcast sse --http-addr "$SRV_HTTP" --connections "$SSE_N" --broadcasts 5
-stop_server
+sse_row sse.ringcast
 
 # ---------------------------------------------------------------- Redis
 start_redis always

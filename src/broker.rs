@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::conns::Registry;
 use crate::engine::Engine;
 use crate::http::{self, HttpSettings, HttpState};
 use crate::tcp::{self, TcpSettings};
@@ -27,6 +28,7 @@ pub struct Broker {
     http_addr: SocketAddr,
     http: HttpState,
     auth: Arc<Auth>,
+    conns: Registry,
     shutdown_timeout: Duration,
     shutdown: CancellationToken,
     kill: CancellationToken,
@@ -77,11 +79,13 @@ impl Broker {
         let shutdown = CancellationToken::new();
         let kill = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let conns = Registry::new();
         tracker.spawn(housekeeping(auth.clone(), shutdown.clone(), kill.clone()));
         tracker.spawn(tcp::serve(
             tcp_listener,
             engine.clone(),
             auth.clone(),
+            conns.clone(),
             TcpSettings::from_config(&config),
             shutdown.clone(),
             kill.clone(),
@@ -92,7 +96,8 @@ impl Broker {
             auth.clone(),
             HttpSettings::from_config(&config),
             shutdown.clone(),
-        );
+        )
+        .with_connections(conns.clone());
         let app = http::router(http.clone());
         tracker.spawn(http::serve(
             http_listener,
@@ -109,6 +114,7 @@ impl Broker {
             http_addr,
             http,
             auth,
+            conns,
             shutdown_timeout: config.server.shutdown_timeout,
             shutdown,
             kill,
@@ -129,6 +135,11 @@ impl Broker {
     /// Access control shared by the front ends.
     pub fn auth(&self) -> &Arc<Auth> {
         &self.auth
+    }
+
+    /// The registry of live client connections (TCP and SSE).
+    pub fn connections(&self) -> &Registry {
+        &self.conns
     }
 
     /// Re-reads the JWT key files (SIGHUP): tokens signed by keys added are

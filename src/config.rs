@@ -130,6 +130,12 @@ pub struct LimitsConfig {
     pub max_ephemeral_topics: usize,
     /// Most consumer groups over all topics.
     pub max_groups: usize,
+    /// Most topics and patterns named by one SSE stream or TCP pattern
+    /// subscription; more are refused (HTTP 400).
+    pub max_stream_topics: usize,
+    /// Most topics the patterns of one SSE stream or TCP subscription may
+    /// bring in; more are refused at the start, and end the stream later.
+    pub max_pattern_matches: usize,
 }
 
 impl Default for LimitsConfig {
@@ -150,6 +156,8 @@ impl Default for LimitsConfig {
             max_history_bytes: ByteSize::mib(4),
             max_ephemeral_topics: engine.max_ephemeral_topics,
             max_groups: engine.max_groups,
+            max_stream_topics: 64,
+            max_pattern_matches: 1_000,
         }
     }
 }
@@ -208,6 +216,12 @@ pub struct ServerConfig {
     /// must arrive whole within this; a slower peer is cut off.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// Take the LZ4 payload compression a TCP client offers in `HelloExt`
+    /// (the client asks; off, every connection carries plain payloads).
+    pub tcp_compression: bool,
+    /// The smallest payload compressed on a TCP connection, whatever
+    /// smaller threshold the client offers.
+    pub tcp_compression_min_size: ByteSize,
 }
 
 /// A list of strings, also accepted as one comma-separated string (the
@@ -241,6 +255,8 @@ impl Default for ServerConfig {
             cors_write_origins: Vec::new(),
             allowed_hosts: Vec::new(),
             read_timeout: Duration::from_secs(30),
+            tcp_compression: true,
+            tcp_compression_min_size: ByteSize::b(128),
         }
     }
 }
@@ -432,6 +448,7 @@ impl Config {
                 "limits.max_subscriptions_per_connection",
                 self.limits.max_subscriptions_per_connection,
             ),
+            ("limits.max_stream_topics", self.limits.max_stream_topics),
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));

@@ -8,6 +8,8 @@
 //!   subscriptions (cursors), and the sled store with group commit.
 //! - [`tcp`]: the binary TCP front end (`docs/protocol.md`).
 //! - [`http`]: the SSE bridge, the JSON API and health endpoints (axum).
+//! - [`conns`]: the registry of live client connections (listing, lag,
+//!   closing one), shared by the front ends.
 //! - [`broker`]: the engine plus its front ends, started and stopped as one.
 //! - [`metrics`]: Prometheus metric names and the exporter handle.
 //! - [`systemd`]: readiness, status and watchdog notifications.
@@ -21,6 +23,7 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod conns;
 pub mod engine;
 pub mod http;
 pub mod metrics;

@@ -58,6 +58,19 @@ pub const STORAGE_WRITABLE: &str = "ringcast_storage_writable";
 /// by `transport`.
 pub const OUTBOUND_QUEUED_BYTES: &str = "ringcast_outbound_queued_bytes";
 
+/// Event payloads on TCP connections with compression on, in bytes before
+/// compression, by `direction` (`in`: publishes, `out`: events, deliveries
+/// and history).
+pub const TCP_PAYLOAD_PLAIN_BYTES: &str = "ringcast_tcp_compression_plain_bytes_total";
+/// The same payloads in bytes as they went on the wire (codec marker and
+/// header included), by `direction`; plain minus wire is what compression
+/// saved.
+pub const TCP_PAYLOAD_WIRE_BYTES: &str = "ringcast_tcp_compression_wire_bytes_total";
+/// Payloads the broker ran the codec on, by `op` (`compress`: once per
+/// event however many subscribers get it, `decompress`: per payload
+/// received compressed).
+pub const TCP_CODEC_RUNS: &str = "ringcast_tcp_compression_runs_total";
+
 /// Requests refused by access control, by `transport` and `code`
 /// (`unauthorized`, `token_expired`, `forbidden`, `origin_not_allowed`,
 /// `host_not_allowed`).
@@ -149,6 +162,20 @@ fn describe() {
     describe_counter!(DELIVERED, "Events delivered to subscribers.");
     describe_counter!(BYTES_IN, Unit::Bytes, "Bytes received from clients.");
     describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes sent to clients.");
+    describe_counter!(
+        TCP_PAYLOAD_PLAIN_BYTES,
+        Unit::Bytes,
+        "Payload bytes before compression on TCP connections with compression on, by direction."
+    );
+    describe_counter!(
+        TCP_PAYLOAD_WIRE_BYTES,
+        Unit::Bytes,
+        "The same payloads as sent on the wire (marker and header included), by direction."
+    );
+    describe_counter!(
+        TCP_CODEC_RUNS,
+        "Payloads compressed (once per event for all subscribers) or decompressed, by op."
+    );
     describe_counter!(GAPS, "Gap messages sent to subscribers, by reason.");
     describe_counter!(
         SLOW_CONSUMERS,

@@ -321,6 +321,33 @@ impl Principal {
         list.iter().any(|p| p.matches(topic))
     }
 
+    /// Whether `action` is granted on every topic (a pattern of `*` alone):
+    /// what broker-wide requests need, e.g. listing or closing connections.
+    pub fn may_everywhere(&self, action: Action) -> bool {
+        let list = match action {
+            Action::Publish => &self.inner.grants.publish,
+            Action::Subscribe => &self.inner.grants.subscribe,
+            Action::Admin => &self.inner.grants.admin,
+        };
+        list.iter().any(TopicPattern::matches_everything)
+    }
+
+    /// The error for a refused broker-wide `action` (`what` says what was
+    /// asked, e.g. "list connections"), as [`refusal`](Self::refusal) words it.
+    pub fn refusal_everywhere(&self, action: Action, what: &str) -> Denied {
+        if self.inner.kind == Kind::Anonymous {
+            Denied::Missing(format!(
+                "credentials required to {what} ({} on every topic)",
+                action.as_str()
+            ))
+        } else {
+            Denied::Forbidden(format!(
+                "not granted: {what} needs {} on every topic (\"*\")",
+                action.as_str()
+            ))
+        }
+    }
+
     /// Whether any grant names `topic` (what a topic listing shows).
     pub fn may_see(&self, topic: &str) -> bool {
         [Action::Subscribe, Action::Publish, Action::Admin]

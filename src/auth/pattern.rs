@@ -135,6 +135,11 @@ impl TopicPattern {
         p[pi..].iter().all(|part| *part == Part::Any)
     }
 
+    /// Whether the pattern matches every topic name (it is all `*`).
+    pub fn matches_everything(&self) -> bool {
+        !self.parts.is_empty() && self.parts.iter().all(|part| *part == Part::Any)
+    }
+
     /// The pattern as written (before `{sub}` substitution).
     pub fn as_str(&self) -> &str {
         &self.source
@@ -168,6 +173,10 @@ mod tests {
         assert!(!p("a*b*c").matches("aXXbYY"));
         assert!(p("exact").matches("exact"));
         assert!(!p("exact").matches("exact2"));
+        assert!(p("*").matches_everything());
+        assert!(p("**").matches_everything());
+        assert!(!p("?").matches_everything());
+        assert!(!p("orders.*").matches_everything());
     }
 
     #[test]

@@ -38,6 +38,12 @@ struct Encodings {
     /// The SSE message (`id:`, `event:`, `data:` envelope), built once for
     /// all SSE subscribers.
     sse_data: OnceLock<Bytes>,
+    /// The TCP `Event` frame for connections with LZ4 compression on: the
+    /// payload compressed once for all of them (`Encoding::TcpLz4`).
+    tcp_lz4_frame: OnceLock<Bytes>,
+    /// The TCP `Event` frame for connections with compression on, the
+    /// payload raw behind its marker (`Encoding::TcpMarked`).
+    tcp_marked_frame: OnceLock<Bytes>,
 }
 
 impl Encodings {
@@ -45,6 +51,8 @@ impl Encodings {
         match which {
             Encoding::Tcp => &self.tcp_frame,
             Encoding::Sse => &self.sse_data,
+            Encoding::TcpLz4 => &self.tcp_lz4_frame,
+            Encoding::TcpMarked => &self.tcp_marked_frame,
         }
     }
 }
@@ -56,6 +64,13 @@ pub(crate) enum Encoding {
     Tcp,
     /// The SSE message.
     Sse,
+    /// The TCP `Event` frame with its payload LZ4-compressed (or raw behind
+    /// its marker when that does not shrink it), for connections that
+    /// negotiated compression.
+    TcpLz4,
+    /// The TCP `Event` frame with its payload raw behind its marker, for
+    /// connections that negotiated compression with a larger threshold.
+    TcpMarked,
 }
 
 impl Clone for Event {

@@ -9,6 +9,7 @@ mod event;
 mod files;
 mod group;
 mod log;
+mod multi;
 mod settings;
 mod store;
 mod subscription;
@@ -37,6 +38,7 @@ pub use group::{
     PendingInfo, Settled, DLQ_ATTEMPTS, DLQ_EPOCH, DLQ_GROUP, DLQ_OFFSET, DLQ_REASON, DLQ_TOPIC,
 };
 pub use log::Health;
+pub use multi::{Member, MultiDelivery, MultiSubscription, Position, Selection, TopicFilter};
 pub use settings::{Durability, Retention, TopicOverride, TopicsConfig};
 pub use store::{Faults, RecoveryReport};
 pub use subscription::Subscription;
@@ -84,6 +86,9 @@ pub enum EngineError {
     /// Creating the topic would exceed `max_topics`.
     #[error("too many topics (limit {0})")]
     TooManyTopics(usize),
+    /// The patterns of a subscription match more topics than it may hold.
+    #[error("the patterns match more than {0} topics (limits.max_pattern_matches); narrow them")]
+    TooManyMatches(usize),
     /// Retained bytes over all topics reached `max_retained_bytes`.
     #[error("the broker's retained-bytes limit of {0} bytes is reached; retry later")]
     OverCapacity(u64),
@@ -1186,6 +1191,9 @@ impl Engine {
                 }
                 let topic = Topic::new(name.clone(), state, now_ms(), Arc::downgrade(registry));
                 e.insert(topic.clone());
+                if !ephemeral {
+                    registry.announce(&name);
+                }
                 tracing::debug!(topic = %name, ephemeral, "topic created");
                 Ok(topic)
             }

@@ -180,6 +180,17 @@ impl Subscription {
         self.live_offset
     }
 
+    /// A receiver that changes whenever the topic commits something (for
+    /// waiting on many subscriptions at once, see `MultiSubscription`).
+    pub(crate) fn watch(&self) -> watch::Receiver<u64> {
+        self.rx.clone()
+    }
+
+    /// Whether the topic was deleted (rather than sealed).
+    pub(crate) fn deleted(&self) -> bool {
+        self.topic.state.read().deleted
+    }
+
     /// The topic name.
     pub fn topic(&self) -> &str {
         &self.topic.name

@@ -279,6 +279,36 @@ pub(crate) struct Registry {
     pub groups: dashmap::DashMap<(Arc<str>, Arc<str>), Arc<super::group::Group>>,
     /// Groups changed since the writer last stored them.
     pub dirty_groups: parking_lot::Mutex<Vec<Arc<super::group::Group>>>,
+    /// Names of topics as they become stored (see [`Registry::announce`]).
+    pub created: Announcer,
+}
+
+/// Tells pattern subscriptions about topics as they become stored.
+#[derive(Debug)]
+pub(crate) struct Announcer(tokio::sync::broadcast::Sender<Arc<str>>);
+
+impl Default for Announcer {
+    fn default() -> Self {
+        // A pattern stream that misses more rescans every topic.
+        Self(tokio::sync::broadcast::Sender::new(1024))
+    }
+}
+
+impl Announcer {
+    /// A receiver of the names announced from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.0.subscribe()
+    }
+}
+
+impl Registry {
+    /// Announces that `name` is now a stored topic (created, or its first
+    /// event): pattern subscriptions join it. Costs nothing without any.
+    pub fn announce(&self, name: &Arc<str>) {
+        if self.created.0.receiver_count() > 0 {
+            let _ = self.created.0.send(name.clone());
+        }
+    }
 }
 
 impl Topic {
@@ -308,6 +338,9 @@ impl Topic {
         if std::mem::replace(&mut state.ephemeral, false) {
             if let Some(registry) = self.registry.upgrade() {
                 registry.ephemeral.fetch_sub(1, Ordering::AcqRel);
+                if !state.deleted {
+                    registry.announce(&self.name);
+                }
             }
         }
     }

@@ -49,6 +49,15 @@ impl Caller {
         Err(self.refuse(self.principal.refusal(action, topic)))
     }
 
+    /// `Ok` when `action` is granted on every topic (what broker-wide
+    /// routes need: connections, stats); `what` names the request.
+    pub(crate) fn require_everywhere(&self, action: Action, what: &str) -> Result<(), ApiError> {
+        if self.principal.may_everywhere(action) {
+            return Ok(());
+        }
+        Err(self.refuse(self.principal.refusal_everywhere(action, what)))
+    }
+
     /// `Ok` when the caller holds any grant (what listing topics needs).
     pub(crate) fn require_any_grant(&self) -> Result<(), ApiError> {
         if self.principal.has_any_grant() {

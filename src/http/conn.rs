@@ -5,6 +5,9 @@
 //! says nothing about what the peer has read. Counting the bytes that reach
 //! the socket (below hyper) lets the stream bound what it has queued, and
 //! notice a peer that stopped reading altogether.
+//!
+//! [`Rewind`] puts back in front of a connection the bytes [`super::h1`]
+//! read before handing it to hyper.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,6 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::http::Request;
+use bytes::Bytes;
 use hyper::service::Service;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -107,6 +111,70 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         self.shared.noted(&r);
         r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A connection's IO with bytes already read from it put back in front:
+/// hyper reads them again (see [`super::h1`]). Writes go straight through.
+#[derive(Debug)]
+pub(crate) struct Rewind<T> {
+    /// Freed once read (empty `Bytes` hold no allocation).
+    read: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    /// `inner`, read from `read` first.
+    pub(crate) fn new(inner: T, read: Bytes) -> Self {
+        Self { read, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.read.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.read.len().min(buf.remaining());
+        buf.put_slice(&self.read.split_to(n));
+        if self.read.is_empty() {
+            self.read = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -9,6 +9,8 @@
 //! | `GET /v1/topics/{topic}/history` | paginated retained events |
 //! | `GET /v1/topics`, `GET /v1/topics/{topic}` | list, info |
 //! | `POST /v1/topics/{topic}/seal`, `DELETE /v1/topics/{topic}` | lifecycle |
+//! | `GET /v1/connections`, `GET`/`DELETE /v1/connections/{id}` | live connections ([`conns`]) |
+//! | `GET /v1/stats` | broker-wide counts |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness |
 //! | `GET /metrics` | Prometheus text |
 //!
@@ -20,11 +22,15 @@
 
 mod access;
 mod api;
+mod compress;
 mod conn;
+mod conns;
 mod cross_site;
 mod envelope;
 mod groups;
+mod h1;
 mod sse;
+mod stream_id;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -53,6 +59,10 @@ pub struct HttpSettings {
     pub retry: Duration,
     /// Most SSE connections at once.
     pub max_sse_connections: usize,
+    /// Most topics and patterns one SSE stream may name.
+    pub max_stream_topics: usize,
+    /// Most topics the patterns of one SSE stream may bring in.
+    pub max_pattern_matches: usize,
     /// Largest payload accepted by `POST .../events`.
     pub max_payload: u64,
     /// Largest body of `POST .../events:batch` (`limits.max_frame`, the
@@ -91,6 +101,8 @@ impl HttpSettings {
             heartbeat: config.server.heartbeat,
             retry: Duration::from_secs(2),
             max_sse_connections: config.limits.max_sse_connections,
+            max_stream_topics: config.limits.max_stream_topics,
+            max_pattern_matches: config.limits.max_pattern_matches,
             max_payload: config.limits.max_payload.as_u64(),
             max_batch_body: config.limits.max_frame.as_u64(),
             cors_origins: config.server.cors_origins.clone(),
@@ -118,6 +130,7 @@ pub struct HttpState {
     request_permits: Arc<Semaphore>,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
+    connections: crate::conns::Registry,
 }
 
 impl HttpState {
@@ -137,6 +150,7 @@ impl HttpState {
             settings: Arc::new(settings),
             ready: Arc::new(AtomicBool::new(false)),
             shutdown,
+            connections: crate::conns::Registry::default(),
         }
     }
 
@@ -164,6 +178,9 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/topics/{topic}/events:batch", post(api::publish_batch))
         .route("/v1/topics/{topic}/history", get(api::history))
         .route("/v1/topics/{topic}/seal", post(api::seal))
+        .route("/v1/connections", get(conns::list))
+        .route("/v1/connections/{id}", get(conns::get).delete(conns::close))
+        .route("/v1/stats", get(conns::stats))
         .merge(groups::routes())
         .route("/metrics", get(api::metrics))
         // Only the routes above: SSE streams have their own limit, and
@@ -173,6 +190,7 @@ pub fn router(state: HttpState) -> Router {
             limit_requests,
         ))
         .route(SSE_ROUTE, get(sse::events))
+        .route("/v1/events", get(sse::events_many))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .fallback(api::not_found)
@@ -222,7 +240,9 @@ async fn limit_requests(
 /// shutdown`) and closes idle keep-alive connections; `kill` drops every
 /// connection at once. At most `max_connections` are open at once: more
 /// are closed at accept. A peer IP over `auth.rate.connections_per_second`
-/// gets 429 on that connection, which is then closed.
+/// gets 429 on that connection, which is then closed. Each connection is
+/// served by `h1::Connection`: event streams without hyper's buffers,
+/// everything else by hyper.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -231,8 +251,6 @@ pub async fn serve(
     kill: CancellationToken,
     tracker: tokio_util::task::TaskTracker,
 ) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-
     let settings = state.settings();
     let permits = Arc::new(Semaphore::new(settings.max_connections));
     let read_timeout = settings.read_timeout;
@@ -268,38 +286,19 @@ pub async fn serve(
             ));
             continue;
         }
-        let io = Arc::new(conn::ConnIo::default());
-        let service = conn::WithConn::new(app.clone(), io.clone(), peer);
-        let (shutdown, kill) = (shutdown.clone(), kill.clone());
-        tracker.spawn(async move {
-            let _permit = permit;
-            // HTTP/1.1 only: what EventSource and curl speak, and no
-            // protocol-sniffing buffer per connection (idle SSE memory).
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(read_timeout)
-                .serve_connection(
-                    TokioIo::new(conn::CountingIo::new(stream, io.clone())),
-                    service,
-                );
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                    }
-                    return;
-                }
-                _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
-                _ = kill.cancelled() => return,
-                _ = watchdog(&io, heartbeat, &peer) => return,
-            }
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = kill.cancelled() => {}
-                _ = watchdog(&io, heartbeat, &peer) => {}
-            }
-        });
+        // Its first request is read by `h1`, which writes event streams
+        // itself and hands everything else to hyper (idle SSE memory).
+        let connection = h1::Connection {
+            app: app.clone(),
+            io: Arc::new(conn::ConnIo::default()),
+            peer,
+            read_timeout,
+            heartbeat,
+            shutdown: shutdown.clone(),
+            kill: kill.clone(),
+            permit,
+        };
+        tracker.spawn(connection.serve(stream));
     }
 }
 
@@ -322,8 +321,7 @@ async fn watchdog(io: &conn::ConnIo, heartbeat: Duration, peer: &std::net::Socke
             stuck += 1;
             // The first tick may come right after the write blocked.
             if stuck > STALL_HEARTBEATS {
-                crate::metrics::refused("write_stall");
-                tracing::warn!(%peer, "HTTP peer read nothing for {STALL_HEARTBEATS} heartbeats: disconnected");
+                write_stalled(peer);
                 return;
             }
         } else {
@@ -331,6 +329,13 @@ async fn watchdog(io: &conn::ConnIo, heartbeat: Duration, peer: &std::net::Socke
         }
         last = written;
     }
+}
+
+/// Counts and logs a connection dropped by the write watchdog (or by the
+/// same check in [`h1`]'s event streams).
+fn write_stalled(peer: &std::net::SocketAddr) {
+    crate::metrics::refused("write_stall");
+    tracing::warn!(%peer, "HTTP peer read nothing for {STALL_HEARTBEATS} heartbeats: disconnected");
 }
 
 /// Answers every request of a connection over the connection rate with 429
@@ -452,6 +457,7 @@ impl From<EngineError> for ApiError {
             EngineError::TopicNotFound(_) => (StatusCode::NOT_FOUND, "topic_not_found"),
             EngineError::TopicSealed(_) => (StatusCode::CONFLICT, "topic_sealed"),
             EngineError::TooManyTopics(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_topics"),
+            EngineError::TooManyMatches(_) => (StatusCode::BAD_REQUEST, "too_many_topics"),
             EngineError::OverCapacity(_) | EngineError::TopicFull { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "over_capacity")
             }

@@ -32,17 +32,16 @@
 //! event delivered: a reconnect with a fresh token and that id
 //! (`Last-Event-ID` or `?last_event_id=`) misses nothing.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Version};
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use serde::Deserialize;
@@ -51,11 +50,17 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::access::SseCaller;
+use super::compress::{encoded_sse_response, negotiate, Coding, Compressor};
 use super::conn::ConnIo;
+use super::conn::Peer;
 use super::envelope::{event_json, gap_json};
+use super::stream_id::{self, Entry, StreamSelection};
 use super::{ApiError, HttpState};
-use crate::auth::{Action, SseSlot};
-use crate::engine::{Delivery, Encoding, Start, Subscription};
+use crate::auth::{Action, SseSlot, TopicPattern};
+use crate::conns::{ConnGuard, ConnKind, SubHandle};
+use crate::engine::{
+    Delivery, Encoding, Event, MultiDelivery, MultiSubscription, Selection, Start, Subscription,
+};
 
 /// Query parameters of the SSE endpoint.
 #[derive(Debug, Default, Deserialize)]
@@ -197,8 +202,7 @@ pub(crate) async fn events(
     State(state): State<HttpState>,
     Path(topic): Path<String>,
     Query(query): Query<EventsQuery>,
-    conn: Option<Extension<Arc<ConnIo>>>,
-    version: Version,
+    socket: Socket,
     headers: HeaderMap,
 ) -> Response {
     if let Err(e) = caller.require(Action::Subscribe, &topic) {
@@ -219,46 +223,248 @@ pub(crate) async fn events(
             }
         }
     }
-    // hyper frames an HTTP/1.1 stream as chunks (counted as written bytes);
-    // an HTTP/1.0 one is close-delimited, with no framing.
-    let chunked = version >= Version::HTTP_11;
-    let conn = conn.map(|Extension(c)| (c, chunked));
-    let slot = match state.auth.limits().sse_slot(&caller.principal) {
-        Ok(slot) => slot,
-        Err(limit) => {
-            tracing::warn!(
-                topic,
-                limit,
-                "SSE stream refused: too many for this credential"
-            );
-            return ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!(
-                    "this credential already has {limit} SSE streams open \
-                     (auth.rate.sse_per_credential); close one first"
-                ),
-            )
-            .into_response();
-        }
-    };
-    let access = Access {
-        slot,
-        ends: caller.principal.deadline(),
-    };
-    match open(&state, &topic, &query, start, conn, access) {
+    let opened = sse_slot(&state, &caller, socket.peer, &topic)
+        .and_then(|access| open(&state, &topic, &query, start, socket.conn, access));
+    match opened {
         Ok(stream) => {
-            let mut response = Body::from_stream(stream).into_response();
-            let h = response.headers_mut();
-            h.insert(
-                "content-type",
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert("cache-control", HeaderValue::from_static("no-cache"));
-            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-            response
+            let coding = negotiate(&headers);
+            encoded_sse_response(coding, body(stream, coding))
         }
         Err(e) => e.into_response(),
+    }
+}
+
+/// What `GET /v1/events` asks for.
+struct ManyQuery {
+    selection: StreamSelection,
+    types: Vec<String>,
+    earliest: bool,
+    last_event_id: Option<String>,
+}
+
+/// Parses the query of `GET /v1/events`: repeatable `topic` (a name or a
+/// pattern; commas separate several), `types`, `earliest`, `last_event_id`.
+fn parse_many(raw: &str, settings: &super::HttpSettings) -> Result<ManyQuery, ApiError> {
+    let mut topics: Vec<String> = Vec::new();
+    let mut patterns: Vec<TopicPattern> = Vec::new();
+    let mut types = Vec::new();
+    let mut earliest = false;
+    let mut last_event_id = None;
+    for (key, value) in form_urlencoded::parse(raw.as_bytes()) {
+        match &*key {
+            "topic" => {
+                for item in parse_list(Some(&value)) {
+                    if item.contains(['*', '?', '{']) {
+                        let pattern = match TopicPattern::compile(&item, None) {
+                            Ok(Some(p)) => p,
+                            Ok(None) => {
+                                return Err(ApiError::bad_request(format!(
+                                    "topic pattern {item:?}: {{sub}} is for grants, not streams"
+                                )))
+                            }
+                            Err(e) => return Err(ApiError::bad_request(e.to_string())),
+                        };
+                        if !patterns.iter().any(|p| p.as_str() == pattern.as_str()) {
+                            patterns.push(pattern);
+                        }
+                    } else {
+                        crate::engine::validate_topic(&item)?;
+                        if !topics.contains(&item) {
+                            topics.push(item);
+                        }
+                    }
+                }
+            }
+            "types" => types.extend(parse_list(Some(&value))),
+            "earliest" => {
+                earliest = match &*value {
+                    "true" => true,
+                    "false" => false,
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "earliest={other:?}: true or false"
+                        )))
+                    }
+                }
+            }
+            "last_event_id" => last_event_id = Some(value.into_owned()),
+            "after_versions" | "epoch" => {
+                return Err(ApiError::bad_request(
+                    "after_versions needs a single topic: use /v1/topics/{topic}/events",
+                ))
+            }
+            // access_token and anything else a page adds.
+            _ => {}
+        }
+    }
+    if topics.is_empty() && patterns.is_empty() {
+        return Err(ApiError::bad_request(
+            "name at least one topic or pattern: /v1/events?topic=a&topic=orders.*",
+        ));
+    }
+    let named = topics.len() + patterns.len();
+    if named > settings.max_stream_topics {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_topics",
+            format!(
+                "{named} topics and patterns, at most {} per stream (limits.max_stream_topics)",
+                settings.max_stream_topics
+            ),
+        ));
+    }
+    if !patterns.is_empty() && settings.max_pattern_matches == 0 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_topics",
+            "patterns are off on this broker (limits.max_pattern_matches = 0)",
+        ));
+    }
+    Ok(ManyQuery {
+        selection: StreamSelection::new(topics, patterns),
+        types,
+        earliest,
+        last_event_id,
+    })
+}
+
+/// `GET /v1/events?topic=a&topic=orders.*`: one stream over several topics
+/// and patterns (see the module docs).
+pub(crate) async fn events_many(
+    SseCaller(caller): SseCaller,
+    State(state): State<HttpState>,
+    RawQuery(raw): RawQuery,
+    socket: Socket,
+    headers: HeaderMap,
+) -> Response {
+    let raw = raw.as_deref().unwrap_or("");
+    match open_many(&state, &caller, raw, &headers, socket) {
+        Ok(Some(stream)) => {
+            let coding = negotiate(&headers);
+            encoded_sse_response(coding, body(stream, coding))
+        }
+        // Every topic ended and nothing can join: EventSource stops.
+        Ok(None) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn open_many(
+    state: &HttpState,
+    caller: &super::access::Caller,
+    raw: &str,
+    headers: &HeaderMap,
+    socket: Socket,
+) -> Result<Option<SseStream>, ApiError> {
+    let query = parse_many(raw, &state.settings)?;
+    for t in &query.selection.topics {
+        caller.require(Action::Subscribe, t)?;
+    }
+    let header = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::bad_request("Last-Event-ID is not ASCII"))
+        })
+        .transpose()?
+        .filter(|v| !v.trim().is_empty());
+    let positions =
+        match header.or(query.last_event_id.as_deref()) {
+            Some(id) => Some(stream_id::decode(&query.selection, id).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_start", e.to_string())
+            })?),
+            None => None,
+        };
+    let access = sse_slot(state, caller, socket.peer, "(many)")?;
+    let permit = sse_permit(state, "(many)")?;
+    let principal = caller.principal.clone();
+    let sub = state.engine.subscribe_many(Selection {
+        topics: query.selection.topics.clone(),
+        patterns: query.selection.patterns.clone(),
+        types: query.types,
+        resumed: positions.is_some(),
+        positions: positions.unwrap_or_default(),
+        fresh: if query.earliest {
+            Start::Earliest
+        } else {
+            Start::Live
+        },
+        max_matches: state.settings.max_pattern_matches,
+        allow: Arc::new(move |topic: &str| principal.may(Action::Subscribe, topic)),
+    })?;
+    if sub.finished() {
+        return Ok(None);
+    }
+    let mut many = Many {
+        sub,
+        selection: query.selection,
+        id: String::new(),
+        registered: HashMap::new(),
+    };
+    for i in 0..many.sub.member_slots() {
+        many.advance(&access.registered, i, 0);
+    }
+    many.update_id();
+    let topics: Vec<serde_json::Value> = many
+        .sub
+        .members()
+        .map(|m| {
+            json!({
+                "topic": &*m.name,
+                "epoch": m.position.epoch.to_string(),
+                "offset": m.position.offset,
+                "ended": m.position.ended,
+            })
+        })
+        .collect();
+    let patterns: Vec<&str> = many.selection.patterns.iter().map(|p| p.as_str()).collect();
+    let ready = json!({"topics": topics, "patterns": patterns});
+    let prelude = prelude(state, &many.id, &ready);
+    tracing::debug!(
+        topics = many.selection.topics.len(),
+        patterns = patterns.len(),
+        "SSE stream over many topics opened"
+    );
+    let source = Source::Many(Box::new(many));
+    Ok(Some(SseStream::new(
+        state,
+        source,
+        prelude,
+        socket.conn,
+        access,
+        permit,
+    )))
+}
+
+/// The connection a stream is served on: its socket accounting (and
+/// whether hyper frames the body in chunks) and its peer.
+pub(crate) struct Socket {
+    /// `None` when served outside [`super::serve`] (no socket accounting).
+    conn: Option<(Arc<ConnIo>, bool)>,
+    /// The peer's address (unspecified outside [`super::serve`]).
+    peer: SocketAddr,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Socket {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Infallible> {
+        // hyper frames an HTTP/1.1 stream as chunks (counted as written
+        // bytes); an HTTP/1.0 one is close-delimited, with no framing.
+        let chunked = parts.version >= Version::HTTP_11;
+        Ok(Self {
+            conn: parts
+                .extensions
+                .get::<Arc<ConnIo>>()
+                .map(|c| (c.clone(), chunked)),
+            peer: parts
+                .extensions
+                .get::<Peer>()
+                .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |p| p.0),
+        })
     }
 }
 
@@ -267,24 +473,14 @@ pub(crate) async fn events(
 struct Access {
     slot: SseSlot,
     ends: Option<tokio::time::Instant>,
+    /// Its entry in the connections registry (`GET /v1/connections`).
+    registered: ConnGuard,
 }
 
-fn open(
-    state: &HttpState,
-    topic: &str,
-    query: &EventsQuery,
-    start: Start,
-    conn: Option<(Arc<ConnIo>, bool)>,
-    access: Access,
-) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, ApiError> {
-    let replay_bound = match &start {
-        Start::AfterVersions { .. } => Some(u64::MAX),
-        Start::AfterOffsetVersions { live_from, .. } => Some(*live_from),
-        _ => None,
-    };
-    let types = parse_list(query.types.as_deref());
-    let permit = state.sse_permits.clone().try_acquire_owned().map_err(|_| {
-        tracing::warn!(topic, "SSE connection refused: too many connections");
+/// One of `max_sse_connections`, or the 503 that refuses the stream.
+fn sse_permit(state: &HttpState, what: &str) -> Result<OwnedSemaphorePermit, ApiError> {
+    state.sse_permits.clone().try_acquire_owned().map_err(|_| {
+        tracing::warn!(what, "SSE connection refused: too many connections");
         crate::metrics::refused("max_sse_connections");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -294,7 +490,58 @@ fn open(
                 state.settings.max_sse_connections
             ),
         )
-    })?;
+    })
+}
+
+/// The credential's SSE slot, or the 429 that refuses the stream.
+fn sse_slot(
+    state: &HttpState,
+    caller: &super::access::Caller,
+    peer: SocketAddr,
+    what: &str,
+) -> Result<Access, ApiError> {
+    let slot = state
+        .auth
+        .limits()
+        .sse_slot(&caller.principal)
+        .map_err(|limit| {
+            tracing::warn!(
+                what,
+                limit,
+                "SSE stream refused: too many for this credential"
+            );
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "this credential already has {limit} SSE streams open \
+                 (auth.rate.sse_per_credential); close one first"
+                ),
+            )
+        })?;
+    let subject = caller.principal.subject().map(str::to_owned);
+    Ok(Access {
+        slot,
+        ends: caller.principal.deadline(),
+        registered: state.connections().register(ConnKind::Sse, peer, subject),
+    })
+}
+
+fn open(
+    state: &HttpState,
+    topic: &str,
+    query: &EventsQuery,
+    start: Start,
+    conn: Option<(Arc<ConnIo>, bool)>,
+    access: Access,
+) -> Result<SseStream, ApiError> {
+    let replay_bound = match &start {
+        Start::AfterVersions { .. } => Some(u64::MAX),
+        Start::AfterOffsetVersions { live_from, .. } => Some(*live_from),
+        _ => None,
+    };
+    let types = parse_list(query.types.as_deref());
+    let permit = sse_permit(state, topic)?;
     let sub = state.engine.subscribe(topic, types, start)?;
     let info = state.engine.info(topic)?;
     let epoch = sub.epoch();
@@ -319,47 +566,57 @@ fn open(
         live_from: (sub.start_offset() < live_from).then_some(live_from),
     }
     .to_string();
-    let mut prelude = BytesMut::new();
-    prelude.extend_from_slice(format!("retry: {}\n", state.settings.retry.as_millis()).as_bytes());
-    put_frame(&mut prelude, Some(&start_id), "ready", &ready.to_string());
+    let prelude = prelude(state, &start_id, &ready);
     tracing::debug!(topic, "SSE stream opened");
-    let connections = metrics::gauge!(crate::metrics::CONNECTIONS, "transport" => "sse");
-    connections.increment(1.0);
-    let heartbeat = state.settings.heartbeat;
-    let outbound = conn.map(|(conn, chunked)| SocketBacklog {
-        base: conn.written(),
-        conn,
-        chunked,
-        handed: 0,
-        reported: 0,
-        gauge: metrics::gauge!(crate::metrics::OUTBOUND_QUEUED_BYTES, "transport" => "sse"),
-        max: state.settings.max_outbound_bytes as u64,
-    });
-    let stream = SseStream {
-        connections,
-        delivered: metrics::counter!(crate::metrics::DELIVERED, "transport" => "sse"),
-        bytes_out: metrics::counter!(crate::metrics::BYTES_OUT, "transport" => "sse"),
+    let registered = access
+        .registered
+        .subscription(topic, epoch, sub.start_offset() - 1);
+    let source = Source::One(One {
         sub,
         topic: topic.to_owned(),
         live_from,
         start_id,
-        prelude: Some(prelude.freeze()),
-        shutdown: state.shutdown.clone(),
-        heartbeat,
-        idle: Box::pin(tokio::time::sleep(heartbeat)),
-        outbound,
-        done: false,
-        expires: access.ends.map(|at| Box::pin(tokio::time::sleep_until(at))),
-        _slot: access.slot,
-        _permit: permit,
-    };
-    Ok(futures_util::stream::unfold(stream, |mut s| async move {
-        let chunk = s.next().await;
-        if let (Some(chunk), Some(out)) = (&chunk, &mut s.outbound) {
-            out.handed(chunk.len());
+        registered,
+    });
+    Ok(SseStream::new(state, source, prelude, conn, access, permit))
+}
+
+/// `retry:` and the `ready` message every stream starts with.
+fn prelude(state: &HttpState, id: &str, ready: &serde_json::Value) -> Bytes {
+    let mut prelude = BytesMut::new();
+    prelude.extend_from_slice(format!("retry: {}\n", state.settings.retry.as_millis()).as_bytes());
+    put_frame(&mut prelude, Some(id), "ready", &ready.to_string());
+    prelude.freeze()
+}
+
+/// The body of an SSE response: the stream's chunks, counted against its
+/// socket as hyper takes them.
+///
+/// Compressed when `coding` says so: each chunk on its own, flushed, so an
+/// event is never held back, and counted as it goes to the socket.
+fn body(
+    stream: SseStream,
+    coding: Option<Coding>,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    let compressor = coding.map(Compressor::new);
+    futures_util::stream::unfold((stream, compressor), |(mut s, mut z)| async move {
+        loop {
+            let chunk = match (s.next().await, &mut z) {
+                (Some(chunk), Some(z)) => z.compress(&chunk),
+                (Some(chunk), None) => chunk,
+                // The end of a compressed stream (gzip's trailer).
+                (None, z) => z.take()?.finish(),
+            };
+            if chunk.is_empty() {
+                continue;
+            }
+            if let Some(out) = &mut s.outbound {
+                out.handed(chunk.len());
+            }
+            s.bytes_out.increment(chunk.len() as u64);
+            return Some((Ok::<_, Infallible>(chunk), (s, z)));
         }
-        chunk.map(|chunk| (Ok::<_, Infallible>(chunk), s))
-    }))
+    })
 }
 
 /// Most bytes of SSE text handed to hyper as one body chunk.
@@ -377,6 +634,35 @@ fn put_frame(buf: &mut BytesMut, id: Option<&str>, event: &str, data: &str) {
     buf.extend_from_slice(b"\ndata: ");
     buf.extend_from_slice(data.as_bytes());
     buf.extend_from_slice(b"\n\n");
+}
+
+/// Appends the shared message `frame` of an event with `id` in place of
+/// the id line it was built with.
+fn put_with_id(buf: &mut BytesMut, id: &str, frame: &Bytes) {
+    let rest = frame
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(&frame[..], |i| &frame[i + 1..]);
+    buf.extend_from_slice(b"id: ");
+    buf.extend_from_slice(id.as_bytes());
+    buf.extend_from_slice(b"\n");
+    buf.extend_from_slice(rest);
+}
+
+/// The shared SSE message of `event` on `topic` (its own `epoch:offset` id).
+fn shared_frame<'e>(sub: &Subscription, topic: &str, event: &'e Event) -> &'e Bytes {
+    let epoch = sub.epoch();
+    sub.encoded(event, Encoding::Sse, || {
+        let mut f = BytesMut::new();
+        let id = format!("{epoch}:{}", event.offset);
+        put_frame(
+            &mut f,
+            Some(&id),
+            &event.event_type,
+            &event_json(topic, event),
+        );
+        f.freeze()
+    })
 }
 
 /// What one stream has handed hyper against what its connection wrote to
@@ -435,18 +721,220 @@ impl Drop for SocketBacklog {
     }
 }
 
-/// One subscriber's `text/event-stream` body: every delivery ready at once
-/// goes out as one chunk; a comment keeps an idle stream alive.
-struct SseStream {
-    connections: metrics::Gauge,
-    delivered: metrics::Counter,
-    bytes_out: metrics::Counter,
+/// What a stream reads: one topic, or many (`GET /v1/events`).
+// The single-topic stream is the common case: inline, it costs one
+// allocation less per stream.
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    One(One),
+    Many(Box<Many>),
+}
+
+/// A delivery of either source.
+enum Item {
+    One(Delivery),
+    Many(MultiDelivery),
+}
+
+impl Source {
+    async fn recv(&mut self) -> Option<Item> {
+        match self {
+            Self::One(one) => one.sub.recv().await.map(Item::One),
+            Self::Many(many) => many.sub.recv().await.map(Item::Many),
+        }
+    }
+
+    fn try_recv(&mut self) -> Option<Item> {
+        match self {
+            Self::One(one) => one.sub.try_recv().map(Item::One),
+            Self::Many(many) => many.sub.try_recv().map(Item::Many),
+        }
+    }
+
+    /// Appends the message of `item`; true when the stream ends with it.
+    fn put(&mut self, item: Item, buf: &mut BytesMut, events: &mut u64, conn: &ConnGuard) -> bool {
+        match (self, item) {
+            (Self::One(one), Item::One(d)) => one.put(d, buf, events),
+            (Self::Many(many), Item::Many(d)) => many.put(d, buf, events, conn),
+            // Each source yields only its own kind.
+            _ => false,
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Self::One(one) => &one.topic,
+            Self::Many(_) => "(many)",
+        }
+    }
+}
+
+/// A single-topic stream (`GET /v1/topics/{topic}/events`).
+struct One {
     sub: Subscription,
     topic: String,
     /// Events below this offset are replay by versions (see module docs).
     live_from: u64,
     /// The id a reconnect resumes this stream's start with.
     start_id: String,
+    /// Its subscription in the connections registry.
+    registered: SubHandle,
+}
+
+impl One {
+    fn put(&mut self, d: Delivery, buf: &mut BytesMut, events: &mut u64) -> bool {
+        match d {
+            Delivery::Event(e) => {
+                // The whole message is built once per event and shared by
+                // every SSE subscriber.
+                let frame = shared_frame(&self.sub, &self.topic, &e);
+                if e.offset < self.live_from {
+                    // Replay by versions: the shared message with this
+                    // stream's own id line.
+                    let id = EventId {
+                        epoch: self.sub.epoch(),
+                        offset: e.offset,
+                        live_from: Some(self.live_from),
+                    };
+                    put_with_id(buf, &id.to_string(), frame);
+                } else {
+                    buf.extend_from_slice(frame);
+                }
+                *events += 1;
+                self.registered.advance(self.sub.epoch(), e.offset, 1);
+                false
+            }
+            Delivery::Gap(g) => {
+                tracing::warn!(topic = %self.topic, reason = g.reason.as_str(), "SSE subscriber gap");
+                // A per-type gap is about versions, resolved at the start: a
+                // reconnect resumes that start.
+                let id = match g.event_type {
+                    Some(_) => self.start_id.clone(),
+                    None => {
+                        self.registered.advance(g.epoch, g.current, 0);
+                        format!("{}:{}", g.epoch, g.current)
+                    }
+                };
+                put_frame(buf, Some(&id), "gap", &gap_json(&g));
+                false
+            }
+            Delivery::End { last_offset } => {
+                let data = json!({"topic": self.topic, "last_offset": last_offset});
+                put_frame(buf, None, "end", &data.to_string());
+                true
+            }
+        }
+    }
+}
+
+/// A multi-topic stream (`GET /v1/events`): every message carries the id
+/// of the whole position (see [`super::stream_id`]).
+struct Many {
+    sub: MultiSubscription,
+    selection: StreamSelection,
+    /// The id of the last message, rebuilt for each.
+    id: String,
+    /// Each member's subscription in the connections registry.
+    registered: HashMap<Arc<str>, SubHandle>,
+}
+
+impl Many {
+    /// Records where member `member` stands in the connections registry.
+    fn advance(&mut self, conn: &ConnGuard, member: usize, events: u64) {
+        let Some(m) = self.sub.member(member) else {
+            return;
+        };
+        let p = m.position;
+        self.registered
+            .entry(m.name.clone())
+            .or_insert_with(|| conn.subscription(&m.name, p.epoch, p.offset))
+            .advance(p.epoch, p.offset, events);
+    }
+
+    /// Forgets the registry entries of topics no longer streamed.
+    fn forget_ended(&mut self) {
+        let sub = &self.sub;
+        self.registered
+            .retain(|name, _| sub.members().any(|m| m.name == *name && !m.position.ended));
+    }
+
+    /// Rebuilds `id` from the members' positions.
+    fn update_id(&mut self) {
+        self.id.clear();
+        let entries = self.sub.members().map(|m| Entry {
+            name: &m.name,
+            pattern: m.pattern,
+            position: m.position,
+        });
+        stream_id::encode(&self.selection, entries, &mut self.id);
+    }
+
+    fn put(
+        &mut self,
+        d: MultiDelivery,
+        buf: &mut BytesMut,
+        events: &mut u64,
+        conn: &ConnGuard,
+    ) -> bool {
+        let (member, delivery) = match d {
+            MultiDelivery::Topic { member, delivery } => (member, delivery),
+            MultiDelivery::TooManyMatches { limit } => {
+                tracing::warn!(
+                    limit,
+                    "SSE stream ended: its patterns match too many topics"
+                );
+                let error = json!({
+                    "code": "too_many_topics",
+                    "message": format!(
+                        "the stream's patterns now match more than {limit} topics \
+                         (limits.max_pattern_matches); narrow them"
+                    ),
+                });
+                put_frame(buf, None, "error", &error.to_string());
+                return true;
+            }
+        };
+        self.update_id();
+        match delivery {
+            Delivery::Event(e) => {
+                let frame = self
+                    .sub
+                    .member(member)
+                    .and_then(|m| Some((m.subscription()?, &m.name)))
+                    .map(|(sub, topic)| shared_frame(sub, topic, &e));
+                match frame {
+                    Some(frame) => put_with_id(buf, &self.id, frame),
+                    None => {
+                        let topic = self.sub.member(member).map_or("", |m| &*m.name);
+                        put_frame(buf, Some(&self.id), &e.event_type, &event_json(topic, &e));
+                    }
+                }
+                *events += 1;
+                self.advance(conn, member, 1);
+            }
+            Delivery::Gap(g) => {
+                tracing::warn!(topic = %g.topic, reason = g.reason.as_str(), "SSE subscriber gap");
+                put_frame(buf, Some(&self.id), "gap", &gap_json(&g));
+                self.advance(conn, member, 0);
+            }
+            Delivery::End { last_offset } => {
+                let topic = self.sub.member(member).map_or("", |m| &*m.name);
+                let data = json!({"topic": topic, "last_offset": last_offset});
+                put_frame(buf, Some(&self.id), "end", &data.to_string());
+                self.forget_ended();
+            }
+        }
+        self.sub.finished()
+    }
+}
+
+/// One subscriber's `text/event-stream` body: every delivery ready at once
+/// goes out as one chunk; a comment keeps an idle stream alive.
+struct SseStream {
+    connections: metrics::Gauge,
+    delivered: metrics::Counter,
+    bytes_out: metrics::Counter,
+    source: Source,
     prelude: Option<Bytes>,
     shutdown: CancellationToken,
     heartbeat: Duration,
@@ -456,6 +944,10 @@ struct SseStream {
     done: bool,
     /// Fires when the caller's session ends; `None` = never.
     expires: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Cancelled when an operator closes the stream (`DELETE /v1/connections/{id}`).
+    closed: CancellationToken,
+    /// Its entry in the connections registry.
+    registered: ConnGuard,
     _slot: SseSlot,
     _permit: OwnedSemaphorePermit,
 }
@@ -469,8 +961,9 @@ impl Drop for SseStream {
 /// What the stream does next.
 enum Wake {
     Shutdown,
+    Closed,
     Expired,
-    Delivery(Option<Delivery>),
+    Delivery(Option<Item>),
     Heartbeat,
 }
 
@@ -483,6 +976,45 @@ async fn expiry(expires: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
 }
 
 impl SseStream {
+    fn new(
+        state: &HttpState,
+        source: Source,
+        prelude: Bytes,
+        conn: Option<(Arc<ConnIo>, bool)>,
+        access: Access,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        let connections = metrics::gauge!(crate::metrics::CONNECTIONS, "transport" => "sse");
+        connections.increment(1.0);
+        let heartbeat = state.settings.heartbeat;
+        let outbound = conn.map(|(conn, chunked)| SocketBacklog {
+            base: conn.written(),
+            conn,
+            chunked,
+            handed: 0,
+            reported: 0,
+            gauge: metrics::gauge!(crate::metrics::OUTBOUND_QUEUED_BYTES, "transport" => "sse"),
+            max: state.settings.max_outbound_bytes as u64,
+        });
+        Self {
+            connections,
+            delivered: metrics::counter!(crate::metrics::DELIVERED, "transport" => "sse"),
+            bytes_out: metrics::counter!(crate::metrics::BYTES_OUT, "transport" => "sse"),
+            source,
+            prelude: Some(prelude),
+            shutdown: state.shutdown.clone(),
+            heartbeat,
+            idle: Box::pin(tokio::time::sleep(heartbeat)),
+            outbound,
+            done: false,
+            expires: access.ends.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            closed: access.registered.closed(),
+            registered: access.registered,
+            _slot: access.slot,
+            _permit: permit,
+        }
+    }
+
     async fn next(&mut self) -> Option<Bytes> {
         if let Some(prelude) = self.prelude.take() {
             return Some(prelude);
@@ -513,7 +1045,7 @@ impl SseStream {
                             // queued: the estimate drifted (a head or framing
                             // not as assumed). Start counting afresh rather
                             // than wait for progress that cannot come.
-                            tracing::debug!(topic = %self.topic, queued, "SSE outbound estimate reset");
+                            tracing::debug!(stream = self.source.name(), queued, "SSE outbound estimate reset");
                             out.rebase();
                         }
                     }
@@ -523,9 +1055,10 @@ impl SseStream {
         let wake = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => Wake::Shutdown,
+            _ = self.closed.cancelled() => Wake::Closed,
             // Before deliveries: nothing is sent past the session's end.
             _ = expiry(&mut self.expires) => Wake::Expired,
-            d = self.sub.recv() => Wake::Delivery(d),
+            d = self.source.recv() => Wake::Delivery(d),
             _ = &mut self.idle => Wake::Heartbeat,
         };
         let first = match wake {
@@ -536,10 +1069,24 @@ impl SseStream {
                 put_frame(&mut buf, None, "shutdown", &reason.to_string());
                 return Some(buf.freeze());
             }
+            Wake::Closed => {
+                self.done = true;
+                tracing::info!(
+                    stream = self.source.name(),
+                    "SSE stream closed by an operator"
+                );
+                let mut buf = BytesMut::new();
+                let reason = json!({"reason": "closed by an administrator; reconnect to resume"});
+                put_frame(&mut buf, None, "shutdown", &reason.to_string());
+                return Some(buf.freeze());
+            }
             Wake::Expired => {
                 self.done = true;
                 crate::metrics::auth_refused("sse", "token_expired");
-                tracing::info!(topic = %self.topic, "SSE stream ended: the token expired");
+                tracing::info!(
+                    stream = self.source.name(),
+                    "SSE stream ended: the token expired"
+                );
                 let mut buf = BytesMut::new();
                 let error = json!({
                     "code": "token_expired",
@@ -554,72 +1101,27 @@ impl SseStream {
                 self.idle
                     .as_mut()
                     .reset(tokio::time::Instant::now() + self.heartbeat);
+                if let Source::Many(many) = &mut self.source {
+                    if many.sub.prune() {
+                        many.forget_ended();
+                    }
+                }
                 return Some(Bytes::from_static(b": hb\n\n"));
             }
         };
         let mut buf = BytesMut::new();
         let mut events = 0;
-        let mut delivery = Some(first);
-        while let Some(d) = delivery.take() {
-            match d {
-                Delivery::Event(e) => {
-                    // The whole message is built once per event and shared
-                    // by every SSE subscriber.
-                    let epoch = self.sub.epoch();
-                    let frame = self.sub.encoded(&e, Encoding::Sse, || {
-                        let mut f = BytesMut::new();
-                        let id = format!("{epoch}:{}", e.offset);
-                        put_frame(
-                            &mut f,
-                            Some(&id),
-                            &e.event_type,
-                            &event_json(&self.topic, &e),
-                        );
-                        f.freeze()
-                    });
-                    if e.offset < self.live_from {
-                        // Replay by versions: the shared message with this
-                        // stream's own id line.
-                        let id = EventId {
-                            epoch,
-                            offset: e.offset,
-                            live_from: Some(self.live_from),
-                        };
-                        let rest = frame
-                            .iter()
-                            .position(|b| *b == b'\n')
-                            .map_or(&frame[..], |i| &frame[i + 1..]);
-                        // Writing into a BytesMut cannot fail.
-                        let _ = writeln!(buf, "id: {id}");
-                        buf.extend_from_slice(rest);
-                    } else {
-                        buf.extend_from_slice(frame);
-                    }
-                    events += 1;
-                }
-                Delivery::Gap(g) => {
-                    tracing::warn!(topic = %self.topic, reason = g.reason.as_str(), "SSE subscriber gap");
-                    // A per-type gap is about versions, resolved at the
-                    // start: a reconnect resumes that start.
-                    let id = match g.event_type {
-                        Some(_) => self.start_id.clone(),
-                        None => format!("{}:{}", g.epoch, g.current),
-                    };
-                    put_frame(&mut buf, Some(&id), "gap", &gap_json(&g));
-                }
-                Delivery::End { last_offset } => {
-                    self.done = true;
-                    let data = json!({"topic": self.topic, "last_offset": last_offset});
-                    put_frame(&mut buf, None, "end", &data.to_string());
-                    break;
-                }
+        let mut item = Some(first);
+        while let Some(it) = item.take() {
+            if self.source.put(it, &mut buf, &mut events, &self.registered) {
+                self.done = true;
+                break;
             }
             if buf.len() < budget {
-                delivery = self.sub.try_recv();
+                item = self.source.try_recv();
             }
         }
         self.delivered.increment(events);
-        self.bytes_out.increment(buf.len() as u64);
         self.idle
             .as_mut()
             .reset(tokio::time::Instant::now() + self.heartbeat);
@@ -629,6 +1131,7 @@ impl SseStream {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::HeaderValue;
     use proptest::prelude::*;
 
     use super::*;

@@ -22,6 +22,18 @@
 //! one timer in the read loop (moved only by `refresh`); at expiry the
 //! session stops its pumps, delivers pending acks and closes with
 //! `token_expired`.
+//!
+//! Registry ([`crate::conns`]): a connection is listed once its `hello` is
+//! accepted, each subscription once it starts (a pattern subscription as
+//! one entry named by its pattern); pumps record position and counts once
+//! per hand-off.
+//!
+//! Pattern subscriptions (`SubscribePattern`) are served by
+//! [`super::pattern`]: one engine multi-topic subscription and one pump
+//! per subscription, like a single-topic one. An operator's close (`DELETE
+//! /v1/connections/{id}`, `CloseConnection`) ends the session as a broker
+//! shutdown does — pending acks, then `Shutdown` — so the client reconnects
+//! and resumes exactly.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -48,12 +60,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::access;
+use super::compress::{self, Compression, Meter};
 use super::outbound::Outbound;
+use super::pattern::{self, PatternAccess, PatternRequest};
 use super::{wire, TcpSettings};
 use crate::auth::{Action, Auth, Kind, Limited, Principal};
+use crate::conns::{ConnGuard, ConnKind, Registry, SubHandle};
 use crate::engine::{
-    Ack, Delivery, Encoding, Engine, EngineError, Event, Expected, GroupMember, GroupSettler,
-    PendingPublish, PendingSettle, Settled, Subscription,
+    Ack, Delivery, Engine, EngineError, Event, Expected, GroupMember, GroupSettler, PendingPublish,
+    PendingSettle, Settled, Subscription,
 };
 
 /// Most bytes of frames a pump encodes before handing them to the writer.
@@ -67,6 +82,8 @@ const HELLO_MAX_FRAME: usize = 64 * 1024;
 const HELLO_BUFFER: usize = 4 * 1024;
 /// Read buffer reserved once the handshake is done, for pipelined requests.
 const READ_BUFFER: usize = 64 * 1024;
+/// Most connections in one `Connections` page.
+const MAX_CONNECTIONS_PAGE: usize = 1_000;
 
 /// Why the read side stopped.
 #[derive(Debug, PartialEq, Eq)]
@@ -75,6 +92,9 @@ enum Stop {
     Closed,
     /// The broker is shutting down gracefully: drain acks, say goodbye.
     Shutdown,
+    /// An operator closed this connection: drain acks, say goodbye, as for
+    /// a shutdown (the client reconnects and resumes).
+    Evicted,
     /// The broker was killed: drop everything at once.
     Killed,
 }
@@ -83,6 +103,7 @@ enum Stop {
 pub(crate) struct Connection {
     engine: Engine,
     auth: Arc<Auth>,
+    conns: Registry,
     settings: Arc<TcpSettings>,
     peer: SocketAddr,
     shutdown: CancellationToken,
@@ -96,6 +117,9 @@ struct Pump {
     /// For a group membership: its settle handle, and whether the pump is
     /// to leave the group cleanly (a `LeaveGroup`) when cancelled.
     group: Option<(GroupSettler, Arc<AtomicBool>)>,
+    /// For a pattern subscription (`topic` is then the pattern): the
+    /// grants its topics are checked against, and the topics it delivers.
+    pattern: Option<PatternAccess>,
     cancel: CancellationToken,
     handle: JoinHandle<()>,
 }
@@ -172,12 +196,27 @@ struct Session<'a> {
     /// When the session ends unless refreshed (the token's `exp` plus the
     /// leeway); `None` = never.
     expires_at: Option<Instant>,
+    /// The connection's entry in the registry, from `welcome` on.
+    registered: Option<ConnGuard>,
+    /// The payload compression a `HelloExt` negotiated, with the counters
+    /// of what this session decodes and encodes itself (pumps keep their
+    /// own); `None`: plain payloads.
+    packing: Option<Packing>,
+}
+
+/// A session's payload compression and its counters.
+struct Packing {
+    compression: Compression,
+    received: Meter,
+    sent: Meter,
 }
 
 impl Connection {
+    #[allow(clippy::too_many_arguments)] // the broker's shared state, then the lifecycle
     pub(crate) fn new(
         engine: Engine,
         auth: Arc<Auth>,
+        conns: Registry,
         settings: Arc<TcpSettings>,
         peer: SocketAddr,
         shutdown: CancellationToken,
@@ -187,6 +226,7 @@ impl Connection {
         Self {
             engine,
             auth,
+            conns,
             settings,
             peer,
             shutdown,
@@ -227,10 +267,22 @@ impl Connection {
             version: MIN_PROTOCOL_VERSION,
             principal: None,
             expires_at: None,
+            registered: None,
+            packing: None,
         };
         let stop = session.read_loop(rd, &writer_done).await;
-        if stop == Stop::Shutdown {
-            session.say_goodbye().await;
+        match stop {
+            Stop::Shutdown => {
+                session
+                    .say_goodbye("the broker is shutting down; reconnect with backoff")
+                    .await
+            }
+            Stop::Evicted => {
+                session
+                    .say_goodbye("closed by an administrator; reconnect to resume")
+                    .await
+            }
+            Stop::Closed | Stop::Killed => {}
         }
         for pump in session.pumps.values() {
             pump.cancel.cancel();
@@ -287,15 +339,28 @@ impl Session<'_> {
                 },
             }
         };
-        let ClientMessage::Hello {
-            protocol_version,
-            client_name,
-            credentials,
-        } = hello
-        else {
-            return self
-                .fatal(ErrorCode::BadHello, "the first frame must be hello".into())
-                .await;
+        let (protocol_version, client_name, credentials, offer) = match hello {
+            ClientMessage::Hello {
+                protocol_version,
+                client_name,
+                credentials,
+            } => (protocol_version, client_name, credentials, None),
+            ClientMessage::HelloExt {
+                protocol_version,
+                client_name,
+                credentials,
+                compression,
+            } => (
+                protocol_version,
+                client_name,
+                credentials,
+                Some(compression),
+            ),
+            _ => {
+                return self
+                    .fatal(ErrorCode::BadHello, "the first frame must be hello".into())
+                    .await;
+            }
         };
         if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&protocol_version) {
             return self
@@ -308,6 +373,14 @@ impl Session<'_> {
                 .await;
         }
         self.version = protocol_version;
+        if offer.is_some() && protocol_version < 5 {
+            return self
+                .fatal(
+                    ErrorCode::BadHello,
+                    format!("HelloExt needs protocol version 5; it names {protocol_version}"),
+                )
+                .await;
+        }
         let peer = self.conn.peer;
         let principal = match access::admit(&self.conn.auth, credentials.as_deref(), peer.ip()) {
             Ok(principal) => principal,
@@ -319,14 +392,50 @@ impl Session<'_> {
         tracing::debug!(%peer, client = %client_name, version = protocol_version, subject = ?principal.subject(), "hello");
         self.expires_at = principal.deadline();
         self.principal = Some(principal);
-        let welcome = ServerMessage::Welcome {
-            server_version: env!("CARGO_PKG_VERSION").into(),
-            protocol_version,
-            max_frame: u32::try_from(settings.max_frame).unwrap_or(u32::MAX),
-            max_payload: u32::try_from(settings.max_payload).unwrap_or(u32::MAX),
-            max_subscriptions: u32::try_from(settings.max_subscriptions).unwrap_or(u32::MAX),
-            heartbeat_ms: u32::try_from(settings.heartbeat.as_millis()).unwrap_or(u32::MAX),
+        let server_version: String = env!("CARGO_PKG_VERSION").into();
+        let max_frame = u32::try_from(settings.max_frame).unwrap_or(u32::MAX);
+        let max_payload = u32::try_from(settings.max_payload).unwrap_or(u32::MAX);
+        let max_subscriptions = u32::try_from(settings.max_subscriptions).unwrap_or(u32::MAX);
+        let heartbeat_ms = u32::try_from(settings.heartbeat.as_millis()).unwrap_or(u32::MAX);
+        let welcome = match offer {
+            // A `Hello` of any version: the `Welcome` it always got.
+            None => ServerMessage::Welcome {
+                server_version,
+                protocol_version,
+                max_frame,
+                max_payload,
+                max_subscriptions,
+                heartbeat_ms,
+            },
+            Some(offer) => {
+                let choice =
+                    compress::choose(&offer, settings.compression, settings.compression_min_size);
+                tracing::debug!(%peer, codec = %choice.codec.name(), min_size = choice.min_size, "payload compression negotiated");
+                self.packing = Compression::from_choice(choice).map(|compression| Packing {
+                    compression,
+                    received: Meter::new("in"),
+                    sent: Meter::new("out"),
+                });
+                ServerMessage::WelcomeExt {
+                    server_version,
+                    protocol_version,
+                    max_frame,
+                    max_payload,
+                    max_subscriptions,
+                    heartbeat_ms,
+                    compression: choice,
+                }
+            }
         };
+        // Listed before the peer can see its `Welcome`.
+        let subject = self
+            .principal
+            .as_ref()
+            .and_then(|p| p.subject())
+            .map(str::to_owned);
+        let registered = self.conn.conns.register(ConnKind::Tcp, peer, subject);
+        let evicted = registered.closed().cancelled_owned();
+        self.registered = Some(registered);
         if self.send(&welcome).await.is_err() || self.flush().await.is_err() {
             return Stop::Closed;
         }
@@ -357,6 +466,7 @@ impl Session<'_> {
         tokio::pin!(
             killed,
             shutting_down,
+            evicted,
             writer_gone,
             silence,
             frame_timer,
@@ -403,6 +513,11 @@ impl Session<'_> {
                 biased;
                 _ = &mut killed => return Stop::Killed,
                 _ = &mut shutting_down => return Stop::Shutdown,
+                _ = &mut evicted => {
+                    let id = self.registered.as_ref().map(ConnGuard::id);
+                    tracing::info!(peer = %self.conn.peer, connection = ?id, "connection closed by an administrator");
+                    return Stop::Evicted;
+                }
                 _ = &mut writer_gone => return Stop::Closed,
                 // Before reading: a peer that never stops sending must not
                 // outlive its token.
@@ -483,7 +598,7 @@ impl Session<'_> {
     async fn dispatch(&mut self, msg: ClientMessage) -> Result<(), Stop> {
         let engine = &self.conn.engine;
         match msg {
-            ClientMessage::Hello { .. } => {
+            ClientMessage::Hello { .. } | ClientMessage::HelloExt { .. } => {
                 return Err(self
                     .fatal(ErrorCode::BadHello, "hello was already received".into())
                     .await);
@@ -495,8 +610,12 @@ impl Session<'_> {
                 headers,
                 payload,
             } => {
+                let mut payload = payload;
                 if !self.granted(request_id, Action::Publish, &topic).await?
                     || !self.within_rate(request_id, 1).await?
+                    || !self
+                        .unpack(request_id, std::iter::once(&mut payload))
+                        .await?
                 {
                     return Ok(());
                 }
@@ -519,8 +638,12 @@ impl Session<'_> {
                 topic,
                 events,
             } => {
+                let mut events = events;
                 if !self.granted(request_id, Action::Publish, &topic).await?
                     || !self.within_rate(request_id, events.len()).await?
+                    || !self
+                        .unpack(request_id, events.iter_mut().map(|e| &mut e.payload))
+                        .await?
                 {
                     return Ok(());
                 }
@@ -542,8 +665,12 @@ impl Session<'_> {
                 expected_version,
             } => {
                 self.require_version(3, "Append").await?;
+                let mut events = events;
                 if !self.granted(request_id, Action::Publish, &topic).await?
                     || !self.within_rate(request_id, events.len()).await?
+                    || !self
+                        .unpack(request_id, events.iter_mut().map(|e| &mut e.payload))
+                        .await?
                 {
                     return Ok(());
                 }
@@ -566,6 +693,24 @@ impl Session<'_> {
                     self.subscribe(request_id, subscription_id, topic, types, start)
                         .await?;
                 }
+            }
+            ClientMessage::SubscribePattern {
+                request_id,
+                subscription_id,
+                pattern,
+                types,
+                start,
+                positions,
+            } => {
+                self.require_version(5, "SubscribePattern").await?;
+                let request = PatternRequest {
+                    pattern,
+                    types,
+                    start,
+                    positions,
+                };
+                self.subscribe_pattern(request_id, subscription_id, request)
+                    .await?;
             }
             ClientMessage::Unsubscribe {
                 request_id,
@@ -622,7 +767,15 @@ impl Session<'_> {
                                 break;
                             }
                             size += len;
-                            events.push(wire::event(&topic, e));
+                            let mut event = wire::event(&topic, e);
+                            if let Some(p) = &mut self.packing {
+                                event.payload =
+                                    compress::pack(p.compression, &e.payload, &mut p.sent);
+                            }
+                            events.push(event);
+                        }
+                        if let Some(p) = &mut self.packing {
+                            p.sent.flush();
                         }
                         self.reply(ServerMessage::History {
                             request_id,
@@ -857,8 +1010,96 @@ impl Session<'_> {
                     }
                 }
             }
+            ClientMessage::ListConnections {
+                request_id,
+                after,
+                limit,
+            } => {
+                self.require_version(5, "ListConnections").await?;
+                if self
+                    .granted_everywhere(request_id, "list connections")
+                    .await?
+                {
+                    self.list_connections(request_id, after, limit).await?;
+                }
+            }
+            ClientMessage::CloseConnection {
+                request_id,
+                connection_id,
+            } => {
+                self.require_version(5, "CloseConnection").await?;
+                if self
+                    .granted_everywhere(request_id, "close connections")
+                    .await?
+                {
+                    // Not awaited: the connection may be this one, which
+                    // answers first and then says goodbye.
+                    match self.conn.conns.close(connection_id) {
+                        Some(_) => {
+                            tracing::info!(peer = %self.conn.peer, connection_id, "closing a connection on request");
+                            self.reply(ServerMessage::Ok { request_id }).await?;
+                        }
+                        None => {
+                            self.error(
+                                request_id,
+                                ErrorCode::ConnectionNotFound,
+                                format!("no live connection {connection_id}"),
+                            )
+                            .await?;
+                        }
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Answers one page of `ListConnections`: at most `limit` connections
+    /// (and about half a frame) after id `after`, lags filled in.
+    async fn list_connections(
+        &mut self,
+        request_id: u64,
+        after: u64,
+        limit: u32,
+    ) -> Result<(), Stop> {
+        let limit = match usize::try_from(limit) {
+            Ok(0) | Err(_) => MAX_CONNECTIONS_PAGE,
+            Ok(n) => n.min(MAX_CONNECTIONS_PAGE),
+        };
+        // One more than asked, to know whether another page follows.
+        let mut page = self.conn.conns.page(after, limit + 1);
+        let mut more = page.len() > limit;
+        page.truncate(limit);
+        crate::conns::fill_lag(&self.conn.engine, &mut page);
+        // Keep the reply well inside the frame limit; the first connection
+        // always goes, so that paging makes progress.
+        let budget = self.conn.settings.max_frame / 2;
+        let mut size = 0;
+        let mut connections = Vec::with_capacity(page.len());
+        for c in page {
+            let len = 96
+                + c.subject.as_ref().map_or(0, String::len)
+                + c.subscriptions
+                    .iter()
+                    .map(|s| 80 + s.topic.len() + s.group.as_ref().map_or(0, String::len))
+                    .sum::<usize>();
+            if !connections.is_empty() && size + len > budget {
+                more = true;
+                break;
+            }
+            size += len;
+            connections.push(wire::connection(c));
+        }
+        let next_after = match connections.last() {
+            Some(last) if more => last.id,
+            _ => 0,
+        };
+        self.reply(ServerMessage::Connections {
+            request_id,
+            connections,
+            next_after,
+        })
+        .await
     }
 
     /// Dead letters are appended by the broker: a group naming its own
@@ -940,6 +1181,11 @@ impl Session<'_> {
             .info(&topic)
             .map(|i| i.epoch)
             .unwrap_or_default();
+        // Listed before the client can see its `Joined`.
+        let registered = self
+            .registered
+            .as_ref()
+            .map(|r| r.tcp_subscription(subscription_id, &topic, Some(&group), epoch, 0));
         self.reply(ServerMessage::Joined {
             request_id,
             subscription_id,
@@ -958,6 +1204,8 @@ impl Session<'_> {
             self.chunk,
             cancel.clone(),
             clean.clone(),
+            registered,
+            self.compression(),
         ));
         tracing::debug!(peer = %self.conn.peer, topic, group, consumer, subscription_id, "joined a consumer group");
         self.pumps.insert(
@@ -965,6 +1213,7 @@ impl Session<'_> {
             Pump {
                 topic,
                 group: Some((settler, clean)),
+                pattern: None,
                 cancel,
                 handle,
             },
@@ -1041,6 +1290,22 @@ impl Session<'_> {
         Ok(false)
     }
 
+    /// Whether the principal holds the admin grant on every topic, which
+    /// broker-wide requests need (`what` names the request in the refusal);
+    /// if not, answers the request with the refusal.
+    async fn granted_everywhere(&mut self, request_id: u64, what: &str) -> Result<bool, Stop> {
+        let denied = match &self.principal {
+            Some(p) if p.may_everywhere(Action::Admin) => return Ok(true),
+            Some(p) => p.refusal_everywhere(Action::Admin, what),
+            None => return Err(self.fatal(ErrorCode::BadHello, "no hello".into()).await),
+        };
+        crate::metrics::auth_refused("tcp", denied.code());
+        tracing::debug!(peer = %self.conn.peer, request_id, %denied, "request refused by access control");
+        self.error(request_id, access::code(&denied), denied.to_string())
+            .await?;
+        Ok(false)
+    }
+
     /// Takes `events` publishes from the principal's rate budget; if it is
     /// spent, answers `RetryLater` (or `InvalidRequest` for a batch larger
     /// than the whole burst). A refused request stores nothing.
@@ -1076,6 +1341,38 @@ impl Session<'_> {
             }
         }
         Ok(false)
+    }
+
+    /// On a connection with compression on, decodes a request's marked
+    /// payloads in place; when one cannot be read (or they would
+    /// decompress to more than `max_payload` each, `max_frame` together),
+    /// answers the request with why, and nothing of it is stored.
+    async fn unpack<'p>(
+        &mut self,
+        request_id: u64,
+        payloads: impl Iterator<Item = &'p mut Bytes>,
+    ) -> Result<bool, Stop> {
+        let Some(p) = &mut self.packing else {
+            return Ok(true);
+        };
+        let settings = &self.conn.settings;
+        let max_payload = usize::try_from(settings.max_payload).unwrap_or(usize::MAX);
+        let mut payloads: Vec<&mut Bytes> = payloads.collect();
+        let unpacked = compress::unpack(
+            p.compression,
+            &mut payloads,
+            max_payload,
+            settings.max_frame,
+            &mut p.received,
+        );
+        match unpacked {
+            Ok(()) => Ok(true),
+            Err((code, message)) => {
+                tracing::debug!(peer = %self.conn.peer, request_id, %message, "publish refused: a payload cannot be read");
+                self.error(request_id, code, message).await?;
+                Ok(false)
+            }
+        }
     }
 
     /// Replaces the credentials: same subject and kind, or nothing changes.
@@ -1144,7 +1441,11 @@ impl Session<'_> {
         let mut ended: Vec<u64> = self
             .pumps
             .iter()
-            .filter(|(_, p)| !principal.may(Action::Subscribe, &p.topic))
+            .filter(|(_, p)| match &p.pattern {
+                // Its topics, and the grants checked for those joining later.
+                Some(access) => !access.refresh(principal),
+                None => !principal.may(Action::Subscribe, &p.topic),
+            })
             .map(|(id, _)| *id)
             .collect();
         ended.sort_unstable();
@@ -1267,6 +1568,11 @@ impl Session<'_> {
             Ok(sub) => sub,
             Err(e) => return self.engine_error(request_id, e).await,
         };
+        // Listed before the client can see its `Subscribed`.
+        let registered = self.registered.as_ref().map(|r| {
+            let position = sub.start_offset().saturating_sub(1);
+            r.tcp_subscription(subscription_id, &topic, None, sub.epoch(), position)
+        });
         self.reply(ServerMessage::Subscribed {
             request_id,
             subscription_id,
@@ -1284,6 +1590,8 @@ impl Session<'_> {
             self.outbound.clone(),
             self.chunk,
             cancel.clone(),
+            registered,
+            self.compression(),
         ));
         tracing::debug!(peer = %self.conn.peer, topic, subscription_id, "subscribed");
         self.pumps.insert(
@@ -1291,6 +1599,7 @@ impl Session<'_> {
             Pump {
                 topic,
                 group: None,
+                pattern: None,
                 cancel,
                 handle,
             },
@@ -1298,15 +1607,90 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// On graceful shutdown: deliver the acks of publishes already queued,
-    /// then tell the client to reconnect elsewhere or later.
-    async fn say_goodbye(&mut self) {
+    /// Starts a pattern subscription: its checks, the engine's
+    /// [`MultiSubscription`](crate::engine::MultiSubscription) over what
+    /// the principal may read, `PatternSubscribed`, then its pump.
+    async fn subscribe_pattern(
+        &mut self,
+        request_id: u64,
+        subscription_id: u64,
+        request: PatternRequest,
+    ) -> Result<(), Stop> {
+        let Some(principal) = self.principal.clone() else {
+            return Err(self.fatal(ErrorCode::BadHello, "no hello".into()).await);
+        };
+        if !self
+            .room_for_subscription(request_id, subscription_id)
+            .await?
+        {
+            return Ok(());
+        }
+        let settings = &self.conn.settings;
+        let limits = pattern::PatternLimits {
+            max_stream_topics: settings.max_stream_topics,
+            max_pattern_matches: settings.max_pattern_matches,
+        };
+        let name = request.pattern.clone();
+        let access = PatternAccess::new(principal);
+        let selection = match pattern::selection(request, limits, &access) {
+            Ok(selection) => selection,
+            Err((code, message)) => return self.error(request_id, code, message).await,
+        };
+        let multi = match self.conn.engine.subscribe_many(selection) {
+            Ok(multi) => multi,
+            Err(e) => return self.engine_error(request_id, e).await,
+        };
+        let topics = pattern::positions(&multi, &access);
+        // Listed before the client can see its `PatternSubscribed`.
+        let registered = self
+            .registered
+            .as_ref()
+            .map(|r| r.tcp_subscription(subscription_id, &name, None, 0, 0));
+        let matched = topics.len();
+        self.reply(ServerMessage::PatternSubscribed {
+            request_id,
+            subscription_id,
+            topics,
+        })
+        .await?;
+        // `PatternSubscribed` must reach the writer before the first push.
+        self.flush().await?;
+        let cancel = CancellationToken::new();
+        let handle = self.conn.tracker.spawn(pattern::pattern_pump(
+            multi,
+            subscription_id,
+            self.out.clone(),
+            self.outbound.clone(),
+            self.chunk,
+            cancel.clone(),
+            access.clone(),
+            registered,
+            self.compression(),
+        ));
+        tracing::debug!(peer = %self.conn.peer, pattern = name, matched, subscription_id, "subscribed to a pattern");
+        self.pumps.insert(
+            subscription_id,
+            Pump {
+                topic: name,
+                group: None,
+                pattern: Some(access),
+                cancel,
+                handle,
+            },
+        );
+        Ok(())
+    }
+
+    /// On graceful shutdown (or an operator's close): deliver the acks of
+    /// publishes already queued, then tell the client to reconnect (and
+    /// resume) elsewhere or later.
+    async fn say_goodbye(&mut self, reason: &str) {
         if !self.drain_acks().await {
             return;
         }
         let _ = self
             .send(&ServerMessage::Shutdown {
-                reason: "the broker is shutting down; reconnect with backoff".into(),
+                reason: reason.into(),
             })
             .await;
         let _ = self.flush().await;
@@ -1329,6 +1713,11 @@ impl Session<'_> {
             }
         }
         true
+    }
+
+    /// The payload compression in force, for the pumps.
+    fn compression(&self) -> Option<Compression> {
+        self.packing.as_ref().map(|p| p.compression)
     }
 
     /// Queues a reply; it reaches the writer at the next [`flush`](Self::flush)
@@ -1429,6 +1818,9 @@ impl Session<'_> {
 /// subscription only while the connection's budget has room, so a peer that
 /// does not read leaves the subscription behind in the ring (where it costs
 /// nothing and later yields one `gap(slow_consumer)`), not in our buffers.
+/// Each hand-off is recorded in `registered` (position, events). With
+/// `compression`, payloads are marked and compressed (see [`compress`]).
+#[allow(clippy::too_many_arguments)] // the subscription, the writer, how it stops, the registry, the payloads
 async fn pump(
     mut sub: Subscription,
     subscription_id: u64,
@@ -1436,8 +1828,13 @@ async fn pump(
     outbound: Arc<Outbound>,
     chunk: usize,
     cancel: CancellationToken,
+    registered: Option<SubHandle>,
+    compression: Option<Compression>,
 ) {
     let topic = sub.topic().to_owned();
+    let mut packing = compression.map(|c| (c, Meter::new("out")));
+    let mut epoch = sub.epoch();
+    let mut position = sub.start_offset().saturating_sub(1);
     let mut buf = BytesMut::new();
     let delivered = metrics::counter!(crate::metrics::DELIVERED, "transport" => "tcp");
     let cancelled = cancel.cancelled();
@@ -1461,23 +1858,28 @@ async fn pump(
             let msg = match delivery {
                 Delivery::Event(e) => {
                     events += 1;
-                    if e.cached(Encoding::Tcp).is_some() || sub.shares(&e) {
-                        let frame =
-                            sub.encoded(&e, Encoding::Tcp, || shared_event_frame(&topic, &e));
-                        put_event_frame(&mut buf, subscription_id, frame);
-                    } else if let Err(err) = ringcast_protocol::encode_event_frame(
-                        subscription_id,
-                        &wire::event_ref(&topic, &e),
+                    position = e.offset;
+                    compress::put_event(
                         &mut buf,
-                    ) {
-                        tracing::error!(error = %err, "cannot encode an event");
-                    }
+                        subscription_id,
+                        &topic,
+                        &e,
+                        Some(&sub),
+                        packing.as_mut().map(|(c, m)| (*c, m)),
+                    );
                     None
                 }
-                Delivery::Gap(g) => Some(ServerMessage::Gap {
-                    subscription_id,
-                    gap: wire::gap(g),
-                }),
+                Delivery::Gap(g) => {
+                    epoch = g.epoch;
+                    // A whole-topic gap counts in offsets; delivery goes on after `current`.
+                    if g.event_type.is_none() {
+                        position = g.current;
+                    }
+                    Some(ServerMessage::Gap {
+                        subscription_id,
+                        gap: wire::gap(g),
+                    })
+                }
                 Delivery::End { last_offset } => Some(ServerMessage::End {
                     subscription_id,
                     topic: topic.clone(),
@@ -1498,6 +1900,14 @@ async fn pump(
             }
         }
         delivered.increment(events);
+        if let Some((_, m)) = &mut packing {
+            m.flush();
+        }
+        // Before the hand-off, so that the listing has it by the time the
+        // client has the events.
+        if let Some(r) = &registered {
+            r.advance(epoch, position, events);
+        }
         let frames = buf.split().freeze();
         tokio::select! {
             biased;
@@ -1518,6 +1928,10 @@ const GROUP_BATCH: usize = 256;
 /// has room; the engine bounds what the member holds unsettled. Cancelled
 /// with `clean` set, the member leaves cleanly (its events are redelivered
 /// at once); otherwise, as on a disconnect, they wait for their deadlines.
+/// Each fetch is recorded in `registered` (highest offset, deliveries).
+/// With `compression`, payloads are marked and compressed (one member gets
+/// each delivery: nothing to share).
+#[allow(clippy::too_many_arguments)] // the membership, the writer, how it stops, the registry, the payloads
 async fn group_pump(
     member: GroupMember,
     subscription_id: u64,
@@ -1526,8 +1940,12 @@ async fn group_pump(
     chunk: usize,
     cancel: CancellationToken,
     clean: Arc<AtomicBool>,
+    registered: Option<SubHandle>,
+    compression: Option<Compression>,
 ) {
     let topic = member.topic().to_owned();
+    let mut packing = compression.map(|c| (c, Meter::new("out")));
+    let mut highest = 0;
     let delivered = metrics::counter!(crate::metrics::DELIVERED, "transport" => "tcp_group");
     let mut buf = BytesMut::new();
     'pump: loop {
@@ -1558,6 +1976,19 @@ async fn group_pump(
             _ => break,
         };
         delivered.increment(fetched.deliveries.len() as u64);
+        if let Some(r) = &registered {
+            let epoch = fetched.gaps.last().map(|g| g.epoch);
+            highest = fetched
+                .deliveries
+                .iter()
+                .map(|d| d.event.offset)
+                .fold(highest, u64::max);
+            r.advance(
+                epoch.unwrap_or_else(|| r.epoch()),
+                highest,
+                fetched.deliveries.len() as u64,
+            );
+        }
         for gap in fetched.gaps {
             let msg = ServerMessage::Gap {
                 subscription_id,
@@ -1568,11 +1999,15 @@ async fn group_pump(
             }
         }
         for d in fetched.deliveries {
+            let packed = packing
+                .as_mut()
+                .map(|(c, m)| compress::pack(*c, &d.event.payload, m));
             let msg = wire::DeliveryRef {
                 subscription_id,
                 attempt: d.attempt,
                 topic: &topic,
                 event: &d.event,
+                payload: packed.as_deref().unwrap_or(&d.event.payload),
             };
             if let Err(e) = encode_frame(&msg, &mut buf) {
                 tracing::error!(error = %e, "cannot encode a delivery");
@@ -1583,6 +2018,9 @@ async fn group_pump(
                     break 'pump;
                 }
             }
+        }
+        if let Some((_, m)) = &mut packing {
+            m.flush();
         }
         if !buf.is_empty() {
             let frames = buf.split().freeze();
@@ -1600,7 +2038,7 @@ async fn group_pump(
 /// slot is taken first and the send follows the charge with no await in
 /// between, so a caller cancelled while waiting (an unsubscribed pump)
 /// never leaves bytes charged that the writer will not release.
-async fn send_charged(
+pub(super) async fn send_charged(
     out: &mpsc::Sender<Bytes>,
     outbound: &Outbound,
     frames: Bytes,
@@ -1617,7 +2055,7 @@ const SUBSCRIPTION_ID_AT: std::ops::Range<usize> = 8..16;
 
 /// The `Event` frame of `event` with subscription id 0: encoded once per
 /// event and shared by every TCP subscriber, each copy patching the id.
-fn shared_event_frame(topic: &str, event: &Event) -> Bytes {
+pub(super) fn shared_event_frame(topic: &str, event: &Event) -> Bytes {
     let event = wire::event_ref(topic, event);
     let mut b = BytesMut::with_capacity(event.frame_len());
     if let Err(e) = ringcast_protocol::encode_event_frame(0, &event, &mut b) {
@@ -1627,7 +2065,7 @@ fn shared_event_frame(topic: &str, event: &Event) -> Bytes {
 }
 
 /// Appends the shared `frame` of an event for `subscription_id`.
-fn put_event_frame(buf: &mut BytesMut, subscription_id: u64, frame: &Bytes) {
+pub(super) fn put_event_frame(buf: &mut BytesMut, subscription_id: u64, frame: &Bytes) {
     if frame.len() < SUBSCRIPTION_ID_AT.end {
         return;
     }

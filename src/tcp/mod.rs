@@ -3,13 +3,19 @@
 //!
 //! Each connection is served by [`connection`]: a reader that decodes and
 //! dispatches frames, one pump task per subscription, and a writer that
-//! coalesces every pending frame into one write. [`access`] holds what the
+//! coalesces every pending frame into one write; [`pattern`] serves the
+//! subscriptions over every topic matching a pattern. [`access`] holds what the
 //! front end adds to [`crate::auth`]: the `Hello` admission, the wire form of
 //! refusals, and their downgrade for protocol version 1 clients.
+//! [`compress`] is the payload compression a client may negotiate in
+//! `HelloExt`: payloads decoded on ingest, compressed once per event on
+//! delivery.
 
 mod access;
+mod compress;
 mod connection;
 mod outbound;
+mod pattern;
 mod wire;
 
 use std::net::SocketAddr;
@@ -24,6 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::conns::Registry;
 use crate::engine::Engine;
 
 /// Limits and timings of the TCP front end.
@@ -54,6 +61,16 @@ pub struct TcpSettings {
     pub max_history_bytes: usize,
     /// A started frame must arrive whole within this.
     pub read_timeout: Duration,
+    /// Most topics and patterns one subscription names (a pattern
+    /// subscription names one).
+    pub max_stream_topics: usize,
+    /// Most topics one pattern subscription may bring in; 0 turns pattern
+    /// subscriptions off.
+    pub max_pattern_matches: usize,
+    /// Whether payload compression offered in `HelloExt` is taken.
+    pub compression: bool,
+    /// The smallest payload compressed, whatever the client offers.
+    pub compression_min_size: u32,
 }
 
 impl TcpSettings {
@@ -72,6 +89,11 @@ impl TcpSettings {
             max_outbound_bytes: crate::config::usize_bytes(config.limits.max_outbound_bytes),
             max_history_bytes: crate::config::usize_bytes(config.limits.max_history_bytes),
             read_timeout: config.server.read_timeout,
+            max_stream_topics: config.limits.max_stream_topics,
+            max_pattern_matches: config.limits.max_pattern_matches,
+            compression: config.server.tcp_compression,
+            compression_min_size: u32::try_from(config.server.tcp_compression_min_size.as_u64())
+                .unwrap_or(u32::MAX),
         }
     }
 }
@@ -81,11 +103,14 @@ const MAX_REFUSALS_IN_FLIGHT: usize = 256;
 
 /// Serves connections from `listener` until `shutdown` is cancelled; every
 /// task it starts is tracked by `tracker`. `kill` drops connections at once
-/// without telling clients (a crash, for tests).
+/// without telling clients (a crash, for tests). Each admitted connection is
+/// listed in `conns`.
+#[allow(clippy::too_many_arguments)] // the broker's shared state, then the lifecycle
 pub async fn serve(
     listener: TcpListener,
     engine: Engine,
     auth: Arc<Auth>,
+    conns: Registry,
     settings: TcpSettings,
     shutdown: CancellationToken,
     kill: CancellationToken,
@@ -125,6 +150,7 @@ pub async fn serve(
                         let conn = connection::Connection::new(
                             engine.clone(),
                             auth.clone(),
+                            conns.clone(),
                             settings.clone(),
                             peer,
                             shutdown.clone(),

@@ -2,6 +2,7 @@
 
 use ringcast_protocol as proto;
 
+use crate::conns::ConnInfo;
 use crate::engine::{
     Ack, EngineError, Event, Gap, GapReason, GroupConfig, GroupInfo, GroupStart, NewEvent, Settle,
     Start, TopicInfo,
@@ -43,6 +44,30 @@ pub(crate) fn ack(a: Ack) -> proto::Ack {
         epoch: a.epoch,
         offset: a.offset,
         version: a.version,
+    }
+}
+
+pub(crate) fn connection(c: ConnInfo) -> proto::WireConnection {
+    proto::WireConnection {
+        id: c.id,
+        kind: c.kind.as_str().to_owned(),
+        peer: c.peer.to_string(),
+        subject: c.subject,
+        since_ms: c.since_ms,
+        delivered: c.delivered,
+        subscriptions: c
+            .subscriptions
+            .into_iter()
+            .map(|s| proto::WireConnSubscription {
+                topic: s.topic,
+                subscription_id: s.subscription_id,
+                group: s.group,
+                epoch: s.epoch,
+                position: s.position,
+                lag: s.lag,
+                delivered: s.delivered,
+            })
+            .collect(),
     }
 }
 
@@ -126,6 +151,7 @@ pub(crate) fn error_code(e: &EngineError) -> proto::ErrorCode {
         EngineError::GroupNotFound(_) => C::GroupNotFound,
         EngineError::InvalidGroup(_) => C::InvalidRequest,
         EngineError::InvalidStart(_) => C::InvalidStart,
+        EngineError::TooManyMatches(_) => C::TooManyTopics,
         EngineError::Storage(_) | EngineError::StorageUnavailable(_) => C::Internal,
         EngineError::ShuttingDown => C::ShuttingDown,
     }
@@ -233,6 +259,9 @@ pub(crate) struct DeliveryRef<'a> {
     pub attempt: u32,
     pub topic: &'a str,
     pub event: &'a Event,
+    /// The payload as it goes on the wire: the event's, or marked (and
+    /// compressed) on a connection with compression on.
+    pub payload: &'a [u8],
 }
 
 /// The `Delivery` variant's tag (its position in `ServerMessage`).
@@ -249,16 +278,19 @@ impl serde::Serialize for DeliveryRef<'_> {
             &EventRef {
                 topic: self.topic,
                 event: self.event,
+                payload: self.payload,
             },
         )?;
         v.end()
     }
 }
 
-/// A `WireEvent` borrowed from the engine's event (same field order).
+/// A `WireEvent` borrowed from the engine's event (same field order), with
+/// the payload as it goes on the wire.
 struct EventRef<'a> {
     topic: &'a str,
     event: &'a Event,
+    payload: &'a [u8],
 }
 
 impl serde::Serialize for EventRef<'_> {
@@ -272,7 +304,7 @@ impl serde::Serialize for EventRef<'_> {
         v.serialize_field("version", &e.version)?;
         v.serialize_field("timestamp_ms", &e.timestamp_ms)?;
         v.serialize_field("headers", &e.headers)?;
-        v.serialize_field("payload", &e.payload)?;
+        v.serialize_field("payload", serde_bytes::Bytes::new(self.payload))?;
         v.end()
     }
 }
@@ -314,6 +346,7 @@ mod tests {
                     attempt,
                     topic: "orders",
                     event: &event,
+                    payload: &event.payload,
                 },
                 &mut borrowed,
             )

@@ -795,11 +795,149 @@ pub fn set_token(token: Option<String>) {
     let _ = TOKEN.set(token);
 }
 
-/// Connects a ringcast SDK client, with `--token` when given.
+/// Connects a ringcast SDK client, with `--token` and `--compression`
+/// when given.
 pub async fn ringcast_connect(addr: &str) -> ringcast_client::Result<ringcast_client::Client> {
     let mut options = ringcast_client::ClientOptions::new(addr);
     if let Some(token) = TOKEN.get().and_then(Option::as_ref) {
         options = options.with_credentials(token.clone());
     }
+    if let Some(&compression) = COMPRESSION.get() {
+        options = options.with_compression(compression);
+    }
     ringcast_client::Client::connect_with(options).await
+}
+
+static COMPRESSION: std::sync::OnceLock<ringcast_client::Compression> = std::sync::OnceLock::new();
+
+/// Sets the payload compression every ringcast client of this run offers
+/// (`--compression`: `none`, `lz4` or `lz4:BYTES`).
+pub fn set_compression(spec: &str) -> Result<()> {
+    use ringcast_client::Compression;
+    let compression = match spec.split_once(':') {
+        None if spec == "none" => Compression::None,
+        None if spec == "lz4" => Compression::lz4(),
+        Some(("lz4", n)) => Compression::Lz4 {
+            min_size: n.parse().with_context(|| format!("--compression {spec}"))?,
+        },
+        _ => bail!("--compression {spec}: expected none, lz4 or lz4:BYTES"),
+    };
+    let _ = COMPRESSION.set(compression);
+    Ok(())
+}
+
+/// What publish and fanout payloads hold (`--payload-kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PayloadKind {
+    /// One byte repeated (`x`): the historical default; compresses to
+    /// almost nothing, so not a fair compression figure.
+    Fill,
+    /// JSON records (`{"order":…,"status":…,"customer":…,"total":…}`),
+    /// about as compressible as real application events.
+    Json,
+    /// Pseudo-random bytes: nothing to compress.
+    Random,
+}
+
+impl PayloadKind {
+    /// The name recorded in results.
+    pub fn name(self) -> &'static str {
+        match self {
+            PayloadKind::Fill => "fill",
+            PayloadKind::Json => "json",
+            PayloadKind::Random => "random",
+        }
+    }
+}
+
+static PAYLOAD_KIND: std::sync::OnceLock<PayloadKind> = std::sync::OnceLock::new();
+
+/// Sets what [`payload`] makes (`--payload-kind`).
+pub fn set_payload_kind(kind: PayloadKind) {
+    let _ = PAYLOAD_KIND.set(kind);
+}
+
+/// A payload of `size` bytes of the run's `--payload-kind`.
+pub fn payload(size: usize) -> Bytes {
+    match PAYLOAD_KIND.get().copied().unwrap_or(PayloadKind::Fill) {
+        PayloadKind::Fill => Bytes::from(vec![b'x'; size]),
+        PayloadKind::Json => {
+            let mut s = String::with_capacity(size + 96);
+            s.push('[');
+            let mut i = 0u64;
+            while s.len() < size {
+                s.push_str(&format!(
+                    r#"{{"order":{},"status":"{}","customer":"cust-{:04}","total":{}.{:02}}},"#,
+                    1_000_000 + i * 37,
+                    ["created", "paid", "shipped", "delivered"][(i % 4) as usize],
+                    i * 7919 % 10_000,
+                    i * 131 % 5000,
+                    i % 100
+                ));
+                i += 1;
+            }
+            s.truncate(size);
+            Bytes::from(s)
+        }
+        PayloadKind::Random => {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ size as u64;
+            (0..size)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
+                .collect()
+        }
+    }
+}
+
+/// ringcast's counters of bytes read from and written to clients.
+const BYTES_IN: &str = "ringcast_bytes_in_total";
+const BYTES_OUT: &str = "ringcast_bytes_out_total";
+
+/// Bytes the broker read and wrote on its sockets over a measured interval
+/// (ringcast with `--metrics-addr`): what compression saves on the wire.
+pub struct WireMeter {
+    metrics: Option<(String, f64, f64)>,
+}
+
+impl WireMeter {
+    /// Starts measuring.
+    pub async fn start(metrics_addr: Option<&str>) -> Self {
+        let metrics = match metrics_addr {
+            Some(a) => match (scrape(a, BYTES_IN).await, scrape(a, BYTES_OUT).await) {
+                (Some(i), Some(o)) => Some((a.to_owned(), i, o)),
+                _ => None,
+            },
+            None => None,
+        };
+        WireMeter { metrics }
+    }
+
+    /// Stops measuring and writes `wire_in_per_msg` and `wire_out_per_msg`
+    /// (bytes the broker read and wrote, per `per` messages) into the record.
+    pub async fn finish(&self, rec: &mut Record, per: u64) {
+        let Some((addr, i0, o0)) = &self.metrics else {
+            return;
+        };
+        if let (Some(i1), Some(o1)) = (scrape(addr, BYTES_IN).await, scrape(addr, BYTES_OUT).await)
+        {
+            let per = per.max(1) as f64;
+            rec.set("wire_in_per_msg", round((i1 - i0) / per, 1));
+            rec.set("wire_out_per_msg", round((o1 - o0) / per, 1));
+        }
+        if let Some(&c) = COMPRESSION.get() {
+            rec.set("compression", format!("{c:?}"));
+        }
+        rec.set(
+            "payload_kind",
+            PAYLOAD_KIND
+                .get()
+                .copied()
+                .unwrap_or(PayloadKind::Fill)
+                .name(),
+        );
+    }
 }

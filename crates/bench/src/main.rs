@@ -9,6 +9,7 @@
 //! ```
 
 mod common;
+mod decode;
 mod groups;
 mod report;
 mod scenarios;
@@ -60,8 +61,9 @@ struct Args {
     /// does; 0 = unbounded.
     #[arg(long, global = true, default_value_t = 0)]
     retain: u64,
-    /// Runs of publish / fanout / resume / group (fresh topics each); the median
-    /// run is reported, with every run's figure in `runs`.
+    /// Runs of publish / fanout / resume / group, and of sse with `--events`
+    /// (fresh topics each); the median run is reported, with every run's
+    /// figure in `runs`.
     #[arg(long, global = true, default_value_t = 1)]
     repeat: usize,
     /// Also append the JSON line to this file.
@@ -71,6 +73,17 @@ struct Args {
     /// in its hello.
     #[arg(long, global = true)]
     token: Option<String>,
+    /// ringcast only: payload compression every SDK client offers in its
+    /// hello: `none`, `lz4` (payloads from 1 KiB) or `lz4:BYTES`. With
+    /// `--metrics-addr`, publish and fanout report the broker's wire bytes
+    /// per message (`wire_in_per_msg`, `wire_out_per_msg`).
+    #[arg(long, global = true, default_value = "none")]
+    compression: String,
+    /// What publish and fanout payloads hold: `fill` (one repeated byte),
+    /// `json` (JSON records, as compressible as real events) or `random`
+    /// (incompressible).
+    #[arg(long, global = true, value_enum, default_value = "fill")]
+    payload_kind: common::PayloadKind,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -151,7 +164,9 @@ enum Scenario {
         #[arg(long, default_value_t = 256)]
         batch: usize,
     },
-    /// ringcast only: N idle SSE connections, RSS per connection, broadcast delivery.
+    /// ringcast only: N idle SSE connections, RSS per connection, broadcast
+    /// delivery; with `--events`, wire bytes and broker CPU per event
+    /// streamed, per content coding.
     Sse {
         /// `host:port` of ringcast's HTTP listener.
         #[arg(long, default_value = "127.0.0.1:7480")]
@@ -165,6 +180,34 @@ enum Scenario {
         /// Connections being opened at once.
         #[arg(long, default_value_t = 256)]
         open_concurrency: usize,
+        /// Content codings to ask for (`Accept-Encoding`), comma-separated.
+        /// Several run side by side, taking turns `--repeat` times on fresh
+        /// connections and topics: one result each, labelled
+        /// `<label>.<coding>`, with ratios to identity.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "identity")]
+        encoding: Vec<decode::Coding>,
+        /// Topics: 1 streams `GET /v1/topics/{topic}/events`; N > 1 one
+        /// `GET /v1/events?topic=..` stream over N topics, published
+        /// round-robin.
+        #[arg(long, default_value_t = 1)]
+        topics: usize,
+        /// Events streamed after the broadcasts, paced, each checked on
+        /// arrival: wire bytes and broker CPU per event delivered (0: none).
+        #[arg(long, default_value_t = 0)]
+        events: u64,
+        /// Streamed events per publish: one atomic batch, which reaches each
+        /// stream as one chunk.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Milliseconds between publishes of the stream.
+        #[arg(long, default_value_t = 3.0)]
+        interval_ms: f64,
+        /// Events published to each topic before the connections open, so
+        /// that offsets are those of a topic with a history: a multi-topic
+        /// id holds each topic's offset in 1 byte below 64, 2 below 8,192,
+        /// 3 from there to about a million.
+        #[arg(long, default_value_t = 1)]
+        prefill: u64,
     },
     /// ringcast only: N connections each holding a partial 4 MiB frame and
     /// N subscribers that never read, while publishing; server RSS before/after.
@@ -227,6 +270,8 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<()> {
     common::now_ns(); // fix the clock base
     common::set_token(args.token.clone());
+    common::set_compression(&args.compression)?;
+    common::set_payload_kind(args.payload_kind);
     let c = Common {
         target: args.target,
         addr: args.addr.clone(),
@@ -248,6 +293,38 @@ async fn run(args: Args) -> Result<()> {
     // row's storage figures (`write_amp`, `disk_per_retained`,
     // `rss_per_retained`) are the median-rate run's own, not medians of
     // their own, so that they describe the run whose rate is shown.
+    if let Scenario::Sse {
+        ref http_addr,
+        connections,
+        broadcasts,
+        open_concurrency,
+        ref encoding,
+        topics,
+        events,
+        batch,
+        interval_ms,
+        prefill,
+    } = args.scenario
+    {
+        // Its own runs: the codings take turns, one result each.
+        let options = sse::Options {
+            http: http_addr.clone(),
+            connections,
+            broadcasts,
+            open_concurrency,
+            codings: encoding.clone(),
+            topics,
+            events,
+            batch,
+            interval: Duration::from_secs_f64(interval_ms.max(0.001) / 1e3),
+            prefill,
+            repeat: args.repeat,
+        };
+        for rec in sse::run(&c, &options).await? {
+            emit(&rec, args.out.as_deref())?;
+        }
+        return Ok(());
+    }
     let (repeat, key) = match &args.scenario {
         Scenario::Publish { .. } | Scenario::Fanout { .. } => (args.repeat.max(1), "msgs_per_s"),
         Scenario::Resume { .. } | Scenario::Group { .. } => (args.repeat.max(1), "events_per_s"),
@@ -329,12 +406,7 @@ async fn run_once(c: &Common, scenario: &Scenario) -> Result<Record> {
             payload,
             batch,
         } => groups::group(c, n, workers, payload, batch).await?,
-        Scenario::Sse {
-            ref http_addr,
-            connections,
-            broadcasts,
-            open_concurrency,
-        } => sse::run(c, http_addr, connections, broadcasts, open_concurrency).await?,
+        Scenario::Sse { .. } => unreachable!("run by sse::run"),
         Scenario::Halfopen {
             connections,
             n,
@@ -397,12 +469,35 @@ fn emit(rec: &Record, out: Option<&std::path::Path>) -> Result<()> {
             n("server_cpu_us_per_msg"),
             s("client_cpu_s")
         ),
-        "sse" => format!(
-            "{} connections: {:.2} KiB RSS each; broadcast p99 {:.0} µs",
-            s("connections"),
-            n("rss_per_conn_kib"),
-            n("p99_us")
-        ),
+        "sse" => {
+            let mut h = format!(
+                "{} connections: {:.2} KiB RSS each",
+                s("connections"),
+                n("rss_per_conn_kib")
+            );
+            if n("broadcasts") > 0.0 {
+                h.push_str(&format!("; broadcast p99 {:.0} µs", n("p99_us")));
+            }
+            if rec.num("wire_bytes_per_event").is_some() {
+                let vs = |k: &str| {
+                    rec.num(k)
+                        .map(|r| format!(" ({r:.3}× identity)"))
+                        .unwrap_or_default()
+                };
+                h.push_str(&format!(
+                    "; {} over {} topic(s), {:.1} events/chunk: {:.1} B/event on the wire{}, \
+                     broker {:.2} µs CPU/event{}",
+                    s("coding").trim_matches('"'),
+                    s("topics"),
+                    n("events_per_chunk"),
+                    n("wire_bytes_per_event"),
+                    vs("wire_vs_identity"),
+                    n("server_cpu_us_per_event"),
+                    vs("cpu_vs_identity")
+                ));
+            }
+            h
+        }
         "halfopen" => format!(
             "{} partial + {} stalled connections: server RSS {} -> {} KiB",
             s("partial_open"),

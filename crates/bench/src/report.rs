@@ -518,7 +518,55 @@ pub fn run(path: &str) -> Result<()> {
     }
     issue15_targets(&results);
     storage(&results);
+    sse_compression(&results);
     Ok(())
+}
+
+/// "SSE compression": every `sse` result with a stream phase (`--events`),
+/// by label: wire bytes and broker CPU per event delivered, each with its
+/// ratio to identity from the same run. Printed only when there is one.
+fn sse_compression(results: &HashMap<String, Record>) {
+    let mut rows: Vec<(&String, &Record)> = results
+        .iter()
+        .filter(|(_, r)| r.num("wire_bytes_per_event").is_some())
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    rows.sort_by(|a, b| a.0.cmp(b.0));
+    println!();
+    println!("SSE compression (per event delivered; ratios to identity of the same run):");
+    println!();
+    println!(
+        "| label | coding | topics | events/chunk | wire bytes/event | × identity \
+         | broker µs CPU/event | × identity | runs (µs CPU/event) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (label, r) in rows {
+        let n = |k: &str| r.num(k).unwrap_or(f64::NAN);
+        let ratio = |k: &str| r.num(k).map_or("n/a".into(), |v| format!("{v:.2}×"));
+        let runs =
+            r.0.get("runs")
+                .and_then(Value::as_array)
+                .map(|v| {
+                    v.iter()
+                        .filter_map(Value::as_f64)
+                        .map(|x| format!("{x:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+        println!(
+            "| {label} | {} | {} | {:.1} | {:.1} | {} | {:.2} | {} | {runs} |",
+            r.0.get("coding").and_then(Value::as_str).unwrap_or("?"),
+            n("topics"),
+            n("events_per_chunk"),
+            n("wire_bytes_per_event"),
+            ratio("wire_vs_identity"),
+            n("server_cpu_us_per_event"),
+            ratio("cpu_vs_identity"),
+        );
+    }
 }
 
 /// `key` of the result labelled `a` over the same of `b`.

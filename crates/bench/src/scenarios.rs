@@ -10,8 +10,8 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 
 use crate::common::{
-    bounded, now_ns, read_stamp, round, stamped, stream_name, AckDrain, CpuMeter, Item, Publisher,
-    Record, StorageMeter, Subscriber, Target,
+    bounded, now_ns, payload, read_stamp, round, stamped, stream_name, AckDrain, CpuMeter, Item,
+    Publisher, Record, StorageMeter, Subscriber, Target, WireMeter,
 };
 use crate::Common;
 
@@ -35,7 +35,7 @@ pub async fn publish(c: &Common, n: u64, payload_size: usize, window: usize) -> 
     let dest = format!("{}.p{payload_size}", c.dest);
     let publisher = Publisher::connect(c.target, &c.addr, window, c.retain).await?;
     publisher.prepare(&dest).await?;
-    let payload = Bytes::from(vec![b'x'; payload_size]);
+    let payload = payload(payload_size);
     // Storage cost (--data-dir with --server-pid): baselines before the
     // warm-up, on the fresh (just prepared) topic.
     let mut storage = StorageMeter::start(c.server_pid, c.data_dir.as_deref());
@@ -47,6 +47,7 @@ pub async fn publish(c: &Common, n: u64, payload_size: usize, window: usize) -> 
     }
 
     let cpu = CpuMeter::start(c.server_pid, c.metrics_addr.as_deref()).await;
+    let wire = WireMeter::start(c.metrics_addr.as_deref()).await;
     let started = Instant::now();
     publisher.publish_n(&dest, n, window, &payload).await?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -62,6 +63,7 @@ pub async fn publish(c: &Common, n: u64, payload_size: usize, window: usize) -> 
         round(n as f64 * payload_size as f64 / elapsed / 1_048_576.0, 1),
     );
     cpu.finish(&mut rec, n).await;
+    wire.finish(&mut rec, n).await;
     if let Some(s) = storage {
         // What the server keeps of this run's topic: everything published
         // into it (warm-up included) up to the retention cap (ringcast
@@ -101,7 +103,7 @@ pub async fn fanout(
     .into_iter()
     .collect::<Result<Vec<_>>>()?;
     let publisher = Publisher::connect(c.target, &c.addr, window, c.retain).await?;
-    let payload = Bytes::from(vec![b'x'; payload_size]);
+    let payload = payload(payload_size);
 
     let delivered = Arc::new(AtomicU64::new(0));
     let gaps = Arc::new(AtomicU64::new(0));
@@ -140,6 +142,7 @@ pub async fn fanout(
     }
 
     let cpu = CpuMeter::start(c.server_pid, c.metrics_addr.as_deref()).await;
+    let wire = WireMeter::start(c.metrics_addr.as_deref()).await;
     let start_ns = now_ns();
     publisher.publish_n(&dest, m, window, &payload).await?;
     let publish_s = (now_ns() - start_ns) as f64 / 1e9;
@@ -175,6 +178,7 @@ pub async fn fanout(
     rec.set("publish_msgs_per_s", round(m as f64 / publish_s, 0));
     rec.set("msgs_per_s", round(total as f64 / elapsed, 0));
     cpu.finish(&mut rec, total).await;
+    wire.finish(&mut rec, total).await;
     for t in tasks {
         t.abort();
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use ringcast_protocol::{
     Ack, AppendAck, AppendEvent, ClientMessage, GroupOptions, NewEvent, ServerMessage,
-    SettleAction, Start, TopicSummary, WireEvent, WireGroupInfo, WireTopicInfo,
+    SettleAction, Start, TopicSummary, WireConnection, WireEvent, WireGroupInfo, WireTopicInfo,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
@@ -19,6 +19,7 @@ use crate::connection::{self, Command, FatalSlot, JoinSpec, Subscribed, Task};
 use crate::consumer::{ConsumeOptions, Consumer, Settled};
 use crate::error::{Error, Result};
 use crate::options::ClientOptions;
+use crate::pattern::{PatternResume, PatternSubscribeBuilder, PatternSubscription};
 use crate::subscription::Subscription;
 
 /// Commands buffered between the handles and the connection task; callers
@@ -41,6 +42,10 @@ pub struct ServerInfo {
     pub max_subscriptions: u32,
     /// The broker's heartbeat interval in milliseconds (0 = none).
     pub heartbeat_ms: u32,
+    /// The payload compression in force on this connection: what the
+    /// options offered, as the broker took it (its threshold may be
+    /// higher), or [`Compression::None`](crate::Compression::None).
+    pub compression: crate::Compression,
 }
 
 /// One page of a topic's history, from [`Client::history`].
@@ -440,6 +445,26 @@ impl Client {
         }
     }
 
+    /// Starts building a subscription to every topic matching `pattern`
+    /// (`*`: any run of topic characters, `?`: one), now and later; finish
+    /// with [`PatternSubscribeBuilder::send`] (or `.await` the builder).
+    ///
+    /// By default it receives every type; the topics matching now start
+    /// live, those that start matching later from their first event. Each
+    /// delivery names its topic; an `End` ends only its topic. Topics the
+    /// credentials may not read are left out. Needs a broker of protocol
+    /// version 5.
+    pub fn subscribe_pattern(&self, pattern: impl Into<String>) -> PatternSubscribeBuilder {
+        PatternSubscribeBuilder {
+            client: self.clone(),
+            pattern: pattern.into(),
+            types: Vec::new(),
+            start: Start::Live,
+            positions: None,
+            buffer: self.inner.options.subscription_buffer,
+        }
+    }
+
     /// Reads one page of retained events with an offset greater than `after`
     /// (0 = from the oldest), of the given types (empty = all), at most
     /// `limit` of them (the broker may return fewer).
@@ -512,6 +537,50 @@ impl Client {
         let topic = topic.into();
         self.expect_ok(|request_id| ClientMessage::Delete { request_id, topic })
             .await
+    }
+
+    /// Lists the broker's live connections (TCP and SSE), with each
+    /// subscription's position and lag, following every page. Needs the
+    /// admin grant on every topic (`Forbidden` otherwise).
+    pub async fn connections(&self) -> Result<Vec<WireConnection>> {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .request(|request_id| ClientMessage::ListConnections {
+                    request_id,
+                    after,
+                    limit: 0,
+                })
+                .await?;
+            match page {
+                ServerMessage::Connections {
+                    connections,
+                    next_after,
+                    ..
+                } => {
+                    all.extend(connections);
+                    // A next page must move on, or the listing is over.
+                    if next_after <= after {
+                        return Ok(all);
+                    }
+                    after = next_after;
+                }
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Closes the broker's connection `id` (from [`connections`](Self::connections))
+    /// as a broker shutdown would: its client reconnects and resumes. An
+    /// unknown id is [`ErrorCode::ConnectionNotFound`](crate::ErrorCode).
+    /// Needs the admin grant on every topic.
+    pub async fn close_connection(&self, id: u64) -> Result<()> {
+        self.expect_ok(|request_id| ClientMessage::CloseConnection {
+            request_id,
+            connection_id: id,
+        })
+        .await
     }
 
     /// Joins consumer group `group` of `topic` as `options.consumer` and
@@ -846,12 +915,15 @@ impl Client {
             topic: topic.clone(),
             types,
             start,
+            pattern: None,
             tx,
             terminal: Arc::clone(&terminal),
             ready,
         };
         self.enqueue(cmd, deadline).await?;
-        let Subscribed { epoch, next_offset } = match timeout_at(deadline, ready_rx).await {
+        let Subscribed {
+            epoch, next_offset, ..
+        } = match timeout_at(deadline, ready_rx).await {
             Ok(Ok(result)) => result?,
             Ok(Err(_)) => return Err(self.inner.gone()),
             Err(_) => return Err(Error::Timeout),
@@ -862,6 +934,42 @@ impl Client {
             topic,
             epoch,
             next_offset,
+            rx,
+            terminal,
+        ))
+    }
+
+    pub(crate) async fn start_pattern_subscription(
+        &self,
+        builder: PatternSubscribeBuilder,
+    ) -> Result<PatternSubscription> {
+        let deadline = Instant::now() + self.inner.options.request_timeout;
+        let sub_id = self.inner.sub_ids.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = crate::queue::queue(builder.buffer);
+        let terminal = Arc::default();
+        let (ready, ready_rx) = oneshot::channel();
+        let resume = PatternResume::new(builder.start.clone(), builder.positions);
+        let cmd = Command::Subscribe {
+            sub_id,
+            topic: builder.pattern.clone(),
+            types: builder.types,
+            start: builder.start,
+            pattern: Some(resume),
+            tx,
+            terminal: Arc::clone(&terminal),
+            ready,
+        };
+        self.enqueue(cmd, deadline).await?;
+        let Subscribed { topics, .. } = match timeout_at(deadline, ready_rx).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(_)) => return Err(self.inner.gone()),
+            Err(_) => return Err(Error::Timeout),
+        };
+        Ok(PatternSubscription::new(
+            self.clone(),
+            sub_id,
+            builder.pattern,
+            topics,
             rx,
             terminal,
         ))

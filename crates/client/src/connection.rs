@@ -36,6 +36,14 @@
 //! slow consumer costs memory neither here nor at the broker, and never
 //! receives a duplicate or misses something silently.
 //!
+//! A pattern subscription is a subscription whose `Subscribe` is a
+//! `SubscribePattern`: its entry keeps a [`PatternResume`] (every topic's
+//! position, each topic's epoch learned from `PatternSubscribed` or
+//! `TopicJoined`) instead of a [`Resume`], an `End` ends one of its topics
+//! only, and `SubscriptionEnded` ends it with the broker's error. Pausing,
+//! reconnects and refreshes treat it as any subscription: it is subscribed
+//! again with every position.
+//!
 //! Consumer-group memberships live beside the subscriptions, in the same id
 //! space. Their queues need no pausing: the broker pushes at most the
 //! membership's `max_in_flight` unsettled deliveries. After a reconnect the
@@ -56,7 +64,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use ringcast_protocol::{
     decode_server_body, encode_frame, ClientMessage, ErrorCode, FrameDecoder, GroupOptions,
-    ProtocolError, ServerMessage, Start, WireEvent, WireGap, FRAME_HEADER_LEN, PROTOCOL_VERSION,
+    ProtocolError, ServerMessage, Start, TopicPosition, WireEvent, WireGap, FRAME_HEADER_LEN,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -66,8 +75,10 @@ use tokio::time::{sleep, sleep_until, timeout, Instant, Sleep};
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::compress::{self, Packing};
 use crate::error::{code_name, Error, Result};
-use crate::options::ClientOptions;
+use crate::options::{ClientOptions, Compression};
+use crate::pattern::{self, PatternResume};
 use crate::resume::{Effect, Resume};
 use crate::token::{self, TokenFuture};
 use crate::ServerInfo;
@@ -146,11 +157,13 @@ pub(crate) struct JoinSpec {
     pub(crate) create: Option<GroupOptions>,
 }
 
-/// The broker's answer to a subscription's first `Subscribe`.
-#[derive(Debug, Clone, Copy)]
+/// The broker's answer to a subscription's first `Subscribe` (or
+/// `SubscribePattern`: then `topics`, the positions the task resumes from).
+#[derive(Debug, Clone)]
 pub(crate) struct Subscribed {
     pub(crate) epoch: u64,
     pub(crate) next_offset: u64,
+    pub(crate) topics: Vec<TopicPosition>,
 }
 
 /// What a [`Client`](crate::Client) asks of the task.
@@ -168,9 +181,12 @@ pub(crate) enum Command {
     Subscribe {
         /// The client-side id, also its first wire id.
         sub_id: u64,
+        /// The topic, or the pattern of a pattern subscription.
         topic: String,
         types: Vec<String>,
         start: Start,
+        /// For a pattern subscription: its resume bookkeeping.
+        pattern: Option<PatternResume>,
         tx: PushSender,
         terminal: TerminalSlot,
         ready: oneshot::Sender<Result<Subscribed>>,
@@ -251,14 +267,20 @@ async fn connect_inner(options: &ClientOptions, credentials: Option<String>) -> 
     stream.set_nodelay(true)?;
     let (mut rd, mut wr) = stream.into_split();
     let mut out = BytesMut::new();
-    encode_frame(
-        &ClientMessage::Hello {
+    let hello = match compress::offer(options.compression) {
+        None => ClientMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
             client_name: options.client_name.clone(),
             credentials: credentials.clone(),
         },
-        &mut out,
-    )?;
+        Some(compression) => ClientMessage::HelloExt {
+            protocol_version: PROTOCOL_VERSION,
+            client_name: options.client_name.clone(),
+            credentials: credentials.clone(),
+            compression,
+        },
+    };
+    encode_frame(&hello, &mut out)?;
     wr.write_all(&out).await?;
     let mut decoder = FrameDecoder::new(options.max_frame);
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
@@ -279,6 +301,24 @@ async fn connect_inner(options: &ClientOptions, credentials: Option<String>) -> 
                     max_payload,
                     max_subscriptions,
                     heartbeat_ms,
+                    compression: Compression::None,
+                },
+                ServerMessage::WelcomeExt {
+                    server_version,
+                    protocol_version,
+                    max_frame,
+                    max_payload,
+                    max_subscriptions,
+                    heartbeat_ms,
+                    compression,
+                } => ServerInfo {
+                    server_version,
+                    protocol_version,
+                    max_frame,
+                    max_payload,
+                    max_subscriptions,
+                    heartbeat_ms,
+                    compression: compress::in_force(compression),
                 },
                 ServerMessage::Error { code, message, .. } => {
                     return Err(Error::Refused {
@@ -362,9 +402,13 @@ enum Pending {
 
 /// The task's view of one live subscription.
 struct SubEntry {
+    /// The topic, or the pattern of a pattern subscription.
     topic: String,
     types: Vec<String>,
+    /// Unused by a pattern subscription, which keeps `pattern` instead.
     resume: Resume,
+    /// For a pattern subscription: every topic's position.
+    pattern: Option<PatternResume>,
     tx: PushSender,
     terminal: TerminalSlot,
     /// The caller's `subscribe`, until the first `Subscribed`.
@@ -381,11 +425,13 @@ struct SubEntry {
 }
 
 impl SubEntry {
+    #[allow(clippy::too_many_arguments)] // what it reads, where it starts, its queue and waiter
     fn new(
         sub_id: u64,
         topic: String,
         types: Vec<String>,
         start: Start,
+        pattern: Option<PatternResume>,
         tx: PushSender,
         terminal: TerminalSlot,
         ready: oneshot::Sender<Result<Subscribed>>,
@@ -394,6 +440,7 @@ impl SubEntry {
             topic,
             types,
             resume: Resume::new(start),
+            pattern,
             tx,
             terminal,
             ready: Some(ready),
@@ -497,6 +544,8 @@ pub(crate) struct Task {
     batch_hint: usize,
     wbuf: BytesMut,
     max_frame_out: usize,
+    /// The payload compression of the current connection; `None`: plain.
+    packing: Option<Packing>,
     backoff: Backoff,
     /// Credentials for the next `Hello` without a token provider: the
     /// options', then the last ones a `Refresh` put in force.
@@ -548,6 +597,7 @@ impl Task {
             batch_hint: 0,
             wbuf: BytesMut::new(),
             max_frame_out: usize::MAX,
+            packing: None,
             backoff,
         }
     }
@@ -758,12 +808,14 @@ impl Task {
                 topic,
                 types,
                 start,
+                pattern,
                 tx,
                 terminal,
                 ready,
             } => {
                 // Subscribed on the next connection with the others.
-                let entry = SubEntry::new(sub_id, topic, types, start, tx, terminal, ready);
+                let entry =
+                    SubEntry::new(sub_id, topic, types, start, pattern, tx, terminal, ready);
                 self.wire.insert(entry.wire_id, sub_id);
                 self.subs.insert(sub_id, entry);
             }
@@ -805,6 +857,13 @@ impl Task {
         let heartbeat = (conn.info.heartbeat_ms > 0)
             .then(|| Duration::from_millis(conn.info.heartbeat_ms.into()));
         self.max_frame_out = usize::try_from(conn.info.max_frame).unwrap_or(usize::MAX);
+        // A payload never decompresses to more than the broker takes (or,
+        // for events retained under an older limit, than a frame holds).
+        let max_payload = usize::try_from(conn.info.max_payload).unwrap_or(usize::MAX);
+        self.packing = Packing::new(
+            conn.info.compression,
+            max_payload.max(self.options.max_frame),
+        );
         self.info_tx.send_replace(conn.info.clone());
         let hb = heartbeat.unwrap_or(Duration::from_secs(3600));
         let mut ping_at: Pin<Box<Sleep>> = Box::pin(sleep_until(Instant::now() + hb));
@@ -979,11 +1038,13 @@ impl Task {
                 topic,
                 types,
                 start,
+                pattern,
                 tx,
                 terminal,
                 ready,
             } => {
-                let entry = SubEntry::new(sub_id, topic, types, start, tx, terminal, ready);
+                let entry =
+                    SubEntry::new(sub_id, topic, types, start, pattern, tx, terminal, ready);
                 self.wire.insert(entry.wire_id, sub_id);
                 self.subs.insert(sub_id, entry);
                 self.send_subscribe(sub_id);
@@ -1178,14 +1239,30 @@ impl Task {
             return;
         };
         let id = self.next_request_id();
-        let start = sub.resume.start();
-        debug!(sub_id, wire_id = sub.wire_id, topic = %sub.topic, ?start, "subscribing");
-        let msg = ClientMessage::Subscribe {
-            request_id: id,
-            subscription_id: sub.wire_id,
-            topic: sub.topic.clone(),
-            types: sub.types.clone(),
-            start,
+        let msg = match &sub.pattern {
+            Some(pattern) => {
+                let positions = pattern.positions();
+                debug!(sub_id, wire_id = sub.wire_id, pattern = %sub.topic, resume = ?positions.as_ref().map(Vec::len), "subscribing to a pattern");
+                ClientMessage::SubscribePattern {
+                    request_id: id,
+                    subscription_id: sub.wire_id,
+                    pattern: sub.topic.clone(),
+                    types: sub.types.clone(),
+                    start: pattern.start(),
+                    positions,
+                }
+            }
+            None => {
+                let start = sub.resume.start();
+                debug!(sub_id, wire_id = sub.wire_id, topic = %sub.topic, ?start, "subscribing");
+                ClientMessage::Subscribe {
+                    request_id: id,
+                    subscription_id: sub.wire_id,
+                    topic: sub.topic.clone(),
+                    types: sub.types.clone(),
+                    start,
+                }
+            }
         };
         match self.encode(&msg) {
             Ok(()) => {
@@ -1369,7 +1446,10 @@ impl Task {
     /// reject as too large (which would cost the whole connection).
     fn encode(&mut self, msg: &ClientMessage) -> Result<()> {
         let start = self.wbuf.len();
-        encode_frame(msg, &mut self.wbuf)?;
+        // Packed for this connection only: a resend on the next one (which
+        // may not compress) starts again from the plain message.
+        let packed = self.packing.and_then(|p| p.pack(msg));
+        encode_frame(packed.as_ref().unwrap_or(msg), &mut self.wbuf)?;
         let len = self.wbuf.len() - start - FRAME_HEADER_LEN;
         if len > self.max_frame_out {
             self.wbuf.truncate(start);
@@ -1389,7 +1469,15 @@ impl Task {
         let result = loop {
             // Events (nearly every frame) are read by hand, the rest by serde.
             match conn.decoder.decode_with(&mut conn.rbuf, decode_server_body) {
-                Ok(Some(msg)) => {
+                Ok(Some(mut msg)) => {
+                    if let Some(packing) = &self.packing {
+                        if let Err(e) = packing.unpack(&mut msg) {
+                            break Err(Exit::Lost(format!(
+                                "unreadable payload in a {} from the broker: {e}",
+                                msg.kind()
+                            )));
+                        }
+                    }
                     if let Err(exit) = self.dispatch(msg) {
                         break Err(exit);
                     }
@@ -1484,8 +1572,11 @@ impl Task {
                         current = gap.current,
                         "gap: events were missed"
                     );
-                    let effect = Resume::effect_of_gap(&gap);
-                    self.deliver(sub_id, Push::Gap(gap), Some(effect));
+                    let record = match self.subs.get(&sub_id).map(|s| s.pattern.is_some()) {
+                        Some(true) => PatternResume::effect_of_gap(&gap).map(Record::Pattern),
+                        _ => Some(Record::Single(Resume::effect_of_gap(&gap))),
+                    };
+                    self.deliver(sub_id, Push::Gap(gap), record.unwrap_or(Record::Nothing));
                 }
             }
             ServerMessage::End {
@@ -1494,8 +1585,49 @@ impl Task {
                 last_offset,
             } => {
                 if let Some(sub_id) = self.accepting(subscription_id) {
+                    let record = match self.subs.get(&sub_id).map(|s| s.pattern.is_some()) {
+                        // One topic of a pattern subscription: the others go on.
+                        Some(true) => Record::Pattern(pattern::Effect::End {
+                            topic: topic.clone(),
+                            last_offset,
+                        }),
+                        _ => Record::End,
+                    };
                     debug!(sub_id, %topic, last_offset, "subscription ended");
-                    self.deliver(sub_id, Push::End { topic, last_offset }, None);
+                    self.deliver(sub_id, Push::End { topic, last_offset }, record);
+                }
+            }
+            ServerMessage::PatternSubscribed {
+                request_id,
+                subscription_id,
+                topics,
+            } => {
+                self.pending.remove(&request_id);
+                self.on_pattern_subscribed(subscription_id, &topics);
+            }
+            ServerMessage::TopicJoined {
+                subscription_id,
+                position,
+            } => {
+                if let Some(sub_id) = self.accepting(subscription_id) {
+                    if let Some(pattern) =
+                        self.subs.get_mut(&sub_id).and_then(|s| s.pattern.as_mut())
+                    {
+                        debug!(sub_id, topic = %position.topic, epoch = position.epoch, "a topic joined the pattern subscription");
+                        pattern.on_joined(&position);
+                    }
+                }
+            }
+            ServerMessage::SubscriptionEnded {
+                subscription_id,
+                code,
+                message,
+            } => {
+                if let Some(sub_id) = self.accepting(subscription_id) {
+                    if let Some(sub) = self.forget(sub_id) {
+                        warn!(sub_id, pattern = %sub.topic, code = %code_name(code), %message, "the broker ended the subscription");
+                        sub.fail(Error::Server { code, message });
+                    }
                 }
             }
             ServerMessage::Subscribed {
@@ -1575,7 +1707,7 @@ impl Task {
                 info!(%reason, "the broker sent Shutdown");
                 return Err(Exit::Lost(format!("broker shutdown ({reason})")));
             }
-            ServerMessage::Welcome { .. } => {
+            ServerMessage::Welcome { .. } | ServerMessage::WelcomeExt { .. } => {
                 return Err(Exit::Lost("unexpected second Welcome".into()));
             }
             ServerMessage::PositionMismatch {
@@ -1601,7 +1733,8 @@ impl Task {
             | ServerMessage::Settled { .. }
             | ServerMessage::GroupInfo { .. }
             | ServerMessage::Groups { .. }
-            | ServerMessage::Redriven { .. }) => {
+            | ServerMessage::Redriven { .. }
+            | ServerMessage::Connections { .. }) => {
                 let id = reply_request_id(&reply);
                 match self.pending.remove(&id) {
                     Some(Pending::Reply { reply: tx, .. }) => {
@@ -1680,7 +1813,12 @@ impl Task {
         sub.accepting = true;
         sub.resume.on_subscribed(epoch, next_offset);
         if let Some(ready) = sub.ready.take() {
-            if ready.send(Ok(Subscribed { epoch, next_offset })).is_err() {
+            let subscribed = Subscribed {
+                epoch,
+                next_offset,
+                topics: Vec::new(),
+            };
+            if ready.send(Ok(subscribed)).is_err() {
                 // The caller gave up waiting: nobody will read this one.
                 self.drop_subscription(sub_id);
             }
@@ -1709,20 +1847,72 @@ impl Task {
         let Some(sub) = self.subs.get(&sub_id) else {
             return;
         };
+        if sub.pattern.is_some() {
+            return self.route_pattern_event(sub_id, event);
+        }
         let Some(epoch) = sub.resume.epoch() else {
             return;
         };
         match sub.resume.effect_of_event(&event) {
-            Some(effect) => self.deliver(sub_id, Push::Event { epoch, event }, Some(effect)),
+            Some(effect) => {
+                self.deliver(sub_id, Push::Event { epoch, event }, Record::Single(effect))
+            }
             None => debug!(sub_id, offset = event.offset, "dropped a duplicate event"),
         }
     }
 
+    /// An event of a pattern subscription: recorded under its topic.
+    fn route_pattern_event(&mut self, sub_id: u64, event: WireEvent) {
+        let Some(pattern) = self.subs.get(&sub_id).and_then(|s| s.pattern.as_ref()) else {
+            return;
+        };
+        match pattern.effect_of_event(&event) {
+            Some(effect) => {
+                let epoch = pattern.epoch(&event.topic).unwrap_or_default();
+                self.deliver(
+                    sub_id,
+                    Push::Event { epoch, event },
+                    Record::Pattern(effect),
+                );
+            }
+            None => {
+                debug!(sub_id, topic = %event.topic, offset = event.offset, "dropped a duplicate event")
+            }
+        }
+    }
+
+    fn on_pattern_subscribed(&mut self, wire_id: u64, topics: &[TopicPosition]) {
+        let Some(&sub_id) = self.wire.get(&wire_id) else {
+            // Dropped meanwhile; its unsubscribe is on its way.
+            return;
+        };
+        let Some(sub) = self.subs.get_mut(&sub_id) else {
+            return;
+        };
+        let Some(pattern) = &mut sub.pattern else {
+            return;
+        };
+        debug!(sub_id, wire_id, pattern = %sub.topic, topics = topics.len(), "subscribed to a pattern");
+        pattern.on_subscribed(topics);
+        sub.accepting = true;
+        if let Some(ready) = sub.ready.take() {
+            let subscribed = Subscribed {
+                epoch: 0,
+                next_offset: 0,
+                topics: pattern.positions().unwrap_or_default(),
+            };
+            if ready.send(Ok(subscribed)).is_err() {
+                // The caller gave up waiting: nobody will read this one.
+                self.drop_subscription(sub_id);
+            }
+        }
+    }
+
     /// Takes a push into its subscription's batch (handed to the queue when
-    /// the socket read is processed) and records it for resuming (`effect`
-    /// is `None` for `End`, which ends the subscription); pauses the
-    /// subscription when its queue is full.
-    fn deliver(&mut self, sub_id: u64, push: Push, effect: Option<Effect>) {
+    /// the socket read is processed) and records it for resuming
+    /// ([`Record::End`] ends the subscription); pauses the subscription when
+    /// its queue is full.
+    fn deliver(&mut self, sub_id: u64, push: Push, record: Record) {
         let Some(sub) = self.subs.get_mut(&sub_id) else {
             return;
         };
@@ -1741,14 +1931,32 @@ impl Task {
             sub.batch.reserve(self.batch_hint);
         }
         sub.batch.push(push);
-        match effect {
-            Some(effect) => sub.resume.apply(effect),
+        match record {
+            Record::Single(effect) => sub.resume.apply(effect),
+            Record::Pattern(effect) => {
+                if let Some(pattern) = &mut sub.pattern {
+                    pattern.apply(effect);
+                }
+            }
+            Record::Nothing => {}
             // `End`: the broker freed the id; nothing follows.
-            None => {
+            Record::End => {
                 self.forget(sub_id);
             }
         }
     }
+}
+
+/// What delivering a push changes in its subscription's resume state.
+enum Record {
+    /// A push of a single-topic subscription.
+    Single(Effect),
+    /// A push of a pattern subscription (its `End` ends one topic only).
+    Pattern(pattern::Effect),
+    /// Nothing to record (a per-type gap of a pattern subscription).
+    Nothing,
+    /// The end of a single-topic subscription: it is over.
+    End,
 }
 
 /// Awaits the token being fetched (never resolves when there is none).
@@ -1774,7 +1982,9 @@ fn reply_request_id(msg: &ServerMessage) -> u64 {
         | ServerMessage::Settled { request_id, .. }
         | ServerMessage::GroupInfo { request_id, .. }
         | ServerMessage::Groups { request_id, .. }
-        | ServerMessage::Redriven { request_id, .. } => *request_id,
+        | ServerMessage::Redriven { request_id, .. }
+        | ServerMessage::Connections { request_id, .. }
+        | ServerMessage::PatternSubscribed { request_id, .. } => *request_id,
         ServerMessage::Error { request_id, .. } => request_id.unwrap_or(0),
         _ => 0,
     }

@@ -34,6 +34,8 @@
 //! - [`Client`] (`client.rs`): the cloneable handle; one method per request,
 //!   [`SubscribeBuilder`], [`PendingAck`] for ordered pipelined publishing.
 //! - [`Subscription`] (`subscription.rs`): a `Stream` of [`Delivery`].
+//! - [`PatternSubscription`] (`pattern.rs`): the same over every topic
+//!   matching a pattern, with per-topic resume bookkeeping.
 //! - [`Consumer`] (`consumer.rs`): a consumer-group membership, a `Stream`
 //!   of [`Job`]s to settle (and gaps for lost work); [`ConsumeOptions`].
 //! - `connection.rs`: the background task that owns the socket — a
@@ -44,6 +46,9 @@
 //!   event).
 //! - `resume.rs`: per-subscription bookkeeping that picks the `Start` of a
 //!   resumed `Subscribe` and drops duplicates.
+//! - `compress.rs`: payload compression on a connection that negotiated it
+//!   ([`Compression`]): publishes packed on the way out, events unpacked on
+//!   the way in.
 //! - `backoff.rs`: exponential backoff with full jitter.
 //! - `token.rs`: the [`TokenProvider`], reading a JWT's `exp`, when to refresh.
 //! - [`ClientOptions`] (`options.rs`) and [`Error`] (`error.rs`).
@@ -78,6 +83,20 @@
 //! [`Client::groups`], [`Client::delete_group`] and [`Client::redrive`]
 //! manage groups.
 //!
+//! # Pattern subscriptions
+//! [`Client::subscribe_pattern`] subscribes to every topic matching a
+//! pattern (`orders.*`), including topics created later (from their first
+//! event). Deliveries name their topic; an `End` ends only that topic. The
+//! client keeps each topic's position and resumes every topic exactly
+//! after a reconnect, topics created while it was away from their first
+//! event.
+//!
+//! # Connections
+//! [`Client::connections`] lists the broker's live connections (TCP and
+//! SSE) with each subscription's position and lag; [`Client::close_connection`]
+//! closes one, which its client sees as a broker shutdown: it reconnects and
+//! resumes. Both need the admin grant on every topic.
+//!
 //! # Access control
 //! When the broker requires credentials, set a JWT or an API key with
 //! [`ClientOptions::with_credentials`], or a [`TokenProvider`] with
@@ -95,10 +114,12 @@
 
 mod backoff;
 mod client;
+mod compress;
 mod connection;
 mod consumer;
 mod error;
 mod options;
+mod pattern;
 mod queue;
 mod resume;
 mod subscription;
@@ -109,13 +130,14 @@ pub use client::{
 };
 pub use consumer::{ConsumeOptions, Consumer, ConsumerItem, Job, Settled, DEFAULT_MAX_IN_FLIGHT};
 pub use error::{code_name, Error, Result};
-pub use options::{ClientOptions, DEFAULT_ADDR};
+pub use options::{ClientOptions, Compression, DEFAULT_ADDR};
+pub use pattern::{PatternSubscribeBuilder, PatternSubscription};
 pub use subscription::{Delivery, Subscription};
 pub use token::{TokenFuture, TokenProvider};
 
 pub use bytes::Bytes;
 pub use ringcast_protocol::{
     Ack, AppendAck, AppendEvent, ErrorCode, GapReason, GroupOptions, GroupStart, Headers, NewEvent,
-    Start, TopicSummary, WireEvent, WireGap, WireGroupInfo, WireMember, WirePending, WireTopicInfo,
-    PROTOCOL_VERSION,
+    Start, TopicPosition, TopicSummary, WireConnSubscription, WireConnection, WireEvent, WireGap,
+    WireGroupInfo, WireMember, WirePending, WireTopicInfo, PROTOCOL_VERSION,
 };

@@ -10,6 +10,41 @@ use crate::token::{TokenFuture, TokenProvider};
 /// The broker's default TCP address.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7411";
 
+/// Payload compression the client offers the broker in its hello
+/// (protocol version 5). Invisible to the caller: publishes are compressed
+/// on their way out, events decompressed on their way in.
+///
+/// ```
+/// use ringcast_client::{ClientOptions, Compression};
+///
+/// let options = ClientOptions::new("broker.internal:7411").with_compression(Compression::lz4());
+/// assert_eq!(options.compression, Compression::Lz4 { min_size: 1024 });
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Compression {
+    /// Payloads go as they are (the default).
+    #[default]
+    None,
+    /// LZ4 (block format): payloads of at least `min_size` bytes are
+    /// compressed when that makes them smaller, both ways. The broker may
+    /// raise `min_size` (its own floor);
+    /// [`ServerInfo::compression`](crate::ServerInfo::compression) says
+    /// what is in force.
+    Lz4 {
+        /// The smallest payload, in bytes, worth compressing.
+        min_size: u32,
+    },
+}
+
+impl Compression {
+    /// LZ4 from 1 KiB: below that a payload rarely shrinks by more than
+    /// the CPU it costs is worth on a LAN.
+    pub const fn lz4() -> Self {
+        Compression::Lz4 { min_size: 1024 }
+    }
+}
+
 /// How to reach the broker and how patiently to talk to it.
 ///
 /// Start from [`ClientOptions::new`] (or `Default`, which targets
@@ -74,6 +109,12 @@ pub struct ClientOptions {
     /// replay, a fan-out spike) is never paused, which would make the broker
     /// send the paused stretch again.
     pub subscription_buffer: usize,
+    /// Payload compression to offer the broker. Default
+    /// [`Compression::None`]: compressing costs CPU on both ends for every
+    /// large payload, which pays on slow or metered links, not on the LAN
+    /// or loopback most brokers are reached over; turn it on where the
+    /// bandwidth is the bottleneck (see BENCHMARKS.md, "TCP compression").
+    pub compression: Compression,
 }
 
 impl ClientOptions {
@@ -146,6 +187,12 @@ impl ClientOptions {
         self.connect_timeout = timeout;
         self
     }
+
+    /// Sets [`compression`](Self::compression).
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
 }
 
 impl Default for ClientOptions {
@@ -162,6 +209,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(10),
             max_frame: DEFAULT_MAX_FRAME,
             subscription_buffer: 16_384,
+            compression: Compression::None,
         }
     }
 }
@@ -184,6 +232,7 @@ impl fmt::Debug for ClientOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("max_frame", &self.max_frame)
             .field("subscription_buffer", &self.subscription_buffer)
+            .field("compression", &self.compression)
             .finish()
     }
 }

@@ -79,6 +79,14 @@ pub fn encode_event_frame(
     let len = event.frame_len();
     dst.reserve(len);
     dst.put_u32(body_len(len)?);
+    put_event_fields(subscription_id, event, dst);
+    put_bytes(dst, event.payload);
+    Ok(())
+}
+
+/// Writes an `Event` body up to its payload: the tag, the subscription id
+/// and every field of the event before `payload`.
+pub(crate) fn put_event_fields(subscription_id: u64, event: &EventRef<'_>, dst: &mut BytesMut) {
     dst.put_u32(EVENT_TAG);
     dst.put_u64(subscription_id);
     put_bytes(dst, event.topic.as_bytes());
@@ -91,8 +99,6 @@ pub fn encode_event_frame(
         put_bytes(dst, k.as_bytes());
         put_bytes(dst, v.as_bytes());
     }
-    put_bytes(dst, event.payload);
-    Ok(())
 }
 
 /// Appends a `ServerMessage::Appended` frame with one `AppendAck` per
@@ -146,7 +152,7 @@ fn encode_acks_frame<A>(
     Ok(())
 }
 
-fn body_len(len: usize) -> Result<u32, ProtocolError> {
+pub(crate) fn body_len(len: usize) -> Result<u32, ProtocolError> {
     let body = len - FRAME_HEADER_LEN;
     u32::try_from(body).map_err(|_| ProtocolError::FrameTooLarge {
         len: body,

@@ -19,6 +19,9 @@
 //!   — written and read by hand ([`encode_event_frame`],
 //!   [`decode_server_body`], [`decode_client_body`], …), byte for byte what
 //!   the serde path gives.
+//! - [`compression`]: payload compression (version 5): the codec marker
+//!   every payload carries on a connection that negotiated it, LZ4 blocks,
+//!   bounded decoding.
 //! - `codec` (feature `codec`): `tokio_util::codec` adapters over [`frame`].
 //!
 //! # Example
@@ -40,12 +43,14 @@
 
 #[cfg(feature = "codec")]
 pub mod codec;
+pub mod compression;
 pub mod frame;
 pub mod hot;
 pub mod messages;
 
 #[cfg(feature = "codec")]
 pub use codec::{ClientCodec, CodecError, FrameCodec, ServerCodec};
+pub use compression::PayloadError;
 pub use frame::{
     decode_body, encode_frame, FrameDecoder, ProtocolError, DEFAULT_MAX_FRAME, FRAME_HEADER_LEN,
     RESERVE_STEP,
@@ -55,8 +60,9 @@ pub use hot::{
     encode_published_frame, EventRef,
 };
 pub use messages::{
-    Ack, AppendAck, AppendEvent, ClientMessage, ErrorCode, GapReason, GroupOptions, GroupStart,
-    Headers, NewEvent, ServerMessage, SettleAction, Start, TopicSummary, WireEvent, WireGap,
+    Ack, AppendAck, AppendEvent, ClientMessage, Codec, CompressionChoice, CompressionOffer,
+    ErrorCode, GapReason, GroupOptions, GroupStart, Headers, NewEvent, ServerMessage, SettleAction,
+    Start, TopicPosition, TopicSummary, WireConnSubscription, WireConnection, WireEvent, WireGap,
     WireGroupInfo, WireMember, WirePending, WireTopicInfo,
 };
 
@@ -71,7 +77,13 @@ pub use messages::{
 /// `LeaveGroup`, `Settle`, `GroupInfo`, `ListGroups`, `DeleteGroup`,
 /// `Redrive`, `Joined`, `Delivery`, `Settled`, `GroupInfo`, `Groups`,
 /// `Redriven` and the error code `GroupNotFound`.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// Version 5 added connection management: `ListConnections`,
+/// `CloseConnection`, `Connections` and the error code `ConnectionNotFound`;
+/// and pattern subscriptions: `SubscribePattern`, `PatternSubscribed`,
+/// `TopicJoined`, `SubscriptionEnded`; and payload compression: `HelloExt`,
+/// `WelcomeExt` and the codec marker of payloads on a connection that
+/// negotiated it.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The oldest protocol version a current server still accepts in `Hello`.
 /// It answers such a client in that version: never with a message or an

@@ -253,6 +253,156 @@ pub enum ClientMessage {
         /// Group name.
         group: String,
     },
+    /// Tag 21 (protocol version 5). Lists the broker's live client
+    /// connections (TCP and SSE) with their subscriptions; answered by
+    /// `Connections`. Needs the admin grant on every topic.
+    ListConnections {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// List connections with an id greater than this (0 = from the first).
+        after: u64,
+        /// Most connections wanted (0 = the server's page size); the server
+        /// may return fewer.
+        limit: u32,
+    },
+    /// Tag 22 (protocol version 5). Closes one client connection the way a
+    /// broker shutdown does (its client reconnects and resumes); answered by
+    /// `Ok`, or by `Error` (`ConnectionNotFound`). Needs the admin grant on
+    /// every topic.
+    CloseConnection {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// The connection's id, as listed by `Connections`.
+        connection_id: u64,
+    },
+    /// Tag 23 (protocol version 5). Starts one subscription over every
+    /// topic matching `pattern`, now and later; answered by
+    /// `PatternSubscribed` (the topics it starts with), then pushes
+    /// `TopicJoined` (a topic starts later), `Event`, `Gap` and `End` (one
+    /// topic ended; the subscription goes on), and `SubscriptionEnded`
+    /// (the subscription itself is over), each carrying `subscription_id`.
+    SubscribePattern {
+        /// Client-chosen id, echoed in the reply.
+        request_id: u64,
+        /// Client-chosen id, unique among this connection's live
+        /// subscriptions and group memberships.
+        subscription_id: u64,
+        /// Topic pattern: topic-name bytes plus `*` (any run, also empty)
+        /// and `?` (one byte).
+        pattern: String,
+        /// Event types to receive; empty means all types.
+        types: Vec<String>,
+        /// Where the topics matching now start: `Live` or `Earliest` (else
+        /// `InvalidStart`). Topics that start matching later, and every
+        /// topic of a resume, start from their first event.
+        start: Start,
+        /// Absent for a new subscription; present (even empty) to resume
+        /// one: each topic listed continues after its position, every other
+        /// matching topic from its first event.
+        positions: Option<Vec<TopicPosition>>,
+    },
+    /// Tag 24 (protocol version 5). Opens the session like `Hello`, and
+    /// offers payload compression; answered by `WelcomeExt` (which says
+    /// whether compression is on), or by `Error` and a close. Only as the
+    /// first frame, naming version 5 or later.
+    HelloExt {
+        /// The [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION) the client
+        /// speaks (at least 5).
+        protocol_version: u16,
+        /// Free-form client identification for logs.
+        client_name: String,
+        /// Credentials, as in `Hello`.
+        credentials: Option<String>,
+        /// The payload compression the client can do.
+        compression: CompressionOffer,
+    },
+}
+
+/// A payload compression codec, by its one-byte id — the marker byte that
+/// starts a payload compressed with it (see [`crate::compression`]).
+/// Unknown ids in an offer are ignored, so a codec added later needs no
+/// new message.
+///
+/// # Wire
+/// One `u8`: 0 none (a raw payload), 1 LZ4 (block format).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Codec(pub u8);
+
+impl Codec {
+    /// No compression: in `WelcomeExt`, compression is off; as a payload
+    /// marker, the payload's bytes follow as they are.
+    pub const NONE: Codec = Codec(0);
+    /// LZ4, block format (no frame, no checksum): a payload marker `01`,
+    /// the original length as a `u32`, then one LZ4 block.
+    pub const LZ4: Codec = Codec(1);
+
+    /// The codec's name (`none`, `lz4`; `codec-<id>` for an unknown one).
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Codec::NONE => "none".into(),
+            Codec::LZ4 => "lz4".into(),
+            Codec(id) => format!("codec-{id}").into(),
+        }
+    }
+}
+
+/// What payload compression a client offers in `HelloExt`.
+///
+/// # Wire
+/// `codecs` (`u64` count, then one `u8` per codec, in the client's order of
+/// preference), `min_size` (u32), in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompressionOffer {
+    /// Codecs the client can decompress, most preferred first.
+    pub codecs: Vec<Codec>,
+    /// The smallest payload, in bytes, worth compressing.
+    pub min_size: u32,
+}
+
+/// The payload compression a server chose, in `WelcomeExt`.
+///
+/// # Wire
+/// `codec` (u8; 0 = none), `min_size` (u32), in that order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompressionChoice {
+    /// The codec both sides compress with; [`Codec::NONE`]: compression is
+    /// off and payloads carry no marker.
+    pub codec: Codec,
+    /// Both sides compress payloads of at least this many bytes (when that
+    /// shrinks them): the client's `min_size`, or the server's floor if
+    /// higher.
+    pub min_size: u32,
+}
+
+impl CompressionChoice {
+    /// Compression off.
+    pub const OFF: CompressionChoice = CompressionChoice {
+        codec: Codec::NONE,
+        min_size: 0,
+    };
+
+    /// Whether payloads carry a codec marker on this connection.
+    pub fn is_on(&self) -> bool {
+        self.codec != Codec::NONE
+    }
+}
+
+/// Where one topic of a pattern subscription stands (see
+/// [`ClientMessage::SubscribePattern`]).
+///
+/// # Wire
+/// `topic` (string), `epoch`, `offset` (u64), `ended` (bool), in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TopicPosition {
+    /// Topic name.
+    pub topic: String,
+    /// The topic's epoch the offset belongs to (0: the topic is gone).
+    pub epoch: u64,
+    /// The last offset delivered (or skipped by a gap); 0 before the first.
+    pub offset: u64,
+    /// The topic ended (sealed, or deleted) at that offset: nothing more
+    /// comes from this epoch of it.
+    pub ended: bool,
 }
 
 /// Where a new consumer group starts reading its topic.
@@ -487,7 +637,8 @@ pub enum Start {
 /// # Wire
 /// `u32` tag (the variant's position, shown on each variant), then its fields
 /// in order. Replies echo the request's `request_id`; pushed messages
-/// (`Event`, `Gap`, `End`) carry the client's `subscription_id`.
+/// (`Event`, `Gap`, `End`, `Delivery`, `TopicJoined`, `SubscriptionEnded`)
+/// carry the client's `subscription_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerMessage {
     /// Tag 0. Accepts the `Hello`; announces the server's limits.
@@ -546,6 +697,8 @@ pub enum ServerMessage {
         gap: WireGap,
     },
     /// Tag 6. Pushes the end of a sealed topic; the subscription is over.
+    /// For a pattern subscription (version 5) only `topic` ended (sealed or
+    /// deleted); the subscription goes on with the others.
     End {
         /// The subscription it is for.
         subscription_id: u64,
@@ -705,6 +858,116 @@ pub enum ServerMessage {
         /// Dead letters published back to the topic (repeats not counted).
         count: u64,
     },
+    /// Tag 25 (protocol version 5). One page of `ListConnections`.
+    Connections {
+        /// The request's id.
+        request_id: u64,
+        /// Live connections, in increasing id order.
+        connections: Vec<WireConnection>,
+        /// Pass as `after` to read the next page; 0 when this is the last.
+        next_after: u64,
+    },
+    /// Tag 26 (protocol version 5). Confirms a `SubscribePattern`; pushes
+    /// for it may follow at once.
+    PatternSubscribed {
+        /// The request's id.
+        request_id: u64,
+        /// The subscription's id, as the client chose it.
+        subscription_id: u64,
+        /// The topics it starts with, each at the position before its
+        /// first delivery (ended ones included), by name.
+        topics: Vec<TopicPosition>,
+    },
+    /// Tag 27 (protocol version 5). Pushed when a topic joins a pattern
+    /// subscription after `PatternSubscribed` (it was created, or got its
+    /// first event, or was deleted and created again), before anything of
+    /// it: the client learns its epoch to resume it by.
+    TopicJoined {
+        /// The subscription it is for.
+        subscription_id: u64,
+        /// The topic and where it starts (`offset` 0: its first event).
+        position: TopicPosition,
+    },
+    /// Tag 28 (protocol version 5). Pushes the end of a pattern
+    /// subscription as a whole (e.g. its pattern came to match more than
+    /// the server's limit); no push for it follows and the id is free.
+    SubscriptionEnded {
+        /// The subscription it is for.
+        subscription_id: u64,
+        /// Machine-readable cause.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+    /// Tag 29 (protocol version 5). Accepts a `HelloExt`: the fields of
+    /// `Welcome`, then the payload compression in force on the connection.
+    WelcomeExt {
+        /// Server software version (e.g. `"0.1.0"`).
+        server_version: String,
+        /// The protocol version the server speaks on this connection.
+        protocol_version: u16,
+        /// Largest frame body, in bytes, the server accepts.
+        max_frame: u32,
+        /// Largest event payload, in bytes, the server accepts (before
+        /// compression).
+        max_payload: u32,
+        /// Most concurrent subscriptions per connection.
+        max_subscriptions: u32,
+        /// The server sends `Heartbeat` after this many idle milliseconds.
+        heartbeat_ms: u32,
+        /// The payload compression in force ([`CompressionChoice::OFF`]
+        /// when the server took none of the codecs offered).
+        compression: CompressionChoice,
+    },
+}
+
+/// One live client connection in a [`ServerMessage::Connections`] listing.
+///
+/// # Wire
+/// `id` (u64), `kind`, `peer` (strings), `subject` (option of string),
+/// `since_ms`, `delivered` (u64), `subscriptions` (`u64` count, then each
+/// [`WireConnSubscription`]), in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireConnection {
+    /// The broker-unique connection id (never reused while the broker runs).
+    pub id: u64,
+    /// The front end: `tcp` or `sse` (other values may come later).
+    pub kind: String,
+    /// The peer's address, `ip:port`.
+    pub peer: String,
+    /// The credential's subject (token `sub` or API key name); absent when
+    /// access control is off or the credential names none.
+    pub subject: Option<String>,
+    /// When the connection was registered, in ms since the Unix epoch.
+    pub since_ms: u64,
+    /// Events delivered on it so far, over all its subscriptions.
+    pub delivered: u64,
+    /// Its live subscriptions.
+    pub subscriptions: Vec<WireConnSubscription>,
+}
+
+/// One subscription of a [`WireConnection`].
+///
+/// # Wire
+/// `topic` (string), `subscription_id` (option of u64), `group` (option of
+/// string), `epoch`, `position`, `lag`, `delivered` (u64), in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireConnSubscription {
+    /// Topic name.
+    pub topic: String,
+    /// The client's subscription id (TCP); absent for an SSE stream.
+    pub subscription_id: Option<u64>,
+    /// The consumer group, for a group membership.
+    pub group: Option<String>,
+    /// The epoch its position belongs to.
+    pub epoch: u64,
+    /// The last offset delivered (or skipped by a gap).
+    pub position: u64,
+    /// The topic's last offset minus `position` (the whole last offset
+    /// when the topic's epoch changed since).
+    pub lag: u64,
+    /// Events delivered on it so far.
+    pub delivered: u64,
 }
 
 /// Where one published event landed.
@@ -933,11 +1196,14 @@ pub enum ErrorCode {
     /// Code 24 (protocol version 4): The consumer group (or the membership
     /// named by a subscription id) does not exist.
     GroupNotFound = 24,
+    /// Code 25 (protocol version 5): No live connection has this id (it
+    /// closed, or never existed).
+    ConnectionNotFound = 25,
 }
 
 impl ErrorCode {
     /// Every code, in tag order (`ALL[n] as u32 == n`).
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::BadFrame,
         ErrorCode::BadHello,
         ErrorCode::UnsupportedVersion,
@@ -963,6 +1229,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::PositionMismatch,
         ErrorCode::GroupNotFound,
+        ErrorCode::ConnectionNotFound,
     ];
 
     /// The numeric code, equal to the wire tag.
@@ -1016,6 +1283,7 @@ impl ErrorCode {
             ErrorCode::TokenExpired | ErrorCode::Forbidden | ErrorCode::RateLimited => 2,
             ErrorCode::PositionMismatch => 3,
             ErrorCode::GroupNotFound => 4,
+            ErrorCode::ConnectionNotFound => 5,
             _ => 1,
         }
     }
@@ -1024,15 +1292,17 @@ impl ErrorCode {
     /// than the peer are replaced by the closest one it knows —
     /// `TokenExpired` and `Forbidden` by `Unauthorized`, `RateLimited` by
     /// `OverCapacity` (both "retry later" and "refused", as a version 1 client
-    /// understood them), `PositionMismatch` and `GroupNotFound` by
-    /// `InvalidRequest`.
+    /// understood them), `PositionMismatch`, `GroupNotFound` and
+    /// `ConnectionNotFound` by `InvalidRequest`.
     pub const fn for_version(self, version: u16) -> ErrorCode {
         if self.introduced_in() <= version {
             return self;
         }
         match self {
             ErrorCode::RateLimited => ErrorCode::OverCapacity,
-            ErrorCode::PositionMismatch | ErrorCode::GroupNotFound => ErrorCode::InvalidRequest,
+            ErrorCode::PositionMismatch
+            | ErrorCode::GroupNotFound
+            | ErrorCode::ConnectionNotFound => ErrorCode::InvalidRequest,
             _ => ErrorCode::Unauthorized,
         }
     }
@@ -1063,6 +1333,10 @@ impl ClientMessage {
             Self::ListGroups { .. } => "ListGroups",
             Self::DeleteGroup { .. } => "DeleteGroup",
             Self::Redrive { .. } => "Redrive",
+            Self::ListConnections { .. } => "ListConnections",
+            Self::CloseConnection { .. } => "CloseConnection",
+            Self::SubscribePattern { .. } => "SubscribePattern",
+            Self::HelloExt { .. } => "HelloExt",
         }
     }
 }
@@ -1096,6 +1370,11 @@ impl ServerMessage {
             Self::GroupInfo { .. } => "GroupInfo",
             Self::Groups { .. } => "Groups",
             Self::Redriven { .. } => "Redriven",
+            Self::Connections { .. } => "Connections",
+            Self::PatternSubscribed { .. } => "PatternSubscribed",
+            Self::TopicJoined { .. } => "TopicJoined",
+            Self::SubscriptionEnded { .. } => "SubscriptionEnded",
+            Self::WelcomeExt { .. } => "WelcomeExt",
         }
     }
 }

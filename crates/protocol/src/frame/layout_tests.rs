@@ -116,14 +116,14 @@ fn enum_with_an_unknown_variant_index_is_rejected() {
 fn error_code_tag_is_its_numeric_code() {
     use crate::ErrorCode;
     for (n, code) in ErrorCode::ALL.into_iter().enumerate() {
-        let n = u32::try_from(n).expect("25 codes");
+        let n = u32::try_from(n).expect("26 codes");
         assert_eq!(code.as_u32(), n);
         assert_eq!(ErrorCode::from_u32(n), Some(code));
         assert_eq!(enc(code), n.to_be_bytes());
         assert_eq!(dec::<ErrorCode>(&n.to_be_bytes()), Ok(code));
     }
-    let past = u32::try_from(ErrorCode::ALL.len()).expect("25 codes");
-    assert_eq!(past, 25);
+    let past = u32::try_from(ErrorCode::ALL.len()).expect("26 codes");
+    assert_eq!(past, 26);
     assert_eq!(ErrorCode::from_u32(past), None);
     assert!(dec::<ErrorCode>(&past.to_be_bytes()).is_err());
 }
@@ -132,7 +132,12 @@ fn error_code_tag_is_its_numeric_code() {
 fn codes_newer_than_the_peer_are_replaced_by_ones_it_knows() {
     use crate::ErrorCode;
     for code in ErrorCode::ALL {
-        assert_eq!(code.for_version(4), code, "{code:?}");
+        assert_eq!(code.for_version(5), code, "{code:?}");
+        let v4 = code.for_version(4);
+        assert!(v4.introduced_in() <= 4, "{code:?} -> {v4:?}");
+        if code.introduced_in() <= 4 {
+            assert_eq!(v4, code);
+        }
         let v3 = code.for_version(3);
         assert!(v3.introduced_in() <= 3, "{code:?} -> {v3:?}");
         if code.introduced_in() <= 3 {
@@ -166,6 +171,13 @@ fn codes_newer_than_the_peer_are_replaced_by_ones_it_knows() {
     for version in 1..=3 {
         assert_eq!(
             ErrorCode::GroupNotFound.for_version(version),
+            ErrorCode::InvalidRequest
+        );
+    }
+    assert_eq!(ErrorCode::ConnectionNotFound.introduced_in(), 5);
+    for version in 1..=4 {
+        assert_eq!(
+            ErrorCode::ConnectionNotFound.for_version(version),
             ErrorCode::InvalidRequest
         );
     }

@@ -8,10 +8,11 @@ use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
 use ringcast_protocol::{
-    decode_body, encode_frame, Ack, AppendAck, AppendEvent, ClientMessage, ErrorCode, GapReason,
-    GroupOptions, GroupStart, Headers, NewEvent, ProtocolError, ServerMessage, SettleAction, Start,
-    TopicSummary, WireEvent, WireGap, WireGroupInfo, WireMember, WirePending, WireTopicInfo,
-    PROTOCOL_VERSION,
+    decode_body, encode_frame, Ack, AppendAck, AppendEvent, ClientMessage, Codec,
+    CompressionChoice, CompressionOffer, ErrorCode, GapReason, GroupOptions, GroupStart, Headers,
+    NewEvent, ProtocolError, ServerMessage, SettleAction, Start, TopicPosition, TopicSummary,
+    WireConnSubscription, WireConnection, WireEvent, WireGap, WireGroupInfo, WireMember,
+    WirePending, WireTopicInfo, PROTOCOL_VERSION,
 };
 
 /// A message of either direction, so both can share one list.
@@ -234,6 +235,18 @@ pub fn samples() -> Vec<(&'static str, AnyMessage)> {
             }),
         ),
         (
+            "client.HelloExt",
+            C(ClientMessage::HelloExt {
+                protocol_version: PROTOCOL_VERSION,
+                client_name: "rc".to_owned(),
+                credentials: None,
+                compression: CompressionOffer {
+                    codecs: vec![Codec::LZ4],
+                    min_size: 1024,
+                },
+            }),
+        ),
+        (
             "client.Publish",
             C(ClientMessage::Publish {
                 request_id: 1,
@@ -241,6 +254,21 @@ pub fn samples() -> Vec<(&'static str, AnyMessage)> {
                 event_type: "created".to_owned(),
                 headers: headers(),
                 payload: Bytes::from_static(br#"{"id":1}"#),
+            }),
+        ),
+        (
+            // On a connection with compression on: the payload is marked,
+            // here LZ4 (docs/protocol.md, "Payload compression").
+            "client.Publish.Lz4",
+            C(ClientMessage::Publish {
+                request_id: 1,
+                topic: "orders".to_owned(),
+                event_type: "created".to_owned(),
+                headers: Vec::new(),
+                payload: Bytes::from(
+                    hex::decode("0100000033af7b2274657874223a22610100106061616161227d")
+                        .expect("hex"),
+                ),
             }),
         ),
         (
@@ -443,6 +471,46 @@ pub fn samples() -> Vec<(&'static str, AnyMessage)> {
             }),
         ),
         (
+            "client.ListConnections",
+            C(ClientMessage::ListConnections {
+                request_id: 21,
+                after: 0,
+                limit: 100,
+            }),
+        ),
+        (
+            "client.CloseConnection",
+            C(ClientMessage::CloseConnection {
+                request_id: 22,
+                connection_id: 7,
+            }),
+        ),
+        (
+            "client.SubscribePattern",
+            C(ClientMessage::SubscribePattern {
+                request_id: 23,
+                subscription_id: PATTERN_SUBSCRIPTION,
+                pattern: "orders.*".to_owned(),
+                types: vec![],
+                start: Start::Live,
+                positions: None,
+            }),
+        ),
+        (
+            "client.SubscribePattern.Resume",
+            C(ClientMessage::SubscribePattern {
+                request_id: 24,
+                subscription_id: PATTERN_SUBSCRIPTION,
+                pattern: "orders.*".to_owned(),
+                types: vec!["created".to_owned()],
+                start: Start::Live,
+                positions: Some(vec![
+                    sample_position("orders.eu", 42, false),
+                    sample_position("orders.us", 7, true),
+                ]),
+            }),
+        ),
+        (
             "server.Welcome",
             S(ServerMessage::Welcome {
                 server_version: "0.1.0".to_owned(),
@@ -451,6 +519,33 @@ pub fn samples() -> Vec<(&'static str, AnyMessage)> {
                 max_payload: 1024 * 1024,
                 max_subscriptions: 1024,
                 heartbeat_ms: 15_000,
+            }),
+        ),
+        (
+            "server.WelcomeExt",
+            S(ServerMessage::WelcomeExt {
+                server_version: "0.1.0".to_owned(),
+                protocol_version: PROTOCOL_VERSION,
+                max_frame: 16 * 1024 * 1024,
+                max_payload: 1024 * 1024,
+                max_subscriptions: 1024,
+                heartbeat_ms: 15_000,
+                compression: CompressionChoice {
+                    codec: Codec::LZ4,
+                    min_size: 1024,
+                },
+            }),
+        ),
+        (
+            "server.WelcomeExt.Off",
+            S(ServerMessage::WelcomeExt {
+                server_version: "0.1.0".to_owned(),
+                protocol_version: PROTOCOL_VERSION,
+                max_frame: 16 * 1024 * 1024,
+                max_payload: 1024 * 1024,
+                max_subscriptions: 1024,
+                heartbeat_ms: 15_000,
+                compression: CompressionChoice::OFF,
             }),
         ),
         (
@@ -492,6 +587,18 @@ pub fn samples() -> Vec<(&'static str, AnyMessage)> {
             S(ServerMessage::Event {
                 subscription_id: 1,
                 event: event(42),
+            }),
+        ),
+        (
+            // On a connection with compression on, a payload below
+            // `min_size` (or that LZ4 cannot shrink) goes raw, marked 00.
+            "server.Event.Raw",
+            S(ServerMessage::Event {
+                subscription_id: 1,
+                event: WireEvent {
+                    payload: Bytes::from_static(b"\x00{\"id\":1}"),
+                    ..event(42)
+                },
             }),
         ),
         ("server.Gap.Retention", S(gap(GapReason::Retention, None))),
@@ -716,7 +823,90 @@ pub fn samples() -> Vec<(&'static str, AnyMessage)> {
                 message: "orders/workers".to_owned(),
             }),
         ),
+        (
+            "server.Connections",
+            S(ServerMessage::Connections {
+                request_id: 21,
+                connections: vec![sample_connection()],
+                next_after: 0,
+            }),
+        ),
+        (
+            "server.Error.ConnectionNotFound",
+            S(ServerMessage::Error {
+                request_id: Some(22),
+                code: ErrorCode::ConnectionNotFound,
+                message: "7".to_owned(),
+            }),
+        ),
+        (
+            "server.PatternSubscribed",
+            S(ServerMessage::PatternSubscribed {
+                request_id: 23,
+                subscription_id: PATTERN_SUBSCRIPTION,
+                topics: vec![sample_position("orders.eu", 42, false)],
+            }),
+        ),
+        (
+            "server.TopicJoined",
+            S(ServerMessage::TopicJoined {
+                subscription_id: PATTERN_SUBSCRIPTION,
+                position: sample_position("orders.us", 0, false),
+            }),
+        ),
+        (
+            "server.SubscriptionEnded",
+            S(ServerMessage::SubscriptionEnded {
+                subscription_id: PATTERN_SUBSCRIPTION,
+                code: ErrorCode::TooManyTopics,
+                message: "orders.* matches more than 1000 topics".to_owned(),
+            }),
+        ),
     ]
+}
+
+/// The id of the pattern subscription samples.
+const PATTERN_SUBSCRIPTION: u64 = 3;
+
+fn sample_position(topic: &str, offset: u64, ended: bool) -> TopicPosition {
+    TopicPosition {
+        topic: topic.to_owned(),
+        epoch: EPOCH,
+        offset,
+        ended,
+    }
+}
+
+/// A TCP connection with one plain subscription and one group membership.
+fn sample_connection() -> WireConnection {
+    WireConnection {
+        id: 7,
+        kind: "tcp".to_owned(),
+        peer: "10.0.0.5:51234".to_owned(),
+        subject: Some("u1".to_owned()),
+        since_ms: 1_700_000_000_000,
+        delivered: 12,
+        subscriptions: vec![
+            WireConnSubscription {
+                topic: "orders".to_owned(),
+                subscription_id: Some(1),
+                group: None,
+                epoch: EPOCH,
+                position: 42,
+                lag: 8,
+                delivered: 10,
+            },
+            WireConnSubscription {
+                topic: "orders".to_owned(),
+                subscription_id: Some(MEMBERSHIP),
+                group: Some("workers".to_owned()),
+                epoch: EPOCH,
+                position: 44,
+                lag: 6,
+                delivered: 2,
+            },
+        ],
+    }
 }
 
 // ---- proptest strategies ------------------------------------------------
@@ -922,7 +1112,79 @@ pub fn client_message() -> impl Strategy<Value = ClientMessage> {
                 group,
             }
         }),
+        (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(request_id, after, limit)| {
+            ClientMessage::ListConnections {
+                request_id,
+                after,
+                limit,
+            }
+        }),
+        (any::<u64>(), any::<u64>()).prop_map(|(request_id, connection_id)| {
+            ClientMessage::CloseConnection {
+                request_id,
+                connection_id,
+            }
+        }),
+        (
+            (any::<u64>(), any::<u64>()),
+            text(),
+            vec(text(), 0..3),
+            start(),
+            option::of(vec(topic_position(), 0..3)),
+        )
+            .prop_map(
+                |((request_id, subscription_id), pattern, types, start, positions)| {
+                    ClientMessage::SubscribePattern {
+                        request_id,
+                        subscription_id,
+                        pattern,
+                        types,
+                        start,
+                        positions,
+                    }
+                }
+            ),
+        (
+            any::<u16>(),
+            text(),
+            option::of(text()),
+            compression_offer()
+        )
+            .prop_map(
+                |(protocol_version, client_name, credentials, compression)| {
+                    ClientMessage::HelloExt {
+                        protocol_version,
+                        client_name,
+                        credentials,
+                        compression,
+                    }
+                }
+            ),
     ]
+}
+
+pub fn codec() -> impl Strategy<Value = Codec> {
+    any::<u8>().prop_map(Codec)
+}
+
+pub fn compression_offer() -> impl Strategy<Value = CompressionOffer> {
+    (vec(codec(), 0..4), any::<u32>())
+        .prop_map(|(codecs, min_size)| CompressionOffer { codecs, min_size })
+}
+
+pub fn compression_choice() -> impl Strategy<Value = CompressionChoice> {
+    (codec(), any::<u32>()).prop_map(|(codec, min_size)| CompressionChoice { codec, min_size })
+}
+
+pub fn topic_position() -> impl Strategy<Value = TopicPosition> {
+    (text(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(topic, epoch, offset, ended)| {
+        TopicPosition {
+            topic,
+            epoch,
+            offset,
+            ended,
+        }
+    })
 }
 
 pub fn group_start() -> impl Strategy<Value = GroupStart> {
@@ -1326,7 +1588,98 @@ pub fn server_message() -> impl Strategy<Value = ServerMessage> {
             .prop_map(|(request_id, groups)| ServerMessage::Groups { request_id, groups }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(request_id, count)| ServerMessage::Redriven { request_id, count }),
+        (any::<u64>(), vec(wire_connection(), 0..3), any::<u64>()).prop_map(
+            |(request_id, connections, next_after)| ServerMessage::Connections {
+                request_id,
+                connections,
+                next_after,
+            }
+        ),
+        (any::<u64>(), any::<u64>(), vec(topic_position(), 0..3)).prop_map(
+            |(request_id, subscription_id, topics)| ServerMessage::PatternSubscribed {
+                request_id,
+                subscription_id,
+                topics,
+            }
+        ),
+        (any::<u64>(), topic_position()).prop_map(|(subscription_id, position)| {
+            ServerMessage::TopicJoined {
+                subscription_id,
+                position,
+            }
+        }),
+        (any::<u64>(), error_code(), text()).prop_map(|(subscription_id, code, message)| {
+            ServerMessage::SubscriptionEnded {
+                subscription_id,
+                code,
+                message,
+            }
+        }),
+        (
+            text(),
+            any::<u16>(),
+            (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()),
+            compression_choice(),
+        )
+            .prop_map(
+                |(
+                    server_version,
+                    protocol_version,
+                    (max_frame, max_payload, max_subscriptions, heartbeat_ms),
+                    compression,
+                )| ServerMessage::WelcomeExt {
+                    server_version,
+                    protocol_version,
+                    max_frame,
+                    max_payload,
+                    max_subscriptions,
+                    heartbeat_ms,
+                    compression,
+                }
+            ),
     ]
+}
+
+pub fn wire_conn_subscription() -> impl Strategy<Value = WireConnSubscription> {
+    (
+        text(),
+        option::of(any::<u64>()),
+        option::of(text()),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
+    )
+        .prop_map(
+            |(topic, subscription_id, group, (epoch, position, lag, delivered))| {
+                WireConnSubscription {
+                    topic,
+                    subscription_id,
+                    group,
+                    epoch,
+                    position,
+                    lag,
+                    delivered,
+                }
+            },
+        )
+}
+
+pub fn wire_connection() -> impl Strategy<Value = WireConnection> {
+    (
+        any::<u64>(),
+        (text(), text(), option::of(text())),
+        (any::<u64>(), any::<u64>()),
+        vec(wire_conn_subscription(), 0..3),
+    )
+        .prop_map(
+            |(id, (kind, peer, subject), (since_ms, delivered), subscriptions)| WireConnection {
+                id,
+                kind,
+                peer,
+                subject,
+                since_ms,
+                delivered,
+                subscriptions,
+            },
+        )
 }
 
 pub fn any_message() -> impl Strategy<Value = AnyMessage> {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ringcast_client::{GroupOptions, GroupStart, Start, DEFAULT_ADDR};
+use ringcast_client::{Compression, GroupOptions, GroupStart, Start, DEFAULT_ADDR};
 
 /// Command-line client for the ringcast broker. Output is JSON, one value
 /// per line; errors go to stderr.
@@ -43,6 +43,19 @@ pub struct Cli {
     )]
     pub token: Option<String>,
 
+    /// Payload compression to offer the broker: `none`, `lz4` (payloads
+    /// from 1 KiB) or `lz4:BYTES` (payloads from BYTES). Saves bandwidth on
+    /// slow links; events print the same either way.
+    #[arg(
+        long,
+        global = true,
+        env = "RINGCAST_COMPRESSION",
+        default_value = "none",
+        value_name = "CODEC",
+        value_parser = parse_compression
+    )]
+    pub compression: Compression,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -55,6 +68,8 @@ pub enum Command {
     /// stdin line (pipelined); prints one JSON ack per event.
     Pub(PubArgs),
     /// Subscribe and print one JSON line per delivery (events, gaps, end).
+    /// A TOPIC with `*` or `?` (quote it for the shell) is a pattern: one
+    /// subscription over every matching topic, also those created later.
     Sub(SubArgs),
     /// List topics.
     Topics,
@@ -80,6 +95,11 @@ pub enum Command {
     /// Consumer groups: create, inspect, consume, redrive dead letters.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// List the broker's live connections (TCP and SSE) and their
+    /// subscriptions — position, lag, events delivered — as a table (or one
+    /// JSON array with --json); or close one with `conns close ID`. Needs
+    /// the admin grant on every topic.
+    Conns(ConnsArgs),
     /// Mint an HS256 token (printed on stdout, no broker contacted).
     ///
     /// Claims: sub, iat, exp (now + --ttl), aud and iss when given, and
@@ -90,6 +110,42 @@ pub enum Command {
     /// `export RINGCAST_TOKEN=$(ringcast token --secret-file jwt.secret --sub u1 --subscribe 'user:{sub}')`
     #[command(verbatim_doc_comment)]
     Token(TokenArgs),
+}
+
+/// `ringcast conns`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ConnsArgs {
+    /// Print one JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Close connection ID instead of listing (as `conns close ID`).
+    #[arg(long, value_name = "ID", conflicts_with = "json")]
+    pub close: Option<u64>,
+    /// `close ID`; none lists.
+    #[command(subcommand)]
+    pub command: Option<ConnsCommand>,
+}
+
+impl ConnsArgs {
+    /// The connection to close, if this is a close.
+    pub fn to_close(&self) -> Option<u64> {
+        match &self.command {
+            Some(ConnsCommand::Close { id }) => Some(*id),
+            None => self.close,
+        }
+    }
+}
+
+/// `ringcast conns ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConnsCommand {
+    /// Close a connection: its client is told the broker is going away,
+    /// reconnects and resumes its subscriptions. Prints {"ok":true,"closed":ID}.
+    Close {
+        /// The connection's id, as listed.
+        id: u64,
+    },
 }
 
 /// `ringcast group ...`.
@@ -307,7 +363,9 @@ pub struct PubArgs {
 /// `ringcast sub`.
 #[derive(Debug, Args)]
 pub struct SubArgs {
-    /// Topic name.
+    /// Topic name, or a pattern (`orders.*`: `*` any run of topic
+    /// characters, `?` one): every matching topic, each line naming its
+    /// topic; an `end` line ends only that topic.
     pub topic: String,
     /// Only these event types (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "TYPE,...")]
@@ -327,6 +385,31 @@ pub struct SubArgs {
 }
 
 impl SubArgs {
+    /// The pattern, when the topic argument is one.
+    pub fn pattern(&self) -> Option<&str> {
+        self.topic
+            .contains(['*', '?'])
+            .then_some(self.topic.as_str())
+    }
+
+    /// Refuses flags a pattern subscription cannot take (it resumes per
+    /// topic, by itself).
+    pub fn check(&self) -> Result<(), clap::Error> {
+        use clap::CommandFactory;
+        if self.pattern().is_some()
+            && (self.after_offset.is_some() || self.after_versions.is_some())
+        {
+            return Err(Cli::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "{:?} is a pattern: it starts live or --earliest, not --after-offset or --after-versions",
+                    self.topic
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The start these flags ask for.
     pub fn start(&self) -> Start {
         if self.earliest {
@@ -360,6 +443,18 @@ pub fn parse_header(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
         _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
+}
+
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    match s.split_once(':') {
+        None if s == "none" => Ok(Compression::None),
+        None if s == "lz4" => Ok(Compression::lz4()),
+        Some(("lz4", n)) => n
+            .parse()
+            .map(|min_size| Compression::Lz4 { min_size })
+            .map_err(|_| format!("{n:?} is not a size in bytes")),
+        _ => Err(format!("{s:?}: expected none, lz4 or lz4:BYTES")),
     }
 }
 
@@ -412,6 +507,41 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("ringcast").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn compression_is_none_lz4_or_lz4_with_a_threshold() {
+        let compression = |args: &[&str]| parse(args).map(|cli| cli.compression);
+        assert_eq!(compression(&["topics"]).unwrap(), Compression::None);
+        assert_eq!(
+            compression(&["--compression", "lz4", "topics"]).unwrap(),
+            Compression::lz4()
+        );
+        assert_eq!(
+            compression(&["topics", "--compression", "lz4:300"]).unwrap(),
+            Compression::Lz4 { min_size: 300 }
+        );
+        assert!(compression(&["--compression", "zstd", "topics"]).is_err());
+        assert!(compression(&["--compression", "lz4:big", "topics"]).is_err());
+    }
+
+    #[test]
+    fn a_topic_with_a_wildcard_is_a_pattern_that_takes_no_resume_start() {
+        let sub = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Sub(sub) => sub,
+            other => panic!("not sub: {other:?}"),
+        };
+        assert_eq!(sub(&["sub", "orders.*"]).pattern(), Some("orders.*"));
+        assert_eq!(sub(&["sub", "order?"]).pattern(), Some("order?"));
+        assert_eq!(sub(&["sub", "orders"]).pattern(), None);
+        assert!(sub(&["sub", "orders.*", "--earliest"]).check().is_ok());
+        let err = sub(&["sub", "orders.*", "--after-offset", "1:2"])
+            .check()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
+        assert!(sub(&["sub", "orders", "--after-offset", "1:2"])
+            .check()
+            .is_ok());
     }
 
     fn sub_start(args: &[&str]) -> Start {

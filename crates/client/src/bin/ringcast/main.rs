@@ -25,8 +25,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
 use args::{
-    Cli, Command, GroupCommand, GroupConsumeArgs, GroupCreateArgs, GroupRef, HistoryArgs, PubArgs,
-    SubArgs,
+    Cli, Command, ConnsArgs, GroupCommand, GroupConsumeArgs, GroupCreateArgs, GroupRef,
+    HistoryArgs, PubArgs, SubArgs,
 };
 
 /// Publishes from stdin keep at most this many acks outstanding.
@@ -36,6 +36,11 @@ const HISTORY_PAGE: u64 = 1000;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Sub(args) = &cli.command {
+        if let Err(e) = args.check() {
+            e.exit();
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -83,6 +88,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .clone()
         .or_else(|| std::env::var("RINGCAST_CREDENTIALS").ok())
         .filter(|t| !t.is_empty());
+    options.compression = cli.compression;
     let client = Client::connect_with(options)
         .await
         .map_err(|e| anyhow!("cannot connect to {}: {}", cli.server, describe(&e)))?;
@@ -127,6 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
         }
         Command::Group(command) => group(&client, command, &mut out).await,
+        Command::Conns(args) => conns(&client, args, &mut out).await,
         Command::Token(_) => Ok(()),
     };
     // Flushes what was queued; errors here change nothing for the user.
@@ -214,6 +221,9 @@ fn strip_newline(line: &[u8]) -> &[u8] {
 }
 
 async fn subscribe(client: &Client, args: SubArgs, out: &mut Output) -> anyhow::Result<()> {
+    if args.pattern().is_some() {
+        return subscribe_pattern(client, args, out).await;
+    }
     let what = format!("subscribing to {}", args.topic);
     let mut subscription = client
         .subscribe(args.topic.as_str())
@@ -239,6 +249,43 @@ async fn subscribe(client: &Client, args: SubArgs, out: &mut Output) -> anyhow::
             Delivery::Gap(gap) => out.line(&render::gap(&gap)).await?,
             Delivery::End { topic, last_offset } => {
                 return out.line(&render::end(&topic, last_offset)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `sub` with a pattern: lines as for one topic, each naming its topic;
+/// an `end` line ends only its topic, so this runs until `--count` events,
+/// an error, or a kill.
+async fn subscribe_pattern(client: &Client, args: SubArgs, out: &mut Output) -> anyhow::Result<()> {
+    let what = format!("subscribing to {}", args.topic);
+    let builder = client
+        .subscribe_pattern(args.topic.as_str())
+        .types(args.types.iter().cloned());
+    let builder = if args.earliest {
+        builder.earliest()
+    } else {
+        builder.live()
+    };
+    let mut subscription = builder.send().await.map_err(fail(&what))?;
+    if args.count == Some(0) {
+        return Ok(());
+    }
+    let mut events = 0u64;
+    while let Some(delivery) = subscription.next_delivery().await {
+        match delivery.map_err(fail(&what))? {
+            Delivery::Event(event) => {
+                let epoch = subscription.position(&event.topic).map_or(0, |p| p.epoch);
+                out.line(&render::event(&event, epoch)).await?;
+                events += 1;
+                if args.count.is_some_and(|n| events >= n) {
+                    return Ok(());
+                }
+            }
+            Delivery::Gap(gap) => out.line(&render::gap(&gap)).await?,
+            Delivery::End { topic, last_offset } => {
+                out.line(&render::end(&topic, last_offset)).await?
             }
         }
     }
@@ -383,6 +430,33 @@ async fn consume(client: &Client, args: GroupConsumeArgs, out: &mut Output) -> a
     // Unacked jobs go back to the group at once, not after ack_wait.
     let _ = consumer.leave().await;
     result
+}
+
+/// `ringcast conns`: the listing as a table (or JSON), or a close.
+async fn conns(client: &Client, args: ConnsArgs, out: &mut Output) -> anyhow::Result<()> {
+    if let Some(id) = args.to_close() {
+        client
+            .close_connection(id)
+            .await
+            .map_err(fail(&format!("closing connection {id}")))?;
+        return out
+            .line(&serde_json::json!({ "ok": true, "closed": id }))
+            .await;
+    }
+    let list = client
+        .connections()
+        .await
+        .map_err(fail("listing connections"))?;
+    if args.json {
+        return out
+            .line(&Value::Array(list.iter().map(render::connection).collect()))
+            .await;
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let table = render::connections_table(&list, now_ms);
+    out.raw_line(table.trim_end().as_bytes().to_vec()).await
 }
 
 async fn history(client: &Client, args: HistoryArgs, out: &mut Output) -> anyhow::Result<()> {

@@ -7,8 +7,8 @@
 //! with `--after-offset EPOCH:OFFSET`.
 
 use ringcast_client::{
-    Ack, AppendAck, GapReason, GroupOptions, GroupStart, TopicSummary, WireEvent, WireGap,
-    WireGroupInfo, WirePending, WireTopicInfo,
+    Ack, AppendAck, GapReason, GroupOptions, GroupStart, TopicSummary, WireConnection, WireEvent,
+    WireGap, WireGroupInfo, WirePending, WireTopicInfo,
 };
 use serde_json::{json, Map, Value};
 
@@ -231,6 +231,113 @@ pub fn base64(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// A connection of `ringcast conns --json`.
+pub fn connection(c: &WireConnection) -> Value {
+    let subscriptions: Vec<Value> = c
+        .subscriptions
+        .iter()
+        .map(|s| {
+            json!({
+                "topic": s.topic,
+                "subscription_id": s.subscription_id,
+                "group": s.group,
+                "epoch": s.epoch,
+                "position": s.position,
+                "lag": s.lag,
+                "delivered": s.delivered,
+            })
+        })
+        .collect();
+    json!({
+        "id": c.id,
+        "kind": c.kind,
+        "peer": c.peer,
+        "subject": c.subject,
+        "since_ms": c.since_ms,
+        "delivered": c.delivered,
+        "subscriptions": subscriptions,
+    })
+}
+
+/// `ringcast conns` as a table: one row per connection, then one indented
+/// row per subscription (`#id` for TCP, `group:` for a membership).
+pub fn connections_table(list: &[WireConnection], now_ms: u64) -> String {
+    let mut rows: Vec<[String; 7]> = vec![[
+        "ID".into(),
+        "KIND".into(),
+        "PEER".into(),
+        "SUBJECT".into(),
+        "AGE".into(),
+        "DELIVERED".into(),
+        "SUBS".into(),
+    ]];
+    let mut subs: Vec<Vec<String>> = vec![Vec::new()];
+    for c in list {
+        rows.push([
+            c.id.to_string(),
+            c.kind.clone(),
+            c.peer.clone(),
+            c.subject.clone().unwrap_or_else(|| "-".into()),
+            age(now_ms.saturating_sub(c.since_ms)),
+            c.delivered.to_string(),
+            c.subscriptions.len().to_string(),
+        ]);
+        subs.push(
+            c.subscriptions
+                .iter()
+                .map(|s| {
+                    let id = s
+                        .subscription_id
+                        .map_or(String::new(), |id| format!(" #{id}"));
+                    let group = s
+                        .group
+                        .as_ref()
+                        .map_or(String::new(), |g| format!(" group:{g}"));
+                    format!(
+                        "  {}{id}{group}  position {}  lag {}  delivered {}",
+                        s.topic, s.position, s.lag, s.delivered
+                    )
+                })
+                .collect(),
+        );
+    }
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for (row, subs) in rows.iter().zip(&subs) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+        for line in subs {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if list.is_empty() {
+        out.push_str("(no connections)\n");
+    }
+    out
+}
+
+/// A duration in ms as `4s`, `12m`, `3h`, `2d`.
+fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86_399 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
 }
 
 #[cfg(test)]
