@@ -268,18 +268,20 @@ impl Engine {
             multi.insert_pattern(member)?;
         }
         let first_event = if resumed { None } else { Some(fresh.clone()) };
-        let names: Vec<Arc<str>> = multi
-            .engine
-            .inner
+        for name in multi.engine.topic_names() {
+            multi.join(name, first_event.clone())?;
+        }
+        Ok(multi)
+    }
+
+    /// Every topic's name now (a copy: joining one takes map locks).
+    fn topic_names(&self) -> Vec<Arc<str>> {
+        self.inner
             .registry
             .topics
             .iter()
             .map(|t| t.key().clone())
-            .collect();
-        for name in names {
-            multi.join(name, first_event.clone())?;
-        }
-        Ok(multi)
+            .collect()
     }
 
     /// The stored (non-ephemeral, not deleted) topic `name` and its epoch.
@@ -610,14 +612,7 @@ impl MultiSubscription {
             Ok(name) => self.join(name, None),
             Err(broadcast::error::RecvError::Lagged(_)) => {
                 // Missed some: look at every topic (members are skipped).
-                let names: Vec<Arc<str>> = self
-                    .engine
-                    .inner
-                    .registry
-                    .topics
-                    .iter()
-                    .map(|t| t.key().clone())
-                    .collect();
+                let names = self.engine.topic_names();
                 names.into_iter().try_for_each(|n| self.join(n, None))
             }
             Err(broadcast::error::RecvError::Closed) => {

@@ -148,7 +148,12 @@ fn parse_versions(s: &str) -> Result<Vec<(String, u64)>, ApiError> {
         .collect()
 }
 
-fn start_of(query: &EventsQuery, headers: &HeaderMap) -> Result<Start, ApiError> {
+/// The id a stream resumes after: the `Last-Event-ID` header (a blank one
+/// counts as absent), else the `last_event_id` query parameter.
+fn last_event_id<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Result<Option<&'a str>, ApiError> {
     let header = headers
         .get("last-event-id")
         .map(|v| {
@@ -157,7 +162,11 @@ fn start_of(query: &EventsQuery, headers: &HeaderMap) -> Result<Start, ApiError>
         })
         .transpose()?
         .filter(|v| !v.trim().is_empty());
-    if let Some(id) = header.or(query.last_event_id.as_deref()) {
+    Ok(header.or(query))
+}
+
+fn start_of(query: &EventsQuery, headers: &HeaderMap) -> Result<Start, ApiError> {
+    if let Some(id) = last_event_id(headers, query.last_event_id.as_deref())? {
         let EventId {
             epoch,
             offset,
@@ -360,16 +369,8 @@ fn open_many(
     for t in &query.selection.topics {
         caller.require(Action::Subscribe, t)?;
     }
-    let header = headers
-        .get("last-event-id")
-        .map(|v| {
-            v.to_str()
-                .map_err(|_| ApiError::bad_request("Last-Event-ID is not ASCII"))
-        })
-        .transpose()?
-        .filter(|v| !v.trim().is_empty());
     let positions =
-        match header.or(query.last_event_id.as_deref()) {
+        match last_event_id(headers, query.last_event_id.as_deref())? {
             Some(id) => Some(stream_id::decode(&query.selection, id).map_err(|e| {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_start", e.to_string())
             })?),
