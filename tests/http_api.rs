@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use common::http::{parse_response, read_closing_response, read_response, RawResponse};
+use common::sse::{Msg, SseEvent, SseParser};
 use common::{config, within};
 use reqwest::StatusCode;
 use ringcast::broker::Broker;
@@ -17,118 +18,6 @@ use serde_json::{json, Value};
 // ---------------------------------------------------------------------------
 // An SSE parser (WHATWG "event stream interpretation").
 // ---------------------------------------------------------------------------
-
-/// One dispatched event: the fields of one blank-line-terminated block.
-#[derive(Debug, Clone, PartialEq)]
-struct SseEvent {
-    /// The `id:` field of this block, if it had one.
-    id: Option<String>,
-    /// The `event:` field; `message` when absent.
-    event: String,
-    /// The `data:` lines joined with `\n`.
-    data: String,
-    /// The `retry:` field of this block, in milliseconds.
-    retry: Option<u64>,
-}
-
-impl SseEvent {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.data)
-            .unwrap_or_else(|e| panic!("data of {self:?} is not JSON: {e}"))
-    }
-
-    fn offset(&self) -> u64 {
-        self.json()["offset"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{self:?} has no offset"))
-    }
-}
-
-/// What the stream yields: events and comments (heartbeats), in order.
-#[derive(Debug, Clone, PartialEq)]
-enum Msg {
-    Event(SseEvent),
-    Comment(String),
-}
-
-#[derive(Default)]
-struct SseParser {
-    line: Vec<u8>,
-    after_cr: bool,
-    id: Option<String>,
-    event: Option<String>,
-    data: Vec<String>,
-    retry: Option<u64>,
-    /// The last event id buffer, as `EventSource.lastEventId` keeps it:
-    /// set by every `id:` field, kept across events without one.
-    last_event_id: String,
-}
-
-impl SseParser {
-    fn feed(&mut self, bytes: &[u8], out: &mut VecDeque<Msg>) {
-        for &b in bytes {
-            // A line ends with CRLF, LF or CR.
-            if std::mem::take(&mut self.after_cr) && b == b'\n' {
-                continue;
-            }
-            if b == b'\r' || b == b'\n' {
-                self.after_cr = b == b'\r';
-                let line = String::from_utf8(std::mem::take(&mut self.line))
-                    .expect("an event stream is UTF-8");
-                self.process(&line, out);
-            } else {
-                self.line.push(b);
-            }
-        }
-    }
-
-    fn process(&mut self, line: &str, out: &mut VecDeque<Msg>) {
-        if line.is_empty() {
-            self.dispatch(out);
-            return;
-        }
-        if let Some(comment) = line.strip_prefix(':') {
-            out.push_back(Msg::Comment(comment.trim_start().to_owned()));
-            return;
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-            None => (line, ""),
-        };
-        match field {
-            "id" if !value.contains('\0') => {
-                self.id = Some(value.to_owned());
-                self.last_event_id = value.to_owned();
-            }
-            "event" => self.event = Some(value.to_owned()),
-            "data" => self.data.push(value.to_owned()),
-            "retry" => {
-                self.retry = Some(
-                    value
-                        .parse()
-                        .unwrap_or_else(|_| panic!("retry {value:?} is not a number")),
-                )
-            }
-            _ => {} // ignored, as EventSource does
-        }
-    }
-
-    fn dispatch(&mut self, out: &mut VecDeque<Msg>) {
-        let id = self.id.take();
-        let event = self.event.take();
-        let retry = self.retry.take();
-        let data = std::mem::take(&mut self.data);
-        // EventSource dispatches nothing for a block without data.
-        if !data.is_empty() {
-            out.push_back(Msg::Event(SseEvent {
-                id,
-                event: event.unwrap_or_else(|| "message".into()),
-                data: data.join("\n"),
-                retry,
-            }));
-        }
-    }
-}
 
 /// An open SSE response, read message by message.
 struct SseStream {

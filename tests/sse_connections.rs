@@ -5,10 +5,12 @@
 
 mod common;
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 
 use bytes::Bytes;
 use common::http::send_json;
+use common::sse::{SseEvent, SseParser};
 use common::{memory_broker, within};
 use futures::{Stream, StreamExt};
 use reqwest::{Method, StatusCode};
@@ -42,10 +44,11 @@ struct Msg {
     id: Option<String>,
 }
 
-/// A minimal `text/event-stream` reader.
+/// An open `text/event-stream` response, read message by message.
 struct Sse {
     body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
-    text: String,
+    parser: SseParser,
+    queue: VecDeque<SseEvent>,
 }
 
 impl Sse {
@@ -58,32 +61,24 @@ impl Sse {
         assert_eq!(response.status(), StatusCode::OK);
         Sse {
             body: Box::pin(response.bytes_stream()),
-            text: String::new(),
+            parser: SseParser::default(),
+            queue: VecDeque::new(),
         }
     }
 
     /// The next message (comments skipped); `None` when the body ends.
     async fn next(&mut self) -> Option<Msg> {
         loop {
-            if let Some(end) = self.text.find("\n\n") {
-                let block: String = self.text.drain(..end + 2).collect();
-                let (mut event, mut data, mut id) = (None, None, None);
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event: ") {
-                        event = Some(v.to_owned());
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        data = Some(serde_json::from_str(v).expect("JSON data"));
-                    } else if let Some(v) = line.strip_prefix("id: ") {
-                        id = Some(v.to_owned());
-                    }
-                }
-                if let (Some(event), Some(data)) = (event, data) {
-                    return Some(Msg { event, data, id });
-                }
-                continue;
+            if let Some(e) = self.queue.pop_front() {
+                let data = e.json();
+                return Some(Msg {
+                    event: e.event,
+                    data,
+                    id: e.id,
+                });
             }
             match within(20, self.body.next()).await {
-                Some(Ok(chunk)) => self.text.push_str(std::str::from_utf8(&chunk).unwrap()),
+                Some(Ok(chunk)) => self.parser.feed_events(&chunk, &mut self.queue),
                 Some(Err(e)) => panic!("stream failed: {e}"),
                 None => return None,
             }

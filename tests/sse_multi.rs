@@ -12,6 +12,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use common::http::parse_response;
+use common::sse::{SseEvent, SseParser};
 use common::{config, within};
 use reqwest::StatusCode;
 use ringcast::broker::Broker;
@@ -23,113 +24,6 @@ use tokio::net::{TcpSocket, TcpStream};
 
 /// How long any one expected message may take (they take milliseconds).
 const WAIT_SECS: u64 = 10;
-
-// ---------------------------------------------------------------------------
-// An SSE parser (WHATWG "event stream interpretation").
-// ---------------------------------------------------------------------------
-
-/// One dispatched message: the fields of one blank-line-terminated block.
-#[derive(Debug, Clone, PartialEq)]
-struct SseEvent {
-    /// The `id:` field of this block, if it had one.
-    id: Option<String>,
-    /// The `event:` field; `message` when absent.
-    event: String,
-    /// The `data:` lines joined with `\n`.
-    data: String,
-}
-
-impl SseEvent {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.data)
-            .unwrap_or_else(|e| panic!("data of {self:?} is not JSON: {e}"))
-    }
-
-    /// The topic its envelope (or gap, or end) names.
-    fn topic(&self) -> String {
-        self.json()["topic"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{self:?} names no topic"))
-            .to_owned()
-    }
-
-    fn offset(&self) -> u64 {
-        self.json()["offset"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{self:?} has no offset"))
-    }
-
-    /// Whether this is a message about the stream rather than an event.
-    fn is_control(&self) -> bool {
-        matches!(
-            self.event.as_str(),
-            "ready" | "gap" | "end" | "error" | "shutdown"
-        )
-    }
-}
-
-#[derive(Default)]
-struct SseParser {
-    line: Vec<u8>,
-    after_cr: bool,
-    id: Option<String>,
-    event: Option<String>,
-    data: Vec<String>,
-    /// What `EventSource.lastEventId` holds: set by every `id:` field.
-    last_event_id: String,
-}
-
-impl SseParser {
-    fn feed(&mut self, bytes: &[u8], out: &mut VecDeque<SseEvent>) {
-        for &b in bytes {
-            // A line ends with CRLF, LF or CR.
-            if std::mem::take(&mut self.after_cr) && b == b'\n' {
-                continue;
-            }
-            if b == b'\r' || b == b'\n' {
-                self.after_cr = b == b'\r';
-                let line = String::from_utf8(std::mem::take(&mut self.line))
-                    .expect("an event stream is UTF-8");
-                self.process(&line, out);
-            } else {
-                self.line.push(b);
-            }
-        }
-    }
-
-    fn process(&mut self, line: &str, out: &mut VecDeque<SseEvent>) {
-        if line.is_empty() {
-            let id = self.id.take();
-            let event = self.event.take();
-            let data = std::mem::take(&mut self.data);
-            // EventSource dispatches nothing for a block without data.
-            if !data.is_empty() {
-                out.push_back(SseEvent {
-                    id,
-                    event: event.unwrap_or_else(|| "message".into()),
-                    data: data.join("\n"),
-                });
-            }
-            return;
-        }
-        if line.starts_with(':') {
-            return; // a heartbeat comment
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-            None => (line, ""),
-        };
-        match field {
-            "id" if !value.contains('\0') => {
-                self.id = Some(value.to_owned());
-                self.last_event_id = value.to_owned();
-            }
-            "event" => self.event = Some(value.to_owned()),
-            "data" => self.data.push(value.to_owned()),
-            _ => {} // `retry` and the rest: not asserted here
-        }
-    }
-}
 
 /// An open SSE response, read message by message.
 struct SseStream {
@@ -167,7 +61,7 @@ impl SseStream {
                     return None;
                 }
                 match self.response.chunk().await {
-                    Ok(Some(bytes)) => self.parser.feed(&bytes, &mut self.queue),
+                    Ok(Some(bytes)) => self.parser.feed_events(&bytes, &mut self.queue),
                     Ok(None) | Err(_) => self.closed = true,
                 }
             }
@@ -1139,7 +1033,7 @@ async fn a_pattern_topic_created_again_before_the_stream_took_its_end_still_join
     let finished = tokio::time::timeout(Duration::from_secs(WAIT_SECS), async {
         let mut buf = vec![0u8; 65536];
         loop {
-            parser.feed(&std::mem::take(&mut bytes), &mut queue);
+            parser.feed_events(&std::mem::take(&mut bytes), &mut queue);
             while let Some(e) = queue.pop_front() {
                 if e.event != "ready" {
                     let topic = e.topic();
@@ -1213,7 +1107,7 @@ async fn a_slow_consumer_gap_is_for_the_topic_that_fell_behind_only() {
     within(WAIT_SECS, async {
         let mut buf = vec![0u8; 65536];
         loop {
-            parser.feed(&std::mem::take(&mut bytes), &mut queue);
+            parser.feed_events(&std::mem::take(&mut bytes), &mut queue);
             seen.extend(queue.drain(..).filter(|e| e.event != "ready"));
             if seen.iter().filter(|e| e.event == "marker").count() == 2 {
                 return;

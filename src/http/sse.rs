@@ -400,6 +400,7 @@ fn open_many(
         sub,
         selection: query.selection,
         id: String::new(),
+        id_bytes: Vec::new(),
         registered: HashMap::new(),
     };
     for i in 0..many.sub.member_slots() {
@@ -835,6 +836,8 @@ struct Many {
     selection: StreamSelection,
     /// The id of the last message, rebuilt for each.
     id: String,
+    /// Scratch for encoding `id` (no allocation per event).
+    id_bytes: Vec<u8>,
     /// Each member's subscription in the connections registry.
     registered: HashMap<Arc<str>, SubHandle>,
 }
@@ -846,28 +849,37 @@ impl Many {
             return;
         };
         let p = m.position;
-        self.registered
-            .entry(m.name.clone())
-            .or_insert_with(|| conn.subscription(&m.name, p.epoch, p.offset))
-            .advance(p.epoch, p.offset, events);
+        // A lookup per event; the name's `Arc` is cloned only to register.
+        match self.registered.get(&m.name) {
+            Some(handle) => handle.advance(p.epoch, p.offset, events),
+            None => {
+                let handle = conn.subscription(&m.name, p.epoch, p.offset);
+                handle.advance(p.epoch, p.offset, events);
+                self.registered.insert(m.name.clone(), handle);
+            }
+        }
     }
 
-    /// Forgets the registry entries of topics no longer streamed.
+    /// Forgets the registry entries of topics no longer streamed (after a
+    /// prune dropped members).
     fn forget_ended(&mut self) {
-        let sub = &self.sub;
-        self.registered
-            .retain(|name, _| sub.members().any(|m| m.name == *name && !m.position.ended));
+        let live: std::collections::HashSet<&str> = self
+            .sub
+            .members()
+            .filter(|m| !m.position.ended)
+            .map(|m| &*m.name)
+            .collect();
+        self.registered.retain(|name, _| live.contains(&**name));
     }
 
     /// Rebuilds `id` from the members' positions.
     fn update_id(&mut self) {
-        self.id.clear();
         let entries = self.sub.members().map(|m| Entry {
             name: &m.name,
             pattern: m.pattern,
             position: m.position,
         });
-        stream_id::encode(&self.selection, entries, &mut self.id);
+        stream_id::encode(&self.selection, entries, &mut self.id_bytes, &mut self.id);
     }
 
     fn put(
@@ -922,7 +934,9 @@ impl Many {
                 let topic = self.sub.member(member).map_or("", |m| &*m.name);
                 let data = json!({"topic": topic, "last_offset": last_offset});
                 put_frame(buf, Some(&self.id), "end", &data.to_string());
-                self.forget_ended();
+                if let Some(m) = self.sub.member(member) {
+                    self.registered.remove(&m.name);
+                }
             }
         }
         self.sub.finished()

@@ -91,26 +91,29 @@ fn put_position(out: &mut Vec<u8>, p: Position) {
     out.extend_from_slice(&p.epoch.to_le_bytes());
 }
 
-/// Encodes an id; `entries` holds every named topic (in selection order)
-/// before the pattern matches.
+/// Encodes an id into `out` (cleared first); `entries` holds every named
+/// topic (in selection order) before the pattern matches. `bytes` is scratch
+/// space a stream keeps, so that an id per event allocates nothing.
 pub(crate) fn encode<'a>(
     selection: &StreamSelection,
     entries: impl IntoIterator<Item = Entry<'a>>,
+    bytes: &mut Vec<u8>,
     out: &mut String,
 ) {
-    let mut bytes = Vec::with_capacity(5 + 12 * selection.topics.len());
+    bytes.clear();
+    out.clear();
     bytes.push(FORMAT);
     bytes.extend_from_slice(&selection.check.to_le_bytes());
     for e in entries {
         if let Some(p) = e.pattern {
             let suffix = &e.name[literal_prefix(&selection.patterns[p]).len()..];
-            put_varint(&mut bytes, p as u64);
-            put_varint(&mut bytes, suffix.len() as u64);
+            put_varint(bytes, p as u64);
+            put_varint(bytes, suffix.len() as u64);
             bytes.extend_from_slice(suffix.as_bytes());
         }
-        put_position(&mut bytes, e.position);
+        put_position(bytes, e.position);
     }
-    URL_SAFE_NO_PAD.encode_string(&bytes, out);
+    URL_SAFE_NO_PAD.encode_string(&*bytes, out);
 }
 
 /// Why an id was refused.
@@ -242,7 +245,7 @@ mod tests {
                 ended: false,
             },
         });
-        encode(&sel, entries, &mut id);
+        encode(&sel, entries, &mut Vec::new(), &mut id);
         assert_eq!(id.len(), 740);
         assert_eq!(decode(&sel, &id).unwrap().len(), 50);
     }
@@ -257,7 +260,7 @@ mod tests {
             pattern: None,
             position: Position::default(),
         });
-        encode(&a, entries, &mut id);
+        encode(&a, entries, &mut Vec::new(), &mut id);
         assert!(decode(&a, &id).is_ok());
         assert_eq!(decode(&b, &id), Err(IdError::OtherSelection));
         let mut bytes = URL_SAFE_NO_PAD.decode(&id).unwrap();
@@ -282,6 +285,7 @@ mod tests {
                 pattern: Some(0),
                 position: Position::default(),
             }],
+            &mut Vec::new(),
             &mut id,
         );
         let positions = decode(&sel, &id).unwrap();
@@ -318,7 +322,7 @@ mod tests {
                 .map(|(n, p)| Entry { name: n, pattern: None, position: *p })
                 .chain(matched.iter().map(|(n, p, pos)| Entry { name: n, pattern: Some(*p), position: *pos }));
             let mut id = String::new();
-            encode(&sel, entries, &mut id);
+            encode(&sel, entries, &mut Vec::new(), &mut id);
             let positions = decode(&sel, &id).unwrap();
             for (n, p) in names.iter().zip(&named) {
                 prop_assert_eq!(positions[*n], *p);

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod engine;
 pub mod http;
+pub mod sse;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -98,6 +98,14 @@ pub(crate) use crate::queue::PushSender;
 /// Where a subscription's terminal error is left for its [`Subscription`](crate::Subscription).
 pub(crate) type TerminalSlot = Arc<Mutex<Option<Error>>>;
 
+/// The error that ended a subscription (`Closed` when none was left).
+pub(crate) fn take_terminal(slot: &TerminalSlot) -> Error {
+    slot.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or(Error::Closed)
+}
+
 /// Why the client stopped for good, when the broker ended it (shared with
 /// the handles, so that later calls fail with the same error).
 pub(crate) type FatalSlot = Arc<OnceLock<Fatal>>;

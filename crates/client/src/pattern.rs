@@ -20,8 +20,8 @@ use futures_core::Stream;
 use ringcast_protocol::{Start, TopicPosition, WireEvent, WireGap};
 
 use crate::client::Client;
-use crate::connection::{Push, TerminalSlot};
-use crate::error::{Error, Result};
+use crate::connection::{take_terminal, Push, TerminalSlot};
+use crate::error::Result;
 use crate::queue::PushReceiver;
 use crate::subscription::Delivery;
 
@@ -309,14 +309,6 @@ impl PatternSubscription {
         self.client.end_subscription(self.id).await
     }
 
-    fn take_terminal(&self) -> Error {
-        self.terminal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .unwrap_or(Error::Closed)
-    }
-
     fn record(&mut self, topic: &str, epoch: u64, offset: u64, ended: bool) {
         match self.positions.get_mut(topic) {
             Some(p) => {
@@ -374,7 +366,7 @@ impl Stream for PatternSubscription {
             }
             None => {
                 self.done = true;
-                Err(self.take_terminal())
+                Err(take_terminal(&self.terminal))
             }
         };
         Poll::Ready(Some(delivery))

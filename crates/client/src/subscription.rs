@@ -7,8 +7,8 @@ use futures_core::Stream;
 use ringcast_protocol::{WireEvent, WireGap};
 
 use crate::client::Client;
-use crate::connection::{Push, TerminalSlot};
-use crate::error::{Error, Result};
+use crate::connection::{take_terminal, Push, TerminalSlot};
+use crate::error::Result;
 use crate::queue::PushReceiver;
 
 /// One item of a subscription.
@@ -126,14 +126,6 @@ impl Subscription {
         self.done = true;
         self.client.end_subscription(self.id).await
     }
-
-    fn take_terminal(&self) -> Error {
-        self.terminal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .unwrap_or(Error::Closed)
-    }
 }
 
 impl Stream for Subscription {
@@ -166,7 +158,7 @@ impl Stream for Subscription {
             }
             None => {
                 self.done = true;
-                Err(self.take_terminal())
+                Err(take_terminal(&self.terminal))
             }
         };
         Poll::Ready(Some(delivery))
