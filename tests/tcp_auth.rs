@@ -905,6 +905,28 @@ async fn the_third_connection_within_the_burst_gets_retry_later_and_a_close() {
         other => panic!("expected RetryLater, got {other:?}"),
     };
     third.expect_closed().await;
+    // A client offering compression (`HelloExt`, version 5) gets the same
+    // `RetryLater`, not the version-1 words of a frame the refusal cannot read.
+    let mut ext = RawClient::connect(broker.tcp_addr()).await;
+    ext.send(&ClientMessage::HelloExt {
+        protocol_version: 5,
+        client_name: "tcp-auth-test".into(),
+        credentials: key.map(str::to_owned),
+        compression: ringcast_protocol::CompressionOffer {
+            codecs: vec![ringcast_protocol::Codec::LZ4],
+            min_size: 128,
+        },
+    })
+    .await;
+    match ext.recv().await {
+        Some(ServerMessage::RetryLater {
+            request_id: None,
+            code: ErrorCode::RateLimited,
+            ..
+        }) => {}
+        other => panic!("expected RetryLater for a HelloExt, got {other:?}"),
+    }
+    ext.expect_closed().await;
     // A version 1 client is told in words it knows.
     let (mut old, answer) = hello(broker.tcp_addr(), 1, key).await;
     match answer {

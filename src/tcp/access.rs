@@ -145,15 +145,21 @@ pub(crate) async fn say_and_close(mut stream: TcpStream, msg: &ServerMessage) {
     let _ = stream.shutdown().await;
 }
 
-/// The protocol version named by the first frame, if it is a `Hello`.
+/// The protocol version named by the first frame, if it is a `Hello` or a
+/// `HelloExt`.
 async fn hello_version(stream: &mut TcpStream) -> Option<u16> {
     let mut decoder = FrameDecoder::<ClientMessage>::new(REFUSAL_HELLO_MAX);
     let mut buf = BytesMut::with_capacity(REFUSAL_HELLO_MAX);
     loop {
         match decoder.decode(&mut buf) {
-            Ok(Some(ClientMessage::Hello {
-                protocol_version, ..
-            })) => return Some(protocol_version),
+            Ok(Some(
+                ClientMessage::Hello {
+                    protocol_version, ..
+                }
+                | ClientMessage::HelloExt {
+                    protocol_version, ..
+                },
+            )) => return Some(protocol_version),
             Ok(Some(_)) | Err(_) => return None,
             Ok(None) => {}
         }
