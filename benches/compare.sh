@@ -20,6 +20,11 @@
 #                                 # change>, the same row for that binary first, in the
 #                                 # same run (BASELINE_BENCH: a ringcast-bench that
 #                                 # speaks its protocol, when it differs).
+#   benches/compare.sh --typescript  # only the TypeScript client beside the Rust SDK:
+#                                 # publish (128 B, 4 KiB) and resume through each,
+#                                 # alternating, on one ringcastd (memory), with
+#                                 # throughput and client/broker CPU per event
+#                                 # (needs Node >= 20; builds clients/typescript)
 #
 # Installs redis-server and nats-server if absent (Debian packages), builds
 # ringcastd and ringcast-bench in release, starts every server on loopback
@@ -36,7 +41,7 @@ set -euo pipefail
 # Debian installs nats-server in /usr/sbin, which a non-root PATH may lack.
 PATH=$PATH:/usr/sbin:/sbin
 
-QUICK=0 AUTH_ONLY=0 GROUPS_ONLY=0 PERSIST_ONLY=0 SSE_ONLY=0
+QUICK=0 AUTH_ONLY=0 GROUPS_ONLY=0 PERSIST_ONLY=0 SSE_ONLY=0 TS_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
@@ -44,12 +49,13 @@ for arg in "$@"; do
         --groups) GROUPS_ONLY=1 ;;
         --persist) PERSIST_ONLY=1 ;;
         --sse) SSE_ONLY=1 ;;
+        --typescript) TS_ONLY=1 ;;
         -h | --help)
-            sed -n '2,34p' "$0"
+            sed -n '2,39p' "$0"
             exit 0
             ;;
         *)
-            echo "compare.sh: unknown argument $arg (use --quick, --auth, --groups, --persist, --sse or nothing)" >&2
+            echo "compare.sh: unknown argument $arg (use --quick, --auth, --groups, --persist, --sse, --typescript or nothing)" >&2
             exit 2
             ;;
     esac
@@ -98,7 +104,7 @@ if (($(ulimit -n) < SSE_N + 256)); then
 fi
 
 # ---------------------------------------------------------------- peers
-if ((!AUTH_ONLY && !SSE_ONLY)) && { ! command -v redis-server >/dev/null || ! command -v nats-server >/dev/null; }; then
+if ((!AUTH_ONLY && !SSE_ONLY && !TS_ONLY)) && { ! command -v redis-server >/dev/null || ! command -v nats-server >/dev/null; }; then
     SUDO=()
     if (($(id -u) != 0)); then SUDO=(sudo); fi
     echo "== installing redis-server and nats-server" >&2
@@ -329,6 +335,37 @@ sse_row() { # label
 }
 
 BEGIN=$(date +%s)
+
+if ((TS_ONLY)); then
+    # The same scenarios through the Rust SDK (ringcast-bench) and the
+    # TypeScript client (clients/typescript/bench/bench.mjs), alternating on
+    # one broker, each row the median of REPEAT runs.
+    echo "== building clients/typescript" >&2
+    (cd clients/typescript && { [[ -d node_modules ]] || npm ci --silent; } && npx tsc -p tsconfig.json)
+    ts_bench() { # label scenario args...
+        local label=$1
+        shift
+        if ! node clients/typescript/bench/bench.mjs "$@" --addr "$SRV_ADDR" --server-pid "$SRV_PID" \
+            --label "$label" --repeat "$REPEAT" --out "$RESULTS" >/dev/null; then
+            echo "compare.sh: FAILED: $label ($*)" >&2
+            FAILED=$((FAILED + 1))
+        fi
+    }
+    start_ringcast memory
+    for payload in 128 4096; do
+        n=$N128
+        [[ $payload == 4096 ]] && n=$N4K
+        bench ringcast "rust.publish$payload" publish --n "$n" --payload "$payload" --window "$WINDOW"
+        ts_bench "ts.publish$payload" publish --n "$n" --payload "$payload" --window "$WINDOW"
+    done
+    rn=$((N128 < 100000 ? N128 : 100000)) # within RETAIN: a resume without a gap
+    bench ringcast rust.resume128 resume --n "$rn" --payload 128
+    ts_bench ts.resume128 resume --n "$rn" --payload 128
+    stop_server
+    echo "== $(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+    node clients/typescript/bench/bench.mjs table "$RESULTS"
+    exit $((FAILED > 0))
+fi
 
 if ((SSE_ONLY)); then
     if [[ -n ${BASELINE_RINGCASTD:-} ]]; then
