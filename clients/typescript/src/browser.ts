@@ -253,6 +253,7 @@ export function openStream<P extends object = Record<string, unknown>>(o: Stream
       return;
     }
     if (e.lastEventId) lastId = e.lastEventId;
+    if (!d || typeof d !== "object") return;
     if (types.includes(e.type) && typeof d.offset === "number" && typeof d.version === "number") {
       o.onEvent({ ...d, id: e.lastEventId });
       return;
@@ -285,6 +286,7 @@ export function openStream<P extends object = Record<string, unknown>>(o: Stream
     }
   };
 
+  urlFor(undefined); // a bad `url` throws here, not later
   void open(false);
   return {
     close: () => stop("client"),

@@ -179,7 +179,12 @@ export class RingcastEvent {
   }
 }
 
-/** Events were missed and cannot be delivered: refetch state (or read `history` from `requested + 1` while retained); delivery continues live after `current`. */
+/**
+ * Events were lost to this subscription; delivery continues live after
+ * `current`. Offsets after `requested` and before `firstAvailable` are gone;
+ * `firstAvailable` to `current` may still be retained (`history` with
+ * `after: firstAvailable - 1`). Refetch state, or refill from history.
+ */
 export interface Gap {
   /** Discriminates the items of a subscription. */
   kind: "gap";
@@ -312,7 +317,10 @@ interface Pending {
   resend: boolean;
   /** Written on the current connection. */
   sent: boolean;
-  timer: NodeJS.Timeout | undefined;
+  /** When it times out (`performance.now()` ms; Infinity: never). */
+  deadline: number;
+  /** What `Timeout` says. */
+  what: string;
 }
 
 /** Anything pushed messages are routed to: a subscription, a pattern subscription or a membership. */
@@ -902,7 +910,10 @@ export class Client {
   /** The payload codec in force on the current connection (0: none) and its threshold. */
   private codec = CODEC_NONE;
   private codecMinSize = 0;
-  private corked = false;
+  /** Frames written in this tick, flushed as one socket write. */
+  private outbox: Uint8Array[] = [];
+  private outboxBytes = 0;
+  private sweep: NodeJS.Timeout | undefined;
   private reconnecting: Promise<void> | null = null;
   private readonly sleepers = new Set<() => void>();
   private readonly abortListener = () => this.shutdown(new RingcastError("Aborted", "the client's signal was aborted"));
@@ -1197,16 +1208,13 @@ export class Client {
         reject,
         resend,
         sent: false,
-        timer: undefined,
+        deadline: Infinity,
+        what: msg.type,
       };
       const timeout = this.opts.requestTimeoutMs ?? 30_000;
       if (timeout > 0) {
-        p.timer = setTimeout(() => {
-          this.pending.delete(requestId);
-          this.establishing.delete(requestId);
-          reject(new RingcastError("Timeout", `no reply to ${msg.type} within ${timeout} ms`));
-        }, timeout);
-        p.timer.unref();
+        p.deadline = performance.now() + timeout;
+        this.armSweep(timeout);
       }
       this.pending.set(requestId, p);
       if (this.ready) this.write(p);
@@ -1233,22 +1241,46 @@ export class Client {
         p.frameCodec = this.codec;
       } catch (e) {
         this.pending.delete([...this.pending].find(([, q]) => q === p)?.[0] ?? -1);
-        if (p.timer) clearTimeout(p.timer);
         p.reject(new RingcastError("InvalidRequest", e instanceof Error ? e.message : String(e)));
         return;
       }
     }
     p.sent = true;
-    if (!this.corked) {
-      this.corked = true;
-      s.cork();
-      process.nextTick(() => {
-        this.corked = false;
-        s.uncork();
-      });
-    }
-    s.write(p.frame);
+    // One socket write per tick for everything written in it: pipelined
+    // requests cost one syscall, not one each.
+    this.outbox.push(p.frame);
+    this.outboxBytes += p.frame.length;
+    if (this.outbox.length === 1) process.nextTick(() => this.flush(s));
+  }
+
+  private flush(s: net.Socket): void {
+    const chunks = this.outbox;
+    const bytes = this.outboxBytes;
+    this.outbox = [];
+    this.outboxBytes = 0;
+    if (s !== this.socket || chunks.length === 0) return; // dropped with its connection
+    s.write(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, bytes));
     this.lastSent = Date.now();
+  }
+
+  /** Makes sure the deadline sweep runs (one timer for every request, not one each). */
+  private armSweep(timeout: number): void {
+    if (this.sweep) return;
+    const every = Math.max(10, Math.min(1000, Math.floor(timeout / 4)));
+    this.sweep = setInterval(() => {
+      const now = performance.now();
+      for (const [id, p] of this.pending) {
+        if (p.deadline > now) continue;
+        this.pending.delete(id);
+        this.establishing.delete(id);
+        p.reject(new RingcastError("Timeout", `no reply to ${p.what} within ${this.opts.requestTimeoutMs ?? 30_000} ms`));
+      }
+      if (this.pending.size === 0) {
+        clearInterval(this.sweep);
+        this.sweep = undefined;
+      }
+    }, every);
+    this.sweep.unref();
   }
 
   /** @internal Forgets a route (no more pushes). */
@@ -1329,7 +1361,8 @@ export class Client {
         reject: () => undefined,
         resend: false,
         sent: false,
-        timer: undefined,
+        deadline: Infinity,
+        what: msg.type,
       };
       this.pending.set(requestId, p);
       this.write(p);
@@ -1520,7 +1553,6 @@ export class Client {
     const p = this.pending.get(requestId);
     if (!p) return;
     this.pending.delete(requestId);
-    if (p.timer) clearTimeout(p.timer);
     p.resolve(m);
   }
 
@@ -1536,7 +1568,6 @@ export class Client {
       } else {
         this.pending.delete(id);
         this.establishing.delete(id);
-        if (p.timer) clearTimeout(p.timer);
         p.reject(new RingcastError("ConnectionLost", `the connection dropped before the reply to ${p.msg.type}`));
       }
     }
@@ -1649,10 +1680,9 @@ export class Client {
     const s = this.socket;
     this.socket = null;
     s?.destroy();
-    for (const p of this.pending.values()) {
-      if (p.timer) clearTimeout(p.timer);
-      p.reject(error);
-    }
+    for (const p of this.pending.values()) p.reject(error);
+    if (this.sweep) clearInterval(this.sweep);
+    this.sweep = undefined;
     this.pending.clear();
     this.establishing.clear();
     for (const wake of this.sleepers) wake();

@@ -846,6 +846,25 @@ class Writer {
   }
 
   string(v: string): void {
+    const n = v.length;
+    if (n <= 64) {
+      // Short ASCII (names, types, keys): byte by byte, cheaper than encodeInto.
+      this.reserve(8 + n);
+      const buf = this.buf;
+      const at = this.pos + 8;
+      let i = 0;
+      for (; i < n; i++) {
+        const c = v.charCodeAt(i);
+        if (c > 0x7f) break;
+        buf[at + i] = c;
+      }
+      if (i === n) {
+        this.view.setUint32(this.pos, 0);
+        this.view.setUint32(this.pos + 4, n);
+        this.pos = at + n;
+        return;
+      }
+    }
     // At most 3 bytes per UTF-16 unit; write after the length, then patch it.
     const max = v.length * 3;
     this.reserve(8 + max);
@@ -858,13 +877,14 @@ class Writer {
   }
 }
 
-/** A bounds-checked big-endian reader over one frame body. */
+/** A bounds-checked big-endian reader over one frame body (byte arithmetic: no DataView per body). */
 class Reader {
-  readonly view: DataView;
   pos = 0;
+  readonly buf: Uint8Array;
 
-  constructor(readonly buf: Uint8Array) {
-    this.view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  constructor(buf: Uint8Array) {
+    // A plain view: `slice` must copy (a Node Buffer's does not).
+    this.buf = buf.constructor === Uint8Array ? buf : new Uint8Array(buf.buffer, buf.byteOffset, buf.length);
   }
 
   need(n: number, what: string): void {
@@ -880,22 +900,29 @@ class Reader {
 
   u16(): number {
     this.need(2, "u16");
-    const v = this.view.getUint16(this.pos);
-    this.pos += 2;
-    return v;
+    const b = this.buf;
+    const p = this.pos;
+    this.pos = p + 2;
+    return (b[p]! << 8) | b[p + 1]!;
+  }
+
+  /** A u32 at `p`, unchecked. */
+  private at32(p: number): number {
+    const b = this.buf;
+    return ((b[p]! << 24) | (b[p + 1]! << 16) | (b[p + 2]! << 8) | b[p + 3]!) >>> 0;
   }
 
   u32(): number {
     this.need(4, "u32");
-    const v = this.view.getUint32(this.pos);
+    const v = this.at32(this.pos);
     this.pos += 4;
     return v;
   }
 
   u64(): number {
     this.need(8, "u64");
-    const hi = this.view.getUint32(this.pos);
-    const lo = this.view.getUint32(this.pos + 4);
+    const hi = this.at32(this.pos);
+    const lo = this.at32(this.pos + 4);
     this.pos += 8;
     if (hi > 0x1f_ffff) {
       throw new ProtocolError("a u64 above 2^53 - 1 where a counter was expected");
@@ -905,9 +932,10 @@ class Reader {
 
   u64big(): bigint {
     this.need(8, "u64");
-    const v = this.view.getBigUint64(this.pos);
+    const hi = this.at32(this.pos);
+    const lo = this.at32(this.pos + 4);
     this.pos += 8;
-    return v;
+    return (BigInt(hi) << 32n) | BigInt(lo);
   }
 
   /** A length or count: never more than the bytes left (each item takes at least `min` bytes). */
@@ -922,13 +950,29 @@ class Reader {
   bytes(): Uint8Array {
     const n = this.count(1);
     // A copy: the frame's buffer may be large and short-lived.
-    const v = Uint8Array.prototype.slice.call(this.buf, this.pos, this.pos + n);
+    const v = this.buf.slice(this.pos, this.pos + n);
     this.pos += n;
     return v;
   }
 
   string(): string {
     const n = this.count(1);
+    if (n <= 64) {
+      // Short ASCII (topics, types, header names): no TextDecoder call.
+      const buf = this.buf;
+      const at = this.pos;
+      let v = "";
+      let i = 0;
+      for (; i < n; i++) {
+        const c = buf[at + i]!;
+        if (c > 0x7f) break;
+        v += String.fromCharCode(c);
+      }
+      if (i === n) {
+        this.pos += n;
+        return v;
+      }
+    }
     let v: string;
     try {
       v = utf8Decoder.decode(this.buf.subarray(this.pos, this.pos + n));
@@ -1160,16 +1204,37 @@ function enumCodec(name: EnumName): Codec {
 const CLIENT = codecOf(["enum", "ClientMessage"]);
 const SERVER = codecOf(["enum", "ServerMessage"]);
 
+/** A first guess of a message's size, so that the writer rarely grows. */
+function sizeHint(msg: unknown): number {
+  const m = msg as { payload?: Uint8Array; events?: { payload?: Uint8Array }[] };
+  let n = 256;
+  if (m.payload) n += m.payload.length;
+  if (m.events) for (const e of m.events) n += 128 + (e.payload?.length ?? 0);
+  return n;
+}
+
+/** One writer reused by every encode (encoding is synchronous), so a frame costs one exact-size copy. */
+const scratch = new Writer(64 * 1024);
+
 function encodeFrameWith(codec: Codec, msg: unknown, maxFrame: number): Uint8Array {
-  const w = new Writer(128);
+  const w = scratch;
   w.pos = 4;
-  codec.enc(w, msg);
-  const len = w.pos - 4;
-  if (len > maxFrame) {
-    throw new ProtocolError(`a frame of ${len} bytes exceeds max_frame (${maxFrame})`, "FrameTooLarge");
+  w.reserve(sizeHint(msg));
+  try {
+    codec.enc(w, msg);
+    const len = w.pos - 4;
+    if (len > maxFrame) {
+      throw new ProtocolError(`a frame of ${len} bytes exceeds max_frame (${maxFrame})`, "FrameTooLarge");
+    }
+    w.view.setUint32(0, len);
+    return w.buf.slice(0, w.pos);
+  } finally {
+    if (w.buf.length > 1024 * 1024) {
+      // Do not keep a large frame's buffer alive.
+      w.buf = new Uint8Array(64 * 1024);
+      w.view = new DataView(w.buf.buffer);
+    }
   }
-  w.view.setUint32(0, len);
-  return w.buf.subarray(0, w.pos);
 }
 
 function decodeBodyWith<T>(codec: Codec, body: Uint8Array): T {
@@ -1232,6 +1297,8 @@ export class FrameDecoder {
   /** Adds bytes; returns every body completed by them, in order. */
   push(chunk: Uint8Array): Uint8Array[] {
     if (chunk.length > 0) {
+      // A plain view: a Node Buffer's subarray costs far more than a Uint8Array's.
+      if (chunk.constructor !== Uint8Array) chunk = new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length);
       this.chunks.push(chunk);
       this.buffered += chunk.length;
     }

@@ -488,10 +488,16 @@ test("dead peer: with a short heartbeat, a black-holed connection is given up by
   assert.equal(sub.events.filter((e) => e.json().i === "from the cut-off client").length, 1);
   assert.equal(sub.events[ack.offset - 1].json().i, "from the cut-off client");
 
-  // And it stays up on the new connection: idle for several times 3 × heartbeat, no reconnect
-  // (an absence, so this one waits a fixed time).
+  // And it stays up on the new connection while idle: wait until the broker
+  // has sent at least 160 bytes of heartbeats and pongs on it (8 and 16
+  // bytes; at most one of each per heartbeat interval, so more than 6
+  // intervals: twice the 3 × heartbeat a false dead-peer verdict would take),
+  // and the relay saw no new connection.
   const idleSince = relay.accepted;
-  await new Promise((r) => setTimeout(r, 2_000));
+  const socket = client["socket"];
+  const readSince = socket.bytesRead;
+  await eventually(() => socket.bytesRead - readSince >= 160, { what: "heartbeats on the idle connection" });
+  assert.equal(client["socket"], socket, "still the same connection");
   assert.ok((await client.ping()) >= 0);
   await writer.publish(topic, "t", { i: 5 });
   await sub.untilEvents(6);

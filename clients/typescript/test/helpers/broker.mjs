@@ -6,6 +6,14 @@
 //   await broker.kill(); await broker.restart();   // same ports, same data dir
 //   await broker.cleanup();
 //
+// Broker: tcpHost, tcpPort, httpPort, httpUrl, dataDir, adminToken (with
+// opts.jwt), log (stderr tail), running; stop(), kill(), restart(),
+// cleanup(); request(method, path, {body, headers, token}), publish(topic,
+// type, body, headers, {token, idempotencyKey}), history(topic, {after,
+// types, token}), info(topic), seal(topic), deleteTopic(topic), stats().
+// Also exported: mintJwt(secret, claims), jwtClaims({...}), randomSecret(),
+// toToml(obj), httpRequest(url, {...}), ringcastdPath().
+//
 // Plain ESM, Node >= 20 standard library only. The binary is
 // $RINGCAST_BIN, else <CARGO_TARGET_DIR or repo/target>/debug/ringcastd,
 // built with `cargo build --bin ringcastd` when missing.
@@ -201,7 +209,10 @@ function cleanEnv(extra) {
  * - dataDir: the data directory (default: one in a fresh temp dir, removed
  *   by cleanup(), or when the test process exits; stop() and kill() keep it
  *   for restart()).
- * - durability: "fsync" | "interval" | "memory" (default "interval").
+ * - durability: "fsync" | "interval" | "memory" (default "interval", for
+ *   speed). NB: in "interval" mode a kill() loses what was acknowledged in
+ *   the last flush_interval (200 ms) and the topics get a new epoch; a test
+ *   that kills the broker and expects exact resume needs "fsync".
  * - env: extra environment variables (the inherited RINGCAST_* ones are dropped).
  * - jwt: { secret, audience?, issuer? } turns on HS256 auth: the secret is
  *   written to a file, `auth.leeway` defaults to "0s", and the broker gets
