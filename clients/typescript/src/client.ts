@@ -473,29 +473,91 @@ class Inbox<T> {
 // ---------------------------------------------------------------------------
 // Subscriptions.
 
-/** A topic subscription: an async iterable of events, gaps and its end, resuming exactly across reconnects. */
-export class Subscription implements AsyncIterable<SubscriptionItem>, Route {
+/**
+ * What the three kinds of subscription share: the id, the buffer of items
+ * the connection fills and the caller's iteration drains, and closing.
+ */
+abstract class Feed<T> implements AsyncIterable<T>, Route {
   /** The subscription id on the wire. */
   readonly id: number;
+  protected readonly inbox = new Inbox<T>();
+  protected closing = false;
+
+  /** @internal */
+  constructor(
+    protected readonly client: Client,
+    id: number,
+  ) {
+    this.id = id;
+  }
+
+  /** @internal The request that (re)establishes it. */
+  abstract resubscribe(requestId: number): ClientMessage;
+  /** @internal Its reply arrived. */
+  abstract onEstablished(m: ServerMessage): void;
+  /** @internal A push for it arrived. */
+  abstract push(m: ServerMessage): void;
+  /** Ends it at the broker (unsubscribe, or leave the group). */
+  protected abstract leave(): Promise<void>;
+  /** Records that `item` reached the caller. */
+  protected handedOver(_item: T): void {}
+
+  /** @internal */
+  fail(e: RingcastError | null): void {
+    this.inbox.finish(e);
+  }
+
+  /** @internal */
+  load(): number {
+    return this.inbox.length;
+  }
+
+  /** Items waiting to be read. */
+  get buffered(): number {
+    return this.inbox.length;
+  }
+
+  /** The next item; `done` after its end, `close()` or the client's close. */
+  async next(): Promise<IteratorResult<T>> {
+    const r = await this.inbox.next();
+    this.client.maybeResumeReading();
+    if (!r.done) this.handedOver(r.value);
+    return r;
+  }
+
+  /** Ends it: no item comes after the ones already read. */
+  async close(): Promise<void> {
+    if (this.closing || this.inbox.done) return;
+    this.closing = true;
+    this.client.dropRoute(this.id);
+    this.inbox.finish();
+    await this.leave();
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<T> {
+    return {
+      next: () => this.next(),
+      return: async () => {
+        await this.close();
+        return { value: undefined, done: true };
+      },
+    };
+  }
+}
+
+/** A topic subscription: an async iterable of events, gaps and its end, resuming exactly across reconnects. */
+export class Subscription extends Feed<SubscriptionItem> {
   /** The topic. */
   readonly topic: string;
   private readonly types: string[];
   private readonly resume: Resume;
-  private readonly inbox = new Inbox<SubscriptionItem>();
-  private closing = false;
   /** The position as of the last item `next()` returned (`resume` runs ahead of it by what is buffered). */
   private handed: { epoch: bigint; offset: number } | null;
   private established = false;
 
   /** @internal */
-  constructor(
-    private readonly client: Client,
-    id: number,
-    topic: string,
-    types: string[],
-    start: Start,
-  ) {
-    this.id = id;
+  constructor(client: Client, id: number, topic: string, types: string[], start: Start) {
+    super(client, id);
     this.topic = topic;
     this.types = types;
     this.resume = new Resume(start);
@@ -505,11 +567,6 @@ export class Subscription implements AsyncIterable<SubscriptionItem>, Route {
   /** The last `(epoch, offset)` handed over (or reported by a gap): resume from it with `{ afterOffset, epoch }`. */
   get position(): { epoch: bigint; offset: number } | null {
     return this.handed ? { ...this.handed } : null;
-  }
-
-  /** Events waiting to be read. */
-  get buffered(): number {
-    return this.inbox.length;
   }
 
   /** @internal */
@@ -548,52 +605,19 @@ export class Subscription implements AsyncIterable<SubscriptionItem>, Route {
     }
   }
 
-  /** @internal */
-  fail(e: RingcastError | null): void {
-    this.inbox.finish(e);
-  }
-
-  /** @internal */
-  load(): number {
-    return this.inbox.length;
-  }
-
-  /** The next item; `done` after `end`, `close()` or the client's close. */
-  async next(): Promise<IteratorResult<SubscriptionItem>> {
-    const r = await this.inbox.next();
-    this.client.maybeResumeReading();
-    if (!r.done) {
-      const item = r.value;
-      if (item.kind === "event" && item.epoch !== null) this.handed = { epoch: item.epoch, offset: item.offset };
-      else if (item.kind === "gap" && item.eventType === null) this.handed = { epoch: item.epoch, offset: item.current };
-    }
-    return r;
+  protected override handedOver(item: SubscriptionItem): void {
+    if (item.kind === "event" && item.epoch !== null) this.handed = { epoch: item.epoch, offset: item.offset };
+    else if (item.kind === "gap" && item.eventType === null) this.handed = { epoch: item.epoch, offset: item.current };
   }
 
   /** Unsubscribes (waits for the broker's `Unsubscribed` while connected). */
-  async close(): Promise<void> {
-    if (this.closing || this.inbox.done) return;
-    this.closing = true;
-    this.client.dropRoute(this.id);
-    this.inbox.finish();
-    await this.client.unsubscribeQuietly(this.id);
-  }
-
-  [Symbol.asyncIterator](): AsyncIterator<SubscriptionItem> {
-    return {
-      next: () => this.next(),
-      return: async () => {
-        await this.close();
-        return { value: undefined, done: true };
-      },
-    };
+  protected leave(): Promise<void> {
+    return this.client.unsubscribeQuietly(this.id);
   }
 }
 
 /** A pattern subscription: every topic matching, now and later, each resuming exactly. */
-export class PatternSubscription implements AsyncIterable<PatternItem>, Route {
-  /** The subscription id on the wire. */
-  readonly id: number;
+export class PatternSubscription extends Feed<PatternItem> {
   /** The pattern. */
   readonly pattern: string;
   private readonly types: string[];
@@ -601,19 +625,10 @@ export class PatternSubscription implements AsyncIterable<PatternItem>, Route {
   private readonly resume: PatternResume;
   /** The positions as of the last item `next()` returned (`resume` runs ahead of them by what is buffered). */
   private readonly handed: PatternResume;
-  private readonly inbox = new Inbox<PatternItem>();
-  private closing = false;
 
   /** @internal */
-  constructor(
-    private readonly client: Client,
-    id: number,
-    pattern: string,
-    types: string[],
-    start: Start,
-    positions: TopicPosition[] | undefined,
-  ) {
-    this.id = id;
+  constructor(client: Client, id: number, pattern: string, types: string[], start: Start, positions: TopicPosition[] | undefined) {
+    super(client, id);
     this.pattern = pattern;
     this.types = types;
     this.start = start;
@@ -679,50 +694,19 @@ export class PatternSubscription implements AsyncIterable<PatternItem>, Route {
     }
   }
 
-  /** @internal */
-  fail(e: RingcastError | null): void {
-    this.inbox.finish(e);
-  }
-
-  /** @internal */
-  load(): number {
-    return this.inbox.length;
-  }
-
-  /** The next item. */
-  async next(): Promise<IteratorResult<PatternItem>> {
-    const r = await this.inbox.next();
-    this.client.maybeResumeReading();
-    if (!r.done) {
-      const item = r.value;
-      if (item.kind === "joined") this.handed.onJoined(item.position);
-      else if (item.kind === "gap") this.handed.onGap(item);
-      else if (item.kind === "end") this.handed.onEnd(item.topic, item.lastOffset);
-      else {
-        const p = this.handed.topics.get(item.topic);
-        if (p && item.offset > p.offset) p.offset = item.offset;
-      }
+  protected override handedOver(item: PatternItem): void {
+    if (item.kind === "joined") this.handed.onJoined(item.position);
+    else if (item.kind === "gap") this.handed.onGap(item);
+    else if (item.kind === "end") this.handed.onEnd(item.topic, item.lastOffset);
+    else {
+      const p = this.handed.topics.get(item.topic);
+      if (p && item.offset > p.offset) p.offset = item.offset;
     }
-    return r;
   }
 
   /** Unsubscribes. */
-  async close(): Promise<void> {
-    if (this.closing || this.inbox.done) return;
-    this.closing = true;
-    this.client.dropRoute(this.id);
-    this.inbox.finish();
-    await this.client.unsubscribeQuietly(this.id);
-  }
-
-  [Symbol.asyncIterator](): AsyncIterator<PatternItem> {
-    return {
-      next: () => this.next(),
-      return: async () => {
-        await this.close();
-        return { value: undefined, done: true };
-      },
-    };
+  protected leave(): Promise<void> {
+    return this.client.unsubscribeQuietly(this.id);
   }
 }
 
@@ -767,9 +751,7 @@ export class Delivery extends RingcastEvent {
 export type ConsumerItem = Delivery | Gap | End;
 
 /** A consumer-group membership: an async iterable of deliveries, joined again after a reconnect. */
-export class Consumer implements AsyncIterable<ConsumerItem>, Route {
-  /** The subscription id on the wire. */
-  readonly id: number;
+export class Consumer extends Feed<ConsumerItem> {
   /** The topic. */
   readonly topic: string;
   /** The group. */
@@ -777,12 +759,10 @@ export class Consumer implements AsyncIterable<ConsumerItem>, Route {
   /** The consumer name. */
   readonly consumer: string;
   private epoch = 0n;
-  private readonly inbox = new Inbox<ConsumerItem>();
-  private closing = false;
 
   /** @internal */
   constructor(
-    private readonly client: Client,
+    client: Client,
     id: number,
     topic: string,
     group: string,
@@ -790,7 +770,7 @@ export class Consumer implements AsyncIterable<ConsumerItem>, Route {
     private readonly maxInFlight: number,
     private readonly create: GroupOptions | null,
   ) {
-    this.id = id;
+    super(client, id);
     this.topic = topic;
     this.group = group;
     this.consumer = consumer;
@@ -830,12 +810,7 @@ export class Consumer implements AsyncIterable<ConsumerItem>, Route {
   }
 
   /** @internal */
-  fail(e: RingcastError | null): void {
-    this.inbox.finish(e);
-  }
-
-  /** @internal */
-  load(): number {
+  override load(): number {
     return 0; // the broker pushes at most max_in_flight unsettled deliveries
   }
 
@@ -849,33 +824,13 @@ export class Consumer implements AsyncIterable<ConsumerItem>, Route {
     return { applied: m.applied, alreadyDone: m.alreadyDone, unknown: m.unknown };
   }
 
-  /** The next delivery. */
-  next(): Promise<IteratorResult<ConsumerItem>> {
-    return this.inbox.next();
-  }
-
-  /** Leaves the group cleanly: what this consumer holds is handed out again at once. */
-  async close(): Promise<void> {
-    if (this.closing || this.inbox.done) return;
-    this.closing = true;
-    this.inbox.finish();
+  /** Leaves the group cleanly (`close()`): what this consumer holds is handed out again at once. */
+  protected async leave(): Promise<void> {
     try {
       await this.client.request((requestId) => ({ type: "LeaveGroup", requestId, subscriptionId: this.id }), "Unsubscribed");
     } catch {
       // Gone with the connection: the broker ends the membership itself.
-    } finally {
-      this.client.dropRoute(this.id);
     }
-  }
-
-  [Symbol.asyncIterator](): AsyncIterator<ConsumerItem> {
-    return {
-      next: () => this.next(),
-      return: async () => {
-        await this.close();
-        return { value: undefined, done: true };
-      },
-    };
   }
 }
 

@@ -34,33 +34,28 @@ export function lz4Compress(src: Uint8Array): Uint8Array {
   let op = 0;
   let anchor = 0;
 
+  /** A length's nibble in the token (15: more follows) and, from 15 on, its extra bytes. */
+  const nibble = (len: number): number => {
+    if (len < 15) return len;
+    let rest = len - 15;
+    while (rest >= 255) {
+      out[op++] = 255;
+      rest -= 255;
+    }
+    out[op++] = rest;
+    return 15;
+  };
+
   const emit = (literalEnd: number, offset: number, matchLen: number) => {
     const lit = literalEnd - anchor;
     const tokenAt = op++;
-    let token = (lit >= 15 ? 15 : lit) << 4;
-    if (lit >= 15) {
-      let rest = lit - 15;
-      while (rest >= 255) {
-        out[op++] = 255;
-        rest -= 255;
-      }
-      out[op++] = rest;
-    }
+    let token = nibble(lit) << 4;
     out.set(src.subarray(anchor, literalEnd), op);
     op += lit;
     if (matchLen > 0) {
       out[op++] = offset & 0xff;
       out[op++] = offset >>> 8;
-      const m = matchLen - MIN_MATCH;
-      token |= m >= 15 ? 15 : m;
-      if (m >= 15) {
-        let rest = m - 15;
-        while (rest >= 255) {
-          out[op++] = 255;
-          rest -= 255;
-        }
-        out[op++] = rest;
-      }
+      token |= nibble(matchLen - MIN_MATCH);
     }
     out[tokenAt] = token;
   };

@@ -222,6 +222,23 @@ export type ErrorCode = (typeof ERROR_CODES)[number];
  */
 type Variant = readonly [string, FieldList] | readonly [string, FieldList, "newtype"];
 
+/** `Hello`'s fields; `HelloExt` adds the compression offer. */
+const HELLO = [
+  ["protocolVersion", "u16"],
+  ["clientName", "string"],
+  ["credentials", opt("string")],
+] as const;
+
+/** `Welcome`'s fields; `WelcomeExt` adds the compression in force. */
+const WELCOME = [
+  ["serverVersion", "string"],
+  ["protocolVersion", "u16"],
+  ["maxFrame", "u32"],
+  ["maxPayload", "u32"],
+  ["maxSubscriptions", "u32"],
+  ["heartbeatMs", "u32"],
+] as const;
+
 /** Every enum of the protocol: units (variant names only) or variants with fields. */
 export const ENUMS = {
   GapReason: { units: ["Retention", "EpochChanged", "SlowConsumer"] },
@@ -259,14 +276,7 @@ export const ENUMS = {
   },
   ClientMessage: {
     variants: [
-      [
-        "Hello",
-        [
-          ["protocolVersion", "u16"],
-          ["clientName", "string"],
-          ["credentials", opt("string")],
-        ],
-      ],
+      ["Hello", HELLO],
       [
         "Publish",
         [
@@ -447,30 +457,12 @@ export const ENUMS = {
           ["positions", opt(list(["struct", "TopicPosition"]))],
         ],
       ],
-      [
-        "HelloExt",
-        [
-          ["protocolVersion", "u16"],
-          ["clientName", "string"],
-          ["credentials", opt("string")],
-          ["compression", ["struct", "CompressionOffer"]],
-        ],
-      ],
+      ["HelloExt", [...HELLO, ["compression", ["struct", "CompressionOffer"]]]],
     ],
   },
   ServerMessage: {
     variants: [
-      [
-        "Welcome",
-        [
-          ["serverVersion", "string"],
-          ["protocolVersion", "u16"],
-          ["maxFrame", "u32"],
-          ["maxPayload", "u32"],
-          ["maxSubscriptions", "u32"],
-          ["heartbeatMs", "u32"],
-        ],
-      ],
+      ["Welcome", WELCOME],
       [
         "Published",
         [
@@ -660,18 +652,7 @@ export const ENUMS = {
           ["message", "string"],
         ],
       ],
-      [
-        "WelcomeExt",
-        [
-          ["serverVersion", "string"],
-          ["protocolVersion", "u16"],
-          ["maxFrame", "u32"],
-          ["maxPayload", "u32"],
-          ["maxSubscriptions", "u32"],
-          ["heartbeatMs", "u32"],
-          ["compression", ["struct", "CompressionChoice"]],
-        ],
-      ],
+      ["WelcomeExt", [...WELCOME, ["compression", ["struct", "CompressionChoice"]]]],
     ],
   },
 } as const satisfies Record<string, { units: readonly string[] } | { variants: readonly Variant[] }>;

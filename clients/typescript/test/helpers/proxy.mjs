@@ -16,40 +16,63 @@ import net from "node:net";
  * connection: the broker may restart on the same port meanwhile).
  *
  * Resolves `{ port, cutAll(), pause(), resume(), paused, connections,
- * accepted, close() }`:
+ * accepted, blackhole(), closedByClient, until(), close() }`:
  * - cutAll(): destroys every live pair at once (both sides see a reset/EOF).
  * - pause(): from now on every new connection is closed as soon as it is
  *   accepted (the client sees a connection error, as with a broker that is
  *   down) until resume(). Live pairs are left alone: cutAll() for them.
  * - connections: the number of live pairs; accepted: connections accepted
  *   so far, paused ones included; relayed: those passed to the upstream.
+ * - blackhole(): every live pair stops forwarding both ways, and the
+ *   client's side is never closed by the proxy (a silent peer);
+ *   closedByClient counts such pairs the client gave up on.
+ * - until(pred): resolves once pred(proxy) holds after a connection change.
  * - close(): stops listening and destroys every pair.
  */
 export async function startProxy(upstreamHost, upstreamPort) {
   const pairs = new Set();
   let paused = false;
-  let accepted = 0;
-  let relayed = 0;
+  const state = { accepted: 0, relayed: 0, closedByClient: 0 };
+  const waiters = new Set();
+  const notify = () => {
+    for (const w of [...waiters]) w();
+  };
   const server = net.createServer((down) => {
-    accepted += 1;
+    state.accepted += 1;
+    notify();
     if (paused) {
       down.destroy();
       return;
     }
-    relayed += 1;
+    state.relayed += 1;
     down.pause();
     const up = net.connect({ host: upstreamHost, port: upstreamPort });
-    const pair = { down, up };
+    const pair = { down, up, holed: false };
     pairs.add(pair);
     const end = () => {
+      if (pair.holed) {
+        // A black hole: the broker's side may go, the client sees nothing.
+        up.destroy();
+        return;
+      }
       pairs.delete(pair);
       down.destroy();
       up.destroy();
+      notify();
     };
-    down.on("error", end);
+    down.on("error", () => undefined);
     up.on("error", end);
-    down.on("close", end);
     up.on("close", end);
+    down.on("close", () => {
+      if (pair.holed) {
+        state.closedByClient += 1;
+        pairs.delete(pair);
+        up.destroy();
+        notify();
+      } else {
+        end();
+      }
+    });
     up.on("connect", () => {
       down.pipe(up);
       up.pipe(down);
@@ -60,17 +83,18 @@ export async function startProxy(upstreamHost, upstreamPort) {
     server.once("error", reject);
     server.listen(0, "127.0.0.1", resolve);
   });
-  const port = server.address().port;
+  const destroyAll = () => {
+    for (const { down, up } of [...pairs]) {
+      down.destroy();
+      up.destroy();
+    }
+    pairs.clear();
+    notify();
+  };
   return {
-    port,
+    port: server.address().port,
     host: "127.0.0.1",
-    cutAll() {
-      for (const { down, up } of [...pairs]) {
-        down.destroy();
-        up.destroy();
-      }
-      pairs.clear();
-    },
+    cutAll: destroyAll,
     pause() {
       paused = true;
     },
@@ -83,18 +107,55 @@ export async function startProxy(upstreamHost, upstreamPort) {
     get connections() {
       return pairs.size;
     },
+    get live() {
+      return pairs.size;
+    },
     get accepted() {
-      return accepted;
+      return state.accepted;
     },
     get relayed() {
-      return relayed;
+      return state.relayed;
+    },
+    get closedByClient() {
+      return state.closedByClient;
+    },
+    /** Live pairs stop forwarding (both ways) and the client's side is never closed by the proxy. */
+    blackhole() {
+      let n = 0;
+      for (const pair of pairs) {
+        if (pair.holed) continue;
+        pair.holed = true;
+        n += 1;
+        pair.down.unpipe(pair.up);
+        pair.up.unpipe(pair.down);
+        // Keep reading the client's side (so its writes never block) and drop it.
+        pair.down.removeAllListeners("data");
+        pair.down.on("data", () => undefined);
+        pair.down.resume();
+        pair.up.pause();
+      }
+      return n;
+    },
+    /** Resolves once `pred(proxy)` holds (checked on every connection change), or rejects after `timeoutMs`. */
+    until(pred, { timeoutMs = 30_000, what = "proxy condition" } = {}) {
+      return new Promise((resolve, reject) => {
+        const check = () => {
+          if (pred(this)) {
+            clearTimeout(timer);
+            waiters.delete(check);
+            resolve();
+          }
+        };
+        const timer = setTimeout(() => {
+          waiters.delete(check);
+          reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`));
+        }, timeoutMs);
+        waiters.add(check);
+        check();
+      });
     },
     close() {
-      for (const { down, up } of [...pairs]) {
-        down.destroy();
-        up.destroy();
-      }
-      pairs.clear();
+      destroyAll();
       return new Promise((resolve) => server.close(() => resolve()));
     },
   };

@@ -7,7 +7,6 @@
 // Everything here awaits events; the only timers are deadlines that turn a
 // hang into a failure with a message saying what was seen.
 
-import net from "node:net";
 import { randomUUID } from "node:crypto";
 
 import { Client } from "../../dist/index.js";
@@ -191,128 +190,10 @@ function firstDiff(offsets, from) {
 }
 
 /**
- * A TCP relay on 127.0.0.1:0 in front of `upstreamHost:upstreamPort` that
- * can black-hole its live connections: `blackhole()` makes every live pair
- * drop what either side sends, and never close the client's side even when
- * the broker closes its own — a peer that went silent, as after a network
+ * The proxy of proxy.mjs, whose `blackhole()` makes every live pair drop
+ * what either side sends and never close the client's side even when the
+ * broker closes its own — a peer that went silent, as after a network
  * partition, which only the client's own dead-peer detection can notice.
- * New connections after `blackhole()` are relayed normally.
- *
- * Resolves `{ port, host, blackhole(), cutAll(), accepted, live,
- * closedByClient, close() }`: `closedByClient` counts black-holed pairs
- * whose client side closed (the client gave up on them); `live` the pairs
- * not closed yet.
+ * `closedByClient` counts black-holed pairs the client gave up on.
  */
-export async function startRelay(upstreamHost, upstreamPort) {
-  const pairs = new Set();
-  const state = { accepted: 0, closedByClient: 0 };
-  const waiters = new Set();
-  const notify = () => {
-    for (const w of [...waiters]) w();
-  };
-  const server = net.createServer((down) => {
-    state.accepted += 1;
-    notify();
-    down.pause();
-    const up = net.connect({ host: upstreamHost, port: upstreamPort });
-    const pair = { down, up, holed: false };
-    pairs.add(pair);
-    const end = () => {
-      if (pair.holed) {
-        // A black hole: the broker's side may go, the client sees nothing.
-        up.destroy();
-        return;
-      }
-      pairs.delete(pair);
-      down.destroy();
-      up.destroy();
-      notify();
-    };
-    down.on("error", () => undefined);
-    up.on("error", () => undefined);
-    up.on("close", end);
-    down.on("close", () => {
-      if (pair.holed) {
-        state.closedByClient += 1;
-        pairs.delete(pair);
-        up.destroy();
-        notify();
-      } else {
-        end();
-      }
-    });
-    up.on("connect", () => {
-      down.pipe(up);
-      up.pipe(down);
-      down.resume();
-    });
-  });
-  await new Promise((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", resolve);
-  });
-  return {
-    host: "127.0.0.1",
-    port: server.address().port,
-    get accepted() {
-      return state.accepted;
-    },
-    get closedByClient() {
-      return state.closedByClient;
-    },
-    get live() {
-      return pairs.size;
-    },
-    /** Live pairs stop forwarding (both ways) and the client's side is never closed by the relay. */
-    blackhole() {
-      let n = 0;
-      for (const pair of pairs) {
-        if (pair.holed) continue;
-        pair.holed = true;
-        n += 1;
-        pair.down.unpipe(pair.up);
-        pair.up.unpipe(pair.down);
-        // Keep reading the client's side (so its writes never block) and drop it.
-        pair.down.removeAllListeners("data");
-        pair.down.on("data", () => undefined);
-        pair.down.resume();
-        pair.up.pause();
-      }
-      return n;
-    },
-    cutAll() {
-      for (const { down, up } of [...pairs]) {
-        down.destroy();
-        up.destroy();
-      }
-      pairs.clear();
-      notify();
-    },
-    /** Resolves once `pred(relay)` holds (checked on every pair change), or rejects after `timeoutMs`. */
-    until(pred, { timeoutMs = WAIT_MS, what = "relay condition" } = {}) {
-      return new Promise((resolve, reject) => {
-        const check = () => {
-          if (pred(this)) {
-            clearTimeout(timer);
-            waiters.delete(check);
-            resolve();
-          }
-        };
-        const timer = setTimeout(() => {
-          waiters.delete(check);
-          reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`));
-        }, timeoutMs);
-        waiters.add(check);
-        check();
-      });
-    },
-    close() {
-      for (const { down, up } of [...pairs]) {
-        down.destroy();
-        up.destroy();
-      }
-      pairs.clear();
-      return new Promise((resolve) => server.close(() => resolve()));
-    },
-  };
-}
+export { startProxy as startRelay } from "./proxy.mjs";
