@@ -325,7 +325,10 @@ interface Pending {
 
 /** Anything pushed messages are routed to: a subscription, a pattern subscription or a membership. */
 interface Route {
-  id: number;
+  /** The subscription id on the wire now. */
+  readonly id: number;
+  /** Gives it a fresh wire id (resubscribing after a pause). */
+  rewire(id: number): void;
   /** The request that (re)establishes it on a new connection. */
   resubscribe(requestId: number): ClientMessage;
   /** Its reply to that request arrived. */
@@ -478,8 +481,7 @@ class Inbox<T> {
  * the connection fills and the caller's iteration drains, and closing.
  */
 abstract class Feed<T> implements AsyncIterable<T>, Route {
-  /** The subscription id on the wire. */
-  readonly id: number;
+  private wireId: number;
   protected readonly inbox = new Inbox<T>();
   protected closing = false;
 
@@ -488,7 +490,17 @@ abstract class Feed<T> implements AsyncIterable<T>, Route {
     protected readonly client: Client,
     id: number,
   ) {
-    this.id = id;
+    this.wireId = id;
+  }
+
+  /** The subscription id on the wire now (a subscription paused for a slow reader comes back under a fresh one). */
+  get id(): number {
+    return this.wireId;
+  }
+
+  /** @internal */
+  rewire(id: number): void {
+    this.wireId = id;
   }
 
   /** @internal The request that (re)establishes it. */
@@ -520,7 +532,7 @@ abstract class Feed<T> implements AsyncIterable<T>, Route {
   /** The next item; `done` after its end, `close()` or the client's close. */
   async next(): Promise<IteratorResult<T>> {
     const r = await this.inbox.next();
-    this.client.maybeResumeReading();
+    this.client.drained(this);
     if (!r.done) this.handedOver(r.value);
     return r;
   }
@@ -861,7 +873,8 @@ export class Client {
   private lastReceived = 0;
   private heartbeat: NodeJS.Timeout | undefined;
   private refreshTimer: NodeJS.Timeout | undefined;
-  private readingPaused = false;
+  /** Subscriptions paused for a slow reader (see `pause`). */
+  private readonly paused = new Set<Route>();
   /** The payload codec in force on the current connection (0: none) and its threshold. */
   private codec = CODEC_NONE;
   private codecMinSize = 0;
@@ -1241,6 +1254,7 @@ export class Client {
   /** @internal Forgets a route (no more pushes). */
   dropRoute(id: number): void {
     this.routes.delete(id);
+    for (const r of this.paused) if (r.id === id) this.paused.delete(r);
     // A (re)subscribe of it in flight must not register it again when its reply comes.
     for (const [requestId, route] of this.establishing) if (route.id === id) this.establishing.delete(requestId);
   }
@@ -1255,16 +1269,38 @@ export class Client {
     }
   }
 
-  /** @internal Resumes reading the socket once every buffer drained to half. */
-  maybeResumeReading(): void {
-    if (!this.readingPaused) return;
-    const half = this.maxBuffered / 2;
-    for (const r of this.routes.values()) {
-      if (r.load() > half) return;
-    }
-    this.readingPaused = false;
-    this.lastReceived = Date.now();
-    this.socket?.resume();
+  /**
+   * Pauses a subscription whose reader fell `maxBufferedEvents` behind:
+   * unsubscribes it at the broker and drops what still arrives for it, so
+   * neither side buffers more and the connection's other subscriptions and
+   * replies go on. Its resume state counts only what reached its buffer.
+   */
+  private pause(route: Route): void {
+    this.routes.delete(route.id);
+    this.paused.add(route);
+    void this.unsubscribeQuietly(route.id);
+  }
+
+  /**
+   * @internal A reader took an item: a paused subscription drained to half
+   * its buffer subscribes again, under a fresh wire id, from where its
+   * buffer ends — the broker replays what it retains and reports the rest
+   * as a gap. Registered at once, so a reconnect meanwhile subscribes it too.
+   */
+  drained(route: Route): void {
+    if (!this.paused.has(route) || route.load() > this.maxBuffered / 2) return;
+    this.paused.delete(route);
+    route.rewire(this.nextSubscriptionId++);
+    this.routes.set(route.id, route);
+    if (!this.ready) return; // the next connection subscribes it with the others
+    this.request((requestId) => {
+      this.establishing.set(requestId, route);
+      return route.resubscribe(requestId);
+    }, undefined).catch((e: unknown) => {
+      if (e instanceof RingcastError && (e.code === "ConnectionLost" || e.code === "Closed")) return; // resubscribed on reconnect, or over
+      if (this.routes.get(route.id) === route) this.routes.delete(route.id);
+      route.fail(e instanceof RingcastError ? e : new RingcastError("Internal", String(e)));
+    });
   }
 
   /** Connects, handshakes and re-establishes everything; rejects on failure. */
@@ -1293,7 +1329,6 @@ export class Client {
     this.socket = socket;
     this.decoder = decoder;
     this.lastReceived = this.lastSent = Date.now();
-    this.readingPaused = false;
     socket.on("data", (chunk: Buffer) => this.onData(socket, chunk));
     socket.on("close", () => this.onClose(socket));
     socket.on("error", () => undefined); // "close" follows
@@ -1445,15 +1480,7 @@ export class Client {
       this.dispatch(m);
       if (socket !== this.socket) return;
     }
-    if (!this.readingPaused) {
-      for (const r of this.routes.values()) {
-        if (r.load() >= this.maxBuffered) {
-          this.readingPaused = true;
-          socket.pause();
-          break;
-        }
-      }
-    }
+    for (const r of this.routes.values()) if (r.load() >= this.maxBuffered) this.pause(r);
   }
 
   private dispatch(m: ServerMessage): void {
@@ -1580,7 +1607,7 @@ export class Client {
       const now = Date.now();
       const s = this.socket;
       if (!s) return;
-      if (!this.readingPaused && now - this.lastReceived > 3 * hb) {
+      if (now - this.lastReceived > 3 * hb) {
         s.destroy(); // dead peer
         return;
       }
@@ -1642,8 +1669,9 @@ export class Client {
     this.establishing.clear();
     for (const wake of this.sleepers) wake();
     this.sleepers.clear();
-    const routes = [...this.routes.values()];
+    const routes = [...this.routes.values(), ...this.paused];
     this.routes.clear();
+    this.paused.clear();
     for (const r of routes) r.fail(error.code === "Closed" ? null : error);
   }
 }

@@ -2,7 +2,8 @@
 // cuts under load (a relay in front of the broker), a broker kill -9 and
 // restart, retention and epoch gaps met on a resume, a versions replay
 // resumed midway, pattern subscriptions, an operator's closeConnection,
-// and dead-peer detection through a relay that black-holes the traffic.
+// dead-peer detection through a relay that black-holes the traffic, and a
+// slow reader paused alone and resumed exactly.
 //
 //   npx tsc -p tsconfig.json && node --test --test-concurrency=1 test/resume.test.mjs
 //
@@ -502,4 +503,45 @@ test("dead peer: with a short heartbeat, a black-holed connection is given up by
   await writer.publish(topic, "t", { i: 5 });
   await sub.untilEvents(6);
   assert.equal(relay.accepted, idleSince);
+});
+
+// ------------------------------------------------------------------ 9
+
+test("a slow reader pauses only its own subscription: the others and the replies go on, and it resumes exactly", { timeout: TEST_TIMEOUT }, async (t) => {
+  const b = await startBroker({ durability: "memory" });
+  t.after(() => b.cleanup());
+  const client = await connect(t, b, { maxBufferedEvents: 100 });
+  const writer = await connect(t, b);
+  const [slowTopic, fastTopic] = [uniqueTopic("slow"), uniqueTopic("fast")];
+  const N = 1_000;
+
+  const slow = await client.subscribe(slowTopic, { start: "earliest" }); // not read until the end
+  const firstId = slow.id;
+  const fast = new Collector(await client.subscribe(fastTopic), { label: "fast" });
+  await Promise.all([publishStream(writer, slowTopic, N), publishStream(writer, fastTopic, N)]);
+
+  // Everything of the fast topic arrives although the slow one holds far more
+  // than its buffer of 100: the client did not stop reading the connection.
+  await fast.untilEvents(N);
+  assert.equal(contiguous(fast.offsets(), 1, N), null);
+  assert.ok(slow.buffered >= 100 && slow.buffered < N, `the slow buffer stopped growing at ${slow.buffered}`);
+  assert.ok((await client.ping()) >= 0, "replies are not held up");
+  // The broker no longer sends the slow topic: the connection holds one subscription.
+  await eventually(
+    async () => {
+      const conns = await writer.connections();
+      return conns.some((c) => c.subscriptions.length === 1 && c.subscriptions[0].topic === fastTopic);
+    },
+    { what: "the slow subscription unsubscribed at the broker" },
+  );
+
+  // Read it all: every offset once, in order, no gap (the broker still has them).
+  const offsets = [];
+  for await (const item of slow) {
+    assert.equal(item.kind, "event", `no ${item.kind} for a paused subscription whose events are retained`);
+    offsets.push(item.offset);
+    if (offsets.length === N) break;
+  }
+  assert.equal(contiguous(offsets, 1, N), null);
+  assert.notEqual(slow.id, firstId, "it came back under a fresh wire id");
 });
