@@ -416,6 +416,7 @@ class Inbox<T> {
   private head = 0;
   private waiter: ((r: IteratorResult<T>) => void) | null = null;
   private failWaiter: ((e: Error) => void) | null = null;
+  private readonly finishers: (() => void)[] = [];
   done = false;
   error: Error | null = null;
 
@@ -435,10 +436,17 @@ class Inbox<T> {
     this.items.push(item);
   }
 
+  /** Runs `fn` once the inbox is finished (at once if it is). */
+  onFinish(fn: () => void): void {
+    if (this.done) fn();
+    else this.finishers.push(fn);
+  }
+
   finish(error: Error | null = null): void {
     if (this.done) return;
     this.done = true;
     this.error = error;
+    for (const fn of this.finishers.splice(0)) fn();
     if (this.waiter) {
       const w = this.waiter;
       const f = this.failWaiter;
@@ -517,6 +525,11 @@ abstract class Feed<T> implements AsyncIterable<T>, Route {
   /** @internal */
   fail(e: RingcastError | null): void {
     this.inbox.finish(e);
+  }
+
+  /** @internal Runs `fn` once no more items come (end, close, failure). */
+  onDone(fn: () => void): void {
+    this.inbox.onFinish(fn);
   }
 
   /** @internal */
@@ -1020,7 +1033,7 @@ export class Client {
     return c;
   }
 
-  private async establishRoute(route: Route & { close(): Promise<void> }, signal: AbortSignal | undefined): Promise<void> {
+  private async establishRoute<T>(route: Feed<T>, signal: AbortSignal | undefined): Promise<void> {
     if (signal?.aborted) throw new RingcastError("Aborted", "the signal was aborted");
     // The route is registered when its reply is dispatched (see `dispatch`),
     // so pushes right behind the reply in the same read reach it.
@@ -1034,7 +1047,12 @@ export class Client {
       await route.close();
       throw new RingcastError("Aborted", "the signal was aborted");
     }
-    signal?.addEventListener("abort", () => void route.close(), { once: true });
+    if (signal) {
+      const onAbort = () => void route.close();
+      signal.addEventListener("abort", onAbort, { once: true });
+      // A long-lived signal must not keep every ended subscription alive.
+      route.onDone(() => signal.removeEventListener("abort", onAbort));
+    }
   }
 
   // -- Requests -------------------------------------------------------------

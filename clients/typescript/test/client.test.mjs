@@ -9,6 +9,7 @@
 // client yields or answers, with deadlines, never on a timer.
 
 import assert from "node:assert/strict";
+import { getEventListeners } from "node:events";
 import { after, before, test } from "node:test";
 
 import { Client, PositionMismatchError, RingcastError } from "../dist/index.js";
@@ -475,6 +476,22 @@ test("a subscription's AbortSignal ends its iteration and unsubscribes it", { ti
   ac2.abort();
   await assert.rejects(pending, (e) => e instanceof RingcastError && e.code === "Aborted");
   await eventually(async () => (await client.topicInfo(topic)).subscribers === 0, { what: "no subscriber left" });
+});
+
+test("one long-lived AbortSignal over many subscriptions holds a listener only for the live ones", { timeout: TEST_TIMEOUT }, async (t) => {
+  const client = await connect(t, broker);
+  const topic = uniqueTopic("signal");
+  const app = new AbortController();
+  for (let i = 0; i < 20; i++) await (await client.subscribe(topic, { signal: app.signal })).close();
+  const ended = await client.subscribe(topic, { signal: app.signal });
+  await client.delete(topic).catch(() => undefined); // ends it from the broker side (End)
+  await client.publish(topic, "t", {}); // the topic exists again
+  const live = await client.subscribe(topic, { signal: app.signal });
+  for await (const item of ended) assert.equal(item.kind, "end");
+  assert.equal(getEventListeners(app.signal, "abort").length, 1, "only the live subscription listens");
+  app.abort();
+  assert.deepEqual(await live.next(), { value: undefined, done: true });
+  assert.equal(getEventListeners(app.signal, "abort").length, 0);
 });
 
 test("the client's AbortSignal closes it: requests waiting reject with Aborted, subscriptions end", { timeout: TEST_TIMEOUT }, async (t) => {
