@@ -52,7 +52,9 @@ export type CloseReason = "client" | "ended" | "refused" | "error";
 
 /** An event as the broker sends it (`event: <type>`), plus its SSE id. */
 export interface RingcastEvent<T extends string = string, D = unknown> {
+  /** The topic it was published to. */
   readonly topic: string;
+  /** Its event type (the SSE `event:` name). */
   readonly type: T;
   /** Per (topic, type), from 1. */
   readonly version: number;
@@ -60,12 +62,14 @@ export interface RingcastEvent<T extends string = string, D = unknown> {
   readonly offset: number;
   /** Milliseconds since the Unix epoch, set by the broker. */
   readonly ts: number;
+  /** The publisher's headers. */
   readonly headers: Readonly<Record<string, string>>;
   /**
    * The payload: inline when it is JSON, a string when it is UTF-8 text,
    * and base64 text when `encoding` is `"base64"` (binary; see payloadBytes).
    */
   readonly data: D;
+  /** `"base64"` when `data` is base64 text of binary bytes. */
   readonly encoding?: "base64";
   /** The message's SSE id: `lastEventId` resumes right after it. */
   readonly id: string;
@@ -76,47 +80,62 @@ export type EventOf<P> = { [K in keyof P & string]: RingcastEvent<K, P[K]> }[key
 
 /** `event: gap`: events of `topic` were lost to this stream; it goes on live. */
 export interface Gap {
+  /** The topic that lost events. */
   readonly topic: string;
   /** null for a whole-topic gap (positions are offsets); else the type (positions are versions). */
   readonly type: string | null;
+  /** Why: trimmed by retention, the topic was re-created, or the stream fell behind. */
   readonly reason: "retention" | "epoch_changed" | "slow_consumer" | (string & {});
   /** The topic's epoch, a decimal string (64 bits). */
   readonly epoch: string;
   /** Where the stream was. */
   readonly requested: number;
+  /** The first still retained (from here to `current` a history read can refill). */
   readonly first_available: number;
   /** Where it continues from. */
   readonly current: number;
+  /** The message's SSE id. */
   readonly id: string;
 }
 
 /** `event: end`: `topic` was sealed (or deleted) after `last_offset`. */
 export interface End {
+  /** The topic that ended. */
   readonly topic: string;
+  /** Its last offset. */
   readonly last_offset: number;
 }
 
 /** `event: ready` of a single-topic stream. */
 export interface TopicReady {
+  /** The topic. */
   readonly topic: string;
+  /** Its epoch, a decimal string (64 bits). */
   readonly epoch: string;
+  /** The offset the stream starts after. */
   readonly offset: number;
+  /** Each type's current version (to resume by versions later). */
   readonly versions: Readonly<Record<string, number>>;
 }
 
 /** `event: ready` of a stream over several topics or patterns. */
 export interface StreamReady {
+  /** Every topic of the stream and where it starts. */
   readonly topics: readonly { topic: string; epoch: string; offset: number; ended: boolean }[];
+  /** The patterns of the stream. */
   readonly patterns: readonly string[];
 }
 
 /** The data of `event: error` (e.g. `too_many_topics`), or `token_unavailable` when `token()`/`renew()` failed. */
 export interface BrokerError {
+  /** The error's code (`token_expired`, `too_many_topics`, …). */
   readonly code: string;
+  /** For humans. */
   readonly message?: string;
   readonly [key: string]: unknown;
 }
 
+/** What `openStream` opens and what it calls; `P` maps each event type to its payload type. */
 export interface StreamOptions<P extends object> {
   /** The broker's base URL, e.g. "https://events.example.com" (a path prefix is kept). */
   url: string | URL;
@@ -134,22 +153,29 @@ export interface StreamOptions<P extends object> {
   withCredentials?: boolean;
   /** Cookie auth: refresh the cookie (call your backend) before a reopen after `token_expired`. */
   renew?: () => void | Promise<void>;
+  /** Each event, typed by its `type`. */
   onEvent(event: EventOf<P>): void;
   /** Events were lost (retention, epoch_changed, slow_consumer): refetch `gap.topic`'s state. */
   onGap?(gap: Gap): void;
+  /** A topic ended (sealed or deleted). */
   onEnd?(end: End): void;
   /** Each (re)connection's first message. */
   onReady?(ready: TopicReady | StreamReady): void;
+  /** A broker error (the stream closes after it), or `token_unavailable`. */
   onError?(error: BrokerError): void;
+  /** The stream's state changed (`reason` once `closed`). */
   onStateChange?(state: StreamState, reason?: CloseReason): void;
 }
 
+/** An open stream: its state, the id to resume after, and `close()`. */
 export interface Stream {
   /** Closes the stream for good. */
   close(): void;
   /** The id of the last message received (resume a later stream after it). */
   readonly lastEventId: string | undefined;
+  /** Where it stands now. */
   readonly state: StreamState;
+  /** Why it closed, once `closed`. */
   readonly closeReason: CloseReason | undefined;
 }
 
