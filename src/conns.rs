@@ -162,26 +162,10 @@ pub struct ConnInfo {
     pub subscriptions: Vec<SubInfo>,
 }
 
-/// One subscription of a listed connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubInfo {
-    /// Topic name.
-    pub topic: String,
-    /// The client's subscription id (TCP); `None` for SSE.
-    pub subscription_id: Option<u64>,
-    /// The consumer group of a group membership.
-    pub group: Option<String>,
-    /// The epoch `position` belongs to.
-    pub epoch: u64,
-    /// The last offset delivered or skipped by a gap (for a membership: the
-    /// highest offset delivered to it).
-    pub position: u64,
-    /// The topic's last offset minus `position` (the whole last offset when
-    /// the topic's epoch changed since); filled by [`Registry::snapshot`].
-    pub lag: u64,
-    /// Events delivered on it so far.
-    pub delivered: u64,
-}
+/// One subscription of a listed connection: the wire form itself (TCP sends
+/// it as it is; HTTP renders the same fields as JSON). `lag` is filled by
+/// [`Registry::snapshot`].
+pub use ringcast_protocol::WireConnSubscription as SubInfo;
 
 /// Broker-wide counts of the registry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -55,19 +55,7 @@ pub(crate) fn connection(c: ConnInfo) -> proto::WireConnection {
         subject: c.subject,
         since_ms: c.since_ms,
         delivered: c.delivered,
-        subscriptions: c
-            .subscriptions
-            .into_iter()
-            .map(|s| proto::WireConnSubscription {
-                topic: s.topic,
-                subscription_id: s.subscription_id,
-                group: s.group,
-                epoch: s.epoch,
-                position: s.position,
-                lag: s.lag,
-                delivered: s.delivered,
-            })
-            .collect(),
+        subscriptions: c.subscriptions,
     }
 }
 

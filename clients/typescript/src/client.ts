@@ -522,6 +522,12 @@ abstract class Feed<T> implements AsyncIterable<T>, Route {
   /** Records that `item` reached the caller. */
   protected handedOver(_item: T): void {}
 
+  /** Buffers an item for the caller; a buffer that reaches its bound pauses this subscription (see `Client.pause`). */
+  protected deliver(item: T): void {
+    this.inbox.put(item);
+    if (this.load() >= this.client.maxBuffered) this.client.pause(this);
+  }
+
   /** @internal */
   fail(e: RingcastError | null): void {
     this.inbox.finish(e);
@@ -619,12 +625,12 @@ export class Subscription extends Feed<SubscriptionItem> {
   push(m: ServerMessage): void {
     if (this.closing) return;
     if (m.type === "Event") {
-      if (this.resume.onEvent(m.event)) this.inbox.put(new RingcastEvent(m.event, this.resume.epoch ?? 0n));
+      if (this.resume.onEvent(m.event)) this.deliver(new RingcastEvent(m.event, this.resume.epoch ?? 0n));
     } else if (m.type === "Gap") {
       this.resume.onGap(m.gap);
-      this.inbox.put({ kind: "gap", ...m.gap });
+      this.deliver({ kind: "gap", ...m.gap });
     } else if (m.type === "End") {
-      this.inbox.put({ kind: "end", topic: m.topic, lastOffset: m.lastOffset });
+      this.deliver({ kind: "end", topic: m.topic, lastOffset: m.lastOffset });
       this.client.dropRoute(this.id);
       this.inbox.finish();
     }
@@ -693,22 +699,22 @@ export class PatternSubscription extends Feed<PatternItem> {
     switch (m.type) {
       case "TopicJoined":
         this.resume.onJoined(m.position);
-        this.inbox.put({ kind: "joined", position: m.position });
+        this.deliver({ kind: "joined", position: m.position });
         break;
       case "Event": {
         if (this.resume.onEvent(m.event)) {
           const epoch = this.resume.topics.get(m.event.topic)?.epoch ?? 0n;
-          this.inbox.put(new RingcastEvent(m.event, epoch));
+          this.deliver(new RingcastEvent(m.event, epoch));
         }
         break;
       }
       case "Gap":
         this.resume.onGap(m.gap);
-        this.inbox.put({ kind: "gap", ...m.gap });
+        this.deliver({ kind: "gap", ...m.gap });
         break;
       case "End":
         this.resume.onEnd(m.topic, m.lastOffset);
-        this.inbox.put({ kind: "end", topic: m.topic, lastOffset: m.lastOffset });
+        this.deliver({ kind: "end", topic: m.topic, lastOffset: m.lastOffset });
         break;
       case "SubscriptionEnded":
         this.client.dropRoute(this.id);
@@ -824,11 +830,11 @@ export class Consumer extends Feed<ConsumerItem> {
   push(m: ServerMessage): void {
     if (this.closing) return;
     if (m.type === "Delivery") {
-      this.inbox.put(new Delivery(this, m.event, this.epoch, m.attempt));
+      this.deliver(new Delivery(this, m.event, this.epoch, m.attempt));
     } else if (m.type === "Gap") {
-      this.inbox.put({ kind: "gap", ...m.gap });
+      this.deliver({ kind: "gap", ...m.gap });
     } else if (m.type === "End") {
-      this.inbox.put({ kind: "end", topic: m.topic, lastOffset: m.lastOffset });
+      this.deliver({ kind: "end", topic: m.topic, lastOffset: m.lastOffset });
       this.client.dropRoute(this.id);
       this.inbox.finish();
     }
@@ -1288,12 +1294,13 @@ export class Client {
   }
 
   /**
-   * Pauses a subscription whose reader fell `maxBufferedEvents` behind:
+   * @internal Pauses a subscription whose reader fell `maxBufferedEvents` behind:
    * unsubscribes it at the broker and drops what still arrives for it, so
    * neither side buffers more and the connection's other subscriptions and
    * replies go on. Its resume state counts only what reached its buffer.
    */
-  private pause(route: Route): void {
+  pause(route: Route): void {
+    if (this.routes.get(route.id) !== route) return; // paused already, or over
     this.routes.delete(route.id);
     this.paused.add(route);
     void this.unsubscribeQuietly(route.id);
@@ -1498,7 +1505,6 @@ export class Client {
       this.dispatch(m);
       if (socket !== this.socket) return;
     }
-    for (const r of this.routes.values()) if (r.load() >= this.maxBuffered) this.pause(r);
   }
 
   private dispatch(m: ServerMessage): void {

@@ -8,8 +8,7 @@
 use bytes::Bytes;
 use ringcast_protocol::compression::{decode_payload, encode_payload, PayloadError};
 use ringcast_protocol::{
-    AppendEvent, ClientMessage, Codec, CompressionChoice, CompressionOffer, NewEvent,
-    ServerMessage, WireEvent,
+    ClientMessage, Codec, CompressionChoice, CompressionOffer, ServerMessage, WireEvent,
 };
 
 use crate::Compression;
@@ -66,59 +65,30 @@ impl Packing {
     /// carries any (`None`: send `msg` as it is). The caller keeps `msg`
     /// itself, plain, for a resend on another connection.
     pub(crate) fn pack(&self, msg: &ClientMessage) -> Option<ClientMessage> {
-        Some(match msg {
-            ClientMessage::Publish {
-                request_id,
-                topic,
-                event_type,
-                headers,
-                payload,
-            } => ClientMessage::Publish {
-                request_id: *request_id,
-                topic: topic.clone(),
-                event_type: event_type.clone(),
-                headers: headers.clone(),
-                payload: self.wire(payload),
-            },
-            ClientMessage::PublishBatch {
-                request_id,
-                topic,
-                events,
-            } => ClientMessage::PublishBatch {
-                request_id: *request_id,
-                topic: topic.clone(),
-                events: events
-                    .iter()
-                    .map(|e| NewEvent {
-                        event_type: e.event_type.clone(),
-                        headers: e.headers.clone(),
-                        payload: self.wire(&e.payload),
-                    })
-                    .collect(),
-            },
-            ClientMessage::Append {
-                request_id,
-                topic,
-                events,
-                expected_offset,
-                expected_version,
-            } => ClientMessage::Append {
-                request_id: *request_id,
-                topic: topic.clone(),
-                events: events
-                    .iter()
-                    .map(|e| AppendEvent {
-                        event_type: e.event_type.clone(),
-                        headers: e.headers.clone(),
-                        payload: self.wire(&e.payload),
-                        idempotency_key: e.idempotency_key.clone(),
-                    })
-                    .collect(),
-                expected_offset: *expected_offset,
-                expected_version: *expected_version,
-            },
-            _ => return None,
-        })
+        if !matches!(
+            msg,
+            ClientMessage::Publish { .. }
+                | ClientMessage::PublishBatch { .. }
+                | ClientMessage::Append { .. }
+        ) {
+            return None;
+        }
+        let mut wire = msg.clone();
+        match &mut wire {
+            ClientMessage::Publish { payload, .. } => *payload = self.wire(payload),
+            ClientMessage::PublishBatch { events, .. } => {
+                for e in events {
+                    e.payload = self.wire(&e.payload);
+                }
+            }
+            ClientMessage::Append { events, .. } => {
+                for e in events {
+                    e.payload = self.wire(&e.payload);
+                }
+            }
+            _ => {}
+        }
+        Some(wire)
     }
 
     /// Replaces the marked payloads of `msg` by the plain ones. An error
@@ -145,6 +115,7 @@ impl Packing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ringcast_protocol::AppendEvent;
 
     #[test]
     fn a_packed_append_unpacks_to_the_original_payloads() {
