@@ -21,7 +21,7 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/ringcast.toml");
 
 /// The config sections, as they appear in TOML and in variable names.
 const SECTIONS: &[&str] = &[
-    "server", "storage", "topics", "log", "limits", "metrics", "auth",
+    "server", "storage", "topics", "log", "limits", "metrics", "auth", "cluster",
 ];
 
 /// Prefix of the environment variables that override config keys.
@@ -78,6 +78,56 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Credentials, grants and rate limits.
     pub auth: crate::auth::AuthConfig,
+    /// Which engine backend holds the topics: this node's sled store, or
+    /// Redis shared by several nodes.
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: the engine backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `local` (sled under `storage.data_dir`) or `redis` (shared by nodes).
+    pub backend: Backend,
+    /// The Redis server of the `redis` backend (`redis://[:password@]host:port[/db]`).
+    pub redis_url: String,
+    /// This node's name in logs and metrics; empty: host name and process id.
+    pub node_id: String,
+    /// Prefix of every Redis key and channel ringcast uses (several
+    /// clusters may share one Redis under different prefixes).
+    pub key_prefix: String,
+    /// Longest wait for one Redis command (connect, publish pass, read):
+    /// past it the command fails and publishes are refused until Redis answers.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// How often a node re-reads the counters of the topics it holds, to
+    /// catch a notification lost while its subscription to Redis was down.
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: Duration,
+}
+
+/// The engine backend `[cluster] backend` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// This node alone, stored in sled (`[storage]`).
+    #[default]
+    Local,
+    /// Several nodes sharing topics in Redis.
+    Redis,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Local,
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            node_id: String::new(),
+            key_prefix: "ringcast".into(),
+            command_timeout: Duration::from_secs(2),
+            resync_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 /// `[metrics]`: what `/metrics` labels.
@@ -330,6 +380,20 @@ impl Config {
             max_queued_bytes: self.storage.max_queued_bytes.as_u64(),
             maintenance_interval: Duration::from_secs(1),
             metered_topics: self.metrics.topics.clone(),
+            cluster: match self.cluster.backend {
+                Backend::Local => None,
+                Backend::Redis => Some(crate::engine::RedisOptions {
+                    url: self.cluster.redis_url.clone(),
+                    node_id: if self.cluster.node_id.is_empty() {
+                        default_node_id()
+                    } else {
+                        self.cluster.node_id.clone()
+                    },
+                    key_prefix: self.cluster.key_prefix.clone(),
+                    command_timeout: self.cluster.command_timeout,
+                    resync_interval: self.cluster.resync_interval,
+                }),
+            },
             faults: None,
             clock: crate::engine::Clock::default(),
         }
@@ -394,6 +458,7 @@ impl Config {
                 "must be greater than 0 in interval mode",
             ));
         }
+        self.validate_cluster()?;
         validate_retention("topics", self.topics.max_events, self.topics.max_bytes)?;
         for (i, o) in self.topics.overrides.iter().enumerate() {
             let key = format!("topics.override[{i}]");
@@ -549,6 +614,48 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        if c.backend != Backend::Redis {
+            return Ok(());
+        }
+        if let Err(e) = redis::Client::open(c.redis_url.as_str()) {
+            return Err(ConfigError::invalid(
+                "cluster.redis_url",
+                format!("{:?} is not a Redis URL: {e}", c.redis_url),
+            ));
+        }
+        if c.key_prefix.is_empty() || c.key_prefix.contains(['{', '}', ' ']) {
+            return Err(ConfigError::invalid(
+                "cluster.key_prefix",
+                "must be non-empty, without braces or spaces",
+            ));
+        }
+        if c.command_timeout < Duration::from_millis(10) {
+            return Err(ConfigError::invalid(
+                "cluster.command_timeout",
+                "must be at least 10ms",
+            ));
+        }
+        if c.resync_interval < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "cluster.resync_interval",
+                "must be at least 100ms",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A node name from the host name and the process id.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "node".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn validate_retention(

@@ -163,16 +163,30 @@ async fn run(config: Config) -> anyhow::Result<()> {
     systemd::status("recovering storage");
     let broker = Broker::start(config.clone()).await?;
     let stats = broker.engine().stats();
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        tcp = %broker.tcp_addr(),
-        http = %broker.http_addr(),
-        data_dir = %config.storage.data_dir.display(),
-        durability = %config.storage.durability,
-        topics = stats.topics,
-        events = broker.engine().recovered_events(),
-        "ringcastd started"
-    );
+    if config.cluster.backend == ringcast::config::Backend::Redis {
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            tcp = %broker.tcp_addr(),
+            http = %broker.http_addr(),
+            backend = "redis",
+            redis = %config.cluster.redis_url,
+            node = %config.cluster.node_id,
+            topics = stats.topics,
+            events = stats.retained_events,
+            "ringcastd started"
+        );
+    } else {
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            tcp = %broker.tcp_addr(),
+            http = %broker.http_addr(),
+            data_dir = %config.storage.data_dir.display(),
+            durability = %config.storage.durability,
+            topics = stats.topics,
+            events = broker.engine().recovered_events(),
+            "ringcastd started"
+        );
+    }
     systemd::ready(&format!(
         "serving tcp={} http={} topics={} events={}",
         broker.tcp_addr(),

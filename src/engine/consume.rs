@@ -248,6 +248,7 @@ impl Engine {
         update: bool,
     ) -> Result<Arc<Group>, EngineError> {
         check_names(topic, group)?;
+        self.check_groups_supported()?;
         config.validate().map_err(EngineError::InvalidRequest)?;
         if config.dead_letter_topic_for(topic) == topic {
             return Err(EngineError::InvalidRequest(

@@ -48,6 +48,11 @@ pub(crate) enum Step {
         expect: Expected,
         /// The topic's dedup window in ms (0 = keys are ignored).
         window_ms: u64,
+        /// The topic's next offset as the engine held it when queueing (a
+        /// shared backend returns what other nodes appended from there on).
+        known_next: u64,
+        /// The topic's `max_events` (a shared backend trims to it).
+        max_events: u64,
     },
     /// Persist the topic's seal after every earlier append.
     Seal {
@@ -99,6 +104,8 @@ pub(crate) enum Outcome {
         events: Vec<Arc<Event>>,
         /// Repeats, by index; empty for most appends.
         repeats: Vec<(usize, Original)>,
+        /// What a shared backend adds (`None` for a local one).
+        shared: Option<Box<Shared>>,
     },
     /// The seal is stored, with its time.
     Sealed(u64),
@@ -106,6 +113,18 @@ pub(crate) enum Outcome {
     Done,
     /// This step alone was refused; the rest of the pass stands.
     Refused(EngineError),
+}
+
+/// What a backend shared by several nodes adds to an append's outcome.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The incarnation `(generation, epoch)` appended to: another node may
+    /// have created the topic first, or the backend started a new history;
+    /// the engine switches its topic to it before committing.
+    pub incarnation: (u64, u64),
+    /// Events other nodes appended right before these that the engine may
+    /// not hold yet: committed first, so the ring stays contiguous.
+    pub before: Vec<Arc<Event>>,
 }
 
 /// A topic's whole state as one side hands it to the other: what a backend
@@ -229,6 +248,7 @@ pub(crate) fn append_outcome(
             Outcome::Appended {
                 events: a.events,
                 repeats: a.repeats,
+                shared: None,
             },
             a.keyed,
         ),
@@ -300,6 +320,7 @@ impl Log for MemoryLog {
                     events,
                     expect,
                     window_ms,
+                    ..
                 } => {
                     let mut t = self.incarnation(topic);
                     if t.sealed_at_ms.is_some() {

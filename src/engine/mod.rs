@@ -10,6 +10,7 @@ mod files;
 mod group;
 mod log;
 mod multi;
+mod redis;
 mod settings;
 mod store;
 mod subscription;
@@ -27,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::mapref::entry::Entry;
 use tokio::sync::{oneshot, Semaphore};
 
+pub use self::redis::RedisOptions;
 pub use consume::{
     GroupMember, GroupSettler, PendingSettle, Settle, MAX_FETCH, MAX_FETCH_WAIT, MAX_SETTLE,
 };
@@ -189,6 +191,9 @@ pub struct EngineOptions {
     pub maintenance_interval: Duration,
     /// Topics counted under their own metric label.
     pub metered_topics: Vec<String>,
+    /// Share every topic with other nodes through Redis instead of storing
+    /// them here (`durability` and `data_dir` are then unused).
+    pub cluster: Option<RedisOptions>,
     /// Storage faults to inject (tests of the failure rules).
     #[doc(hidden)]
     pub faults: Option<Arc<Faults>>,
@@ -230,6 +235,7 @@ impl EngineOptions {
             max_queued_bytes: 64 * 1024 * 1024,
             maintenance_interval: Duration::from_secs(1),
             metered_topics: Vec::new(),
+            cluster: None,
             faults: None,
             clock: Clock::default(),
         }
@@ -541,10 +547,19 @@ fn commit_events(
     m: &EngineMetrics,
     topic: &Topic,
     state: &mut TopicState,
+    shared: Option<Box<log::Shared>>,
     events: Vec<Arc<Event>>,
     repeats: Vec<(usize, dedup::Original)>,
     now: u64,
 ) -> (Vec<Ack>, bool) {
+    let before = match shared {
+        Some(shared) => {
+            let (generation, epoch) = shared.incarnation;
+            state.switch_incarnation(generation, epoch);
+            shared.before
+        }
+        None => Vec::new(),
+    };
     let epoch = state.epoch;
     let fresh = events.iter().map(|e| Ack {
         epoch,
@@ -576,16 +591,16 @@ fn commit_events(
         }
         acks
     };
-    if events.is_empty() {
+    if events.is_empty() && before.is_empty() {
         return (acks, false);
     }
-    let before = state.first_offset();
+    let first = state.first_offset();
     count_published(m, &topic.name, state.metered, events.len());
     // Its first event makes the topic a real one.
     topic.clear_ephemeral(state);
-    state.push(events, now);
+    state.push(before.into_iter().chain(events), now);
     topic.touch(now);
-    (acks, state.first_offset() != before)
+    (acks, state.first_offset() != first)
 }
 
 /// What one committed append hands back to its publisher.
@@ -593,6 +608,7 @@ pub(crate) type AppendReply = (
     oneshot::Sender<Result<Vec<Ack>, EngineError>>,
     Vec<Arc<Event>>,
     Vec<(usize, dedup::Original)>,
+    Option<Box<log::Shared>>,
 );
 
 /// Commits consecutive appends of one pass to one topic under one lock of
@@ -609,8 +625,8 @@ pub(crate) fn commit_appends(
     let mut trimmed = false;
     {
         let mut state = topic.state.write();
-        for (ack, events, repeats) in run.drain(..) {
-            let (acks, t) = commit_events(m, topic, &mut state, events, repeats, now);
+        for (ack, events, repeats, shared) in run.drain(..) {
+            let (acks, t) = commit_events(m, topic, &mut state, shared, events, repeats, now);
             trimmed |= t;
             answers.push((ack, acks));
         }
@@ -634,8 +650,21 @@ pub(crate) fn commit(
     dirty: &mut log::FastMap<Arc<str>, Arc<Topic>>,
 ) -> Option<Arc<Topic>> {
     match (done, outcome) {
-        (Done::Append { topic, ack }, Outcome::Appended { events, repeats }) => {
-            commit_appends(m, &topic, &mut vec![(ack, events, repeats)], now, dirty);
+        (
+            Done::Append { topic, ack },
+            Outcome::Appended {
+                events,
+                repeats,
+                shared,
+            },
+        ) => {
+            commit_appends(
+                m,
+                &topic,
+                &mut vec![(ack, events, repeats, shared)],
+                now,
+                dirty,
+            );
             Some(topic)
         }
         (Done::Seal { topic, ack }, Outcome::Sealed(at)) => {
@@ -717,7 +746,19 @@ impl Engine {
     pub fn open(options: EngineOptions) -> Result<Self, EngineError> {
         let global_bytes = Arc::new(AtomicU64::new(0));
         let registry = Arc::new(Registry::default());
+        let mut shared = None;
         let (log, recovered, recovery, groups): (Arc<dyn Log>, _, _, _) = match options.durability {
+            _ if options.cluster.is_some() => {
+                let opened = redis::RedisLog::open(options.cluster.as_ref().expect("checked"))?;
+                let log = Arc::new(opened);
+                shared = Some(log.clone());
+                (
+                    log as Arc<dyn Log>,
+                    Vec::new(),
+                    RecoveryReport::default(),
+                    Vec::new(),
+                )
+            }
             Durability::Memory => (
                 Arc::new(MemoryLog::new()),
                 Vec::new(),
@@ -801,6 +842,10 @@ impl Engine {
             ticker: std::sync::atomic::AtomicBool::new(false),
         });
         let engine = Self { inner };
+        if let Some(log) = shared {
+            // Every topic Redis holds, before the node serves anyone.
+            redis::follow(&engine, &log)?;
+        }
         engine.install_groups(groups);
         for t in trimmed_at_open {
             engine.queue_trim(&t);
@@ -814,6 +859,17 @@ impl Engine {
             .map_err(|e| EngineError::Storage(format!("cannot start maintenance thread: {e}")))?;
         *engine.inner.janitor.lock() = Some(stop_tx);
         Ok(engine)
+    }
+
+    /// Consumer groups live in this node's store: refused on the shared
+    /// Redis backend (a worker could not move between nodes).
+    fn check_groups_supported(&self) -> Result<(), EngineError> {
+        if self.inner.options.cluster.is_some() {
+            return Err(EngineError::InvalidRequest(
+                "consumer groups are not available with the redis cluster backend yet; use backend = \"local\"".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The durability mode in use.
@@ -1007,14 +1063,21 @@ impl Engine {
                     events: events.take().unwrap_or_default(),
                     expect,
                     window_ms,
+                    known_next: state.next_offset(),
+                    max_events: state.retention.max_events,
                 }];
                 let outcome = self.inner.log.persist(&mut steps, now)?.pop();
                 return match outcome {
-                    Some(Outcome::Appended { events, repeats }) => {
+                    Some(Outcome::Appended {
+                        events,
+                        repeats,
+                        shared,
+                    }) => {
                         let (acks, _) = commit_events(
                             &self.inner.metrics,
                             &t,
                             &mut state,
+                            shared,
                             events,
                             repeats,
                             now,
@@ -1057,6 +1120,8 @@ impl Engine {
                             events: events.take().unwrap_or_default(),
                             expect,
                             window_ms,
+                            known_next: state.next_offset(),
+                            max_events: state.retention.max_events,
                         },
                         done: Done::Append {
                             topic: t.clone(),

@@ -1101,6 +1101,7 @@ impl SledLog {
                     events,
                     expect,
                     window_ms,
+                    ..
                 } => {
                     let t = Self::stage(&mut staged, &topics, topic);
                     if t.sealed_at_ms.is_some() {

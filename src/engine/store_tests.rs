@@ -78,6 +78,8 @@ fn append(log: &SledLog, id: &TopicId, range: std::ops::RangeInclusive<u64>) -> 
         events,
         expect: Expected::default(),
         window_ms: 0,
+        known_next: 1,
+        max_events: u64::MAX,
     }];
     match log
         .persist(&mut steps, NOW)
@@ -441,13 +443,17 @@ fn append_keyed(log: &SledLog, id: &TopicId, keys: &[&str], now: u64) -> Vec<(u6
         events,
         expect: Expected::default(),
         window_ms: WINDOW,
+        known_next: 1,
+        max_events: u64::MAX,
     }];
     match log
         .persist(&mut steps, now)
         .expect("the pass persists")
         .pop()
     {
-        Some(Outcome::Appended { events, repeats }) => {
+        Some(Outcome::Appended {
+            events, repeats, ..
+        }) => {
             let mut fresh = events.iter();
             let mut repeats = repeats.into_iter().peekable();
             (0..keys.len())

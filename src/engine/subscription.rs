@@ -275,6 +275,7 @@ impl Subscription {
             resume,
             queue,
             finished,
+            epoch,
             ..
         } = self;
         let state = topic.state.read();
@@ -287,6 +288,32 @@ impl Subscription {
         if state.deleted {
             end_now(queue, finished);
             return false;
+        }
+        if state.epoch != *epoch {
+            // A shared backend replaced the topic's history (re-created on
+            // another node, or lost by the backend): the client learns the
+            // new epoch from the gap (events carry none on the wire).
+            let requested = cursor.saturating_sub(1);
+            if state.adopted_from == Some(*epoch) {
+                // A placeholder this subscription saw nothing of became the
+                // stored topic: continue in it from where it stands now.
+                *cursor = (*cursor).max(state.first_offset());
+            } else {
+                *cursor = state.next_offset();
+                *resume = None;
+                tracing::warn!(topic = %topic.name, "the topic's history was replaced: gap(epoch_changed)");
+            }
+            queue.push_back(Delivery::Gap(Gap {
+                topic: topic.name.to_string(),
+                event_type: None,
+                reason: GapReason::EpochChanged,
+                epoch: state.epoch,
+                requested,
+                first_available: state.first_offset(),
+                current: *cursor - 1,
+            }));
+            metrics::counter!(crate::metrics::GAPS, "reason" => "epoch_changed").increment(1);
+            *epoch = state.epoch;
         }
         let first = state.first_offset();
         if *cursor < first {

@@ -54,6 +54,10 @@ pub(crate) struct TopicState {
     /// With `retain_until_acked`: the lowest offset some group has not
     /// done yet; trimming stops there (`u64::MAX` = nothing pinned).
     pub pin: u64,
+    /// The epoch this topic had while it was a placeholder that a shared
+    /// backend then replaced by the stored topic: its subscribers continue
+    /// under the new epoch without a gap (they had seen nothing).
+    pub adopted_from: Option<u64>,
 }
 
 impl Drop for TopicState {
@@ -83,6 +87,7 @@ impl TopicState {
             metered: false,
             global_bytes,
             pin: u64::MAX,
+            adopted_from: None,
         }
     }
 
@@ -150,25 +155,66 @@ impl TopicState {
     /// Appends committed events (assigned in order) and trims to retention,
     /// but never below the events of this very commit: a subscriber that
     /// was up to date gets all of them, however large the batch.
+    ///
+    /// With a shared backend the same event can arrive twice (a node's own
+    /// commit and its follower) and events trimmed in the backend before
+    /// this node read them leave a hole: an event already held is skipped,
+    /// and a hole empties the ring first (what lies below is gone, and a
+    /// subscriber there gets its gap). Neither happens with one node.
     pub fn push(&mut self, events: impl IntoIterator<Item = Arc<Event>>, now_ms: u64) {
         let mut pushed = 0;
         for event in events {
+            if event.offset < self.counters.next_offset {
+                continue;
+            }
+            if event.offset > self.counters.next_offset {
+                self.clear_ring();
+            }
             pushed += 1;
-            if event.offset >= self.counters.next_offset {
-                self.counters.next_offset = event.offset + 1;
-                match self.counters.versions.get_mut(&*event.event_type) {
-                    Some(v) => *v = event.version,
-                    None => {
-                        self.counters
-                            .versions
-                            .insert(event.event_type.clone(), event.version);
-                    }
+            self.counters.next_offset = event.offset + 1;
+            match self.counters.versions.get_mut(&*event.event_type) {
+                Some(v) => *v = event.version,
+                None => {
+                    self.counters
+                        .versions
+                        .insert(event.event_type.clone(), event.version);
                 }
             }
             self.push_back(event);
         }
         self.protected = pushed;
         self.trim(now_ms);
+    }
+
+    /// Makes this topic the incarnation `generation` of a shared backend
+    /// (created first on another node, or a new history after the backend
+    /// lost writes): its events go; subscribers see the new epoch (with a
+    /// gap, unless the topic held nothing yet: see `adopted_from`).
+    pub fn switch_incarnation(&mut self, generation: u64, epoch: u64) {
+        if self.generation == generation {
+            return;
+        }
+        let blank = self.ring.is_empty() && self.counters.next_offset == 1;
+        self.adopted_from = blank.then_some(self.epoch);
+        self.clear_ring();
+        self.counters = Counters::new();
+        self.generation = generation;
+        self.epoch = epoch;
+        self.sealed = false;
+        self.sealed_at_ms = None;
+    }
+
+    /// Drops every retained event (a shared backend moved past them).
+    pub fn clear_ring(&mut self) {
+        for e in self.ring.drain(..) {
+            let charged = e.charged.swap(0, Ordering::Relaxed);
+            let size = e.retained_size();
+            self.ring_bytes -= size;
+            self.cache_bytes -= charged;
+            self.global_bytes
+                .fetch_sub(size + charged, Ordering::Relaxed);
+        }
+        self.protected = 0;
     }
 
     /// Drops events from the front while any retention bound is exceeded,

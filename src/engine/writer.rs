@@ -220,12 +220,19 @@ impl Writer {
                 };
                 for (done, outcome) in dones.into_iter().zip(outcomes) {
                     match (done, outcome) {
-                        (Done::Append { topic, ack }, Outcome::Appended { events, repeats }) => {
+                        (
+                            Done::Append { topic, ack },
+                            Outcome::Appended {
+                                events,
+                                repeats,
+                                shared,
+                            },
+                        ) => {
                             if run_topic.as_ref().is_some_and(|t| !Arc::ptr_eq(t, &topic)) {
                                 flush(&mut run, run_topic.take(), dirty, &mut wake);
                             }
                             run_topic = Some(topic);
-                            run.push((ack, events, repeats));
+                            run.push((ack, events, repeats, shared));
                         }
                         (done, outcome) => {
                             flush(&mut run, run_topic.take(), dirty, &mut wake);

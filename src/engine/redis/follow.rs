@@ -1,0 +1,436 @@
+//! The follower: keeps this node's topics in step with Redis.
+//!
+//! Every append script publishes the topic's name on one channel; the
+//! follower (a thread with its own connections) reads the counters of the
+//! topics named and the stream entries this node does not hold yet, and
+//! applies them to the engine in offset order. A notification is only a
+//! hint: after its subscription (re)starts, and every `resync_interval`, it
+//! compares every topic with Redis, so what was published while it was
+//! disconnected arrives as well. It also finds what Redis lost (a topic
+//! missing or behind what this node saw acknowledged) and starts a new
+//! history for it: a new epoch, never a reused offset.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use redis::Value;
+
+use super::{array, connect, decode_entries, describe, evalsha, int, text, Keys, RedisLog};
+use crate::engine::topic::Topic;
+use crate::engine::{Engine, EngineError, Event, Inner};
+
+/// A topic as Redis holds it.
+#[derive(Debug)]
+struct Remote {
+    generation: u64,
+    epoch: u64,
+    next_offset: u64,
+    versions: Vec<(String, u64)>,
+    sealed_at_ms: Option<u64>,
+}
+
+/// What a counters hash says.
+#[derive(Debug)]
+enum Stored {
+    /// No such key.
+    Missing,
+    /// Deleted (a tombstone of this generation).
+    Deleted(u64),
+    /// A live topic.
+    Live(Remote),
+}
+
+fn parse_meta(v: Value) -> Result<Stored, String> {
+    let fields: HashMap<String, Value> = match v {
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .filter_map(|(k, v)| Some((text(&k)?.to_owned(), v)))
+            .collect(),
+        other => {
+            let list = array(other).ok_or("a counters hash is not a map")?;
+            let mut it = list.into_iter();
+            let mut m = HashMap::new();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if let Some(k) = text(&k) {
+                    m.insert(k.to_owned(), v);
+                }
+            }
+            m
+        }
+    };
+    if fields.is_empty() {
+        return Ok(Stored::Missing);
+    }
+    let num = |k: &str| fields.get(k).and_then(int);
+    let generation = num("gen").ok_or("a counters hash has no generation")?;
+    if fields.contains_key("deleted") {
+        return Ok(Stored::Deleted(generation));
+    }
+    let mut versions: Vec<(String, u64)> = fields
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("v:")?.to_owned(), int(v)?)))
+        .collect();
+    versions.sort();
+    Ok(Stored::Live(Remote {
+        generation,
+        epoch: num("epoch").ok_or("a counters hash has no epoch")?,
+        next_offset: num("next").unwrap_or(1).max(1),
+        versions,
+        sealed_at_ms: num("sealed"),
+    }))
+}
+
+/// What this node holds of a topic: incarnation, next offset, and whether
+/// it holds anything (a placeholder created by a subscribe does not).
+struct Held {
+    generation: u64,
+    next_offset: u64,
+    stored: bool,
+}
+
+impl Engine {
+    fn held(&self, name: &str) -> Option<Held> {
+        let t = self.inner.registry.topics.get(name)?.value().clone();
+        let s = t.state.read();
+        (!s.deleted).then(|| Held {
+            generation: s.generation,
+            next_offset: s.next_offset(),
+            stored: !s.ephemeral,
+        })
+    }
+
+    /// Applies a topic's state read from Redis: creates it, switches it to
+    /// another incarnation, adds the events it lacks (`events`: contiguous,
+    /// ascending), takes the seal.
+    fn apply_remote(&self, name: &str, r: &Remote, events: Vec<Arc<Event>>) {
+        let now = self.inner.options.clock.now_ms();
+        let registry = &self.inner.registry;
+        let topic = match registry.topics.get(name).map(|t| t.value().clone()) {
+            Some(t) => t,
+            None => {
+                let name: Arc<str> = Arc::from(name);
+                let mut state =
+                    self.inner
+                        .options
+                        .new_state(&name, r.epoch, &self.inner.global_bytes);
+                state.generation = r.generation;
+                let topic = Topic::new(name.clone(), state, now, Arc::downgrade(registry));
+                match registry.topics.entry(name.clone()) {
+                    dashmap::mapref::entry::Entry::Occupied(e) => e.get().clone(),
+                    dashmap::mapref::entry::Entry::Vacant(e) => {
+                        e.insert(topic.clone());
+                        registry.announce(&name);
+                        topic
+                    }
+                }
+            }
+        };
+        {
+            let mut s = topic.state.write();
+            if s.deleted || s.deleting {
+                return;
+            }
+            s.switch_incarnation(r.generation, r.epoch);
+            topic.clear_ephemeral(&mut s);
+            if !events.is_empty() {
+                crate::engine::count_published(&self.inner.metrics, name, s.metered, events.len());
+            }
+            s.push(events, now);
+            if r.next_offset > s.next_offset() {
+                // Trimmed in Redis before this node read them.
+                s.clear_ring();
+                s.counters.next_offset = r.next_offset;
+            }
+            for (t, v) in &r.versions {
+                if s.version_of(t) < *v {
+                    s.counters.versions.insert(Arc::from(t.as_str()), *v);
+                }
+            }
+            if r.sealed_at_ms.is_some() && !s.sealed {
+                s.sealed = true;
+                s.sealed_at_ms = r.sealed_at_ms;
+            }
+        }
+        topic.touch(now);
+        topic.wake();
+    }
+
+    /// Ends this node's copy of a topic deleted on another node.
+    fn apply_delete(&self, name: &str, generation: u64) {
+        let Some(t) = self
+            .inner
+            .registry
+            .topics
+            .get(name)
+            .map(|t| t.value().clone())
+        else {
+            return;
+        };
+        {
+            let s = t.state.read();
+            if s.deleted || s.ephemeral || s.generation != generation {
+                return;
+            }
+        }
+        crate::engine::finish_delete(&t);
+    }
+}
+
+/// The follower's own connections and state.
+struct Follower {
+    engine: Weak<Inner>,
+    client: redis::Client,
+    keys: Keys,
+    timeout: Duration,
+    resync: Duration,
+    rotate: redis::Script,
+    con: Option<redis::Connection>,
+}
+
+/// Loads every topic Redis holds into `engine` (before the node serves
+/// anyone), then follows them on a thread of its own.
+pub(crate) fn follow(engine: &Engine, log: &Arc<RedisLog>) -> Result<(), EngineError> {
+    let mut f = Follower {
+        engine: Arc::downgrade(&engine.inner),
+        client: log.client.clone(),
+        keys: log.keys.clone(),
+        timeout: log.options.command_timeout,
+        resync: log.options.resync_interval,
+        rotate: redis::Script::new(include_str!("rotate.lua")),
+        con: None,
+    };
+    f.sync_all(engine).map_err(|e| {
+        EngineError::Storage(format!(
+            "cannot load the topics from Redis at {}: {e}",
+            log.options.url
+        ))
+    })?;
+    let loaded = engine.inner.registry.topics.len();
+    tracing::info!(topics = loaded, "topics loaded from redis");
+    std::thread::Builder::new()
+        .name("ringcast-follower".into())
+        .spawn(move || f.run())
+        .map_err(|e| EngineError::Storage(format!("cannot start the redis follower: {e}")))?;
+    Ok(())
+}
+
+impl Follower {
+    fn command(&mut self) -> Result<&mut redis::Connection, String> {
+        if self.con.is_none() {
+            let mut con = connect(&self.client, self.timeout).map_err(|e| describe(&e))?;
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(include_str!("rotate.lua"))
+                .query::<String>(&mut con)
+                .map_err(|e| describe(&e))?;
+            self.con = Some(con);
+        }
+        Ok(self.con.as_mut().expect("connected"))
+    }
+
+    fn query(&mut self, pipe: &redis::Pipeline) -> Result<Vec<Value>, String> {
+        if pipe.is_empty() {
+            return Ok(Vec::new());
+        }
+        let con = self.command()?;
+        pipe.query::<Vec<Value>>(con).map_err(|e| {
+            self.con = None;
+            describe(&e)
+        })
+    }
+
+    /// Follows until the engine is gone: subscribe, catch up, apply what
+    /// is announced, compare everything every `resync_interval`; after a
+    /// failure, again with backoff.
+    fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.engine.strong_count() == 0 {
+                return;
+            }
+            match self.session() {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "following redis failed; subscribers wait, resuming when it answers");
+                    self.con = None;
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// One subscription to the channel; `Ok` when the engine is gone.
+    fn session(&mut self) -> Result<(), String> {
+        let mut sub = connect(&self.client, self.timeout).map_err(|e| describe(&e))?;
+        let mut pubsub = sub.as_pubsub();
+        pubsub
+            .subscribe(self.keys.channel())
+            .map_err(|e| describe(&e))?;
+        let wait = Duration::from_millis(200);
+        pubsub
+            .set_read_timeout(Some(wait))
+            .map_err(|e| describe(&e))?;
+        // What was published while nobody listened.
+        let mut last_full = Instant::now();
+        {
+            let Some(engine) = self.engine() else {
+                return Ok(());
+            };
+            self.sync_all(&engine)?;
+        }
+        tracing::debug!("following redis");
+        loop {
+            let mut names = BTreeSet::new();
+            match pubsub.get_message() {
+                Ok(msg) => {
+                    names.insert(String::from_utf8_lossy(msg.get_payload_bytes()).into_owned());
+                    // Take what else is waiting without blocking long.
+                    pubsub
+                        .set_read_timeout(Some(Duration::from_millis(1)))
+                        .map_err(|e| describe(&e))?;
+                    while names.len() < 1024 {
+                        match pubsub.get_message() {
+                            Ok(msg) => {
+                                names.insert(
+                                    String::from_utf8_lossy(msg.get_payload_bytes()).into_owned(),
+                                );
+                            }
+                            Err(e) if e.is_timeout() => break,
+                            Err(e) => return Err(describe(&e)),
+                        }
+                    }
+                    pubsub
+                        .set_read_timeout(Some(wait))
+                        .map_err(|e| describe(&e))?;
+                }
+                Err(e) if e.is_timeout() => {}
+                Err(e) => return Err(describe(&e)),
+            }
+            let Some(engine) = self.engine() else {
+                return Ok(());
+            };
+            if last_full.elapsed() >= self.resync {
+                self.sync_all(&engine)?;
+                last_full = Instant::now();
+            } else if !names.is_empty() {
+                self.sync(&engine, names.into_iter().collect())?;
+            }
+        }
+    }
+
+    fn engine(&self) -> Option<Engine> {
+        self.engine.upgrade().map(|inner| Engine { inner })
+    }
+
+    /// Compares every topic Redis or this node holds.
+    fn sync_all(&mut self, engine: &Engine) -> Result<(), String> {
+        let topics_key = self.keys.topics();
+        let con = self.command()?;
+        let names: Vec<String> =
+            redis::cmd("SMEMBERS")
+                .arg(topics_key)
+                .query(con)
+                .map_err(|e| {
+                    self.con = None;
+                    describe(&e)
+                })?;
+        let mut all: BTreeSet<String> = names.into_iter().collect();
+        for t in engine.inner.registry.topics.iter() {
+            if !t.state.read().ephemeral {
+                all.insert(t.key().to_string());
+            }
+        }
+        let all: Vec<String> = all.into_iter().collect();
+        for chunk in all.chunks(512) {
+            self.sync(engine, chunk.to_vec())?;
+        }
+        Ok(())
+    }
+
+    /// Brings the topics `names` in line with Redis.
+    fn sync(&mut self, engine: &Engine, names: Vec<String>) -> Result<(), String> {
+        let mut pipe = redis::pipe();
+        for name in &names {
+            pipe.cmd("HGETALL").arg(self.keys.meta(name));
+        }
+        let metas = self.query(&pipe)?;
+        let mut reads = Vec::new();
+        let mut rotations = Vec::new();
+        for (name, meta) in names.into_iter().zip(metas) {
+            let stored = match parse_meta(meta) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(topic = %name, error = %e, "unreadable topic in redis");
+                    continue;
+                }
+            };
+            let held = engine.held(&name);
+            match (stored, held) {
+                (Stored::Missing, Some(h)) if h.stored && h.next_offset > 1 => {
+                    rotations.push((name, h));
+                }
+                (Stored::Missing, _) => {}
+                (Stored::Deleted(generation), _) => engine.apply_delete(&name, generation),
+                (Stored::Live(r), Some(h)) if h.generation == r.generation => {
+                    if r.next_offset < h.next_offset {
+                        rotations.push((name, h));
+                    } else {
+                        reads.push((name, r, h.next_offset));
+                    }
+                }
+                (Stored::Live(r), _) => reads.push((name, r, 1)),
+            }
+        }
+        if !rotations.is_empty() {
+            let mut pipe = redis::pipe();
+            for (name, h) in &rotations {
+                tracing::warn!(topic = %name, next_offset = h.next_offset, "redis lost acknowledged events of this topic: starting a new epoch");
+                let mut cmd = evalsha(
+                    &self.rotate,
+                    &[
+                        self.keys.meta(name),
+                        self.keys.stream(name),
+                        self.keys.topics(),
+                    ],
+                );
+                cmd.arg(h.generation.to_string())
+                    .arg(h.next_offset)
+                    .arg(crate::engine::new_epoch().to_string())
+                    .arg(crate::engine::new_epoch().to_string())
+                    .arg(name)
+                    .arg(self.keys.channel());
+                pipe.add_command(cmd);
+            }
+            self.query(&pipe)?;
+            // Read back whichever history now stands.
+            let again = rotations.into_iter().map(|(n, _)| n).collect();
+            return self.sync(engine, again);
+        }
+        let mut pipe = redis::pipe();
+        let mut wanted = Vec::new();
+        for (name, r, from) in reads {
+            if from < r.next_offset {
+                pipe.cmd("XRANGE")
+                    .arg(self.keys.stream(&name))
+                    .arg(from)
+                    .arg("+");
+                wanted.push((name, r, true));
+            } else {
+                wanted.push((name, r, false));
+            }
+        }
+        let mut entries = self.query(&pipe)?.into_iter();
+        for (name, r, read) in wanted {
+            let events = if read {
+                decode_entries(entries.next().unwrap_or(Value::Nil))
+                    .map_err(|e| format!("topic {name}: {e}"))?
+            } else {
+                Vec::new()
+            };
+            engine.apply_remote(&name, &r, events);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,631 @@
+//! The `redis` backend: several nodes share every topic through one Redis.
+//!
+//! Redis owns what must be the same everywhere: per topic a hash of
+//! counters (incarnation, epoch, next offset, last version per type, seal)
+//! and a stream of the retained events (entry id = offset), both changed
+//! only by the server-side scripts beside this file, so two nodes appending
+//! to one topic can never reuse an offset or let a version go back. Each
+//! node keeps its engine (rings, subscriptions, front ends) as a cache of
+//! what Redis holds: [`RedisLog`] is the engine's [`Log`] (one pipelined
+//! round trip per writer pass), and [`follow`] keeps every topic's ring in
+//! step with appends made on other nodes (pub/sub notifications, reads of
+//! the stream). Layout and rules: `docs/cluster.md`.
+
+mod follow;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use redis::Value;
+
+use super::dedup::Original;
+use super::event::{Event, NewEvent};
+use super::log::{Health, Log, Outcome, Shared, Step, TopicImage};
+use super::EngineError;
+
+pub(crate) use follow::follow;
+
+/// How the `redis` backend reaches Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// `redis://[:password@]host:port[/db]`.
+    pub url: String,
+    /// This node's name in logs.
+    pub node_id: String,
+    /// Prefix of every key and channel.
+    pub key_prefix: String,
+    /// Longest wait for one command (connect, pass, read).
+    pub command_timeout: Duration,
+    /// How often the follower re-reads every topic's counters.
+    pub resync_interval: Duration,
+}
+
+impl RedisOptions {
+    /// Options for a Redis at `url` with the defaults of `[cluster]`.
+    pub fn new(url: impl Into<String>, node_id: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            node_id: node_id.into(),
+            key_prefix: "ringcast".into(),
+            command_timeout: Duration::from_secs(2),
+            resync_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How long a deleted topic's tombstone stays (a node away longer than this
+/// sees the topic as lost instead of deleted: a gap, not an end).
+const TOMBSTONE_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Names of the keys and the channel of one cluster. A topic's keys share
+/// the hash tag `{topic}`, so Redis Cluster keeps them in one slot.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn meta(&self, topic: &str) -> String {
+        format!("{}:{{{topic}}}:m", self.prefix)
+    }
+    fn stream(&self, topic: &str) -> String {
+        format!("{}:{{{topic}}}:s", self.prefix)
+    }
+    fn key(&self, topic: &str, key: &str) -> String {
+        format!("{}:{{{topic}}}:k:{key}", self.prefix)
+    }
+    fn topics(&self) -> String {
+        format!("{}:topics", self.prefix)
+    }
+    fn channel(&self) -> String {
+        format!("{}:notify", self.prefix)
+    }
+}
+
+/// The scripts, each with its SHA-1 for `EVALSHA`.
+struct Scripts {
+    append: redis::Script,
+    seal: redis::Script,
+    delete: redis::Script,
+    trim: redis::Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            append: redis::Script::new(include_str!("append.lua")),
+            seal: redis::Script::new(include_str!("seal.lua")),
+            delete: redis::Script::new(include_str!("delete.lua")),
+            trim: redis::Script::new(include_str!("trim.lua")),
+        }
+    }
+
+    /// Loads every script into the server's cache (after each connect: a
+    /// restarted Redis has forgotten them).
+    fn load(&self, con: &mut redis::Connection) -> redis::RedisResult<()> {
+        for code in [
+            include_str!("append.lua"),
+            include_str!("seal.lua"),
+            include_str!("delete.lua"),
+            include_str!("trim.lua"),
+        ] {
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(code)
+                .query::<String>(con)?;
+        }
+        Ok(())
+    }
+}
+
+/// An `EVALSHA` of `script` with `keys`; arguments follow.
+fn evalsha(script: &redis::Script, keys: &[String]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    cmd
+}
+
+/// Opens a connection with the command timeout on connect, reads and writes.
+fn connect(client: &redis::Client, timeout: Duration) -> redis::RedisResult<redis::Connection> {
+    let con = client.get_connection_with_timeout(timeout)?;
+    con.set_read_timeout(Some(timeout))?;
+    con.set_write_timeout(Some(timeout))?;
+    Ok(con)
+}
+
+/// One line for a Redis error.
+fn describe(e: &redis::RedisError) -> String {
+    e.to_string().replace('\n', " ")
+}
+
+/// The engine's [`Log`] on Redis: each writer pass is one pipeline of
+/// script calls on one connection.
+pub(crate) struct RedisLog {
+    client: redis::Client,
+    options: RedisOptions,
+    keys: Keys,
+    scripts: Scripts,
+    /// The writer's connection; `None` after a failure until repaired.
+    con: Mutex<Option<redis::Connection>>,
+    health: Mutex<Health>,
+    /// Per topic, the incarnation and next offset this log last handed to
+    /// the engine: an append asks Redis for what other nodes appended from
+    /// there on (the engine holds at least that much once a pass commits).
+    seen: Mutex<super::log::FastMap<Arc<str>, (u64, u64)>>,
+}
+
+impl RedisLog {
+    /// Connects to Redis and loads the scripts; fails if Redis cannot be reached.
+    pub fn open(options: &RedisOptions) -> Result<Self, EngineError> {
+        let client = redis::Client::open(options.url.as_str())
+            .map_err(|e| EngineError::Storage(format!("cluster.redis_url: {}", describe(&e))))?;
+        let log = Self {
+            client,
+            options: options.clone(),
+            keys: Keys {
+                prefix: options.key_prefix.clone(),
+            },
+            scripts: Scripts::new(),
+            con: Mutex::new(None),
+            health: Mutex::new(Health::Ok),
+            seen: Mutex::default(),
+        };
+        let con = log.connect().map_err(|e| {
+            EngineError::Storage(format!("cannot reach Redis at {}: {e}", options.url))
+        })?;
+        *log.con.lock() = Some(con);
+        tracing::info!(url = %options.url, node = %options.node_id, "redis backend connected");
+        Ok(log)
+    }
+
+    fn connect(&self) -> Result<redis::Connection, String> {
+        let mut con =
+            connect(&self.client, self.options.command_timeout).map_err(|e| describe(&e))?;
+        self.scripts.load(&mut con).map_err(|e| describe(&e))?;
+        Ok(con)
+    }
+
+    /// Refuses writes until a repair reconnects.
+    fn degrade(&self, why: String) -> EngineError {
+        tracing::warn!(error = %why, "redis backend unavailable: publishes are refused until it answers");
+        *self.health.lock() = Health::Degraded(format!("redis: {why}"));
+        EngineError::StorageUnavailable(format!("redis: {why}"))
+    }
+
+    /// The commands of a pass, and for each step the index of its reply
+    /// (`None`: nothing to send, e.g. a sync: Redis's persistence decides).
+    fn plan(&self, steps: &[Step], now_ms: u64) -> (redis::Pipeline, Vec<Option<usize>>) {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut at = Vec::with_capacity(steps.len());
+        let mut n = 0;
+        let channel = self.keys.channel();
+        let seen = self.seen.lock();
+        for step in steps {
+            let cmd = match step {
+                Step::Append {
+                    topic,
+                    events,
+                    expect,
+                    window_ms,
+                    known_next,
+                    max_events,
+                } => {
+                    let name = &*topic.name;
+                    let known = match seen.get(name) {
+                        Some((g, next)) if *g == topic.generation => (*known_next).max(*next),
+                        _ => *known_next,
+                    };
+                    let mut keys = vec![
+                        self.keys.meta(name),
+                        self.keys.stream(name),
+                        self.keys.topics(),
+                    ];
+                    let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+                    let mut args: Vec<Vec<u8>> = Vec::with_capacity(13 + events.len() * 4);
+                    for a in [
+                        topic.generation.to_string(),
+                        topic.epoch.to_string(),
+                        super::new_epoch().to_string(),
+                        super::new_epoch().to_string(),
+                        known.to_string(),
+                        window_ms.to_string(),
+                        now_ms.to_string(),
+                        opt(expect.offset),
+                        opt(expect.version),
+                        (*max_events).clamp(1, i64::MAX as u64).to_string(),
+                        name.to_owned(),
+                        channel.clone(),
+                        events.len().to_string(),
+                    ] {
+                        args.push(a.into_bytes());
+                    }
+                    for e in events.iter() {
+                        args.push(e.event_type.as_bytes().to_vec());
+                        let index = match &e.idempotency_key {
+                            Some(k) if *window_ms > 0 => {
+                                keys.push(self.keys.key(name, k));
+                                keys.len()
+                            }
+                            _ => 0,
+                        };
+                        args.push(index.to_string().into_bytes());
+                        args.push(encode_headers(&e.headers));
+                        args.push(e.payload.to_vec());
+                    }
+                    let mut cmd = evalsha(&self.scripts.append, &keys);
+                    cmd.arg(args);
+                    Some(cmd)
+                }
+                Step::Seal { topic } => {
+                    let mut cmd = evalsha(&self.scripts.seal, &self.topic_keys(&topic.name));
+                    cmd.arg(topic.generation.to_string())
+                        .arg(topic.epoch.to_string())
+                        .arg(now_ms)
+                        .arg(&*topic.name)
+                        .arg(&channel);
+                    Some(cmd)
+                }
+                Step::Delete { topic } => {
+                    let mut cmd = evalsha(&self.scripts.delete, &self.topic_keys(&topic.name));
+                    cmd.arg(topic.generation.to_string())
+                        .arg(&*topic.name)
+                        .arg(&channel)
+                        .arg(TOMBSTONE_MS);
+                    Some(cmd)
+                }
+                Step::Trim {
+                    topic,
+                    first_retained,
+                } => {
+                    let mut cmd = evalsha(&self.scripts.trim, &self.topic_keys(&topic.name));
+                    cmd.arg(topic.generation.to_string())
+                        .arg(topic.epoch.to_string())
+                        .arg(*first_retained)
+                        .arg(&*topic.name)
+                        .arg(&channel);
+                    Some(cmd)
+                }
+                Step::Sync | Step::Groups { .. } | Step::Expire => None,
+            };
+            match cmd {
+                Some(cmd) => {
+                    pipe.add_command(cmd);
+                    at.push(Some(n));
+                    n += 1;
+                }
+                None => at.push(None),
+            }
+        }
+        (pipe, at)
+    }
+
+    fn topic_keys(&self, topic: &str) -> [String; 3] {
+        [
+            self.keys.meta(topic),
+            self.keys.stream(topic),
+            self.keys.topics(),
+        ]
+    }
+
+    /// Runs a pass's pipeline: reconnecting first if needed, and once more
+    /// if Redis had forgotten the scripts (restarted): then no step ran.
+    fn run(&self, pipe: &redis::Pipeline, replies: usize) -> Result<Vec<Value>, EngineError> {
+        if replies == 0 {
+            return Ok(Vec::new());
+        }
+        let mut guard = self.con.lock();
+        for attempt in 0..2 {
+            let con = match guard.as_mut() {
+                Some(con) => con,
+                None => guard.insert(self.connect().map_err(|e| self.degrade(e))?),
+            };
+            let values: Vec<Value> = match pipe.query(con) {
+                Ok(v) => v,
+                Err(e) => {
+                    // The connection's state is unknown (a reply may be
+                    // half read): never reuse it.
+                    *guard = None;
+                    return Err(self.degrade(describe(&e)));
+                }
+            };
+            let noscript = |v: &Value| matches!(v, Value::ServerError(e) if e.code() == "NOSCRIPT");
+            if attempt == 0 && !values.is_empty() && values.iter().all(noscript) {
+                *guard = None;
+                continue;
+            }
+            return Ok(values);
+        }
+        Err(self.degrade("the scripts could not be loaded".into()))
+    }
+}
+
+impl Log for RedisLog {
+    fn inline(&self) -> bool {
+        false
+    }
+
+    fn persist(&self, steps: &mut [Step], now_ms: u64) -> Result<Vec<Outcome>, EngineError> {
+        let (pipe, at) = self.plan(steps, now_ms);
+        let replies = at.iter().flatten().count();
+        let mut values = self.run(&pipe, replies)?.into_iter();
+        let mut outcomes = Vec::with_capacity(steps.len());
+        let mut seen = self.seen.lock();
+        for (step, at) in steps.iter_mut().zip(at) {
+            let value = match at {
+                Some(_) => values.next().unwrap_or(Value::Nil),
+                None => {
+                    outcomes.push(Outcome::Done);
+                    continue;
+                }
+            };
+            if let Value::ServerError(e) = &value {
+                let why = format!("redis: {}", e.details().unwrap_or(e.code()));
+                tracing::warn!(error = %why, "a redis script failed");
+                outcomes.push(Outcome::Refused(EngineError::StorageUnavailable(why)));
+                continue;
+            }
+            let outcome = match step {
+                Step::Append { topic, events, .. } => {
+                    match append_outcome(&topic.name, std::mem::take(events), value, now_ms) {
+                        Ok((outcome, next)) => {
+                            if let (
+                                Outcome::Appended {
+                                    shared: Some(s), ..
+                                },
+                                Some(next),
+                            ) = (&outcome, next)
+                            {
+                                seen.insert(topic.name.clone(), (s.incarnation.0, next));
+                            }
+                            outcome
+                        }
+                        Err(why) => Outcome::Refused(EngineError::Storage(why)),
+                    }
+                }
+                Step::Seal { .. } => match value {
+                    Value::Int(at) => Outcome::Sealed(u64::try_from(at).unwrap_or(now_ms)),
+                    other => Outcome::Refused(EngineError::Storage(format!(
+                        "redis: unexpected reply to a seal: {other:?}"
+                    ))),
+                },
+                Step::Delete { topic } => {
+                    seen.remove(&topic.name);
+                    Outcome::Done
+                }
+                _ => Outcome::Done,
+            };
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    fn health(&self) -> Health {
+        self.health.lock().clone()
+    }
+
+    fn repair(&self, _committed: &[TopicImage]) -> Result<(), EngineError> {
+        // What the engine acknowledged is in Redis already (an append is
+        // acknowledged only after its script ran); what Redis lost since is
+        // found by the follower, which starts a new epoch for it.
+        let con = self
+            .connect()
+            .map_err(|e| EngineError::StorageUnavailable(format!("redis: {e}")))?;
+        *self.con.lock() = Some(con);
+        *self.health.lock() = Health::Ok;
+        tracing::info!(url = %self.options.url, "redis backend available again");
+        Ok(())
+    }
+
+    fn close(&self, _committed: &[TopicImage]) -> Result<(), EngineError> {
+        self.con.lock().take();
+        Ok(())
+    }
+}
+
+/// Headers as stored in a stream entry: for each, the key's and the value's
+/// length (u32 LE) and bytes. Empty for none (the entry then has no `h`).
+fn encode_headers(headers: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in headers {
+        for s in [k, v] {
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+    out
+}
+
+fn decode_headers(mut b: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let take = |b: &mut &[u8]| -> Result<String, String> {
+        let len = b
+            .get(..4)
+            .map(|l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize)
+            .ok_or("truncated headers")?;
+        let s = b.get(4..4 + len).ok_or("truncated headers")?;
+        let s = String::from_utf8(s.to_vec()).map_err(|_| "headers are not UTF-8")?;
+        *b = &b[4 + len..];
+        Ok(s)
+    };
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let k = take(&mut b)?;
+        let v = take(&mut b)?;
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn int(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> Option<&str> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn array(v: Value) -> Option<Vec<Value>> {
+    match v {
+        Value::Array(a) | Value::Set(a) => Some(a),
+        Value::Nil => Some(Vec::new()),
+        _ => None,
+    }
+}
+
+/// Decodes stream entries (`XRANGE` replies) into events, in order.
+pub(crate) fn decode_entries(v: Value) -> Result<Vec<Arc<Event>>, String> {
+    let entries = array(v).ok_or("a stream read is not an array")?;
+    let mut out = Vec::with_capacity(entries.len());
+    let mut types: Vec<Arc<str>> = Vec::new();
+    for entry in entries {
+        let mut entry = array(entry).ok_or("a stream entry is not an array")?;
+        if entry.len() != 2 {
+            return Err("a stream entry is not [id, fields]".into());
+        }
+        let fields =
+            array(entry.pop().expect("two")).ok_or("a stream entry's fields are not an array")?;
+        let id = text(&entry[0]).ok_or("a stream entry id is not text")?;
+        let offset: u64 = id
+            .split_once('-')
+            .and_then(|(o, _)| o.parse().ok())
+            .ok_or("a stream entry id is not OFFSET-0")?;
+        let (mut t, mut version, mut ts, mut headers, mut payload) = (None, 0, 0, Vec::new(), None);
+        let mut fields = fields.into_iter();
+        while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
+            match text(&k) {
+                Some("t") => t = text(&v).map(str::to_owned),
+                Some("v") => version = int(&v).ok_or("bad version")?,
+                Some("ts") => ts = int(&v).ok_or("bad timestamp")?,
+                Some("h") => {
+                    if let Value::BulkString(b) = &v {
+                        headers = decode_headers(b)?;
+                    }
+                }
+                Some("p") => {
+                    if let Value::BulkString(b) = v {
+                        payload = Some(Bytes::from(b));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let t = t.ok_or("a stream entry has no type")?;
+        let event_type = match types.iter().find(|x| ***x == *t) {
+            Some(x) => x.clone(),
+            None => {
+                let x: Arc<str> = Arc::from(t.as_str());
+                types.push(x.clone());
+                x
+            }
+        };
+        out.push(Arc::new(Event::new(
+            offset,
+            version,
+            ts,
+            event_type,
+            headers,
+            payload.unwrap_or_default(),
+        )));
+    }
+    Ok(out)
+}
+
+/// The outcome of an append script's reply, and the next offset after it.
+fn append_outcome(
+    topic: &str,
+    events: Vec<NewEvent>,
+    value: Value,
+    now_ms: u64,
+) -> Result<(Outcome, Option<u64>), String> {
+    let reply = array(value).ok_or("an append reply is not an array")?;
+    match reply.first().and_then(text) {
+        Some("sealed") => Ok((
+            Outcome::Refused(EngineError::TopicSealed(topic.to_owned())),
+            None,
+        )),
+        Some("mismatch") => {
+            metrics::counter!(crate::metrics::POSITION_MISMATCHES).increment(1);
+            Ok((
+                Outcome::Refused(EngineError::PositionMismatch {
+                    current_offset: reply.get(1).and_then(int).unwrap_or(0),
+                    current_version: reply.get(2).and_then(int).unwrap_or(0),
+                }),
+                None,
+            ))
+        }
+        Some("ok") if reply.len() == 7 => {
+            let mut reply = reply.into_iter();
+            reply.next();
+            let generation = reply
+                .next()
+                .as_ref()
+                .and_then(int)
+                .ok_or("bad generation")?;
+            let epoch = reply.next().as_ref().and_then(int).ok_or("bad epoch")?;
+            let first = reply.next().as_ref().and_then(int).ok_or("bad offset")?;
+            let versions = array(reply.next().unwrap_or_default()).ok_or("bad versions")?;
+            let repeats = array(reply.next().unwrap_or_default()).ok_or("bad repeats")?;
+            let before = decode_entries(reply.next().unwrap_or_default())?;
+            let mut repeated = Vec::with_capacity(repeats.len());
+            for r in repeats {
+                let r = array(r).ok_or("bad repeat")?;
+                let n = |i: usize| r.get(i).and_then(int).ok_or("bad repeat");
+                repeated.push((
+                    usize::try_from(n(0)?).map_err(|_| "bad repeat")?,
+                    Original {
+                        offset: n(1)?,
+                        version: n(2)?,
+                        at_ms: n(3)?,
+                    },
+                ));
+            }
+            let mut fresh = Vec::with_capacity(versions.len());
+            let mut next_repeat = repeated.iter().map(|(i, _)| *i).peekable();
+            let mut versions = versions.iter();
+            let mut offset = first;
+            let mut types: Vec<Arc<str>> = Vec::new();
+            for (i, e) in events.into_iter().enumerate() {
+                if next_repeat.peek() == Some(&i) {
+                    next_repeat.next();
+                    continue;
+                }
+                let version = versions.next().and_then(int).ok_or("too few versions")?;
+                let event_type = match types.iter().find(|x| ***x == *e.event_type) {
+                    Some(x) => x.clone(),
+                    None => {
+                        let x: Arc<str> = Arc::from(e.event_type.as_str());
+                        types.push(x.clone());
+                        x
+                    }
+                };
+                fresh.push(Arc::new(Event::new(
+                    offset, version, now_ms, event_type, e.headers, e.payload,
+                )));
+                offset += 1;
+            }
+            Ok((
+                Outcome::Appended {
+                    events: fresh,
+                    repeats: repeated,
+                    shared: Some(Box::new(Shared {
+                        incarnation: (generation, epoch),
+                        before,
+                    })),
+                },
+                Some(offset),
+            ))
+        }
+        _ => Err(format!("redis: unexpected reply to an append: {reply:?}")),
+    }
+}
