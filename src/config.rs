@@ -125,7 +125,7 @@ impl Default for ClusterConfig {
             node_id: String::new(),
             key_prefix: "ringcast".into(),
             command_timeout: Duration::from_secs(2),
-            resync_interval: Duration::from_secs(5),
+            resync_interval: Duration::from_secs(30),
         }
     }
 }

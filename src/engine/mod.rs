@@ -1586,15 +1586,18 @@ fn maintain(engine: &Engine, now: u64) {
             let sealed_out = s
                 .sealed_at_ms
                 .is_some_and(|at| now >= at.saturating_add(ttl_ms(r.sealed_ttl)));
-            let idle_out = r.idle_ttl.is_some_and(|ttl| {
-                t.subscribers.load(Ordering::Relaxed) == 0
-                    && t.groups.load(Ordering::Relaxed) == 0
-                    && t.pending.load(Ordering::Relaxed) == 0
-                    && now
-                        >= t.last_activity_ms
-                            .load(Ordering::Relaxed)
-                            .saturating_add(ttl_ms(ttl))
-            });
+            // Activity is per node with a shared backend: one node's idle
+            // topic may be busy on another, so only a local one expires.
+            let idle_out = engine.inner.options.cluster.is_none()
+                && r.idle_ttl.is_some_and(|ttl| {
+                    t.subscribers.load(Ordering::Relaxed) == 0
+                        && t.groups.load(Ordering::Relaxed) == 0
+                        && t.pending.load(Ordering::Relaxed) == 0
+                        && now
+                            >= t.last_activity_ms
+                                .load(Ordering::Relaxed)
+                                .saturating_add(ttl_ms(ttl))
+                });
             (trimmed, sealed_out || idle_out)
         };
         // A sealed topic stays while a consumer group has work left in it:

@@ -133,9 +133,6 @@ impl Engine {
             }
             s.switch_incarnation(r.generation, r.epoch);
             topic.clear_ephemeral(&mut s);
-            if !events.is_empty() {
-                crate::engine::count_published(&self.inner.metrics, name, s.metered, events.len());
-            }
             s.push(events, now);
             if r.next_offset > s.next_offset() {
                 // Trimmed in Redis before this node read them.

@@ -50,7 +50,7 @@ impl RedisOptions {
             node_id: node_id.into(),
             key_prefix: "ringcast".into(),
             command_timeout: Duration::from_secs(2),
-            resync_interval: Duration::from_secs(5),
+            resync_interval: Duration::from_secs(30),
         }
     }
 }
@@ -627,5 +627,99 @@ fn append_outcome(
             ))
         }
         _ => Err(format!("redis: unexpected reply to an append: {reply:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &[u8]) -> Value {
+        Value::BulkString(s.to_vec())
+    }
+
+    #[test]
+    fn headers_round_trip_and_truncation_is_an_error() {
+        let headers = vec![
+            ("trace".to_owned(), "abc".to_owned()),
+            ("empty".to_owned(), String::new()),
+            ("ü".to_owned(), "✓".to_owned()),
+        ];
+        let b = encode_headers(&headers);
+        assert_eq!(decode_headers(&b).unwrap(), headers);
+        assert!(encode_headers(&[]).is_empty());
+        // A cut between two headers is a shorter list; anywhere else an error.
+        let mut ends = Vec::new();
+        for n in 1..headers.len() {
+            ends.push(encode_headers(&headers[..n]).len());
+        }
+        for cut in 1..b.len() {
+            match ends.iter().position(|e| *e == cut) {
+                Some(n) => assert_eq!(decode_headers(&b[..cut]).unwrap(), headers[..=n]),
+                None => assert!(decode_headers(&b[..cut]).is_err(), "cut at {cut}"),
+            }
+        }
+    }
+
+    #[test]
+    fn stream_entries_decode_in_order_with_their_fields() {
+        let h = encode_headers(&[("k".into(), "v".into())]);
+        let entry =
+            |id: &[u8], fields: Vec<Value>| Value::Array(vec![bulk(id), Value::Array(fields)]);
+        let v = Value::Array(vec![
+            entry(
+                b"7-0",
+                vec![
+                    bulk(b"t"),
+                    bulk(b"a"),
+                    bulk(b"v"),
+                    bulk(b"3"),
+                    bulk(b"ts"),
+                    bulk(b"99"),
+                    bulk(b"p"),
+                    bulk(b"{}"),
+                ],
+            ),
+            entry(
+                b"8-0",
+                vec![
+                    bulk(b"t"),
+                    bulk(b"a"),
+                    bulk(b"v"),
+                    bulk(b"4"),
+                    bulk(b"ts"),
+                    bulk(b"100"),
+                    bulk(b"h"),
+                    bulk(&h),
+                    bulk(b"p"),
+                    bulk(b""),
+                ],
+            ),
+        ]);
+        let events = decode_entries(v).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            (events[0].offset, events[0].version, events[0].timestamp_ms),
+            (7, 3, 99)
+        );
+        assert_eq!(&events[0].payload[..], b"{}");
+        assert_eq!(events[1].headers, vec![("k".to_owned(), "v".to_owned())]);
+        assert!(Arc::ptr_eq(&events[0].event_type, &events[1].event_type));
+        assert!(decode_entries(Value::Array(vec![entry(b"x-0", vec![])])).is_err());
+        assert!(decode_entries(Value::Array(vec![entry(
+            b"1-0",
+            vec![bulk(b"p"), bulk(b"")]
+        )]))
+        .is_err());
+    }
+
+    #[test]
+    fn topic_keys_share_one_hash_tag() {
+        let k = Keys {
+            prefix: "rc".into(),
+        };
+        for key in [k.meta("a.b"), k.stream("a.b"), k.key("a.b", "x")] {
+            assert!(key.starts_with("rc:{a.b}:"), "{key}");
+        }
     }
 }
