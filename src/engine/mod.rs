@@ -388,6 +388,8 @@ struct Inner {
     /// ends after a `Close`, or when this sender is dropped.
     writer: Option<std::sync::mpsc::Sender<Request>>,
     writer_thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The Redis backend, for lookups of topics this node does not hold.
+    shared: Option<Arc<redis::RedisLog>>,
     /// Byte budget of the writer queue, in KiB units.
     queue: Arc<Semaphore>,
     /// Units the queue holds in all (no request asks for more).
@@ -831,6 +833,7 @@ impl Engine {
             log,
             writer,
             writer_thread: parking_lot::Mutex::new(writer_thread),
+            shared,
             queue: Arc::new(Semaphore::new(queue_units_total as usize)),
             queue_total: queue_units_total,
             recovered_events,
@@ -842,9 +845,9 @@ impl Engine {
             ticker: std::sync::atomic::AtomicBool::new(false),
         });
         let engine = Self { inner };
-        if let Some(log) = shared {
+        if let Some(log) = &engine.inner.shared {
             // Every topic Redis holds, before the node serves anyone.
-            redis::follow(&engine, &log)?;
+            redis::follow(&engine, log)?;
         }
         engine.install_groups(groups);
         for t in trimmed_at_open {
@@ -1208,12 +1211,13 @@ impl Engine {
     }
 
     fn get(&self, name: &str) -> Result<Arc<Topic>, EngineError> {
-        self.inner
-            .registry
-            .topics
-            .get(name)
-            .map(|t| t.value().clone())
-            .ok_or_else(|| EngineError::TopicNotFound(name.to_owned()))
+        if let Some(t) = self.inner.registry.topics.get(name) {
+            return Ok(t.value().clone());
+        }
+        match self.load_shared(name, false) {
+            Some(redis::Loaded::Stored(t)) => Ok(t),
+            _ => Err(EngineError::TopicNotFound(name.to_owned())),
+        }
     }
 
     /// The topic `name`, created if `create`; `ephemeral` when a subscribe
@@ -1228,6 +1232,16 @@ impl Engine {
         let registry = &self.inner.registry;
         if let Some(t) = registry.topics.get(name) {
             return Ok(t.value().clone());
+        }
+        // A topic another node created that this one has not heard of yet;
+        // for a subscribe, the placeholder every node will agree on.
+        let mut incarnation = None;
+        match self.load_shared(name, create && ephemeral) {
+            Some(redis::Loaded::Stored(t)) => return Ok(t),
+            Some(redis::Loaded::Placeholder(generation, epoch)) => {
+                incarnation = Some((generation, epoch));
+            }
+            None => {}
         }
         if !create {
             return Err(EngineError::TopicNotFound(name.to_owned()));
@@ -1246,10 +1260,13 @@ impl Engine {
         match registry.topics.entry(name.clone()) {
             Entry::Occupied(e) => Ok(e.get().clone()),
             Entry::Vacant(e) => {
+                let (generation, epoch) =
+                    incarnation.unwrap_or_else(|| (topic::new_generation(), new_epoch()));
                 let mut state =
                     self.inner
                         .options
-                        .new_state(&name, new_epoch(), &self.inner.global_bytes);
+                        .new_state(&name, epoch, &self.inner.global_bytes);
+                state.generation = generation;
                 state.ephemeral = ephemeral;
                 if ephemeral {
                     registry.ephemeral.fetch_add(1, Ordering::AcqRel);

@@ -60,6 +60,11 @@ pub(crate) struct TopicState {
     pub adopted_from: Option<u64>,
 }
 
+/// A random incarnation id.
+pub(crate) fn new_generation() -> u64 {
+    super::new_epoch()
+}
+
 impl Drop for TopicState {
     fn drop(&mut self) {
         self.global_bytes
@@ -72,7 +77,7 @@ impl TopicState {
     pub fn new(epoch: u64, retention: Retention, global_bytes: Arc<AtomicU64>) -> Self {
         Self {
             epoch,
-            generation: super::new_epoch(),
+            generation: new_generation(),
             retention,
             ring: VecDeque::new(),
             ring_bytes: 0,

@@ -11,7 +11,7 @@
 --          {entries before}} | {'sealed'} | {'mismatch', offset, version}
 local m, s = KEYS[1], KEYS[2]
 local known = tonumber(ARGV[5])
-local h = redis.call('HMGET', m, 'gen', 'epoch', 'next', 'deleted', 'sealed')
+local h = redis.call('HMGET', m, 'gen', 'epoch', 'next', 'deleted', 'sealed', 'placeholder')
 local gen, epoch, nxt = h[1], h[2], tonumber(h[3])
 local function create(g, e)
   redis.call('DEL', s, m)
@@ -33,6 +33,12 @@ elseif gen == ARGV[1] and nxt < known then
 end
 if h[5] then
   return {'sealed'}
+end
+if h[6] then
+  -- A subscribe's placeholder: its first event makes it a stored topic.
+  redis.call('HDEL', m, 'placeholder')
+  redis.call('PERSIST', m)
+  redis.call('SADD', KEYS[3], ARGV[11])
 end
 local n = tonumber(ARGV[13])
 local window = tonumber(ARGV[6])

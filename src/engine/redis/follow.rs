@@ -28,6 +28,8 @@ struct Remote {
     next_offset: u64,
     versions: Vec<(String, u64)>,
     sealed_at_ms: Option<u64>,
+    /// Claimed by a subscribe, nothing published yet (see claim.lua).
+    placeholder: bool,
 }
 
 /// What a counters hash says.
@@ -78,6 +80,7 @@ fn parse_meta(v: Value) -> Result<Stored, String> {
         next_offset: num("next").unwrap_or(1).max(1),
         versions,
         sealed_at_ms: num("sealed"),
+        placeholder: fields.contains_key("placeholder"),
     }))
 }
 
@@ -132,7 +135,9 @@ impl Engine {
                 return;
             }
             s.switch_incarnation(r.generation, r.epoch);
-            topic.clear_ephemeral(&mut s);
+            if !r.placeholder {
+                topic.clear_ephemeral(&mut s);
+            }
             s.push(events, now);
             if r.next_offset > s.next_offset() {
                 // Trimmed in Redis before this node read them.
@@ -171,6 +176,94 @@ impl Engine {
             }
         }
         crate::engine::finish_delete(&t);
+    }
+}
+
+/// What a lookup in Redis found for a topic this node did not hold.
+pub(crate) enum Loaded {
+    /// A stored topic, now held (events and counters loaded).
+    Stored(Arc<Topic>),
+    /// A subscribe's placeholder `(generation, epoch)`: the caller creates
+    /// its ephemeral topic with this incarnation.
+    Placeholder(u64, u64),
+}
+
+/// How long a subscribe's placeholder stays in Redis without an event.
+const PLACEHOLDER_MS: u64 = 24 * 3600 * 1000;
+
+impl Engine {
+    /// Looks `name` up in Redis (the redis backend only): loads a stored
+    /// topic into the engine; with `claim`, a missing one becomes a
+    /// placeholder every node agrees on. `None` when there is nothing (or
+    /// Redis does not answer: the caller goes on as a single node would).
+    pub(crate) fn load_shared(&self, name: &str, claim: bool) -> Option<Loaded> {
+        let log = self.inner.shared.as_ref()?;
+        if crate::engine::log::Log::health(&**log) != crate::engine::Health::Ok {
+            return None;
+        }
+        match log.lookup(name, claim) {
+            Ok(Some((r, _))) if r.placeholder && r.next_offset <= 1 => {
+                Some(Loaded::Placeholder(r.generation, r.epoch))
+            }
+            Ok(Some((r, events))) => {
+                self.apply_remote(name, &r, events);
+                let t = self.inner.registry.topics.get(name)?.value().clone();
+                Some(Loaded::Stored(t))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(topic = %name, error = %e, "looking a topic up in redis failed");
+                None
+            }
+        }
+    }
+}
+
+impl RedisLog {
+    /// Reads (or with `claim`, claims) the topic `name` and its retained
+    /// events, on the lookup connection.
+    fn lookup(&self, name: &str, claim: bool) -> Result<Option<(Remote, Vec<Arc<Event>>)>, String> {
+        let mut guard = self.lookups.lock();
+        let con = match guard.as_mut() {
+            Some(con) => con,
+            None => guard.insert(self.connect()?),
+        };
+        let run =
+            |con: &mut redis::Connection| -> redis::RedisResult<Option<(Remote, Vec<Arc<Event>>)>> {
+                let meta: Value = if claim {
+                    let mut cmd = evalsha(
+                        &self.scripts.claim,
+                        &[self.keys.meta(name), self.keys.stream(name)],
+                    );
+                    cmd.arg(crate::engine::topic::new_generation().to_string())
+                        .arg(crate::engine::new_epoch().to_string())
+                        .arg(PLACEHOLDER_MS);
+                    cmd.query(con)?
+                } else {
+                    redis::cmd("HGETALL").arg(self.keys.meta(name)).query(con)?
+                };
+                let Stored::Live(r) = parse_meta(meta).map_err(|e| {
+                    redis::RedisError::from((redis::ErrorKind::Parse, "counters", e))
+                })?
+                else {
+                    return Ok(None);
+                };
+                if r.next_offset <= 1 {
+                    return Ok(Some((r, Vec::new())));
+                }
+                let entries: Value = redis::cmd("XRANGE")
+                    .arg(self.keys.stream(name))
+                    .arg("-")
+                    .arg("+")
+                    .query(con)?;
+                let events = decode_entries(entries)
+                    .map_err(|e| redis::RedisError::from((redis::ErrorKind::Parse, "stream", e)))?;
+                Ok(Some((r, events)))
+            };
+        run(con).map_err(|e| {
+            *guard = None;
+            describe(&e)
+        })
     }
 }
 
@@ -377,6 +470,8 @@ impl Follower {
                         reads.push((name, r, h.next_offset));
                     }
                 }
+                // Only a subscribe's claim: nothing to hold until it is stored.
+                (Stored::Live(r), None) if r.placeholder => {}
                 (Stored::Live(r), _) => reads.push((name, r, 1)),
             }
         }

@@ -25,7 +25,7 @@ use super::event::{Event, NewEvent};
 use super::log::{Health, Log, Outcome, Shared, Step, TopicImage};
 use super::EngineError;
 
-pub(crate) use follow::follow;
+pub(crate) use follow::{follow, Loaded};
 
 /// How the `redis` backend reaches Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +90,7 @@ struct Scripts {
     seal: redis::Script,
     delete: redis::Script,
     trim: redis::Script,
+    claim: redis::Script,
 }
 
 impl Scripts {
@@ -99,6 +100,7 @@ impl Scripts {
             seal: redis::Script::new(include_str!("seal.lua")),
             delete: redis::Script::new(include_str!("delete.lua")),
             trim: redis::Script::new(include_str!("trim.lua")),
+            claim: redis::Script::new(include_str!("claim.lua")),
         }
     }
 
@@ -110,6 +112,7 @@ impl Scripts {
             include_str!("seal.lua"),
             include_str!("delete.lua"),
             include_str!("trim.lua"),
+            include_str!("claim.lua"),
         ] {
             redis::cmd("SCRIPT")
                 .arg("LOAD")
@@ -149,6 +152,8 @@ pub(crate) struct RedisLog {
     scripts: Scripts,
     /// The writer's connection; `None` after a failure until repaired.
     con: Mutex<Option<redis::Connection>>,
+    /// The connection of lookups of topics this node does not hold.
+    lookups: Mutex<Option<redis::Connection>>,
     health: Mutex<Health>,
     /// Per topic, the incarnation and next offset this log last handed to
     /// the engine: an append asks Redis for what other nodes appended from
@@ -169,6 +174,7 @@ impl RedisLog {
             },
             scripts: Scripts::new(),
             con: Mutex::new(None),
+            lookups: Mutex::new(None),
             health: Mutex::new(Health::Ok),
             seen: Mutex::default(),
         };

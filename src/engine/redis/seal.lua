@@ -3,7 +3,7 @@
 -- ARGV: 1 generation, 2 epoch, 3 now ms, 4 topic, 5 notification channel
 -- Returns the time of the seal (the first one's, if it was sealed before).
 local m = KEYS[1]
-local h = redis.call('HMGET', m, 'gen', 'deleted', 'sealed')
+local h = redis.call('HMGET', m, 'gen', 'deleted', 'sealed', 'placeholder')
 if not h[1] or h[2] then
   -- Never stored (no event yet) or deleted: store it, sealed.
   redis.call('DEL', KEYS[2], m)
@@ -11,6 +11,10 @@ if not h[1] or h[2] then
   redis.call('SADD', KEYS[3], ARGV[4])
 elseif h[3] then
   return tonumber(h[3])
+elseif h[4] then
+  redis.call('HDEL', m, 'placeholder')
+  redis.call('PERSIST', m)
+  redis.call('SADD', KEYS[3], ARGV[4])
 end
 redis.call('HSET', m, 'sealed', ARGV[3])
 redis.call('PUBLISH', ARGV[5], ARGV[4])

@@ -3,7 +3,7 @@
 -- KEYS: 1 counters hash, 2 stream, 3 set of topic names
 -- ARGV: 1 generation, 2 epoch, 3 first retained offset, 4 topic, 5 notification channel
 local m = KEYS[1]
-local h = redis.call('HMGET', m, 'gen', 'deleted')
+local h = redis.call('HMGET', m, 'gen', 'deleted', 'placeholder')
 if not h[1] or (h[2] and h[1] ~= ARGV[1]) then
   redis.call('DEL', KEYS[2], m)
   redis.call('HSET', m, 'gen', ARGV[1], 'epoch', ARGV[2], 'next', 1)
@@ -13,5 +13,12 @@ if not h[1] or (h[2] and h[1] ~= ARGV[1]) then
 end
 if h[2] or h[1] ~= ARGV[1] then
   return 0
+end
+if h[3] then
+  -- A placeholder created explicitly: now a stored topic.
+  redis.call('HDEL', m, 'placeholder')
+  redis.call('PERSIST', m)
+  redis.call('SADD', KEYS[3], ARGV[4])
+  redis.call('PUBLISH', ARGV[5], ARGV[4])
 end
 return redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3])
