@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod engine;
 pub mod http;
+pub mod redis;
 pub mod sse;
 
 use std::net::SocketAddr;

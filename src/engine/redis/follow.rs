@@ -179,6 +179,9 @@ impl Engine {
     }
 }
 
+/// A topic read from Redis with its retained events.
+type Found = (Remote, Vec<Arc<Event>>);
+
 /// What a lookup in Redis found for a topic this node did not hold.
 pub(crate) enum Loaded {
     /// A stored topic, now held (events and counters loaded).
@@ -222,44 +225,42 @@ impl Engine {
 impl RedisLog {
     /// Reads (or with `claim`, claims) the topic `name` and its retained
     /// events, on the lookup connection.
-    fn lookup(&self, name: &str, claim: bool) -> Result<Option<(Remote, Vec<Arc<Event>>)>, String> {
+    fn lookup(&self, name: &str, claim: bool) -> Result<Option<Found>, String> {
         let mut guard = self.lookups.lock();
         let con = match guard.as_mut() {
             Some(con) => con,
             None => guard.insert(self.connect()?),
         };
-        let run =
-            |con: &mut redis::Connection| -> redis::RedisResult<Option<(Remote, Vec<Arc<Event>>)>> {
-                let meta: Value = if claim {
-                    let mut cmd = evalsha(
-                        &self.scripts.claim,
-                        &[self.keys.meta(name), self.keys.stream(name)],
-                    );
-                    cmd.arg(crate::engine::topic::new_generation().to_string())
-                        .arg(crate::engine::new_epoch().to_string())
-                        .arg(PLACEHOLDER_MS);
-                    cmd.query(con)?
-                } else {
-                    redis::cmd("HGETALL").arg(self.keys.meta(name)).query(con)?
-                };
-                let Stored::Live(r) = parse_meta(meta).map_err(|e| {
-                    redis::RedisError::from((redis::ErrorKind::Parse, "counters", e))
-                })?
-                else {
-                    return Ok(None);
-                };
-                if r.next_offset <= 1 {
-                    return Ok(Some((r, Vec::new())));
-                }
-                let entries: Value = redis::cmd("XRANGE")
-                    .arg(self.keys.stream(name))
-                    .arg("-")
-                    .arg("+")
-                    .query(con)?;
-                let events = decode_entries(entries)
-                    .map_err(|e| redis::RedisError::from((redis::ErrorKind::Parse, "stream", e)))?;
-                Ok(Some((r, events)))
+        let run = |con: &mut redis::Connection| -> redis::RedisResult<Option<Found>> {
+            let meta: Value = if claim {
+                let mut cmd = evalsha(
+                    &self.scripts.claim,
+                    &[self.keys.meta(name), self.keys.stream(name)],
+                );
+                cmd.arg(crate::engine::topic::new_generation().to_string())
+                    .arg(crate::engine::new_epoch().to_string())
+                    .arg(PLACEHOLDER_MS);
+                cmd.query(con)?
+            } else {
+                redis::cmd("HGETALL").arg(self.keys.meta(name)).query(con)?
             };
+            let Stored::Live(r) = parse_meta(meta)
+                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Parse, "counters", e)))?
+            else {
+                return Ok(None);
+            };
+            if r.next_offset <= 1 {
+                return Ok(Some((r, Vec::new())));
+            }
+            let entries: Value = redis::cmd("XRANGE")
+                .arg(self.keys.stream(name))
+                .arg("-")
+                .arg("+")
+                .query(con)?;
+            let events = decode_entries(entries)
+                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Parse, "stream", e)))?;
+            Ok(Some((r, events)))
+        };
         run(con).map_err(|e| {
             *guard = None;
             describe(&e)
