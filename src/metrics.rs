@@ -52,6 +52,11 @@ pub const ACK_SECONDS: &str = "ringcast_publish_ack_seconds";
 pub const STORAGE_ERRORS: &str = "ringcast_storage_errors_total";
 /// Topics recovery found damaged (they got a new epoch).
 pub const DAMAGED_TOPICS: &str = "ringcast_recovery_damaged_topics_total";
+/// Events this node took from Redis that other nodes appended (redis backend).
+pub const CLUSTER_APPLIED: &str = "ringcast_cluster_applied_events_total";
+/// Topics whose history Redis lost, restarted under a new epoch by this
+/// node (redis backend).
+pub const CLUSTER_NEW_EPOCHS: &str = "ringcast_cluster_new_epochs_total";
 /// 1 while the store accepts writes, 0 while it repairs itself.
 pub const STORAGE_WRITABLE: &str = "ringcast_storage_writable";
 /// Bytes handed to connections' writers that their peers have not read yet,
@@ -150,6 +155,14 @@ fn describe() {
     describe_counter!(
         STORAGE_ERRORS,
         "Storage passes that failed to write or fsync; their publishes were refused."
+    );
+    describe_counter!(
+        CLUSTER_APPLIED,
+        "Events the follower applied from Redis: other nodes' appends (redis backend)."
+    );
+    describe_counter!(
+        CLUSTER_NEW_EPOCHS,
+        "Topics whose history Redis lost (missing or behind what this node saw acknowledged); each got a new epoch."
     );
     describe_counter!(
         DAMAGED_TOPICS,

@@ -138,7 +138,10 @@ impl Engine {
             if !r.placeholder {
                 topic.clear_ephemeral(&mut s);
             }
+            let before = s.next_offset();
             s.push(events, now);
+            metrics::counter!(crate::metrics::CLUSTER_APPLIED)
+                .increment(s.next_offset().saturating_sub(before));
             if r.next_offset > s.next_offset() {
                 // Trimmed in Redis before this node read them.
                 s.clear_ring();
@@ -496,7 +499,8 @@ impl Follower {
                     .arg(self.keys.channel());
                 pipe.add_command(cmd);
             }
-            self.query(&pipe)?;
+            let started: u64 = self.query(&pipe)?.iter().filter_map(int).sum();
+            metrics::counter!(crate::metrics::CLUSTER_NEW_EPOCHS).increment(started);
             // Read back whichever history now stands.
             let again = rotations.into_iter().map(|(n, _)| n).collect();
             return self.sync(engine, again);

@@ -196,6 +196,7 @@ impl RedisLog {
     /// Refuses writes until a repair reconnects.
     fn degrade(&self, why: String) -> EngineError {
         tracing::warn!(error = %why, "redis backend unavailable: publishes are refused until it answers");
+        metrics::counter!(crate::metrics::STORAGE_ERRORS).increment(1);
         *self.health.lock() = Health::Degraded(format!("redis: {why}"));
         EngineError::StorageUnavailable(format!("redis: {why}"))
     }
