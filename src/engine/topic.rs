@@ -211,15 +211,22 @@ impl TopicState {
 
     /// Drops every retained event (a shared backend moved past them).
     pub fn clear_ring(&mut self) {
-        for e in self.ring.drain(..) {
-            let charged = e.charged.swap(0, Ordering::Relaxed);
-            let size = e.retained_size();
-            self.ring_bytes -= size;
-            self.cache_bytes -= charged;
-            self.global_bytes
-                .fetch_sub(size + charged, Ordering::Relaxed);
-        }
+        while self.pop_front() {}
         self.protected = 0;
+    }
+
+    /// Drops the first retained event and its share of the byte counts.
+    fn pop_front(&mut self) -> bool {
+        let Some(front) = self.ring.pop_front() else {
+            return false;
+        };
+        let charged = front.charged.swap(0, Ordering::Relaxed);
+        let size = front.retained_size();
+        self.ring_bytes -= size;
+        self.cache_bytes -= charged;
+        self.global_bytes
+            .fetch_sub(size + charged, Ordering::Relaxed);
+        true
     }
 
     /// Drops events from the front while any retention bound is exceeded,
@@ -252,13 +259,7 @@ impl TopicState {
             if !(too_many || too_big || too_old) {
                 break;
             }
-            let charged = front.charged.swap(0, Ordering::Relaxed);
-            let size = front.retained_size();
-            self.ring_bytes -= size;
-            self.cache_bytes -= charged;
-            self.global_bytes
-                .fetch_sub(size + charged, Ordering::Relaxed);
-            self.ring.pop_front();
+            self.pop_front();
             dropped += 1;
         }
         dropped

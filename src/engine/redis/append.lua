@@ -6,6 +6,7 @@
 --       5 the next offset the caller holds, 6 dedup window ms, 7 now ms,
 --       8 expected offset ('' = none), 9 expected version ('' = none),
 --       10 max_events, 11 topic, 12 notification channel, 13 event count,
+--       14 the calling node's token (notifications name it),
 --       then 4 per event: type, key index into KEYS (0 = none), headers, payload
 -- Returns {'ok', generation, epoch, first offset, {versions}, {repeats},
 --          {entries before}} | {'sealed'} | {'mismatch', offset, version}
@@ -45,7 +46,7 @@ local window = tonumber(ARGV[6])
 local now = ARGV[7]
 local repeats, fresh = {}, {}
 for i = 0, n - 1 do
-  local base = 14 + i * 4
+  local base = 15 + i * 4
   local ki = tonumber(ARGV[base + 1])
   local original = false
   if ki > 0 and window > 0 then
@@ -75,7 +76,7 @@ if #fresh == 0 then
 end
 if ARGV[8] ~= '' or ARGV[9] ~= '' then
   local cur_off = nxt - 1
-  local cur_ver = tonumber(redis.call('HGET', m, 'v:' .. ARGV[14]) or '0')
+  local cur_ver = tonumber(redis.call('HGET', m, 'v:' .. ARGV[15]) or '0')
   if (ARGV[8] ~= '' and tonumber(ARGV[8]) ~= cur_off)
     or (ARGV[9] ~= '' and tonumber(ARGV[9]) ~= cur_ver) then
     return {'mismatch', cur_off, cur_ver}
@@ -101,5 +102,5 @@ for _, base in ipairs(fresh) do
   off = off + 1
 end
 redis.call('HSET', m, 'next', off)
-redis.call('PUBLISH', ARGV[12], ARGV[11])
+redis.call('PUBLISH', ARGV[12], ARGV[14] .. ' ' .. ARGV[11])
 return {'ok', gen, epoch, nxt, versions, repeats, prior}

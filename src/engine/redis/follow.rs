@@ -274,12 +274,15 @@ impl RedisLog {
 /// The follower's own connections and state.
 struct Follower {
     engine: Weak<Inner>,
+    log: Weak<RedisLog>,
     client: redis::Client,
     keys: Keys,
     timeout: Duration,
     resync: Duration,
     rotate: redis::Script,
     con: Option<redis::Connection>,
+    /// This node's token: its own appends are committed by its writer.
+    token: String,
 }
 
 /// Loads every topic Redis holds into `engine` (before the node serves
@@ -287,12 +290,14 @@ struct Follower {
 pub(crate) fn follow(engine: &Engine, log: &Arc<RedisLog>) -> Result<(), EngineError> {
     let mut f = Follower {
         engine: Arc::downgrade(&engine.inner),
+        log: Arc::downgrade(log),
         client: log.client.clone(),
         keys: log.keys.clone(),
         timeout: log.options.command_timeout,
         resync: log.options.resync_interval,
         rotate: redis::Script::new(include_str!("rotate.lua")),
         con: None,
+        token: log.token.clone(),
     };
     f.sync_all(engine).map_err(|e| {
         EngineError::Storage(format!(
@@ -379,18 +384,14 @@ impl Follower {
             let mut names = BTreeSet::new();
             match pubsub.get_message() {
                 Ok(msg) => {
-                    names.insert(String::from_utf8_lossy(msg.get_payload_bytes()).into_owned());
+                    self.note(&mut names, msg.get_payload_bytes());
                     // Take what else is waiting without blocking long.
                     pubsub
                         .set_read_timeout(Some(Duration::from_millis(1)))
                         .map_err(|e| describe(&e))?;
                     while names.len() < 1024 {
                         match pubsub.get_message() {
-                            Ok(msg) => {
-                                names.insert(
-                                    String::from_utf8_lossy(msg.get_payload_bytes()).into_owned(),
-                                );
-                            }
+                            Ok(msg) => self.note(&mut names, msg.get_payload_bytes()),
                             Err(e) if e.is_timeout() => break,
                             Err(e) => return Err(describe(&e)),
                         }
@@ -405,11 +406,30 @@ impl Follower {
             let Some(engine) = self.engine() else {
                 return Ok(());
             };
-            if last_full.elapsed() >= self.resync {
+            let failed_pass = self
+                .log
+                .upgrade()
+                .is_some_and(|log| log.resync.swap(false, std::sync::atomic::Ordering::AcqRel));
+            if failed_pass || last_full.elapsed() >= self.resync {
                 self.sync_all(&engine)?;
                 last_full = Instant::now();
             } else if !names.is_empty() {
                 self.sync(&engine, names.into_iter().collect())?;
+            }
+        }
+    }
+
+    /// Takes the topic a notification names (`[token ]topic`), unless
+    /// this node's own writer appended it.
+    fn note(&self, names: &mut BTreeSet<String>, payload: &[u8]) {
+        let text = String::from_utf8_lossy(payload);
+        match text.split_once(' ') {
+            Some((token, _)) if token == self.token => {}
+            Some((_, topic)) => {
+                names.insert(topic.to_owned());
+            }
+            None => {
+                names.insert(text.into_owned());
             }
         }
     }

@@ -123,6 +123,15 @@ impl Scripts {
     }
 }
 
+/// One script call of a pass.
+#[derive(Debug)]
+enum Call {
+    /// Appends to one topic, merged: `(step index, events in it)`.
+    Append(Vec<(usize, usize)>),
+    /// A seal, delete or trim: its step index.
+    Step(usize),
+}
+
 /// An `EVALSHA` of `script` with `keys`; arguments follow.
 fn evalsha(script: &redis::Script, keys: &[String]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
@@ -159,6 +168,12 @@ pub(crate) struct RedisLog {
     /// the engine: an append asks Redis for what other nodes appended from
     /// there on (the engine holds at least that much once a pass commits).
     seen: Mutex<super::log::FastMap<Arc<str>, (u64, u64)>>,
+    /// This process's random id in notifications: its follower skips its
+    /// own appends (the writer commits them, with what came before).
+    token: String,
+    /// A pass failed after sending: some of it may be stored although its
+    /// publishers were refused; the follower compares every topic.
+    resync: std::sync::atomic::AtomicBool,
 }
 
 impl RedisLog {
@@ -177,6 +192,8 @@ impl RedisLog {
             lookups: Mutex::new(None),
             health: Mutex::new(Health::Ok),
             seen: Mutex::default(),
+            token: format!("{:016x}", super::new_epoch()),
+            resync: std::sync::atomic::AtomicBool::new(false),
         };
         let con = log.connect().map_err(|e| {
             EngineError::Storage(format!("cannot reach Redis at {}: {e}", options.url))
@@ -201,37 +218,89 @@ impl RedisLog {
         EngineError::StorageUnavailable(format!("redis: {why}"))
     }
 
-    /// The commands of a pass, and for each step the index of its reply
-    /// (`None`: nothing to send, e.g. a sync: Redis's persistence decides).
-    fn plan(&self, steps: &[Step], now_ms: u64) -> (redis::Pipeline, Vec<Option<usize>>) {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        let mut at = Vec::with_capacity(steps.len());
-        let mut n = 0;
-        let channel = self.keys.channel();
-        let seen = self.seen.lock();
-        for step in steps {
-            let cmd = match step {
+    /// The script calls of a pass: a topic's appends that expect nothing
+    /// are merged into one call (one script run, one notification) until a
+    /// step of another kind for that topic; everything else is a call of
+    /// its own; syncs, group records and key expiry need none (Redis's
+    /// persistence and `PX` do that).
+    fn calls(steps: &[Step]) -> Vec<Call> {
+        let mut calls: Vec<Call> = Vec::new();
+        let mut open: super::log::FastMap<&str, usize> = super::log::FastMap::default();
+        for (i, step) in steps.iter().enumerate() {
+            match step {
                 Step::Append {
                     topic,
                     events,
                     expect,
                     window_ms,
-                    known_next,
                     max_events,
+                    ..
                 } => {
+                    let name = &*topic.name;
+                    let joins = |first: &Step| {
+                        matches!(first, Step::Append { topic: t, window_ms: w, max_events: m, .. }
+                            if t.generation == topic.generation && w == window_ms && m == max_events)
+                    };
+                    match open.get(name) {
+                        Some(&c) if expect.is_none() => match &mut calls[c] {
+                            Call::Append(list) if joins(&steps[list[0].0]) => {
+                                list.push((i, events.len()));
+                                continue;
+                            }
+                            _ => {}
+                        },
+                        _ => {}
+                    }
+                    if expect.is_none() {
+                        open.insert(name, calls.len());
+                    } else {
+                        open.remove(name);
+                    }
+                    calls.push(Call::Append(vec![(i, events.len())]));
+                }
+                Step::Seal { topic } | Step::Delete { topic } | Step::Trim { topic, .. } => {
+                    open.remove(&*topic.name);
+                    calls.push(Call::Step(i));
+                }
+                Step::Sync | Step::Groups { .. } | Step::Expire => {}
+            }
+        }
+        calls
+    }
+
+    /// The pipeline of a pass's calls, in order.
+    fn plan(&self, steps: &[Step], calls: &[Call], now_ms: u64) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let channel = self.keys.channel();
+        let seen = self.seen.lock();
+        for call in calls {
+            let cmd = match call {
+                Call::Append(list) => {
+                    let Step::Append {
+                        topic,
+                        expect,
+                        window_ms,
+                        known_next,
+                        max_events,
+                        ..
+                    } = &steps[list[0].0]
+                    else {
+                        unreachable!("an append call starts with an append")
+                    };
                     let name = &*topic.name;
                     let known = match seen.get(name) {
                         Some((g, next)) if *g == topic.generation => (*known_next).max(*next),
                         _ => *known_next,
                     };
+                    let count: usize = list.iter().map(|(_, n)| n).sum();
                     let mut keys = vec![
                         self.keys.meta(name),
                         self.keys.stream(name),
                         self.keys.topics(),
                     ];
                     let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
-                    let mut args: Vec<Vec<u8>> = Vec::with_capacity(13 + events.len() * 4);
+                    let mut args: Vec<Vec<u8>> = Vec::with_capacity(14 + count * 4);
                     for a in [
                         topic.generation.to_string(),
                         topic.epoch.to_string(),
@@ -245,68 +314,69 @@ impl RedisLog {
                         (*max_events).clamp(1, i64::MAX as u64).to_string(),
                         name.to_owned(),
                         channel.clone(),
-                        events.len().to_string(),
+                        count.to_string(),
+                        self.token.clone(),
                     ] {
                         args.push(a.into_bytes());
                     }
-                    for e in events.iter() {
-                        args.push(e.event_type.as_bytes().to_vec());
-                        let index = match &e.idempotency_key {
-                            Some(k) if *window_ms > 0 => {
-                                keys.push(self.keys.key(name, k));
-                                keys.len()
-                            }
-                            _ => 0,
+                    for (i, _) in list {
+                        let Step::Append { events, .. } = &steps[*i] else {
+                            unreachable!("merged steps are appends")
                         };
-                        args.push(index.to_string().into_bytes());
-                        args.push(encode_headers(&e.headers));
-                        args.push(e.payload.to_vec());
+                        for e in events {
+                            args.push(e.event_type.as_bytes().to_vec());
+                            let index = match &e.idempotency_key {
+                                Some(k) if *window_ms > 0 => {
+                                    keys.push(self.keys.key(name, k));
+                                    keys.len()
+                                }
+                                _ => 0,
+                            };
+                            args.push(index.to_string().into_bytes());
+                            args.push(encode_headers(&e.headers));
+                            args.push(e.payload.to_vec());
+                        }
                     }
                     let mut cmd = evalsha(&self.scripts.append, &keys);
                     cmd.arg(args);
-                    Some(cmd)
+                    cmd
                 }
-                Step::Seal { topic } => {
-                    let mut cmd = evalsha(&self.scripts.seal, &self.topic_keys(&topic.name));
-                    cmd.arg(topic.generation.to_string())
-                        .arg(topic.epoch.to_string())
-                        .arg(now_ms)
-                        .arg(&*topic.name)
-                        .arg(&channel);
-                    Some(cmd)
-                }
-                Step::Delete { topic } => {
-                    let mut cmd = evalsha(&self.scripts.delete, &self.topic_keys(&topic.name));
-                    cmd.arg(topic.generation.to_string())
-                        .arg(&*topic.name)
-                        .arg(&channel)
-                        .arg(TOMBSTONE_MS);
-                    Some(cmd)
-                }
-                Step::Trim {
-                    topic,
-                    first_retained,
-                } => {
-                    let mut cmd = evalsha(&self.scripts.trim, &self.topic_keys(&topic.name));
-                    cmd.arg(topic.generation.to_string())
-                        .arg(topic.epoch.to_string())
-                        .arg(*first_retained)
-                        .arg(&*topic.name)
-                        .arg(&channel);
-                    Some(cmd)
-                }
-                Step::Sync | Step::Groups { .. } | Step::Expire => None,
+                Call::Step(i) => match &steps[*i] {
+                    Step::Seal { topic } => {
+                        let mut cmd = evalsha(&self.scripts.seal, &self.topic_keys(&topic.name));
+                        cmd.arg(topic.generation.to_string())
+                            .arg(topic.epoch.to_string())
+                            .arg(now_ms)
+                            .arg(&*topic.name)
+                            .arg(&channel);
+                        cmd
+                    }
+                    Step::Delete { topic } => {
+                        let mut cmd = evalsha(&self.scripts.delete, &self.topic_keys(&topic.name));
+                        cmd.arg(topic.generation.to_string())
+                            .arg(&*topic.name)
+                            .arg(&channel)
+                            .arg(TOMBSTONE_MS);
+                        cmd
+                    }
+                    Step::Trim {
+                        topic,
+                        first_retained,
+                    } => {
+                        let mut cmd = evalsha(&self.scripts.trim, &self.topic_keys(&topic.name));
+                        cmd.arg(topic.generation.to_string())
+                            .arg(topic.epoch.to_string())
+                            .arg(*first_retained)
+                            .arg(&*topic.name)
+                            .arg(&channel);
+                        cmd
+                    }
+                    _ => unreachable!("only seals, deletes and trims are single calls"),
+                },
             };
-            match cmd {
-                Some(cmd) => {
-                    pipe.add_command(cmd);
-                    at.push(Some(n));
-                    n += 1;
-                }
-                None => at.push(None),
-            }
+            pipe.add_command(cmd);
         }
-        (pipe, at)
+        pipe
     }
 
     fn topic_keys(&self, topic: &str) -> [String; 3] {
@@ -333,8 +403,11 @@ impl RedisLog {
                 Ok(v) => v,
                 Err(e) => {
                     // The connection's state is unknown (a reply may be
-                    // half read): never reuse it.
+                    // half read): never reuse it. What ran is found by the
+                    // follower.
                     *guard = None;
+                    self.resync
+                        .store(true, std::sync::atomic::Ordering::Release);
                     return Err(self.degrade(describe(&e)));
                 }
             };
@@ -355,58 +428,83 @@ impl Log for RedisLog {
     }
 
     fn persist(&self, steps: &mut [Step], now_ms: u64) -> Result<Vec<Outcome>, EngineError> {
-        let (pipe, at) = self.plan(steps, now_ms);
-        let replies = at.iter().flatten().count();
-        let mut values = self.run(&pipe, replies)?.into_iter();
-        let mut outcomes = Vec::with_capacity(steps.len());
+        let calls = Self::calls(steps);
+        let pipe = self.plan(steps, &calls, now_ms);
+        let values = self.run(&pipe, calls.len())?;
+        let mut outcomes: Vec<Option<Outcome>> = steps.iter().map(|_| None).collect();
         let mut seen = self.seen.lock();
-        for (step, at) in steps.iter_mut().zip(at) {
-            let value = match at {
-                Some(_) => values.next().unwrap_or(Value::Nil),
-                None => {
-                    outcomes.push(Outcome::Done);
-                    continue;
+        for (call, value) in calls.into_iter().zip(values) {
+            let failed = match &value {
+                Value::ServerError(e) => {
+                    let why = format!("redis: {}", e.details().unwrap_or(e.code()));
+                    tracing::warn!(error = %why, "a redis script failed");
+                    Some(EngineError::StorageUnavailable(why))
                 }
+                _ => None,
             };
-            if let Value::ServerError(e) = &value {
-                let why = format!("redis: {}", e.details().unwrap_or(e.code()));
-                tracing::warn!(error = %why, "a redis script failed");
-                outcomes.push(Outcome::Refused(EngineError::StorageUnavailable(why)));
-                continue;
-            }
-            let outcome = match step {
-                Step::Append { topic, events, .. } => {
-                    match append_outcome(&topic.name, std::mem::take(events), value, now_ms) {
-                        Ok((outcome, next)) => {
-                            if let (
-                                Outcome::Appended {
-                                    shared: Some(s), ..
-                                },
-                                Some(next),
-                            ) = (&outcome, next)
-                            {
-                                seen.insert(topic.name.clone(), (s.incarnation.0, next));
+            match call {
+                Call::Append(list) => {
+                    let name = match &steps[list[0].0] {
+                        Step::Append { topic, .. } => topic.name.clone(),
+                        _ => unreachable!("an append call starts with an append"),
+                    };
+                    let batches: Vec<Vec<NewEvent>> = list
+                        .iter()
+                        .map(|(i, _)| match &mut steps[*i] {
+                            Step::Append { events, .. } => std::mem::take(events),
+                            _ => Vec::new(),
+                        })
+                        .collect();
+                    let result = match failed {
+                        Some(e) => Err(e),
+                        None => append_outcomes(&name, batches, value, now_ms)
+                            .map_err(EngineError::Storage),
+                    };
+                    match result {
+                        Ok((appended, next)) => {
+                            for ((i, _), outcome) in list.iter().zip(appended) {
+                                if let (
+                                    Outcome::Appended {
+                                        shared: Some(s), ..
+                                    },
+                                    Some(next),
+                                ) = (&outcome, next)
+                                {
+                                    seen.insert(name.clone(), (s.incarnation.0, next));
+                                }
+                                outcomes[*i] = Some(outcome);
                             }
-                            outcome
                         }
-                        Err(why) => Outcome::Refused(EngineError::Storage(why)),
+                        Err(e) => {
+                            for (i, _) in &list {
+                                outcomes[*i] = Some(Outcome::Refused(e.clone()));
+                            }
+                        }
                     }
                 }
-                Step::Seal { .. } => match value {
-                    Value::Int(at) => Outcome::Sealed(u64::try_from(at).unwrap_or(now_ms)),
-                    other => Outcome::Refused(EngineError::Storage(format!(
-                        "redis: unexpected reply to a seal: {other:?}"
-                    ))),
-                },
-                Step::Delete { topic } => {
-                    seen.remove(&topic.name);
-                    Outcome::Done
+                Call::Step(i) => {
+                    let outcome = match (&steps[i], value) {
+                        _ if failed.is_some() => Outcome::Refused(failed.expect("checked")),
+                        (Step::Seal { .. }, Value::Int(at)) => {
+                            Outcome::Sealed(u64::try_from(at).unwrap_or(now_ms))
+                        }
+                        (Step::Seal { .. }, other) => Outcome::Refused(EngineError::Storage(
+                            format!("redis: unexpected reply to a seal: {other:?}"),
+                        )),
+                        (Step::Delete { topic }, _) => {
+                            seen.remove(&topic.name);
+                            Outcome::Done
+                        }
+                        _ => Outcome::Done,
+                    };
+                    outcomes[i] = Some(outcome);
                 }
-                _ => Outcome::Done,
-            };
-            outcomes.push(outcome);
+            }
         }
-        Ok(outcomes)
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Outcome::Done))
+            .collect())
     }
 
     fn health(&self) -> Health {
@@ -548,28 +646,32 @@ pub(crate) fn decode_entries(v: Value) -> Result<Vec<Arc<Event>>, String> {
     Ok(out)
 }
 
-/// The outcome of an append script's reply, and the next offset after it.
-fn append_outcome(
+/// The outcomes of an append call's reply, one per merged request (each
+/// request's events in `batches`), and the next offset after them.
+fn append_outcomes(
     topic: &str,
-    events: Vec<NewEvent>,
+    batches: Vec<Vec<NewEvent>>,
     value: Value,
     now_ms: u64,
-) -> Result<(Outcome, Option<u64>), String> {
+) -> Result<(Vec<Outcome>, Option<u64>), String> {
     let reply = array(value).ok_or("an append reply is not an array")?;
-    match reply.first().and_then(text) {
-        Some("sealed") => Ok((
-            Outcome::Refused(EngineError::TopicSealed(topic.to_owned())),
+    let refuse = |e: EngineError| {
+        (
+            batches
+                .iter()
+                .map(|_| Outcome::Refused(e.clone()))
+                .collect(),
             None,
-        )),
+        )
+    };
+    match reply.first().and_then(text) {
+        Some("sealed") => Ok(refuse(EngineError::TopicSealed(topic.to_owned()))),
         Some("mismatch") => {
             metrics::counter!(crate::metrics::POSITION_MISMATCHES).increment(1);
-            Ok((
-                Outcome::Refused(EngineError::PositionMismatch {
-                    current_offset: reply.get(1).and_then(int).unwrap_or(0),
-                    current_version: reply.get(2).and_then(int).unwrap_or(0),
-                }),
-                None,
-            ))
+            Ok(refuse(EngineError::PositionMismatch {
+                current_offset: reply.get(1).and_then(int).unwrap_or(0),
+                current_version: reply.get(2).and_then(int).unwrap_or(0),
+            }))
         }
         Some("ok") if reply.len() == 7 => {
             let mut reply = reply.into_iter();
@@ -583,7 +685,7 @@ fn append_outcome(
             let first = reply.next().as_ref().and_then(int).ok_or("bad offset")?;
             let versions = array(reply.next().unwrap_or_default()).ok_or("bad versions")?;
             let repeats = array(reply.next().unwrap_or_default()).ok_or("bad repeats")?;
-            let before = decode_entries(reply.next().unwrap_or_default())?;
+            let mut before = Some(decode_entries(reply.next().unwrap_or_default())?);
             let mut repeated = Vec::with_capacity(repeats.len());
             for r in repeats {
                 let r = array(r).ok_or("bad repeat")?;
@@ -597,41 +699,49 @@ fn append_outcome(
                     },
                 ));
             }
-            let mut fresh = Vec::with_capacity(versions.len());
-            let mut next_repeat = repeated.iter().map(|(i, _)| *i).peekable();
+            let mut repeated = repeated.into_iter().peekable();
             let mut versions = versions.iter();
             let mut offset = first;
             let mut types: Vec<Arc<str>> = Vec::new();
-            for (i, e) in events.into_iter().enumerate() {
-                if next_repeat.peek() == Some(&i) {
-                    next_repeat.next();
-                    continue;
-                }
-                let version = versions.next().and_then(int).ok_or("too few versions")?;
-                let event_type = match types.iter().find(|x| ***x == *e.event_type) {
-                    Some(x) => x.clone(),
-                    None => {
-                        let x: Arc<str> = Arc::from(e.event_type.as_str());
-                        types.push(x.clone());
-                        x
+            // Index of an event in the whole merged batch.
+            let mut at = 0;
+            let mut outcomes = Vec::with_capacity(batches.len());
+            for batch in batches {
+                let start = at;
+                let mut fresh = Vec::with_capacity(batch.len());
+                let mut repeats = Vec::new();
+                for e in batch {
+                    if let Some((_, original)) = repeated.next_if(|(i, _)| *i == at) {
+                        repeats.push((at - start, original));
+                        at += 1;
+                        continue;
                     }
-                };
-                fresh.push(Arc::new(Event::new(
-                    offset, version, now_ms, event_type, e.headers, e.payload,
-                )));
-                offset += 1;
-            }
-            Ok((
-                Outcome::Appended {
+                    at += 1;
+                    let version = versions.next().and_then(int).ok_or("too few versions")?;
+                    let event_type = match types.iter().find(|x| ***x == *e.event_type) {
+                        Some(x) => x.clone(),
+                        None => {
+                            let x: Arc<str> = Arc::from(e.event_type.as_str());
+                            types.push(x.clone());
+                            x
+                        }
+                    };
+                    fresh.push(Arc::new(Event::new(
+                        offset, version, now_ms, event_type, e.headers, e.payload,
+                    )));
+                    offset += 1;
+                }
+                outcomes.push(Outcome::Appended {
                     events: fresh,
-                    repeats: repeated,
+                    repeats,
                     shared: Some(Box::new(Shared {
                         incarnation: (generation, epoch),
-                        before,
+                        // What others appended before this call: with its first request.
+                        before: before.take().unwrap_or_default(),
                     })),
-                },
-                Some(offset),
-            ))
+                });
+            }
+            Ok((outcomes, Some(offset)))
         }
         _ => Err(format!("redis: unexpected reply to an append: {reply:?}")),
     }
