@@ -25,6 +25,17 @@
 #                                 # alternating, on one ringcastd (memory), with
 #                                 # throughput and client/broker CPU per event
 #                                 # (needs Node >= 20; builds clients/typescript)
+#   benches/compare.sh --cluster  # only ringcast's redis backend beside its local
+#                                 # one, about 6 minutes (--quick: under 3): publish
+#                                 # 128 B from 3 pipelined publishers (local memory,
+#                                 # interval, fsync; redis backend with 1 node, and
+#                                 # with 3 nodes, one publisher on each), and fan-out
+#                                 # to 100 subscribers spread over the nodes from one
+#                                 # publisher on node 1 (local memory; redis 1 and 3
+#                                 # nodes): aggregate msg/s, ringcastd CPU per event
+#                                 # (all nodes, and per node), and the CPU of the
+#                                 # shared redis-server (--save "" --appendonly yes
+#                                 # --appendfsync everysec, fresh for each cluster)
 #
 # Installs redis-server and nats-server if absent (Debian packages), builds
 # ringcastd and ringcast-bench in release, starts every server on loopback
@@ -41,7 +52,7 @@ set -euo pipefail
 # Debian installs nats-server in /usr/sbin, which a non-root PATH may lack.
 PATH=$PATH:/usr/sbin:/sbin
 
-QUICK=0 AUTH_ONLY=0 GROUPS_ONLY=0 PERSIST_ONLY=0 SSE_ONLY=0 TS_ONLY=0
+QUICK=0 AUTH_ONLY=0 GROUPS_ONLY=0 PERSIST_ONLY=0 SSE_ONLY=0 TS_ONLY=0 CLUSTER_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
@@ -50,12 +61,13 @@ for arg in "$@"; do
         --persist) PERSIST_ONLY=1 ;;
         --sse) SSE_ONLY=1 ;;
         --typescript) TS_ONLY=1 ;;
+        --cluster) CLUSTER_ONLY=1 ;;
         -h | --help)
-            sed -n '2,39p' "$0"
+            sed -n '2,50p' "$0"
             exit 0
             ;;
         *)
-            echo "compare.sh: unknown argument $arg (use --quick, --auth, --groups, --persist, --sse, --typescript or nothing)" >&2
+            echo "compare.sh: unknown argument $arg (use --quick, --auth, --groups, --persist, --sse, --typescript, --cluster or nothing)" >&2
             exit 2
             ;;
     esac
@@ -82,6 +94,19 @@ else
     GROUP_N=100000
     REPEAT=3
 fi
+# --cluster: messages per publish row and subscribers:messages of the
+# fan-out rows, for the local backend and the redis one; publishers (spread
+# over the nodes); publishes in flight per publisher (every row alike,
+# 1024 like WINDOW by default).
+if ((QUICK)); then
+    CLUSTER_N=50000 CLUSTER_FAN=100:2000
+    CLUSTER_REDIS_N=50000 CLUSTER_REDIS_FAN=100:2000
+else
+    CLUSTER_N=500000 CLUSTER_FAN=100:20000
+    CLUSTER_REDIS_N=200000 CLUSTER_REDIS_FAN=100:10000
+fi
+CLUSTER_PUBLISHERS=3
+CLUSTER_WINDOW=${CLUSTER_WINDOW:-1024}
 # Consumer groups: workers per row; per worker, jobs in flight (ringcast
 # max_in_flight), entries per XREADGROUP (COUNT), messages per JetStream pull.
 GROUP_WORKERS=(1 4)
@@ -267,6 +292,43 @@ start_nats() {
     echo "== nats-server ${js} (pid $SRV_PID, $SRV_ADDR)" >&2
 }
 
+# A cluster of ringcastd nodes on one fresh redis-server (no RDB, AOF
+# everysec), [cluster] backend = "redis" in each node's TOML config:
+# SRV_ADDR, SRV_HTTP and SRV_PID list every node (comma-separated, as
+# ringcast-bench takes them), REDIS_PID is the Redis.
+REDIS_PID=
+start_cluster() { # nodes
+    local nodes=$1 i port dir prefix addrs=() https=() pids=()
+    port=$(free_port)
+    dir=$WORK/redis-cluster-$RANDOM
+    mkdir -p "$dir"
+    "$REDIS_SERVER" --port "$port" --bind 127.0.0.1 --dir "$dir" --save '' --daemonize no \
+        --logfile "$WORK/redis.log" --maxclients 20000 --appendonly yes --appendfsync everysec &
+    REDIS_PID=$!
+    STARTED+=("$REDIS_PID")
+    wait_port "$port" "$REDIS_PID"
+    prefix=bench$RANDOM
+    for ((i = 1; i <= nodes; i++)); do
+        printf '[cluster]\nbackend = "redis"\nredis_url = "redis://127.0.0.1:%s/"\nnode_id = "n%s"\nkey_prefix = "%s"\n' \
+            "$port" "$i" "$prefix" >"$WORK/cluster-n$i.toml"
+        start_ringcast memory "$WORK/cluster-n$i.toml"
+        addrs+=("$SRV_ADDR") https+=("$SRV_HTTP") pids+=("$SRV_PID")
+    done
+    SRV_ADDR=$(IFS=,; echo "${addrs[*]}")
+    SRV_HTTP=$(IFS=,; echo "${https[*]}")
+    SRV_PID=$(IFS=,; echo "${pids[*]}")
+    SRV_DIR=
+    echo "== cluster of $nodes ringcastd (pids $SRV_PID) on redis-server appendfsync=everysec (pid $REDIS_PID, 127.0.0.1:$port)" >&2
+}
+
+stop_cluster() {
+    local pid keep=() all=" ${SRV_PID//,/ } $REDIS_PID "
+    for pid in ${SRV_PID//,/ } $REDIS_PID; do stop_pid "$pid"; done
+    for pid in "${STARTED[@]}"; do [[ $all == *" $pid "* ]] || keep+=("$pid"); done
+    STARTED=("${keep[@]}")
+    SRV_PID= SRV_DIR= REDIS_PID=
+}
+
 FAILED=0
 # bench TARGET LABEL SCENARIO ARGS... — one ringcast-bench run; a failure is
 # reported and counted, and the suite goes on.
@@ -364,6 +426,44 @@ if ((TS_ONLY)); then
     stop_server
     echo "== $(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
     node clients/typescript/bench/bench.mjs table "$RESULTS"
+    exit $((FAILED > 0))
+fi
+
+if ((CLUSTER_ONLY)); then
+    # Each row the median of REPEAT runs (fresh topics each). CPU is read
+    # 250 ms after the last ack or delivery, so that what a node does after
+    # it (following the other nodes' appends) is counted.
+    settle=(--cpu-settle-ms 250)
+    cluster_publish() { # label-system messages [bench options]
+        local label=$1 n=$2
+        shift 2
+        bench ringcast "cluster.publish128.$label" "${settle[@]}" "$@" \
+            publish --n "$n" --payload 128 --window "$CLUSTER_WINDOW" --publishers "$CLUSTER_PUBLISHERS"
+    }
+    cluster_fanout() { # label-system subscribers:messages [bench options]
+        local label=$1 spec=$2
+        shift 2
+        bench ringcast "cluster.fanout${spec%%:*}.$label" "${settle[@]}" "$@" \
+            fanout --subscribers "${spec%%:*}" --n "${spec##*:}" --payload 128 --window "$CLUSTER_WINDOW"
+    }
+    start_ringcast memory
+    cluster_publish local.memory "$CLUSTER_N"
+    cluster_fanout local "$CLUSTER_FAN"
+    stop_server
+    for mode in interval fsync; do
+        start_ringcast "$mode"
+        cluster_publish "local.$mode" "$CLUSTER_N"
+        stop_server
+    done
+    for nodes in 1 3; do
+        start_cluster "$nodes"
+        cluster_publish "redis$nodes" "$CLUSTER_REDIS_N" --backend-pid "$REDIS_PID"
+        cluster_fanout "redis$nodes" "$CLUSTER_REDIS_FAN" --backend-pid "$REDIS_PID"
+        stop_cluster
+    done
+    echo "== $(nproc) cores, $("$REDIS_SERVER" --version | grep -o 'v=[0-9.]*'), $(($(date +%s) - BEGIN)) s$( ((QUICK)) && echo ' (--quick)')," \
+        "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+    "$BENCH" report "$RESULTS" | sed -n '/^Cluster:/,$p'
     exit $((FAILED > 0))
 fi
 

@@ -88,7 +88,17 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 /// Reads ringcast's `/metrics` (Prometheus text) over plain HTTP/1.0 and
 /// returns the sum of the samples of `metric` (every label set; 0 when it
 /// has none yet), or `None` when the page could not be read.
+/// `http` may be a comma-separated list (the nodes of a cluster): the sum
+/// over all of them, `None` when one could not be read.
 pub async fn scrape(http: &str, metric: &str) -> Option<f64> {
+    let mut total = 0.0;
+    for one in http.split(',') {
+        total += scrape_one(one, metric).await?;
+    }
+    Some(total)
+}
+
+async fn scrape_one(http: &str, metric: &str) -> Option<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(http).await.ok()?;
@@ -126,10 +136,14 @@ const DELIVERIES: &str = "ringcast_deliveries_total";
 
 /// CPU time of the server (if its pid is known) and of this client over a
 /// measured interval; for ringcast with `--metrics-addr`, also the
-/// deliveries the broker counted (which exposes redeliveries).
+/// deliveries the broker counted (which exposes redeliveries). With several
+/// server pids (the nodes of a cluster), the server figures are their sum,
+/// and each node's own is reported beside; a backend pid (the Redis that
+/// the nodes share) is measured apart.
 pub struct CpuMeter {
-    server_pid: Option<u32>,
-    server_start: Option<f64>,
+    server_pids: Vec<u32>,
+    server_starts: Vec<Option<f64>>,
+    backend: Option<(u32, Option<f64>)>,
     client_start: f64,
     metrics: Option<(String, f64)>,
 }
@@ -137,13 +151,28 @@ pub struct CpuMeter {
 impl CpuMeter {
     /// Starts measuring.
     pub async fn start(server_pid: Option<u32>, metrics_addr: Option<&str>) -> Self {
+        Self::start_nodes(
+            &server_pid.into_iter().collect::<Vec<_>>(),
+            None,
+            metrics_addr,
+        )
+        .await
+    }
+
+    /// Starts measuring every node of `server_pids` and the `backend`.
+    pub async fn start_nodes(
+        server_pids: &[u32],
+        backend: Option<u32>,
+        metrics_addr: Option<&str>,
+    ) -> Self {
         let metrics = match metrics_addr {
             Some(a) => scrape(a, DELIVERIES).await.map(|v| (a.to_owned(), v)),
             None => None,
         };
         CpuMeter {
-            server_pid,
-            server_start: server_pid.and_then(cpu_seconds),
+            server_pids: server_pids.to_vec(),
+            server_starts: server_pids.iter().map(|&p| cpu_seconds(p)).collect(),
+            backend: backend.map(|p| (p, cpu_seconds(p))),
             client_start: self_cpu_seconds(),
             metrics,
         }
@@ -153,16 +182,56 @@ impl CpuMeter {
     /// `per` messages, `server_cpu_us_per_msg` into the record (and
     /// `server_deliveries` when metrics are read).
     pub async fn finish(&self, rec: &mut Record, per: u64) {
+        self.finish_nodes(rec, per, None).await;
+    }
+
+    /// [`finish`](Self::finish), and with several nodes each node's CPU
+    /// (`server_cpu_s_nodes`) and CPU per message (`server_cpu_us_per_msg_nodes`:
+    /// over `per_node[i]` messages when given, else over `per`); with a
+    /// backend, `backend_cpu_s` and `backend_cpu_us_per_msg` (over `per`).
+    pub async fn finish_nodes(&self, rec: &mut Record, per: u64, per_node: Option<&[u64]>) {
         let client = self_cpu_seconds() - self.client_start;
-        let server = match (self.server_pid.and_then(cpu_seconds), self.server_start) {
-            (Some(end), Some(start)) => Some(end - start),
-            _ => None,
-        };
+        let nodes: Option<Vec<f64>> = self
+            .server_pids
+            .iter()
+            .zip(&self.server_starts)
+            .map(|(&pid, start)| Some(cpu_seconds(pid)? - (*start)?))
+            .collect();
+        let nodes = nodes.filter(|n| !n.is_empty());
         rec.set("client_cpu_s", round(client, 3));
-        if let Some(server) = server {
+        let per_us = |cpu: f64, per: u64| round(cpu * 1e6 / per as f64, 3);
+        if let Some(nodes) = &nodes {
+            let server: f64 = nodes.iter().sum();
             rec.set("server_cpu_s", round(server, 3));
             if per > 0 {
-                rec.set("server_cpu_us_per_msg", round(server * 1e6 / per as f64, 3));
+                rec.set("server_cpu_us_per_msg", per_us(server, per));
+            }
+            if nodes.len() > 1 {
+                rec.set(
+                    "server_cpu_s_nodes",
+                    nodes.iter().map(|&c| round(c, 3)).collect::<Vec<_>>(),
+                );
+                let each: Vec<f64> = nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &c)| {
+                        let n = per_node.and_then(|p| p.get(i).copied()).unwrap_or(per);
+                        if n > 0 {
+                            per_us(c, n)
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                rec.set("server_cpu_us_per_msg_nodes", each);
+            }
+        }
+        if let Some((pid, Some(start))) = self.backend {
+            if let Some(end) = cpu_seconds(pid) {
+                rec.set("backend_cpu_s", round(end - start, 3));
+                if per > 0 {
+                    rec.set("backend_cpu_us_per_msg", per_us(end - start, per));
+                }
             }
         }
         if let Some((addr, before)) = &self.metrics {

@@ -29,13 +29,35 @@ struct Args {
     /// System under test.
     #[arg(long, global = true, value_enum, default_value = "ringcast")]
     target: Target,
-    /// `host:port` of the target (ringcast: its TCP listener).
-    #[arg(long, global = true, default_value = "127.0.0.1:7411")]
-    addr: String,
+    /// `host:port` of the target (ringcast: its TCP listener). A
+    /// comma-separated list (the nodes of a cluster): publish's publishers
+    /// and fanout's subscribers take them round-robin (fanout's publisher
+    /// the first); every other scenario uses the first.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7411"
+    )]
+    addr: Vec<String>,
     /// Server process id: CPU time (utime+stime) and RSS are read from
-    /// /proc/<pid> before and after the measured part.
+    /// /proc/<pid> before and after the measured part. A comma-separated
+    /// list (the nodes of a cluster): publish and fanout report the sum,
+    /// and each node's own figure (`server_cpu_us_per_msg_nodes`); every
+    /// other scenario measures the first.
+    #[arg(long, global = true, value_delimiter = ',')]
+    server_pid: Vec<u32>,
+    /// Process id of a store the servers share (the Redis of ringcast's
+    /// redis backend): publish and fanout report its CPU apart
+    /// (`backend_cpu_us_per_msg`).
     #[arg(long, global = true)]
-    server_pid: Option<u32>,
+    backend_pid: Option<u32>,
+    /// Publish and fanout: wait this long after the measured part before
+    /// reading CPU times, so that work the servers finish after the last
+    /// ack (a cluster node following the others' appends) is counted; not
+    /// part of the elapsed time.
+    #[arg(long, global = true, default_value_t = 0)]
+    cpu_settle_ms: u64,
     /// The server's data directory. With `--server-pid`, `publish` also
     /// reports its storage cost: bytes the server wrote to storage
     /// (`/proc/<pid>/io`) per payload byte published, and the growth of this
@@ -54,6 +76,7 @@ struct Args {
     sub_buffer: usize,
     /// ringcast only: `host:port` of its HTTP listener; the broker's own
     /// delivery counter (`/metrics`) is then reported as `server_deliveries`.
+    /// A comma-separated list (the nodes of a cluster): counters are summed.
     #[arg(long, global = true)]
     metrics_addr: Option<String>,
     /// Redis Streams / JetStream: keep at most this many entries per stream
@@ -98,9 +121,14 @@ enum Scenario {
         /// Payload bytes.
         #[arg(long, default_value_t = 128)]
         payload: usize,
-        /// Publishes in flight (unacknowledged) at once.
+        /// Publishes in flight (unacknowledged) at once, per publisher.
         #[arg(long, default_value_t = 1024)]
         window: usize,
+        /// Publishers, each on its own connection (round-robin over
+        /// `--addr`), publishing n / P each into the same topic at once;
+        /// the rate is the aggregate of acknowledged messages.
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
     },
     /// S subscribers (one connection each) on one topic, one publisher.
     Fanout {
@@ -233,8 +261,16 @@ enum Scenario {
 #[derive(Clone)]
 pub struct Common {
     target: Target,
+    /// The first of `addrs`.
     addr: String,
+    /// Every `--addr`.
+    addrs: Vec<String>,
+    /// The first of `server_pids`.
     server_pid: Option<u32>,
+    /// Every `--server-pid`.
+    server_pids: Vec<u32>,
+    backend_pid: Option<u32>,
+    cpu_settle: Duration,
     data_dir: Option<std::path::PathBuf>,
     label: String,
     dest: String,
@@ -274,8 +310,12 @@ async fn run(args: Args) -> Result<()> {
     common::set_payload_kind(args.payload_kind);
     let c = Common {
         target: args.target,
-        addr: args.addr.clone(),
-        server_pid: args.server_pid,
+        addr: args.addr.first().cloned().unwrap_or_default(),
+        addrs: args.addr.clone(),
+        server_pid: args.server_pid.first().copied(),
+        server_pids: args.server_pid.clone(),
+        backend_pid: args.backend_pid,
+        cpu_settle: Duration::from_millis(args.cpu_settle_ms),
         data_dir: args.data_dir.clone(),
         label: if args.label.is_empty() {
             args.target.name().to_owned()
@@ -364,9 +404,12 @@ fn median_run(mut runs: Vec<Record>, key: &str) -> Record {
 
 async fn run_once(c: &Common, scenario: &Scenario) -> Result<Record> {
     Ok(match *scenario {
-        Scenario::Publish { n, payload, window } => {
-            scenarios::publish(c, n, payload, window).await?
-        }
+        Scenario::Publish {
+            n,
+            payload,
+            window,
+            publishers,
+        } => scenarios::publish(c, n, payload, window, publishers.max(1)).await?,
         Scenario::Fanout {
             subscribers,
             n,

@@ -519,7 +519,115 @@ pub fn run(path: &str) -> Result<()> {
     issue15_targets(&results);
     storage(&results);
     sse_compression(&results);
+    cluster(&results);
     Ok(())
+}
+
+/// The systems of the cluster rows (`benches/compare.sh --cluster`): label
+/// suffix and name, in table order; the first is the baseline of the ratios.
+const CLUSTER_SYSTEMS: [(&str, &str); 6] = [
+    ("local.memory", "ringcast local, memory"),
+    ("local.interval", "ringcast local, interval"),
+    ("local.fsync", "ringcast local, fsync"),
+    ("local", "ringcast local, memory"),
+    ("redis1", "ringcast redis backend, 1 node"),
+    ("redis3", "ringcast redis backend, 3 nodes"),
+];
+
+/// "Cluster": the `cluster.<scenario>.<system>` results, each scenario's
+/// systems side by side: throughput, ringcastd CPU per message (all nodes
+/// together, and each node's own), the shared Redis's CPU per message, and
+/// the throughput over the first system's. Printed only when there is one
+/// (last, so that `compare.sh --cluster` can cut it out).
+fn cluster(results: &HashMap<String, Record>) {
+    let mut scenarios: Vec<&str> = results
+        .keys()
+        .filter_map(|l| l.strip_prefix("cluster."))
+        .filter_map(|l| l.split_once('.').map(|(s, _)| s))
+        .collect();
+    if scenarios.is_empty() {
+        return;
+    }
+    scenarios.sort_by_key(|s| (!s.starts_with("publish"), s.to_string()));
+    scenarios.dedup();
+    println!();
+    println!(
+        "Cluster: ringcast's redis backend beside the local backend (Redis: redis-server \
+         --save \"\" --appendonly yes --appendfsync everysec; CPU per event published, or per \
+         delivery; per node: publish over every event, fan-out over the node's own deliveries):"
+    );
+    println!();
+    println!(
+        "| scenario | system | throughput | ringcastd µs CPU/msg (all nodes) | per node \
+         | redis-server µs CPU/msg | × first row (throughput) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for scen in scenarios {
+        let mut base = None;
+        for (suffix, system) in CLUSTER_SYSTEMS {
+            let Some(r) = results.get(&format!("cluster.{scen}.{suffix}")) else {
+                continue;
+            };
+            let n = |k: &str| r.num(k).unwrap_or(f64::NAN);
+            let nodes = r.num("nodes").unwrap_or(1.0);
+            let what = match r.0.get("scenario").and_then(Value::as_str) {
+                Some("fanout") => format!(
+                    "fan-out {} B, {} subscribers over {nodes} node(s), 1 publisher on node 1 \
+                     (delivered msg/s)",
+                    n("payload"),
+                    n("subscribers")
+                ),
+                _ => format!(
+                    "publish {} B, {} publishers over {nodes} node(s), window {} each \
+                     (acked msg/s)",
+                    n("payload"),
+                    r.num("publishers").unwrap_or(1.0),
+                    n("window")
+                ),
+            };
+            let mut throughput = format!("{} msg/s", si(n("msgs_per_s")));
+            if let Some(spread) = r.num("spread") {
+                let runs =
+                    r.0.get("runs")
+                        .and_then(Value::as_array)
+                        .map_or(0, Vec::len);
+                throughput.push_str(&format!(
+                    " (median of {runs}, spread {:.0}%)",
+                    spread * 100.0
+                ));
+            }
+            throughput += &(lost_note(r, "expected") + &redelivery_note(r, "delivered"));
+            let per_node =
+                r.0.get("server_cpu_us_per_msg_nodes")
+                    .and_then(Value::as_array)
+                    .map(|v| {
+                        v.iter()
+                            .filter_map(Value::as_f64)
+                            .enumerate()
+                            .map(|(i, x)| format!("n{}: {x:.2}", i + 1))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_else(|| "—".into());
+            let figure = r.num("msgs_per_s");
+            let base_fig = *base.get_or_insert(figure);
+            let ratio = match (figure, base_fig) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+                _ => "n/a".into(),
+            };
+            let opt = |k: &str| r.num(k).map_or("n/a".into(), |v| format!("{v:.2}"));
+            println!(
+                "| {what} | {system}{} | {throughput} | {} | {per_node} | {} | {ratio} |",
+                if suffix.starts_with("redis") {
+                    " (Redis AOF everysec)"
+                } else {
+                    ""
+                },
+                opt("server_cpu_us_per_msg"),
+                opt("backend_cpu_us_per_msg"),
+            );
+        }
+    }
 }
 
 /// "SSE compression": every `sse` result with a stream phase (`--events`),

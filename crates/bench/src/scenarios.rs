@@ -30,39 +30,69 @@ pub fn put_percentiles(rec: &mut Record, h: &Histogram<u64>) {
     rec.set("max_us", us(h.max()));
 }
 
-/// `publish`: pipelined publish throughput.
-pub async fn publish(c: &Common, n: u64, payload_size: usize, window: usize) -> Result<Record> {
+/// `publish`: pipelined publish throughput; `publishers` connections
+/// (round-robin over `--addr`) publish into the same topic at once.
+pub async fn publish(
+    c: &Common,
+    n: u64,
+    payload_size: usize,
+    window: usize,
+    publishers: usize,
+) -> Result<Record> {
     let dest = format!("{}.p{payload_size}", c.dest);
-    let publisher = Publisher::connect(c.target, &c.addr, window, c.retain).await?;
-    publisher.prepare(&dest).await?;
+    let mut clients = Vec::with_capacity(publishers);
+    for i in 0..publishers {
+        let addr = &c.addrs[i % c.addrs.len()];
+        clients.push(Publisher::connect(c.target, addr, window, c.retain).await?);
+    }
+    clients[0].prepare(&dest).await?;
     let payload = payload(payload_size);
+    // Publisher i's share of `total`.
+    let share = |total: u64, i: usize| {
+        total / publishers as u64 + u64::from((i as u64) < total % publishers as u64)
+    };
+    let publish_all = |total: u64| {
+        futures::future::try_join_all(
+            clients
+                .iter()
+                .enumerate()
+                .map(|(i, p)| p.publish_n(&dest, share(total, i), window, &payload)),
+        )
+    };
     // Storage cost (--data-dir with --server-pid): baselines before the
     // warm-up, on the fresh (just prepared) topic.
     let mut storage = StorageMeter::start(c.server_pid, c.data_dir.as_deref());
     // Warm-up (not timed): connection buffers, topic creation, allocator.
     let warm = (n / 20).clamp(100, 5_000);
-    publisher.publish_n(&dest, warm, window, &payload).await?;
+    publish_all(warm).await?;
     if let Some(s) = storage.as_mut() {
         s.begin_measured().await;
     }
 
-    let cpu = CpuMeter::start(c.server_pid, c.metrics_addr.as_deref()).await;
+    let cpu = CpuMeter::start_nodes(&c.server_pids, c.backend_pid, c.metrics_addr.as_deref()).await;
     let wire = WireMeter::start(c.metrics_addr.as_deref()).await;
     let started = Instant::now();
-    publisher.publish_n(&dest, n, window, &payload).await?;
+    publish_all(n).await?;
     let elapsed = started.elapsed().as_secs_f64();
+    tokio::time::sleep(c.cpu_settle).await;
 
     let mut rec = Record::new("publish", c.target, &c.label);
     rec.set("payload", payload_size);
     rec.set("n", n);
     rec.set("window", window);
+    if publishers > 1 {
+        rec.set("publishers", publishers);
+    }
+    if c.addrs.len() > 1 {
+        rec.set("nodes", c.addrs.len());
+    }
     rec.set("elapsed_s", round(elapsed, 3));
     rec.set("msgs_per_s", round(n as f64 / elapsed, 0));
     rec.set(
         "mib_per_s",
         round(n as f64 * payload_size as f64 / elapsed / 1_048_576.0, 1),
     );
-    cpu.finish(&mut rec, n).await;
+    cpu.finish_nodes(&mut rec, n, None).await;
     wire.finish(&mut rec, n).await;
     if let Some(s) = storage {
         // What the server keeps of this run's topic: everything published
@@ -96,8 +126,10 @@ pub async fn fanout(
         bail!("fanout runs against ringcast, redis-pubsub and nats-core");
     }
     let dest = format!("{}.fan{subscribers}", c.dest);
-    let subs = bounded(subscribers, 64, |_| {
-        Subscriber::connect(c.target, &c.addr, &dest, c.sub_buffer)
+    // Subscriber i on node i % nodes; the publisher on the first.
+    let nodes = c.addrs.len();
+    let subs = bounded(subscribers, 64, |i| {
+        Subscriber::connect(c.target, &c.addrs[i % nodes], &dest, c.sub_buffer)
     })
     .await
     .into_iter()
@@ -106,14 +138,17 @@ pub async fn fanout(
     let payload = payload(payload_size);
 
     let delivered = Arc::new(AtomicU64::new(0));
+    let delivered_nodes: Arc<Vec<AtomicU64>> =
+        Arc::new((0..nodes).map(|_| AtomicU64::new(0)).collect());
     let gaps = Arc::new(AtomicU64::new(0));
     let last_ns = Arc::new(AtomicU64::new(0));
     let done = Arc::new(tokio::sync::Notify::new());
     let finished = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(subscribers);
-    for mut sub in subs {
-        let (delivered, gaps, last_ns, done, finished) = (
+    for (i, mut sub) in subs.into_iter().enumerate() {
+        let (delivered, delivered_nodes, gaps, last_ns, done, finished) = (
             delivered.clone(),
+            delivered_nodes.clone(),
             gaps.clone(),
             last_ns.clone(),
             done.clone(),
@@ -126,6 +161,7 @@ pub async fn fanout(
                     Some(Item::Msg(_)) => {
                         got += 1;
                         delivered.fetch_add(1, Ordering::Relaxed);
+                        delivered_nodes[i % nodes].fetch_add(1, Ordering::Relaxed);
                         last_ns.fetch_max(now_ns(), Ordering::Relaxed);
                     }
                     Some(Item::Gap(n)) => {
@@ -141,7 +177,7 @@ pub async fn fanout(
         }));
     }
 
-    let cpu = CpuMeter::start(c.server_pid, c.metrics_addr.as_deref()).await;
+    let cpu = CpuMeter::start_nodes(&c.server_pids, c.backend_pid, c.metrics_addr.as_deref()).await;
     let wire = WireMeter::start(c.metrics_addr.as_deref()).await;
     let start_ns = now_ns();
     publisher.publish_n(&dest, m, window, &payload).await?;
@@ -160,6 +196,7 @@ pub async fn fanout(
             }
         }
     }
+    tokio::time::sleep(c.cpu_settle).await;
     let total = delivered.load(Ordering::Relaxed);
     let end_ns = last_ns.load(Ordering::Relaxed).max(start_ns + 1);
     let elapsed = (end_ns - start_ns) as f64 / 1e9;
@@ -177,7 +214,16 @@ pub async fn fanout(
     rec.set("elapsed_s", round(elapsed, 3));
     rec.set("publish_msgs_per_s", round(m as f64 / publish_s, 0));
     rec.set("msgs_per_s", round(total as f64 / elapsed, 0));
-    cpu.finish(&mut rec, total).await;
+    // Each node's CPU over the deliveries to its own subscribers.
+    let per_node: Vec<u64> = delivered_nodes
+        .iter()
+        .map(|d| d.load(Ordering::Relaxed))
+        .collect();
+    if nodes > 1 {
+        rec.set("nodes", nodes);
+        rec.set("delivered_nodes", per_node.clone());
+    }
+    cpu.finish_nodes(&mut rec, total, Some(&per_node)).await;
     wire.finish(&mut rec, total).await;
     for t in tasks {
         t.abort();

@@ -830,6 +830,123 @@ mod tests {
         .is_err());
     }
 
+    fn int_value(n: i64) -> Value {
+        Value::Int(n)
+    }
+
+    #[test]
+    fn a_merged_append_reply_is_split_back_per_request() {
+        let keyed = |t: &str, k: &str| NewEvent::new(t, b"x".to_vec()).key(k);
+        let batches = vec![
+            vec![keyed("a", "k1"), NewEvent::new("b", b"y".to_vec())],
+            vec![keyed("c", "k2"), NewEvent::new("c", b"z".to_vec())],
+        ];
+        let repeat =
+            |i, o, v| Value::Array(vec![int_value(i), int_value(o), int_value(v), int_value(5)]);
+        let before = Value::Array(vec![Value::Array(vec![
+            bulk(b"9-0"),
+            Value::Array(vec![
+                bulk(b"t"),
+                bulk(b"a"),
+                bulk(b"v"),
+                bulk(b"4"),
+                bulk(b"ts"),
+                bulk(b"1"),
+                bulk(b"p"),
+                bulk(b""),
+            ]),
+        ])]);
+        let reply = Value::Array(vec![
+            bulk(b"ok"),
+            bulk(b"77"),
+            bulk(b"88"),
+            int_value(10),
+            Value::Array(vec![int_value(7), int_value(3)]),
+            Value::Array(vec![repeat(0, 2, 1), repeat(2, 4, 2)]),
+            before,
+        ]);
+        let (outcomes, next) = append_outcomes("t", batches, reply, 1000).unwrap();
+        assert_eq!(next, Some(12));
+        let parts: Vec<_> = outcomes
+            .into_iter()
+            .map(|o| match o {
+                Outcome::Appended {
+                    events,
+                    repeats,
+                    shared,
+                } => {
+                    let shared = shared.expect("a shared outcome");
+                    assert_eq!(shared.incarnation, (77, 88));
+                    (
+                        events
+                            .iter()
+                            .map(|e| (e.offset, e.version, e.event_type.to_string()))
+                            .collect::<Vec<_>>(),
+                        repeats
+                            .iter()
+                            .map(|(i, o)| (*i, o.offset))
+                            .collect::<Vec<_>>(),
+                        shared.before.iter().map(|e| e.offset).collect::<Vec<_>>(),
+                    )
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(parts[0], (vec![(10, 7, "b".into())], vec![(0, 2)], vec![9]));
+        assert_eq!(parts[1], (vec![(11, 3, "c".into())], vec![(0, 4)], vec![]));
+        // A sealed topic refuses every merged request.
+        let sealed = append_outcomes(
+            "t",
+            vec![vec![NewEvent::new("a", b"".to_vec())]; 2],
+            Value::Array(vec![bulk(b"sealed")]),
+            0,
+        )
+        .unwrap();
+        assert!(sealed
+            .0
+            .iter()
+            .all(|o| matches!(o, Outcome::Refused(EngineError::TopicSealed(_)))));
+    }
+
+    #[test]
+    fn appends_merge_per_topic_until_another_step_of_that_topic() {
+        use super::super::log::TopicId;
+        let id = |n: &str| TopicId {
+            name: Arc::from(n),
+            generation: 1,
+            epoch: 2,
+        };
+        let append = |n: &str, expect: Option<u64>| Step::Append {
+            topic: id(n),
+            events: vec![NewEvent::new("e", b"".to_vec())],
+            expect: super::super::Expected {
+                offset: expect,
+                version: None,
+            },
+            window_ms: 0,
+            known_next: 1,
+            max_events: 10,
+        };
+        let steps = vec![
+            append("a", None),
+            append("b", None),
+            append("a", None),
+            Step::Sync,
+            append("a", Some(3)),
+            append("a", None),
+            Step::Seal { topic: id("b") },
+            append("b", None),
+        ];
+        let calls: Vec<String> = RedisLog::calls(&steps)
+            .iter()
+            .map(|c| match c {
+                Call::Append(l) => format!("A{:?}", l.iter().map(|(i, _)| *i).collect::<Vec<_>>()),
+                Call::Step(i) => format!("S{i}"),
+            })
+            .collect();
+        assert_eq!(calls, ["A[0, 2]", "A[1]", "A[4]", "A[5]", "S6", "A[7]"]);
+    }
+
     #[test]
     fn topic_keys_share_one_hash_tag() {
         let k = Keys {
