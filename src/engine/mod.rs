@@ -1298,6 +1298,7 @@ impl Engine {
         loop {
             let t = self.get_or_create(topic, self.inner.options.topics.auto_create, true)?;
             let fresh = t.state.read().ephemeral;
+            self.catch_up(&t, &start);
             match Subscription::open(t.clone(), types.clone(), start.clone()) {
                 // Removed between lookup and open: look it up again.
                 Err(EngineError::TopicNotFound(_)) if t.state.read().deleted => continue,

@@ -499,6 +499,7 @@ impl MultiSubscription {
             } => Start::AfterOffset { epoch, offset: 0 },
             other => other,
         };
+        self.engine.catch_up(&topic, &start);
         match Subscription::open(topic, self.types.clone(), start) {
             Ok(sub) => Ok(Some(sub)),
             Err(EngineError::TopicNotFound(_)) => Ok(None),

@@ -176,6 +176,27 @@ impl RedisServer {
         );
     }
 
+    /// Stops the process with SIGSTOP: it keeps its connections open but
+    /// answers nothing (a hung Redis) until [`thaw`](Self::thaw).
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a [`freeze`](Self::freeze)d process run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis-server is running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill(1)");
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+
     /// `kill -9`, then [`start_again`](Self::start_again).
     pub async fn restart(&mut self) {
         self.kill().await;

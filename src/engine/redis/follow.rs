@@ -207,7 +207,7 @@ impl Engine {
         if crate::engine::log::Log::health(&**log) != crate::engine::Health::Ok {
             return None;
         }
-        match log.lookup(name, claim) {
+        match log.lookup(name, claim, None) {
             Ok(Some((r, _))) if r.placeholder && r.next_offset <= 1 => {
                 Some(Loaded::Placeholder(r.generation, r.epoch))
             }
@@ -225,10 +225,56 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// With the redis backend: reads `topic` from Redis first when `start`
+    /// names a position this node has not applied yet (a client resuming
+    /// here what it saw on a node that is ahead: a later offset, version or
+    /// epoch), so that it resumes exactly instead of being refused.
+    pub(crate) fn catch_up(&self, topic: &Arc<Topic>, start: &crate::engine::Start) {
+        use crate::engine::Start;
+        let Some(log) = self.inner.shared.as_ref() else {
+            return;
+        };
+        let held = {
+            let s = topic.state.read();
+            let ahead = match start {
+                Start::AfterOffset { epoch, offset }
+                | Start::AfterOffsetVersions { epoch, offset, .. } => {
+                    *epoch != s.epoch || *offset > s.last_offset()
+                }
+                Start::AfterVersions { epoch, versions } => {
+                    *epoch != s.epoch || versions.iter().any(|(t, v)| *v > s.version_of(t))
+                }
+                Start::Live | Start::Earliest => false,
+            };
+            if !ahead
+                || s.deleted
+                || crate::engine::log::Log::health(&**log) != crate::engine::Health::Ok
+            {
+                return;
+            }
+            (s.generation, s.next_offset())
+        };
+        match log.lookup(&topic.name, false, Some(held)) {
+            Ok(Some((r, events))) if !r.placeholder => self.apply_remote(&topic.name, &r, events),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(topic = %topic.name, error = %e, "reading a topic from redis failed")
+            }
+        }
+    }
+}
+
 impl RedisLog {
     /// Reads (or with `claim`, claims) the topic `name` and its retained
-    /// events, on the lookup connection.
-    fn lookup(&self, name: &str, claim: bool) -> Result<Option<Found>, String> {
+    /// events, on the lookup connection: those from `held`'s next offset on
+    /// when Redis holds that incarnation `held.0`, else all.
+    fn lookup(
+        &self,
+        name: &str,
+        claim: bool,
+        held: Option<(u64, u64)>,
+    ) -> Result<Option<Found>, String> {
         let mut guard = self.lookups.lock();
         let con = match guard.as_mut() {
             Some(con) => con,
@@ -252,12 +298,16 @@ impl RedisLog {
             else {
                 return Ok(None);
             };
-            if r.next_offset <= 1 {
+            let from = match held {
+                Some((generation, next)) if generation == r.generation => next,
+                _ => 1,
+            };
+            if r.next_offset <= from {
                 return Ok(Some((r, Vec::new())));
             }
             let entries: Value = redis::cmd("XRANGE")
                 .arg(self.keys.stream(name))
-                .arg("-")
+                .arg(from)
                 .arg("+")
                 .query(con)?;
             let events = decode_entries(entries)
