@@ -70,6 +70,9 @@ pub(crate) enum Step {
         topic: TopicId,
         /// The first offset the ring still holds.
         first_retained: u64,
+        /// The topic's next offset (a shared backend stores a topic
+        /// created before its first event, never one holding events).
+        next_offset: u64,
     },
     /// Make everything before it durable.
     Sync,
@@ -125,6 +128,10 @@ pub(crate) struct Shared {
     /// Events other nodes appended right before these that the engine may
     /// not hold yet: committed first, so the ring stays contiguous.
     pub before: Vec<Arc<Event>>,
+    /// The generation the append was queued for: if the engine's topic has
+    /// moved to another since (the follower applied a newer one), the
+    /// outcome is acknowledged but not committed (the follower brings it).
+    pub queued: u64,
 }
 
 /// A topic's whole state as one side hands it to the other: what a backend

@@ -554,15 +554,20 @@ fn commit_events(
     repeats: Vec<(usize, dedup::Original)>,
     now: u64,
 ) -> (Vec<Ack>, bool) {
-    let before = match shared {
+    // With a shared backend: the incarnation appended to, and whether this
+    // node's topic still is the one the append was queued for (else the
+    // follower moved it on: the acks stand, the events come with it).
+    let (before, epoch, commit) = match shared {
         Some(shared) => {
             let (generation, epoch) = shared.incarnation;
-            state.switch_incarnation(generation, epoch);
-            shared.before
+            let current = state.generation == shared.queued || state.generation == generation;
+            if current {
+                state.switch_incarnation(generation, epoch);
+            }
+            (shared.before, epoch, current)
         }
-        None => Vec::new(),
+        None => (Vec::new(), state.epoch, true),
     };
-    let epoch = state.epoch;
     let fresh = events.iter().map(|e| Ack {
         epoch,
         offset: e.offset,
@@ -593,7 +598,7 @@ fn commit_events(
         }
         acks
     };
-    if events.is_empty() && before.is_empty() {
+    if !commit || (events.is_empty() && before.is_empty()) {
         return (acks, false);
     }
     let first = state.first_offset();
@@ -919,6 +924,7 @@ impl Engine {
             Step::Trim {
                 topic: topic.id(&s),
                 first_retained: s.first_offset(),
+                next_offset: s.next_offset(),
             }
         };
         let _ = self.send(Request::Step {
@@ -1236,7 +1242,7 @@ impl Engine {
         // A topic another node created that this one has not heard of yet;
         // for a subscribe, the placeholder every node will agree on.
         let mut incarnation = None;
-        match self.load_shared(name, create && ephemeral) {
+        match self.load_shared(name, false) {
             Some(redis::Loaded::Stored(t)) => return Ok(t),
             Some(redis::Loaded::Placeholder(generation, epoch)) => {
                 incarnation = Some((generation, epoch));
@@ -1255,6 +1261,16 @@ impl Engine {
         if ephemeral && registry.ephemeral.load(Ordering::Acquire) >= max_ephemeral {
             crate::metrics::refused("max_ephemeral_topics");
             return Err(EngineError::TooManyTopics(max_ephemeral));
+        }
+        if ephemeral && incarnation.is_none() {
+            // Within the limits: claim the placeholder every node agrees on.
+            match self.load_shared(name, true) {
+                Some(redis::Loaded::Stored(t)) => return Ok(t),
+                Some(redis::Loaded::Placeholder(generation, epoch)) => {
+                    incarnation = Some((generation, epoch));
+                }
+                None => {}
+            }
         }
         let name: Arc<str> = Arc::from(name);
         match registry.topics.entry(name.clone()) {

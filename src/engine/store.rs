@@ -1192,6 +1192,7 @@ impl SledLog {
                 Step::Trim {
                     topic,
                     first_retained,
+                    ..
                 } => {
                     let t = Self::stage(&mut staged, &topics, topic);
                     t.trimmed_through = t.trimmed_through.max(first_retained.saturating_sub(1));

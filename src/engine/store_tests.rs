@@ -183,6 +183,7 @@ fn a_legacy_data_dir_with_inline_records_is_read_trimmed_and_deleted() {
         Step::Trim {
             topic: id.clone(),
             first_retained: 201,
+            next_offset: 0,
         },
     );
     assert_eq!(count_keys(&log, RECORD, "old", 7), 1);
@@ -209,6 +210,7 @@ fn a_legacy_data_dir_with_inline_records_is_read_trimmed_and_deleted() {
         Step::Trim {
             topic: id.clone(),
             first_retained: 320,
+            next_offset: 0,
         },
     );
     assert_eq!(
@@ -602,6 +604,7 @@ fn keys_are_written_once_to_the_keys_files_and_free_their_file_once_expired() {
         [Step::Trim {
             topic: id.clone(),
             first_retained: 7,
+            next_offset: 0,
         }],
         NOW + 3000,
     );

@@ -144,6 +144,7 @@ impl Writer {
                 steps.push(Step::Trim {
                     topic: topic.id(&state),
                     first_retained: state.first_offset(),
+                    next_offset: state.next_offset(),
                 });
                 dones.push(Done::Trim);
             }

@@ -84,6 +84,33 @@ fn parse_meta(v: Value) -> Result<Stored, String> {
     }))
 }
 
+/// The read script's call for `name`, from what this node holds
+/// (`(generation, next offset)`) or from the start.
+fn read_command(
+    read: &redis::Script,
+    keys: &Keys,
+    name: &str,
+    held: Option<(u64, u64)>,
+) -> redis::Cmd {
+    let mut cmd = evalsha(read, &[keys.meta(name), keys.stream(name)]);
+    match held {
+        Some((generation, next)) => cmd.arg(generation.to_string()).arg(next),
+        None => cmd.arg("").arg(1),
+    };
+    cmd
+}
+
+/// A read script's reply: the counters, and the entries it returned.
+fn parse_read(reply: Value) -> Result<(Stored, Vec<Arc<Event>>), String> {
+    let mut parts = array(reply).ok_or("a read reply is not an array")?;
+    if parts.len() != 2 {
+        return Err("a read reply is not [counters, entries]".into());
+    }
+    let entries = parts.pop().expect("two");
+    let stored = parse_meta(parts.pop().expect("two"))?;
+    Ok((stored, decode_entries(entries)?))
+}
+
 /// What this node holds of a topic: incarnation, next offset, and whether
 /// it holds anything (a placeholder created by a subscribe does not).
 struct Held {
@@ -280,8 +307,9 @@ impl RedisLog {
             Some(con) => con,
             None => guard.insert(self.connect()?),
         };
+        let parse = |e: String| redis::RedisError::from((redis::ErrorKind::Parse, "reply", e));
         let run = |con: &mut redis::Connection| -> redis::RedisResult<Option<Found>> {
-            let meta: Value = if claim {
+            if claim {
                 let mut cmd = evalsha(
                     &self.scripts.claim,
                     &[self.keys.meta(name), self.keys.stream(name)],
@@ -289,30 +317,18 @@ impl RedisLog {
                 cmd.arg(crate::engine::topic::new_generation().to_string())
                     .arg(crate::engine::new_epoch().to_string())
                     .arg(PLACEHOLDER_MS);
-                cmd.query(con)?
-            } else {
-                redis::cmd("HGETALL").arg(self.keys.meta(name)).query(con)?
-            };
-            let Stored::Live(r) = parse_meta(meta)
-                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Parse, "counters", e)))?
-            else {
-                return Ok(None);
-            };
-            let from = match held {
-                Some((generation, next)) if generation == r.generation => next,
-                _ => 1,
-            };
-            if r.next_offset <= from {
-                return Ok(Some((r, Vec::new())));
+                if let Stored::Live(r) = parse_meta(cmd.query(con)?).map_err(parse)? {
+                    if r.placeholder {
+                        return Ok(Some((r, Vec::new())));
+                    }
+                }
             }
-            let entries: Value = redis::cmd("XRANGE")
-                .arg(self.keys.stream(name))
-                .arg(from)
-                .arg("+")
-                .query(con)?;
-            let events = decode_entries(entries)
-                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Parse, "stream", e)))?;
-            Ok(Some((r, events)))
+            let reply: Value =
+                read_command(&self.scripts.read, &self.keys, name, held).query(con)?;
+            match parse_read(reply).map_err(parse)? {
+                (Stored::Live(r), events) => Ok(Some((r, events))),
+                _ => Ok(None),
+            }
         };
         run(con).map_err(|e| {
             *guard = None;
@@ -330,6 +346,7 @@ struct Follower {
     timeout: Duration,
     resync: Duration,
     rotate: redis::Script,
+    read: redis::Script,
     con: Option<redis::Connection>,
     /// This node's token: its own appends are committed by its writer.
     token: String,
@@ -346,6 +363,7 @@ pub(crate) fn follow(engine: &Engine, log: &Arc<RedisLog>) -> Result<(), EngineE
         timeout: log.options.command_timeout,
         resync: log.options.resync_interval,
         rotate: redis::Script::new(include_str!("rotate.lua")),
+        read: redis::Script::new(include_str!("read.lua")),
         con: None,
         token: log.token.clone(),
     };
@@ -368,11 +386,13 @@ impl Follower {
     fn command(&mut self) -> Result<&mut redis::Connection, String> {
         if self.con.is_none() {
             let mut con = connect(&self.client, self.timeout).map_err(|e| describe(&e))?;
-            redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(include_str!("rotate.lua"))
-                .query::<String>(&mut con)
-                .map_err(|e| describe(&e))?;
+            for code in [include_str!("rotate.lua"), include_str!("read.lua")] {
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(code)
+                    .query::<String>(&mut con)
+                    .map_err(|e| describe(&e))?;
+            }
             self.con = Some(con);
         }
         Ok(self.con.as_mut().expect("connected"))
@@ -513,91 +533,72 @@ impl Follower {
         Ok(())
     }
 
-    /// Brings the topics `names` in line with Redis.
+    /// Brings the topics `names` in line with Redis: one atomic read per
+    /// topic (counters and the entries this node lacks), one round trip.
     fn sync(&mut self, engine: &Engine, names: Vec<String>) -> Result<(), String> {
+        let held: Vec<Option<Held>> = names.iter().map(|n| engine.held(n)).collect();
         let mut pipe = redis::pipe();
-        for name in &names {
-            pipe.cmd("HGETALL").arg(self.keys.meta(name));
+        for (name, h) in names.iter().zip(&held) {
+            let position = h.as_ref().map(|h| (h.generation, h.next_offset));
+            pipe.add_command(read_command(&self.read, &self.keys, name, position));
         }
-        let metas = self.query(&pipe)?;
-        let mut reads = Vec::new();
+        let replies = self.query(&pipe)?;
         let mut rotations = Vec::new();
-        for (name, meta) in names.into_iter().zip(metas) {
-            let stored = match parse_meta(meta) {
-                Ok(s) => s,
+        for ((name, held), reply) in names.into_iter().zip(held).zip(replies) {
+            let (stored, events) = match parse_read(reply) {
+                Ok(read) => read,
                 Err(e) => {
                     tracing::warn!(topic = %name, error = %e, "unreadable topic in redis");
                     continue;
                 }
             };
-            let held = engine.held(&name);
             match (stored, held) {
                 (Stored::Missing, Some(h)) if h.stored && h.next_offset > 1 => {
                     rotations.push((name, h));
                 }
                 (Stored::Missing, _) => {}
-                (Stored::Deleted(generation), _) => engine.apply_delete(&name, generation),
-                (Stored::Live(r), Some(h)) if h.generation == r.generation => {
-                    if r.next_offset < h.next_offset {
-                        rotations.push((name, h));
-                    } else {
-                        reads.push((name, r, h.next_offset));
+                (Stored::Deleted(generation), _) => {
+                    engine.apply_delete(&name, generation);
+                    if let Some(log) = self.log.upgrade() {
+                        log.seen.lock().remove(name.as_str());
                     }
+                }
+                (Stored::Live(r), Some(h))
+                    if h.generation == r.generation && r.next_offset < h.next_offset =>
+                {
+                    rotations.push((name, h));
                 }
                 // Only a subscribe's claim: nothing to hold until it is stored.
                 (Stored::Live(r), None) if r.placeholder => {}
-                (Stored::Live(r), _) => reads.push((name, r, 1)),
+                (Stored::Live(r), _) => engine.apply_remote(&name, &r, events),
             }
         }
-        if !rotations.is_empty() {
-            let mut pipe = redis::pipe();
-            for (name, h) in &rotations {
-                tracing::warn!(topic = %name, next_offset = h.next_offset, "redis lost acknowledged events of this topic: starting a new epoch");
-                let mut cmd = evalsha(
-                    &self.rotate,
-                    &[
-                        self.keys.meta(name),
-                        self.keys.stream(name),
-                        self.keys.topics(),
-                    ],
-                );
-                cmd.arg(h.generation.to_string())
-                    .arg(h.next_offset)
-                    .arg(crate::engine::new_epoch().to_string())
-                    .arg(crate::engine::new_epoch().to_string())
-                    .arg(name)
-                    .arg(self.keys.channel());
-                pipe.add_command(cmd);
-            }
-            let started: u64 = self.query(&pipe)?.iter().filter_map(int).sum();
-            metrics::counter!(crate::metrics::CLUSTER_NEW_EPOCHS).increment(started);
-            // Read back whichever history now stands.
-            let again = rotations.into_iter().map(|(n, _)| n).collect();
-            return self.sync(engine, again);
+        if rotations.is_empty() {
+            return Ok(());
         }
         let mut pipe = redis::pipe();
-        let mut wanted = Vec::new();
-        for (name, r, from) in reads {
-            if from < r.next_offset {
-                pipe.cmd("XRANGE")
-                    .arg(self.keys.stream(&name))
-                    .arg(from)
-                    .arg("+");
-                wanted.push((name, r, true));
-            } else {
-                wanted.push((name, r, false));
-            }
+        for (name, h) in &rotations {
+            tracing::warn!(topic = %name, next_offset = h.next_offset, "redis lost acknowledged events of this topic: starting a new epoch");
+            let mut cmd = evalsha(
+                &self.rotate,
+                &[
+                    self.keys.meta(name),
+                    self.keys.stream(name),
+                    self.keys.topics(),
+                ],
+            );
+            cmd.arg(h.generation.to_string())
+                .arg(h.next_offset)
+                .arg(crate::engine::new_epoch().to_string())
+                .arg(crate::engine::new_epoch().to_string())
+                .arg(name)
+                .arg(self.keys.channel());
+            pipe.add_command(cmd);
         }
-        let mut entries = self.query(&pipe)?.into_iter();
-        for (name, r, read) in wanted {
-            let events = if read {
-                decode_entries(entries.next().unwrap_or(Value::Nil))
-                    .map_err(|e| format!("topic {name}: {e}"))?
-            } else {
-                Vec::new()
-            };
-            engine.apply_remote(&name, &r, events);
-        }
-        Ok(())
+        let started: u64 = self.query(&pipe)?.iter().filter_map(int).sum();
+        metrics::counter!(crate::metrics::CLUSTER_NEW_EPOCHS).increment(started);
+        // Read back whichever history now stands.
+        let again = rotations.into_iter().map(|(n, _)| n).collect();
+        self.sync(engine, again)
     }
 }

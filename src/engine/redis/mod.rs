@@ -91,6 +91,7 @@ struct Scripts {
     delete: redis::Script,
     trim: redis::Script,
     claim: redis::Script,
+    read: redis::Script,
 }
 
 impl Scripts {
@@ -101,6 +102,7 @@ impl Scripts {
             delete: redis::Script::new(include_str!("delete.lua")),
             trim: redis::Script::new(include_str!("trim.lua")),
             claim: redis::Script::new(include_str!("claim.lua")),
+            read: redis::Script::new(include_str!("read.lua")),
         }
     }
 
@@ -113,6 +115,7 @@ impl Scripts {
             include_str!("delete.lua"),
             include_str!("trim.lua"),
             include_str!("claim.lua"),
+            include_str!("read.lua"),
         ] {
             redis::cmd("SCRIPT")
                 .arg("LOAD")
@@ -362,13 +365,15 @@ impl RedisLog {
                     Step::Trim {
                         topic,
                         first_retained,
+                        next_offset,
                     } => {
                         let mut cmd = evalsha(&self.scripts.trim, &self.topic_keys(&topic.name));
                         cmd.arg(topic.generation.to_string())
                             .arg(topic.epoch.to_string())
                             .arg(*first_retained)
                             .arg(&*topic.name)
-                            .arg(&channel);
+                            .arg(&channel)
+                            .arg(*next_offset);
                         cmd
                     }
                     _ => unreachable!("only seals, deletes and trims are single calls"),
@@ -444,8 +449,8 @@ impl Log for RedisLog {
             };
             match call {
                 Call::Append(list) => {
-                    let name = match &steps[list[0].0] {
-                        Step::Append { topic, .. } => topic.name.clone(),
+                    let (name, queued) = match &steps[list[0].0] {
+                        Step::Append { topic, .. } => (topic.name.clone(), topic.generation),
                         _ => unreachable!("an append call starts with an append"),
                     };
                     let batches: Vec<Vec<NewEvent>> = list
@@ -457,8 +462,14 @@ impl Log for RedisLog {
                         .collect();
                     let result = match failed {
                         Some(e) => Err(e),
-                        None => append_outcomes(&name, batches, value, now_ms)
-                            .map_err(EngineError::Storage),
+                        None => {
+                            append_outcomes(&name, queued, batches, value, now_ms).map_err(|e| {
+                                // It may have been stored: let the follower look.
+                                self.resync
+                                    .store(true, std::sync::atomic::Ordering::Release);
+                                EngineError::Storage(e)
+                            })
+                        }
                     };
                     match result {
                         Ok((appended, next)) => {
@@ -485,9 +496,13 @@ impl Log for RedisLog {
                 Call::Step(i) => {
                     let outcome = match (&steps[i], value) {
                         _ if failed.is_some() => Outcome::Refused(failed.expect("checked")),
-                        (Step::Seal { .. }, Value::Int(at)) => {
-                            Outcome::Sealed(u64::try_from(at).unwrap_or(now_ms))
-                        }
+                        (Step::Seal { topic }, Value::Int(at)) => match u64::try_from(at) {
+                            Ok(at) => Outcome::Sealed(at),
+                            // Deleted, or lost by Redis: nothing to seal.
+                            Err(_) => {
+                                Outcome::Refused(EngineError::TopicNotFound(topic.name.to_string()))
+                            }
+                        },
                         (Step::Seal { .. }, other) => Outcome::Refused(EngineError::Storage(
                             format!("redis: unexpected reply to a seal: {other:?}"),
                         )),
@@ -650,6 +665,7 @@ pub(crate) fn decode_entries(v: Value) -> Result<Vec<Arc<Event>>, String> {
 /// request's events in `batches`), and the next offset after them.
 fn append_outcomes(
     topic: &str,
+    queued: u64,
     batches: Vec<Vec<NewEvent>>,
     value: Value,
     now_ms: u64,
@@ -738,6 +754,7 @@ fn append_outcomes(
                         incarnation: (generation, epoch),
                         // What others appended before this call: with its first request.
                         before: before.take().unwrap_or_default(),
+                        queued,
                     })),
                 });
             }
@@ -865,7 +882,7 @@ mod tests {
             Value::Array(vec![repeat(0, 2, 1), repeat(2, 4, 2)]),
             before,
         ]);
-        let (outcomes, next) = append_outcomes("t", batches, reply, 1000).unwrap();
+        let (outcomes, next) = append_outcomes("t", 77, batches, reply, 1000).unwrap();
         assert_eq!(next, Some(12));
         let parts: Vec<_> = outcomes
             .into_iter()
@@ -897,6 +914,7 @@ mod tests {
         // A sealed topic refuses every merged request.
         let sealed = append_outcomes(
             "t",
+            1,
             vec![vec![NewEvent::new("a", b"".to_vec())]; 2],
             Value::Array(vec![bulk(b"sealed")]),
             0,

@@ -1,14 +1,13 @@
 -- ringcast: seal a topic (see docs/cluster.md).
 -- KEYS: 1 counters hash, 2 stream, 3 set of topic names
 -- ARGV: 1 generation, 2 epoch, 3 now ms, 4 topic, 5 notification channel
--- Returns the time of the seal (the first one's, if it was sealed before).
+-- Returns the time of the seal (the first one's, if it was sealed before),
+-- or -1 when Redis holds no such topic (deleted, or lost: the follower
+-- starts its new history; nothing is re-created here).
 local m = KEYS[1]
 local h = redis.call('HMGET', m, 'gen', 'deleted', 'sealed', 'placeholder')
 if not h[1] or h[2] then
-  -- Never stored (no event yet) or deleted: store it, sealed.
-  redis.call('DEL', KEYS[2], m)
-  redis.call('HSET', m, 'gen', ARGV[1], 'epoch', ARGV[2], 'next', 1)
-  redis.call('SADD', KEYS[3], ARGV[4])
+  return -1
 elseif h[3] then
   return tonumber(h[3])
 elseif h[4] then
