@@ -12,6 +12,8 @@
 //! the stream). Layout and rules: `docs/cluster.md`.
 
 mod follow;
+#[cfg(test)]
+mod script_tests;
 
 use std::sync::Arc;
 use std::time::Duration;
