@@ -577,6 +577,24 @@ fn a_trim_of_a_missing_topic_stores_it_only_when_it_holds_nothing() {
     };
     assert!(matches!(persist1(&log, trim), Outcome::Done));
     assert_eq!(hgetall(&mut con, &k.meta("gone")), before);
+    // A create after the delete (a new incarnation, nothing in it yet) is
+    // stored over the tombstone.
+    let created = id("gone", GEN_A + 7, EPOCH_A + 7);
+    let trim = Step::Trim {
+        topic: created.clone(),
+        first_retained: 1,
+        next_offset: 1,
+    };
+    assert!(matches!(persist1(&log, trim), Outcome::Done));
+    assert_eq!(
+        hgetall(&mut con, &k.meta("gone")),
+        map(&[
+            ("gen", created.generation.to_string()),
+            ("epoch", created.epoch.to_string()),
+            ("next", "1".to_string()),
+        ])
+    );
+    assert_eq!(int_cmd(&mut con, "PTTL", &k.meta("gone")), -1);
 }
 
 /// Guards append.lua's expected-position check, mirroring

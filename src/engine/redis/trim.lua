@@ -5,14 +5,14 @@
 --       5 notification channel, 6 the next offset the caller holds
 local m = KEYS[1]
 local h = redis.call('HMGET', m, 'gen', 'deleted', 'placeholder')
-if not h[1] then
+if not h[1] or (h[2] and h[1] ~= ARGV[1]) then
   -- Only a topic that holds nothing yet is stored here (an explicit
-  -- create); a missing one with events is Redis's loss: the follower
-  -- starts its new history.
+  -- create, also over another incarnation's tombstone); a missing one with
+  -- events is Redis's loss: the follower starts its new history.
   if tonumber(ARGV[6]) > 1 then
     return 0
   end
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], m)
   redis.call('HSET', m, 'gen', ARGV[1], 'epoch', ARGV[2], 'next', 1)
   redis.call('SADD', KEYS[3], ARGV[4])
   redis.call('PUBLISH', ARGV[5], ARGV[4])
