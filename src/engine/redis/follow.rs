@@ -209,6 +209,18 @@ impl Engine {
     }
 }
 
+/// Runs a Redis round trip from engine code that async front ends call:
+/// on a multi-threaded runtime the worker hands its other tasks to another
+/// thread meanwhile (`block_in_place`); elsewhere it just runs.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// A topic read from Redis with its retained events.
 type Found = (Remote, Vec<Arc<Event>>);
 
@@ -234,7 +246,7 @@ impl Engine {
         if crate::engine::log::Log::health(&**log) != crate::engine::Health::Ok {
             return None;
         }
-        match log.lookup(name, claim, None) {
+        match blocking(|| log.lookup(name, claim, None)) {
             Ok(Some((r, _))) if r.placeholder && r.next_offset <= 1 => {
                 Some(Loaded::Placeholder(r.generation, r.epoch))
             }
@@ -282,7 +294,7 @@ impl Engine {
             }
             (s.generation, s.next_offset())
         };
-        match log.lookup(&topic.name, false, Some(held)) {
+        match blocking(|| log.lookup(&topic.name, false, Some(held))) {
             Ok(Some((r, events))) if !r.placeholder => self.apply_remote(&topic.name, &r, events),
             Ok(_) => {}
             Err(e) => {
