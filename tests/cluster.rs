@@ -624,11 +624,17 @@ async fn one_gapless_sequence(names: &[&str], per_node: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_one_gapless_sequence() {
+    if !common::redis::available() {
+        return;
+    }
     one_gapless_sequence(&["a", "b"], 300).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_gapless_sequence() {
+    if !common::redis::available() {
+        return;
+    }
     one_gapless_sequence(&["a", "b", "c"], 300).await;
 }
 
@@ -638,6 +644,9 @@ async fn three_nodes_one_gapless_sequence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_cut_from_a_resumes_on_b() {
+    if !common::redis::available() {
+        return;
+    }
     const TOPIC: &str = "feed";
     let redis = RedisServer::start(Persistence::None).await;
     let a = Node::start(&redis, "a").await;
@@ -700,6 +709,9 @@ async fn sse_cut_from_a_resumes_on_b() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_cut_from_a_resumes_on_b_while_c_publishes() {
+    if !common::redis::available() {
+        return;
+    }
     const TOPIC: &str = "feed";
     let redis = RedisServer::start(Persistence::None).await;
     let a = Node::start(&redis, "a").await;
@@ -906,6 +918,9 @@ async fn http_history(http: &reqwest::Client, base: &str, topic: &str) -> (Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_killed_with_kill_9_loses_nothing_acked() {
+    if !common::redis::available() {
+        return;
+    }
     const TOPIC: &str = "ledger";
     let redis = RedisServer::start(Persistence::AofAlways).await;
     let mut a = Daemon::start(&redis, "a").await;
@@ -1061,6 +1076,9 @@ async fn node_killed_with_kill_9_loses_nothing_acked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_with_aof_always_loses_nothing() {
+    if !common::redis::available() {
+        return;
+    }
     const TOPIC: &str = "durable";
     let mut redis = RedisServer::start(Persistence::AofAlways).await;
     let a = Node::start(&redis, "a").await;
@@ -1113,6 +1131,9 @@ async fn redis_restart_with_aof_always_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_without_persistence_gives_epoch_changed() {
+    if !common::redis::available() {
+        return;
+    }
     const TOPIC: &str = "volatile";
     let mut redis = RedisServer::start(Persistence::None).await;
     let a = Node::start(&redis, "a").await;
@@ -1236,6 +1257,9 @@ async fn redis_restart_without_persistence_gives_epoch_changed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_publishes_fail_fast_subscribers_survive() {
+    if !common::redis::available() {
+        return;
+    }
     const TOPIC: &str = "outage";
     let mut redis = RedisServer::start(Persistence::AofAlways).await;
     let a = Node::start(&redis, "a").await;
@@ -1326,6 +1350,9 @@ async fn redis_down_publishes_fail_fast_subscribers_survive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_redis_fails_publishes_within_the_command_timeout() {
+    if !common::redis::available() {
+        return;
+    }
     const TOPIC: &str = "hung";
     let redis = RedisServer::start(Persistence::AofAlways).await;
     let a = Node::start(&redis, "a").await;
@@ -1400,6 +1427,9 @@ async fn await_readyz(node: &Node, status: StatusCode) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seal_on_one_node_ends_the_topic_on_every_node() {
+    if !common::redis::available() {
+        return;
+    }
     const TOPIC: &str = "stream";
     let redis = RedisServer::start(Persistence::None).await;
     let a = Node::start(&redis, "a").await;
@@ -1447,6 +1477,9 @@ async fn a_seal_on_one_node_ends_the_topic_on_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_retried_on_another_node_answers_the_original_ack() {
+    if !common::redis::available() {
+        return;
+    }
     const TOPIC: &str = "payments";
     let redis = RedisServer::start(Persistence::None).await;
     let a = Node::start(&redis, "a").await;
@@ -1510,6 +1543,9 @@ async fn an_idempotency_key_retried_on_another_node_answers_the_original_ack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_below_what_redis_retains_gets_a_retention_gap() {
+    if !common::redis::available() {
+        return;
+    }
     const TOPIC: &str = "short";
     const PREFIX: &str = "rc-retention-test";
     let redis = RedisServer::start(Persistence::None).await;
@@ -1643,6 +1679,9 @@ async fn a_resume_below_what_redis_retains_gets_a_retention_gap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_started_later_serves_the_existing_topics_exactly() {
+    if !common::redis::available() {
+        return;
+    }
     const TOPIC: &str = "late";
     let redis = RedisServer::start(Persistence::None).await;
     let a = Node::start(&redis, "a").await;
@@ -1670,6 +1709,9 @@ async fn a_node_started_later_serves_the_existing_topics_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_on_a_node_that_lags_behind_redis_is_exact() {
+    if !common::redis::available() {
+        return;
+    }
     // A client saw the last event on A and reconnects to B at once: B may
     // not have heard of that offset yet (notification latency). The resume
     // must still be exact: no error, nothing twice, nothing missing.
@@ -1704,6 +1746,9 @@ async fn a_resume_on_a_node_that_lags_behind_redis_is_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_notification_connections_lose_no_event() {
+    if !common::redis::available() {
+        return;
+    }
     const TOPIC: &str = "notified";
     let redis = RedisServer::start(Persistence::None).await;
     let a = Node::start(&redis, "a").await;
@@ -1741,6 +1786,9 @@ async fn killed_notification_connections_lose_no_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ringcastd_without_redis_exits_with_an_error_naming_the_url() {
+    if !common::redis::available() {
+        return;
+    }
     // A port nothing listens on: a Redis that was started and killed.
     let mut redis = RedisServer::start(Persistence::None).await;
     redis.kill().await;

@@ -26,17 +26,23 @@ const GEN_C: u64 = 0xC000_0000_0000_0C0C;
 const EPOCH_C: u64 = 0xE000_0000_0000_0E0C;
 
 /// The `redis-server` binary: `$REDIS_SERVER`, else `/usr/bin/redis-server`.
-fn redis_server_binary() -> PathBuf {
+/// `None` (the tests are skipped, with a note) when there is none, unless
+/// `RINGCAST_REDIS_TESTS=1` (as `.ci/run` sets): then its absence fails.
+fn redis_server_binary() -> Option<PathBuf> {
     let path = std::env::var_os("REDIS_SERVER")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/bin/redis-server"));
+    if path.is_file() {
+        return Some(path);
+    }
     assert!(
-        path.is_file(),
+        !std::env::var("RINGCAST_REDIS_TESTS").is_ok_and(|v| v == "1"),
         "redis-server not found at {} (set REDIS_SERVER or install redis-server): \
          the redis script tests need a real Redis",
         path.display()
     );
-    path
+    eprintln!("skipping: no redis-server here (set RINGCAST_REDIS_TESTS=1 to make that fail)");
+    None
 }
 
 /// A `redis-server` child process; killed on drop.
@@ -47,8 +53,8 @@ struct Server {
 }
 
 impl Server {
-    fn start() -> Self {
-        let bin = redis_server_binary();
+    fn start() -> Option<Self> {
+        let bin = redis_server_binary()?;
         let mut last = String::new();
         // A port found free may be taken before Redis binds it: try another.
         for _ in 0..10 {
@@ -72,7 +78,7 @@ impl Server {
                 .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
             let mut server = Server { child, port, dir };
             match server.ready() {
-                Ok(()) => return server,
+                Ok(()) => return Some(server),
                 Err(e) => last = e,
             }
         }
@@ -272,7 +278,9 @@ fn tombstone(log: &RedisLog, con: &mut redis::Connection, k: &Keys, topic: &Topi
 /// the stale delete below wipes incarnation A.
 #[test]
 fn a_delete_naming_a_stale_generation_keeps_the_newer_incarnation() {
-    let server = Server::start();
+    let Some(server) = Server::start() else {
+        return;
+    };
     let (log, k, mut con) = (server.log("st1"), keys("st1"), server.con());
     let a = id("orders", GEN_A, EPOCH_A);
     let o = persist1(
@@ -331,7 +339,9 @@ fn a_delete_naming_a_stale_generation_keeps_the_newer_incarnation() {
 /// are looked up), both events are stored under two offsets.
 #[test]
 fn merged_appends_repeating_a_key_store_it_once() {
-    let server = Server::start();
+    let Some(server) = Server::start() else {
+        return;
+    };
     let (log, k, mut con) = (server.log("st2"), keys("st2"), server.con());
     let a = id("pay", GEN_A, EPOCH_A);
     let steps = vec![
@@ -376,7 +386,9 @@ fn merged_appends_repeating_a_key_store_it_once() {
 /// Reverted, the append fails or continues the deleted incarnation.
 #[test]
 fn an_append_after_a_delete_starts_a_new_incarnation() {
-    let server = Server::start();
+    let Some(server) = Server::start() else {
+        return;
+    };
     let (log, k, mut con) = (server.log("st3"), keys("st3"), server.con());
     // Node B: no state of its own (no `seen`), as a node behind the delete.
     let other = server.log("st3");
@@ -440,7 +452,9 @@ fn an_append_after_a_delete_starts_a_new_incarnation() {
 /// topic (or wiped its tombstone). Now it is refused and Redis is unchanged.
 #[test]
 fn a_refused_expectation_on_a_missing_or_deleted_topic_writes_nothing() {
-    let server = Server::start();
+    let Some(server) = Server::start() else {
+        return;
+    };
     let (log, k, mut con) = (server.log("st4"), keys("st4"), server.con());
     let mismatch = EngineError::PositionMismatch {
         current_offset: 0,
@@ -497,7 +511,9 @@ fn a_refused_expectation_on_a_missing_or_deleted_topic_writes_nothing() {
 /// TopicNotFound and nothing is written.
 #[test]
 fn a_seal_of_a_topic_redis_does_not_hold_is_refused_and_creates_nothing() {
-    let server = Server::start();
+    let Some(server) = Server::start() else {
+        return;
+    };
     let (log, k, mut con) = (server.log("st5"), keys("st5"), server.con());
 
     let m = id("missing", GEN_A, EPOCH_A);
@@ -539,7 +555,9 @@ fn a_seal_of_a_topic_redis_does_not_hold_is_refused_and_creates_nothing() {
 /// epoch. Reverted, the first trim below creates the hash.
 #[test]
 fn a_trim_of_a_missing_topic_stores_it_only_when_it_holds_nothing() {
-    let server = Server::start();
+    let Some(server) = Server::start() else {
+        return;
+    };
     let (log, k, mut con) = (server.log("st6"), keys("st6"), server.con());
     let t = id("t", GEN_A, EPOCH_A);
 
@@ -605,7 +623,9 @@ fn a_trim_of_a_missing_topic_stores_it_only_when_it_holds_nothing() {
 /// before the repeats), the retry below is refused with a mismatch.
 #[test]
 fn expected_positions_are_checked_except_for_a_retry_of_repeats_only() {
-    let server = Server::start();
+    let Some(server) = Server::start() else {
+        return;
+    };
     let (log, k, mut con) = (server.log("st7"), keys("st7"), server.con());
     let t = id("acct", GEN_A, EPOCH_A);
     let s = k.stream("acct");
@@ -688,7 +708,9 @@ fn expected_positions_are_checked_except_for_a_retry_of_repeats_only() {
 /// approximate `~` one that trims only whole nodes), all 5 stay.
 #[test]
 fn the_stream_is_trimmed_to_max_events() {
-    let server = Server::start();
+    let Some(server) = Server::start() else {
+        return;
+    };
     let (log, k, mut con) = (server.log("st8"), keys("st8"), server.con());
     let t = id("m", GEN_A, EPOCH_A);
     let step = Step::Append {
