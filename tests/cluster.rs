@@ -18,7 +18,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::ops::RangeInclusive;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -26,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
 use common::redis::{Persistence, RedisServer};
+use common::sdk::{expect_events, next};
 use common::sse::{SseEvent, SseParser};
 use common::within;
 use reqwest::StatusCode;
@@ -38,7 +38,7 @@ use ringcast_client::{
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixDatagram;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::watch;
 
 /// How long any one expected message or reply may take (they take
@@ -272,34 +272,6 @@ async fn publish_keyed_retrying(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_millis(500));
     }
-}
-
-/// The next delivery, failing the test on an error, an end of the stream,
-/// or silence.
-async fn next(sub: &mut Subscription) -> Delivery {
-    match within(WAIT, sub.next_delivery()).await {
-        Some(Ok(delivery)) => delivery,
-        Some(Err(e)) => panic!("subscription failed: {e}"),
-        None => panic!("subscription ended"),
-    }
-}
-
-/// Reads events and asserts their offsets are exactly `offsets`, in order.
-async fn expect_events(sub: &mut Subscription, offsets: RangeInclusive<u64>) -> Vec<WireEvent> {
-    let mut events = Vec::new();
-    for offset in offsets {
-        match next(sub).await {
-            Delivery::Event(event) => {
-                assert_eq!(
-                    event.offset, offset,
-                    "expected offset {offset}, got {event:?}"
-                );
-                events.push(event);
-            }
-            other => panic!("expected the event at offset {offset}, got {other:?}"),
-        }
-    }
-    events
 }
 
 /// The next delivery, which must be a gap.
@@ -764,8 +736,6 @@ async fn sdk_cut_from_a_resumes_on_b_while_c_publishes() {
 // 3. ringcastd children: kill -9 of a node.
 // ---------------------------------------------------------------------------
 
-const BIN: &str = env!("CARGO_BIN_EXE_ringcastd");
-
 /// A `ringcastd` child on the Redis backend, ready (it reported `READY=1`
 /// with its addresses on a notification socket this test bound).
 struct Daemon {
@@ -792,22 +762,7 @@ impl Daemon {
         let data = dir.path().join("data");
         let socket_path = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
-        let mut cmd = Command::new(BIN);
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy().into_owned();
-            if key.starts_with("RINGCAST_")
-                || matches!(
-                    key.as_str(),
-                    "RUST_LOG"
-                        | "NOTIFY_SOCKET"
-                        | "WATCHDOG_USEC"
-                        | "WATCHDOG_PID"
-                        | "JOURNAL_STREAM"
-                )
-            {
-                cmd.env_remove(key);
-            }
-        }
+        let mut cmd = common::ringcastd();
         cmd.arg("--config")
             .arg(&config)
             .arg("--data-dir")
@@ -818,12 +773,9 @@ impl Daemon {
                 "--http-listen",
                 "127.0.0.1:0",
             ])
-            .env("RUST_LOG", "info")
             .env("NOTIFY_SOCKET", &socket_path)
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn ringcastd");
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let pipe = child.stderr.take().expect("stderr is piped");
@@ -1802,13 +1754,7 @@ async fn ringcastd_without_redis_exits_with_an_error_naming_the_url() {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if key.starts_with("RINGCAST_") || matches!(key.as_str(), "RUST_LOG" | "NOTIFY_SOCKET") {
-            cmd.env_remove(key);
-        }
-    }
+    let mut cmd = common::ringcastd();
     cmd.arg("--config")
         .arg(&config)
         .arg("--data-dir")
@@ -1819,10 +1765,8 @@ async fn ringcastd_without_redis_exits_with_an_error_naming_the_url() {
             "--http-listen",
             "127.0.0.1:0",
         ])
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stderr(Stdio::piped());
     let output = within(60, cmd.output()).await.expect("run ringcastd");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

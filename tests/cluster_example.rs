@@ -15,9 +15,7 @@ use std::process::Stdio;
 use common::redis::{Persistence, RedisServer};
 use futures::StreamExt;
 use tokio::net::UnixDatagram;
-use tokio::process::{Child, Command};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ringcastd");
+use tokio::process::Child;
 
 /// One node of the example, started from its shipped config file.
 struct Node {
@@ -33,13 +31,7 @@ async fn start_node(name: &str, redis: &RedisServer) -> Node {
     let notify_dir = tempfile::tempdir().unwrap();
     let socket = notify_dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&socket).unwrap();
-    let mut cmd = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if key.starts_with("RINGCAST_") || key == "NOTIFY_SOCKET" {
-            cmd.env_remove(key);
-        }
-    }
+    let mut cmd = common::ringcastd();
     cmd.arg("--config")
         .arg(&config)
         .args([
@@ -51,10 +43,8 @@ async fn start_node(name: &str, redis: &RedisServer) -> Node {
         .env("RINGCAST_CLUSTER_REDIS_URL", redis.url())
         .env("NOTIFY_SOCKET", &socket)
         .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+        .stderr(Stdio::inherit());
     let child = cmd.spawn().expect("spawn ringcastd");
     // READY=1 comes with STATUS=serving tcp=... http=... once it listens.
     let http = common::within(60, async {

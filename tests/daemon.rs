@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{hello, write_msg, Frames, RawClient};
+use common::{hello, ringcastd, write_msg, Frames, RawClient};
 use ringcast_protocol::{Ack, ClientMessage, ErrorCode, NewEvent, ServerMessage, Start};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -24,7 +24,6 @@ use tokio::net::{TcpStream, UnixDatagram};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ringcastd");
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Awaits `f`, failing the test with `what` after `secs` seconds.
@@ -38,27 +37,6 @@ async fn before<T>(secs: u64, what: &str, f: impl std::future::Future<Output = T
 // ---------------------------------------------------------------------------
 // The daemon as a child process.
 // ---------------------------------------------------------------------------
-
-/// A `ringcastd` command with a clean environment: no inherited `RINGCAST_*`,
-/// `RUST_LOG`, systemd or journald variables, so only what a test sets counts.
-fn ringcastd() -> Command {
-    let mut cmd = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if key.starts_with("RINGCAST_")
-            || matches!(
-                key.as_str(),
-                "RUST_LOG" | "NOTIFY_SOCKET" | "WATCHDOG_USEC" | "WATCHDOG_PID" | "JOURNAL_STREAM"
-            )
-        {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("RUST_LOG", "info");
-    cmd.stdin(Stdio::null());
-    cmd.kill_on_drop(true);
-    cmd
-}
 
 /// What to start: a data dir plus extra environment and flags.
 struct Launch {

@@ -15,11 +15,12 @@ use std::ops::RangeInclusive;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::proxy::Proxy;
+use common::sdk::{expect_events, next};
 use common::{config, ensure_open_files, memory_broker, start, within};
 use ringcast::config::Durability;
 use ringcast_client::{
     new_event, Ack, Bytes, Client, ClientOptions, Delivery, GapReason, NewEventExt, Subscription,
-    WireEvent, WireGap,
+    WireGap,
 };
 
 /// Options for a client that reconnects quickly, so that tests spend their
@@ -39,34 +40,6 @@ async fn connect(addr: SocketAddr) -> Client {
 fn now_ms() -> u64 {
     let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     u64::try_from(since.as_millis()).unwrap()
-}
-
-/// The next delivery, failing the test on an error, an early end of the
-/// stream, or silence.
-async fn next(sub: &mut Subscription) -> Delivery {
-    match within(30, sub.next_delivery()).await {
-        Some(Ok(delivery)) => delivery,
-        Some(Err(e)) => panic!("subscription failed: {e}"),
-        None => panic!("subscription ended without End"),
-    }
-}
-
-/// Reads events and asserts their offsets are exactly `offsets`, in order.
-async fn expect_events(sub: &mut Subscription, offsets: RangeInclusive<u64>) -> Vec<WireEvent> {
-    let mut events = Vec::new();
-    for offset in offsets {
-        match next(sub).await {
-            Delivery::Event(event) => {
-                assert_eq!(
-                    event.offset, offset,
-                    "expected offset {offset}, got {event:?}"
-                );
-                events.push(event);
-            }
-            other => panic!("expected the event at offset {offset}, got {other:?}"),
-        }
-    }
-    events
 }
 
 /// Asserts the next delivery is `End` at `last_offset` and the stream is over.

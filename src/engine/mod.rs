@@ -1272,12 +1272,18 @@ impl Engine {
                 None => {}
             }
         }
+        let incarnation = incarnation.unwrap_or_else(|| (topic::new_generation(), new_epoch()));
+        Ok(self.register(name, incarnation, ephemeral))
+    }
+
+    /// The topic `name`: the one registered, or a new one of incarnation
+    /// `(generation, epoch)`, registered now (no limit is checked here).
+    fn register(&self, name: &str, (generation, epoch): (u64, u64), ephemeral: bool) -> Arc<Topic> {
+        let registry = &self.inner.registry;
         let name: Arc<str> = Arc::from(name);
         match registry.topics.entry(name.clone()) {
-            Entry::Occupied(e) => Ok(e.get().clone()),
+            Entry::Occupied(e) => e.get().clone(),
             Entry::Vacant(e) => {
-                let (generation, epoch) =
-                    incarnation.unwrap_or_else(|| (topic::new_generation(), new_epoch()));
                 let mut state =
                     self.inner
                         .options
@@ -1293,7 +1299,7 @@ impl Engine {
                     registry.announce(&name);
                 }
                 tracing::debug!(topic = %name, ephemeral, "topic created");
-                Ok(topic)
+                topic
             }
         }
     }

@@ -55,8 +55,9 @@ pub(crate) struct TopicState {
     /// done yet; trimming stops there (`u64::MAX` = nothing pinned).
     pub pin: u64,
     /// The epoch this topic had while it was a placeholder that a shared
-    /// backend then replaced by the stored topic: its subscribers continue
-    /// under the new epoch without a gap (they had seen nothing).
+    /// backend then replaced by the stored topic: its subscribers had seen
+    /// nothing, so their gap only names the new epoch and they continue
+    /// where they were instead of jumping to the end.
     pub adopted_from: Option<u64>,
 }
 
@@ -193,8 +194,9 @@ impl TopicState {
 
     /// Makes this topic the incarnation `generation` of a shared backend
     /// (created first on another node, or a new history after the backend
-    /// lost writes): its events go; subscribers see the new epoch (with a
-    /// gap, unless the topic held nothing yet: see `adopted_from`).
+    /// lost writes): its events go; subscribers get `gap(epoch_changed)`
+    /// (continuing where they were if the topic held nothing yet: see
+    /// `adopted_from`).
     pub fn switch_incarnation(&mut self, generation: u64, epoch: u64) {
         if self.generation == generation {
             return;

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod engine;
 pub mod http;
 pub mod redis;
+pub mod sdk;
 pub mod sse;
 
 use std::net::SocketAddr;
@@ -20,6 +21,29 @@ use ringcast_protocol::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// A `ringcastd` command (the binary these tests were built with) with a
+/// clean environment: no inherited `RINGCAST_*`, `RUST_LOG`, systemd or
+/// journald variables, so only what a test sets counts; `RUST_LOG=info`,
+/// stdin closed, killed with its handle.
+pub fn ringcastd() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringcastd"));
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if key.starts_with("RINGCAST_")
+            || matches!(
+                key.as_str(),
+                "RUST_LOG" | "NOTIFY_SOCKET" | "WATCHDOG_USEC" | "WATCHDOG_PID" | "JOURNAL_STREAM"
+            )
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("RUST_LOG", "info");
+    cmd.stdin(std::process::Stdio::null());
+    cmd.kill_on_drop(true);
+    cmd
+}
 
 /// A config listening on port 0 on loopback, storing under `dir`.
 pub fn config(dir: &Path, durability: Durability) -> Config {

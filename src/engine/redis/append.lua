@@ -97,14 +97,10 @@ end
 -- Every check passed: write.
 local prior = before()
 if creating then
-  redis.call('DEL', s, m)
-  redis.call('HSET', m, 'gen', gen, 'epoch', epoch, 'next', 1)
-  redis.call('SADD', KEYS[3], ARGV[11])
+  store_incarnation(ARGV[11], gen, epoch)
 elseif h[6] then
   -- A subscribe's placeholder: its first event makes it a stored topic.
-  redis.call('HDEL', m, 'placeholder')
-  redis.call('PERSIST', m)
-  redis.call('SADD', KEYS[3], ARGV[11])
+  promote_placeholder(ARGV[11])
 end
 redis.call('HSET', m, 'next', nxt + #fresh)
 local versions = {}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use redis::Value;
 
-use super::{array, connect, decode_entries, describe, evalsha, int, text, Keys, RedisLog};
+use super::{array, connect, decode_entries, describe, evalsha, int, text, RedisLog};
 use crate::engine::topic::Topic;
 use crate::engine::{Engine, EngineError, Event, Inner};
 
@@ -84,22 +84,6 @@ fn parse_meta(v: Value) -> Result<Stored, String> {
     }))
 }
 
-/// The read script's call for `name`, from what this node holds
-/// (`(generation, next offset)`) or from the start.
-fn read_command(
-    read: &redis::Script,
-    keys: &Keys,
-    name: &str,
-    held: Option<(u64, u64)>,
-) -> redis::Cmd {
-    let mut cmd = evalsha(read, &[keys.meta(name), keys.stream(name)]);
-    match held {
-        Some((generation, next)) => cmd.arg(generation.to_string()).arg(next),
-        None => cmd.arg("").arg(1),
-    };
-    cmd
-}
-
 /// A read script's reply: the counters, and the entries it returned.
 fn parse_read(reply: Value) -> Result<(Stored, Vec<Arc<Event>>), String> {
     let mut parts = array(reply).ok_or("a read reply is not an array")?;
@@ -135,27 +119,7 @@ impl Engine {
     /// ascending), takes the seal.
     fn apply_remote(&self, name: &str, r: &Remote, events: Vec<Arc<Event>>) {
         let now = self.inner.options.clock.now_ms();
-        let registry = &self.inner.registry;
-        let topic = match registry.topics.get(name).map(|t| t.value().clone()) {
-            Some(t) => t,
-            None => {
-                let name: Arc<str> = Arc::from(name);
-                let mut state =
-                    self.inner
-                        .options
-                        .new_state(&name, r.epoch, &self.inner.global_bytes);
-                state.generation = r.generation;
-                let topic = Topic::new(name.clone(), state, now, Arc::downgrade(registry));
-                match registry.topics.entry(name.clone()) {
-                    dashmap::mapref::entry::Entry::Occupied(e) => e.get().clone(),
-                    dashmap::mapref::entry::Entry::Vacant(e) => {
-                        e.insert(topic.clone());
-                        registry.announce(&name);
-                        topic
-                    }
-                }
-            }
-        };
+        let topic = self.register(name, (r.generation, r.epoch), false);
         {
             let mut s = topic.state.write();
             if s.deleted || s.deleting {
@@ -243,7 +207,7 @@ impl Engine {
     /// Redis does not answer: the caller goes on as a single node would).
     pub(crate) fn load_shared(&self, name: &str, claim: bool) -> Option<Loaded> {
         let log = self.inner.shared.as_ref()?;
-        if crate::engine::log::Log::health(&**log) != crate::engine::Health::Ok {
+        if !log.answering() {
             return None;
         }
         match blocking(|| log.lookup(name, claim, None)) {
@@ -286,10 +250,7 @@ impl Engine {
                 }
                 Start::Live | Start::Earliest => false,
             };
-            if !ahead
-                || s.deleted
-                || crate::engine::log::Log::health(&**log) != crate::engine::Health::Ok
-            {
+            if !ahead || s.deleted || !log.answering() {
                 return;
             }
             (s.generation, s.next_offset())
@@ -305,6 +266,20 @@ impl Engine {
 }
 
 impl RedisLog {
+    /// The read script's call for `name`, from what this node holds
+    /// (`(generation, next offset)`) or from the start.
+    fn read_command(&self, name: &str, held: Option<(u64, u64)>) -> redis::Cmd {
+        let mut cmd = evalsha(
+            &self.scripts.read,
+            &[self.keys.meta(name), self.keys.stream(name)],
+        );
+        match held {
+            Some((generation, next)) => cmd.arg(generation.to_string()).arg(next),
+            None => cmd.arg("").arg(1),
+        };
+        cmd
+    }
+
     /// Reads (or with `claim`, claims) the topic `name` and its retained
     /// events, on the lookup connection: those from `held`'s next offset on
     /// when Redis holds that incarnation `held.0`, else all.
@@ -335,8 +310,7 @@ impl RedisLog {
                     }
                 }
             }
-            let reply: Value =
-                read_command(&self.scripts.read, &self.keys, name, held).query(con)?;
+            let reply: Value = self.read_command(name, held).query(con)?;
             match parse_read(reply).map_err(parse)? {
                 (Stored::Live(r), events) => Ok(Some((r, events))),
                 _ => Ok(None),
@@ -352,16 +326,10 @@ impl RedisLog {
 /// The follower's own connections and state.
 struct Follower {
     engine: Weak<Inner>,
-    log: Weak<RedisLog>,
-    client: redis::Client,
-    keys: Keys,
-    timeout: Duration,
-    resync: Duration,
-    rotate: redis::Script,
-    read: redis::Script,
+    /// Client, keys, scripts, token and options of this node's backend.
+    log: Arc<RedisLog>,
+    /// The command connection (subscriptions have their own).
     con: Option<redis::Connection>,
-    /// This node's token: its own appends are committed by its writer.
-    token: String,
 }
 
 /// Loads every topic Redis holds into `engine` (before the node serves
@@ -369,15 +337,8 @@ struct Follower {
 pub(crate) fn follow(engine: &Engine, log: &Arc<RedisLog>) -> Result<(), EngineError> {
     let mut f = Follower {
         engine: Arc::downgrade(&engine.inner),
-        log: Arc::downgrade(log),
-        client: log.client.clone(),
-        keys: log.keys.clone(),
-        timeout: log.options.command_timeout,
-        resync: log.options.resync_interval,
-        rotate: redis::Script::new(include_str!("rotate.lua")),
-        read: redis::Script::new(include_str!("read.lua")),
+        log: log.clone(),
         con: None,
-        token: log.token.clone(),
     };
     f.sync_all(engine).map_err(|e| {
         EngineError::Storage(format!(
@@ -397,15 +358,7 @@ pub(crate) fn follow(engine: &Engine, log: &Arc<RedisLog>) -> Result<(), EngineE
 impl Follower {
     fn command(&mut self) -> Result<&mut redis::Connection, String> {
         if self.con.is_none() {
-            let mut con = connect(&self.client, self.timeout).map_err(|e| describe(&e))?;
-            for code in [include_str!("rotate.lua"), include_str!("read.lua")] {
-                redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(code)
-                    .query::<String>(&mut con)
-                    .map_err(|e| describe(&e))?;
-            }
-            self.con = Some(con);
+            self.con = Some(self.log.connect()?);
         }
         Ok(self.con.as_mut().expect("connected"))
     }
@@ -444,10 +397,11 @@ impl Follower {
 
     /// One subscription to the channel; `Ok` when the engine is gone.
     fn session(&mut self) -> Result<(), String> {
-        let mut sub = connect(&self.client, self.timeout).map_err(|e| describe(&e))?;
+        let mut sub = connect(&self.log.client, self.log.options.command_timeout)
+            .map_err(|e| describe(&e))?;
         let mut pubsub = sub.as_pubsub();
         pubsub
-            .subscribe(self.keys.channel())
+            .subscribe(self.log.keys.channel())
             .map_err(|e| describe(&e))?;
         let wait = Duration::from_millis(200);
         pubsub
@@ -490,9 +444,9 @@ impl Follower {
             };
             let failed_pass = self
                 .log
-                .upgrade()
-                .is_some_and(|log| log.resync.swap(false, std::sync::atomic::Ordering::AcqRel));
-            if failed_pass || last_full.elapsed() >= self.resync {
+                .resync
+                .swap(false, std::sync::atomic::Ordering::AcqRel);
+            if failed_pass || last_full.elapsed() >= self.log.options.resync_interval {
                 self.sync_all(&engine)?;
                 last_full = Instant::now();
             } else if !names.is_empty() {
@@ -506,7 +460,7 @@ impl Follower {
     fn note(&self, names: &mut BTreeSet<String>, payload: &[u8]) {
         let text = String::from_utf8_lossy(payload);
         match text.split_once(' ') {
-            Some((token, _)) if token == self.token => {}
+            Some((token, _)) if token == self.log.token => {}
             Some((_, topic)) => {
                 names.insert(topic.to_owned());
             }
@@ -522,7 +476,7 @@ impl Follower {
 
     /// Compares every topic Redis or this node holds.
     fn sync_all(&mut self, engine: &Engine) -> Result<(), String> {
-        let topics_key = self.keys.topics();
+        let topics_key = self.log.keys.topics();
         let con = self.command()?;
         let names: Vec<String> =
             redis::cmd("SMEMBERS")
@@ -552,7 +506,7 @@ impl Follower {
         let mut pipe = redis::pipe();
         for (name, h) in names.iter().zip(&held) {
             let position = h.as_ref().map(|h| (h.generation, h.next_offset));
-            pipe.add_command(read_command(&self.read, &self.keys, name, position));
+            pipe.add_command(self.log.read_command(name, position));
         }
         let replies = self.query(&pipe)?;
         let mut rotations = Vec::new();
@@ -571,9 +525,7 @@ impl Follower {
                 (Stored::Missing, _) => {}
                 (Stored::Deleted(generation), _) => {
                     engine.apply_delete(&name, generation);
-                    if let Some(log) = self.log.upgrade() {
-                        log.seen.lock().remove(name.as_str());
-                    }
+                    self.log.seen.lock().remove(name.as_str());
                 }
                 (Stored::Live(r), Some(h))
                     if h.generation == r.generation && r.next_offset < h.next_offset =>
@@ -591,20 +543,13 @@ impl Follower {
         let mut pipe = redis::pipe();
         for (name, h) in &rotations {
             tracing::warn!(topic = %name, next_offset = h.next_offset, "redis lost acknowledged events of this topic: starting a new epoch");
-            let mut cmd = evalsha(
-                &self.rotate,
-                &[
-                    self.keys.meta(name),
-                    self.keys.stream(name),
-                    self.keys.topics(),
-                ],
-            );
+            let mut cmd = evalsha(&self.log.scripts.rotate, &self.log.topic_keys(name));
             cmd.arg(h.generation.to_string())
                 .arg(h.next_offset)
                 .arg(crate::engine::new_epoch().to_string())
                 .arg(crate::engine::new_epoch().to_string())
                 .arg(name)
-                .arg(self.keys.channel());
+                .arg(self.log.keys.channel());
             pipe.add_command(cmd);
         }
         let started: u64 = self.query(&pipe)?.iter().filter_map(int).sum();

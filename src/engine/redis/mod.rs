@@ -86,6 +86,24 @@ impl Keys {
     }
 }
 
+/// Prepends the helpers every script may call (common.lua) to a script.
+macro_rules! script {
+    ($file:literal) => {
+        concat!(include_str!("common.lua"), include_str!($file))
+    };
+}
+
+/// The sources of the scripts, in the order of [`Scripts`]' fields.
+const SOURCES: [&str; 7] = [
+    script!("append.lua"),
+    script!("seal.lua"),
+    script!("delete.lua"),
+    script!("trim.lua"),
+    script!("claim.lua"),
+    script!("read.lua"),
+    script!("rotate.lua"),
+];
+
 /// The scripts, each with its SHA-1 for `EVALSHA`.
 struct Scripts {
     append: redis::Script,
@@ -94,31 +112,27 @@ struct Scripts {
     trim: redis::Script,
     claim: redis::Script,
     read: redis::Script,
+    rotate: redis::Script,
 }
 
 impl Scripts {
     fn new() -> Self {
+        let [append, seal, delete, trim, claim, read, rotate] = SOURCES.map(redis::Script::new);
         Self {
-            append: redis::Script::new(include_str!("append.lua")),
-            seal: redis::Script::new(include_str!("seal.lua")),
-            delete: redis::Script::new(include_str!("delete.lua")),
-            trim: redis::Script::new(include_str!("trim.lua")),
-            claim: redis::Script::new(include_str!("claim.lua")),
-            read: redis::Script::new(include_str!("read.lua")),
+            append,
+            seal,
+            delete,
+            trim,
+            claim,
+            read,
+            rotate,
         }
     }
 
     /// Loads every script into the server's cache (after each connect: a
     /// restarted Redis has forgotten them).
-    fn load(&self, con: &mut redis::Connection) -> redis::RedisResult<()> {
-        for code in [
-            include_str!("append.lua"),
-            include_str!("seal.lua"),
-            include_str!("delete.lua"),
-            include_str!("trim.lua"),
-            include_str!("claim.lua"),
-            include_str!("read.lua"),
-        ] {
+    fn load(con: &mut redis::Connection) -> redis::RedisResult<()> {
+        for code in SOURCES {
             redis::cmd("SCRIPT")
                 .arg("LOAD")
                 .arg(code)
@@ -211,8 +225,14 @@ impl RedisLog {
     fn connect(&self) -> Result<redis::Connection, String> {
         let mut con =
             connect(&self.client, self.options.command_timeout).map_err(|e| describe(&e))?;
-        self.scripts.load(&mut con).map_err(|e| describe(&e))?;
+        Scripts::load(&mut con).map_err(|e| describe(&e))?;
         Ok(con)
+    }
+
+    /// Whether Redis answered the writer's last pass (lookups are skipped
+    /// while it does not: the caller goes on as a single node would).
+    fn answering(&self) -> bool {
+        *self.health.lock() == Health::Ok
     }
 
     /// Refuses writes until a repair reconnects.
@@ -298,52 +318,48 @@ impl RedisLog {
                         Some((g, next)) if *g == topic.generation => (*known_next).max(*next),
                         _ => *known_next,
                     };
+                    let merged = || {
+                        list.iter().flat_map(|(i, _)| match &steps[*i] {
+                            Step::Append { events, .. } => events.as_slice(),
+                            _ => &[],
+                        })
+                    };
                     let count: usize = list.iter().map(|(_, n)| n).sum();
-                    let mut keys = vec![
-                        self.keys.meta(name),
-                        self.keys.stream(name),
-                        self.keys.topics(),
-                    ];
+                    let mut keys = self.topic_keys(name).to_vec();
+                    let mut key_index = Vec::with_capacity(count);
+                    for e in merged() {
+                        key_index.push(match &e.idempotency_key {
+                            Some(k) if *window_ms > 0 => {
+                                keys.push(self.keys.key(name, k));
+                                keys.len()
+                            }
+                            _ => 0,
+                        });
+                    }
                     let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
-                    let mut args: Vec<Vec<u8>> = Vec::with_capacity(14 + count * 4);
-                    for a in [
-                        topic.generation.to_string(),
-                        topic.epoch.to_string(),
-                        super::new_epoch().to_string(),
-                        super::new_epoch().to_string(),
-                        known.to_string(),
-                        window_ms.to_string(),
-                        now_ms.to_string(),
-                        opt(expect.offset),
-                        opt(expect.version),
-                        (*max_events).clamp(1, i64::MAX as u64).to_string(),
-                        name.to_owned(),
-                        channel.clone(),
-                        count.to_string(),
-                        self.token.clone(),
-                    ] {
-                        args.push(a.into_bytes());
-                    }
-                    for (i, _) in list {
-                        let Step::Append { events, .. } = &steps[*i] else {
-                            unreachable!("merged steps are appends")
-                        };
-                        for e in events {
-                            args.push(e.event_type.as_bytes().to_vec());
-                            let index = match &e.idempotency_key {
-                                Some(k) if *window_ms > 0 => {
-                                    keys.push(self.keys.key(name, k));
-                                    keys.len()
-                                }
-                                _ => 0,
-                            };
-                            args.push(index.to_string().into_bytes());
-                            args.push(encode_headers(&e.headers));
-                            args.push(e.payload.to_vec());
-                        }
-                    }
                     let mut cmd = evalsha(&self.scripts.append, &keys);
-                    cmd.arg(args);
+                    cmd.arg(topic.generation.to_string())
+                        .arg(topic.epoch.to_string())
+                        .arg(super::new_epoch().to_string())
+                        .arg(super::new_epoch().to_string())
+                        .arg(known)
+                        .arg(*window_ms)
+                        .arg(now_ms)
+                        .arg(opt(expect.offset))
+                        .arg(opt(expect.version))
+                        .arg((*max_events).clamp(1, i64::MAX as u64))
+                        .arg(name)
+                        .arg(&channel)
+                        .arg(count)
+                        .arg(&self.token);
+                    // Each event straight into the command buffer: no copy
+                    // of its payload on the way.
+                    for (e, index) in merged().zip(key_index) {
+                        cmd.arg(e.event_type.as_bytes())
+                            .arg(index)
+                            .arg(encode_headers(&e.headers))
+                            .arg(&e.payload[..]);
+                    }
                     cmd
                 }
                 Call::Step(i) => match &steps[*i] {
@@ -475,16 +491,10 @@ impl Log for RedisLog {
                     };
                     match result {
                         Ok((appended, next)) => {
+                            if let Some(seen_now) = next {
+                                seen.insert(name.clone(), seen_now);
+                            }
                             for ((i, _), outcome) in list.iter().zip(appended) {
-                                if let (
-                                    Outcome::Appended {
-                                        shared: Some(s), ..
-                                    },
-                                    Some(next),
-                                ) = (&outcome, next)
-                                {
-                                    seen.insert(name.clone(), (s.incarnation.0, next));
-                                }
                                 outcomes[*i] = Some(outcome);
                             }
                         }
@@ -605,6 +615,17 @@ fn array(v: Value) -> Option<Vec<Value>> {
     }
 }
 
+/// The shared name of event type `t` among those a reply has named so far
+/// (a batch holds few types: events of one type share one allocation).
+fn intern(types: &mut Vec<Arc<str>>, t: &str) -> Arc<str> {
+    if let Some(x) = types.iter().find(|x| ***x == *t) {
+        return x.clone();
+    }
+    let x: Arc<str> = Arc::from(t);
+    types.push(x.clone());
+    x
+}
+
 /// Decodes stream entries (`XRANGE` replies) into events, in order.
 pub(crate) fn decode_entries(v: Value) -> Result<Vec<Arc<Event>>, String> {
     let entries = array(v).ok_or("a stream read is not an array")?;
@@ -643,19 +664,11 @@ pub(crate) fn decode_entries(v: Value) -> Result<Vec<Arc<Event>>, String> {
             }
         }
         let t = t.ok_or("a stream entry has no type")?;
-        let event_type = match types.iter().find(|x| ***x == *t) {
-            Some(x) => x.clone(),
-            None => {
-                let x: Arc<str> = Arc::from(t.as_str());
-                types.push(x.clone());
-                x
-            }
-        };
         out.push(Arc::new(Event::new(
             offset,
             version,
             ts,
-            event_type,
+            intern(&mut types, &t),
             headers,
             payload.unwrap_or_default(),
         )));
@@ -663,15 +676,20 @@ pub(crate) fn decode_entries(v: Value) -> Result<Vec<Arc<Event>>, String> {
     Ok(out)
 }
 
+/// One outcome per merged request, and (when stored) the incarnation and
+/// next offset the call left.
+type CallOutcomes = (Vec<Outcome>, Option<(u64, u64)>);
+
 /// The outcomes of an append call's reply, one per merged request (each
-/// request's events in `batches`), and the next offset after them.
+/// request's events in `batches`), and (when stored) the incarnation and
+/// next offset after them.
 fn append_outcomes(
     topic: &str,
     queued: u64,
     batches: Vec<Vec<NewEvent>>,
     value: Value,
     now_ms: u64,
-) -> Result<(Vec<Outcome>, Option<u64>), String> {
+) -> Result<CallOutcomes, String> {
     let reply = array(value).ok_or("an append reply is not an array")?;
     let refuse = |e: EngineError| {
         (
@@ -736,16 +754,13 @@ fn append_outcomes(
                     }
                     at += 1;
                     let version = versions.next().and_then(int).ok_or("too few versions")?;
-                    let event_type = match types.iter().find(|x| ***x == *e.event_type) {
-                        Some(x) => x.clone(),
-                        None => {
-                            let x: Arc<str> = Arc::from(e.event_type.as_str());
-                            types.push(x.clone());
-                            x
-                        }
-                    };
                     fresh.push(Arc::new(Event::new(
-                        offset, version, now_ms, event_type, e.headers, e.payload,
+                        offset,
+                        version,
+                        now_ms,
+                        intern(&mut types, &e.event_type),
+                        e.headers,
+                        e.payload,
                     )));
                     offset += 1;
                 }
@@ -760,7 +775,7 @@ fn append_outcomes(
                     })),
                 });
             }
-            Ok((outcomes, Some(offset)))
+            Ok((outcomes, Some((generation, offset))))
         }
         _ => Err(format!("redis: unexpected reply to an append: {reply:?}")),
     }
@@ -885,7 +900,7 @@ mod tests {
             before,
         ]);
         let (outcomes, next) = append_outcomes("t", 77, batches, reply, 1000).unwrap();
-        assert_eq!(next, Some(12));
+        assert_eq!(next, Some((77, 12)));
         let parts: Vec<_> = outcomes
             .into_iter()
             .map(|o| match o {

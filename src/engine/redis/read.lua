@@ -6,15 +6,18 @@
 -- generation is the caller's, else all of them (none for a placeholder or a
 -- tombstone).
 local fields = redis.call('HGETALL', KEYS[1])
-local h = redis.call('HMGET', KEYS[1], 'gen', 'next', 'deleted')
-if not h[1] or h[3] then
+local h = {}
+for i = 1, #fields, 2 do
+  h[fields[i]] = fields[i + 1]
+end
+if not h.gen or h.deleted then
   return {fields, {}}
 end
 local from = 1
-if h[1] == ARGV[1] then
+if h.gen == ARGV[1] then
   from = tonumber(ARGV[2])
 end
-if from >= tonumber(h[2] or '1') then
+if from >= tonumber(h.next or '1') then
   return {fields, {}}
 end
 return {fields, redis.call('XRANGE', KEYS[2], from, '+')}

@@ -10,8 +10,6 @@ local h = redis.call('HMGET', m, 'gen', 'next', 'deleted')
 if h[1] and (h[1] ~= ARGV[1] or h[3] or tonumber(h[2]) >= tonumber(ARGV[2])) then
   return 0
 end
-redis.call('DEL', KEYS[2], m)
-redis.call('HSET', m, 'gen', ARGV[3], 'epoch', ARGV[4], 'next', 1)
-redis.call('SADD', KEYS[3], ARGV[5])
+store_incarnation(ARGV[5], ARGV[3], ARGV[4])
 redis.call('PUBLISH', ARGV[6], ARGV[5])
 return 1

@@ -11,9 +11,7 @@ if not h[1] or h[2] then
 elseif h[3] then
   return tonumber(h[3])
 elseif h[4] then
-  redis.call('HDEL', m, 'placeholder')
-  redis.call('PERSIST', m)
-  redis.call('SADD', KEYS[3], ARGV[4])
+  promote_placeholder(ARGV[4])
 end
 redis.call('HSET', m, 'sealed', ARGV[3])
 redis.call('PUBLISH', ARGV[5], ARGV[4])

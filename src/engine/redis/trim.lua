@@ -12,9 +12,7 @@ if not h[1] or (h[2] and h[1] ~= ARGV[1]) then
   if tonumber(ARGV[6]) > 1 then
     return 0
   end
-  redis.call('DEL', KEYS[2], m)
-  redis.call('HSET', m, 'gen', ARGV[1], 'epoch', ARGV[2], 'next', 1)
-  redis.call('SADD', KEYS[3], ARGV[4])
+  store_incarnation(ARGV[4], ARGV[1], ARGV[2])
   redis.call('PUBLISH', ARGV[5], ARGV[4])
   return 0
 end
@@ -23,9 +21,7 @@ if h[2] or h[1] ~= ARGV[1] then
 end
 if h[3] then
   -- A placeholder created explicitly: now a stored topic.
-  redis.call('HDEL', m, 'placeholder')
-  redis.call('PERSIST', m)
-  redis.call('SADD', KEYS[3], ARGV[4])
+  promote_placeholder(ARGV[4])
   redis.call('PUBLISH', ARGV[5], ARGV[4])
 end
 return redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3])
